@@ -1,0 +1,370 @@
+//! The conformance suite every [`Transport`] must pass.
+//!
+//! A transport crate implements [`Harness`] and expands [`conformance_tests!`] in its tests; each
+//! case becomes one `#[tokio::test]`. Cases use two engines in one process (initiator and target)
+//! talking through the transport under test, so real transports use real sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::{EngineConfig, TransferEngine, TransferRequest};
+use crate::error::Error;
+use crate::memory::Location;
+use crate::transport::{OpCode, TransferStatus, Transport};
+
+/// What a transport's tests provide to the suite.
+pub trait Harness: Send + Sync {
+    /// A fresh transport for a new engine.
+    fn transport(&self) -> Arc<dyn Transport>;
+    /// Host name for engines (`127.0.0.1`).
+    fn hostname(&self) -> String;
+    /// How long the suite lets a failing transfer take before calling it hung.
+    fn failure_bound(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each building its harness with `$make`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            read_and_write, batch_of_mixed_requests, zero_length_requests,
+            local_bounds_violation, remote_bounds_violation, large_requests,
+            peer_death, concurrent_batches, submit_reports_status, unknown_segment);
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make;
+                $crate::conformance::$case(&harness).await;
+            }
+        )*
+    };
+}
+
+struct Pair {
+    initiator: Arc<TransferEngine>,
+    target: Arc<TransferEngine>,
+}
+
+async fn pair(h: &dyn Harness) -> Pair {
+    let start = |t| TransferEngine::start(EngineConfig::new(h.hostname()), vec![t]);
+    let target = start(h.transport()).await.expect("target engine starts");
+    let initiator = start(h.transport()).await.expect("initiator engine starts");
+    Pair { initiator, target }
+}
+
+/// A deterministic byte pattern: byte `i` of stream `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn fill(engine: &TransferEngine, addr: u64, bytes: &[u8]) {
+    engine
+        .memory()
+        .resolve(addr, bytes.len() as u64)
+        .expect("registered")
+        .write_from(bytes)
+        .expect("lengths match");
+}
+
+fn read(engine: &TransferEngine, addr: u64, len: usize) -> Vec<u8> {
+    engine
+        .memory()
+        .resolve(addr, len as u64)
+        .expect("registered")
+        .to_vec()
+}
+
+/// READ and WRITE of one request each, bytes verified on both sides.
+pub async fn read_and_write(h: &dyn Harness) {
+    let p = pair(h).await;
+    let remote = p.target.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
+    let data = pattern(1, 1 << 16);
+    fill(&p.target, remote, &data);
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let r = p
+        .initiator
+        .transfer(vec![TransferRequest::read(&seg, remote + 10, local, 5000)])
+        .await;
+    r[0].as_ref().expect("read succeeds");
+    assert_eq!(read(&p.initiator, local, 5000), data[10..5010]);
+
+    let out = pattern(2, 3000);
+    fill(&p.initiator, local + 100, &out);
+    let r = p
+        .initiator
+        .transfer(vec![TransferRequest::write(&seg, remote + 7, local + 100, 3000)])
+        .await;
+    r[0].as_ref().expect("write succeeds");
+    assert_eq!(read(&p.target, remote + 7, 3000), out);
+    assert_eq!(read(&p.target, remote, 7), data[..7], "bytes before are untouched");
+    assert_eq!(read(&p.target, remote + 3007, 100), data[3007..3107], "bytes after are untouched");
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// 300 READs and WRITEs of assorted sizes in one batch, to disjoint ranges.
+pub async fn batch_of_mixed_requests(h: &dyn Harness) {
+    let p = pair(h).await;
+    const SLOT: u64 = 8192;
+    const N: u64 = 300;
+    let remote = p.target.allocate_buffer((SLOT * N) as usize, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer((SLOT * N) as usize, Location::cpu(0)).unwrap();
+    let remote_data = pattern(3, (SLOT * N) as usize);
+    let local_data = pattern(4, (SLOT * N) as usize);
+    fill(&p.target, remote, &remote_data);
+    fill(&p.initiator, local, &local_data);
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let reqs: Vec<_> = (0..N)
+        .map(|i| {
+            let len = 1 + (i * 977) % SLOT;
+            if i % 2 == 0 {
+                TransferRequest::read(&seg, remote + i * SLOT, local + i * SLOT, len)
+            } else {
+                TransferRequest::write(&seg, remote + i * SLOT, local + i * SLOT, len)
+            }
+        })
+        .collect();
+    let results = p.initiator.transfer(reqs).await;
+    for (i, r) in results.iter().enumerate() {
+        r.as_ref().unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+    }
+    for i in 0..N {
+        let len = (1 + (i * 977) % SLOT) as usize;
+        let at = (i * SLOT) as usize;
+        if i % 2 == 0 {
+            assert_eq!(read(&p.initiator, local + i * SLOT, len), remote_data[at..at + len]);
+        } else {
+            assert_eq!(read(&p.target, remote + i * SLOT, len), local_data[at..at + len]);
+        }
+    }
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// Zero-length requests complete successfully and move nothing.
+pub async fn zero_length_requests(h: &dyn Harness) {
+    let p = pair(h).await;
+    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let r = p
+        .initiator
+        .transfer(vec![
+            TransferRequest::read(&seg, remote, local, 0),
+            TransferRequest::write(&seg, remote + 4096, local + 4096, 0),
+        ])
+        .await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// A local range outside registered memory fails that request only, before anything is sent.
+pub async fn local_bounds_violation(h: &dyn Harness) {
+    let p = pair(h).await;
+    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let r = p
+        .initiator
+        .transfer(vec![
+            TransferRequest::read(&seg, remote, local + 4000, 200),
+            TransferRequest::read(&seg, remote, 0x10, 8),
+            TransferRequest::read(&seg, remote, u64::MAX - 4, 64),
+            TransferRequest::read(&seg, remote, local, 64),
+        ])
+        .await;
+    for bad in &r[..3] {
+        assert!(matches!(bad, Err(Error::LocalRangeNotRegistered { .. })), "{bad:?}");
+    }
+    r[3].as_ref().expect("the valid request of the batch succeeds");
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// A target range outside the target's registered memory is refused by the transport, and the
+/// transport keeps working afterwards.
+pub async fn remote_bounds_violation(h: &dyn Harness) {
+    let p = pair(h).await;
+    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
+    let before = pattern(5, 4096);
+    fill(&p.target, remote, &before);
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let bad = vec![
+        TransferRequest::write(&seg, remote + 4000, local, 200),
+        TransferRequest::read(&seg, remote + 4000, local, 200),
+        TransferRequest::write(&seg, 0x1000, local, 16),
+        TransferRequest::read(&seg, u64::MAX - 8, local, 64),
+        TransferRequest::write(&seg, remote, local, 1 << 20),
+        TransferRequest::read(&seg, remote, local, 64),
+    ];
+    let r = p.initiator.transfer(bad).await;
+    for (i, res) in r[..5].iter().enumerate() {
+        match res {
+            Err(Error::RemoteRangeInvalid { .. }) => {}
+            other => panic!("bad request {i}: expected RemoteRangeInvalid, got {other:?}"),
+        }
+    }
+    r[5].as_ref().expect("the valid request of the batch succeeds");
+    assert_eq!(read(&p.target, remote, 4096), before, "target memory untouched");
+    let r = p
+        .initiator
+        .transfer(vec![TransferRequest::read(&seg, remote, local, 4096)])
+        .await;
+    r[0].as_ref().expect("transport still works after refusals");
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// 24 MiB + 3 bytes each way at unaligned addresses.
+pub async fn large_requests(h: &dyn Harness) {
+    let p = pair(h).await;
+    let len = (24 << 20) + 3;
+    let remote = p.target.allocate_buffer(len + 64, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(len + 64, Location::cpu(0)).unwrap();
+    let data = pattern(6, len);
+    fill(&p.target, remote + 5, &data);
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let r = p
+        .initiator
+        .transfer(vec![TransferRequest::read(&seg, remote + 5, local + 11, len as u64)])
+        .await;
+    r[0].as_ref().expect("large read");
+    assert!(read(&p.initiator, local + 11, len) == data, "large read bytes differ");
+    let back = pattern(7, len);
+    fill(&p.initiator, local + 1, &back);
+    let r = p
+        .initiator
+        .transfer(vec![TransferRequest::write(&seg, remote + 13, local + 1, len as u64)])
+        .await;
+    r[0].as_ref().expect("large write");
+    assert!(read(&p.target, remote + 13, len) == back, "large write bytes differ");
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// After the target shuts down, transfers to it fail with an error within the failure bound.
+pub async fn peer_death(h: &dyn Harness) {
+    let p = pair(h).await;
+    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let r = p
+        .initiator
+        .transfer(vec![TransferRequest::read(&seg, remote, local, 64)])
+        .await;
+    r[0].as_ref().expect("works while alive");
+    p.target.shutdown().await;
+    for _ in 0..3 {
+        let r = tokio::time::timeout(
+            h.failure_bound(),
+            p.initiator
+                .transfer(vec![TransferRequest::read(&seg, remote, local, 64)]),
+        )
+        .await
+        .expect("a dead peer fails requests within the bound");
+        assert!(r[0].is_err(), "transfer to a dead peer must fail");
+    }
+    p.initiator.shutdown().await;
+}
+
+/// Eight tasks run batches at once over the same engines.
+pub async fn concurrent_batches(h: &dyn Harness) {
+    let p = pair(h).await;
+    const SLOT: u64 = 65536;
+    let remote = p.target.allocate_buffer((SLOT * 8) as usize, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer((SLOT * 8) as usize, Location::cpu(0)).unwrap();
+    let data = Arc::new(pattern(8, (SLOT * 8) as usize));
+    fill(&p.target, remote, &data);
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let e = p.initiator.clone();
+        let seg = seg.clone();
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..20u64 {
+                let reqs = (0..16u64)
+                    .map(|k| {
+                        let off = t * SLOT + k * 4096;
+                        let len = 1 + (round * 131 + k * 17) % 4096;
+                        TransferRequest::read(&seg, remote + off, local + off, len)
+                    })
+                    .collect();
+                for r in e.transfer(reqs).await {
+                    r.expect("concurrent read");
+                }
+                for k in 0..16u64 {
+                    let off = t * SLOT + k * 4096;
+                    let len = (1 + (round * 131 + k * 17) % 4096) as usize;
+                    let got = read(&e, local + off, len);
+                    assert!(got == data[off as usize..off as usize + len], "task {t} round {round}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// `submit` returns at once; statuses go from pending to completed or failed per request.
+pub async fn submit_reports_status(h: &dyn Harness) {
+    let p = pair(h).await;
+    let remote = p.target.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
+    let local = p.initiator.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
+    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let batch = p.initiator.submit(vec![
+        TransferRequest::read(&seg, remote, local, 1 << 20),
+        TransferRequest::read(&seg, remote + (1 << 20), local, 1),
+        TransferRequest {
+            opcode: OpCode::Write,
+            local_addr: 1,
+            len: 1,
+            target: seg.clone(),
+            target_addr: remote,
+        },
+    ]);
+    let results = tokio::time::timeout(h.failure_bound(), batch.wait())
+        .await
+        .expect("batch finishes");
+    assert!(results[0].is_ok());
+    assert_eq!(batch.status(0), TransferStatus::Completed);
+    assert_eq!(batch.status(1), TransferStatus::Failed);
+    assert!(matches!(batch.error(1), Some(Error::RemoteRangeInvalid { .. })));
+    assert_eq!(batch.status(2), TransferStatus::Failed);
+    assert!(batch.is_done());
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// Opening a segment nobody serves fails with a clear error within the bound.
+pub async fn unknown_segment(h: &dyn Harness) {
+    let e = TransferEngine::start(EngineConfig::new(h.hostname()), vec![h.transport()])
+        .await
+        .unwrap();
+    // Port 9 (discard) on loopback is closed on test machines; names without a port are invalid.
+    for name in ["127.0.0.1:9", "no-port-here"] {
+        let r = tokio::time::timeout(h.failure_bound(), e.open_segment(name))
+            .await
+            .expect("bounded");
+        assert!(r.is_err(), "opening {name} must fail");
+    }
+    e.shutdown().await;
+}

@@ -1,0 +1,50 @@
+//! Core of mooncake-rs, a distributed KV-cache store and transfer engine.
+//!
+//! This crate holds what every deployment shares and contains no networking code:
+//! - the [`Transport`] trait (one-sided reads and writes of another process's registered memory,
+//!   in batches), implemented by the `mooncake-transport-*` crates;
+//! - the [`MetadataStore`] trait (cluster metadata with per-key revisions) and an in-memory
+//!   implementation;
+//! - the [`Allocator`] trait and a best-fit [`RangeAllocator`] for segment space;
+//! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked;
+//! - the [`TransferEngine`], which owns a process's segment and runs batches over transports;
+//! - the error-code table ([`ErrorCode`]) shared with the Python API.
+//!
+//! With the `conformance` feature it also exports the transport conformance suite and an
+//! in-memory transport for tests.
+//!
+//! ```
+//! use mooncake_core::{EngineConfig, Location, TransferEngine, TransferRequest};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! // An engine with no transports still serves its own segment by memcpy.
+//! let engine = TransferEngine::start(EngineConfig::new("localhost:1"), vec![]).await.unwrap();
+//! let src = engine.allocate_buffer(4096, Location::cpu(0)).unwrap();
+//! let dst = engine.allocate_buffer(4096, Location::cpu(0)).unwrap();
+//! let me = engine.open_segment("localhost:1").await.unwrap();
+//! let results = engine.transfer(vec![TransferRequest::write(&me, dst, src, 4096)]).await;
+//! assert!(results[0].is_ok());
+//! # });
+//! ```
+
+pub mod allocator;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod engine;
+pub mod error;
+#[cfg(any(test, feature = "conformance"))]
+pub mod mem_transport;
+pub mod memory;
+pub mod metadata;
+pub mod transport;
+
+pub use allocator::{Allocation, Allocator, RangeAllocator};
+pub use engine::{
+    Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest,
+};
+pub use error::{Error, ErrorCode, Result};
+pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
+pub use metadata::{MemoryMetadataStore, MetadataStore, Versioned};
+pub use transport::{
+    BatchState, Endpoint, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus,
+    Transport,
+};

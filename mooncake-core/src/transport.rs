@@ -1,0 +1,289 @@
+//! The [`Transport`] trait: how a process reads and writes another process's registered memory.
+//!
+//! The model is one-sided access to registered memory, which is what RDMA offers natively: a
+//! request names a local registered range and a range in the target's address space, and the
+//! data moves between them. Stream transports (TCP, QUIC) emulate it with a small request/response
+//! protocol served by the target, which checks every range against its registered buffers. A
+//! batch of requests to one segment is one call, so transports can pipeline and coalesce.
+//!
+//! Contract for implementors:
+//! - [`Transport::transfer`] completes every op of the batch exactly once through the
+//!   [`BatchState`] it is given, then returns. Failures are per op.
+//! - Local memory is touched only through the ops' [`MemRegion`]s, and never after the op has
+//!   been completed. When an op times out the transport tears down whatever could still deliver
+//!   data for it (a connection, a queue pair) before completing it as timed out.
+//! - A range outside the target's registered buffers is an error for that op, never an access.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::memory::{BufferDesc, MemRegion, MemoryRegistry};
+
+/// Direction of a request, seen from the initiator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OpCode {
+    /// Copy target memory into local memory.
+    Read,
+    /// Copy local memory into target memory.
+    Write,
+}
+
+/// How a transport can reach a segment: protocol name and protocol-specific address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Protocol (`tcp`, `rdma`, `quic`, `mem`).
+    pub protocol: String,
+    /// Address in that protocol (`127.0.0.1:12345` for TCP).
+    pub address: String,
+}
+
+/// What peers know about a segment: its name, how to reach it and its registered buffers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentDesc {
+    /// Unique name, `host:port`.
+    pub name: String,
+    /// One endpoint per transport the owner serves.
+    pub endpoints: Vec<Endpoint>,
+    /// Registered buffers, by address.
+    pub buffers: Vec<BufferDesc>,
+}
+
+impl SegmentDesc {
+    /// The endpoint for `protocol`, if the segment offers it.
+    pub fn endpoint(&self, protocol: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.protocol == protocol)
+    }
+
+    /// Encodes the descriptor (postcard).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        Ok(postcard::to_stdvec(self)?)
+    }
+
+    /// Decodes a descriptor.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+/// The process's own segment, as transports serve it: its memory and its current descriptor.
+#[derive(Debug)]
+pub struct LocalSegment {
+    memory: Arc<MemoryRegistry>,
+    name: Mutex<String>,
+    endpoints: Mutex<Vec<Endpoint>>,
+}
+
+impl LocalSegment {
+    /// A segment over `memory`; the name is set once transports have bound their endpoints.
+    pub fn new(memory: Arc<MemoryRegistry>) -> Arc<Self> {
+        Arc::new(LocalSegment {
+            memory,
+            name: Mutex::new(String::new()),
+            endpoints: Mutex::new(Vec::new()),
+        })
+    }
+    /// The registered memory.
+    pub fn memory(&self) -> &Arc<MemoryRegistry> {
+        &self.memory
+    }
+    /// The segment name (empty until set).
+    pub fn name(&self) -> String {
+        self.name.lock().expect("name lock").clone()
+    }
+    /// Sets the segment name.
+    pub fn set_name(&self, name: String) {
+        *self.name.lock().expect("name lock") = name;
+    }
+    /// Adds an endpoint.
+    pub fn add_endpoint(&self, endpoint: Endpoint) {
+        self.endpoints
+            .lock()
+            .expect("endpoint lock")
+            .push(endpoint);
+    }
+    /// The current descriptor.
+    pub fn descriptor(&self) -> SegmentDesc {
+        SegmentDesc {
+            name: self.name(),
+            endpoints: self.endpoints.lock().expect("endpoint lock").clone(),
+            buffers: self.memory.descriptors(),
+        }
+    }
+}
+
+/// Status of one request of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransferStatus {
+    /// Submitted, not finished.
+    Pending,
+    /// Finished; the bytes have moved.
+    Completed,
+    /// Failed; [`BatchState::error`] says why.
+    Failed,
+    /// Did not finish within the transport's timeout.
+    TimedOut,
+}
+
+const PENDING: u8 = 0;
+const COMPLETED: u8 = 1;
+const FAILED: u8 = 2;
+const TIMED_OUT: u8 = 3;
+
+/// Completion state of a batch: one status per request, the error of each failed one, and a
+/// wake-up for whoever waits for the whole batch.
+pub struct BatchState {
+    status: Vec<AtomicU8>,
+    errors: Mutex<Vec<Option<Error>>>,
+    remaining: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl fmt::Debug for BatchState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "BatchState({} ops, {} remaining)",
+            self.status.len(),
+            self.remaining.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl BatchState {
+    /// A batch of `len` pending requests.
+    pub fn new(len: usize) -> Arc<Self> {
+        Arc::new(BatchState {
+            status: (0..len).map(|_| AtomicU8::new(PENDING)).collect(),
+            errors: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(len),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Number of requests.
+    pub fn len(&self) -> usize {
+        self.status.len()
+    }
+
+    /// True for an empty batch.
+    pub fn is_empty(&self) -> bool {
+        self.status.is_empty()
+    }
+
+    /// Completes request `index`. Completing a request twice is a transport bug: the second
+    /// result is ignored (and debug builds panic).
+    pub fn complete(&self, index: usize, result: Result<()>) {
+        let new = match &result {
+            Ok(()) => COMPLETED,
+            Err(Error::Timeout(_)) => TIMED_OUT,
+            Err(_) => FAILED,
+        };
+        if let Err(e) = result {
+            let mut errors = self.errors.lock().expect("batch errors lock");
+            if errors.len() < self.status.len() {
+                errors.resize(self.status.len(), None);
+            }
+            errors[index] = Some(e);
+        }
+        let prev = self.status[index].swap(new, Ordering::AcqRel);
+        debug_assert_eq!(prev, PENDING, "request {index} completed twice");
+        if prev == PENDING && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_waiters();
+            self.done.notify_one();
+        }
+    }
+
+    /// The status of request `index`.
+    pub fn status(&self, index: usize) -> TransferStatus {
+        match self.status[index].load(Ordering::Acquire) {
+            PENDING => TransferStatus::Pending,
+            COMPLETED => TransferStatus::Completed,
+            TIMED_OUT => TransferStatus::TimedOut,
+            _ => TransferStatus::Failed,
+        }
+    }
+
+    /// The error of request `index`, if it failed.
+    pub fn error(&self, index: usize) -> Option<Error> {
+        self.errors
+            .lock()
+            .expect("batch errors lock")
+            .get(index)
+            .cloned()
+            .flatten()
+    }
+
+    /// True when every request has finished.
+    pub fn is_done(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until every request has finished.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.done.notified();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Per-request results, in order. Pending requests report [`Error::Shutdown`].
+    pub fn results(&self) -> Vec<Result<()>> {
+        (0..self.len())
+            .map(|i| match self.status(i) {
+                TransferStatus::Completed => Ok(()),
+                TransferStatus::Pending => Err(Error::Shutdown),
+                _ => Err(self
+                    .error(i)
+                    .unwrap_or_else(|| Error::Protocol("failed without an error".into()))),
+            })
+            .collect()
+    }
+}
+
+/// One request as transports receive it: validated local memory, target address, and where to
+/// report completion.
+#[derive(Debug, Clone)]
+pub struct TransferOp {
+    /// Direction.
+    pub opcode: OpCode,
+    /// Local registered memory (the op's length is `local.len()`).
+    pub local: MemRegion,
+    /// Start address in the target's address space.
+    pub target_addr: u64,
+    /// Index of this request in `batch`.
+    pub index: usize,
+}
+
+/// A way to move bytes to and from other processes' registered memory.
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// Protocol name, matched against [`Endpoint::protocol`].
+    fn protocol(&self) -> &'static str;
+
+    /// Starts serving `segment` to peers and returns the endpoint to publish.
+    async fn serve(&self, segment: Arc<LocalSegment>) -> Result<Endpoint>;
+
+    /// Moves a batch of requests to or from one target segment, completing each op in `batch`.
+    /// Returns when every op is complete (see the module docs for the contract).
+    async fn transfer(&self, target: &SegmentDesc, ops: Vec<TransferOp>, batch: &Arc<BatchState>);
+
+    /// Asks the peer at `address` (a segment name, `host:port`) for its descriptor directly, for
+    /// metadata-free (`P2PHANDSHAKE`) operation. Transports without a handshake say so.
+    async fn handshake(&self, address: &str) -> Result<SegmentDesc> {
+        Err(Error::NotSupported(format!(
+            "{} transport has no handshake (asked for {address})",
+            self.protocol()
+        )))
+    }
+
+    /// Stops serving and closes connections. Later transfers fail.
+    async fn shutdown(&self);
+}
