@@ -90,10 +90,17 @@ fn read(engine: &TransferEngine, addr: u64, len: usize) -> Vec<u8> {
 pub async fn read_and_write(h: &dyn Harness) {
     let p = pair(h).await;
     let remote = p.target.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer(1 << 16, Location::cpu(0))
+        .unwrap();
     let data = pattern(1, 1 << 16);
     fill(&p.target, remote, &data);
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let r = p
         .initiator
         .transfer(vec![TransferRequest::read(&seg, remote + 10, local, 5000)])
@@ -105,12 +112,25 @@ pub async fn read_and_write(h: &dyn Harness) {
     fill(&p.initiator, local + 100, &out);
     let r = p
         .initiator
-        .transfer(vec![TransferRequest::write(&seg, remote + 7, local + 100, 3000)])
+        .transfer(vec![TransferRequest::write(
+            &seg,
+            remote + 7,
+            local + 100,
+            3000,
+        )])
         .await;
     r[0].as_ref().expect("write succeeds");
     assert_eq!(read(&p.target, remote + 7, 3000), out);
-    assert_eq!(read(&p.target, remote, 7), data[..7], "bytes before are untouched");
-    assert_eq!(read(&p.target, remote + 3007, 100), data[3007..3107], "bytes after are untouched");
+    assert_eq!(
+        read(&p.target, remote, 7),
+        data[..7],
+        "bytes before are untouched"
+    );
+    assert_eq!(
+        read(&p.target, remote + 3007, 100),
+        data[3007..3107],
+        "bytes after are untouched"
+    );
     p.initiator.shutdown().await;
     p.target.shutdown().await;
 }
@@ -120,13 +140,23 @@ pub async fn batch_of_mixed_requests(h: &dyn Harness) {
     let p = pair(h).await;
     const SLOT: u64 = 8192;
     const N: u64 = 300;
-    let remote = p.target.allocate_buffer((SLOT * N) as usize, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer((SLOT * N) as usize, Location::cpu(0)).unwrap();
+    let remote = p
+        .target
+        .allocate_buffer((SLOT * N) as usize, Location::cpu(0))
+        .unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer((SLOT * N) as usize, Location::cpu(0))
+        .unwrap();
     let remote_data = pattern(3, (SLOT * N) as usize);
     let local_data = pattern(4, (SLOT * N) as usize);
     fill(&p.target, remote, &remote_data);
     fill(&p.initiator, local, &local_data);
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let reqs: Vec<_> = (0..N)
         .map(|i| {
             let len = 1 + (i * 977) % SLOT;
@@ -139,15 +169,22 @@ pub async fn batch_of_mixed_requests(h: &dyn Harness) {
         .collect();
     let results = p.initiator.transfer(reqs).await;
     for (i, r) in results.iter().enumerate() {
-        r.as_ref().unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        r.as_ref()
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
     }
     for i in 0..N {
         let len = (1 + (i * 977) % SLOT) as usize;
         let at = (i * SLOT) as usize;
         if i % 2 == 0 {
-            assert_eq!(read(&p.initiator, local + i * SLOT, len), remote_data[at..at + len]);
+            assert_eq!(
+                read(&p.initiator, local + i * SLOT, len),
+                remote_data[at..at + len]
+            );
         } else {
-            assert_eq!(read(&p.target, remote + i * SLOT, len), local_data[at..at + len]);
+            assert_eq!(
+                read(&p.target, remote + i * SLOT, len),
+                local_data[at..at + len]
+            );
         }
     }
     p.initiator.shutdown().await;
@@ -159,7 +196,11 @@ pub async fn zero_length_requests(h: &dyn Harness) {
     let p = pair(h).await;
     let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
     let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let r = p
         .initiator
         .transfer(vec![
@@ -177,7 +218,11 @@ pub async fn local_bounds_violation(h: &dyn Harness) {
     let p = pair(h).await;
     let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
     let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let r = p
         .initiator
         .transfer(vec![
@@ -188,9 +233,13 @@ pub async fn local_bounds_violation(h: &dyn Harness) {
         ])
         .await;
     for bad in &r[..3] {
-        assert!(matches!(bad, Err(Error::LocalRangeNotRegistered { .. })), "{bad:?}");
+        assert!(
+            matches!(bad, Err(Error::LocalRangeNotRegistered { .. })),
+            "{bad:?}"
+        );
     }
-    r[3].as_ref().expect("the valid request of the batch succeeds");
+    r[3].as_ref()
+        .expect("the valid request of the batch succeeds");
     p.initiator.shutdown().await;
     p.target.shutdown().await;
 }
@@ -200,10 +249,17 @@ pub async fn local_bounds_violation(h: &dyn Harness) {
 pub async fn remote_bounds_violation(h: &dyn Harness) {
     let p = pair(h).await;
     let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer(1 << 20, Location::cpu(0))
+        .unwrap();
     let before = pattern(5, 4096);
     fill(&p.target, remote, &before);
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let bad = vec![
         TransferRequest::write(&seg, remote + 4000, local, 200),
         TransferRequest::read(&seg, remote + 4000, local, 200),
@@ -219,8 +275,13 @@ pub async fn remote_bounds_violation(h: &dyn Harness) {
             other => panic!("bad request {i}: expected RemoteRangeInvalid, got {other:?}"),
         }
     }
-    r[5].as_ref().expect("the valid request of the batch succeeds");
-    assert_eq!(read(&p.target, remote, 4096), before, "target memory untouched");
+    r[5].as_ref()
+        .expect("the valid request of the batch succeeds");
+    assert_eq!(
+        read(&p.target, remote, 4096),
+        before,
+        "target memory untouched"
+    );
     let r = p
         .initiator
         .transfer(vec![TransferRequest::read(&seg, remote, local, 4096)])
@@ -234,25 +295,51 @@ pub async fn remote_bounds_violation(h: &dyn Harness) {
 pub async fn large_requests(h: &dyn Harness) {
     let p = pair(h).await;
     let len = (24 << 20) + 3;
-    let remote = p.target.allocate_buffer(len + 64, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(len + 64, Location::cpu(0)).unwrap();
+    let remote = p
+        .target
+        .allocate_buffer(len + 64, Location::cpu(0))
+        .unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer(len + 64, Location::cpu(0))
+        .unwrap();
     let data = pattern(6, len);
     fill(&p.target, remote + 5, &data);
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let r = p
         .initiator
-        .transfer(vec![TransferRequest::read(&seg, remote + 5, local + 11, len as u64)])
+        .transfer(vec![TransferRequest::read(
+            &seg,
+            remote + 5,
+            local + 11,
+            len as u64,
+        )])
         .await;
     r[0].as_ref().expect("large read");
-    assert!(read(&p.initiator, local + 11, len) == data, "large read bytes differ");
+    assert!(
+        read(&p.initiator, local + 11, len) == data,
+        "large read bytes differ"
+    );
     let back = pattern(7, len);
     fill(&p.initiator, local + 1, &back);
     let r = p
         .initiator
-        .transfer(vec![TransferRequest::write(&seg, remote + 13, local + 1, len as u64)])
+        .transfer(vec![TransferRequest::write(
+            &seg,
+            remote + 13,
+            local + 1,
+            len as u64,
+        )])
         .await;
     r[0].as_ref().expect("large write");
-    assert!(read(&p.target, remote + 13, len) == back, "large write bytes differ");
+    assert!(
+        read(&p.target, remote + 13, len) == back,
+        "large write bytes differ"
+    );
     p.initiator.shutdown().await;
     p.target.shutdown().await;
 }
@@ -262,7 +349,11 @@ pub async fn peer_death(h: &dyn Harness) {
     let p = pair(h).await;
     let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
     let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let r = p
         .initiator
         .transfer(vec![TransferRequest::read(&seg, remote, local, 64)])
@@ -286,11 +377,21 @@ pub async fn peer_death(h: &dyn Harness) {
 pub async fn concurrent_batches(h: &dyn Harness) {
     let p = pair(h).await;
     const SLOT: u64 = 65536;
-    let remote = p.target.allocate_buffer((SLOT * 8) as usize, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer((SLOT * 8) as usize, Location::cpu(0)).unwrap();
+    let remote = p
+        .target
+        .allocate_buffer((SLOT * 8) as usize, Location::cpu(0))
+        .unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer((SLOT * 8) as usize, Location::cpu(0))
+        .unwrap();
     let data = Arc::new(pattern(8, (SLOT * 8) as usize));
     fill(&p.target, remote, &data);
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for t in 0..8u64 {
         let e = p.initiator.clone();
@@ -312,7 +413,10 @@ pub async fn concurrent_batches(h: &dyn Harness) {
                     let off = t * SLOT + k * 4096;
                     let len = (1 + (round * 131 + k * 17) % 4096) as usize;
                     let got = read(&e, local + off, len);
-                    assert!(got == data[off as usize..off as usize + len], "task {t} round {round}");
+                    assert!(
+                        got == data[off as usize..off as usize + len],
+                        "task {t} round {round}"
+                    );
                 }
             }
         }));
@@ -328,8 +432,15 @@ pub async fn concurrent_batches(h: &dyn Harness) {
 pub async fn submit_reports_status(h: &dyn Harness) {
     let p = pair(h).await;
     let remote = p.target.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
-    let seg = p.initiator.open_segment(&p.target.segment_name()).await.unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer(1 << 20, Location::cpu(0))
+        .unwrap();
+    let seg = p
+        .initiator
+        .open_segment(&p.target.segment_name())
+        .await
+        .unwrap();
     let batch = p.initiator.submit(vec![
         TransferRequest::read(&seg, remote, local, 1 << 20),
         TransferRequest::read(&seg, remote + (1 << 20), local, 1),
@@ -347,7 +458,10 @@ pub async fn submit_reports_status(h: &dyn Harness) {
     assert!(results[0].is_ok());
     assert_eq!(batch.status(0), TransferStatus::Completed);
     assert_eq!(batch.status(1), TransferStatus::Failed);
-    assert!(matches!(batch.error(1), Some(Error::RemoteRangeInvalid { .. })));
+    assert!(matches!(
+        batch.error(1),
+        Some(Error::RemoteRangeInvalid { .. })
+    ));
     assert_eq!(batch.status(2), TransferStatus::Failed);
     assert!(batch.is_done());
     p.initiator.shutdown().await;

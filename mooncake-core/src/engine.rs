@@ -332,7 +332,10 @@ impl TransferEngine {
                 continue;
             }
             if req.target.name == local_name {
-                batch.complete(index, local_copy(memory, req.opcode, &local, req.target_addr));
+                batch.complete(
+                    index,
+                    local_copy(memory, req.opcode, &local, req.target_addr),
+                );
                 continue;
             }
             let op = TransferOp {
@@ -396,12 +399,13 @@ fn local_copy(
     local: &crate::memory::MemRegion,
     target_addr: u64,
 ) -> Result<()> {
-    let target = memory
-        .resolve(target_addr, local.len())
-        .map_err(|_| Error::RemoteRangeInvalid {
-            addr: target_addr,
-            len: local.len(),
-        })?;
+    let target =
+        memory
+            .resolve(target_addr, local.len())
+            .map_err(|_| Error::RemoteRangeInvalid {
+                addr: target_addr,
+                len: local.len(),
+            })?;
     match opcode {
         OpCode::Read => target.copy_to(local),
         OpCode::Write => local.copy_to(&target),
@@ -440,7 +444,11 @@ mod tests {
             .unwrap();
         let a = e.allocate_buffer(4096, Location::cpu(0)).unwrap();
         let b = e.allocate_buffer(4096, Location::cpu(0)).unwrap();
-        e.memory().resolve(a, 5).unwrap().write_from(b"hello").unwrap();
+        e.memory()
+            .resolve(a, 5)
+            .unwrap()
+            .write_from(b"hello")
+            .unwrap();
         let me = e.open_segment("local:1").await.unwrap();
         let r = e
             .transfer(vec![

@@ -38,13 +38,10 @@ pub mod metadata;
 pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};
-pub use engine::{
-    Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest,
-};
+pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
 pub use metadata::{MemoryMetadataStore, MetadataStore, Versioned};
 pub use transport::{
-    BatchState, Endpoint, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus,
-    Transport,
+    BatchState, Endpoint, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus, Transport,
 };

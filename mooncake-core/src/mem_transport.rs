@@ -125,7 +125,11 @@ impl Transport for MemTransport {
 
     async fn shutdown(&self) {
         if let Some(a) = self.address.lock().expect("mem address").take() {
-            self.network.segments.lock().expect("mem network").remove(&a);
+            self.network
+                .segments
+                .lock()
+                .expect("mem network")
+                .remove(&a);
         }
     }
 }

@@ -64,7 +64,9 @@ impl AlignedBuffer {
     /// Allocates `len` zeroed bytes aligned to 4 KiB. `len` must be non-zero.
     pub fn new(len: usize) -> Result<Self> {
         if len == 0 {
-            return Err(Error::InvalidArgument("buffer length must be non-zero".into()));
+            return Err(Error::InvalidArgument(
+                "buffer length must be non-zero".into(),
+            ));
         }
         let layout = Layout::from_size_align(len, Self::ALIGN)
             .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;

@@ -74,7 +74,13 @@ impl MemoryMetadataStore {
 #[async_trait]
 impl MetadataStore for MemoryMetadataStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>> {
-        Ok(self.inner.lock().expect("metadata lock").map.get(key).cloned())
+        Ok(self
+            .inner
+            .lock()
+            .expect("metadata lock")
+            .map
+            .get(key)
+            .cloned())
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
@@ -136,9 +142,19 @@ mod tests {
     async fn revisions_and_cas() {
         let s = MemoryMetadataStore::new();
         assert_eq!(s.get("a").await.unwrap(), None);
-        assert_eq!(s.compare_and_swap("a", 5, Some(vec![1])).await.unwrap(), None);
-        let r1 = s.compare_and_swap("a", 0, Some(vec![1])).await.unwrap().unwrap();
-        assert_eq!(s.compare_and_swap("a", 0, Some(vec![2])).await.unwrap(), None);
+        assert_eq!(
+            s.compare_and_swap("a", 5, Some(vec![1])).await.unwrap(),
+            None
+        );
+        let r1 = s
+            .compare_and_swap("a", 0, Some(vec![1]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.compare_and_swap("a", 0, Some(vec![2])).await.unwrap(),
+            None
+        );
         let r2 = s.put("a", vec![3]).await.unwrap();
         assert!(r2 > r1);
         assert_eq!(s.get("a").await.unwrap().unwrap().value, vec![3]);
@@ -153,7 +169,13 @@ mod tests {
         for k in ["p/a", "p/b", "q/a", "p"] {
             s.put(k, k.as_bytes().to_vec()).await.unwrap();
         }
-        let keys: Vec<String> = s.list("p/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = s
+            .list("p/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, vec!["p/a", "p/b"]);
         assert_eq!(s.list("").await.unwrap().len(), 4);
     }

@@ -101,10 +101,7 @@ impl LocalSegment {
     }
     /// Adds an endpoint.
     pub fn add_endpoint(&self, endpoint: Endpoint) {
-        self.endpoints
-            .lock()
-            .expect("endpoint lock")
-            .push(endpoint);
+        self.endpoints.lock().expect("endpoint lock").push(endpoint);
     }
     /// The current descriptor.
     pub fn descriptor(&self) -> SegmentDesc {

@@ -1,0 +1,282 @@
+//! Wire format of the TCP transport. Pure functions, no I/O: fuzzed and property-tested.
+//!
+//! Performance-critical: every request and response goes through these encoders and decoders.
+//!
+//! A connection starts with an 8-byte preamble from the initiator (`MCTP`, version, flags). Then
+//! the initiator sends requests and the target answers each, in order:
+//!
+//! ```text
+//! request  (24 bytes): opcode u8 | flags u8 | reserved u16 | request id u32 | addr u64 | len u64
+//!                      followed by `len` payload bytes for WRITE
+//! response (16 bytes): status i32 | request id u32 | len u64
+//!                      followed by `len` payload bytes (READ data, DESCRIBE descriptor)
+//! ```
+//!
+//! All integers are little-endian. `status` is 0 or a value of the `ErrorCode` table.
+
+use mooncake_core::ErrorCode;
+
+/// Magic bytes opening every connection.
+pub const MAGIC: [u8; 4] = *b"MCTP";
+/// Protocol version carried in the preamble.
+pub const VERSION: u16 = 1;
+/// Length of the connection preamble.
+pub const PREAMBLE_LEN: usize = 8;
+/// Length of a request header.
+pub const REQUEST_LEN: usize = 24;
+/// Length of a response header.
+pub const RESPONSE_LEN: usize = 16;
+/// Largest length a single request may carry (1 TiB); larger is malformed.
+pub const MAX_REQUEST_LEN: u64 = 1 << 40;
+/// Largest descriptor a DESCRIBE response may carry.
+pub const MAX_DESCRIPTOR_LEN: u64 = 16 << 20;
+
+/// Request kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    /// Send `len` bytes at `addr` back.
+    Read = 1,
+    /// Store the `len` payload bytes that follow at `addr`.
+    Write = 2,
+    /// Send the segment descriptor back (`addr` and `len` are zero).
+    Describe = 3,
+}
+
+/// A decoded request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Request {
+    /// Kind.
+    pub op: Op,
+    /// Request id, echoed in the response.
+    pub id: u32,
+    /// Target address.
+    pub addr: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// A decoded response header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Response {
+    /// 0 or an error code.
+    pub status: i32,
+    /// Id of the request answered.
+    pub id: u32,
+    /// Payload length that follows.
+    pub len: u64,
+}
+
+/// Why bytes are not a valid frame. Any of these closes the connection.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The preamble's magic bytes are wrong: not a peer of ours.
+    #[error("bad magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    BadVersion(u16),
+    /// Unknown opcode.
+    #[error("unknown opcode {0}")]
+    UnknownOpcode(u8),
+    /// Flags or reserved bits set.
+    #[error("reserved bits set: flags {flags:#x}, reserved {reserved:#x}")]
+    ReservedBits {
+        /// The flags byte.
+        flags: u8,
+        /// The reserved field.
+        reserved: u16,
+    },
+    /// A length beyond what any request may carry.
+    #[error("length {0} exceeds the {MAX_REQUEST_LEN}-byte limit")]
+    LengthTooLarge(u64),
+    /// DESCRIBE with a non-zero address or length.
+    #[error("DESCRIBE must carry zero address and length")]
+    BadDescribe,
+    /// A status that is not in the error-code table.
+    #[error("unknown status {0}")]
+    UnknownStatus(i32),
+    /// An error response that claims a payload.
+    #[error("error response with a {0}-byte payload")]
+    ErrorWithPayload(u64),
+}
+
+/// Encodes the connection preamble.
+pub fn encode_preamble() -> [u8; PREAMBLE_LEN] {
+    let mut b = [0u8; PREAMBLE_LEN];
+    b[..4].copy_from_slice(&MAGIC);
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b
+}
+
+/// Checks a connection preamble.
+pub fn decode_preamble(b: &[u8; PREAMBLE_LEN]) -> Result<(), FrameError> {
+    let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != VERSION {
+        return Err(FrameError::BadVersion(version));
+    }
+    let flags = u16::from_le_bytes([b[6], b[7]]);
+    if flags != 0 {
+        return Err(FrameError::ReservedBits {
+            flags: 0,
+            reserved: flags,
+        });
+    }
+    Ok(())
+}
+
+/// Appends an encoded request header to `out`.
+pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
+    out.push(req.op as u8);
+    out.push(0);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&req.id.to_le_bytes());
+    out.extend_from_slice(&req.addr.to_le_bytes());
+    out.extend_from_slice(&req.len.to_le_bytes());
+}
+
+/// Decodes a request header from the start of `b`: `Ok(None)` when fewer than
+/// [`REQUEST_LEN`] bytes are there yet.
+pub fn decode_request(b: &[u8]) -> Result<Option<Request>, FrameError> {
+    let Some(h) = b.get(..REQUEST_LEN) else {
+        return Ok(None);
+    };
+    let op = match h[0] {
+        1 => Op::Read,
+        2 => Op::Write,
+        3 => Op::Describe,
+        other => return Err(FrameError::UnknownOpcode(other)),
+    };
+    let flags = h[1];
+    let reserved = u16::from_le_bytes([h[2], h[3]]);
+    if flags != 0 || reserved != 0 {
+        return Err(FrameError::ReservedBits { flags, reserved });
+    }
+    let id = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    let addr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+    if len > MAX_REQUEST_LEN {
+        return Err(FrameError::LengthTooLarge(len));
+    }
+    if op == Op::Describe && (addr != 0 || len != 0) {
+        return Err(FrameError::BadDescribe);
+    }
+    Ok(Some(Request { op, id, addr, len }))
+}
+
+/// Appends an encoded response header to `out`.
+pub fn encode_response(resp: &Response, out: &mut Vec<u8>) {
+    out.extend_from_slice(&resp.status.to_le_bytes());
+    out.extend_from_slice(&resp.id.to_le_bytes());
+    out.extend_from_slice(&resp.len.to_le_bytes());
+}
+
+/// Decodes a response header from the start of `b`: `Ok(None)` when fewer than
+/// [`RESPONSE_LEN`] bytes are there yet.
+pub fn decode_response(b: &[u8]) -> Result<Option<Response>, FrameError> {
+    let Some(h) = b.get(..RESPONSE_LEN) else {
+        return Ok(None);
+    };
+    let status = i32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+    let id = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    if ErrorCode::from_i32(status).is_none() {
+        return Err(FrameError::UnknownStatus(status));
+    }
+    if status != 0 && len != 0 {
+        return Err(FrameError::ErrorWithPayload(len));
+    }
+    if len > MAX_REQUEST_LEN {
+        return Err(FrameError::LengthTooLarge(len));
+    }
+    Ok(Some(Response { status, id, len }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![Just(Op::Read), Just(Op::Write), Just(Op::Describe)]
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trips(op in op(), id: u32, addr: u64, len in 0..=MAX_REQUEST_LEN) {
+            let (addr, len) = if op == Op::Describe { (0, 0) } else { (addr, len) };
+            let req = Request { op, id, addr, len };
+            let mut buf = Vec::new();
+            encode_request(&req, &mut buf);
+            prop_assert_eq!(buf.len(), REQUEST_LEN);
+            prop_assert_eq!(decode_request(&buf).unwrap(), Some(req));
+            for cut in 0..REQUEST_LEN {
+                prop_assert_eq!(decode_request(&buf[..cut]).unwrap(), None);
+            }
+        }
+
+        #[test]
+        fn response_round_trips(code in proptest::sample::select(ErrorCode::ALL), id: u32, len in 0..=MAX_REQUEST_LEN) {
+            let len = if code == ErrorCode::OK { len } else { 0 };
+            let resp = Response { status: code.code(), id, len };
+            let mut buf = Vec::new();
+            encode_response(&resp, &mut buf);
+            prop_assert_eq!(decode_response(&buf).unwrap(), Some(resp));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(Some(r)) = decode_request(&bytes) {
+                prop_assert!(r.len <= MAX_REQUEST_LEN);
+                let mut again = Vec::new();
+                encode_request(&r, &mut again);
+                prop_assert_eq!(&again[..], &bytes[..REQUEST_LEN]);
+            }
+            if let Ok(Some(r)) = decode_response(&bytes) {
+                prop_assert!(r.status == 0 || r.len == 0);
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_rejected() {
+        let mut b = Vec::new();
+        encode_request(
+            &Request {
+                op: Op::Read,
+                id: 1,
+                addr: 0,
+                len: 0,
+            },
+            &mut b,
+        );
+        let mut bad = b.clone();
+        bad[0] = 9;
+        assert_eq!(decode_request(&bad), Err(FrameError::UnknownOpcode(9)));
+        let mut bad = b.clone();
+        bad[16..24].copy_from_slice(&(1u64 << 63).to_le_bytes());
+        assert_eq!(
+            decode_request(&bad),
+            Err(FrameError::LengthTooLarge(1 << 63))
+        );
+        let mut bad = b.clone();
+        bad[1] = 1;
+        assert!(matches!(
+            decode_request(&bad),
+            Err(FrameError::ReservedBits { .. })
+        ));
+        let mut bad = b;
+        bad[0] = Op::Describe as u8;
+        bad[8] = 1;
+        assert_eq!(decode_request(&bad), Err(FrameError::BadDescribe));
+        assert!(decode_preamble(b"HTTP/1.1").is_err());
+        assert!(decode_preamble(&encode_preamble()).is_ok());
+        let mut p = encode_preamble();
+        p[4] = 2;
+        assert_eq!(decode_preamble(&p), Err(FrameError::BadVersion(2)));
+    }
+}
