@@ -1,1 +1,74 @@
+//! mooncake-rs: a distributed KV-cache store and transfer engine, as one dependency.
+//!
+//! This facade re-exports [`mooncake_core`] and the transports chosen with Cargo features
+//! (`tcp`, on by default), and offers [`start_engine`] to get a running transfer engine with them.
+//!
+//! ```no_run
+//! # async fn demo() -> mooncake::Result<()> {
+//! use mooncake::{Discovery, Location, TransferRequest};
+//! let engine = mooncake::start_engine("127.0.0.1", Discovery::P2PHandshake).await?;
+//! let buf = engine.allocate_buffer(1 << 20, Location::cpu(0))?;
+//! let peer = engine.open_segment("127.0.0.1:12345").await?;
+//! let results = engine.transfer(vec![TransferRequest::read(&peer, 0x7f00_0000_0000, buf, 4096)]).await;
+//! # Ok(()) }
+//! ```
 
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+pub use mooncake_core::*;
+#[cfg(feature = "tcp")]
+pub use mooncake_transport_tcp as tcp;
+
+/// Starts a transfer engine named after `local_hostname` (`host` or `host:port`) with every
+/// transport enabled by this crate's features, each listening on that host's address (and port,
+/// when given).
+pub async fn start_engine(
+    local_hostname: &str,
+    discovery: Discovery,
+) -> Result<Arc<TransferEngine>> {
+    #[allow(unused_mut)]
+    let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+    #[cfg(feature = "tcp")]
+    {
+        let bind = bind_address(local_hostname)?;
+        let tcp = tcp::TcpTransport::new(tcp::TcpConfig {
+            bind,
+            ..tcp::TcpConfig::default()
+        })?;
+        transports.push(tcp);
+    }
+    let mut config = EngineConfig::new(local_hostname);
+    config.discovery = discovery;
+    TransferEngine::start(config, transports).await
+}
+
+/// The socket address to listen on for `host` or `host:port` (port 0 when none is given).
+pub fn bind_address(local_hostname: &str) -> Result<SocketAddr> {
+    let with_port = match local_hostname.rsplit_once(':') {
+        Some((_, p)) if p.parse::<u16>().is_ok() && !local_hostname.ends_with("::") => {
+            local_hostname.to_owned()
+        }
+        _ if local_hostname.contains(':') => format!("[{local_hostname}]:0"),
+        _ => format!("{local_hostname}:0"),
+    };
+    with_port
+        .to_socket_addrs()
+        .map_err(|e| Error::InvalidArgument(format!("resolving {local_hostname:?}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::InvalidArgument(format!("{local_hostname:?} resolves to no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(bind_address("127.0.0.1").unwrap().port(), 0);
+        assert_eq!(bind_address("127.0.0.1:4567").unwrap().port(), 4567);
+        assert!(bind_address("localhost").unwrap().ip().is_loopback());
+        assert!(bind_address("::1").unwrap().is_ipv6());
+        assert!(bind_address("no-such-host.invalid").is_err());
+    }
+}

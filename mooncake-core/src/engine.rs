@@ -162,7 +162,7 @@ impl TransferEngine {
                 .unwrap_or_default();
             format!("{}:{}", config.local_hostname, port)
         };
-        segment.set_name(name);
+        segment.set_name(name)?;
         let engine = Arc::new(TransferEngine {
             segment,
             transports,
@@ -175,7 +175,7 @@ impl TransferEngine {
     }
 
     /// This segment's name (`host:port`).
-    pub fn segment_name(&self) -> String {
+    pub fn segment_name(&self) -> &str {
         self.segment.name()
     }
 
@@ -383,7 +383,7 @@ impl TransferEngine {
             return;
         }
         if let Discovery::Metadata(store) = &self.discovery {
-            if let Err(e) = store.delete(&segment_key(&self.segment.name())).await {
+            if let Err(e) = store.delete(&segment_key(self.segment.name())).await {
                 tracing::warn!("withdrawing segment descriptor failed: {e}");
             }
         }

@@ -151,4 +151,64 @@ mod tests {
     }
 
     crate::conformance_tests!(MemHarness(MemNetwork::new()));
+
+    #[tokio::test]
+    async fn segments_are_found_through_a_metadata_store() {
+        use crate::engine::{Discovery, EngineConfig, TransferEngine, TransferRequest};
+        use crate::memory::Location;
+        use crate::metadata::{segment_key, MemoryMetadataStore, MetadataStore};
+
+        let net = MemNetwork::new();
+        let store: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::new());
+        let start = |host: &str| {
+            let mut c = EngineConfig::new(host);
+            c.discovery = Discovery::Metadata(store.clone());
+            TransferEngine::start(
+                c,
+                vec![MemTransport::new(net.clone()) as Arc<dyn Transport>],
+            )
+        };
+        let target = start("node-a").await.unwrap();
+        let initiator = start("node-b").await.unwrap();
+        assert!(target.segment_name().starts_with("node-a:"));
+        let remote = target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+        target
+            .memory()
+            .resolve(remote, 3)
+            .unwrap()
+            .write_from(b"abc")
+            .unwrap();
+        target.publish().await.unwrap();
+        let published = store
+            .get(&segment_key(target.segment_name()))
+            .await
+            .unwrap()
+            .unwrap();
+        let desc = SegmentDesc::decode(&published.value).unwrap();
+        assert_eq!(desc.buffers.len(), 1);
+
+        let local = initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+        let seg = initiator.open_segment(target.segment_name()).await.unwrap();
+        let r = initiator
+            .transfer(vec![TransferRequest::read(&seg, remote, local, 3)])
+            .await;
+        r[0].as_ref().unwrap();
+        assert_eq!(
+            initiator.memory().resolve(local, 3).unwrap().to_vec(),
+            b"abc"
+        );
+        assert!(matches!(
+            initiator.open_segment("node-c:1").await,
+            Err(Error::SegmentNotFound(_))
+        ));
+        target.shutdown().await;
+        assert!(
+            store
+                .get(&segment_key(target.segment_name()))
+                .await
+                .unwrap()
+                .is_none(),
+            "shutdown withdraws the descriptor"
+        );
+    }
 }

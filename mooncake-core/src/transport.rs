@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -74,7 +74,7 @@ impl SegmentDesc {
 #[derive(Debug)]
 pub struct LocalSegment {
     memory: Arc<MemoryRegistry>,
-    name: Mutex<String>,
+    name: OnceLock<String>,
     endpoints: Mutex<Vec<Endpoint>>,
 }
 
@@ -83,7 +83,7 @@ impl LocalSegment {
     pub fn new(memory: Arc<MemoryRegistry>) -> Arc<Self> {
         Arc::new(LocalSegment {
             memory,
-            name: Mutex::new(String::new()),
+            name: OnceLock::new(),
             endpoints: Mutex::new(Vec::new()),
         })
     }
@@ -92,12 +92,14 @@ impl LocalSegment {
         &self.memory
     }
     /// The segment name (empty until set).
-    pub fn name(&self) -> String {
-        self.name.lock().expect("name lock").clone()
+    pub fn name(&self) -> &str {
+        self.name.get().map_or("", String::as_str)
     }
-    /// Sets the segment name.
-    pub fn set_name(&self, name: String) {
-        *self.name.lock().expect("name lock") = name;
+    /// Sets the segment name, once: a segment keeps its name for life.
+    pub fn set_name(&self, name: String) -> Result<()> {
+        self.name
+            .set(name)
+            .map_err(|n| Error::InvalidArgument(format!("segment already named; refusing {n:?}")))
     }
     /// Adds an endpoint.
     pub fn add_endpoint(&self, endpoint: Endpoint) {
@@ -106,7 +108,7 @@ impl LocalSegment {
     /// The current descriptor.
     pub fn descriptor(&self) -> SegmentDesc {
         SegmentDesc {
-            name: self.name(),
+            name: self.name().to_owned(),
             endpoints: self.endpoints.lock().expect("endpoint lock").clone(),
             buffers: self.memory.descriptors(),
         }
