@@ -16,6 +16,8 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
+pub mod rpc;
+
 pub use mooncake_core::*;
 #[cfg(feature = "tcp")]
 pub use mooncake_transport_tcp as tcp;
@@ -45,14 +47,21 @@ pub async fn start_engine(
 
 /// The socket address to listen on for `host` or `host:port` (port 0 when none is given).
 pub fn bind_address(local_hostname: &str) -> Result<SocketAddr> {
-    let with_port = match local_hostname.rsplit_once(':') {
-        Some((_, p)) if p.parse::<u16>().is_ok() && !local_hostname.ends_with("::") => {
-            local_hostname.to_owned()
-        }
-        _ if local_hostname.contains(':') => format!("[{local_hostname}]:0"),
-        _ => format!("{local_hostname}:0"),
+    if let Ok(addr) = local_hostname.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(ip) = local_hostname.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 0));
+    }
+    let (host, port) = match local_hostname.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| Error::InvalidArgument(format!("bad port in {local_hostname:?}")))?,
+        ),
+        _ => (local_hostname, 0),
     };
-    with_port
+    (host, port)
         .to_socket_addrs()
         .map_err(|e| Error::InvalidArgument(format!("resolving {local_hostname:?}: {e}")))?
         .next()
@@ -69,6 +78,8 @@ mod tests {
         assert_eq!(bind_address("127.0.0.1:4567").unwrap().port(), 4567);
         assert!(bind_address("localhost").unwrap().ip().is_loopback());
         assert!(bind_address("::1").unwrap().is_ipv6());
+        assert_eq!(bind_address("[::1]:80").unwrap().port(), 80);
+        assert!(bind_address("localhost:x").is_err());
         assert!(bind_address("no-such-host.invalid").is_err());
     }
 }

@@ -1,0 +1,443 @@
+//! A small RPC layer: length-prefixed, versioned postcard frames over TCP.
+//!
+//! Performance-critical: every master call goes through `RpcClient::call` and `serve_connection`.
+//!
+//! ```text
+//! frame: len u32 (bytes after this field) | version u8 | kind u8 | call id u64 | postcard body
+//! ```
+//!
+//! A client multiplexes concurrent calls over one connection; the server answers each connection's
+//! calls in order and coalesces responses into one write while more requests are buffered. Frames
+//! are bounded ([`MAX_FRAME`]); an oversized or undecodable frame closes that connection only. A
+//! call that gets no answer within the client's timeout fails with `RPC_TIMEOUT`, a lost connection
+//! fails its calls with `RPC_FAIL`, and the next call reconnects.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use mooncake_core::{Error, ErrorCode, Result};
+
+/// Protocol version in every frame.
+pub const RPC_VERSION: u8 = 1;
+/// Largest frame either side accepts (64 MiB: a batch of many thousands of keys).
+pub const MAX_FRAME: usize = 64 << 20;
+const HEADER: usize = 4 + 1 + 1 + 8;
+const KIND_REQUEST: u8 = 1;
+const KIND_RESPONSE: u8 = 2;
+
+/// Encodes one frame into `out`.
+fn encode_frame<T: Serialize>(kind: u8, id: u64, body: &T, out: &mut Vec<u8>) -> Result<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER]);
+    let out2 = std::mem::take(out);
+    let mut out2 = postcard::to_extend(body, out2)?;
+    let len = out2.len() - start - 4;
+    if len + 4 > MAX_FRAME {
+        out2.truncate(start);
+        *out = out2;
+        return Err(Error::with_code(
+            ErrorCode::INVALID_PARAMS,
+            format!("message of {len} bytes exceeds the {MAX_FRAME}-byte frame limit"),
+        ));
+    }
+    out2[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    out2[start + 4] = RPC_VERSION;
+    out2[start + 5] = kind;
+    out2[start + 6..start + 14].copy_from_slice(&id.to_le_bytes());
+    *out = out2;
+    Ok(())
+}
+
+/// A frame header: kind, call id and body length.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Request or response.
+    pub kind: u8,
+    /// Call id.
+    pub id: u64,
+    /// Body length.
+    pub body_len: usize,
+}
+
+/// Decodes a frame header (the first [`HEADER`] bytes), checking version and bounds.
+pub fn decode_header(h: &[u8; 14]) -> Result<FrameHeader> {
+    let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
+    if !(HEADER - 4..=MAX_FRAME).contains(&len) {
+        return Err(Error::Protocol(format!("frame length {len} out of bounds")));
+    }
+    if h[4] != RPC_VERSION {
+        return Err(Error::Protocol(format!(
+            "rpc version {} (this side speaks {RPC_VERSION})",
+            h[4]
+        )));
+    }
+    if h[5] != KIND_REQUEST && h[5] != KIND_RESPONSE {
+        return Err(Error::Protocol(format!("unknown frame kind {}", h[5])));
+    }
+    Ok(FrameHeader {
+        kind: h[5],
+        id: u64::from_le_bytes(h[6..14].try_into().expect("8 bytes")),
+        body_len: len - (HEADER - 4),
+    })
+}
+
+async fn read_frame(
+    r: &mut tokio::io::BufReader<OwnedReadHalf>,
+    body: &mut Vec<u8>,
+) -> Result<FrameHeader> {
+    let mut h = [0u8; HEADER];
+    r.read_exact(&mut h).await?;
+    let header = decode_header(&h)?;
+    body.clear();
+    body.resize(header.body_len, 0);
+    r.read_exact(body).await?;
+    Ok(header)
+}
+
+/// What a server does with requests.
+#[async_trait::async_trait]
+pub trait Handler<Req, Resp>: Send + Sync + 'static {
+    /// Answers one request.
+    async fn handle(&self, request: Req) -> Resp;
+}
+
+/// Serves `handler` on `listener` until the returned task is aborted.
+pub fn serve<Req, Resp, H>(listener: TcpListener, handler: Arc<H>) -> tokio::task::JoinHandle<()>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let handler = handler.clone();
+                        conns.spawn(async move {
+                            if let Err(e) = serve_connection::<Req, Resp, H>(stream, &*handler).await {
+                                match &e {
+                                    Error::Io(_) => tracing::debug!(%peer, "rpc connection ended: {e}"),
+                                    _ => tracing::warn!(%peer, "closing rpc connection: {e}"),
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("rpc accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    })
+}
+
+async fn serve_connection<Req, Resp, H>(stream: TcpStream, handler: &H) -> Result<()>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Handler<Req, Resp>,
+{
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+    let mut body = Vec::new();
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        let header = read_frame(&mut r, &mut body).await?;
+        if header.kind != KIND_REQUEST {
+            return Err(Error::Protocol("a response sent to the server".into()));
+        }
+        let request: Req = postcard::from_bytes(&body)
+            .map_err(|e| Error::Protocol(format!("undecodable request: {e}")))?;
+        let response = handler.handle(request).await;
+        encode_frame(KIND_RESPONSE, header.id, &response, &mut out)?;
+        // Answer now unless another request is already buffered (then answer both at once).
+        if r.buffer().len() < HEADER || out.len() > 256 * 1024 {
+            w.write_all(&out).await?;
+            out.clear();
+        }
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>>>>>>;
+
+struct Connection {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    waiters: Waiters,
+    dead: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct RpcClientConfig {
+    /// Bound on one call from send to answer. Default 5 s.
+    pub call_timeout: Duration,
+    /// Bound on connecting. Default 2 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RpcClientConfig {
+    fn default() -> Self {
+        RpcClientConfig {
+            call_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A client for one server address; reconnects on the next call after a failure.
+pub struct RpcClient {
+    address: String,
+    config: RpcClientConfig,
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RpcClient({})", self.address)
+    }
+}
+
+impl RpcClient {
+    /// A client for `address` (`host:port`); connects lazily.
+    pub fn new(address: impl Into<String>, config: RpcClientConfig) -> Self {
+        RpcClient {
+            address: address.into(),
+            config,
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The server address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.dead.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        let fail = |reason: String| {
+            Error::with_code(ErrorCode::RPC_FAIL, format!("{}: {reason}", self.address))
+        };
+        let stream = tokio::time::timeout(
+            self.config.connect_timeout,
+            TcpStream::connect(&self.address),
+        )
+        .await
+        .map_err(|_| fail("connect timed out".into()))?
+        .map_err(|e| fail(format!("connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        let waiters: Waiters = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_responses(
+            r,
+            waiters.clone(),
+            dead.clone(),
+            self.address.clone(),
+        ));
+        let conn = Arc::new(Connection {
+            writer: tokio::sync::Mutex::new(w),
+            waiters,
+            dead,
+            reader,
+        });
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `request` and waits for the response, within the call timeout.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        request: &Req,
+    ) -> Result<Resp> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        encode_frame(KIND_REQUEST, id, request, &mut frame)?;
+        let work = async {
+            let conn = self.connection().await?;
+            let (tx, rx) = oneshot::channel();
+            conn.waiters.lock().expect("waiters").insert(id, tx);
+            let sent = conn.writer.lock().await.write_all(&frame).await;
+            if let Err(e) = sent {
+                conn.dead.store(true, Ordering::Release);
+                conn.waiters.lock().expect("waiters").remove(&id);
+                return Err(Error::with_code(
+                    ErrorCode::RPC_FAIL,
+                    format!("{}: send: {e}", self.address),
+                ));
+            }
+            let body = rx.await.map_err(|_| {
+                Error::with_code(
+                    ErrorCode::RPC_FAIL,
+                    format!("{}: connection lost", self.address),
+                )
+            })??;
+            postcard::from_bytes(&body).map_err(|e| {
+                Error::with_code(ErrorCode::RPC_FAIL, format!("undecodable response: {e}"))
+            })
+        };
+        match tokio::time::timeout(self.config.call_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                if let Some(c) = self.conn.lock().await.as_ref() {
+                    c.waiters.lock().expect("waiters").remove(&id);
+                }
+                Err(Error::with_code(
+                    ErrorCode::RPC_TIMEOUT,
+                    format!(
+                        "{}: no answer within {:?}",
+                        self.address, self.config.call_timeout
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Drops the connection (the next call reconnects).
+    pub async fn disconnect(&self) {
+        self.conn.lock().await.take();
+    }
+}
+
+async fn read_responses(
+    r: OwnedReadHalf,
+    waiters: Waiters,
+    dead: Arc<AtomicBool>,
+    address: String,
+) {
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+    let mut body = Vec::new();
+    let reason = loop {
+        match read_frame(&mut r, &mut body).await {
+            Ok(h) if h.kind == KIND_RESPONSE => {
+                let waiter = waiters.lock().expect("waiters").remove(&h.id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(Ok(std::mem::take(&mut body)));
+                }
+            }
+            Ok(_) => break Error::Protocol("server sent a request".into()),
+            Err(e) => break e,
+        }
+    };
+    dead.store(true, Ordering::Release);
+    let err = Error::with_code(
+        ErrorCode::RPC_FAIL,
+        format!("{address}: connection lost: {reason}"),
+    );
+    for (_, tx) in waiters.lock().expect("waiters").drain() {
+        let _ = tx.send(Err(err.clone()));
+    }
+}
+
+/// Binds a listener, with a clear error naming the address.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io(format!("binding {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl Handler<(u32, String), Option<String>> for Echo {
+        async fn handle(&self, (n, s): (u32, String)) -> Option<String> {
+            if n == 7 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Some(s.repeat(n as usize))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_pipeline_time_out_and_reconnect() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve(listener, Arc::new(Echo));
+        let client = Arc::new(RpcClient::new(
+            addr.to_string(),
+            RpcClientConfig {
+                call_timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
+        ));
+        let r: Option<String> = client.call(&(3u32, "ab".to_string())).await.unwrap();
+        assert_eq!(r.as_deref(), Some("ababab"));
+        let calls = (0..64u32).map(|i| {
+            let c = client.clone();
+            async move { c.call::<_, Option<String>>(&(i % 5, "x".to_string())).await }
+        });
+        for (i, r) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(r.unwrap().unwrap().len(), i % 5);
+        }
+        let slow = client
+            .call::<_, Option<String>>(&(7u32, "z".to_string()))
+            .await;
+        assert_eq!(slow.unwrap_err().code(), ErrorCode::RPC_TIMEOUT);
+
+        server.abort();
+        let _ = server.await;
+        let down = client
+            .call::<_, Option<String>>(&(1u32, "z".to_string()))
+            .await;
+        assert_eq!(down.unwrap_err().code(), ErrorCode::RPC_FAIL);
+
+        let listener = bind(addr).await.unwrap();
+        let server = serve(listener, Arc::new(Echo));
+        let back: Option<String> = client.call(&(2u32, "q".to_string())).await.unwrap();
+        assert_eq!(back.as_deref(), Some("qq"));
+        server.abort();
+    }
+
+    #[test]
+    fn hostile_headers_are_rejected() {
+        let mut h = [0u8; 14];
+        h[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        h[4] = RPC_VERSION;
+        h[5] = KIND_REQUEST;
+        assert!(decode_header(&h).is_err(), "oversized frame");
+        h[..4].copy_from_slice(&20u32.to_le_bytes());
+        h[4] = 9;
+        assert!(decode_header(&h).is_err(), "unknown version");
+        h[4] = RPC_VERSION;
+        h[5] = 77;
+        assert!(decode_header(&h).is_err(), "unknown kind");
+        h[5] = KIND_RESPONSE;
+        assert_eq!(decode_header(&h).unwrap().body_len, 10);
+    }
+}
