@@ -1,9 +1,12 @@
 //! The [`MetadataStore`] trait: where cluster metadata lives.
 //!
-//! Today that is transfer-engine segment descriptors (under [`segment_key`]); the P2P store keeps
-//! its catalog here with compare-and-swap, and the master's replicated command log builds on the
-//! same trait. Values are opaque bytes with a revision number per key, so callers can do
-//! optimistic concurrency without a lock service.
+//! Two kinds of metadata live here:
+//! - keys and values with a revision number per key (transfer-engine segment descriptors under
+//!   [`segment_key`], the P2P store's catalog with compare-and-swap), so callers can do
+//!   optimistic concurrency without a lock service;
+//! - a command log driving a [`StateMachine`] (the store master): every state change is a
+//!   command the store orders and applies, so a replicated store (Raft) replicates the master
+//!   without the master knowing.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -11,6 +14,16 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use crate::error::Result;
+
+/// A deterministic state machine whose commands a [`MetadataStore`] orders and applies.
+///
+/// `apply` must depend only on the state and the command bytes (time and randomness travel
+/// inside the command or the state), so every replica of a replicated store ends in the same
+/// state.
+pub trait StateMachine: Send + 'static {
+    /// Applies one encoded command and returns the encoded response.
+    fn apply(&mut self, command: &[u8]) -> Vec<u8>;
+}
 
 /// A value and the revision at which it was last written. Revisions grow across the whole store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +58,15 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 
     /// All keys starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>>;
+
+    /// Orders `command` in the store's command log, applies it to the attached
+    /// [`StateMachine`] and returns the response. Stores without a command log say so.
+    async fn apply_command(&self, command: Vec<u8>) -> Result<Vec<u8>> {
+        let _ = command;
+        Err(crate::Error::NotSupported(
+            "this metadata store has no command log".into(),
+        ))
+    }
 }
 
 /// The key under which a segment's descriptor is published.
@@ -52,10 +74,20 @@ pub fn segment_key(name: &str) -> String {
     format!("mooncake/segments/{name}")
 }
 
-/// An in-process [`MetadataStore`]: for embedded single-process deployments and tests.
-#[derive(Debug, Default)]
+/// An in-process [`MetadataStore`]: for embedded single-process deployments and tests. Its
+/// command log is the order of calls: each command is applied at once.
+#[derive(Default)]
 pub struct MemoryMetadataStore {
     inner: Mutex<MemState>,
+    machine: Mutex<Option<Box<dyn StateMachine>>>,
+}
+
+impl std::fmt::Debug for MemoryMetadataStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryMetadataStore")
+            .field("keys", &self.inner.lock().map(|s| s.map.len()).unwrap_or(0))
+            .finish()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +100,14 @@ impl MemoryMetadataStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose command log drives `machine`.
+    pub fn with_state_machine(machine: Box<dyn StateMachine>) -> Self {
+        MemoryMetadataStore {
+            inner: Mutex::default(),
+            machine: Mutex::new(Some(machine)),
+        }
     }
 }
 
@@ -132,6 +172,15 @@ impl MetadataStore for MemoryMetadataStore {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+
+    async fn apply_command(&self, command: Vec<u8>) -> Result<Vec<u8>> {
+        match self.machine.lock().expect("state machine lock").as_mut() {
+            Some(m) => Ok(m.apply(&command)),
+            None => Err(crate::Error::NotSupported(
+                "no state machine is attached to this metadata store".into(),
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +210,32 @@ mod tests {
         assert!(s.compare_and_swap("a", r2, None).await.unwrap().is_some());
         assert_eq!(s.get("a").await.unwrap(), None);
         assert!(!s.delete("a").await.unwrap());
+    }
+
+    struct Counter(u64);
+
+    impl StateMachine for Counter {
+        fn apply(&mut self, command: &[u8]) -> Vec<u8> {
+            self.0 += command.len() as u64;
+            self.0.to_le_bytes().to_vec()
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_are_applied_in_order() {
+        let s = MemoryMetadataStore::with_state_machine(Box::new(Counter(0)));
+        assert_eq!(
+            s.apply_command(vec![0; 3]).await.unwrap(),
+            3u64.to_le_bytes()
+        );
+        assert_eq!(
+            s.apply_command(vec![0; 4]).await.unwrap(),
+            7u64.to_le_bytes()
+        );
+        assert!(MemoryMetadataStore::new()
+            .apply_command(vec![])
+            .await
+            .is_err());
     }
 
     #[tokio::test]
