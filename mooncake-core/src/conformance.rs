@@ -98,7 +98,7 @@ pub async fn read_and_write(h: &dyn Harness) {
     fill(&p.target, remote, &data);
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let r = p
@@ -154,7 +154,7 @@ pub async fn batch_of_mixed_requests(h: &dyn Harness) {
     fill(&p.initiator, local, &local_data);
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let reqs: Vec<_> = (0..N)
@@ -198,7 +198,7 @@ pub async fn zero_length_requests(h: &dyn Harness) {
     let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let r = p
@@ -220,7 +220,7 @@ pub async fn local_bounds_violation(h: &dyn Harness) {
     let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let r = p
@@ -257,7 +257,7 @@ pub async fn remote_bounds_violation(h: &dyn Harness) {
     fill(&p.target, remote, &before);
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let bad = vec![
@@ -307,7 +307,7 @@ pub async fn large_requests(h: &dyn Harness) {
     fill(&p.target, remote + 5, &data);
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let r = p
@@ -351,7 +351,7 @@ pub async fn peer_death(h: &dyn Harness) {
     let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let r = p
@@ -389,7 +389,7 @@ pub async fn concurrent_batches(h: &dyn Harness) {
     fill(&p.target, remote, &data);
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -438,7 +438,7 @@ pub async fn submit_reports_status(h: &dyn Harness) {
         .unwrap();
     let seg = p
         .initiator
-        .open_segment(&p.target.segment_name())
+        .open_segment(p.target.segment_name())
         .await
         .unwrap();
     let batch = p.initiator.submit(vec![

@@ -31,6 +31,7 @@ pub mod allocator;
 pub mod conformance;
 pub mod engine;
 pub mod error;
+pub mod master;
 #[cfg(any(test, feature = "conformance"))]
 pub mod mem_transport;
 pub mod memory;
@@ -41,7 +42,7 @@ pub use allocator::{Allocation, Allocator, RangeAllocator};
 pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
-pub use metadata::{MemoryMetadataStore, MetadataStore, Versioned};
+pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
 pub use transport::{
     BatchState, Endpoint, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus, Transport,
 };

@@ -466,8 +466,7 @@ mod tests {
             .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
             .unwrap();
         let region = reg.resolve(a, 16).unwrap();
-        let reg2 = reg.clone();
-        let t = std::thread::spawn(move || reg2.unregister(a));
+        let t = std::thread::spawn(move || reg.unregister(a));
         std::thread::sleep(Duration::from_millis(30));
         assert!(!t.is_finished(), "unregister must wait for the live region");
         region.write_from(&[1u8; 16]).unwrap();
