@@ -16,8 +16,13 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
+pub mod http;
+pub mod master_cli;
 pub mod rpc;
+pub mod service;
+pub mod store;
 
+pub use mooncake_core::master;
 pub use mooncake_core::*;
 #[cfg(feature = "tcp")]
 pub use mooncake_transport_tcp as tcp;

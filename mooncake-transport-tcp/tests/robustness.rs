@@ -152,10 +152,7 @@ async fn hostile_frames_close_only_their_connection() {
     .await
     .unwrap();
     let local = initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let seg = initiator
-        .open_segment(&engine.segment_name())
-        .await
-        .unwrap();
+    let seg = initiator.open_segment(engine.segment_name()).await.unwrap();
     let res = initiator
         .transfer(vec![TransferRequest::read(&seg, buf, local, 4096)])
         .await;
@@ -227,6 +224,8 @@ fn spawn_target() -> (Child, String, u64) {
             return (child, name.to_owned(), addr.parse().unwrap());
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("child target did not start");
 }
 

@@ -1,0 +1,443 @@
+//! The `mooncake_master` command line: upstream's flags, parsed into a [`MasterOptions`], and a
+//! runner that serves RPC, the HTTP metadata server and the metrics endpoint until told to stop.
+//!
+//! Flags take gflags' forms: `--flag=value`, `--flag value`, and for booleans `--flag`,
+//! `--flag=true|false|1|0` and `--noflag`. Durations accept plain numbers in the flag's unit
+//! (milliseconds for TTLs, seconds for `--client_ttl`) or a suffixed value (`500ms`, `10s`, `2m`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mooncake_core::master::MasterConfig;
+use mooncake_core::{Error, Result};
+
+use crate::http::{serve_http, HttpEndpoints};
+use crate::service::{MasterService, ServiceConfig};
+
+/// Everything `mooncake_master` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct MasterOptions {
+    /// The state machine's configuration.
+    pub master: MasterConfig,
+    /// Address the RPC server binds (`--rpc_address`, default `0.0.0.0`).
+    pub rpc_address: String,
+    /// RPC port (`--rpc_port`, default 50051).
+    pub rpc_port: u16,
+    /// Serve `/metadata` (`--enable_http_metadata_server`, default false).
+    pub enable_http_metadata_server: bool,
+    /// Host of the HTTP metadata server (`--http_metadata_server_host`, default `0.0.0.0`).
+    pub http_metadata_server_host: String,
+    /// Port of the HTTP metadata server (`--http_metadata_server_port`, default 8080).
+    pub http_metadata_server_port: u16,
+    /// Port of `/metrics` and `/health` (`--metrics_port`, default 9003); bound on `rpc_address`.
+    pub metrics_port: u16,
+    /// Serve metrics at all (`--enable_metric_reporting`, default true).
+    pub enable_metrics: bool,
+}
+
+impl Default for MasterOptions {
+    fn default() -> Self {
+        MasterOptions {
+            master: MasterConfig::default(),
+            rpc_address: "0.0.0.0".into(),
+            rpc_port: 50051,
+            enable_http_metadata_server: false,
+            http_metadata_server_host: "0.0.0.0".into(),
+            http_metadata_server_port: 8080,
+            metrics_port: 9003,
+            enable_metrics: true,
+        }
+    }
+}
+
+/// Usage text for `--help`.
+pub const USAGE: &str = "\
+mooncake_master: metadata and allocation service of a Mooncake store
+
+Flags (upstream names; --flag=value or --flag value):
+  --rpc_address=0.0.0.0                  address the RPC server binds
+  --rpc_port=50051                       RPC port
+  --enable_http_metadata_server=false    serve transfer-engine metadata at /metadata
+  --http_metadata_server_host=0.0.0.0
+  --http_metadata_server_port=8080
+  --metrics_port=9003                    /metrics (Prometheus) and /health
+  --enable_metric_reporting=true
+  --default_kv_lease_ttl=10000           read lease, ms (or 500ms, 10s)
+  --default_kv_soft_pin_ttl=1800000      soft pin lifetime, ms (or 30m)
+  --client_ttl=10                        seconds of silence before a client's segments go
+  --eviction_high_watermark_ratio=0.90
+  --eviction_ratio=0.05
+  --allocation_strategy=random           random | free_ratio_first | local_first
+  --cluster_id=mooncake_cluster
+  --enable_rereplication=true            restore replica_num after a segment is lost
+";
+
+/// Flags upstream accepts that this master has no use for; accepted with a notice.
+const IGNORED: &[&str] = &[
+    "max_threads",
+    "rpc_thread_num",
+    "rpc_conn_timeout_seconds",
+    "rpc_enable_tcp_no_delay",
+    "enable_gc",
+    "enable_ha",
+    "etcd_endpoints",
+    "memory_allocator",
+    "root_fs_dir",
+    "global_file_segment_size",
+    "v",
+    "logtostderr",
+];
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Run with these options.
+    Run(Box<MasterOptions>),
+    /// Print the usage.
+    Help,
+}
+
+/// Parses a duration flag: a plain number in `unit_ms` milliseconds, or `N ms|s|m|h`.
+pub fn parse_duration_ms(value: &str, unit_ms: u64) -> Result<u64> {
+    let v = value.trim();
+    let (digits, scale) = if let Some(d) = v.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = v.strip_suffix('s') {
+        (d, 1000)
+    } else if let Some(d) = v.strip_suffix('m') {
+        (d, 60_000)
+    } else if let Some(d) = v.strip_suffix('h') {
+        (d, 3_600_000)
+    } else {
+        (v, unit_ms)
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| Error::InvalidArgument(format!("{value:?} is not a duration")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(Error::InvalidArgument(format!(
+            "--{name}: {value:?} is not a boolean"
+        ))),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("--{name}: {value:?} is not a valid number")))
+}
+
+/// Flags with a value that this master acts on.
+const VALUED: &[&str] = &[
+    "rpc_address",
+    "rpc_port",
+    "http_metadata_server_host",
+    "http_metadata_server_port",
+    "metrics_port",
+    "default_kv_lease_ttl",
+    "default_kv_soft_pin_ttl",
+    "client_ttl",
+    "eviction_high_watermark_ratio",
+    "eviction_ratio",
+    "allocation_strategy",
+    "cluster_id",
+];
+
+const BOOLS: &[&str] = &[
+    "enable_http_metadata_server",
+    "enable_metric_reporting",
+    "enable_rereplication",
+    "enable_gc",
+    "enable_ha",
+    "rpc_enable_tcp_no_delay",
+    "logtostderr",
+];
+
+/// Parses the arguments after the program name.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
+    let mut o = MasterOptions::default();
+    let mut args = args.into_iter().peekable();
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" || arg == "-help" {
+            return Ok(Parsed::Help);
+        }
+        let Some(flag) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            return Err(Error::InvalidArgument(format!(
+                "unexpected argument {arg:?} (flags start with --)"
+            )));
+        };
+        let bare = flag.split_once('=').map_or(flag, |(n, _)| n);
+        let known = |n: &str| VALUED.contains(&n) || BOOLS.contains(&n) || IGNORED.contains(&n);
+        if !known(bare) && !bare.strip_prefix("no").is_some_and(|f| BOOLS.contains(&f)) {
+            return Err(Error::InvalidArgument(format!(
+                "unknown flag --{bare} (see --help)"
+            )));
+        }
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None if BOOLS.contains(&flag) => (flag.to_owned(), "true".to_owned()),
+            None if flag.strip_prefix("no").is_some_and(|f| BOOLS.contains(&f)) => {
+                (flag[2..].to_owned(), "false".to_owned())
+            }
+            None => match args.next() {
+                Some(v) => (flag.to_owned(), v),
+                None => return Err(Error::InvalidArgument(format!("--{flag} needs a value"))),
+            },
+        };
+        let m = &mut o.master;
+        match name.as_str() {
+            "rpc_address" => o.rpc_address = value,
+            "rpc_port" => o.rpc_port = parse_num(&name, &value)?,
+            "enable_http_metadata_server" => {
+                o.enable_http_metadata_server = parse_bool(&name, &value)?
+            }
+            "http_metadata_server_host" => o.http_metadata_server_host = value,
+            "http_metadata_server_port" => o.http_metadata_server_port = parse_num(&name, &value)?,
+            "metrics_port" => o.metrics_port = parse_num(&name, &value)?,
+            "enable_metric_reporting" => o.enable_metrics = parse_bool(&name, &value)?,
+            "default_kv_lease_ttl" => m.default_kv_lease_ttl_ms = parse_duration_ms(&value, 1)?,
+            "default_kv_soft_pin_ttl" => {
+                m.default_kv_soft_pin_ttl_ms = parse_duration_ms(&value, 1)?
+            }
+            "client_ttl" => m.client_ttl_ms = parse_duration_ms(&value, 1000)?,
+            "eviction_high_watermark_ratio" => {
+                m.eviction_high_watermark_ratio = parse_num(&name, &value)?
+            }
+            "eviction_ratio" => m.eviction_ratio = parse_num(&name, &value)?,
+            "allocation_strategy" => m.allocation_strategy = value.parse()?,
+            "cluster_id" => m.cluster_id = value,
+            "enable_rereplication" => m.enable_rereplication = parse_bool(&name, &value)?,
+            other if IGNORED.contains(&other) => {
+                tracing::info!("--{other} is accepted for compatibility and has no effect");
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown flag --{other} (see --help)"
+                )))
+            }
+        }
+    }
+    o.master.validate()?;
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+fn socket(host: &str, port: u16) -> Result<SocketAddr> {
+    crate::bind_address(&format!("{host}:{port}"))
+        .or_else(|_| crate::bind_address(&format!("[{host}]:{port}")))
+}
+
+/// The addresses a running master listens on.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    /// RPC.
+    pub rpc: SocketAddr,
+    /// HTTP metadata server, when enabled.
+    pub http_metadata: Option<SocketAddr>,
+    /// Metrics and health, when enabled.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts the master's servers on the current runtime; they run until the service shuts down.
+pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Listening)> {
+    let service = MasterService::new(options.master.clone(), ServiceConfig::default())?;
+    let rpc = service
+        .serve_rpc(socket(&options.rpc_address, options.rpc_port)?)
+        .await?;
+    let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
+        let weak = Arc::downgrade(&service);
+        Arc::new(move || {
+            weak.upgrade()
+                .map(|s| s.metrics().to_prometheus())
+                .unwrap_or_default()
+        })
+    };
+    let health: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(|| true);
+    let mut listening = Listening {
+        rpc,
+        http_metadata: None,
+        metrics: None,
+    };
+    if options.enable_http_metadata_server {
+        let addr = socket(
+            &options.http_metadata_server_host,
+            options.http_metadata_server_port,
+        )?;
+        let listener = crate::rpc::bind(addr).await?;
+        listening.http_metadata = Some(listener.local_addr()?);
+        service.keep(serve_http(
+            listener,
+            HttpEndpoints {
+                metadata: Some(service.metadata()),
+                metrics: metrics_fn.clone(),
+                health: health.clone(),
+            },
+        ));
+    }
+    if options.enable_metrics {
+        let listener =
+            crate::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
+        listening.metrics = Some(listener.local_addr()?);
+        service.keep(serve_http(
+            listener,
+            HttpEndpoints {
+                metadata: None,
+                metrics: metrics_fn,
+                health,
+            },
+        ));
+    }
+    Ok((service, listening))
+}
+
+/// Runs a master until `stop` resolves: prints where it listens, serves, then shuts down.
+pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Result<()> {
+    let (service, l) = start(&options).await?;
+    println!(
+        "mooncake_master listening: rpc={} http_metadata={} metrics={}",
+        l.rpc,
+        l.http_metadata.map_or("off".into(), |a| a.to_string()),
+        l.metrics.map_or("off".into(), |a| a.to_string()),
+    );
+    stop.await;
+    service.shutdown();
+    println!("mooncake_master stopped");
+    Ok(())
+}
+
+/// The whole program: parses `args` (after the program name), runs until SIGINT or SIGTERM, and
+/// returns the process exit code.
+pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
+    let options = match parse_args(args) {
+        Ok(Parsed::Run(o)) => *o,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("mooncake_master: {e}");
+            return 2;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mooncake_master: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(options, shutdown_signal())) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mooncake_master: {e}");
+            1
+        }
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<MasterOptions> {
+        match parse_args(args.iter().map(|s| s.to_string()))? {
+            Parsed::Run(o) => Ok(*o),
+            Parsed::Help => panic!("help"),
+        }
+    }
+
+    #[test]
+    fn upstream_flag_forms() {
+        let o = parse(&[
+            "--enable_http_metadata_server=true",
+            "--http_metadata_server_host=0.0.0.0",
+            "--http_metadata_server_port",
+            "8081",
+            "--rpc_port=50052",
+            "--default_kv_lease_ttl=500ms",
+            "--client_ttl=3",
+            "--eviction_high_watermark_ratio=0.8",
+            "--allocation_strategy=free_ratio_first",
+            "--noenable_metric_reporting",
+            "--max_threads=8",
+        ])
+        .unwrap();
+        assert!(o.enable_http_metadata_server);
+        assert_eq!(o.http_metadata_server_port, 8081);
+        assert_eq!(o.rpc_port, 50052);
+        assert_eq!(o.master.default_kv_lease_ttl_ms, 500);
+        assert_eq!(o.master.client_ttl_ms, 3000);
+        assert_eq!(o.master.eviction_high_watermark_ratio, 0.8);
+        assert!(!o.enable_metrics);
+        assert_eq!(
+            parse(&["--default_kv_lease_ttl=10s"])
+                .unwrap()
+                .master
+                .default_kv_lease_ttl_ms,
+            10_000
+        );
+        assert_eq!(
+            parse(&["--default_kv_lease_ttl", "2500"])
+                .unwrap()
+                .master
+                .default_kv_lease_ttl_ms,
+            2500
+        );
+        assert!(
+            parse(&["--enable_http_metadata_server"])
+                .unwrap()
+                .enable_http_metadata_server
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_reason() {
+        for bad in [
+            &["--no_such_flag=1"][..],
+            &["--rpc_port=seventy"],
+            &["--rpc_port=70000"],
+            &["--default_kv_lease_ttl=soon"],
+            &["--allocation_strategy=best"],
+            &["--eviction_ratio=2"],
+            &["--rpc_port"],
+            &["stray"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(!e.to_string().is_empty(), "{bad:?}");
+        }
+        assert!(matches!(
+            parse_args(["--help".to_string()]).unwrap(),
+            Parsed::Help
+        ));
+    }
+}

@@ -1,0 +1,450 @@
+//! The store client: put, get and manage objects in a Mooncake store.
+//!
+//! A [`Store`] has two roles. It issues calls (put/get/remove/...), asking the master where
+//! replicas are or go and moving the bytes itself through its transfer engine. And it contributes
+//! a segment of `global_segment_size` bytes that it mounts on the master, where other clients'
+//! replicas land. Object bytes move client to client; the master only hands out locations.
+//!
+//! Byte-oriented calls copy through a registered staging buffer of `local_buffer_size` bytes;
+//! zero-copy calls ([`Store::put_from`], [`Store::get_into`]) move data straight between the
+//! caller's registered buffers and the replicas. Reads prefer a replica in the client's own
+//! segment (a memcpy). Results carry the store's error codes ([`ErrorCode`]).
+//!
+//! A background task sends heartbeats (remounting the segment when the master no longer knows
+//! the client, say after a master restart) and executes the copy and move tasks the master
+//! assigns to this client, including the re-replication of objects that lost a replica.
+
+mod admin;
+mod read;
+mod staging;
+mod write;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_core::master::{
+    ClientId, Command, HeartbeatStatus, ReplicaDescriptor, Response, SegmentSpec, TaskAssignment,
+    TaskOutcome, Timestamp,
+};
+use mooncake_core::{Discovery, Error, ErrorCode, Location, Result, TransferEngine};
+
+use crate::rpc::RpcClientConfig;
+use crate::service::{apply_via, MasterApi, MasterService, RemoteMaster};
+use staging::Staging;
+
+pub use mooncake_core::master::ReplicateConfig;
+
+/// Store client settings, with the names and defaults of the Python `setup` call.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// This node's host name, optionally with a port (`localhost`, `node1:12345`).
+    pub local_hostname: String,
+    /// Where transfer-engine descriptors live: `P2PHANDSHAKE` (peers ask each other) or
+    /// `http://host:port/metadata` (the master's HTTP metadata server).
+    pub metadata_server: String,
+    /// Bytes this client contributes to the cluster (its mounted segment). 0: none, the client
+    /// only issues calls. Default 16 MiB, as upstream.
+    pub global_segment_size: u64,
+    /// Bytes of the staging buffer for byte-oriented calls; also the largest value such calls
+    /// accept. Default 1 GiB, as upstream.
+    pub local_buffer_size: u64,
+    /// Transport protocol. `tcp` today.
+    pub protocol: String,
+    /// Device names for the protocol (RDMA NICs); empty for TCP.
+    pub device_name: String,
+    /// The master, `host:port`.
+    pub master_server_addr: String,
+    /// Bounds on master calls. Default: 5 s per call, 2 s to connect.
+    pub rpc: RpcClientConfig,
+    /// Interval of heartbeats and task polling. Default 1 s (the master's `client_ttl` is 10 s).
+    pub heartbeat_interval: Duration,
+    /// How long a call waits for staging space held by concurrent calls. Default 10 s.
+    pub staging_wait: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            local_hostname: "localhost".into(),
+            metadata_server: "P2PHANDSHAKE".into(),
+            global_segment_size: 16 << 20,
+            local_buffer_size: 1 << 30,
+            protocol: "tcp".into(),
+            device_name: String::new(),
+            master_server_addr: "localhost:50051".into(),
+            rpc: RpcClientConfig::default(),
+            heartbeat_interval: Duration::from_secs(1),
+            staging_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Rejects settings that cannot work, saying why.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::with_code(ErrorCode::INVALID_PARAMS, m));
+        if self.local_hostname.is_empty() {
+            return bad("local_hostname is empty".into());
+        }
+        if self.protocol != "tcp" {
+            return Err(Error::with_code(
+                ErrorCode::NOT_SUPPORTED,
+                format!(
+                    "protocol {:?} is not available in this build (available: tcp)",
+                    self.protocol
+                ),
+            ));
+        }
+        if self.metadata_server != "P2PHANDSHAKE" && !self.metadata_server.starts_with("http://") {
+            return bad(format!(
+                "metadata_server {:?}: expected P2PHANDSHAKE or http://host:port/metadata",
+                self.metadata_server
+            ));
+        }
+        if self.local_buffer_size == 0 {
+            return bad("local_buffer_size must be non-zero".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval must be non-zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// See the module docs.
+pub struct Store {
+    config: StoreConfig,
+    client_id: ClientId,
+    engine: Arc<TransferEngine>,
+    master: Arc<dyn MasterApi>,
+    segment: Option<SegmentSpec>,
+    staging: Arc<Staging>,
+    background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("client_id", &self.client_id.to_string())
+            .field("segment", &self.engine.segment_name())
+            .finish()
+    }
+}
+
+/// A fresh client id from the OS's hash seeds, the clock and the process id.
+fn new_client_id() -> ClientId {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bits = 0u128;
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        bits = (bits << 64) | h.finish() as u128;
+    }
+    ClientId(bits.max(1))
+}
+
+impl Store {
+    /// Sets up a client of the master at `config.master_server_addr`.
+    pub async fn setup(config: StoreConfig) -> Result<Arc<Store>> {
+        config.validate()?;
+        let master = Arc::new(RemoteMaster::new(
+            config.master_server_addr.clone(),
+            config.rpc.clone(),
+        ));
+        Self::setup_with_master(config, master).await
+    }
+
+    /// Sets up a client of an in-process master (embedded mode): no sockets to the master.
+    pub async fn setup_embedded(
+        config: StoreConfig,
+        master: Arc<MasterService>,
+    ) -> Result<Arc<Store>> {
+        Self::setup_with_master(config, master).await
+    }
+
+    /// Sets up a client of `master`.
+    pub async fn setup_with_master(
+        config: StoreConfig,
+        master: Arc<dyn MasterApi>,
+    ) -> Result<Arc<Store>> {
+        config.validate()?;
+        let discovery = if config.metadata_server == "P2PHANDSHAKE" {
+            Discovery::P2PHandshake
+        } else {
+            Discovery::Metadata(Arc::new(crate::http::HttpMetadataStore::new(
+                &config.metadata_server,
+            )?))
+        };
+        let engine = crate::start_engine(&config.local_hostname, discovery).await?;
+        let staging_base =
+            engine.allocate_buffer(config.local_buffer_size as usize, Location::cpu(0))?;
+        let staging = Staging::new(staging_base, config.local_buffer_size)?;
+        let segment = if config.global_segment_size > 0 {
+            let base =
+                engine.allocate_buffer(config.global_segment_size as usize, Location::cpu(0))?;
+            Some(SegmentSpec::new(
+                engine.segment_name(),
+                base,
+                config.global_segment_size,
+            ))
+        } else {
+            None
+        };
+        if let Err(e) = engine.publish().await {
+            engine.shutdown().await;
+            return Err(e);
+        }
+        let store = Arc::new(Store {
+            client_id: new_client_id(),
+            config,
+            engine,
+            master,
+            segment,
+            staging,
+            background: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        if let Err(e) = store.mount().await {
+            store.engine.shutdown().await;
+            return Err(e);
+        }
+        let weak = Arc::downgrade(&store);
+        let interval = store.config.heartbeat_interval;
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else { return };
+                store.background_round().await;
+            }
+        });
+        *store.background.lock().expect("background slot") = Some(handle);
+        Ok(store)
+    }
+
+    async fn mount(&self) -> Result<()> {
+        match &self.segment {
+            Some(spec) => self
+                .apply(Command::MountSegment {
+                    client_id: self.client_id,
+                    segment: spec.clone(),
+                })
+                .await?
+                .1
+                .into_unit()
+                .map_err(|c| Error::with_code(c, "mounting the segment")),
+            // A client with no segment still registers itself for liveness.
+            None => self.heartbeat().await.map(|_| ()),
+        }
+    }
+
+    async fn heartbeat(&self) -> Result<HeartbeatStatus> {
+        match self
+            .apply(Command::Heartbeat {
+                client_id: self.client_id,
+            })
+            .await?
+            .1
+        {
+            Response::Heartbeat(s) => Ok(s),
+            other => Err(Error::Protocol(format!(
+                "heartbeat answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// One round of the background task: heartbeat (remount if needed), then tasks.
+    async fn background_round(&self) {
+        match self.heartbeat().await {
+            Ok(HeartbeatStatus::Ok) => {}
+            Ok(HeartbeatStatus::NeedRemount) => {
+                if let Some(spec) = &self.segment {
+                    tracing::info!("master does not know this client; remounting {}", spec.name);
+                    let r = self
+                        .apply(Command::RemountSegments {
+                            client_id: self.client_id,
+                            segments: vec![spec.clone()],
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::warn!("remount failed: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("heartbeat failed: {e}");
+                return;
+            }
+        }
+        if self.segment.is_some() {
+            if let Err(e) = self.run_tasks().await {
+                tracing::debug!("task round failed: {e}");
+            }
+        }
+    }
+
+    /// Fetches the copy/move tasks assigned to this client and executes them: the source replica
+    /// is in this client's segment, so each destination is one WRITE from it.
+    async fn run_tasks(&self) -> Result<()> {
+        let tasks = match self
+            .apply(Command::FetchTasks {
+                client_id: self.client_id,
+                max: 8,
+            })
+            .await?
+            .1
+        {
+            Response::Tasks(t) => t,
+            other => return Err(Error::Protocol(format!("FetchTasks answered {other:?}"))),
+        };
+        for task in tasks {
+            let outcome = match self.copy_replica(&task).await {
+                Ok(()) => TaskOutcome::Success,
+                Err(e) => {
+                    tracing::warn!("task {} for {} failed: {e}", task.task_id, task.key);
+                    TaskOutcome::Failed(e.code())
+                }
+            };
+            self.apply(Command::FinishTask {
+                client_id: self.client_id,
+                task_id: task.task_id,
+                outcome,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn copy_replica(&self, task: &TaskAssignment) -> Result<()> {
+        let source = task.source.memory().ok_or_else(|| {
+            Error::with_code(ErrorCode::INVALID_REPLICA, "source is not in memory")
+        })?;
+        let mut requests = Vec::new();
+        for dest in &task.destinations {
+            let (seg, addr) = self.locate(dest).await?;
+            requests.push(mooncake_core::TransferRequest::write(
+                &seg,
+                addr,
+                source.buffer_address,
+                task.size,
+            ));
+        }
+        for r in self.engine.transfer(requests).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The opened segment and address of a memory replica.
+    async fn locate(
+        &self,
+        replica: &ReplicaDescriptor,
+    ) -> Result<(mooncake_core::SegmentHandle, u64)> {
+        let mem = replica.memory().ok_or_else(|| {
+            Error::with_code(ErrorCode::INVALID_REPLICA, "replica is not in memory")
+        })?;
+        let endpoint = if mem.transport_endpoint.is_empty() {
+            &mem.segment_name
+        } else {
+            &mem.transport_endpoint
+        };
+        Ok((
+            self.engine.open_segment(endpoint).await?,
+            mem.buffer_address,
+        ))
+    }
+
+    /// Sends a command to the master.
+    async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::with_code(
+                ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                "the store is closed",
+            ));
+        }
+        apply_via(&*self.master, command).await
+    }
+
+    /// This client's id.
+    pub fn client_id(&self) -> ClientId {
+        self.client_id
+    }
+
+    /// This client's segment name (`host:port`), which other clients use as a preferred segment.
+    pub fn hostname(&self) -> &str {
+        self.engine.segment_name()
+    }
+
+    /// The transfer engine (to register buffers for zero-copy calls).
+    pub fn engine(&self) -> &Arc<TransferEngine> {
+        &self.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Registers caller memory for zero-copy calls.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must stay valid until [`unregister_buffer`](Self::unregister_buffer).
+    pub unsafe fn register_buffer(&self, addr: u64, len: u64) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.engine.register_memory(addr, len, Location::cpu(0)) }
+    }
+
+    /// Unregisters memory registered with [`register_buffer`](Self::register_buffer), waiting for
+    /// transfers that use it.
+    pub fn unregister_buffer(&self, addr: u64) -> Result<()> {
+        self.engine.unregister_memory(addr)
+    }
+
+    /// Unmounts the segment (its replicas are dropped by the master), stops the background task
+    /// and the transfer engine. Later calls fail with `UNAVAILABLE_IN_CURRENT_STATUS`. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(h) = self.background.lock().expect("background slot").take() {
+            h.abort();
+        }
+        if let Some(spec) = &self.segment {
+            let r = self
+                .apply(Command::UnmountSegment {
+                    client_id: self.client_id,
+                    name: spec.name.clone(),
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!("unmounting {} at close failed: {e}", spec.name);
+            }
+        }
+        self.closed.store(true, Ordering::Release);
+        self.engine.shutdown().await;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(h) = self.background.lock().expect("background slot").take() {
+            h.abort();
+        }
+    }
+}
+
+/// Turns a master-side code into an error with context.
+pub(crate) fn coded(code: ErrorCode, context: impl Into<String>) -> Error {
+    Error::with_code(code, context)
+}

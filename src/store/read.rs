@@ -1,0 +1,373 @@
+//! Reads: get, its batch and zero-copy forms, and object sizes.
+//!
+//! Performance-critical: every get goes through `read_many`.
+//!
+//! A read asks the master for the COMPLETE replicas (which grants a read lease), reads one of
+//! them (this client's own segment first, a memcpy), falling back to the others if a transfer
+//! fails, and reports `LEASE_EXPIRED` when the transfer ended after the lease did: the bytes may
+//! then have been overwritten while they were read.
+
+use std::time::{Duration, Instant};
+
+use mooncake_core::master::{Command, ReplicaList, Response};
+use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
+
+use super::{coded, Store};
+
+/// Where the bytes of a read go.
+enum Dest {
+    /// A new vector (through the staging buffer, or straight from this client's own segment).
+    Bytes,
+    /// Registered caller memory, filled in order; must hold the whole object.
+    Registered(Vec<(u64, u64)>),
+}
+
+/// The outcome of reading one object.
+enum Got {
+    Bytes(Vec<u8>),
+    Into(u64),
+}
+
+impl Store {
+    /// The value of `key`.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        match self.read_one(key, Dest::Bytes).await? {
+            Got::Bytes(v) => Ok(v),
+            Got::Into(_) => unreachable!("bytes requested"),
+        }
+    }
+
+    /// The values of `keys`; one result per key.
+    pub async fn get_batch(&self, keys: &[&str]) -> Vec<Result<Vec<u8>>> {
+        let items = keys.iter().map(|k| (*k, Dest::Bytes)).collect();
+        self.read_many(items)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.map(|g| match g {
+                    Got::Bytes(v) => v,
+                    Got::Into(_) => unreachable!("bytes requested"),
+                })
+            })
+            .collect()
+    }
+
+    /// Reads `key` into `size` bytes of registered memory at `addr`, with no copy; returns the
+    /// object's size. A buffer smaller than the object is `INVALID_PARAMS`.
+    pub async fn get_into(&self, key: &str, addr: u64, size: u64) -> Result<u64> {
+        match self
+            .read_one(key, Dest::Registered(vec![(addr, size)]))
+            .await?
+        {
+            Got::Into(n) => Ok(n),
+            Got::Bytes(_) => unreachable!("registered memory requested"),
+        }
+    }
+
+    /// Zero-copy batch read: `(key, address, size)` each; one result (bytes read) per item.
+    pub async fn batch_get_into(&self, items: &[(&str, u64, u64)]) -> Vec<Result<u64>> {
+        let items = items
+            .iter()
+            .map(|(k, a, s)| (*k, Dest::Registered(vec![(*a, *s)])))
+            .collect();
+        Self::sizes(self.read_many(items).await)
+    }
+
+    /// Zero-copy batch read where each object is spread over several registered buffers
+    /// `(address, size)`, filled in order.
+    pub async fn batch_get_into_multi_buffers(
+        &self,
+        items: &[(&str, Vec<(u64, u64)>)],
+    ) -> Vec<Result<u64>> {
+        let items = items
+            .iter()
+            .map(|(k, parts)| (*k, Dest::Registered(parts.clone())))
+            .collect();
+        Self::sizes(self.read_many(items).await)
+    }
+
+    fn sizes(results: Vec<Result<Got>>) -> Vec<Result<u64>> {
+        results
+            .into_iter()
+            .map(|r| {
+                r.map(|g| match g {
+                    Got::Into(n) => n,
+                    Got::Bytes(v) => v.len() as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// The size of `key`'s value (grants a read lease, as any replica query).
+    pub async fn get_size(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .replica_lists(&[key])
+            .await?
+            .0
+            .pop()
+            .expect("one")?
+            .size)
+    }
+
+    async fn read_one(&self, key: &str, dest: Dest) -> Result<Got> {
+        self.read_many(vec![(key, dest)])
+            .await
+            .pop()
+            .expect("one result per item")
+    }
+
+    /// GetReplicaList (or its batch form) for `keys`: per key the list or the error, and the
+    /// master time of the answer.
+    pub(super) async fn replica_lists(
+        &self,
+        keys: &[&str],
+    ) -> Result<(Vec<Result<ReplicaList>>, mooncake_core::master::Timestamp)> {
+        let not_found = |c: ErrorCode, k: &str| coded(c, format!("no readable value for {k:?}"));
+        if let [key] = keys {
+            let (now, resp) = self
+                .apply(Command::GetReplicaList {
+                    key: (*key).to_owned(),
+                })
+                .await?;
+            match resp {
+                Response::Replicas(r) => Ok((vec![r.map_err(|c| not_found(c, key))], now)),
+                other => Err(Error::Protocol(format!(
+                    "GetReplicaList answered {other:?}"
+                ))),
+            }
+        } else {
+            let (now, resp) = self
+                .apply(Command::BatchGetReplicaList {
+                    keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+                })
+                .await?;
+            match resp {
+                Response::ReplicasBatch(rs) if rs.len() == keys.len() => Ok((
+                    rs.into_iter()
+                        .zip(keys)
+                        .map(|(r, k)| r.map_err(|c| not_found(c, k)))
+                        .collect(),
+                    now,
+                )),
+                other => Err(Error::Protocol(format!(
+                    "BatchGetReplicaList answered {other:?}"
+                ))),
+            }
+        }
+    }
+
+    async fn read_many(&self, items: Vec<(&str, Dest)>) -> Vec<Result<Got>> {
+        let started = Instant::now();
+        let keys: Vec<&str> = items.iter().map(|(k, _)| *k).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            // Empty keys are invalid; answer them without bothering the master.
+            let mut out = Vec::new();
+            for (key, dest) in items {
+                out.push(if key.is_empty() {
+                    Err(coded(ErrorCode::INVALID_PARAMS, "empty key"))
+                } else {
+                    Box::pin(self.read_many(vec![(key, dest)]))
+                        .await
+                        .pop()
+                        .expect("one")
+                });
+            }
+            return out;
+        }
+        let (lists, master_now) = match self.replica_lists(&keys).await {
+            Ok(x) => x,
+            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut out = Vec::with_capacity(items.len());
+        // Bytes destinations that need the staging buffer, read together below.
+        let mut staged: Vec<(usize, ReplicaList, Instant)> = Vec::new();
+        for (i, ((key, dest), list)) in items.into_iter().zip(lists).enumerate() {
+            let list = match list {
+                Ok(l) => l,
+                Err(e) => {
+                    out.push(Some(Err(e)));
+                    continue;
+                }
+            };
+            let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
+            match dest {
+                Dest::Registered(parts) => {
+                    let capacity: u64 = parts.iter().map(|p| p.1).sum();
+                    let r = if capacity < list.size {
+                        Err(coded(
+                            ErrorCode::INVALID_PARAMS,
+                            format!(
+                                "buffer of {capacity} bytes is smaller than {key:?} ({} bytes)",
+                                list.size
+                            ),
+                        ))
+                    } else {
+                        self.read_replicas(&list, &parts)
+                            .await
+                            .and_then(|()| lease_check(deadline, key))
+                            .map(|()| Got::Into(list.size))
+                    };
+                    out.push(Some(r));
+                }
+                Dest::Bytes => {
+                    if let Some(local) = self.local_copy(&list) {
+                        out.push(Some(local.and_then(|v| {
+                            lease_check(deadline, key).map(|()| Got::Bytes(v))
+                        })));
+                    } else {
+                        out.push(None);
+                        staged.push((i, list, deadline));
+                    }
+                }
+            }
+        }
+        // Read staged values in waves that fit the staging buffer.
+        let mut wave: Vec<(usize, ReplicaList, Instant)> = Vec::new();
+        let mut wave_bytes = 0;
+        let mut pending = staged.into_iter().peekable();
+        while let Some(item) = pending.next() {
+            let need = item.1.size.next_multiple_of(64);
+            if need > self.staging.size() {
+                out[item.0] = Some(Err(coded(
+                    ErrorCode::INVALID_PARAMS,
+                    format!(
+                        "value of {} bytes exceeds local_buffer_size ({} bytes); use get_into",
+                        item.1.size,
+                        self.staging.size()
+                    ),
+                )));
+                continue;
+            }
+            wave_bytes += need;
+            wave.push(item);
+            let next_fits = pending
+                .peek()
+                .is_some_and(|n| wave_bytes + n.1.size.next_multiple_of(64) <= self.staging.size());
+            if !next_fits {
+                for (i, r) in self.read_staged_wave(&wave, &keys, wave_bytes).await {
+                    out[i] = Some(r);
+                }
+                wave.clear();
+                wave_bytes = 0;
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every item has a result"))
+            .collect()
+    }
+
+    async fn read_staged_wave(
+        &self,
+        wave: &[(usize, ReplicaList, Instant)],
+        keys: &[&str],
+        bytes: u64,
+    ) -> Vec<(usize, Result<Got>)> {
+        let slot = match self.staging.reserve(bytes, self.config.staging_wait).await {
+            Ok(s) => s,
+            Err(e) => return wave.iter().map(|(i, _, _)| (*i, Err(e.clone()))).collect(),
+        };
+        let mut at = slot.addr;
+        let mut placed = Vec::with_capacity(wave.len());
+        for (_, list, _) in wave {
+            placed.push(at);
+            at += list.size.next_multiple_of(64);
+        }
+        let reads = wave
+            .iter()
+            .zip(&placed)
+            .map(|((_, list, _), &addr)| async move {
+                self.read_replicas(list, &[(addr, list.size)]).await
+            });
+        let results = futures::future::join_all(reads).await;
+        wave.iter()
+            .zip(placed)
+            .zip(results)
+            .map(|(((i, list, deadline), addr), r)| {
+                let r = r.and_then(|()| {
+                    let bytes = self.engine.memory().resolve(addr, list.size)?.to_vec();
+                    lease_check(*deadline, keys[*i]).map(|()| Got::Bytes(bytes))
+                });
+                (*i, r)
+            })
+            .collect()
+    }
+
+    /// The value copied straight out of this client's own segment, when a replica is there.
+    fn local_copy(&self, list: &ReplicaList) -> Option<Result<Vec<u8>>> {
+        let own = self.engine.segment_name();
+        let mem = list
+            .replicas
+            .iter()
+            .filter_map(|r| r.memory())
+            .find(|m| m.segment_name == own)?;
+        Some(
+            self.engine
+                .memory()
+                .resolve(mem.buffer_address, list.size)
+                .map(|r| r.to_vec()),
+        )
+    }
+
+    /// Reads the object into `parts` (registered, together at least `list.size` bytes) from one
+    /// replica, this client's own first, trying the next replica when a transfer fails.
+    async fn read_replicas(&self, list: &ReplicaList, parts: &[(u64, u64)]) -> Result<()> {
+        let own = self.engine.segment_name();
+        let mut order: Vec<_> = list
+            .replicas
+            .iter()
+            .filter(|r| r.memory().is_some())
+            .collect();
+        order.sort_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own));
+        let mut last = coded(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica");
+        for replica in order {
+            let (seg, addr) = match self.locate(replica).await {
+                Ok(x) => x,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let mut requests = Vec::new();
+            let mut offset = 0u64;
+            for &(local, len) in parts {
+                if offset >= list.size {
+                    break;
+                }
+                let len = len.min(list.size - offset);
+                requests.push(TransferRequest::read(&seg, addr + offset, local, len));
+                offset += len;
+            }
+            match self
+                .engine
+                .transfer(requests)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+            {
+                None => return Ok(()),
+                Some(e @ Error::LocalRangeNotRegistered { .. }) => {
+                    return Err(coded(ErrorCode::INVALID_PARAMS, e.to_string()))
+                }
+                Some(e) => {
+                    tracing::debug!("reading a replica from {} failed: {e}", seg.name);
+                    last = coded(
+                        ErrorCode::TRANSFER_FAIL,
+                        format!("reading from {}: {e}", seg.name),
+                    );
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn lease_check(deadline: Instant, key: &str) -> Result<()> {
+    if Instant::now() < deadline {
+        Ok(())
+    } else {
+        Err(coded(
+            ErrorCode::LEASE_EXPIRED,
+            format!("the read lease of {key:?} expired during the transfer"),
+        ))
+    }
+}

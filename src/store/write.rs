@@ -1,0 +1,496 @@
+//! Writes: put, upsert, their batch, multi-part and zero-copy forms.
+//!
+//! Performance-critical: every put goes through `write_wave`.
+//!
+//! A write is PutStart (the master reserves one range per replica) → the client writes each
+//! replica → PutEnd, or PutRevoke when a transfer failed. A put of a key that already exists
+//! succeeds without writing, as in upstream Mooncake; an upsert replaces the value.
+
+use mooncake_core::master::{Command, PutItem, PutStartResponse, ReplicateConfig, Response};
+use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
+
+use super::{coded, Store};
+
+/// Where a value's bytes come from.
+enum Source<'a> {
+    /// Caller bytes, in parts concatenated in order; copied through the staging buffer (or
+    /// straight into this client's own segment when a replica lands there).
+    Bytes(Vec<&'a [u8]>),
+    /// Registered caller memory, in parts concatenated in order: moved with no copy.
+    Registered(Vec<(u64, u64)>),
+}
+
+impl Source<'_> {
+    fn size(&self) -> u64 {
+        match self {
+            Source::Bytes(parts) => parts.iter().map(|p| p.len() as u64).sum(),
+            Source::Registered(parts) => parts.iter().map(|p| p.1).sum(),
+        }
+    }
+}
+
+struct Item<'a> {
+    key: &'a str,
+    source: Source<'a>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Put,
+    Upsert,
+}
+
+impl Store {
+    /// Stores `value` under `key`. A key that exists already is left as it is (success).
+    pub async fn put(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
+        self.write_one(Kind::Put, key, Source::Bytes(vec![value]), config)
+            .await
+    }
+
+    /// Stores the concatenation of `parts` under `key`.
+    pub async fn put_parts(
+        &self,
+        key: &str,
+        parts: &[&[u8]],
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(Kind::Put, key, Source::Bytes(parts.to_vec()), config)
+            .await
+    }
+
+    /// Stores `value` under `key`, replacing any current value.
+    pub async fn upsert(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
+        self.write_one(Kind::Upsert, key, Source::Bytes(vec![value]), config)
+            .await
+    }
+
+    /// Stores the concatenation of `parts` under `key`, replacing any current value.
+    pub async fn upsert_parts(
+        &self,
+        key: &str,
+        parts: &[&[u8]],
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(Kind::Upsert, key, Source::Bytes(parts.to_vec()), config)
+            .await
+    }
+
+    /// Stores `size` bytes of registered memory at `addr` under `key`, with no copy.
+    pub async fn put_from(
+        &self,
+        key: &str,
+        addr: u64,
+        size: u64,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(
+            Kind::Put,
+            key,
+            Source::Registered(vec![(addr, size)]),
+            config,
+        )
+        .await
+    }
+
+    /// [`put_from`](Self::put_from), replacing any current value.
+    pub async fn upsert_from(
+        &self,
+        key: &str,
+        addr: u64,
+        size: u64,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(
+            Kind::Upsert,
+            key,
+            Source::Registered(vec![(addr, size)]),
+            config,
+        )
+        .await
+    }
+
+    /// Stores each `(key, value)`; one result per item.
+    pub async fn put_batch(
+        &self,
+        items: &[(&str, &[u8])],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let items = items
+            .iter()
+            .map(|(k, v)| Item {
+                key: k,
+                source: Source::Bytes(vec![v]),
+            })
+            .collect();
+        self.write_many(Kind::Put, items, config).await
+    }
+
+    /// Upserts each `(key, value)`; one result per item.
+    pub async fn upsert_batch(
+        &self,
+        items: &[(&str, &[u8])],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let items = items
+            .iter()
+            .map(|(k, v)| Item {
+                key: k,
+                source: Source::Bytes(vec![v]),
+            })
+            .collect();
+        self.write_many(Kind::Upsert, items, config).await
+    }
+
+    /// Zero-copy batch put: `(key, address, size)` of registered memory each.
+    pub async fn batch_put_from(
+        &self,
+        items: &[(&str, u64, u64)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let items = items
+            .iter()
+            .map(|(k, a, s)| Item {
+                key: k,
+                source: Source::Registered(vec![(*a, *s)]),
+            })
+            .collect();
+        self.write_many(Kind::Put, items, config).await
+    }
+
+    /// Zero-copy batch upsert: `(key, address, size)` of registered memory each.
+    pub async fn batch_upsert_from(
+        &self,
+        items: &[(&str, u64, u64)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let items = items
+            .iter()
+            .map(|(k, a, s)| Item {
+                key: k,
+                source: Source::Registered(vec![(*a, *s)]),
+            })
+            .collect();
+        self.write_many(Kind::Upsert, items, config).await
+    }
+
+    /// Zero-copy batch put where each value is the concatenation of several registered buffers
+    /// `(address, size)`.
+    pub async fn batch_put_from_multi_buffers(
+        &self,
+        items: &[(&str, Vec<(u64, u64)>)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let items = items
+            .iter()
+            .map(|(k, parts)| Item {
+                key: k,
+                source: Source::Registered(parts.clone()),
+            })
+            .collect();
+        self.write_many(Kind::Put, items, config).await
+    }
+
+    async fn write_one(
+        &self,
+        kind: Kind,
+        key: &str,
+        source: Source<'_>,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_many(kind, vec![Item { key, source }], config)
+            .await
+            .pop()
+            .expect("one result per item")
+    }
+
+    fn check(&self, item: &Item<'_>, config: &ReplicateConfig) -> Result<()> {
+        let invalid = |m: String| Err(coded(ErrorCode::INVALID_PARAMS, m));
+        if item.key.is_empty() {
+            return invalid("empty key".into());
+        }
+        if config.replica_num == 0 {
+            return invalid("replica_num is 0".into());
+        }
+        let size = item.source.size();
+        if size == 0 {
+            return invalid(format!("empty value for {:?}", item.key));
+        }
+        match &item.source {
+            Source::Bytes(_) if size > self.staging.size() => invalid(format!(
+                "value of {size} bytes exceeds local_buffer_size ({} bytes)",
+                self.staging.size()
+            )),
+            Source::Bytes(_) => Ok(()),
+            Source::Registered(parts) => {
+                for &(addr, len) in parts {
+                    self.engine.memory().resolve(addr, len).map_err(|_| {
+                        coded(
+                            ErrorCode::INVALID_PARAMS,
+                            format!("buffer {addr:#x}+{len} is not inside a registered buffer"),
+                        )
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn write_many(
+        &self,
+        kind: Kind,
+        items: Vec<Item<'_>>,
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = (0..items.len()).map(|_| None).collect();
+        // Waves whose staged bytes fit the staging buffer together.
+        let mut wave: Vec<(usize, &Item<'_>)> = Vec::new();
+        let mut wave_bytes = 0u64;
+        for (i, item) in items.iter().enumerate() {
+            if let Err(e) = self.check(item, config) {
+                results[i] = Some(Err(e));
+                continue;
+            }
+            let staged = match item.source {
+                Source::Bytes(_) => item.source.size().next_multiple_of(64),
+                Source::Registered(_) => 0,
+            };
+            if wave_bytes + staged > self.staging.size() && !wave.is_empty() {
+                for (j, r) in self.write_wave(kind, &wave, wave_bytes, config).await {
+                    results[j] = Some(r);
+                }
+                wave.clear();
+                wave_bytes = 0;
+            }
+            wave.push((i, item));
+            wave_bytes += staged;
+        }
+        if !wave.is_empty() {
+            for (j, r) in self.write_wave(kind, &wave, wave_bytes, config).await {
+                results[j] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every item has a result"))
+            .collect()
+    }
+
+    /// Starts, transfers and ends the writes of one wave.
+    async fn write_wave(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        config: &ReplicateConfig,
+    ) -> Vec<(usize, Result<()>)> {
+        let started = match self.start(kind, wave, config).await {
+            Ok(s) => s,
+            Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
+        };
+        let mut out = Vec::with_capacity(wave.len());
+        let slot = if staged_bytes > 0 {
+            match self
+                .staging
+                .reserve(staged_bytes, self.config.staging_wait)
+                .await
+            {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    let keys: Vec<String> = wave
+                        .iter()
+                        .zip(&started)
+                        .filter(|(_, s)| matches!(s, Ok(Some(_))))
+                        .map(|((_, item), _)| item.key.to_owned())
+                        .collect();
+                    self.end(false, keys).await;
+                    return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect();
+                }
+            }
+        } else {
+            None
+        };
+        // (wave position, requests range) of the items that need transfers.
+        let mut requests = Vec::new();
+        let mut spans = Vec::new();
+        let mut staged_at = slot.as_ref().map_or(0, |s| s.addr);
+        for (pos, ((_, item), start)) in wave.iter().zip(&started).enumerate() {
+            let replicas = match start {
+                Ok(Some(r)) => &r.replicas,
+                _ => continue,
+            };
+            let first = requests.len();
+            let outcome: Result<()> = async {
+                // The parts of the value as registered (address, length) ranges.
+                let parts: Vec<(u64, u64)> = match &item.source {
+                    Source::Registered(parts) => parts.clone(),
+                    Source::Bytes(parts) => {
+                        let size = item.source.size();
+                        let mut at = staged_at;
+                        let region = self.engine.memory().resolve(at, size)?;
+                        for p in parts {
+                            region
+                                .slice(at - staged_at, p.len() as u64)?
+                                .write_from(p)?;
+                            at += p.len() as u64;
+                        }
+                        let staged = vec![(staged_at, size)];
+                        staged_at += size.next_multiple_of(64);
+                        staged
+                    }
+                };
+                for replica in replicas {
+                    // A replica in this client's own segment is written by memcpy in the engine.
+                    let (seg, mut addr) = self.locate(replica).await?;
+                    for &(src, len) in &parts {
+                        requests.push(TransferRequest::write(&seg, addr, src, len));
+                        addr += len;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            match outcome {
+                Ok(()) => spans.push((pos, first..requests.len(), None)),
+                Err(e) => {
+                    requests.truncate(first);
+                    spans.push((pos, first..first, Some(e)));
+                }
+            }
+        }
+        let transfer_results = self.engine.transfer(requests).await;
+        drop(slot);
+        let mut commit = Vec::new();
+        let mut revoke = Vec::new();
+        let mut item_results: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        for (pos, range, early) in spans {
+            let key = wave[pos].1.key.to_owned();
+            let failed =
+                early.or_else(|| transfer_results[range].iter().find_map(|r| r.clone().err()));
+            match failed {
+                None => commit.push((pos, key)),
+                Some(e) => {
+                    revoke.push(key);
+                    item_results[pos] = Some(Err(coded(
+                        ErrorCode::TRANSFER_FAIL,
+                        format!("writing a replica failed: {e}"),
+                    )));
+                }
+            }
+        }
+        if !revoke.is_empty() {
+            self.end(false, revoke).await;
+        }
+        if !commit.is_empty() {
+            let keys = commit.iter().map(|(_, k)| k.clone()).collect();
+            let ended = self.end(true, keys).await;
+            for ((pos, _), r) in commit.into_iter().zip(ended) {
+                item_results[pos] = Some(r);
+            }
+        }
+        for (pos, ((i, _), start)) in wave.iter().zip(started).enumerate() {
+            let r = match start {
+                Err(e) => Err(e),
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => item_results[pos].take().unwrap_or(Ok(())),
+            };
+            out.push((*i, r));
+        }
+        out
+    }
+
+    /// PutStart/UpsertStart for a wave: per item the replicas to write, `None` when the key
+    /// exists and a put leaves it alone, or the error.
+    async fn start(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        config: &ReplicateConfig,
+    ) -> Result<Vec<Result<Option<PutStartResponse>>>> {
+        let client_id = self.client_id;
+        let config = config.clone();
+        let results = if let [(_, item)] = wave {
+            let (key, size) = (item.key.to_owned(), item.source.size());
+            let command = match kind {
+                Kind::Put => Command::PutStart {
+                    client_id,
+                    key,
+                    size,
+                    config,
+                },
+                Kind::Upsert => Command::UpsertStart {
+                    client_id,
+                    key,
+                    size,
+                    config,
+                },
+            };
+            match self.apply(command).await?.1 {
+                Response::PutStart(r) => vec![r],
+                other => return Err(Error::Protocol(format!("PutStart answered {other:?}"))),
+            }
+        } else {
+            let items = wave
+                .iter()
+                .map(|(_, item)| PutItem {
+                    key: item.key.to_owned(),
+                    size: item.source.size(),
+                })
+                .collect();
+            let command = match kind {
+                Kind::Put => Command::BatchPutStart {
+                    client_id,
+                    items,
+                    config,
+                },
+                Kind::Upsert => Command::BatchUpsertStart {
+                    client_id,
+                    items,
+                    config,
+                },
+            };
+            match self.apply(command).await?.1 {
+                Response::PutStartBatch(r) if r.len() == wave.len() => r,
+                other => return Err(Error::Protocol(format!("BatchPutStart answered {other:?}"))),
+            }
+        };
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => Ok(Some(s)),
+                Err(ErrorCode::OBJECT_ALREADY_EXISTS) if kind == Kind::Put => Ok(None),
+                Err(code) => Err(coded(code, "the master refused the write")),
+            })
+            .collect())
+    }
+
+    /// PutEnd (`commit`) or PutRevoke for `keys`; one result per key.
+    async fn end(&self, commit: bool, keys: Vec<String>) -> Vec<Result<()>> {
+        let client_id = self.client_id;
+        let n = keys.len();
+        let command = match (commit, n) {
+            (true, 1) => Command::PutEnd {
+                client_id,
+                key: keys.into_iter().next().expect("one"),
+            },
+            (false, 1) => Command::PutRevoke {
+                client_id,
+                key: keys.into_iter().next().expect("one"),
+            },
+            (true, _) => Command::BatchPutEnd { client_id, keys },
+            (false, _) => Command::BatchPutRevoke { client_id, keys },
+        };
+        let what = if commit { "committing" } else { "revoking" };
+        match self.apply(command).await {
+            Ok((_, Response::Unit(r))) => vec![r.map_err(|c| coded(c, what))],
+            Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs
+                .into_iter()
+                .map(|r| r.map_err(|c| coded(c, what)))
+                .collect(),
+            Ok((_, other)) => vec![Err(Error::Protocol(format!("{what} answered {other:?}"))); n],
+            Err(e) => {
+                tracing::warn!("{what} {n} writes failed: {e}");
+                vec![Err(e); n]
+            }
+        }
+    }
+}

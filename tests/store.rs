@@ -1,0 +1,328 @@
+//! The store end to end in one process: a master service on loopback RPC, storage clients and a
+//! reader with real transfer engines over TCP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake::master::{MasterConfig, TaskStatus};
+use mooncake::rpc::RpcClientConfig;
+use mooncake::service::{MasterService, ServiceConfig};
+use mooncake::store::{ReplicateConfig, Store, StoreConfig};
+use mooncake::{AlignedBuffer, ErrorCode};
+
+async fn master(config: MasterConfig) -> (Arc<MasterService>, String) {
+    let svc = MasterService::new(config, ServiceConfig::default()).unwrap();
+    let addr = svc.serve_rpc("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (svc, addr.to_string())
+}
+
+fn config(master: &str, segment: u64) -> StoreConfig {
+    StoreConfig {
+        local_hostname: "127.0.0.1".into(),
+        master_server_addr: master.into(),
+        global_segment_size: segment,
+        local_buffer_size: 64 << 20,
+        rpc: RpcClientConfig {
+            call_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+        },
+        heartbeat_interval: Duration::from_millis(100),
+        ..StoreConfig::default()
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_over_rpc_with_two_storage_clients_and_a_reader() {
+    let (_svc, addr) = master(MasterConfig::default()).await;
+    let a = Store::setup(config(&addr, 32 << 20)).await.unwrap();
+    let b = Store::setup(config(&addr, 32 << 20)).await.unwrap();
+    let reader = Store::setup(config(&addr, 0)).await.unwrap();
+    let rc = ReplicateConfig::default();
+
+    a.put("hello", b"Hello, Mooncake Store!", &rc)
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.get("hello").await.unwrap(),
+        b"Hello, Mooncake Store!"
+    );
+    assert_eq!(b.get("hello").await.unwrap(), b"Hello, Mooncake Store!");
+
+    // Put of an existing key succeeds without overwriting; upsert replaces.
+    a.put("hello", b"something else", &rc).await.unwrap();
+    assert_eq!(
+        reader.get("hello").await.unwrap(),
+        b"Hello, Mooncake Store!"
+    );
+    b.upsert("hello", b"replaced", &rc).await.unwrap();
+    assert_eq!(reader.get("hello").await.unwrap(), b"replaced");
+
+    // Two replicas land on distinct segments, and both are readable.
+    let big = pattern(3, 5 << 20);
+    reader
+        .put("big", &big, &ReplicateConfig::with_replicas(2))
+        .await
+        .unwrap();
+    let descs = reader.get_replica_desc("big").await.unwrap();
+    assert_eq!(descs.len(), 2);
+    let segs: std::collections::HashSet<_> = descs
+        .iter()
+        .map(|d| d.memory().unwrap().segment_name.clone())
+        .collect();
+    assert_eq!(segs.len(), 2);
+    assert_eq!(reader.get("big").await.unwrap(), big);
+    assert_eq!(reader.get_size("big").await.unwrap(), big.len() as u64);
+
+    // Batches.
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let values: Vec<Vec<u8>> = (0..40)
+        .map(|i| pattern(i as u8 + 1, 100 + i * 37))
+        .collect();
+    let items: Vec<(&str, &[u8])> = keys
+        .iter()
+        .map(String::as_str)
+        .zip(values.iter().map(Vec::as_slice))
+        .collect();
+    for r in a.put_batch(&items, &rc).await {
+        r.unwrap();
+    }
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let got = reader.get_batch(&key_refs).await;
+    for (g, v) in got.iter().zip(&values) {
+        assert_eq!(g.as_ref().unwrap(), v);
+    }
+    assert_eq!(
+        reader.batch_is_exist(&["k0", "nope", "k39"]).await.unwrap(),
+        vec![true, false, true]
+    );
+
+    // Misses and bad input.
+    assert_eq!(
+        reader.get("nope").await.unwrap_err().code(),
+        ErrorCode::OBJECT_NOT_FOUND
+    );
+    assert_eq!(
+        reader.put("", b"x", &rc).await.unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    assert_eq!(
+        reader.put("e", b"", &rc).await.unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    assert_eq!(
+        reader
+            .put("z", b"x", &ReplicateConfig::with_replicas(0))
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    let too_big = vec![0u8; (64 << 20) + 1];
+    assert_eq!(
+        reader.put("tb", &too_big, &rc).await.unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+
+    // Leases: a read leases the object; remove refuses without force.
+    assert_eq!(
+        reader.remove("hello", false).await.unwrap_err().code(),
+        ErrorCode::OBJECT_HAS_LEASE
+    );
+    reader.remove("hello", true).await.unwrap();
+    assert_eq!(
+        reader.remove("hello", false).await.unwrap_err().code(),
+        ErrorCode::OBJECT_NOT_FOUND
+    );
+    assert!(!reader.is_exist("hello").await.unwrap());
+
+    for s in [a, b, reader] {
+        s.close().await.unwrap();
+        assert!(s.get("k0").await.is_err(), "calls after close fail");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_copy_calls_use_registered_buffers_only() {
+    let (_svc, addr) = master(MasterConfig::default()).await;
+    let storage = Store::setup(config(&addr, 64 << 20)).await.unwrap();
+    let client = Store::setup(config(&addr, 0)).await.unwrap();
+    let src = AlignedBuffer::new(8 << 20).unwrap();
+    let dst = AlignedBuffer::new(8 << 20).unwrap();
+    let data = pattern(9, 8 << 20);
+    // SAFETY: both buffers outlive their registrations (unregistered below).
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), src.addr() as *mut u8, data.len());
+        client
+            .register_buffer(src.addr(), src.len() as u64)
+            .unwrap();
+        client
+            .register_buffer(dst.addr(), dst.len() as u64)
+            .unwrap();
+    }
+    let rc = ReplicateConfig::default();
+    client
+        .put_from("t", src.addr(), 8 << 20, &rc)
+        .await
+        .unwrap();
+    assert_eq!(
+        client.get_into("t", dst.addr(), 8 << 20).await.unwrap(),
+        8 << 20
+    );
+    // SAFETY: dst is registered and no transfer is running.
+    let got = unsafe { std::slice::from_raw_parts(dst.addr() as *const u8, 8 << 20) };
+    assert!(got == &data[..]);
+
+    // Buffer too small; pointer outside any registered buffer.
+    assert_eq!(
+        client
+            .get_into("t", dst.addr(), 100)
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    let unregistered = vec![0u8; 4096];
+    let p = unregistered.as_ptr() as u64;
+    assert_eq!(
+        client.get_into("t", p, 1 << 30).await.unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    assert_eq!(
+        client.put_from("u", p, 4096, &rc).await.unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    assert!(
+        !client.is_exist("u").await.unwrap(),
+        "a refused put leaves nothing behind"
+    );
+
+    // Multi-buffer forms: one object from three pieces, read back into two.
+    let pieces = vec![
+        (src.addr(), 1000),
+        (src.addr() + 5000, 3000),
+        (src.addr() + 100_000, 24),
+    ];
+    for r in client
+        .batch_put_from_multi_buffers(&[("multi", pieces)], &rc)
+        .await
+    {
+        r.unwrap();
+    }
+    let outs = vec![(dst.addr(), 2500), (dst.addr() + 10_000, 1524)];
+    assert_eq!(
+        client
+            .batch_get_into_multi_buffers(&[("multi", outs)])
+            .await[0]
+            .as_ref()
+            .unwrap(),
+        &4024
+    );
+    // SAFETY: as above.
+    let (o1, o2) = unsafe {
+        (
+            std::slice::from_raw_parts(dst.addr() as *const u8, 2500),
+            std::slice::from_raw_parts((dst.addr() + 10_000) as *const u8, 1524),
+        )
+    };
+    let mut expected = data[..1000].to_vec();
+    expected.extend_from_slice(&data[5000..8000]);
+    expected.extend_from_slice(&data[100_000..100_024]);
+    assert_eq!([o1, o2].concat(), expected);
+
+    client.unregister_buffer(src.addr()).unwrap();
+    client.unregister_buffer(dst.addr()).unwrap();
+    client.close().await.unwrap();
+    storage.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_move_tasks_run_on_clients() {
+    let (_svc, addr) = master(MasterConfig::default()).await;
+    let a = Store::setup(config(&addr, 16 << 20)).await.unwrap();
+    let b = Store::setup(config(&addr, 16 << 20)).await.unwrap();
+    let c = Store::setup(config(&addr, 16 << 20)).await.unwrap();
+    let rc = ReplicateConfig {
+        preferred_segment: a.hostname().to_owned(),
+        ..Default::default()
+    };
+    let v = pattern(5, 300_000);
+    a.put("obj", &v, &rc).await.unwrap();
+    let task = a
+        .create_copy_task("obj", &[b.hostname().to_owned()])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = a.query_task(task).await.unwrap();
+        if info.status == TaskStatus::Success {
+            break;
+        }
+        assert_ne!(info.status, TaskStatus::Failed, "{info:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "copy task did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let segs: Vec<String> = c
+        .get_replica_desc("obj")
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.memory().unwrap().segment_name.clone())
+        .collect();
+    assert!(
+        segs.contains(&b.hostname().to_owned()) && segs.len() == 2,
+        "{segs:?}"
+    );
+
+    let mv = c
+        .create_move_task("obj", a.hostname(), c.hostname())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while a.query_task(mv).await.unwrap().status != TaskStatus::Success {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "move task did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let segs: Vec<String> = c
+        .get_replica_desc("obj")
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.memory().unwrap().segment_name.clone())
+        .collect();
+    assert!(
+        segs.contains(&c.hostname().to_owned()) && !segs.contains(&a.hostname().to_owned()),
+        "{segs:?}"
+    );
+    assert_eq!(a.get("obj").await.unwrap(), v);
+    assert_eq!(
+        a.query_task(mooncake::master::TaskId(12345))
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::TASK_NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_master_fails_calls_within_the_bound() {
+    // Nothing listens on this port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let started = std::time::Instant::now();
+    let err = Store::setup(config(&addr, 1 << 20)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::RPC_FAIL);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
