@@ -326,3 +326,52 @@ async fn unreachable_master_fails_calls_within_the_bound() {
     assert_eq!(err.code(), ErrorCode::RPC_FAIL);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_discovered_through_the_masters_http_metadata_server() {
+    use mooncake::master_cli::{start, MasterOptions};
+    let options = MasterOptions {
+        rpc_address: "127.0.0.1".into(),
+        rpc_port: 0,
+        enable_http_metadata_server: true,
+        http_metadata_server_host: "127.0.0.1".into(),
+        http_metadata_server_port: 0,
+        metrics_port: 0,
+        ..MasterOptions::default()
+    };
+    let (svc, listening) = start(&options).await.unwrap();
+    let http = listening.http_metadata.unwrap();
+    let cfg = |segment| StoreConfig {
+        metadata_server: format!("http://{http}/metadata"),
+        ..config(&listening.rpc.to_string(), segment)
+    };
+    let storage = Store::setup(cfg(16 << 20)).await.unwrap();
+    let client = Store::setup(cfg(0)).await.unwrap();
+    // The storage node's descriptor is published under its segment name.
+    let desc = svc
+        .metadata()
+        .get(&mooncake::metadata::segment_key(storage.hostname()))
+        .await
+        .unwrap();
+    assert!(
+        desc.is_some(),
+        "descriptor published to the HTTP metadata server"
+    );
+    let v = pattern(11, 100_000);
+    client
+        .put("via-http", &v, &ReplicateConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(client.get("via-http").await.unwrap(), v);
+    let bad = StoreConfig {
+        metadata_server: "etcd://somewhere".into(),
+        ..config(&listening.rpc.to_string(), 0)
+    };
+    assert_eq!(
+        Store::setup(bad).await.unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    client.close().await.unwrap();
+    storage.close().await.unwrap();
+    svc.shutdown();
+}
