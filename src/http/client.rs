@@ -1,0 +1,352 @@
+//! The HTTP client: [`HttpMetadataStore`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio::time::timeout;
+
+use mooncake_core::{Error, ErrorCode, MetadataStore, Result, Versioned};
+
+use super::*;
+
+/// Settings of an [`HttpMetadataStore`].
+#[derive(Clone, Debug)]
+pub struct HttpClientConfig {
+    /// Time to establish a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Time for one request, from sending it to having read the whole response. Default 5 s.
+    pub request_timeout: Duration,
+    /// Largest response body accepted, in bytes. Default 64 MiB, as the server's request limit.
+    pub max_body: usize,
+}
+
+impl Default for HttpClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            max_body: 64 << 20,
+        }
+    }
+}
+
+/// A [`MetadataStore`] served over upstream Mooncake's HTTP metadata protocol
+/// (`http://host:port/metadata`), e.g. by [`serve_http`] or by `mooncake_master
+/// --enable_http_metadata_server`.
+///
+/// The protocol has no revisions: reads and writes report revision 1, and `compare_and_swap` and
+/// `list` fail with [`Error::NotSupported`]. Requests share one keep-alive connection, opened
+/// again when it breaks. Servers that answer every `DELETE` with `200` (upstream's Go example
+/// server) make [`MetadataStore::delete`] report `true` for missing keys.
+#[derive(Debug)]
+pub struct HttpMetadataStore {
+    pub(super) url: String,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) authority: String,
+    pub(super) path: String,
+    pub(super) config: HttpClientConfig,
+    pub(super) conn: Mutex<Option<BufReader<TcpStream>>>,
+}
+
+impl HttpMetadataStore {
+    /// A client for `url` (`http://host[:port]/path`) with default timeouts; connects lazily.
+    pub fn new(url: &str) -> Result<Self> {
+        Self::with_config(url, HttpClientConfig::default())
+    }
+
+    /// A client for `url` with the given settings.
+    pub fn with_config(url: &str, config: HttpClientConfig) -> Result<Self> {
+        let invalid = |why: &str| Error::InvalidArgument(format!("metadata URL {url:?}: {why}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("expected http://host:port/path"))?;
+        if !scheme.eq_ignore_ascii_case("http") {
+            return Err(invalid("only http:// is supported"));
+        }
+        let rest = rest.split('#').next().unwrap_or_default();
+        let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+        if !path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("the path must be printable ASCII"));
+        }
+        if authority.contains(['@', '?']) || !authority.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("bad host"));
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((host, "")) => (host, None),
+                Some((host, port)) => (host, Some(port.strip_prefix(':').unwrap_or("x"))),
+                None => return Err(invalid("unclosed '['")),
+            },
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        let port = match port.map(str::parse::<u16>) {
+            None => 80,
+            Some(Ok(port @ 1..)) => port,
+            Some(_) => return Err(invalid("bad port")),
+        };
+        if host.is_empty() {
+            return Err(invalid("missing host"));
+        }
+        Ok(Self {
+            url: url.to_owned(),
+            host: host.to_owned(),
+            port,
+            authority: authority.to_owned(),
+            path: path.to_owned(),
+            config,
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// The URL this client talks to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn connect(&self) -> Result<BufReader<TcpStream>> {
+        let limit = self.config.connect_timeout;
+        let connect = TcpStream::connect((self.host.as_str(), self.port));
+        match timeout(limit, connect).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(BufReader::new(stream))
+            }
+            Ok(Err(e)) => Err(Error::Metadata(format!("connecting to {}: {e}", self.url))),
+            Err(_) => Err(Error::with_code(
+                ErrorCode::RPC_TIMEOUT,
+                format!("connecting to {}: no answer within {limit:?}", self.url),
+            )),
+        }
+    }
+
+    /// Sends one request and returns the response's status and body.
+    async fn request(&self, method: &str, key: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("empty metadata key".into()));
+        }
+        let sep = if self.path.contains('?') { '&' } else { '?' };
+        let (path, host, key_escaped) = (&self.path, &self.authority, percent_encode(key));
+        let mut head =
+            format!("{method} {path}{sep}key={key_escaped} HTTP/1.1\r\nHost: {host}\r\n");
+        if method == "PUT" {
+            head += &format!("Content-Length: {}\r\n", body.len());
+        }
+        let mut request = (head + "\r\n").into_bytes();
+        request.extend_from_slice(body);
+        let limit = self.config.request_timeout;
+        let mut slot = self.conn.lock().await;
+        loop {
+            // A reused connection may have been closed by the server while idle: when it fails
+            // before any byte of a response arrives, retry once on a new one (all our requests
+            // are idempotent). `slot` stays empty, so the retry cannot loop.
+            let reused = slot.is_some();
+            let mut conn = match slot.take() {
+                Some(conn) => conn,
+                None => self.connect().await?,
+            };
+            let exchange = exchange(&mut conn, &request, self.config.max_body);
+            match timeout(limit, exchange).await {
+                Ok(Ok((status, body, keep_alive))) => {
+                    if keep_alive {
+                        *slot = Some(conn);
+                    }
+                    return Ok((status, body));
+                }
+                Ok(Err((_, true))) if reused => continue,
+                Ok(Err((why, _))) => {
+                    return Err(Error::Metadata(format!(
+                        "{method} {} key {key:?}: {why}",
+                        self.url
+                    )))
+                }
+                Err(_) => {
+                    return Err(Error::with_code(
+                        ErrorCode::RPC_TIMEOUT,
+                        format!(
+                            "{method} {} key {key:?}: no answer within {limit:?}",
+                            self.url
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn unexpected(&self, method: &str, key: &str, status: u16, body: &[u8]) -> Error {
+        let body = String::from_utf8_lossy(&body[..body.len().min(200)]);
+        Error::Metadata(format!(
+            "{method} {} key {key:?}: HTTP {status}: {body}",
+            self.url
+        ))
+    }
+}
+
+/// Sends `request` and reads the response: `(status, body, keep_alive)`. An error's flag says no
+/// byte of a response arrived, so a retry on a fresh connection is safe.
+async fn exchange<S: AsyncBufRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    request: &[u8],
+    max_body: usize,
+) -> std::result::Result<(u16, Vec<u8>, bool), (String, bool)> {
+    let sent = conn.write_all(request).await;
+    if let Err(e) = sent.and(conn.flush().await) {
+        return Err((format!("sending: {e}"), true));
+    }
+    match conn.fill_buf().await {
+        Ok([]) => return Err(("connection closed before the response".into(), true)),
+        Err(e) => return Err((format!("receiving: {e}"), true)),
+        Ok(_) => {}
+    }
+    read_response(conn, max_body)
+        .await
+        .map_err(|why| (why, false))
+}
+
+async fn head_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    budget: &mut usize,
+) -> std::result::Result<Vec<u8>, String> {
+    match read_line(r, budget).await {
+        Ok(Line::Text(line)) => Ok(line),
+        Ok(Line::TooLong) => Err("response head too large".into()),
+        Ok(Line::Eof) => Err("truncated response".into()),
+        Err(e) => Err(format!("receiving: {e}")),
+    }
+}
+
+async fn read_response<R: AsyncBufRead + Unpin>(
+    conn: &mut R,
+    max_body: usize,
+) -> std::result::Result<(u16, Vec<u8>, bool), String> {
+    loop {
+        let mut budget = 64 << 10;
+        let line = head_line(conn, &mut budget).await?;
+        let line = String::from_utf8_lossy(&line);
+        let mut parts = line.splitn(3, ' ');
+        let (version, status) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let status = match status.parse::<u16>() {
+            Ok(s @ 100..=999) if version.starts_with("HTTP/1.") => s,
+            _ => return Err(format!("bad status line {line:?}")),
+        };
+        let (mut keep_alive, mut length, mut chunked) = (version == "HTTP/1.1", None, false);
+        loop {
+            let line = head_line(conn, &mut budget).await?;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = parse_header(&line).ok_or("malformed response header")?;
+            if name.eq_ignore_ascii_case(b"content-length") {
+                length = Some(parse_length(value).ok_or("bad Content-Length")?);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                chunked = value.to_ascii_lowercase().ends_with(b"chunked");
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                let value = value.to_ascii_lowercase();
+                keep_alive = !value.windows(5).any(|w| w == b"close")
+                    && (keep_alive || value.windows(10).any(|w| w == b"keep-alive"));
+            }
+        }
+        if status < 200 {
+            continue; // 100 Continue and friends come before the real answer
+        }
+        let mut body = Vec::new();
+        if status == 204 || status == 304 {
+        } else if chunked {
+            loop {
+                let line = head_line(conn, &mut budget).await?;
+                let size = line
+                    .split(|&b| b == b';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii();
+                let size = std::str::from_utf8(size).ok();
+                let size = size
+                    .and_then(|s| u64::from_str_radix(s, 16).ok())
+                    .ok_or("bad chunk")?;
+                if size == 0 {
+                    while !head_line(conn, &mut budget).await?.is_empty() {} // trailers
+                    break;
+                }
+                read_body(conn, size, max_body, &mut body).await?;
+                if !head_line(conn, &mut budget).await?.is_empty() {
+                    return Err("chunk longer than announced".into());
+                }
+            }
+        } else if let Some(length) = length {
+            read_body(conn, length, max_body, &mut body).await?;
+        } else {
+            keep_alive = false; // the body ends when the connection does
+            let limit = max_body as u64 + 1;
+            let read = (&mut *conn).take(limit).read_to_end(&mut body).await;
+            read.map_err(|e| format!("receiving: {e}"))?;
+            if body.len() > max_body {
+                return Err(format!("response body over {max_body} bytes"));
+            }
+        }
+        return Ok((status, body, keep_alive));
+    }
+}
+
+async fn read_body<R: AsyncBufRead + Unpin>(
+    conn: &mut R,
+    length: u64,
+    max_body: usize,
+    body: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    if body.len() as u64 + length > max_body as u64 {
+        return Err(format!("response body over {max_body} bytes"));
+    }
+    let start = body.len();
+    let read = (&mut *conn).take(length).read_to_end(body).await;
+    read.map_err(|e| format!("receiving: {e}"))?;
+    match (body.len() - start) as u64 == length {
+        true => Ok(()),
+        false => Err("truncated response body".into()),
+    }
+}
+
+#[async_trait]
+impl MetadataStore for HttpMetadataStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>> {
+        match self.request("GET", key, &[]).await? {
+            (200, value) => Ok(Some(Versioned { value, revision: 1 })),
+            (404, _) => Ok(None),
+            (status, body) => Err(self.unexpected("GET", key, status, &body)),
+        }
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
+        match self.request("PUT", key, &value).await? {
+            (200..=299, _) => Ok(1),
+            (status, body) => Err(self.unexpected("PUT", key, status, &body)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        match self.request("DELETE", key, &[]).await? {
+            (200..=299, _) => Ok(true),
+            (404, _) => Ok(false),
+            (status, body) => Err(self.unexpected("DELETE", key, status, &body)),
+        }
+    }
+
+    async fn compare_and_swap(&self, _: &str, _: u64, _: Option<Vec<u8>>) -> Result<Option<u64>> {
+        Err(Error::NotSupported(
+            "compare-and-swap over the HTTP metadata protocol".into(),
+        ))
+    }
+
+    async fn list(&self, _: &str) -> Result<Vec<(String, Versioned)>> {
+        Err(Error::NotSupported(
+            "listing keys over the HTTP metadata protocol".into(),
+        ))
+    }
+}

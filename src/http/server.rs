@@ -1,0 +1,387 @@
+//! The HTTP server: `/metadata`, `/metrics`, `/health`.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use mooncake_core::MetadataStore;
+
+use super::*;
+
+/// What an HTTP server started by [`serve_http`] serves.
+#[derive(Clone)]
+pub struct HttpEndpoints {
+    /// Backs `/metadata?key=K`; `None` answers `404` there (a metrics-only server).
+    pub metadata: Option<Arc<dyn MetadataStore>>,
+    /// Renders the Prometheus text exposition served at `/metrics`.
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Whether `/health` answers `200 OK` (else `503`).
+    pub health: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Limits of an HTTP server, for [`serve_http_with`].
+#[derive(Clone, Debug)]
+pub struct HttpServerConfig {
+    /// Longest request line plus headers, in bytes; longer gets `431`. Default 16 KiB.
+    pub max_head: usize,
+    /// Largest request body, in bytes; larger gets `413`. Default 64 MiB (the RPC frame limit).
+    pub max_body: usize,
+    /// Time for a request to arrive in full and for its response to be written; also how long an
+    /// idle keep-alive connection is kept. Default 10 s.
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog. Default 1024.
+    pub max_connections: usize,
+}
+
+impl Default for HttpServerConfig {
+    fn default() -> Self {
+        Self {
+            max_head: 16 << 10,
+            max_body: 64 << 20,
+            request_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Serves `endpoints` on `listener` with [`HttpServerConfig::default`] limits.
+///
+/// Call it inside a Tokio runtime. Each request must arrive in full within the configured timeout
+/// (a slow client cannot hold a connection forever). Aborting the returned task stops accepting;
+/// open connections end at their next timeout.
+pub fn serve_http(listener: TcpListener, endpoints: HttpEndpoints) -> JoinHandle<()> {
+    serve_http_with(listener, endpoints, HttpServerConfig::default())
+}
+
+/// Serves `endpoints` on `listener` with the given limits (see [`serve_http`]).
+pub fn serve_http_with(
+    listener: TcpListener,
+    endpoints: HttpEndpoints,
+    config: HttpServerConfig,
+) -> JoinHandle<()> {
+    let (endpoints, config) = (Arc::new(endpoints), Arc::new(config));
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("http accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (endpoints, config) = (endpoints.clone(), config.clone());
+            tokio::spawn(async move {
+                serve_connection(stream, &endpoints, &config).await;
+                drop(permit);
+            });
+        }
+    })
+}
+
+/// One parsed request.
+struct Request {
+    method: String,
+    target: String,
+    close: bool,
+    body: Vec<u8>,
+}
+
+/// One response to write.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    allow: Option<&'static str>,
+}
+
+fn text(status: u16, body: impl Into<String>) -> Response {
+    Response {
+        status,
+        content_type: "text/plain; charset=utf-8",
+        body: body.into().into_bytes(),
+        allow: None,
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response {
+    Response {
+        allow: Some(allow),
+        ..text(405, "method not allowed")
+    }
+}
+
+async fn serve_connection(stream: TcpStream, endpoints: &HttpEndpoints, cfg: &HttpServerConfig) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = BufReader::new(stream);
+    loop {
+        let mut started = false;
+        let read = timeout(
+            cfg.request_timeout,
+            read_request(&mut conn, cfg, &mut started),
+        )
+        .await;
+        let request = match read {
+            Ok(Ok(Some(request))) => request,
+            Ok(Ok(None)) => return,
+            Ok(Err(error)) => return close_with(&mut conn, error, cfg).await,
+            Err(_) if !started => return, // idle keep-alive connection
+            Err(_) => return close_with(&mut conn, text(408, "request timed out"), cfg).await,
+        };
+        let head_only = request.method == "HEAD";
+        let close = request.close;
+        let response = route(request, endpoints).await;
+        if write_response(&mut conn, response, close, head_only, cfg)
+            .await
+            .is_err()
+            || close
+        {
+            return;
+        }
+    }
+}
+
+/// Answers a broken request and closes, reading (a bounded amount of) what the client still
+/// sends so that the close does not reset the connection before it has read the answer.
+async fn close_with(conn: &mut BufReader<TcpStream>, response: Response, cfg: &HttpServerConfig) {
+    if write_response(conn, response, true, false, cfg)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = conn.shutdown().await;
+    let drain = async {
+        let (mut buf, mut left) = ([0u8; 8192], 1usize << 20);
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            left = left.saturating_sub(n);
+            if left == 0 {
+                break;
+            }
+        }
+    };
+    let _ = timeout(cfg.request_timeout.min(Duration::from_secs(1)), drain).await;
+}
+
+/// Reads one request; `Ok(None)` when the connection closed before it began, `Err` with the
+/// response to close with when it is malformed or too large.
+async fn read_request<S: AsyncBufRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    cfg: &HttpServerConfig,
+    started: &mut bool,
+) -> Result<Option<Request>, Response> {
+    let broken = |_| text(400, "connection error");
+    if conn.fill_buf().await.map_err(broken)?.is_empty() {
+        return Ok(None);
+    }
+    *started = true;
+    let mut budget = cfg.max_head;
+    let mut next_line = async |budget: &mut usize| match read_line(conn, budget).await {
+        Ok(Line::Text(line)) => Ok(line),
+        Ok(Line::TooLong) => Err(text(431, "request head too large")),
+        Ok(Line::Eof) | Err(_) => Err(text(400, "truncated request")),
+    };
+    let mut line = next_line(&mut budget).await?;
+    while line.is_empty() {
+        line = next_line(&mut budget).await?; // RFC 9112 §2.2: skip empty lines before a request
+    }
+    let bad = |why: &str| text(400, why);
+    let line = String::from_utf8(line).map_err(|_| bad("request line is not ASCII"))?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("malformed request line"));
+    };
+    if !is_token(method.as_bytes())
+        || target.is_empty()
+        || !target.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(bad("malformed request line"));
+    }
+    let http11 = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        v if v.starts_with("HTTP/") => return Err(text(505, "only HTTP/1.x is supported")),
+        _ => return Err(bad("malformed request line")),
+    };
+    let (mut length, mut chunked, mut expect_continue) = (None, false, false);
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
+    loop {
+        let line = next_line(&mut budget).await?;
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = parse_header(&line).ok_or_else(|| bad("malformed header"))?;
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value).ok_or_else(|| bad("bad Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad("conflicting Content-Length headers"));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                saw_close |= option.eq_ignore_ascii_case(b"close");
+                saw_keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+    if chunked || (method == "PUT" && length.is_none()) {
+        return Err(text(
+            411,
+            "a body needs Content-Length (chunked is not supported)",
+        ));
+    }
+    let length = length.unwrap_or(0);
+    if length > cfg.max_body as u64 {
+        return Err(text(413, format!("body over {} bytes", cfg.max_body)));
+    }
+    if expect_continue && length > 0 {
+        let sent = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        sent.and(conn.flush().await).map_err(broken)?;
+    }
+    let mut body = Vec::with_capacity(length.min(64 << 10) as usize);
+    (&mut *conn)
+        .take(length)
+        .read_to_end(&mut body)
+        .await
+        .map_err(broken)?;
+    if body.len() as u64 != length {
+        return Err(bad("truncated body"));
+    }
+    Ok(Some(Request {
+        method: method.to_owned(),
+        target: target.to_owned(),
+        close: saw_close || (!http11 && !saw_keep_alive),
+        body,
+    }))
+}
+
+async fn route(request: Request, endpoints: &HttpEndpoints) -> Response {
+    let target = match request.target.strip_prefix("http://") {
+        Some(absolute) => absolute.find('/').map_or("/", |i| &absolute[i..]),
+        None => &request.target,
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let read = matches!(request.method.as_str(), "GET" | "HEAD");
+    match path {
+        "/metadata" => match &endpoints.metadata {
+            Some(store) => metadata(&**store, &request.method, query, request.body).await,
+            None => text(404, "no metadata store here"),
+        },
+        "/metrics" if read => Response {
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: (endpoints.metrics)().into_bytes(),
+            ..text(200, "")
+        },
+        "/health" if read => match (endpoints.health)() {
+            true => text(200, "OK"),
+            false => text(503, "unhealthy"),
+        },
+        "/metrics" | "/health" => not_allowed("GET, HEAD"),
+        _ => text(404, "not found"),
+    }
+}
+
+async fn metadata(store: &dyn MetadataStore, method: &str, query: &str, body: Vec<u8>) -> Response {
+    if !matches!(method, "GET" | "HEAD" | "PUT" | "DELETE") {
+        return not_allowed("GET, HEAD, PUT, DELETE");
+    }
+    let key = match query_param(query, "key") {
+        Ok(Some(key)) if !key.is_empty() => key,
+        Ok(_) => return text(400, "missing key parameter"),
+        Err(why) => return text(400, why),
+    };
+    let result = match method {
+        "PUT" => store
+            .put(&key, body)
+            .await
+            .map(|_| text(200, "metadata updated")),
+        "DELETE" => store.delete(&key).await.map(|existed| match existed {
+            true => text(200, "metadata deleted"),
+            false => text(404, "metadata not found"),
+        }),
+        _ => store.get(&key).await.map(|found| match found {
+            Some(v) => Response {
+                content_type: "application/octet-stream",
+                body: v.value,
+                ..text(200, "")
+            },
+            None => text(404, "metadata not found"),
+        }),
+    };
+    result.unwrap_or_else(|e| text(500, e.to_string()))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+async fn write_response<S: AsyncWrite + Unpin>(
+    conn: &mut S,
+    response: Response,
+    close: bool,
+    head_only: bool,
+    cfg: &HttpServerConfig,
+) -> io::Result<()> {
+    let (status, body) = (response.status, &response.body);
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+        reason(status),
+        response.content_type,
+        body.len()
+    );
+    if let Some(allow) = response.allow {
+        head += &format!("Allow: {allow}\r\n");
+    }
+    head += if close {
+        "Connection: close\r\n\r\n"
+    } else {
+        "Connection: keep-alive\r\n\r\n"
+    };
+    let mut head = head.into_bytes();
+    let body: &[u8] = if head_only { &[] } else { body };
+    if body.len() <= 16 << 10 {
+        head.extend_from_slice(body); // one write for small answers
+    }
+    let write = async {
+        conn.write_all(&head).await?;
+        if body.len() > 16 << 10 {
+            conn.write_all(body).await?;
+        }
+        conn.flush().await
+    };
+    timeout(cfg.request_timeout, write)
+        .await
+        .map_err(|_| io::ErrorKind::TimedOut)?
+}
