@@ -84,6 +84,12 @@ impl StateMachine for SharedMaster {
     fn apply(&mut self, entry: &[u8]) -> Vec<u8> {
         StateMachine::apply(&mut *self.0.lock().expect("master lock"), entry)
     }
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        StateMachine::snapshot(&*self.0.lock().expect("master lock"))
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<()> {
+        StateMachine::restore(&mut *self.0.lock().expect("master lock"), snapshot)
+    }
 }
 
 /// Service settings beyond the master's own.

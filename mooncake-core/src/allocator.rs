@@ -34,7 +34,7 @@ pub trait Allocator: Send + Sync + std::fmt::Debug {
 }
 
 /// Best-fit range allocator with coalescing; see the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RangeAllocator {
     capacity: u64,
     granularity: u64,

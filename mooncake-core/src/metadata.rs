@@ -23,6 +23,13 @@ use crate::error::Result;
 pub trait StateMachine: Send + 'static {
     /// Applies one encoded command and returns the encoded response.
     fn apply(&mut self, command: &[u8]) -> Vec<u8>;
+
+    /// The whole state, encoded, for log compaction and for catching up lagging replicas.
+    fn snapshot(&self) -> Result<Vec<u8>>;
+
+    /// Replaces the state with a snapshot taken by [`snapshot`](Self::snapshot). On error the
+    /// state is unchanged.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<()>;
 }
 
 /// A value and the revision at which it was last written. Revisions grow across the whole store.
@@ -218,6 +225,17 @@ mod tests {
         fn apply(&mut self, command: &[u8]) -> Vec<u8> {
             self.0 += command.len() as u64;
             self.0.to_le_bytes().to_vec()
+        }
+        fn snapshot(&self) -> Result<Vec<u8>> {
+            Ok(self.0.to_le_bytes().to_vec())
+        }
+        fn restore(&mut self, snapshot: &[u8]) -> Result<()> {
+            self.0 = u64::from_le_bytes(
+                snapshot
+                    .try_into()
+                    .map_err(|_| crate::Error::Codec("bad counter snapshot".into()))?,
+            );
+            Ok(())
         }
     }
 

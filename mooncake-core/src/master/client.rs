@@ -25,7 +25,7 @@ pub enum HeartbeatStatus {
 }
 
 /// What the master tracks per client.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ClientEntry {
     pub(crate) last_seen: Timestamp,
     pub(crate) segments: BTreeSet<SegmentId>,

@@ -104,7 +104,7 @@ use crate::RangeAllocator;
 use object::Object;
 
 /// The master's state. See the [module docs](self).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Master {
     config: MasterConfig,
     rng: SplitMix64,

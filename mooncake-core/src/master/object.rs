@@ -35,7 +35,7 @@ pub enum ObjectState {
 }
 
 /// A write in progress: PROCESSING replicas owned by one client.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct PendingWrite {
     pub(crate) client: ClientId,
     pub(crate) kind: WriteKind,
@@ -46,7 +46,7 @@ pub(crate) struct PendingWrite {
 }
 
 /// The master's record of one key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Object {
     /// Size of the committed value (of the first write while it is in progress).
     pub(crate) size: u64,

@@ -143,7 +143,7 @@ impl ReplicaDescriptor {
 }
 
 /// The master's record of one replica: one contiguous range of one segment.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Replica {
     pub(crate) id: ReplicaId,
     pub(crate) segment: SegmentId,

@@ -63,14 +63,14 @@ pub struct SegmentInfo {
 }
 
 /// A range kept reserved until a lease ends.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Retired {
     pub(crate) alloc: Allocation,
     pub(crate) free_at: Timestamp,
 }
 
 /// A mounted segment.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Segment {
     pub(crate) id: SegmentId,
     pub(crate) name: String,

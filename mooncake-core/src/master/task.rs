@@ -154,7 +154,7 @@ pub struct TaskAssignment {
 }
 
 /// The master's record of a task.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Task {
     pub(crate) id: TaskId,
     pub(crate) seq: u64,
