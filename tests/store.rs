@@ -375,3 +375,57 @@ async fn segments_are_discovered_through_the_masters_http_metadata_server() {
     storage.close().await.unwrap();
     svc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_outlives_its_lease_reports_lease_expired() {
+    let (_svc, addr) = master(MasterConfig {
+        default_kv_lease_ttl_ms: 1,
+        ..MasterConfig::default()
+    })
+    .await;
+    let storage = Store::setup(config(&addr, 64 << 20)).await.unwrap();
+    let client = Store::setup(config(&addr, 0)).await.unwrap();
+    let v = pattern(7, 32 << 20);
+    client
+        .put("slow", &v, &ReplicateConfig::default())
+        .await
+        .unwrap();
+    // Moving 32 MiB takes far longer than the 1 ms lease: the bytes may have been overwritten.
+    assert_eq!(
+        client.get("slow").await.unwrap_err().code(),
+        ErrorCode::LEASE_EXPIRED
+    );
+    client.close().await.unwrap();
+    storage.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_with_no_space_fails_at_once_with_no_available_handle() {
+    let (_svc, addr) = master(MasterConfig::default()).await;
+    let storage = Store::setup(config(&addr, 4 << 20)).await.unwrap();
+    let client = Store::setup(config(&addr, 0)).await.unwrap();
+    let rc = ReplicateConfig::default();
+    let v = vec![1u8; 1 << 20];
+    for i in 0..3 {
+        client.put(&format!("fill{i}"), &v, &rc).await.unwrap();
+        // Leased objects are never evicted: keep them leased.
+        client.get(&format!("fill{i}")).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let err = client
+        .put("too-much", &vec![2u8; 2 << 20], &rc)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NO_AVAILABLE_HANDLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "fails at once, does not wait"
+    );
+    assert_eq!(
+        client.get("fill0").await.unwrap(),
+        v,
+        "nothing leased was evicted"
+    );
+    client.close().await.unwrap();
+    storage.close().await.unwrap();
+}
