@@ -51,6 +51,11 @@ pub enum MasterReply {
     Metrics(MasterMetrics),
     /// Segments.
     Segments(Vec<SegmentInfo>),
+    /// This master is not the leader of its group; ask `leader` (its RPC address) if known.
+    NotLeader {
+        /// The leader's RPC address, when this master knows it.
+        leader: Option<String>,
+    },
     /// The request could not be served.
     Failed {
         /// Code.
@@ -254,30 +259,97 @@ impl Handler<MasterRequest, MasterReply> for RpcFront {
     }
 }
 
-/// A master reached over RPC.
+/// A master reached over RPC: one address, or the members of a master group
+/// (`h1:p1,h2:p2,h3:p3`), in which case calls follow the leader: a `NotLeader` answer names it,
+/// and an unreachable master is skipped, within [`RemoteMaster::FAILOVER_WINDOW`].
 #[derive(Debug)]
 pub struct RemoteMaster {
-    rpc: RpcClient,
+    masters: Vec<RpcClient>,
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl RemoteMaster {
-    /// A client for the master at `address` (`host:port`); connects lazily.
-    pub fn new(address: impl Into<String>, config: RpcClientConfig) -> Self {
+    /// How long a call keeps looking for a leader among several masters before it fails.
+    pub const FAILOVER_WINDOW: Duration = Duration::from_secs(10);
+
+    /// A client for the master(s) at `addresses` (`host:port`, comma-separated for a group);
+    /// connects lazily. An empty list gives a client whose calls fail with `RPC_FAIL`.
+    pub fn new(addresses: impl Into<String>, config: RpcClientConfig) -> Self {
+        let addresses = addresses.into();
+        let mut masters: Vec<RpcClient> = addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| RpcClient::new(a, config.clone()))
+            .collect();
+        if masters.is_empty() {
+            masters.push(RpcClient::new(addresses, config));
+        }
         RemoteMaster {
-            rpc: RpcClient::new(address, config),
+            masters,
+            current: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    /// The master's address.
+    /// The address calls go to first (the last known leader).
     pub fn address(&self) -> &str {
-        self.rpc.address()
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.masters[i % self.masters.len()].address()
+    }
+
+    fn index_of(&self, address: &str) -> Option<usize> {
+        self.masters.iter().position(|m| m.address() == address)
     }
 }
 
 #[async_trait]
 impl MasterApi for RemoteMaster {
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
-        self.rpc.call(&request).await
+        use std::sync::atomic::Ordering;
+        let n = self.masters.len();
+        let mut i = self.current.load(Ordering::Relaxed) % n;
+        if n == 1 {
+            return self.masters[0].call(&request).await;
+        }
+        let deadline = tokio::time::Instant::now() + Self::FAILOVER_WINDOW;
+        let mut tried = 0;
+        loop {
+            let outcome = self.masters[i].call(&request).await;
+            let next = match outcome {
+                Ok(MasterReply::NotLeader { leader }) => leader
+                    .as_deref()
+                    .and_then(|l| self.index_of(l))
+                    .filter(|&l| l != i)
+                    .unwrap_or((i + 1) % n),
+                Ok(reply) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(reply);
+                }
+                Err(e)
+                    if matches!(e.code(), ErrorCode::RPC_FAIL | ErrorCode::RPC_TIMEOUT)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!("master {} unavailable: {e}", self.masters[i].address());
+                    (i + 1) % n
+                }
+                Err(e) => return Err(e),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::with_code(
+                    ErrorCode::RPC_FAIL,
+                    format!(
+                        "no leader among {n} masters within {:?}",
+                        Self::FAILOVER_WINDOW
+                    ),
+                ));
+            }
+            tried += 1;
+            if tried % n == 0 {
+                // A whole round without a leader: an election is probably under way.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            i = next;
+        }
     }
 }
 

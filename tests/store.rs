@@ -429,3 +429,57 @@ async fn a_put_with_no_space_fails_at_once_with_no_available_handle() {
     client.close().await.unwrap();
     storage.close().await.unwrap();
 }
+
+/// A master that is not the leader: it points every caller at `leader`.
+struct Follower {
+    leader: String,
+}
+
+#[async_trait::async_trait]
+impl mooncake::rpc::Handler<mooncake::service::MasterRequest, mooncake::service::MasterReply>
+    for Follower
+{
+    async fn handle(&self, _: mooncake::service::MasterRequest) -> mooncake::service::MasterReply {
+        mooncake::service::MasterReply::NotLeader {
+            leader: Some(self.leader.clone()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_master_group_find_and_follow_the_leader() {
+    let (_svc, leader) = master(MasterConfig::default()).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let follower = mooncake::rpc::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let follower_addr = follower.local_addr().unwrap().to_string();
+    let server = mooncake::rpc::serve(
+        follower,
+        Arc::new(Follower {
+            leader: leader.clone(),
+        }),
+    );
+    // The leader is listed last: the client skips the dead master and follows the hint.
+    let group = format!("{dead},{follower_addr},{leader}");
+    let storage = Store::setup(config(&group, 8 << 20)).await.unwrap();
+    storage
+        .put("g", b"group", &ReplicateConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(storage.get("g").await.unwrap(), b"group");
+    let only_followers = format!("{dead},{follower_addr}");
+    let started = std::time::Instant::now();
+    let bad = Store::setup(StoreConfig {
+        master_server_addr: only_followers,
+        ..config(&leader, 0)
+    })
+    .await;
+    assert!(bad.is_err(), "no reachable leader");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    storage.close().await.unwrap();
+    server.abort();
+}

@@ -53,7 +53,7 @@ pub struct StoreConfig {
     pub protocol: String,
     /// Device names for the protocol (RDMA NICs); empty for TCP.
     pub device_name: String,
-    /// The master, `host:port`.
+    /// The master, `host:port`, or the members of a master group, `h1:p1,h2:p2,h3:p3`.
     pub master_server_addr: String,
     /// Bounds on master calls. Default: 5 s per call, 2 s to connect.
     pub rpc: RpcClientConfig,
@@ -156,7 +156,7 @@ impl Store {
     pub async fn setup(config: StoreConfig) -> Result<Arc<Store>> {
         config.validate()?;
         let master = Arc::new(RemoteMaster::new(
-            config.master_server_addr.clone(),
+            config.master_server_addr.as_str(),
             config.rpc.clone(),
         ));
         Self::setup_with_master(config, master).await
