@@ -34,6 +34,26 @@ struct Item<'a> {
     source: Source<'a>,
 }
 
+fn bytes_items<'a>(items: &[(&'a str, &'a [u8])]) -> Vec<Item<'a>> {
+    items
+        .iter()
+        .map(|&(key, v)| Item {
+            key,
+            source: Source::Bytes(vec![v]),
+        })
+        .collect()
+}
+
+fn registered_items<'a>(items: &[(&'a str, u64, u64)]) -> Vec<Item<'a>> {
+    items
+        .iter()
+        .map(|&(key, addr, size)| Item {
+            key,
+            source: Source::Registered(vec![(addr, size)]),
+        })
+        .collect()
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Put,
@@ -115,14 +135,7 @@ impl Store {
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        let items = items
-            .iter()
-            .map(|(k, v)| Item {
-                key: k,
-                source: Source::Bytes(vec![v]),
-            })
-            .collect();
-        self.write_many(Kind::Put, items, config).await
+        self.write_many(Kind::Put, bytes_items(items), config).await
     }
 
     /// Upserts each `(key, value)`; one result per item.
@@ -131,14 +144,8 @@ impl Store {
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        let items = items
-            .iter()
-            .map(|(k, v)| Item {
-                key: k,
-                source: Source::Bytes(vec![v]),
-            })
-            .collect();
-        self.write_many(Kind::Upsert, items, config).await
+        self.write_many(Kind::Upsert, bytes_items(items), config)
+            .await
     }
 
     /// Zero-copy batch put: `(key, address, size)` of registered memory each.
@@ -147,14 +154,8 @@ impl Store {
         items: &[(&str, u64, u64)],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        let items = items
-            .iter()
-            .map(|(k, a, s)| Item {
-                key: k,
-                source: Source::Registered(vec![(*a, *s)]),
-            })
-            .collect();
-        self.write_many(Kind::Put, items, config).await
+        self.write_many(Kind::Put, registered_items(items), config)
+            .await
     }
 
     /// Zero-copy batch upsert: `(key, address, size)` of registered memory each.
@@ -163,14 +164,8 @@ impl Store {
         items: &[(&str, u64, u64)],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        let items = items
-            .iter()
-            .map(|(k, a, s)| Item {
-                key: k,
-                source: Source::Registered(vec![(*a, *s)]),
-            })
-            .collect();
-        self.write_many(Kind::Upsert, items, config).await
+        self.write_many(Kind::Upsert, registered_items(items), config)
+            .await
     }
 
     /// Zero-copy batch put where each value is the concatenation of several registered buffers
