@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, conformance, multi-process and property tests of every crate, then
-# the fuzz targets replaying their committed corpus.
+# the Python package (wheel built with maturin, tested with pytest), then the fuzz targets
+# replaying their committed corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace
+# The Python package: build the wheel, pip-install it into target/py-venv, run pytest.
+bash mooncake-py/run_tests.sh
 bash fuzz/replay.sh

@@ -1,0 +1,289 @@
+//! `MooncakeDistributedStore`: setup, lifecycle and memory registration. The data calls are in
+//! `write.rs`, `read.rs` and `admin.rs`; every call releases the GIL while it waits.
+
+mod admin;
+mod read;
+mod write;
+
+use std::sync::{Arc, RwLock};
+
+use mooncake::store::{Store, StoreConfig};
+use mooncake::{Error, ErrorCode, Location};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::runtime::{block_on, code_of, detached};
+use crate::setup_args::{init_all_config, size_arg, SetupArgs};
+
+/// A client of a Mooncake store (see the module docs of `mooncake.store`).
+#[pyclass(
+    module = "mooncake.store",
+    name = "MooncakeDistributedStore",
+    subclass,
+    frozen,
+    weakref
+)]
+pub(crate) struct PyStore {
+    store: RwLock<Option<Arc<Store>>>,
+}
+
+fn not_ready() -> Error {
+    Error::with_code(
+        ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+        "the store is not set up (call setup()) or was closed",
+    )
+}
+
+impl PyStore {
+    /// The live store, or `UNAVAILABLE_IN_CURRENT_STATUS` before setup and after close.
+    pub(crate) fn live(&self) -> Result<Arc<Store>, Error> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(not_ready)
+    }
+
+    fn replace(&self, new: Option<Arc<Store>>) -> Option<Arc<Store>> {
+        std::mem::replace(
+            &mut *self.store.write().unwrap_or_else(|p| p.into_inner()),
+            new,
+        )
+    }
+
+    fn start(&self, py: Python<'_>, config: StoreConfig) -> i64 {
+        if let Err(e) = config.validate() {
+            tracing::error!("setup: {e}");
+            return code_of(&e);
+        }
+        if !config.device_name.is_empty() {
+            tracing::info!(
+                "setup: rdma_devices {:?} ignored for protocol {}",
+                config.device_name,
+                config.protocol
+            );
+        }
+        // Setting up again replaces the previous client, as upstream does.
+        if let Some(old) = self.replace(None) {
+            let _ = block_on(py, async move { old.close().await });
+        }
+        let master = config.master_server_addr.clone();
+        match block_on(py, Store::setup(config)) {
+            Ok(Ok(store)) => {
+                self.replace(Some(store));
+                0
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!("setup (master {master}) failed: {e}");
+                match e.code() {
+                    c @ (ErrorCode::INVALID_PARAMS | ErrorCode::NOT_SUPPORTED) => {
+                        i64::from(c.code())
+                    }
+                    _ => -1,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PyStore {
+    fn drop(&mut self) {
+        // Unmount the segment of a store the program forgot to close, without blocking.
+        if let Some(store) = self.replace(None) {
+            if let Ok(rt) = crate::runtime::runtime() {
+                rt.spawn(async move {
+                    let _ = store.close().await;
+                });
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PyStore {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, pyo3::types::PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> Self {
+        PyStore {
+            store: RwLock::new(None),
+        }
+    }
+
+    /// Sets up the client: `setup(local_hostname, metadata_server, global_segment_size=16MiB,
+    /// local_buffer_size=1GiB, protocol="tcp", rdma_devices="", master_server_addr=...)`, or
+    /// `setup(config_dict)` whose sizes may be strings like "16MB". 0 on success.
+    #[pyo3(signature = (local_hostname=None, metadata_server=None, global_segment_size=None, local_buffer_size=None, protocol=None, rdma_devices=None, master_server_addr=None, engine=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn setup<'py>(
+        &self,
+        py: Python<'py>,
+        local_hostname: Option<Bound<'py, PyAny>>,
+        metadata_server: Option<Bound<'py, PyAny>>,
+        global_segment_size: Option<Bound<'py, PyAny>>,
+        local_buffer_size: Option<Bound<'py, PyAny>>,
+        protocol: Option<Bound<'py, PyAny>>,
+        rdma_devices: Option<Bound<'py, PyAny>>,
+        master_server_addr: Option<Bound<'py, PyAny>>,
+        engine: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<i64> {
+        if engine.as_ref().is_some_and(|e| !e.is_none()) {
+            tracing::warn!(
+                "setup: a shared transfer engine is not supported; using the store's own"
+            );
+        }
+        let args = match local_hostname.as_ref().map(|a| a.cast::<PyDict>()) {
+            Some(Ok(d)) => {
+                if metadata_server.is_some() || global_segment_size.is_some() {
+                    return Err(PyTypeError::new_err(
+                        "setup(config_dict) takes no further arguments",
+                    ));
+                }
+                SetupArgs::from_dict(d)?
+            }
+            _ => SetupArgs {
+                local_hostname,
+                metadata_server,
+                global_segment_size,
+                local_buffer_size,
+                protocol,
+                rdma_devices,
+                master_server_addr,
+            },
+        };
+        match args.into_config()? {
+            Ok(config) => Ok(self.start(py, config)),
+            Err(e) => {
+                tracing::error!("setup: {e}");
+                Ok(i64::from(ErrorCode::INVALID_PARAMS.code()))
+            }
+        }
+    }
+
+    /// Upstream's legacy initialiser: sets up with `protocol`, `device_name` and a segment of
+    /// `mount_segment_size` bytes; the rest comes from the environment (`MOONCAKE_MASTER`,
+    /// `MOONCAKE_LOCAL_HOSTNAME`, `MOONCAKE_TE_META_DATA_SERVER`, ...).
+    #[pyo3(signature = (protocol, device_name, mount_segment_size=None))]
+    fn init_all(
+        &self,
+        py: Python<'_>,
+        protocol: String,
+        device_name: String,
+        mount_segment_size: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<i64> {
+        let size = match mount_segment_size
+            .map(|m| size_arg(&m, "mount_segment_size"))
+            .transpose()?
+        {
+            None => Ok(16 << 20),
+            Some(r) => r,
+        };
+        let size = match size {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("init_all: {e}");
+                return Ok(i64::from(ErrorCode::INVALID_PARAMS.code()));
+            }
+        };
+        match init_all_config(protocol, device_name, size) {
+            Ok(c) => Ok(self.start(py, c)),
+            Err(e) => {
+                tracing::error!("init_all: {e}");
+                Ok(i64::from(ErrorCode::INVALID_PARAMS.code()))
+            }
+        }
+    }
+
+    /// Not available: the dummy-client mode (forwarding to a `mooncake_client` process) is not
+    /// implemented in this build. Returns NOT_SUPPORTED (-1012).
+    fn setup_dummy(
+        &self,
+        mem_pool_size: u64,
+        local_buffer_size: u64,
+        server_address: String,
+    ) -> i64 {
+        tracing::error!(
+            "setup_dummy({mem_pool_size}, {local_buffer_size}, {server_address:?}): the dummy client \
+             mode is not implemented in this build; use setup() instead"
+        );
+        i64::from(ErrorCode::NOT_SUPPORTED.code())
+    }
+
+    /// Unmounts this client's segment and stops it. 0; later calls return error codes.
+    fn close(&self, py: Python<'_>) -> i64 {
+        match self.replace(None) {
+            Some(store) => match block_on(py, async move { store.close().await }) {
+                Ok(Ok(())) => 0,
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!("close: {e}");
+                    0
+                }
+            },
+            None => 0,
+        }
+    }
+
+    /// This client's segment name (`host:port`); "" when not set up.
+    fn get_hostname(&self) -> String {
+        self.live()
+            .map(|s| s.hostname().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Registers `[buffer_ptr, buffer_ptr + size)` for zero-copy calls. The memory must stay
+    /// valid until `unregister_buffer`. 0 or an error code.
+    fn register_buffer(&self, buffer_ptr: u64, size: u64) -> i64 {
+        match self.live() {
+            // SAFETY: the caller promises the range is valid memory until unregister_buffer, as
+            // upstream's API requires; ranges overlapping a registration are refused.
+            Ok(s) => match unsafe { s.register_buffer(buffer_ptr, size) } {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::warn!("register_buffer({buffer_ptr:#x}, {size}): {e}");
+                    code_of(&e)
+                }
+            },
+            Err(e) => code_of(&e),
+        }
+    }
+
+    /// Unregisters the buffer registered at `buffer_ptr`, waiting for transfers that use it.
+    fn unregister_buffer(&self, py: Python<'_>, buffer_ptr: u64) -> i64 {
+        let r = self
+            .live()
+            .and_then(|s| detached(py, move || s.unregister_buffer(buffer_ptr))?);
+        match r {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!("unregister_buffer({buffer_ptr:#x}): {e}");
+                code_of(&e)
+            }
+        }
+    }
+
+    /// Allocates `size` bytes of page-aligned memory owned and registered by this client (usable
+    /// with put_from/get_into at once); freed at close(). The address, or 0 on failure.
+    fn alloc_from_mem_pool(&self, py: Python<'_>, size: u64) -> u64 {
+        let r = self.live().and_then(|s| {
+            detached(py, move || {
+                let len = usize::try_from(size)
+                    .map_err(|_| Error::InvalidArgument(format!("{size} bytes is too large")))?;
+                s.engine().allocate_buffer(len, Location::cpu(0))
+            })?
+        });
+        match r {
+            Ok(addr) => addr,
+            Err(e) => {
+                tracing::warn!("alloc_from_mem_pool({size}): {e}");
+                0
+            }
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        match self.live() {
+            Ok(s) => format!("<MooncakeDistributedStore {}>", s.hostname()),
+            Err(_) => "<MooncakeDistributedStore (not set up)>".into(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! get and its batch, buffer and zero-copy forms, and get_size. Misses and errors follow
+//! upstream: `b""` / `None` for byte results, negative codes for zero-copy reads.
+
+use mooncake::Error;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::write::multi_items;
+use super::PyStore;
+use crate::buffer::BufferHandle;
+use crate::runtime::{block_on, code_of};
+
+fn byte_counts(r: Result<Vec<Result<u64, Error>>, Error>, n: usize) -> Vec<i64> {
+    match r {
+        Ok(v) => v
+            .iter()
+            .map(|r| match r {
+                Ok(n) => i64::try_from(*n).unwrap_or(i64::MAX),
+                Err(e) => code_of(e),
+            })
+            .collect(),
+        Err(e) => vec![code_of(&e); n],
+    }
+}
+
+impl PyStore {
+    fn get_one(&self, py: Python<'_>, key: &str) -> Result<Vec<u8>, Error> {
+        let s = self.live()?;
+        let r = block_on(py, async move { s.get(key).await })?;
+        if let Err(e) = &r {
+            tracing::debug!("get {key:?}: {e}");
+        }
+        r
+    }
+
+    fn get_many(&self, py: Python<'_>, keys: &[String]) -> Vec<Result<Vec<u8>, Error>> {
+        let r = self.live().and_then(|s| {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            block_on(py, async move { s.get_batch(&keys).await })
+        });
+        match r {
+            Ok(v) => v,
+            Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyStore {
+    /// The value of `key`, or `b""` when it is missing or on any error.
+    fn get<'py>(&self, py: Python<'py>, key: &str) -> Bound<'py, PyBytes> {
+        match self.get_one(py, key) {
+            Ok(v) => PyBytes::new(py, &v),
+            Err(_) => PyBytes::new(py, b""),
+        }
+    }
+
+    /// The values of `keys` (`b""` for each miss or error).
+    fn get_batch<'py>(&self, py: Python<'py>, keys: Vec<String>) -> Vec<Bound<'py, PyBytes>> {
+        self.get_many(py, &keys)
+            .into_iter()
+            .map(|r| PyBytes::new(py, r.as_deref().unwrap_or(b"")))
+            .collect()
+    }
+
+    /// The value of `key` as a `BufferHandle` (buffer protocol), or `None`.
+    fn get_buffer(&self, py: Python<'_>, key: &str) -> Option<BufferHandle> {
+        self.get_one(py, key).ok().map(BufferHandle::new)
+    }
+
+    /// `BufferHandle`s for `keys`, `None` for each miss.
+    fn batch_get_buffer(&self, py: Python<'_>, keys: Vec<String>) -> Vec<Option<BufferHandle>> {
+        self.get_many(py, &keys)
+            .into_iter()
+            .map(|r| r.ok().map(BufferHandle::new))
+            .collect()
+    }
+
+    /// Reads `key` into `size` bytes of registered memory at `buffer_ptr`: bytes read, -704 for
+    /// a miss, -600 when the buffer is too small or not registered.
+    fn get_into(&self, py: Python<'_>, key: String, buffer_ptr: u64, size: u64) -> i64 {
+        byte_counts(
+            self.live().and_then(|s| {
+                block_on(py, async move {
+                    s.batch_get_into(&[(key.as_str(), buffer_ptr, size)]).await
+                })
+            }),
+            1,
+        )[0]
+    }
+
+    /// Zero-copy batch read; bytes read or a negative code per key.
+    fn batch_get_into(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        buffer_ptrs: Vec<u64>,
+        sizes: Vec<u64>,
+    ) -> Vec<i64> {
+        let n = keys.len();
+        let r = (|| {
+            if keys.len() != buffer_ptrs.len() || keys.len() != sizes.len() {
+                return Err(Error::with_code(
+                    mooncake::ErrorCode::INVALID_PARAMS,
+                    "keys, buffer_ptrs and sizes: lengths differ",
+                ));
+            }
+            let items: Vec<(&str, u64, u64)> = keys
+                .iter()
+                .zip(buffer_ptrs.iter().zip(&sizes))
+                .map(|(k, (p, s))| (k.as_str(), *p, *s))
+                .collect();
+            let s = self.live()?;
+            block_on(py, async move { s.batch_get_into(&items).await })
+        })();
+        byte_counts(r, n)
+    }
+
+    /// Zero-copy batch read where each object fills several registered buffers in order. The
+    /// optional 4th argument (upstream's `prefer_alloc_in_same_node`) is accepted and ignored.
+    #[pyo3(signature = (keys, all_buffer_ptrs, all_sizes, prefer_alloc_in_same_node=false))]
+    fn batch_get_into_multi_buffers(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        all_buffer_ptrs: Vec<Vec<u64>>,
+        all_sizes: Vec<Vec<u64>>,
+        prefer_alloc_in_same_node: bool,
+    ) -> Vec<i64> {
+        let _ = prefer_alloc_in_same_node;
+        let n = keys.len();
+        let r = (|| {
+            let items = multi_items(&keys, &all_buffer_ptrs, &all_sizes)?;
+            let s = self.live()?;
+            block_on(
+                py,
+                async move { s.batch_get_into_multi_buffers(&items).await },
+            )
+        })();
+        byte_counts(r, n)
+    }
+
+    /// The size of `key`'s value, or a negative code (-704 when missing).
+    fn get_size(&self, py: Python<'_>, key: String) -> i64 {
+        let r = self
+            .live()
+            .and_then(|s| block_on(py, async move { s.get_size(&key).await })?);
+        match r {
+            Ok(n) => i64::try_from(n).unwrap_or(i64::MAX),
+            Err(e) => code_of(&e),
+        }
+    }
+}
