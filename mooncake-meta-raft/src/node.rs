@@ -1,0 +1,706 @@
+//! [`RaftNode`]: the sans-IO core. It wraps raft-rs's `RawNode` over [`DiskStorage`], batches
+//! proposals, applies committed entries to the KV map and the attached state machine, and tells
+//! the driver which messages to send. It opens no socket and reads no clock: time advances only
+//! through [`RaftNode::tick`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use mooncake_core::StateMachine;
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+    MessageType, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole, Storage};
+use serde::Serialize;
+
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::state::{self, KvOp, KvState, PeerInfo, SnapshotData, TAG_COMMAND, TAG_KV};
+use crate::storage::{DiskStorage, RecoveryReport};
+use crate::LeaderInfo;
+
+/// Identifies a proposal made on this node, until it is applied or fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProposalId(pub u64);
+
+/// Why a proposal failed after it was accepted by [`RaftNode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProposalError {
+    /// Leadership changed while it was in flight; it may still be committed by the new leader.
+    LeadershipLost,
+    /// Raft refused it (leadership transfer, pending membership change, ...).
+    Dropped(String),
+}
+
+impl From<ProposalError> for Error {
+    fn from(e: ProposalError) -> Self {
+        match e {
+            ProposalError::LeadershipLost => Error::LeadershipLost,
+            ProposalError::Dropped(m) => Error::ProposalDropped(m),
+        }
+    }
+}
+
+/// A committed entry applied on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The proposal, when it was made on this node.
+    pub id: Option<ProposalId>,
+    /// Log index.
+    pub index: u64,
+    /// The response: the state machine's bytes for a command, a postcard `KvResult` for a KV
+    /// operation, a postcard `Result<(), String>` for a membership change, empty otherwise.
+    pub response: Vec<u8>,
+}
+
+/// Role changes seen during one [`RaftNode::advance`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoleEvent {
+    /// This node became leader of `term`.
+    BecameLeader {
+        /// The term.
+        term: u64,
+    },
+    /// This node stopped being leader (it was leader of `term`).
+    SteppedDown {
+        /// The term it led.
+        term: u64,
+    },
+    /// The known leader changed (`None`: unknown).
+    LeaderChanged {
+        /// The new leader's id.
+        leader: Option<u64>,
+    },
+}
+
+/// What the driver must do after [`RaftNode::advance`].
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to send (after `advance` returned: everything they acknowledge is durable).
+    pub messages: Vec<Message>,
+    /// Committed entries applied, in log order.
+    pub applied: Vec<Applied>,
+    /// Proposals of this node that failed.
+    pub failed: Vec<(ProposalId, ProposalError)>,
+    /// Role changes.
+    pub events: Vec<RoleEvent>,
+}
+
+/// A membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a non-voting learner; its addresses are recorded in the replicated peer directory.
+    AddLearner(PeerInfo),
+    /// Promote a learner (or add a node) as voter.
+    Promote(u64),
+    /// Remove a node (the leader too: it hands leadership to the most caught-up voter).
+    Remove(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Normal,
+    ConfChange,
+}
+
+#[derive(Serialize)]
+struct SnapshotDataRef<'a> {
+    kv: &'a KvState,
+    peers: &'a BTreeMap<u64, PeerInfo>,
+    machine: Vec<u8>,
+}
+
+/// The sans-IO raft node. See the module documentation.
+pub struct RaftNode {
+    raw: RawNode<DiskStorage>,
+    machine: Box<dyn StateMachine>,
+    kv: KvState,
+    peers: BTreeMap<u64, PeerInfo>,
+    queue: VecDeque<(ProposalId, Vec<u8>)>,
+    in_flight: BTreeMap<u64, (u64, ProposalId, Kind)>,
+    next_id: u64,
+    applied: u64,
+    last_snapshot: u64,
+    led_term: Option<u64>,
+    known_leader: u64,
+    config: NodeConfig,
+    recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("id", &self.config.id)
+            .field("role", &self.raw.raft.state)
+            .field("term", &self.raw.raft.term)
+            .field("applied", &self.applied)
+            .finish()
+    }
+}
+
+fn raft_config(c: &NodeConfig, applied: u64) -> raft::Config {
+    raft::Config {
+        id: c.id,
+        election_tick: c.election_ticks,
+        heartbeat_tick: c.heartbeat_ticks,
+        applied,
+        check_quorum: true,
+        pre_vote: true,
+        max_size_per_msg: c.max_size_per_msg,
+        max_inflight_msgs: c.max_inflight_msgs,
+        ..Default::default()
+    }
+}
+
+impl RaftNode {
+    /// Opens the node's storage (bootstrapping the group on first start of an initial voter),
+    /// restores `machine` from the latest snapshot and prepares to replay the log after it.
+    pub fn open(config: NodeConfig, mut machine: Box<dyn StateMachine>) -> Result<Self> {
+        config.validate()?;
+        let (mut storage, recovery) = DiskStorage::open(&config.data_dir, config.max_record_bytes)?;
+        let mut peers: BTreeMap<u64, PeerInfo> = config
+            .initial_voters
+            .iter()
+            .map(|p| (p.id, p.clone()))
+            .collect();
+        if !storage.is_initialized() && !config.join {
+            let data = SnapshotDataRef {
+                kv: &KvState::default(),
+                peers: &peers,
+                machine: machine.snapshot().map_err(Error::StateMachine)?,
+            };
+            let mut snap = Snapshot::default();
+            snap.data = postcard::to_allocvec(&data)?.into();
+            let meta = snap.mut_metadata();
+            meta.index = 1;
+            meta.term = 1;
+            meta.mut_conf_state().voters = peers.keys().copied().collect();
+            storage.apply_snapshot(snap)?;
+        }
+        let mut kv = KvState::default();
+        let applied = storage.snapshot_ref().get_metadata().index;
+        if applied > 0 {
+            let data = SnapshotData::decode(&storage.snapshot_ref().data)?;
+            machine
+                .restore(&data.machine)
+                .map_err(Error::StateMachine)?;
+            kv = data.kv;
+            peers = data.peers;
+        }
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_config(&config, applied), storage, &logger)?;
+        Ok(RaftNode {
+            raw,
+            machine,
+            kv,
+            peers,
+            queue: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            next_id: 1,
+            applied,
+            last_snapshot: applied,
+            led_term: None,
+            known_leader: 0,
+            config,
+            recovery,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    /// What recovery found when the node was opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// Current role.
+    pub fn role(&self) -> StateRole {
+        self.raw.raft.state
+    }
+
+    /// Whether this node is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// Current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// The leader this node knows of.
+    pub fn leader_id(&self) -> Option<u64> {
+        let l = self.raw.raft.leader_id;
+        (l != 0).then_some(l)
+    }
+
+    /// The leader with its service address, when known.
+    pub fn leader_info(&self) -> Option<LeaderInfo> {
+        let id = self.leader_id()?;
+        Some(LeaderInfo {
+            id,
+            service_addr: self
+                .peers
+                .get(&id)
+                .map(|p| p.service_addr.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Highest committed index this node knows.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// Highest index applied to the KV map and the state machine.
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    /// Last index of the local log.
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    /// Index of the latest snapshot (the log is compacted up to it).
+    pub fn snapshot_index(&self) -> u64 {
+        self.last_snapshot
+    }
+
+    /// The replicated KV map as applied on this node (may lag the leader).
+    pub fn kv(&self) -> &KvState {
+        &self.kv
+    }
+
+    /// The replicated peer directory.
+    pub fn peers(&self) -> &BTreeMap<u64, PeerInfo> {
+        &self.peers
+    }
+
+    /// Voter and learner ids of the applied configuration.
+    pub fn membership(&self) -> (Vec<u64>, Vec<u64>) {
+        let cs = self.raw.store().conf_state();
+        (cs.voters.clone(), cs.learners.clone())
+    }
+
+    /// Whether a membership change removed this node (it is initialized but in no role).
+    pub fn is_removed(&self) -> bool {
+        let cs = self.raw.store().conf_state();
+        let id = self.config.id;
+        let initialized = !(cs.voters.is_empty() && cs.learners.is_empty());
+        let member = cs.voters.contains(&id)
+            || cs.learners.contains(&id)
+            || cs.voters_outgoing.contains(&id);
+        initialized && !member
+    }
+
+    /// Proposals queued or in flight.
+    pub fn pending_proposals(&self) -> usize {
+        self.queue.len() + self.in_flight.len()
+    }
+
+    /// Advances the logical clock by one tick. A leader that a membership change removed uses
+    /// ticks to hand leadership to the most caught-up voter (one tick after applying its
+    /// removal, so followers have applied it too and may campaign).
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        if self.is_leader()
+            && self.raw.raft.lead_transferee.is_none()
+            && !self
+                .raw
+                .store()
+                .conf_state()
+                .voters
+                .contains(&self.config.id)
+        {
+            self.hand_over_leadership();
+        }
+    }
+
+    /// Starts an election now (tests and leadership hand-over).
+    pub fn campaign(&mut self) -> Result<()> {
+        Ok(self.raw.campaign()?)
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored.
+    pub fn step(&mut self, msg: Message) -> Result<()> {
+        match self.raw.step(msg) {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Tells raft whether a snapshot message reached `to` (the driver calls this once the
+    /// message was written or dropped; until then the follower is not probed).
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(to, status);
+    }
+
+    /// Tells raft that `to` could not be reached.
+    pub fn report_unreachable(&mut self, to: u64) {
+        self.raw.report_unreachable(to);
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            leader: self.leader_info(),
+        }
+    }
+
+    fn enqueue(&mut self, payload: Vec<u8>) -> Result<ProposalId> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let id = ProposalId(self.next_id);
+        self.next_id += 1;
+        self.queue.push_back((id, payload));
+        Ok(id)
+    }
+
+    fn check_size(&self, len: usize) -> Result<()> {
+        if len > self.config.max_proposal_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "proposal of {len} bytes exceeds max_proposal_bytes ({})",
+                self.config.max_proposal_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues a state-machine command; it goes to raft with the next [`advance`](Self::advance)
+    /// in one batch with the other queued proposals. Fails at once on a follower.
+    pub fn propose(&mut self, command: &[u8]) -> Result<ProposalId> {
+        self.check_size(command.len())?;
+        self.enqueue(state::encode_command(command))
+    }
+
+    /// Queues a KV operation, like [`propose`](Self::propose).
+    pub fn propose_kv(&mut self, op: &KvOp) -> Result<ProposalId> {
+        let payload = state::encode_kv(op);
+        self.check_size(payload.len())?;
+        self.enqueue(payload)
+    }
+
+    /// Proposes a membership change (not batched). Its [`Applied::response`] is a postcard
+    /// `Result<(), String>`.
+    pub fn propose_membership(&mut self, change: &MembershipChange) -> Result<ProposalId> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let (id, ty, context) = match change {
+            MembershipChange::AddLearner(p) => (
+                p.id,
+                ConfChangeType::AddLearnerNode,
+                postcard::to_allocvec(p)?,
+            ),
+            MembershipChange::Promote(id) => (*id, ConfChangeType::AddNode, Vec::new()),
+            MembershipChange::Remove(id) => (*id, ConfChangeType::RemoveNode, Vec::new()),
+        };
+        if id == 0 {
+            return Err(Error::InvalidArgument("node id 0".into()));
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut single = ConfChangeSingle::default();
+        single.node_id = id;
+        single.set_change_type(ty);
+        cc.set_changes(vec![single].into());
+        cc.context = context.into();
+        let before = self.last_index();
+        self.raw.propose_conf_change(Vec::new(), cc)?;
+        if self.last_index() != before + 1 {
+            return Err(Error::ProposalDropped(
+                "membership change not appended".into(),
+            ));
+        }
+        let pid = ProposalId(self.next_id);
+        self.next_id += 1;
+        self.in_flight
+            .insert(before + 1, (self.term(), pid, Kind::ConfChange));
+        Ok(pid)
+    }
+
+    /// Hands queued proposals to raft as one batch.
+    fn flush_queue(&mut self, out: &mut Output) {
+        while !self.queue.is_empty() {
+            if !self.is_leader() {
+                out.failed.extend(
+                    self.queue
+                        .drain(..)
+                        .map(|(id, _)| (id, ProposalError::LeadershipLost)),
+                );
+                return;
+            }
+            let n = self.queue.len().min(self.config.max_batch);
+            let batch: Vec<(ProposalId, Vec<u8>)> = self.queue.drain(..n).collect();
+            let mut ids = Vec::with_capacity(n);
+            let entries: Vec<Entry> = batch
+                .into_iter()
+                .map(|(id, data)| {
+                    ids.push(id);
+                    let mut e = Entry::default();
+                    e.data = data.into();
+                    e
+                })
+                .collect();
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = self.config.id;
+            m.set_entries(entries.into());
+            let before = self.last_index();
+            let term = self.term();
+            match self.raw.raft.step(m) {
+                Ok(()) if self.last_index() == before + ids.len() as u64 => {
+                    for (i, id) in ids.into_iter().enumerate() {
+                        self.in_flight
+                            .insert(before + 1 + i as u64, (term, id, Kind::Normal));
+                    }
+                }
+                Ok(()) => out.failed.extend(ids.into_iter().map(|id| {
+                    (
+                        id,
+                        ProposalError::Dropped("raft appended a partial batch".into()),
+                    )
+                })),
+                Err(e) => {
+                    let why = e.to_string();
+                    out.failed.extend(
+                        ids.into_iter()
+                            .map(|id| (id, ProposalError::Dropped(why.clone()))),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs one ready cycle: proposes queued commands, persists new entries and hard state
+    /// (fsync), applies committed entries, takes a snapshot when due. Every returned message may
+    /// be sent.
+    pub fn advance(&mut self) -> Result<Output> {
+        let mut early = Vec::new();
+        let mut out = self.advance_with(&mut |m| early.extend(m))?;
+        early.append(&mut out.messages);
+        out.messages = early;
+        Ok(out)
+    }
+
+    /// Like [`advance`](Self::advance), but hands messages that need no local persistence
+    /// (the leader's appends) to `send_now` before the fsync, so followers write in parallel.
+    pub fn advance_with(&mut self, send_now: &mut dyn FnMut(Vec<Message>)) -> Result<Output> {
+        let mut out = Output::default();
+        self.flush_queue(&mut out);
+        if self.raw.has_ready() {
+            let mut rd = self.raw.ready();
+            if !rd.messages().is_empty() {
+                send_now(rd.take_messages());
+            }
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot().clone();
+                self.install_snapshot(snap, &mut out)?;
+            }
+            let committed = rd.take_committed_entries();
+            self.apply_entries(committed, &mut out)?;
+            self.raw.mut_store().persist(rd.entries(), rd.hs())?;
+            out.messages.extend(rd.take_persisted_messages());
+            let mut light = self.raw.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                self.raw.mut_store().set_commit(commit)?;
+            }
+            out.messages.extend(light.take_messages());
+            let committed = light.take_committed_entries();
+            self.apply_entries(committed, &mut out)?;
+            self.raw.advance_apply_to(self.applied);
+        }
+        self.maybe_snapshot()?;
+        self.check_role(&mut out);
+        Ok(out)
+    }
+
+    fn check_role(&mut self, out: &mut Output) {
+        let now = self.is_leader().then(|| self.term());
+        if self.led_term != now {
+            if let Some(term) = self.led_term {
+                out.events.push(RoleEvent::SteppedDown { term });
+                out.failed.extend(
+                    std::mem::take(&mut self.in_flight)
+                        .into_values()
+                        .map(|(_, id, _)| (id, ProposalError::LeadershipLost)),
+                );
+                out.failed.extend(
+                    self.queue
+                        .drain(..)
+                        .map(|(id, _)| (id, ProposalError::LeadershipLost)),
+                );
+            }
+            if let Some(term) = now {
+                out.events.push(RoleEvent::BecameLeader { term });
+            }
+            self.led_term = now;
+        }
+        let leader = self.raw.raft.leader_id;
+        if leader != self.known_leader {
+            self.known_leader = leader;
+            out.events.push(RoleEvent::LeaderChanged {
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot, out: &mut Output) -> Result<()> {
+        let index = snap.get_metadata().index;
+        let data = SnapshotData::decode(&snap.data)?;
+        self.machine
+            .restore(&data.machine)
+            .map_err(Error::StateMachine)?;
+        self.kv = data.kv;
+        self.peers = data.peers;
+        self.raw.mut_store().apply_snapshot(snap)?;
+        self.applied = index;
+        self.last_snapshot = index;
+        while let Some((&i, _)) = self.in_flight.first_key_value() {
+            if i > index {
+                break;
+            }
+            let (_, (_, id, _)) = self.in_flight.pop_first().expect("non-empty");
+            out.failed.push((id, ProposalError::LeadershipLost));
+        }
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<()> {
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            let mut mine = None;
+            while let Some((&i, &(term, id, kind))) = self.in_flight.first_key_value() {
+                if i > e.index {
+                    break;
+                }
+                self.in_flight.pop_first();
+                if i == e.index && term == e.term {
+                    mine = Some((id, kind));
+                } else {
+                    out.failed.push((id, ProposalError::LeadershipLost));
+                }
+            }
+            let response = match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if let Some((id, Kind::ConfChange)) = mine {
+                        out.failed.push((
+                            id,
+                            ProposalError::Dropped("another membership change is pending".into()),
+                        ));
+                        mine = None;
+                    }
+                    self.apply_normal(&e.data, mine.is_some())
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|err| Error::Codec(err.to_string()))?;
+                    let mut single = ConfChangeSingle::default();
+                    single.node_id = cc.node_id;
+                    single.set_change_type(cc.get_change_type());
+                    let mut v2 = ConfChangeV2::default();
+                    v2.set_changes(vec![single].into());
+                    v2.context = cc.context;
+                    self.apply_conf_change(v2)
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                        .map_err(|err| Error::Codec(err.to_string()))?;
+                    self.apply_conf_change(cc)
+                }
+            };
+            self.applied = e.index;
+            out.applied.push(Applied {
+                id: mine.map(|(id, _)| id),
+                index: e.index,
+                response,
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, data: &[u8], want_result: bool) -> Vec<u8> {
+        match data.split_first() {
+            None => Vec::new(),
+            Some((&TAG_COMMAND, command)) => self.machine.apply(command),
+            Some((&TAG_KV, op)) => match postcard::from_bytes::<KvOp>(op) {
+                Ok(op) => {
+                    let r = self.kv.apply(op, want_result);
+                    postcard::to_allocvec(&r).expect("kv results always serialize")
+                }
+                Err(_) => Vec::new(),
+            },
+            Some(_) => Vec::new(),
+        }
+    }
+
+    fn apply_conf_change(&mut self, cc: ConfChangeV2) -> Vec<u8> {
+        let result = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => {
+                self.raw.mut_store().set_conf_state(cs);
+                for change in cc.get_changes() {
+                    if change.get_change_type() == ConfChangeType::RemoveNode {
+                        self.peers.remove(&change.node_id);
+                    }
+                }
+                if let Ok(p) = postcard::from_bytes::<PeerInfo>(&cc.context) {
+                    self.peers.insert(p.id, p);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        postcard::to_allocvec(&result).expect("results always serialize")
+    }
+
+    /// A removed leader asks the most caught-up voter to take over at once.
+    fn hand_over_leadership(&mut self) {
+        let voters = self.raw.store().conf_state().voters.clone();
+        let best = voters
+            .iter()
+            .filter(|&&v| v != self.config.id)
+            .max_by_key(|&&v| self.raw.raft.prs().get(v).map_or(0, |p| p.matched))
+            .copied();
+        if let Some(to) = best {
+            self.raw.transfer_leader(to);
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<()> {
+        let wanted = self.raw.store().take_snapshot_request() && self.applied > self.last_snapshot;
+        if !wanted && self.applied < self.last_snapshot + self.config.snapshot_threshold {
+            return Ok(());
+        }
+        let data = SnapshotDataRef {
+            kv: &self.kv,
+            peers: &self.peers,
+            machine: self.machine.snapshot().map_err(Error::StateMachine)?,
+        };
+        let bytes = postcard::to_allocvec(&data)?;
+        let index = self.applied;
+        self.raw.mut_store().create_snapshot(index, bytes)?;
+        self.last_snapshot = index;
+        Ok(())
+    }
+
+    /// First index still in the log (entries before it are only in the snapshot).
+    pub fn first_index(&self) -> u64 {
+        self.raw.store().first_index().unwrap_or(1)
+    }
+}

@@ -1,0 +1,499 @@
+//! [`RaftMetadataStore`]: the driver. A dedicated thread owns the [`RaftNode`] and runs the
+//! ready loop (ticks from its own timer, inputs from a channel, fsync inline); tokio tasks run the
+//! TCP transport; callers talk to the loop through the channel and get answers on oneshots.
+//!
+//! Reads: [`MetadataStore::get`] is served from this node's applied state without a log round
+//! trip, so on a follower (or a deposed leader that has not noticed yet) it may miss the latest
+//! writes; it never shows uncommitted data. `list`, `put`, `delete`, `compare_and_swap` and
+//! `apply_command` go through the log and are linearizable.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use mooncake_core::{MetadataStore, StateMachine, Versioned};
+use raft::StateRole;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::network::{self, Inbox, NetConfig, NetEvent, Transport};
+use crate::node::{MembershipChange, ProposalId, RaftNode, RoleEvent};
+use crate::state::{KvOp, KvResult, PeerInfo};
+use crate::LeaderInfo;
+
+/// What a node reports about itself; watch it with [`RaftMetadataStore::subscribe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This node's id.
+    pub id: u64,
+    /// Its role.
+    pub role: StateRole,
+    /// Its term.
+    pub term: u64,
+    /// The leader it knows.
+    pub leader: Option<LeaderInfo>,
+    /// `false` once the loop stopped (shutdown or a fatal storage error).
+    pub running: bool,
+}
+
+type Reply = oneshot::Sender<Result<Vec<u8>>>;
+
+enum Input {
+    Net(NetEvent),
+    Command(Vec<u8>, Reply),
+    Kv(KvOp, Reply),
+    Membership(MembershipChange, Reply),
+    Get(String, oneshot::Sender<Option<Versioned>>),
+    TransferLeader(u64),
+    Shutdown,
+}
+
+/// A [`MetadataStore`] replicated by a raft group. See the module documentation.
+pub struct RaftMetadataStore {
+    id: u64,
+    inputs: mpsc::Sender<Input>,
+    status: watch::Receiver<RaftStatus>,
+    shutdown: watch::Sender<bool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for RaftMetadataStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftMetadataStore")
+            .field("id", &self.id)
+            .field("status", &*self.status.borrow())
+            .finish()
+    }
+}
+
+impl RaftMetadataStore {
+    /// Opens the node's data directory (recovering or bootstrapping), binds the raft listener,
+    /// and starts the ready loop and the transport. Must be called inside a tokio runtime.
+    pub async fn start(config: StoreConfig, machine: Box<dyn StateMachine>) -> Result<Self> {
+        config.validate()?;
+        let listener = TcpListener::bind(&config.raft_addr)
+            .await
+            .map_err(|e| Error::io(config.raft_addr.clone(), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io(config.raft_addr.clone(), e))?;
+        let node_config = config.node.clone();
+        let node = tokio::task::spawn_blocking(move || RaftNode::open(node_config, machine))
+            .await
+            .map_err(|e| Error::Config(format!("open task failed: {e}")))??;
+        let id = node.id();
+        let (inputs, rx) = mpsc::channel();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (status_tx, status) = watch::channel(RaftStatus {
+            id,
+            role: node.role(),
+            term: node.term(),
+            leader: node.leader_info(),
+            running: true,
+        });
+        let net = NetConfig {
+            max_frame: config.node.max_record_bytes,
+            peer_queue: config.peer_queue,
+            inbound_queue: config.inbound_queue,
+            min_backoff: config.min_backoff,
+            max_backoff: config.max_backoff,
+        };
+        let inbox = Inbox {
+            tx: inputs.clone(),
+            queued: Arc::new(AtomicUsize::new(0)),
+            wrap: Input::Net,
+        };
+        tokio::spawn(network::listen(
+            listener,
+            net.clone(),
+            inbox.clone(),
+            shutdown_rx.clone(),
+        ));
+        let transport = Transport::new(
+            tokio::runtime::Handle::current(),
+            net,
+            inbox.clone(),
+            shutdown_rx,
+        );
+        let address_book: HashMap<u64, String> = config
+            .node
+            .initial_voters
+            .iter()
+            .map(|p| (p.id, p.raft_addr.clone()))
+            .collect();
+        let driver = Driver {
+            node,
+            transport,
+            rx,
+            queued: inbox.queued,
+            status: status_tx,
+            pending: HashMap::new(),
+            gets: Vec::new(),
+            address_book,
+            tick: config.tick_interval,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{id}"))
+            .spawn(move || driver.run())
+            .map_err(|e| Error::io("raft thread", e))?;
+        Ok(RaftMetadataStore {
+            id,
+            inputs,
+            status,
+            shutdown,
+            thread: Mutex::new(Some(thread)),
+            local_addr,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The address the raft listener is bound to.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The leader this node knows, with its service address.
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        self.status.borrow().leader.clone()
+    }
+
+    /// Whether this node is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.status.borrow().role == StateRole::Leader
+    }
+
+    /// The current status.
+    pub fn status(&self) -> RaftStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every role, term or leader change.
+    pub fn subscribe(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until some leader is known, or `timeout` passes.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<LeaderInfo> {
+        let mut rx = self.status.clone();
+        let wait = async {
+            rx.wait_for(|s| s.leader.is_some() || !s.running)
+                .await
+                .map(|s| s.leader.clone())
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(leader)) => leader.ok_or(Error::Shutdown),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::NotLeader { leader: None }),
+        }
+    }
+
+    fn not_leader(&self) -> Option<Error> {
+        let s = self.status.borrow();
+        if !s.running {
+            return Some(Error::Shutdown);
+        }
+        (s.role != StateRole::Leader).then(|| Error::NotLeader {
+            leader: s.leader.clone(),
+        })
+    }
+
+    async fn call(&self, make: impl FnOnce(Reply) -> Input) -> Result<Vec<u8>> {
+        if let Some(e) = self.not_leader() {
+            return Err(e);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(make(tx)).map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// Proposes a state-machine command and returns its response once it is committed and
+    /// applied on this node. Fails fast with [`Error::NotLeader`] on a follower.
+    pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>> {
+        self.call(|r| Input::Command(command, r)).await
+    }
+
+    /// Runs a KV operation through the log.
+    pub async fn kv(&self, op: KvOp) -> Result<KvResult> {
+        let bytes = self.call(|r| Input::Kv(op, r)).await?;
+        Ok(postcard::from_bytes(&bytes)?)
+    }
+
+    async fn membership(&self, change: MembershipChange) -> Result<()> {
+        let bytes = self.call(|r| Input::Membership(change, r)).await?;
+        let result: std::result::Result<(), String> = postcard::from_bytes(&bytes)?;
+        result.map_err(Error::InvalidArgument)
+    }
+
+    /// Adds a non-voting learner; it catches up by snapshot. Start it with `join = true`.
+    pub async fn add_learner(&self, peer: PeerInfo) -> Result<()> {
+        self.membership(MembershipChange::AddLearner(peer)).await
+    }
+
+    /// Promotes a learner to voter.
+    pub async fn promote(&self, id: u64) -> Result<()> {
+        self.membership(MembershipChange::Promote(id)).await
+    }
+
+    /// Removes a node; removing the leader makes it hand leadership over.
+    pub async fn remove_node(&self, id: u64) -> Result<()> {
+        self.membership(MembershipChange::Remove(id)).await
+    }
+
+    /// Asks the leader to hand leadership to `to` (no effect on a follower).
+    pub fn transfer_leader(&self, to: u64) {
+        let _ = self.inputs.send(Input::TransferLeader(to));
+    }
+
+    /// Stops the loop and the transport and waits for the loop thread. Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self.inputs.send(Input::Shutdown);
+        let _ = self.shutdown.send(true);
+        let handle = self.thread.lock().expect("thread lock").take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+impl Drop for RaftMetadataStore {
+    fn drop(&mut self) {
+        let _ = self.inputs.send(Input::Shutdown);
+        let _ = self.shutdown.send(true);
+    }
+}
+
+#[async_trait]
+impl MetadataStore for RaftMetadataStore {
+    /// Served from this node's applied state (see the module docs for staleness).
+    async fn get(&self, key: &str) -> mooncake_core::Result<Option<Versioned>> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Get(key.to_owned(), tx))
+            .map_err(|_| Error::Shutdown)?;
+        Ok(rx.await.map_err(|_| Error::Shutdown)?)
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> mooncake_core::Result<u64> {
+        let key = key.to_owned();
+        match self.kv(KvOp::Put { key, value }).await? {
+            KvResult::Put(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> mooncake_core::Result<bool> {
+        let key = key.to_owned();
+        match self.kv(KvOp::Delete { key }).await? {
+            KvResult::Delete(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Option<Vec<u8>>,
+    ) -> mooncake_core::Result<Option<u64>> {
+        let key = key.to_owned();
+        let op = KvOp::Cas {
+            key,
+            expected,
+            value,
+        };
+        match self.kv(op).await? {
+            KvResult::Cas(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> mooncake_core::Result<Vec<(String, Versioned)>> {
+        let prefix = prefix.to_owned();
+        match self.kv(KvOp::List { prefix }).await? {
+            KvResult::List(items) => Ok(items
+                .into_iter()
+                .map(|(k, value, revision)| (k, Versioned { value, revision }))
+                .collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn apply_command(&self, command: Vec<u8>) -> mooncake_core::Result<Vec<u8>> {
+        Ok(self.propose(command).await?)
+    }
+}
+
+fn unexpected(r: KvResult) -> mooncake_core::Error {
+    mooncake_core::Error::Metadata(format!("unexpected kv result {r:?}"))
+}
+
+/// The loop thread's state.
+struct Driver {
+    node: RaftNode,
+    transport: Transport<Input>,
+    rx: mpsc::Receiver<Input>,
+    queued: Arc<AtomicUsize>,
+    status: watch::Sender<RaftStatus>,
+    pending: HashMap<ProposalId, Reply>,
+    gets: Vec<(String, oneshot::Sender<Option<Versioned>>)>,
+    address_book: HashMap<u64, String>,
+    tick: Duration,
+}
+
+impl Driver {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick;
+        let result = loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.rx.recv_timeout(wait) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            };
+            let mut stop = false;
+            let mut budget = 65_536;
+            let mut next = first;
+            while let Some(input) = next {
+                if self.handle(input) {
+                    stop = true;
+                    break;
+                }
+                budget -= 1;
+                next = if budget > 0 {
+                    self.rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if stop {
+                break Ok(());
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.tick();
+                next_tick = (next_tick + self.tick).max(now);
+            }
+            if let Err(e) = self.ready() {
+                break Err(e);
+            }
+        };
+        if let Err(e) = &result {
+            tracing::error!(node = self.node.id(), error = %e, "raft loop stopped on a fatal error");
+        }
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(Error::Shutdown));
+        }
+        self.status.send_modify(|s| s.running = false);
+    }
+
+    /// Handles one input; returns `true` to stop.
+    fn handle(&mut self, input: Input) -> bool {
+        let proposed = match input {
+            Input::Net(NetEvent::Message(m)) => {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                if let Err(e) = self.node.step(m) {
+                    tracing::debug!(error = %e, "raft step failed");
+                }
+                return false;
+            }
+            Input::Net(NetEvent::SnapshotStatus { to, delivered }) => {
+                self.node.report_snapshot(to, delivered);
+                return false;
+            }
+            Input::Net(NetEvent::Unreachable(to)) => {
+                self.node.report_unreachable(to);
+                return false;
+            }
+            Input::Get(key, reply) => {
+                self.gets.push((key, reply));
+                return false;
+            }
+            Input::TransferLeader(to) => {
+                self.node.transfer_leader(to);
+                return false;
+            }
+            Input::Shutdown => return true,
+            Input::Command(c, reply) => (self.node.propose(&c), reply),
+            Input::Kv(op, reply) => (self.node.propose_kv(&op), reply),
+            Input::Membership(change, reply) => (self.node.propose_membership(&change), reply),
+        };
+        match proposed {
+            (Ok(id), reply) => {
+                self.pending.insert(id, reply);
+            }
+            (Err(e), reply) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        false
+    }
+
+    fn ready(&mut self) -> Result<()> {
+        let Driver {
+            node,
+            transport,
+            address_book,
+            ..
+        } = self;
+        let out = {
+            let peers = node.peers().clone();
+            let addr_of = |id: u64| {
+                peers
+                    .get(&id)
+                    .map(|p| p.raft_addr.clone())
+                    .or_else(|| address_book.get(&id).cloned())
+            };
+            let mut out = node.advance_with(&mut |msgs| transport.send(msgs, &addr_of))?;
+            transport.send(std::mem::take(&mut out.messages), &addr_of);
+            out
+        };
+        for a in out.applied {
+            if let Some(reply) = a.id.and_then(|id| self.pending.remove(&id)) {
+                let _ = reply.send(Ok(a.response));
+            }
+        }
+        for (id, e) in out.failed {
+            if let Some(reply) = self.pending.remove(&id) {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+        for (key, reply) in self.gets.drain(..) {
+            let _ = reply.send(self.node.kv().get(&key));
+        }
+        let changed = out.events.iter().any(|e| {
+            matches!(
+                e,
+                RoleEvent::BecameLeader { .. }
+                    | RoleEvent::SteppedDown { .. }
+                    | RoleEvent::LeaderChanged { .. }
+            )
+        });
+        let term = self.node.term();
+        if changed || self.status.borrow().term != term {
+            let status = RaftStatus {
+                id: self.node.id(),
+                role: self.node.role(),
+                term,
+                leader: self.node.leader_info(),
+                running: true,
+            };
+            self.status.send_if_modified(|s| {
+                let modified = *s != status;
+                *s = status;
+                modified
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! Deterministic cluster tests: sans-IO raft nodes over a simulated network, manual ticks, no
+//! sleeps.
+
+mod common;
+
+use common::{peer, Cluster};
+use mooncake_meta_raft::{KvOp, KvResult, MembershipChange, ProposalError};
+
+#[test]
+fn elects_one_leader_and_replicates() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    for i in 0..20u8 {
+        let r = c.propose_and_wait(l, &[i]);
+        assert_eq!(r, (i as u64).to_le_bytes());
+    }
+    c.ticks(3);
+    for id in 1..=3 {
+        assert_eq!(c.machines[&id].items().len(), 20, "node {id}");
+    }
+    c.check_prefix_agreement();
+}
+
+#[test]
+fn followers_refuse_proposals_with_a_leader_hint() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let f = (1..=3).find(|&i| i != l).unwrap();
+    let err = c.node_mut(f).propose(b"x").unwrap_err();
+    match err {
+        mooncake_meta_raft::Error::NotLeader { leader: Some(info) } => {
+            assert_eq!(info.id, l);
+            assert_eq!(info.service_addr, format!("svc:{l}"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn kv_operations_go_through_the_log() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let pid = c
+        .node_mut(l)
+        .propose_kv(&KvOp::Put {
+            key: "a".into(),
+            value: b"1".to_vec(),
+        })
+        .unwrap();
+    c.ticks(2);
+    let a = c.applied[&l].iter().find(|a| a.id == Some(pid)).unwrap();
+    let KvResult::Put(rev) = postcard::from_bytes(&a.response).unwrap() else {
+        panic!()
+    };
+    for id in 1..=3 {
+        assert_eq!(c.node(id).kv().get("a").unwrap().revision, rev);
+    }
+}
+
+#[test]
+fn leader_failure_elects_a_new_leader_that_serves() {
+    let mut c = Cluster::new(3);
+    let l1 = c.wait_leader(&[1, 2, 3]);
+    c.propose_and_wait(l1, b"before");
+    c.crash(l1);
+    let rest: Vec<u64> = (1..=3).filter(|&i| i != l1).collect();
+    let l2 = c.wait_leader(&rest);
+    assert_ne!(l1, l2);
+    c.propose_and_wait(l2, b"after");
+    c.start(l1, false);
+    c.ticks(5);
+    for id in 1..=3 {
+        assert_eq!(
+            c.machines[&id].items(),
+            vec![b"before".to_vec(), b"after".to_vec()],
+            "node {id}"
+        );
+    }
+}
+
+#[test]
+fn partitioned_leader_steps_down_and_acknowledges_nothing() {
+    let mut c = Cluster::new(5);
+    let old = c.wait_leader(&[1, 2, 3, 4, 5]);
+    c.propose_and_wait(old, b"a");
+    c.isolate(old);
+    let pid = c.node_mut(old).propose(b"lost").unwrap();
+    let rest: Vec<u64> = (1..=5).filter(|&i| i != old).collect();
+    let new = c.wait_leader(&rest);
+    // check-quorum: the isolated leader notices within an election timeout.
+    c.ticks(25);
+    assert!(!c.node(old).is_leader(), "old leader still leads");
+    assert!(c.applied[&old].iter().all(|a| a.id != Some(pid)));
+    assert!(c.failed[&old]
+        .iter()
+        .any(|(p, e)| *p == pid && *e == ProposalError::LeadershipLost));
+    c.propose_and_wait(new, b"b");
+    c.heal();
+    c.ticks(10);
+    for id in 1..=5 {
+        assert_eq!(c.machines[&id].items(), vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+    c.check_prefix_agreement();
+}
+
+#[test]
+fn minority_partition_makes_no_progress_and_heals() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let others: Vec<u64> = (1..=3).filter(|&i| i != l).collect();
+    // Leader keeps one follower: majority stays with it.
+    c.partition(&[l, others[0]], &[others[1]]);
+    c.propose_and_wait(l, b"x");
+    c.ticks(30);
+    assert!(c.node(l).is_leader());
+    assert_eq!(c.machines[&others[1]].items().len(), 0);
+    c.heal();
+    c.ticks(5);
+    assert_eq!(c.machines[&others[1]].items(), vec![b"x".to_vec()]);
+}
+
+#[test]
+fn lagging_follower_catches_up_by_snapshot() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_threshold = 10);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let lag = (1..=3).find(|&i| i != l).unwrap();
+    c.isolate(lag);
+    for i in 0..40u8 {
+        c.propose_and_wait(l, &[i]);
+    }
+    assert!(c.node(l).first_index() > 20, "leader compacted its log");
+    c.heal();
+    c.ticks(10);
+    assert_eq!(c.machines[&lag].items().len(), 40);
+    assert!(
+        c.node(lag).snapshot_index() > 1,
+        "lagging node installed a snapshot"
+    );
+    c.check_prefix_agreement();
+    // And it restarts from that snapshot plus its log.
+    c.crash(lag);
+    c.start(lag, false);
+    c.node_mut(lag).advance().unwrap();
+    assert_eq!(c.machines[&lag].items().len(), 40);
+}
+
+#[test]
+fn membership_add_learner_promote_and_remove_leader() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    c.propose_and_wait(l, b"one");
+    c.start(4, true);
+    let pid = c
+        .node_mut(l)
+        .propose_membership(&MembershipChange::AddLearner(peer(4)))
+        .unwrap();
+    c.ticks(5);
+    assert!(c.applied[&l].iter().any(|a| a.id == Some(pid)));
+    assert_eq!(c.node(l).membership().1, vec![4]);
+    assert_eq!(c.machines[&4].items(), vec![b"one".to_vec()]);
+    assert_eq!(c.node(4).peers()[&4].service_addr, "svc:4");
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::Promote(4))
+        .unwrap();
+    c.ticks(5);
+    let mut voters = c.node(4).membership().0;
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 3, 4]);
+    // Remove the leader itself: it hands leadership over.
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::Remove(l))
+        .unwrap();
+    c.ticks(5);
+    let rest: Vec<u64> = (1..=4).filter(|&i| i != l).collect();
+    let new = c.wait_leader(&rest);
+    assert_ne!(new, l);
+    assert!(c.node(l).is_removed());
+    c.propose_and_wait(new, b"two");
+    c.ticks(30);
+    assert!(!c.node(l).is_leader());
+    for id in rest {
+        assert_eq!(
+            c.machines[&id].items(),
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
+    }
+}
+
+#[test]
+fn node_restarts_from_disk() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    for i in 0..5u8 {
+        c.propose_and_wait(l, &[i]);
+    }
+    c.ticks(2);
+    let f = (1..=3).find(|&i| i != l).unwrap();
+    c.crash(f);
+    c.start(f, false);
+    // Replayed from its own log before hearing from anyone.
+    c.node_mut(f).advance().unwrap();
+    assert_eq!(c.machines[&f].items().len(), 5);
+    c.propose_and_wait(l, b"x");
+    c.ticks(2);
+    assert_eq!(c.machines[&f].items().len(), 6);
+}
+
+#[test]
+fn whole_group_restart_keeps_every_committed_entry() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_threshold = 7);
+    let l = c.wait_leader(&[1, 2, 3]);
+    for i in 0..20u8 {
+        c.propose_and_wait(l, &[i]);
+    }
+    let committed = c.machines[&l].items();
+    for id in 1..=3 {
+        c.crash(id);
+    }
+    for id in 1..=3 {
+        c.start(id, false);
+    }
+    let l2 = c.wait_leader(&[1, 2, 3]);
+    c.propose_and_wait(l2, b"after");
+    c.ticks(3);
+    for id in 1..=3 {
+        let items = c.machines[&id].items();
+        assert_eq!(items[..20], committed[..], "node {id}");
+        assert_eq!(items.len(), 21);
+    }
+}
+
+fn wal_path(c: &Cluster, id: u64) -> std::path::PathBuf {
+    c.dir.path().join(format!("n{id}")).join("raft.wal")
+}
+
+#[test]
+fn torn_tail_past_commit_is_dropped_with_a_warning() {
+    let mut c = Cluster::new(1);
+    let l = c.wait_leader(&[1]);
+    c.propose_and_wait(l, b"kept");
+    c.crash(1);
+    // Append half of a record, as a crash during a write would leave it.
+    let path = wal_path(&c, 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let good_len = bytes.len() as u64;
+    bytes.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 5]);
+    std::fs::write(&path, &bytes).unwrap();
+    c.start(1, false);
+    assert_eq!(c.node(1).recovery().dropped_tail, Some((good_len, 9)));
+    c.node_mut(1).advance().unwrap();
+    assert_eq!(c.machines[&1].items(), vec![b"kept".to_vec()]);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+}
+
+#[test]
+fn truncated_committed_entries_are_a_hard_error() {
+    let mut c = Cluster::new(1);
+    let l = c.wait_leader(&[1]);
+    for i in 0..10u8 {
+        c.propose_and_wait(l, &[i; 100]);
+    }
+    c.crash(1);
+    let path = wal_path(&c, 1);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let err = c.try_start(1).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, mooncake_meta_raft::Error::Corrupt { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("committed") && msg.contains("raft.wal"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn flipped_byte_in_the_middle_is_a_hard_error() {
+    let mut c = Cluster::new(1);
+    let l = c.wait_leader(&[1]);
+    for i in 0..10u8 {
+        c.propose_and_wait(l, &[i; 100]);
+    }
+    c.crash(1);
+    let path = wal_path(&c, 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = c.try_start(1).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("corrupt") && msg.contains("offset"), "{msg}");
+}
+
+#[test]
+fn flipped_byte_in_the_committed_last_record_is_a_hard_error() {
+    let mut c = Cluster::new(1);
+    let l = c.wait_leader(&[1]);
+    c.propose_and_wait(l, &[7; 100]);
+    c.crash(1);
+    let path = wal_path(&c, 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = c.try_start(1).unwrap_err();
+    assert!(err.to_string().contains("committed"), "{err}");
+}

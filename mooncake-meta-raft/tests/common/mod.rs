@@ -1,0 +1,349 @@
+//! Shared test support: a list state machine, temporary directories and a simulated network
+//! of sans-IO raft nodes driven by manual ticks.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mooncake_core::StateMachine;
+use mooncake_meta_raft::raft::prelude::MessageType;
+use mooncake_meta_raft::{
+    Applied, Message, NodeConfig, PeerInfo, ProposalError, ProposalId, RaftNode,
+};
+
+/// An append-only list of commands; the response to a command is its position (u64 LE).
+#[derive(Clone, Default)]
+pub struct ListMachine(pub Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl StateMachine for ListMachine {
+    fn apply(&mut self, command: &[u8]) -> Vec<u8> {
+        let mut l = self.0.lock().unwrap();
+        l.push(command.to_vec());
+        (l.len() as u64 - 1).to_le_bytes().to_vec()
+    }
+    fn snapshot(&self) -> mooncake_core::Result<Vec<u8>> {
+        Ok(postcard::to_allocvec(&*self.0.lock().unwrap())?)
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> mooncake_core::Result<()> {
+        let l: Vec<Vec<u8>> = postcard::from_bytes(snapshot)?;
+        *self.0.lock().unwrap() = l;
+        Ok(())
+    }
+}
+
+impl ListMachine {
+    pub fn items(&self) -> Vec<Vec<u8>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "mooncake-raft-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn peer(id: u64) -> PeerInfo {
+    PeerInfo {
+        id,
+        raft_addr: format!("sim:{id}"),
+        service_addr: format!("svc:{id}"),
+    }
+}
+
+/// A tiny deterministic RNG (xorshift64*).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// In-process cluster over a simulated network.
+pub struct Cluster {
+    pub dir: TempDir,
+    pub nodes: BTreeMap<u64, Option<RaftNode>>,
+    pub machines: BTreeMap<u64, ListMachine>,
+    pub voters: Vec<PeerInfo>,
+    pub queue: VecDeque<Message>,
+    /// Links (from, to) that drop everything.
+    pub cut: BTreeSet<(u64, u64)>,
+    /// Percentage of messages dropped at random.
+    pub drop_percent: u64,
+    pub rng: Rng,
+    pub leaders_by_term: BTreeMap<u64, u64>,
+    pub applied: BTreeMap<u64, Vec<Applied>>,
+    pub failed: BTreeMap<u64, Vec<(ProposalId, ProposalError)>>,
+    pub tweak: fn(&mut NodeConfig),
+}
+
+impl Cluster {
+    pub fn new(n: u64) -> Self {
+        Self::with_config(n, |_| {})
+    }
+
+    pub fn with_config(n: u64, tweak: fn(&mut NodeConfig)) -> Self {
+        let mut c = Cluster {
+            dir: TempDir::new("sim"),
+            nodes: BTreeMap::new(),
+            machines: BTreeMap::new(),
+            voters: (1..=n).map(peer).collect(),
+            queue: VecDeque::new(),
+            cut: BTreeSet::new(),
+            drop_percent: 0,
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+            leaders_by_term: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            tweak,
+        };
+        for id in 1..=n {
+            c.start(id, false);
+        }
+        c
+    }
+
+    pub fn config(&self, id: u64, join: bool) -> NodeConfig {
+        let mut cfg = NodeConfig::new(
+            id,
+            self.dir.path().join(format!("n{id}")),
+            self.voters.clone(),
+        );
+        cfg.join = join;
+        (self.tweak)(&mut cfg);
+        cfg
+    }
+
+    /// Starts (or restarts from its data dir) node `id` with a fresh state machine.
+    pub fn start(&mut self, id: u64, join: bool) {
+        let m = ListMachine::default();
+        let node = RaftNode::open(self.config(id, join), Box::new(m.clone())).unwrap();
+        self.machines.insert(id, m);
+        self.nodes.insert(id, Some(node));
+    }
+
+    pub fn try_start(&mut self, id: u64) -> mooncake_meta_raft::Result<()> {
+        let m = ListMachine::default();
+        let node = RaftNode::open(self.config(id, false), Box::new(m.clone()))?;
+        self.machines.insert(id, m);
+        self.nodes.insert(id, Some(node));
+        Ok(())
+    }
+
+    pub fn crash(&mut self, id: u64) {
+        self.nodes.insert(id, None);
+        self.queue.retain(|m| m.to != id && m.from != id);
+    }
+
+    pub fn node(&self, id: u64) -> &RaftNode {
+        self.nodes[&id].as_ref().expect("node is running")
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut RaftNode {
+        self.nodes
+            .get_mut(&id)
+            .unwrap()
+            .as_mut()
+            .expect("node is running")
+    }
+
+    pub fn live(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn isolate(&mut self, id: u64) {
+        for other in self.nodes.keys().copied().collect::<Vec<_>>() {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    pub fn partition(&mut self, a: &[u64], b: &[u64]) {
+        for &x in a {
+            for &y in b {
+                self.cut.insert((x, y));
+                self.cut.insert((y, x));
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn blocked(&mut self, m: &Message) -> bool {
+        self.cut.contains(&(m.from, m.to))
+            || self.nodes.get(&m.to).is_none_or(|n| n.is_none())
+            || (self.drop_percent > 0 && self.rng.chance(self.drop_percent))
+    }
+
+    /// Advances every live node once and queues its messages.
+    pub fn advance_all(&mut self) {
+        for id in self.live() {
+            let out = self.node_mut(id).advance().unwrap();
+            let node = self.node(id);
+            if node.is_leader() {
+                let term = node.term();
+                let prev = *self.leaders_by_term.entry(term).or_insert(id);
+                assert_eq!(prev, id, "two leaders in term {term}: {prev} and {id}");
+            }
+            self.applied.entry(id).or_default().extend(out.applied);
+            self.failed.entry(id).or_default().extend(out.failed);
+            for m in out.messages {
+                if std::env::var("SIM_TRACE").is_ok()
+                    && m.get_msg_type() != MessageType::MsgHeartbeat
+                    && m.get_msg_type() != MessageType::MsgHeartbeatResponse
+                {
+                    eprintln!(
+                        "{} -> {} {:?} term {} idx {} commit {} reject {}",
+                        m.from,
+                        m.to,
+                        m.get_msg_type(),
+                        m.term,
+                        m.index,
+                        m.commit,
+                        m.reject
+                    );
+                }
+                self.queue.push_back(m);
+            }
+        }
+    }
+
+    /// Delivers queued messages (and the ones they cause) until the network is quiet.
+    pub fn settle(&mut self) {
+        for _ in 0..200 {
+            self.advance_all();
+            if self.queue.is_empty() {
+                return;
+            }
+            while let Some(m) = self.queue.pop_front() {
+                let is_snap = m.get_msg_type() == MessageType::MsgSnapshot;
+                let (from, to) = (m.from, m.to);
+                let blocked = self.blocked(&m);
+                if !blocked {
+                    self.node_mut(to).step(m).unwrap();
+                }
+                if is_snap {
+                    if let Some(Some(n)) = self.nodes.get_mut(&from) {
+                        n.report_snapshot(to, !blocked);
+                    }
+                }
+            }
+        }
+        panic!("the network did not settle");
+    }
+
+    pub fn tick(&mut self) {
+        for id in self.live() {
+            self.node_mut(id).tick();
+        }
+        self.settle();
+    }
+
+    pub fn ticks(&mut self, n: usize) {
+        for _ in 0..n {
+            self.tick();
+        }
+    }
+
+    pub fn leader(&self) -> Option<u64> {
+        self.live()
+            .into_iter()
+            .find(|&id| self.node(id).is_leader())
+    }
+
+    /// Ticks until some node of `among` leads and every live node in `among` knows it.
+    pub fn wait_leader(&mut self, among: &[u64]) -> u64 {
+        for _ in 0..500 {
+            self.tick();
+            let leaders: Vec<u64> = among
+                .iter()
+                .copied()
+                .filter(|id| self.nodes[id].as_ref().is_some_and(|n| n.is_leader()))
+                .collect();
+            if let [l] = leaders[..] {
+                if among.iter().all(|id| {
+                    self.nodes[id]
+                        .as_ref()
+                        .is_none_or(|n| n.leader_id() == Some(l))
+                }) {
+                    return l;
+                }
+            }
+        }
+        panic!("no leader elected among {among:?}");
+    }
+
+    /// Proposes on `id`, then runs until the proposal is applied there; returns the response.
+    pub fn propose_and_wait(&mut self, id: u64, data: &[u8]) -> Vec<u8> {
+        let pid = self.node_mut(id).propose(data).unwrap();
+        for _ in 0..50 {
+            self.settle();
+            if let Some(a) = self.applied[&id].iter().find(|a| a.id == Some(pid)) {
+                return a.response.clone();
+            }
+            if self.failed[&id].iter().any(|(p, _)| *p == pid) {
+                panic!("proposal failed");
+            }
+            self.tick();
+        }
+        panic!("proposal {pid:?} not applied on {id}");
+    }
+
+    /// Every pair of state machines agrees on their common prefix.
+    pub fn check_prefix_agreement(&self) {
+        let lists: Vec<(u64, Vec<Vec<u8>>)> = self
+            .machines
+            .iter()
+            .filter(|(id, _)| self.nodes.get(id).is_some_and(|n| n.is_some()))
+            .map(|(id, m)| (*id, m.items()))
+            .collect();
+        for (a, la) in &lists {
+            for (b, lb) in &lists {
+                let n = la.len().min(lb.len());
+                assert_eq!(
+                    la[..n],
+                    lb[..n],
+                    "nodes {a} and {b} disagree on committed entries"
+                );
+            }
+        }
+    }
+}

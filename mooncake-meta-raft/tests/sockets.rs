@@ -1,0 +1,150 @@
+//! Three real `RaftMetadataStore`s over loopback TCP: election, serving through the leader,
+//! leader loss, restart from the data directory and catch-up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ListMachine, TempDir};
+use mooncake_core::{ErrorCode, MetadataStore};
+use mooncake_meta_raft::{leader_hint, NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(dir: &TempDir, id: u64, voters: &[PeerInfo]) -> StoreConfig {
+    let node = NodeConfig::new(id, dir.path().join(format!("n{id}")), voters.to_vec());
+    let me = &voters[(id - 1) as usize];
+    let mut c = StoreConfig::new(node, me.raft_addr.clone());
+    c.tick_interval = Duration::from_millis(20);
+    c.min_backoff = Duration::from_millis(10);
+    c.max_backoff = Duration::from_millis(100);
+    c
+}
+
+async fn leader_of(stores: &[Option<RaftMetadataStore>]) -> usize {
+    for _ in 0..500 {
+        let leaders: Vec<usize> = stores
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.is_leader()))
+            .map(|(i, _)| i)
+            .collect();
+        if let [i] = leaders[..] {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no single leader");
+}
+
+async fn wait_len(m: &ListMachine, n: usize) {
+    for _ in 0..500 {
+        if m.items().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("machine has {} items, wanted {n}", m.items().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_tcp_survive_leader_loss() {
+    tokio::time::timeout(Duration::from_secs(60), scenario())
+        .await
+        .expect("socket test timed out");
+}
+
+async fn scenario() {
+    let dir = TempDir::new("tcp");
+    let voters: Vec<PeerInfo> = (1..=3)
+        .map(|id| PeerInfo {
+            id,
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            service_addr: format!("127.0.0.1:{}", 50_000 + id),
+        })
+        .collect();
+    let machines: Vec<ListMachine> = (0..3).map(|_| ListMachine::default()).collect();
+    let mut stores: Vec<Option<RaftMetadataStore>> = Vec::new();
+    for id in 1..=3u64 {
+        let m = machines[(id - 1) as usize].clone();
+        stores.push(Some(
+            RaftMetadataStore::start(config(&dir, id, &voters), Box::new(m))
+                .await
+                .unwrap(),
+        ));
+    }
+    let l = leader_of(&stores).await;
+    let leader = stores[l].as_ref().unwrap();
+    for i in 0..10u64 {
+        let r = leader.apply_command(vec![i as u8]).await.unwrap();
+        assert_eq!(r, i.to_le_bytes());
+    }
+    let rev = leader.put("k/a", b"1".to_vec()).await.unwrap();
+    assert_eq!(leader.get("k/a").await.unwrap().unwrap().revision, rev);
+    assert_eq!(
+        leader
+            .compare_and_swap("k/a", rev, Some(b"2".to_vec()))
+            .await
+            .unwrap(),
+        Some(rev + 1)
+    );
+    assert_eq!(leader.list("k/").await.unwrap().len(), 1);
+
+    // A follower refuses with the leader's service address.
+    let f = (0..3).find(|&i| i != l).unwrap();
+    let follower = stores[f].as_ref().unwrap();
+    for _ in 0..100 {
+        if follower.leader().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = follower.apply_command(vec![99]).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS);
+    assert_eq!(
+        leader_hint(&err),
+        Some(Some(voters[l].service_addr.clone()))
+    );
+    wait_len(&machines[f], 10).await;
+    assert_eq!(follower.get("k/a").await.unwrap().unwrap().value, b"2");
+
+    // Kill the leader: a new one is elected and serves.
+    let old = stores[l].take().unwrap();
+    let mut watch = stores[f].as_ref().unwrap().subscribe();
+    old.shutdown().await;
+    drop(old);
+    let l2 = leader_of(&stores).await;
+    assert_ne!(l2, l);
+    watch
+        .wait_for(|s| s.leader.as_ref().is_some_and(|x| x.id == (l2 + 1) as u64))
+        .await
+        .unwrap();
+    for i in 10..20u64 {
+        let r = stores[l2]
+            .as_ref()
+            .unwrap()
+            .apply_command(vec![i as u8])
+            .await
+            .unwrap();
+        assert_eq!(r, i.to_le_bytes());
+    }
+
+    // Restart the old leader from its data directory: it catches up.
+    let m = ListMachine::default();
+    stores[l] = Some(
+        RaftMetadataStore::start(config(&dir, (l + 1) as u64, &voters), Box::new(m.clone()))
+            .await
+            .unwrap(),
+    );
+    wait_len(&m, 20).await;
+    assert_eq!(m.items(), machines[l2].items());
+    for s in stores.iter().flatten() {
+        s.shutdown().await;
+    }
+}
