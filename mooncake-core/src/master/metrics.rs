@@ -21,6 +21,9 @@ pub struct Counters {
     pub put_revokes: u64,
     /// Unfinished writes taken over by a later PutStart.
     pub puts_taken_over: u64,
+    /// PutStarts repeated by the writer of a write in progress (answered with its reservation).
+    #[serde(default)]
+    pub put_retries: u64,
     /// Abandoned writes reclaimed by the timeout handler.
     pub puts_reclaimed: u64,
     /// GetReplicaList requests.
@@ -110,6 +113,7 @@ impl MasterMetrics {
             ("put_ends", c.put_ends),
             ("put_revokes", c.put_revokes),
             ("puts_taken_over", c.puts_taken_over),
+            ("put_retries", c.put_retries),
             ("puts_reclaimed", c.puts_reclaimed),
             ("get_requests", c.get_requests),
             ("get_hits", c.get_hits),

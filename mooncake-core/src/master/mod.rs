@@ -149,6 +149,32 @@ impl Master {
         })
     }
 
+    /// PutStart for each item; a key repeated within the batch is refused as an existing key
+    /// (`OBJECT_ALREADY_EXISTS` for a put, `OBJECT_REPLICA_BUSY` for an upsert), so one batch never
+    /// writes two values into one reservation.
+    fn batch_put_start(
+        &mut self,
+        now: Timestamp,
+        client: ClientId,
+        items: &[PutItem],
+        config: &ReplicateConfig,
+        kind: WriteKind,
+    ) -> Vec<Result<PutStartResponse, ErrorCode>> {
+        let mut seen = BTreeSet::new();
+        items
+            .iter()
+            .map(|i| {
+                if !seen.insert(i.key.as_str()) {
+                    return Err(match kind {
+                        WriteKind::Put => ErrorCode::OBJECT_ALREADY_EXISTS,
+                        WriteKind::Upsert => ErrorCode::OBJECT_REPLICA_BUSY,
+                    });
+                }
+                self.put_start(now, client, &i.key, i.size, config, kind)
+            })
+            .collect()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &MasterConfig {
         &self.config
@@ -210,26 +236,24 @@ impl Master {
                 client_id,
                 items,
                 config,
-            } => Response::PutStartBatch(
-                items
-                    .iter()
-                    .map(|i| {
-                        self.put_start(now, client_id, &i.key, i.size, &config, WriteKind::Put)
-                    })
-                    .collect(),
-            ),
+            } => Response::PutStartBatch(self.batch_put_start(
+                now,
+                client_id,
+                &items,
+                &config,
+                WriteKind::Put,
+            )),
             Command::BatchUpsertStart {
                 client_id,
                 items,
                 config,
-            } => Response::PutStartBatch(
-                items
-                    .iter()
-                    .map(|i| {
-                        self.put_start(now, client_id, &i.key, i.size, &config, WriteKind::Upsert)
-                    })
-                    .collect(),
-            ),
+            } => Response::PutStartBatch(self.batch_put_start(
+                now,
+                client_id,
+                &items,
+                &config,
+                WriteKind::Upsert,
+            )),
             Command::PutEnd { client_id, key } => {
                 Response::Unit(self.put_end(now, client_id, &key))
             }

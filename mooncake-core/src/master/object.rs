@@ -62,6 +62,10 @@ pub(crate) struct Object {
     pub(crate) pin: Pin,
     /// The unfinished copy/move task on this object, if any (at most one).
     pub(crate) task: Option<TaskId>,
+    /// The client whose PutEnd committed the current value, so a retried PutEnd (its answer was
+    /// lost, say in a master failover) succeeds instead of failing.
+    #[serde(default)]
+    pub(crate) committed_by: Option<ClientId>,
 }
 
 impl Object {

@@ -102,6 +102,16 @@ impl Master {
                 return Err(ErrorCode::OBJECT_ALREADY_EXISTS);
             }
             if let Some(p) = &obj.pending {
+                if p.client == client && p.kind == kind && p.size == size {
+                    // The same writer asks again (its answer was lost, say in a master
+                    // failover): hand back the same reservation rather than a refusal that
+                    // the writer would read as "nothing to write".
+                    let replicas = p.replicas.clone();
+                    self.counters.put_retries += 1;
+                    return Ok(PutStartResponse {
+                        replicas: self.descriptors(&replicas, size),
+                    });
+                }
                 if now.since(p.started_at) < self.config.put_takeover_ms {
                     return Err(match kind {
                         WriteKind::Put => ErrorCode::OBJECT_ALREADY_EXISTS,
@@ -166,6 +176,7 @@ impl Master {
                         lease: LeaseDeadline::default(),
                         pin: Pin::None,
                         task: None,
+                        committed_by: None,
                     },
                 );
             }
@@ -193,7 +204,14 @@ impl Master {
         key: &str,
     ) -> Result<(), ErrorCode> {
         let default_soft_ttl = self.config.default_kv_soft_pin_ttl_ms;
+        if let Some(obj) = self.objects.get(key) {
+            if obj.pending.is_none() && obj.committed_by == Some(client) {
+                // A retry of a PutEnd that already committed (its answer was lost).
+                return Ok(());
+            }
+        }
         let obj = self.owned_pending(client, key)?;
+        obj.committed_by = Some(client);
         let mut p = obj.pending.take().expect("checked");
         for r in &mut p.replicas {
             r.set(ReplicaStatus::Complete);
