@@ -34,6 +34,50 @@ pub struct MasterOptions {
     pub metrics_port: u16,
     /// Serve metrics at all (`--enable_metric_reporting`, default true).
     pub enable_metrics: bool,
+    /// Membership in a Raft master group (`--raft_id`, `--raft_peers`, `--raft_data_dir`);
+    /// `None` runs a single master with its state in memory.
+    pub raft: Option<RaftOptions>,
+}
+
+/// This master's place in a Raft master group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftOptions {
+    /// This member's id (`--raft_id`, non-zero).
+    pub id: u64,
+    /// Every member: id, Raft address, RPC address (`--raft_peers
+    /// 1=127.0.0.1:7001/127.0.0.1:50051,2=...`). The same list on every member.
+    pub peers: Vec<(u64, String, String)>,
+    /// Where the log, hard state and snapshots live (`--raft_data_dir`, default
+    /// `mooncake-raft-<id>`).
+    pub data_dir: std::path::PathBuf,
+}
+
+/// Parses `--raft_peers`: `id=raft_host:port/rpc_host:port`, comma-separated.
+pub fn parse_raft_peers(value: &str) -> Result<Vec<(u64, String, String)>> {
+    let bad = |m: String| Error::InvalidArgument(format!("--raft_peers: {m}"));
+    let mut peers: Vec<(u64, String, String)> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addrs) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{item:?} is not id=raft_addr/rpc_addr")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or_else(|| bad(format!("{id:?} is not a non-zero id")))?;
+        let (raft, rpc) = addrs
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{item:?} lacks the /rpc_addr part")))?;
+        if peers.iter().any(|p| p.0 == id) {
+            return Err(bad(format!("id {id} appears twice")));
+        }
+        peers.push((id, raft.trim().to_owned(), rpc.trim().to_owned()));
+    }
+    if peers.is_empty() {
+        return Err(bad("no members".into()));
+    }
+    Ok(peers)
 }
 
 impl Default for MasterOptions {
@@ -47,6 +91,7 @@ impl Default for MasterOptions {
             http_metadata_server_port: 8080,
             metrics_port: 9003,
             enable_metrics: true,
+            raft: None,
         }
     }
 }
@@ -71,6 +116,11 @@ Flags (upstream names; --flag=value or --flag value):
   --allocation_strategy=random           random | free_ratio_first | local_first
   --cluster_id=mooncake_cluster
   --enable_rereplication=true            restore replica_num after a segment is lost
+
+Master group (Raft; every member gets the same --raft_peers):
+  --raft_id=0                            this member's id; 0 runs a single in-memory master
+  --raft_peers=1=HOST:PORT/HOST:PORT,... each member: id=raft_address/rpc_address
+  --raft_data_dir=mooncake-raft-<id>     log, hard state and snapshots
 ";
 
 /// Flags upstream accepts that this master has no use for; accepted with a notice.
@@ -150,6 +200,9 @@ const VALUED: &[&str] = &[
     "eviction_ratio",
     "allocation_strategy",
     "cluster_id",
+    "raft_id",
+    "raft_peers",
+    "raft_data_dir",
 ];
 
 const BOOLS: &[&str] = &[
@@ -165,6 +218,7 @@ const BOOLS: &[&str] = &[
 /// Parses the arguments after the program name.
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     let mut o = MasterOptions::default();
+    let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
     let mut args = args.into_iter().peekable();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" || arg == "-help" {
@@ -216,6 +270,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "allocation_strategy" => m.allocation_strategy = value.parse()?,
             "cluster_id" => m.cluster_id = value,
             "enable_rereplication" => m.enable_rereplication = parse_bool(&name, &value)?,
+            "raft_id" => raft_id = parse_num(&name, &value)?,
+            "raft_peers" => raft_peers = Some(parse_raft_peers(&value)?),
+            "raft_data_dir" => raft_dir = Some(std::path::PathBuf::from(value)),
             other if IGNORED.contains(&other) => {
                 tracing::info!("--{other} is accepted for compatibility and has no effect");
             }
@@ -227,6 +284,31 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
         }
     }
     o.master.validate()?;
+    o.raft = match (raft_id, raft_peers) {
+        (0, None) => None,
+        (0, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "--raft_peers needs --raft_id (this member's id)".into(),
+            ))
+        }
+        (_, None) => {
+            return Err(Error::InvalidArgument(
+                "--raft_id needs --raft_peers (every member of the group)".into(),
+            ))
+        }
+        (id, Some(peers)) => {
+            if !peers.iter().any(|p| p.0 == id) {
+                return Err(Error::InvalidArgument(format!(
+                    "--raft_id {id} is not among --raft_peers"
+                )));
+            }
+            Some(RaftOptions {
+                id,
+                peers,
+                data_dir: raft_dir.unwrap_or_else(|| format!("mooncake-raft-{id}").into()),
+            })
+        }
+    };
     Ok(Parsed::Run(Box::new(o)))
 }
 
@@ -248,7 +330,10 @@ pub struct Listening {
 
 /// Starts the master's servers on the current runtime; they run until the service shuts down.
 pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Listening)> {
-    let service = MasterService::new(options.master.clone(), ServiceConfig::default())?;
+    let service = match &options.raft {
+        None => MasterService::new(options.master.clone(), ServiceConfig::default())?,
+        Some(raft) => start_member(options, raft).await?,
+    };
     let rpc = service
         .serve_rpc(socket(&options.rpc_address, options.rpc_port)?)
         .await?;
@@ -298,6 +383,34 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
     Ok((service, listening))
 }
 
+#[cfg(feature = "raft")]
+async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc<MasterService>> {
+    use mooncake_meta_raft::{NodeConfig, PeerInfo, StoreConfig};
+    let voters: Vec<PeerInfo> = raft
+        .peers
+        .iter()
+        .map(|(id, raft_addr, service_addr)| PeerInfo {
+            id: *id,
+            raft_addr: raft_addr.clone(),
+            service_addr: service_addr.clone(),
+        })
+        .collect();
+    let me = voters
+        .iter()
+        .find(|p| p.id == raft.id)
+        .map(|p| p.raft_addr.clone())
+        .ok_or_else(|| Error::InvalidArgument(format!("raft id {} not among peers", raft.id)))?;
+    let config = StoreConfig::new(NodeConfig::new(raft.id, raft.data_dir.clone(), voters), me);
+    MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await
+}
+
+#[cfg(not(feature = "raft"))]
+async fn start_member(_: &MasterOptions, _: &RaftOptions) -> Result<Arc<MasterService>> {
+    Err(Error::NotSupported(
+        "this build has no Raft support (enable the `raft` feature)".into(),
+    ))
+}
+
 /// Runs a master until `stop` resolves: prints where it listens, serves, then shuts down.
 pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Result<()> {
     let (service, l) = start(&options).await?;
@@ -308,7 +421,7 @@ pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Resu
         l.metrics.map_or("off".into(), |a| a.to_string()),
     );
     stop.await;
-    service.shutdown();
+    service.shutdown_raft().await;
     println!("mooncake_master stopped");
     Ok(())
 }
@@ -431,6 +544,11 @@ mod tests {
             &["--eviction_ratio=2"],
             &["--rpc_port"],
             &["stray"],
+            &["--raft_id=3", "--raft_peers=1=a:1/b:2"],
+            &["--raft_id=1"],
+            &["--raft_peers=1=a:1/b:2"],
+            &["--raft_id=1", "--raft_peers=1=a:1"],
+            &["--raft_id=1", "--raft_peers=1=a:1/b:2,1=c:3/d:4"],
         ] {
             let e = parse(bad).unwrap_err();
             assert!(!e.to_string().is_empty(), "{bad:?}");

@@ -119,6 +119,9 @@ pub struct MasterService {
     log: Arc<dyn MetadataStore>,
     config: ServiceConfig,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The Raft group this master belongs to, when it is replicated.
+    #[cfg(feature = "raft")]
+    raft: Option<Arc<mooncake_meta_raft::RaftMetadataStore>>,
 }
 
 impl std::fmt::Debug for MasterService {
@@ -142,9 +145,61 @@ impl MasterService {
             log,
             config: service,
             tasks: Mutex::new(Vec::new()),
+            #[cfg(feature = "raft")]
+            raft: None,
         });
         svc.start_timers();
         Ok(svc)
+    }
+
+    /// A master replicated by a Raft group: every command goes through the group's log, only
+    /// the leader serves requests (others answer [`MasterReply::NotLeader`]) and runs the timers,
+    /// and a restarted member recovers its state from its data directory.
+    #[cfg(feature = "raft")]
+    pub async fn with_raft(
+        config: MasterConfig,
+        service: ServiceConfig,
+        raft: mooncake_meta_raft::StoreConfig,
+    ) -> Result<Arc<Self>> {
+        let master = Arc::new(Mutex::new(Master::new(config)?));
+        let store = Arc::new(
+            mooncake_meta_raft::RaftMetadataStore::start(
+                raft,
+                Box::new(SharedMaster(master.clone())),
+            )
+            .await?,
+        );
+        let svc = Arc::new(MasterService {
+            master,
+            log: store.clone(),
+            config: service,
+            tasks: Mutex::new(Vec::new()),
+            raft: Some(store),
+        });
+        svc.start_timers();
+        Ok(svc)
+    }
+
+    /// The Raft group, when this master is replicated.
+    #[cfg(feature = "raft")]
+    pub fn raft(&self) -> Option<&Arc<mooncake_meta_raft::RaftMetadataStore>> {
+        self.raft.as_ref()
+    }
+
+    /// `None` when this master may serve requests (it is the leader, or not replicated);
+    /// otherwise the leader's RPC address if known.
+    fn not_leader(&self) -> Option<Option<String>> {
+        #[cfg(feature = "raft")]
+        if let Some(raft) = &self.raft {
+            if !raft.is_leader() {
+                return Some(
+                    raft.leader()
+                        .map(|l| l.service_addr)
+                        .filter(|a| !a.is_empty()),
+                );
+            }
+        }
+        None
     }
 
     /// The metadata store behind the service (segment descriptors of the HTTP metadata server
@@ -179,6 +234,10 @@ impl MasterService {
             loop {
                 interval.tick().await;
                 let Some(svc) = weak.upgrade() else { return };
+                if svc.not_leader().is_some() {
+                    // Followers apply what the leader decides; only the leader acts on time.
+                    continue;
+                }
                 let due = svc
                     .master
                     .lock()
@@ -208,21 +267,41 @@ impl MasterService {
         self.tasks.lock().expect("service tasks").push(task);
     }
 
-    /// Stops timers and servers.
+    /// Stops timers and servers (a Raft member also leaves its group's loop: see
+    /// [`shutdown_raft`](Self::shutdown_raft)).
     pub fn shutdown(&self) {
         for t in self.tasks.lock().expect("service tasks").drain(..) {
             t.abort();
         }
     }
 
+    /// Stops this member's Raft loop and transport, after [`shutdown`](Self::shutdown).
+    pub async fn shutdown_raft(&self) {
+        self.shutdown();
+        #[cfg(feature = "raft")]
+        if let Some(raft) = &self.raft {
+            raft.shutdown().await;
+        }
+    }
+
     async fn handle(&self, request: MasterRequest) -> MasterReply {
+        if let Some(leader) = self.not_leader() {
+            return MasterReply::NotLeader { leader };
+        }
         match request {
             MasterRequest::Apply(command) => match self.apply(command).await {
                 Ok((now, response)) => MasterReply::Applied { now, response },
-                Err(e) => MasterReply::Failed {
-                    code: e.code(),
-                    message: e.to_string(),
-                },
+                Err(e) => {
+                    #[cfg(feature = "raft")]
+                    if let Some(leader) = mooncake_meta_raft::leader_hint(&e) {
+                        // Leadership moved while the command was in flight.
+                        return MasterReply::NotLeader { leader };
+                    }
+                    MasterReply::Failed {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }
+                }
             },
             MasterRequest::QueryTask(id) => {
                 MasterReply::Task(self.master.lock().expect("master lock").query_task(id))

@@ -2,38 +2,14 @@
 //! their own processes, a reader here. Storage processes are killed with SIGKILL and the master
 //! is restarted, as happens in production.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mooncake::rpc::RpcClientConfig;
-use mooncake::store::{ReplicateConfig, Store, StoreConfig};
-
-/// A child process killed when dropped, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads the child's stdout until a line starting with `prefix`; returns the rest of it.
-fn wait_line(child: &mut Child, prefix: &str) -> String {
-    let out = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(out).lines();
-    for line in &mut lines {
-        let line = line.expect("utf-8 line");
-        if let Some(rest) = line.strip_prefix(prefix) {
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return rest.trim().to_owned();
-        }
-    }
-    panic!("child exited before printing {prefix:?}");
-}
+use common::{eventually, spawn_storage, store_config, wait_line, Proc};
+use mooncake::store::{ReplicateConfig, Store};
 
 fn spawn_master(port: u16, client_ttl_s: u64) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
@@ -52,78 +28,15 @@ fn spawn_master(port: u16, client_ttl_s: u64) -> (Proc, String) {
     (Proc(child), addr)
 }
 
-fn store_config(master: &str, segment: u64) -> StoreConfig {
-    StoreConfig {
-        local_hostname: "127.0.0.1".into(),
-        master_server_addr: master.into(),
-        global_segment_size: segment,
-        local_buffer_size: 32 << 20,
-        rpc: RpcClientConfig {
-            call_timeout: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(1),
-        },
-        heartbeat_interval: Duration::from_millis(200),
-        ..StoreConfig::default()
-    }
-}
-
-/// Spawns this test binary as a storage node (see `child_storage`); returns it and its segment.
-fn spawn_storage(master: &str) -> (Proc, String) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_storage",
-            "--nocapture",
-            "--include-ignored",
-        ])
-        .env("MOONCAKE_TEST_STORAGE_MASTER", master)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let segment = wait_line(&mut child, "STORAGE ");
-    (Proc(child), segment)
-}
-
 /// Not a test on its own: the body of the storage processes of the tests below.
 #[test]
 #[ignore = "runs only as a child process of the multi-process tests"]
 fn child_storage() {
-    let Ok(master) = std::env::var("MOONCAKE_TEST_STORAGE_MASTER") else {
-        return;
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::setup(store_config(&master, 64 << 20)).await.unwrap();
-        println!("STORAGE {}", store.hostname());
-        tokio::task::spawn_blocking(|| {
-            let mut b = [0u8; 1];
-            let _ = std::io::stdin().read(&mut b);
-        })
-        .await
-        .unwrap();
-        store.close().await.unwrap();
-    });
+    common::run_child_storage();
 }
 
 fn value(i: usize) -> Vec<u8> {
     (0..1000 + i * 517).map(|j| (i * 31 + j) as u8).collect()
-}
-
-async fn eventually<F, Fut>(what: &str, bound: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < bound,
-            "{what} did not happen within {bound:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,278 @@
+//! A Raft master group across processes: three `mooncake_master` members, two storage processes
+//! and a writer here. The leader is killed with SIGKILL (and restarted) under load, then the
+//! whole group is killed and restarted; every acknowledged write must survive, nothing removed
+//! may come back, and each failover must be short.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_port, spawn_storage, store_config, wait_line, Proc};
+use mooncake::service::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
+use mooncake::store::{ReplicateConfig, Store};
+use mooncake::ErrorCode;
+
+/// Not a test on its own: the body of the storage processes.
+#[test]
+#[ignore = "runs only as a child process of the multi-process tests"]
+fn child_storage() {
+    common::run_child_storage();
+}
+
+struct Member {
+    id: u64,
+    rpc: String,
+    proc: Option<Proc>,
+}
+
+struct Group {
+    members: Vec<Member>,
+    peers: String,
+    dir: PathBuf,
+}
+
+impl Group {
+    fn new(n: u64) -> Group {
+        let dir = std::env::temp_dir().join(format!("mooncake-raft-group-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let members: Vec<Member> = (1..=n)
+            .map(|id| Member {
+                id,
+                rpc: format!("127.0.0.1:{}", free_port()),
+                proc: None,
+            })
+            .collect();
+        let peers = members
+            .iter()
+            .map(|m| format!("{}=127.0.0.1:{}/{}", m.id, free_port(), m.rpc))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut g = Group {
+            members,
+            peers,
+            dir,
+        };
+        for i in 0..g.members.len() {
+            g.start(i);
+        }
+        g
+    }
+
+    fn start(&mut self, i: usize) {
+        let m = &self.members[i];
+        let port = m.rpc.rsplit_once(':').unwrap().1;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
+            .args([
+                "--rpc_address=127.0.0.1".to_string(),
+                format!("--rpc_port={port}"),
+                "--metrics_port=0".to_string(),
+                format!("--raft_id={}", m.id),
+                format!("--raft_peers={}", self.peers),
+                format!(
+                    "--raft_data_dir={}",
+                    self.dir.join(m.id.to_string()).display()
+                ),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mooncake_master");
+        wait_line(&mut child, "mooncake_master listening:");
+        self.members[i].proc = Some(Proc(child));
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    fn addresses(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.rpc.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the member that serves requests now, if one does.
+    async fn leader(&self) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.proc.is_none() {
+                continue;
+            }
+            let probe = RemoteMaster::new(m.rpc.as_str(), Default::default());
+            if let Ok(MasterReply::Metrics(_)) = probe.call(MasterRequest::Metrics).await {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn value(i: u64) -> Vec<u8> {
+    (0..2000 + (i % 7) * 1000)
+        .map(|j| (i * 131 + j) as u8)
+        .collect()
+}
+
+#[derive(Default)]
+struct Log {
+    acked: BTreeSet<u64>,
+    removed: BTreeSet<u64>,
+    /// Longest time without a successful call, and when it ended.
+    worst_gap: Duration,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
+    let mut group = Group::new(3);
+    eventually("a first leader", Duration::from_secs(15), || async {
+        group.leader().await.is_some()
+    })
+    .await;
+    let addrs = group.addresses();
+    let (_s1, _) = spawn_storage(&addrs);
+    let (_s2, _) = spawn_storage(&addrs);
+    let client = Arc::new(Store::setup(store_config(&addrs, 0)).await.unwrap());
+
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Gaps count only while failovers are measured (not across the whole-group restart).
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (client, log, stop) = (client.clone(), log.clone(), stop.clone());
+        let measuring = measuring.clone();
+        tokio::spawn(async move {
+            let two = ReplicateConfig::with_replicas(2);
+            let mut last_ok = Instant::now();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = if i % 10 == 9 {
+                    // Remove an earlier acknowledged key now and then.
+                    let victim = i - 5;
+                    let known = log.lock().unwrap().acked.contains(&victim);
+                    match client.remove(&format!("key{victim}"), true).await {
+                        Ok(()) => {
+                            let mut l = log.lock().unwrap();
+                            l.removed.insert(victim);
+                            l.acked.remove(&victim);
+                            true
+                        }
+                        // Never acknowledged, or its removal was applied before the answer was
+                        // lost: either way the key must not be readable.
+                        Err(e) if e.code() == ErrorCode::OBJECT_NOT_FOUND => {
+                            let mut l = log.lock().unwrap();
+                            l.removed.insert(victim);
+                            if known {
+                                l.acked.remove(&victim);
+                            }
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                } else {
+                    match client.put(&format!("key{i}"), &value(i), &two).await {
+                        Ok(()) => {
+                            log.lock().unwrap().acked.insert(i);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                };
+                if ok {
+                    let gap = last_ok.elapsed();
+                    let mut l = log.lock().unwrap();
+                    if measuring.load(std::sync::atomic::Ordering::Relaxed) {
+                        l.worst_gap = l.worst_gap.max(gap);
+                    }
+                    last_ok = Instant::now();
+                    i += 1;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if i % 10 != 9 {
+                        i += 1;
+                    }
+                }
+            }
+        })
+    };
+
+    // Kill the leader twice, restarting it after a pause each time.
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let leader = group.leader().await.expect("a leader serves");
+        group.kill(leader);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        group.start(leader);
+        let acked = log.lock().unwrap().acked.len();
+        assert!(acked > 0, "round {round}: writes are acknowledged");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The whole group dies at once under load and comes back.
+    measuring.store(false, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..3 {
+        group.kill(i);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..3 {
+        group.start(i);
+    }
+    eventually(
+        "a leader after the whole-group restart",
+        Duration::from_secs(15),
+        || async { group.leader().await.is_some() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+
+    let (acked, removed, worst_gap) = {
+        let l = log.lock().unwrap();
+        (l.acked.clone(), l.removed.clone(), l.worst_gap)
+    };
+    assert!(acked.len() > 20, "only {} writes acknowledged", acked.len());
+    for i in &acked {
+        let got = client.get(&format!("key{i}")).await;
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(&value(*i)[..]),
+            "acknowledged key{i}: {got:?}"
+        );
+    }
+    for i in &removed {
+        let got = client.get(&format!("key{i}")).await;
+        assert_eq!(
+            got.map_err(|e| e.code()).err(),
+            Some(ErrorCode::OBJECT_NOT_FOUND),
+            "removed key{i} came back"
+        );
+    }
+    println!(
+        "{} acknowledged writes survived, {} removals held; longest failover {:?}",
+        acked.len(),
+        removed.len(),
+        worst_gap
+    );
+    assert!(
+        worst_gap < Duration::from_secs(3),
+        "a leader failover left clients without service for {worst_gap:?}"
+    );
+    client.close().await.unwrap();
+}
