@@ -181,6 +181,8 @@ impl Store {
         let mut out = Vec::with_capacity(items.len());
         // Bytes destinations that need the staging buffer, read together below.
         let mut staged: Vec<(usize, ReplicaList, Instant)> = Vec::new();
+        // Registered destinations, read concurrently below.
+        let mut direct: Vec<(usize, &str, ReplicaList, Vec<(u64, u64)>, Instant)> = Vec::new();
         for (i, ((key, dest), list)) in items.into_iter().zip(lists).enumerate() {
             let list = match list {
                 Ok(l) => l,
@@ -202,10 +204,10 @@ impl Store {
                             ),
                         ))
                     } else {
-                        self.read_replicas(&list, &parts)
-                            .await
-                            .and_then(|()| lease_check(deadline, key))
-                            .map(|()| Got::Into(list.size))
+                        // Read below, all at once.
+                        out.push(None);
+                        direct.push((i, key, list, parts, deadline));
+                        continue;
                     };
                     out.push(Some(r));
                 }
@@ -220,6 +222,17 @@ impl Store {
                     }
                 }
             }
+        }
+        // Zero-copy reads run concurrently: their transfers pipeline on the transport's lanes.
+        let reads = direct
+            .iter()
+            .map(|(_, _, list, parts, _)| self.read_replicas(list, parts));
+        let results = futures::future::join_all(reads).await;
+        for ((i, key, list, _, deadline), r) in direct.iter().zip(results) {
+            out[*i] = Some(
+                r.and_then(|()| lease_check(*deadline, key))
+                    .map(|()| Got::Into(list.size)),
+            );
         }
         // Read staged values in waves that fit the staging buffer.
         let mut wave: Vec<(usize, ReplicaList, Instant)> = Vec::new();
