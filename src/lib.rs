@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub mod http;
 pub mod master_cli;
+pub mod real_client;
 pub mod rpc;
 pub mod service;
 pub mod store;

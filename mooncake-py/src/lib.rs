@@ -3,7 +3,8 @@
 //!
 //! This crate holds conversions only: arguments in, results out, errors mapped to upstream's
 //! integer codes, the GIL released around every wait. The logic lives in the `mooncake` and
-//! `mooncake-core` crates. It does not implement the dummy-client mode (`setup_dummy`).
+//! `mooncake-core` crates, including the dummy-client mode (`setup_dummy`, forwarding to a
+//! `mooncake_client` process).
 //!
 //! Every call runs on one global tokio runtime (two worker threads) with the GIL released, and
 //! catches panics at the boundary: a Rust panic becomes an error code, never a Python crash.
@@ -51,6 +52,7 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<host::MooncakeHostMemAllocator>()?;
     m.add_function(wrap_pyfunction!(host::bind_to_numa_node, m)?)?;
     m.add_function(wrap_pyfunction!(master::run_master, m)?)?;
+    m.add_function(wrap_pyfunction!(master::run_client, m)?)?;
     // Upstream exports the enum values at module level (ReplicaStatus, then TaskType, then
     // TaskStatus, so FAILED and PROCESSING name the TaskStatus values).
     for v in types::ReplicaStatus::ALL {

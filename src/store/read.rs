@@ -22,6 +22,10 @@ enum Dest {
     Registered(Vec<(u64, u64)>),
 }
 
+/// A zero-copy read waiting to run: item index, key, replicas, destination buffers and the local
+/// lease deadline.
+type DirectRead<'a> = (usize, &'a str, ReplicaList, Vec<(u64, u64)>, Instant);
+
 /// The outcome of reading one object.
 enum Got {
     Bytes(Vec<u8>),
@@ -182,7 +186,7 @@ impl Store {
         // Bytes destinations that need the staging buffer, read together below.
         let mut staged: Vec<(usize, ReplicaList, Instant)> = Vec::new();
         // Registered destinations, read concurrently below.
-        let mut direct: Vec<(usize, &str, ReplicaList, Vec<(u64, u64)>, Instant)> = Vec::new();
+        let mut direct: Vec<DirectRead<'_>> = Vec::new();
         for (i, ((key, dest), list)) in items.into_iter().zip(lists).enumerate() {
             let list = match list {
                 Ok(l) => l,

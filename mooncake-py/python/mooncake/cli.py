@@ -1,4 +1,5 @@
-"""Console scripts: ``mooncake_master`` runs the Rust master inside this Python process."""
+"""Console scripts: ``mooncake_master`` runs the Rust master and ``mooncake_client`` the real
+client (which ``setup_dummy`` clients forward to) inside this Python process."""
 
 import signal
 import sys
@@ -16,6 +17,19 @@ def mooncake_master(argv=None) -> int:
     # raise KeyboardInterrupt once the call returns.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = _store.run_master(args)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def mooncake_client(argv=None) -> int:
+    """``mooncake_client [--flag=value ...]``: a store client serving dummy clients on this host
+    (``--master_server_address``, ``--host``, ``--port``, ``--global_segment_size``, ...; see
+    ``--help``). Runs until SIGINT (Ctrl-C) or SIGTERM and exits with its exit code.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    code = _store.run_client(args)
     if argv is None:
         sys.exit(code)
     return code

@@ -2,19 +2,22 @@
 //! `write.rs`, `read.rs` and `admin.rs`; every call releases the GIL while it waits.
 
 mod admin;
+mod backend;
 mod read;
 mod write;
 
 use std::sync::{Arc, RwLock};
 
+use mooncake::real_client::DummyClient;
 use mooncake::store::{Store, StoreConfig};
-use mooncake::{Error, ErrorCode, Location};
+use mooncake::{Error, ErrorCode};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::runtime::{block_on, code_of, detached};
 use crate::setup_args::{init_all_config, size_arg, SetupArgs};
+pub(crate) use backend::Backend;
 
 /// A client of a Mooncake store (see the module docs of `mooncake.store`).
 #[pyclass(
@@ -25,7 +28,7 @@ use crate::setup_args::{init_all_config, size_arg, SetupArgs};
     weakref
 )]
 pub(crate) struct PyStore {
-    store: RwLock<Option<Arc<Store>>>,
+    store: RwLock<Option<Backend>>,
 }
 
 fn not_ready() -> Error {
@@ -37,7 +40,7 @@ fn not_ready() -> Error {
 
 impl PyStore {
     /// The live store, or `UNAVAILABLE_IN_CURRENT_STATUS` before setup and after close.
-    pub(crate) fn live(&self) -> Result<Arc<Store>, Error> {
+    pub(crate) fn live(&self) -> Result<Backend, Error> {
         self.store
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -45,7 +48,7 @@ impl PyStore {
             .ok_or_else(not_ready)
     }
 
-    fn replace(&self, new: Option<Arc<Store>>) -> Option<Arc<Store>> {
+    fn replace(&self, new: Option<Backend>) -> Option<Backend> {
         std::mem::replace(
             &mut *self.store.write().unwrap_or_else(|p| p.into_inner()),
             new,
@@ -71,7 +74,7 @@ impl PyStore {
         let master = config.master_server_addr.clone();
         match block_on(py, Store::setup(config)) {
             Ok(Ok(store)) => {
-                self.replace(Some(store));
+                self.replace(Some(Backend::Store(store)));
                 0
             }
             Ok(Err(e)) | Err(e) => {
@@ -194,19 +197,41 @@ impl PyStore {
         }
     }
 
-    /// Not available: the dummy-client mode (forwarding to a `mooncake_client` process) is not
-    /// implemented in this build. Returns NOT_SUPPORTED (-1012).
+    /// Sets up as a dummy client of the real client (`mooncake_client`) at `server_address`
+    /// (`host:port`, on this host): calls are forwarded to it, and a memory pool of
+    /// `mem_pool_size` bytes (`alloc_from_mem_pool`) plus `local_buffer_size` bytes of staging is
+    /// shared with it, so zero-copy calls on pool buffers move no bytes through this process.
+    /// 0 on success, else an error code.
     fn setup_dummy(
         &self,
+        py: Python<'_>,
         mem_pool_size: u64,
         local_buffer_size: u64,
         server_address: String,
     ) -> i64 {
-        tracing::error!(
-            "setup_dummy({mem_pool_size}, {local_buffer_size}, {server_address:?}): the dummy client \
-             mode is not implemented in this build; use setup() instead"
-        );
-        i64::from(ErrorCode::NOT_SUPPORTED.code())
+        if let Some(old) = self.replace(None) {
+            let _ = block_on(py, async move { old.close().await });
+        }
+        let addr = server_address.clone();
+        let r = block_on(py, async move {
+            DummyClient::connect(&addr, mem_pool_size, local_buffer_size).await
+        });
+        match r {
+            Ok(Ok(d)) => {
+                self.replace(Some(Backend::Dummy(Arc::new(d))));
+                0
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!(
+                    "setup_dummy({mem_pool_size}, {local_buffer_size}, {server_address:?}): {e}"
+                );
+                // As setup(): bad arguments say so, any other failure is -1.
+                match e.code() {
+                    c @ ErrorCode::INVALID_PARAMS => i64::from(c.code()),
+                    _ => -1,
+                }
+            }
+        }
     }
 
     /// Unmounts this client's segment and stops it. 0; later calls return error codes.
@@ -264,13 +289,9 @@ impl PyStore {
     /// Allocates `size` bytes of page-aligned memory owned and registered by this client (usable
     /// with put_from/get_into at once); freed at close(). The address, or 0 on failure.
     fn alloc_from_mem_pool(&self, py: Python<'_>, size: u64) -> u64 {
-        let r = self.live().and_then(|s| {
-            detached(py, move || {
-                let len = usize::try_from(size)
-                    .map_err(|_| Error::InvalidArgument(format!("{size} bytes is too large")))?;
-                s.engine().allocate_buffer(len, Location::cpu(0))
-            })?
-        });
+        let r = self
+            .live()
+            .and_then(|s| detached(py, move || s.alloc_from_mem_pool(size))?);
         match r {
             Ok(addr) => addr,
             Err(e) => {

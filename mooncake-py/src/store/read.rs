@@ -69,7 +69,12 @@ impl PyStore {
     }
 
     /// `BufferHandle`s for `keys`, `None` for each miss.
+    /// Not supported for a dummy client (as upstream): `None` for every key.
     fn batch_get_buffer(&self, py: Python<'_>, keys: Vec<String>) -> Vec<Option<BufferHandle>> {
+        if self.live().is_ok_and(|s| s.is_dummy()) {
+            tracing::error!("batch_get_buffer is not supported for dummy client");
+            return keys.iter().map(|_| None).collect();
+        }
         self.get_many(py, &keys)
             .into_iter()
             .map(|r| r.ok().map(BufferHandle::new))

@@ -332,7 +332,7 @@ impl PyStore {
     }
 
     /// Stores the metadata buffer followed by the data buffer (both registered) under `key`,
-    /// as upstream lays them out.
+    /// as upstream lays them out. Not supported for a dummy client (-600, as upstream).
     #[pyo3(signature = (key, buffer_ptr, metadata_buffer_ptr, size, metadata_size, config=None))]
     #[allow(clippy::too_many_arguments)]
     fn put_from_with_metadata(
@@ -345,6 +345,10 @@ impl PyStore {
         metadata_size: u64,
         config: Option<PyRef<'_, PyReplicateConfig>>,
     ) -> i64 {
+        if self.live().is_ok_and(|s| s.is_dummy()) {
+            tracing::error!("put_from_with_metadata is not supported for dummy client");
+            return i64::from(ErrorCode::INVALID_PARAMS.code());
+        }
         let config = core_config(config);
         let mut parts = Vec::with_capacity(2);
         if metadata_size > 0 {
