@@ -227,7 +227,7 @@ impl Store {
                 }
             }
         }
-        // Zero-copy reads run concurrently: their transfers pipeline on the transport's lanes.
+        // Zero-copy reads go out as one transfer batch.
         let reads = direct
             .iter()
             .map(|(_, _, list, parts, _)| self.read_replicas(list, parts));
@@ -289,13 +289,17 @@ impl Store {
             placed.push(at);
             at += list.size.next_multiple_of(64);
         }
-        let reads = wave
+        let parts: Vec<[(u64, u64); 1]> = wave
             .iter()
             .zip(&placed)
-            .map(|((_, list, _), &addr)| async move {
-                self.read_replicas(list, &[(addr, list.size)]).await
-            });
-        let results = futures::future::join_all(reads).await;
+            .map(|((_, list, _), &addr)| [(addr, list.size)])
+            .collect();
+        let jobs: Vec<(&ReplicaList, &[(u64, u64)])> = wave
+            .iter()
+            .zip(&parts)
+            .map(|((_, list, _), p)| (list, p.as_slice()))
+            .collect();
+        let results = self.read_batch(&jobs).await;
         wave.iter()
             .zip(placed)
             .zip(results)
@@ -323,6 +327,57 @@ impl Store {
                 .resolve(mem.buffer_address, list.size)
                 .map(|r| r.to_vec()),
         )
+    }
+
+    /// Reads several objects with one transfer batch, each from its preferred replica (this
+    /// client's own first); an object whose read fails is retried alone over all its replicas.
+    async fn read_batch(&self, jobs: &[(&ReplicaList, &[(u64, u64)])]) -> Vec<Result<()>> {
+        let own = self.engine.segment_name();
+        let mut requests = Vec::new();
+        let mut spans: Vec<Option<std::ops::Range<usize>>> = Vec::with_capacity(jobs.len());
+        for (list, parts) in jobs {
+            let preferred = list
+                .replicas
+                .iter()
+                .filter(|r| r.memory().is_some())
+                .min_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own));
+            let Some(replica) = preferred else {
+                spans.push(None);
+                continue;
+            };
+            let Ok((seg, addr)) = self.locate(replica).await else {
+                spans.push(None);
+                continue;
+            };
+            let first = requests.len();
+            let mut offset = 0u64;
+            for &(local, len) in parts.iter() {
+                if offset >= list.size {
+                    break;
+                }
+                let len = len.min(list.size - offset);
+                requests.push(TransferRequest::read(&seg, addr + offset, local, len));
+                offset += len;
+            }
+            spans.push(Some(first..requests.len()));
+        }
+        let results = self.engine.transfer(requests).await;
+        let mut out = Vec::with_capacity(jobs.len());
+        for ((list, parts), span) in jobs.iter().zip(spans) {
+            let failed = match span {
+                Some(range) => results[range].iter().find_map(|r| r.clone().err()),
+                None => Some(Error::Shutdown),
+            };
+            out.push(match failed {
+                None => Ok(()),
+                Some(e @ Error::LocalRangeNotRegistered { .. }) => {
+                    Err(coded(ErrorCode::INVALID_PARAMS, e.to_string()))
+                }
+                // Try again over every replica, one object at a time.
+                Some(_) => self.read_replicas(list, parts).await,
+            });
+        }
+        out
     }
 
     /// Reads the object into `parts` (registered, together at least `list.size` bytes) from one
