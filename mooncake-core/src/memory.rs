@@ -50,6 +50,8 @@ impl fmt::Display for Location {
 pub struct AlignedBuffer {
     ptr: std::ptr::NonNull<u8>,
     layout: Layout,
+    /// Mapped with `mmap` (large buffers) rather than taken from the heap.
+    mapped: bool,
 }
 
 // SAFETY: the buffer is plain bytes owned by this value; access is through raw copies.
@@ -61,6 +63,11 @@ impl AlignedBuffer {
     /// Page alignment used for every buffer.
     pub const ALIGN: usize = 4096;
 
+    /// Buffers of at least this size are mapped from the kernel rather than the heap: their
+    /// pages are zero-filled on first touch, so a large segment or staging buffer costs memory
+    /// only as it is used (a heap allocation at page alignment is zeroed eagerly).
+    pub const MAP_THRESHOLD: usize = 2 << 20;
+
     /// Allocates `len` zeroed bytes aligned to 4 KiB. `len` must be non-zero.
     pub fn new(len: usize) -> Result<Self> {
         if len == 0 {
@@ -70,15 +77,42 @@ impl AlignedBuffer {
         }
         let layout = Layout::from_size_align(len, Self::ALIGN)
             .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| {
+        let failed = || {
             Error::with_code(
                 crate::ErrorCode::NO_AVAILABLE_HANDLE,
                 format!("allocating {len} bytes failed"),
             )
-        })?;
-        Ok(AlignedBuffer { ptr, layout })
+        };
+        if len >= Self::MAP_THRESHOLD {
+            // SAFETY: an anonymous private mapping of `len` bytes; no existing memory is touched.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if raw == libc::MAP_FAILED {
+                return Err(failed());
+            }
+            let ptr = std::ptr::NonNull::new(raw.cast::<u8>()).ok_or_else(failed)?;
+            return Ok(AlignedBuffer {
+                ptr,
+                layout,
+                mapped: true,
+            });
+        }
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).ok_or_else(failed)?;
+        Ok(AlignedBuffer {
+            ptr,
+            layout,
+            mapped: false,
+        })
     }
 
     /// Start address.
@@ -99,8 +133,13 @@ impl AlignedBuffer {
 
 impl Drop for AlignedBuffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        if self.mapped {
+            // SAFETY: mapped in `new` with this length; nothing refers to it any more.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
+        } else {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -439,6 +478,26 @@ mod tests {
         reg.unregister(a).unwrap();
         assert!(reg.resolve(a, 1).is_err());
         assert!(matches!(reg.unregister(a), Err(Error::NotRegistered(_))));
+    }
+
+    #[test]
+    fn large_buffers_are_mapped_zeroed_and_aligned() {
+        for len in [
+            AlignedBuffer::MAP_THRESHOLD - 1,
+            AlignedBuffer::MAP_THRESHOLD,
+            64 << 20,
+        ] {
+            let b = AlignedBuffer::new(len).unwrap();
+            assert_eq!(b.addr() % AlignedBuffer::ALIGN as u64, 0);
+            let reg = MemoryRegistry::new();
+            let a = reg.register_owned(b, Location::cpu(0)).unwrap();
+            let tail = reg.resolve(a + len as u64 - 4096, 4096).unwrap();
+            assert!(tail.to_vec().iter().all(|&x| x == 0));
+            tail.write_from(&[9u8; 4096]).unwrap();
+            assert_eq!(tail.to_vec(), vec![9u8; 4096]);
+            drop(tail);
+            reg.unregister(a).unwrap();
+        }
     }
 
     #[test]
