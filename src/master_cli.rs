@@ -440,6 +440,12 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             return 2;
         }
     };
+    run_program("mooncake_master", run(options, shutdown_signal()))
+}
+
+/// Runs a program's future on a two-worker runtime and turns its outcome into an exit code (0,
+/// or 1 with the error on stderr, prefixed with `program`).
+pub fn run_program(program: &str, main: impl Future<Output = Result<()>>) -> i32 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -447,14 +453,14 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mooncake_master: starting the runtime: {e}");
+            eprintln!("{program}: starting the runtime: {e}");
             return 1;
         }
     };
-    match runtime.block_on(run(options, shutdown_signal())) {
+    match runtime.block_on(main) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("mooncake_master: {e}");
+            eprintln!("{program}: {e}");
             1
         }
     }

@@ -190,24 +190,10 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             return 2;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mooncake_client: starting the runtime: {e}");
-            return 1;
-        }
-    };
-    match runtime.block_on(run(options, crate::master_cli::shutdown_signal())) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("mooncake_client: {e}");
-            1
-        }
-    }
+    crate::master_cli::run_program(
+        "mooncake_client",
+        run(options, crate::master_cli::shutdown_signal()),
+    )
 }
 
 #[cfg(test)]
