@@ -10,35 +10,32 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Sends exactly `len` bytes starting at address `addr`.
-///
-/// # Safety
-/// `[addr, addr + len)` must be readable for the whole call (a live `MemRegion`, or a buffer the
-/// caller owns and does not move).
-pub(crate) async unsafe fn send_raw(
+/// Moves exactly `len` bytes at `addr` with `op` (a `send` or `recv` of at most the given
+/// length), waiting for `interest` readiness whenever the socket would block. `op` returning 0
+/// is `at_zero` (the peer closed).
+async fn raw_io(
     stream: &TcpStream,
+    interest: Interest,
     mut addr: usize,
     mut len: usize,
+    at_zero: io::ErrorKind,
+    op: impl Fn(libc::c_int, usize, usize) -> libc::ssize_t,
 ) -> io::Result<()> {
     let fd = stream.as_raw_fd();
     while len > 0 {
-        let r = stream.try_io(Interest::WRITABLE, || {
-            // SAFETY: the caller guarantees the range is readable; MSG_NOSIGNAL turns a closed
-            // peer into EPIPE instead of SIGPIPE.
-            let n = unsafe { libc::send(fd, addr as *const libc::c_void, len, libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
+        let r = stream.try_io(interest, || match op(fd, addr, len) {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            n => Ok(n as usize),
         });
         match r {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err(at_zero.into()),
             Ok(n) => {
                 addr += n;
                 len -= n;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                stream.ready(interest).await?;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -46,39 +43,45 @@ pub(crate) async unsafe fn send_raw(
     Ok(())
 }
 
+/// Sends exactly `len` bytes starting at address `addr`.
+///
+/// # Safety
+/// `[addr, addr + len)` must be readable for the whole call (a live `MemRegion`, or a buffer the
+/// caller owns and does not move).
+pub(crate) async unsafe fn send_raw(stream: &TcpStream, addr: usize, len: usize) -> io::Result<()> {
+    raw_io(
+        stream,
+        Interest::WRITABLE,
+        addr,
+        len,
+        io::ErrorKind::WriteZero,
+        |fd, a, n| {
+            // SAFETY: the caller guarantees the range is readable; MSG_NOSIGNAL turns a closed peer
+            // into EPIPE instead of SIGPIPE.
+            unsafe { libc::send(fd, a as *const libc::c_void, n, libc::MSG_NOSIGNAL) }
+        },
+    )
+    .await
+}
+
 /// Receives exactly `len` bytes into address `addr`. A closed connection before `len` bytes
 /// arrived is `UnexpectedEof`.
 ///
 /// # Safety
 /// `[addr, addr + len)` must be writable for the whole call.
-pub(crate) async unsafe fn recv_raw(
-    stream: &TcpStream,
-    mut addr: usize,
-    mut len: usize,
-) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    while len > 0 {
-        let r = stream.try_io(Interest::READABLE, || {
+pub(crate) async unsafe fn recv_raw(stream: &TcpStream, addr: usize, len: usize) -> io::Result<()> {
+    raw_io(
+        stream,
+        Interest::READABLE,
+        addr,
+        len,
+        io::ErrorKind::UnexpectedEof,
+        |fd, a, n| {
             // SAFETY: the caller guarantees the range is writable.
-            let n = unsafe { libc::recv(fd, addr as *mut libc::c_void, len, 0) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        match r {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                addr += n;
-                len -= n;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+            unsafe { libc::recv(fd, a as *mut libc::c_void, n, 0) }
+        },
+    )
+    .await
 }
 
 /// Sends all of `buf` (a buffer the caller owns).

@@ -574,10 +574,7 @@ impl DummyClient {
         items: &[(&str, u64, u64)],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        let items = items
-            .iter()
-            .map(|(k, a, s)| ((*k).to_owned(), vec![(*a, *s)]))
-            .collect();
+        let items = single_buffer_items(items);
         self.write_from(false, items, config).await
     }
 
@@ -587,10 +584,7 @@ impl DummyClient {
         items: &[(&str, u64, u64)],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        let items = items
-            .iter()
-            .map(|(k, a, s)| ((*k).to_owned(), vec![(*a, *s)]))
-            .collect();
+        let items = single_buffer_items(items);
         self.write_from(true, items, config).await
     }
 
@@ -900,4 +894,12 @@ impl DummyClient {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// `(key, address, size)` items as single-buffer items.
+fn single_buffer_items(items: &[(&str, u64, u64)]) -> Vec<(String, Vec<(u64, u64)>)> {
+    items
+        .iter()
+        .map(|&(k, a, s)| (k.to_owned(), vec![(a, s)]))
+        .collect()
 }

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use mooncake_core::master::{
     Command, MasterMetrics, ReplicaDescriptor, Response, TaskId, TaskInfo,
 };
-use mooncake_core::{Error, ErrorCode, Result};
+use mooncake_core::{Error, Result};
 
-use super::{coded, Store};
+use super::Store;
 use crate::service::{MasterReply, MasterRequest};
 
 impl Store {
@@ -44,7 +44,7 @@ impl Store {
         .await?
         .1
         .into_unit()
-        .map_err(|c| coded(c, format!("removing {key:?}")))
+        .map_err(|c| Error::with_code(c, format!("removing {key:?}")))
     }
 
     /// Removes each key; one result per key.
@@ -54,9 +54,9 @@ impl Store {
         match self.apply(Command::BatchRemove { keys, force }).await?.1 {
             Response::UnitBatch(v) if v.len() == n => Ok(v
                 .into_iter()
-                .map(|r| r.map_err(|c| coded(c, "removing")))
+                .map(|r| r.map_err(|c| Error::with_code(c, "removing")))
                 .collect()),
-            Response::Unit(Err(c)) => Err(coded(c, "batch remove")),
+            Response::Unit(Err(c)) => Err(Error::with_code(c, "batch remove")),
             other => Err(Error::Protocol(format!("BatchRemove answered {other:?}"))),
         }
     }
@@ -71,7 +71,7 @@ impl Store {
         .await?
         .1
         .into_count()
-        .map_err(|c| coded(c, format!("removing keys matching {pattern:?}")))
+        .map_err(|c| Error::with_code(c, format!("removing keys matching {pattern:?}")))
     }
 
     /// Removes every object (leased ones are skipped unless `force`); returns how many.
@@ -80,7 +80,7 @@ impl Store {
             .await?
             .1
             .into_count()
-            .map_err(|c| coded(c, "removing all keys"))
+            .map_err(|c| Error::with_code(c, "removing all keys"))
     }
 
     /// Descriptors of `key`'s COMPLETE replicas (grants a read lease).
@@ -116,7 +116,7 @@ impl Store {
         .await?
         .1
         .into_task_id()
-        .map_err(|c| coded(c, format!("creating a copy task for {key:?}")))
+        .map_err(|c| Error::with_code(c, format!("creating a copy task for {key:?}")))
     }
 
     /// Queues a task that moves `key`'s replica from segment `source` to segment `target`.
@@ -129,15 +129,15 @@ impl Store {
         .await?
         .1
         .into_task_id()
-        .map_err(|c| coded(c, format!("creating a move task for {key:?}")))
+        .map_err(|c| Error::with_code(c, format!("creating a move task for {key:?}")))
     }
 
     /// The status of a copy or move task; `TASK_NOT_FOUND` for an unknown id.
     pub async fn query_task(&self, id: TaskId) -> Result<TaskInfo> {
         self.check_open()?;
         match self.master.call(MasterRequest::QueryTask(id)).await? {
-            MasterReply::Task(r) => r.map_err(|c| coded(c, format!("task {id}"))),
-            MasterReply::Failed { code, message } => Err(coded(code, message)),
+            MasterReply::Task(r) => r.map_err(|c| Error::with_code(c, format!("task {id}"))),
+            MasterReply::Failed { code, message } => Err(Error::with_code(code, message)),
             other => Err(Error::Protocol(format!("QueryTask answered {other:?}"))),
         }
     }
@@ -147,19 +147,8 @@ impl Store {
         self.check_open()?;
         match self.master.call(MasterRequest::Metrics).await? {
             MasterReply::Metrics(m) => Ok(m),
-            MasterReply::Failed { code, message } => Err(coded(code, message)),
+            MasterReply::Failed { code, message } => Err(Error::with_code(code, message)),
             other => Err(Error::Protocol(format!("Metrics answered {other:?}"))),
-        }
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            Err(coded(
-                ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
-                "the store is closed",
-            ))
-        } else {
-            Ok(())
         }
     }
 }

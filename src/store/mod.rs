@@ -366,13 +366,20 @@ impl Store {
 
     /// Sends a command to the master.
     async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
+        self.check_open()?;
+        apply_via(&*self.master, command).await
+    }
+
+    /// `UNAVAILABLE_IN_CURRENT_STATUS` once the store is closed.
+    fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::with_code(
+            Err(Error::with_code(
                 ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
                 "the store is closed",
-            ));
+            ))
+        } else {
+            Ok(())
         }
-        apply_via(&*self.master, command).await
     }
 
     /// This client's id.
@@ -442,9 +449,4 @@ impl Drop for Store {
             h.abort();
         }
     }
-}
-
-/// Turns a master-side code into an error with context.
-pub(crate) fn coded(code: ErrorCode, context: impl Into<String>) -> Error {
-    Error::with_code(code, context)
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mooncake_core::master::{Command, ReplicaList, Response};
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 
-use super::{coded, Store};
+use super::Store;
 
 /// Where the bytes of a read go.
 enum Dest {
@@ -126,7 +126,8 @@ impl Store {
         &self,
         keys: &[&str],
     ) -> Result<(Vec<Result<ReplicaList>>, mooncake_core::master::Timestamp)> {
-        let not_found = |c: ErrorCode, k: &str| coded(c, format!("no readable value for {k:?}"));
+        let not_found =
+            |c: ErrorCode, k: &str| Error::with_code(c, format!("no readable value for {k:?}"));
         if let [key] = keys {
             let (now, resp) = self
                 .apply(Command::GetReplicaList {
@@ -168,7 +169,7 @@ impl Store {
             let mut out = Vec::new();
             for (key, dest) in items {
                 out.push(if key.is_empty() {
-                    Err(coded(ErrorCode::INVALID_PARAMS, "empty key"))
+                    Err(Error::with_code(ErrorCode::INVALID_PARAMS, "empty key"))
                 } else {
                     Box::pin(self.read_many(vec![(key, dest)]))
                         .await
@@ -200,7 +201,7 @@ impl Store {
                 Dest::Registered(parts) => {
                     let capacity: u64 = parts.iter().map(|p| p.1).sum();
                     let r = if capacity < list.size {
-                        Err(coded(
+                        Err(Error::with_code(
                             ErrorCode::INVALID_PARAMS,
                             format!(
                                 "buffer of {capacity} bytes is smaller than {key:?} ({} bytes)",
@@ -245,7 +246,7 @@ impl Store {
         while let Some(item) = pending.next() {
             let need = item.1.size.next_multiple_of(64);
             if need > self.staging.size() {
-                out[item.0] = Some(Err(coded(
+                out[item.0] = Some(Err(Error::with_code(
                     ErrorCode::INVALID_PARAMS,
                     format!(
                         "value of {} bytes exceeds local_buffer_size ({} bytes); use get_into",
@@ -371,7 +372,7 @@ impl Store {
             out.push(match failed {
                 None => Ok(()),
                 Some(e @ Error::LocalRangeNotRegistered { .. }) => {
-                    Err(coded(ErrorCode::INVALID_PARAMS, e.to_string()))
+                    Err(Error::with_code(ErrorCode::INVALID_PARAMS, e.to_string()))
                 }
                 // Try again over every replica, one object at a time.
                 Some(_) => self.read_replicas(list, parts).await,
@@ -390,7 +391,7 @@ impl Store {
             .filter(|r| r.memory().is_some())
             .collect();
         order.sort_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own));
-        let mut last = coded(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica");
+        let mut last = Error::with_code(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica");
         for replica in order {
             let (seg, addr) = match self.locate(replica).await {
                 Ok(x) => x,
@@ -418,11 +419,11 @@ impl Store {
             {
                 None => return Ok(()),
                 Some(e @ Error::LocalRangeNotRegistered { .. }) => {
-                    return Err(coded(ErrorCode::INVALID_PARAMS, e.to_string()))
+                    return Err(Error::with_code(ErrorCode::INVALID_PARAMS, e.to_string()))
                 }
                 Some(e) => {
                     tracing::debug!("reading a replica from {} failed: {e}", seg.name);
-                    last = coded(
+                    last = Error::with_code(
                         ErrorCode::TRANSFER_FAIL,
                         format!("reading from {}: {e}", seg.name),
                     );
@@ -437,7 +438,7 @@ fn lease_check(deadline: Instant, key: &str) -> Result<()> {
     if Instant::now() < deadline {
         Ok(())
     } else {
-        Err(coded(
+        Err(Error::with_code(
             ErrorCode::LEASE_EXPIRED,
             format!("the read lease of {key:?} expired during the transfer"),
         ))

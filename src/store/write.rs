@@ -9,7 +9,7 @@
 use mooncake_core::master::{Command, PutItem, PutStartResponse, ReplicateConfig, Response};
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 
-use super::{coded, Store};
+use super::Store;
 
 /// Where a value's bytes come from.
 enum Source<'a> {
@@ -199,7 +199,7 @@ impl Store {
     }
 
     fn check(&self, item: &Item<'_>, config: &ReplicateConfig) -> Result<()> {
-        let invalid = |m: String| Err(coded(ErrorCode::INVALID_PARAMS, m));
+        let invalid = |m: String| Err(Error::with_code(ErrorCode::INVALID_PARAMS, m));
         if item.key.is_empty() {
             return invalid("empty key".into());
         }
@@ -219,7 +219,7 @@ impl Store {
             Source::Registered(parts) => {
                 for &(addr, len) in parts {
                     self.engine.memory().resolve(addr, len).map_err(|_| {
-                        coded(
+                        Error::with_code(
                             ErrorCode::INVALID_PARAMS,
                             format!("buffer {addr:#x}+{len} is not inside a registered buffer"),
                         )
@@ -365,7 +365,7 @@ impl Store {
                 None => commit.push((pos, key)),
                 Some(e) => {
                     revoke.push(key);
-                    item_results[pos] = Some(Err(coded(
+                    item_results[pos] = Some(Err(Error::with_code(
                         ErrorCode::TRANSFER_FAIL,
                         format!("writing a replica failed: {e}"),
                     )));
@@ -453,7 +453,7 @@ impl Store {
             .map(|r| match r {
                 Ok(s) => Ok(Some(s)),
                 Err(ErrorCode::OBJECT_ALREADY_EXISTS) if kind == Kind::Put => Ok(None),
-                Err(code) => Err(coded(code, "the master refused the write")),
+                Err(code) => Err(Error::with_code(code, "the master refused the write")),
             })
             .collect())
     }
@@ -476,10 +476,10 @@ impl Store {
         };
         let what = if commit { "committing" } else { "revoking" };
         match self.apply(command).await {
-            Ok((_, Response::Unit(r))) => vec![r.map_err(|c| coded(c, what))],
+            Ok((_, Response::Unit(r))) => vec![r.map_err(|c| Error::with_code(c, what))],
             Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs
                 .into_iter()
-                .map(|r| r.map_err(|c| coded(c, what)))
+                .map(|r| r.map_err(|c| Error::with_code(c, what)))
                 .collect(),
             Ok((_, other)) => vec![Err(Error::Protocol(format!("{what} answered {other:?}"))); n],
             Err(e) => {
