@@ -41,7 +41,17 @@ pub struct RangeAllocator {
     used: u64,
     free_by_offset: BTreeMap<u64, u64>,
     free_by_size: BTreeSet<(u64, u64)>,
+    /// Serialized in offset order, so equal allocators encode to equal bytes (replicas of a
+    /// replicated master compare snapshots).
+    #[serde(serialize_with = "sorted_live")]
     live: HashMap<u64, u64>,
+}
+
+fn sorted_live<S: serde::Serializer>(
+    live: &HashMap<u64, u64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_map(live.iter().collect::<BTreeMap<_, _>>())
 }
 
 impl RangeAllocator {
