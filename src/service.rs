@@ -3,10 +3,16 @@
 //! [`MasterApi`]) or over RPC ([`RemoteMaster`]).
 //!
 //! Every state change is a [`Command`] stamped with the service's clock and applied through the
-//! store's command log, so a replicated store replicates the master unchanged. Queries that change
-//! nothing (task status, metrics) read the local state directly.
+//! store's command log, so a replicated store replicates the master unchanged. Reads and
+//! heartbeats, which change only leases and liveness, are answered from the applied state by a
+//! [`LeaderView`] without a log round trip; it carries what they changed into the entries whose
+//! outcome depends on it (see its docs). Queries that change nothing (task status, metrics) read
+//! the local state directly.
 
 use std::net::SocketAddr;
+#[cfg(feature = "raft")]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,8 +20,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use mooncake_core::master::{
-    decode_response, Command, LogEntry, Master, MasterConfig, MasterMetrics, Response, SegmentInfo,
-    TaskId, TaskInfo, Timestamp,
+    decode_response, Command, LeaderView, LogEntry, Master, MasterConfig, MasterMetrics, Response,
+    Route, SegmentInfo, TaskId, TaskInfo, Ticket, Timestamp,
 };
 use mooncake_core::{Error, ErrorCode, MemoryMetadataStore, MetadataStore, Result, StateMachine};
 
@@ -81,19 +87,46 @@ pub fn master_clock() -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
+/// The applied master and the leader's view of reads served outside the log, under one lock.
+#[derive(Debug)]
+struct Shared {
+    master: Master,
+    view: LeaderView,
+}
+
+type SharedState = Arc<Mutex<Shared>>;
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().expect("master lock")
+}
+
 /// The master as the command log's [`StateMachine`], sharing its state with the service that
 /// queries it.
-struct SharedMaster(Arc<Mutex<Master>>);
+struct SharedMaster(SharedState);
 
 impl StateMachine for SharedMaster {
     fn apply(&mut self, entry: &[u8]) -> Vec<u8> {
-        StateMachine::apply(&mut *self.0.lock().expect("master lock"), entry)
+        StateMachine::apply(&mut lock(&self.0).master, entry)
     }
     fn snapshot(&self) -> Result<Vec<u8>> {
-        StateMachine::snapshot(&*self.0.lock().expect("master lock"))
+        StateMachine::snapshot(&lock(&self.0).master)
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<()> {
-        StateMachine::restore(&mut *self.0.lock().expect("master lock"), snapshot)
+        StateMachine::restore(&mut lock(&self.0).master, snapshot)
+    }
+}
+
+/// Lifts a proposal's bars when its entry is done with, also when the call is cancelled.
+struct Barred<'a> {
+    shared: &'a Mutex<Shared>,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for Barred<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            lock(self.shared).view.finish(t);
+        }
     }
 }
 
@@ -115,13 +148,22 @@ impl Default for ServiceConfig {
 
 /// See the module docs.
 pub struct MasterService {
-    master: Arc<Mutex<Master>>,
+    shared: SharedState,
     log: Arc<dyn MetadataStore>,
     config: ServiceConfig,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The Raft group this master belongs to, when it is replicated.
     #[cfg(feature = "raft")]
     raft: Option<Arc<mooncake_meta_raft::RaftMetadataStore>>,
+    /// The Raft term this master has taken over as leader in (`u64::MAX`: none yet).
+    #[cfg(feature = "raft")]
+    led_term: AtomicU64,
+    /// Held while taking over, so requests of a new term wait for it.
+    #[cfg(feature = "raft")]
+    takeover: tokio::sync::Mutex<()>,
+    /// How long past its election a new leader treats its predecessor's reads as possible.
+    #[cfg(feature = "raft")]
+    takeover_extra: Duration,
 }
 
 impl std::fmt::Debug for MasterService {
@@ -136,17 +178,23 @@ impl MasterService {
     /// A service whose command log is in memory (the embedded, single-master default). Starts
     /// the timer task on the current tokio runtime.
     pub fn new(config: MasterConfig, service: ServiceConfig) -> Result<Arc<Self>> {
-        let master = Arc::new(Mutex::new(Master::new(config)?));
+        let shared = Self::shared(config)?;
         let log = Arc::new(MemoryMetadataStore::with_state_machine(Box::new(
-            SharedMaster(master.clone()),
+            SharedMaster(shared.clone()),
         )));
         let svc = Arc::new(MasterService {
-            master,
+            shared,
             log,
             config: service,
             tasks: Mutex::new(Vec::new()),
             #[cfg(feature = "raft")]
             raft: None,
+            #[cfg(feature = "raft")]
+            led_term: AtomicU64::new(u64::MAX),
+            #[cfg(feature = "raft")]
+            takeover: tokio::sync::Mutex::new(()),
+            #[cfg(feature = "raft")]
+            takeover_extra: Duration::ZERO,
         });
         svc.start_timers();
         Ok(svc)
@@ -161,23 +209,37 @@ impl MasterService {
         service: ServiceConfig,
         raft: mooncake_meta_raft::StoreConfig,
     ) -> Result<Arc<Self>> {
-        let master = Arc::new(Mutex::new(Master::new(config)?));
+        let shared = Self::shared(config)?;
+        // A deposed leader notices within one election timeout (check-quorum); its successor
+        // is elected at the earliest one election timeout after the last contact. Twice the
+        // longest randomized timeout covers both.
+        let election = raft.tick_interval * (2 * raft.node.election_ticks) as u32;
         let store = Arc::new(
             mooncake_meta_raft::RaftMetadataStore::start(
                 raft,
-                Box::new(SharedMaster(master.clone())),
+                Box::new(SharedMaster(shared.clone())),
             )
             .await?,
         );
         let svc = Arc::new(MasterService {
-            master,
+            shared,
             log: store.clone(),
             config: service,
             tasks: Mutex::new(Vec::new()),
             raft: Some(store),
+            led_term: AtomicU64::new(u64::MAX),
+            takeover: tokio::sync::Mutex::new(()),
+            takeover_extra: election * 2,
         });
         svc.start_timers();
         Ok(svc)
+    }
+
+    fn shared(config: MasterConfig) -> Result<SharedState> {
+        Ok(Arc::new(Mutex::new(Shared {
+            master: Master::new(config)?,
+            view: LeaderView::default(),
+        })))
     }
 
     /// The Raft group, when this master is replicated.
@@ -208,21 +270,76 @@ impl MasterService {
         self.log.clone()
     }
 
-    /// Applies `command` at the current master time through the command log.
+    /// Executes `command` at the current master time: a read or heartbeat is answered from the
+    /// applied state when it can be, anything else goes through the command log.
     pub async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
+        self.take_over_if_new_leader().await?;
         let now = master_clock();
-        let out = self
-            .log
-            .apply_command(LogEntry { now, command }.encode())
-            .await?;
-        let response = decode_response(&out)
-            .map_err(|c| Error::with_code(c, "undecodable response from the command log"))?;
-        Ok((now, response))
+        let proposal = {
+            let mut s = lock(&self.shared);
+            let Shared { master, view } = &mut *s;
+            match view.route(master, now, command) {
+                Route::Local(response) => return Ok((now, response)),
+                Route::Log(p) => p,
+            }
+        };
+        let _barred = Barred {
+            shared: &self.shared,
+            ticket: Some(proposal.ticket),
+        };
+        let now = proposal.entry.now;
+        Ok((now, self.append(&proposal.entry).await?))
     }
 
-    /// Current metrics.
+    async fn append(&self, entry: &LogEntry) -> Result<Response> {
+        let out = self.log.apply_command(entry.encode()).await?;
+        decode_response(&out)
+            .map_err(|c| Error::with_code(c, "undecodable response from the command log"))
+    }
+
+    /// On the first request of a term this member leads, appends the takeover entry
+    /// ([`LeaderView::take_over`]) before anything else is served.
+    async fn take_over_if_new_leader(&self) -> Result<()> {
+        #[cfg(feature = "raft")]
+        if let Some(raft) = &self.raft {
+            let status = raft.status();
+            if status.role != mooncake_meta_raft::StateRole::Leader
+                || self.led_term.load(Ordering::Acquire) == status.term
+            {
+                return Ok(());
+            }
+            let _one = self.takeover.lock().await;
+            if self.led_term.load(Ordering::Acquire) == status.term {
+                return Ok(());
+            }
+            let now = master_clock();
+            let first = {
+                let mut s = lock(&self.shared);
+                let Shared { master, view } = &mut *s;
+                view.take_over(master, now, self.takeover_extra.as_millis() as u64)
+            };
+            let leased = self.append(&LogEntry::new(now, first)).await?;
+            tracing::info!(
+                term = status.term,
+                leased = ?leased.into_count(),
+                "took over as leader"
+            );
+            self.led_term.store(status.term, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Current metrics (read counters include the reads served outside the log).
     pub fn metrics(&self) -> MasterMetrics {
-        self.master.lock().expect("master lock").metrics()
+        let s = lock(&self.shared);
+        let mut m = s.master.metrics();
+        let c = s.view.counters();
+        m.counters.get_requests += c.get_requests;
+        m.counters.get_hits += c.get_hits;
+        m.counters.get_misses += c.get_misses;
+        m.counters.exist_requests += c.exist_requests;
+        m.counters.leases_granted += c.leases_granted;
+        m
     }
 
     fn start_timers(self: &Arc<Self>) {
@@ -238,11 +355,18 @@ impl MasterService {
                     // Followers apply what the leader decides; only the leader acts on time.
                     continue;
                 }
-                let due = svc
-                    .master
-                    .lock()
-                    .expect("master lock")
-                    .handle_timeout(master_clock());
+                // A new leader first gives clients a fresh TTL (its view of heartbeats is empty).
+                if let Err(e) = svc.take_over_if_new_leader().await {
+                    tracing::warn!("taking over as leader failed: {e}");
+                    continue;
+                }
+                let due = {
+                    let now = master_clock();
+                    let mut s = lock(&svc.shared);
+                    let Shared { master, view } = &mut *s;
+                    view.prune(master, now);
+                    view.timeouts(master, now)
+                };
                 for command in due {
                     if let Err(e) = svc.apply(command).await {
                         tracing::warn!("applying a maintenance command failed: {e}");
@@ -304,12 +428,10 @@ impl MasterService {
                 }
             },
             MasterRequest::QueryTask(id) => {
-                MasterReply::Task(self.master.lock().expect("master lock").query_task(id))
+                MasterReply::Task(lock(&self.shared).master.query_task(id))
             }
             MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
-            MasterRequest::Segments => {
-                MasterReply::Segments(self.master.lock().expect("master lock").segments())
-            }
+            MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
         }
     }
 }
@@ -372,7 +494,7 @@ impl RemoteMaster {
 
     /// The address calls go to first (the last known leader).
     pub fn address(&self) -> &str {
-        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let i = self.current.load(Ordering::Relaxed);
         self.masters[i % self.masters.len()].address()
     }
 
@@ -384,7 +506,6 @@ impl RemoteMaster {
 #[async_trait]
 impl MasterApi for RemoteMaster {
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
-        use std::sync::atomic::Ordering;
         let n = self.masters.len();
         let mut i = self.current.load(Ordering::Relaxed) % n;
         if n == 1 {

@@ -13,7 +13,7 @@ use super::get::ReplicaList;
 use super::put::{PutItem, PutStartResponse};
 use super::segment::SegmentSpec;
 use super::task::{TaskAssignment, TaskOutcome};
-use super::types::{ClientId, TaskId};
+use super::types::{ClientId, TaskId, Timestamp};
 use crate::error::ErrorCode;
 
 /// A state change of the master. Apply with [`Master::apply`](super::Master::apply).
@@ -171,6 +171,21 @@ pub enum Command {
     },
     /// Run eviction if needed (from the timeout handler).
     Evict,
+    /// One eviction run over keys the leader chose with
+    /// [`Master::eviction_plan`](super::Master::eviction_plan) (what [`Command::Evict`] becomes
+    /// when reads are served outside the log).
+    EvictKeys {
+        /// Victims, in eviction order.
+        keys: Vec<String>,
+        /// Bytes the run aims to free.
+        target_bytes: u64,
+    },
+    /// Lease every readable object as if read at `read_at`: a new leader's first entry, so
+    /// reads its predecessor served outside the log stay protected.
+    LeaseAll {
+        /// The read time granted.
+        read_at: Timestamp,
+    },
     /// Free retired ranges whose lease ended (from the timeout handler).
     ReleaseRetired,
     /// Copy an object to more segments.
@@ -222,6 +237,8 @@ impl Command {
             Command::ExpireClient { .. }
                 | Command::ReclaimPut { .. }
                 | Command::Evict
+                | Command::EvictKeys { .. }
+                | Command::LeaseAll { .. }
                 | Command::ReleaseRetired
                 | Command::TaskTimeout { .. }
                 | Command::PurgeTasks
@@ -250,9 +267,9 @@ pub enum Response {
     Exists(bool),
     /// BatchExistKey: one answer per key.
     ExistsBatch(Vec<bool>),
-    /// RemoveByRegex, RemoveAll, ReleaseRetired, PurgeTasks: how many.
+    /// RemoveByRegex, RemoveAll, ReleaseRetired, PurgeTasks, LeaseAll: how many.
     Count(Result<u64, ErrorCode>),
-    /// Evict.
+    /// Evict, EvictKeys.
     Evicted(EvictionReport),
     /// CreateCopyTask, CreateMoveTask.
     TaskCreated(Result<TaskId, ErrorCode>),

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::lease::Pin;
 use super::types::{LeaseDeadline, Timestamp};
 use super::Master;
 use crate::allocator::Allocator;
@@ -42,21 +43,95 @@ impl Master {
     }
 
     pub(crate) fn evict(&mut self, now: Timestamp) -> EvictionReport {
-        let needed = self.eviction_requested || self.above_watermark();
-        self.eviction_requested = false;
-        self.last_eviction = Some(now);
-        let mut report = EvictionReport::default();
-        if !needed {
-            return report;
+        let (keys, target_bytes) = self.eviction_plan(now, |_| None);
+        self.evict_keys(now, &keys, target_bytes)
+    }
+
+    /// The objects an eviction run at `now` removes, in order, and the bytes it aims to free;
+    /// nothing when no eviction is needed. `last_read(key)` is a read of `key` this master has
+    /// not applied yet (a leader serving reads without the log knows of such reads): it leases
+    /// the object and refreshes its soft pin as an applied read would.
+    pub fn eviction_plan(
+        &self,
+        now: Timestamp,
+        last_read: impl Fn(&str) -> Option<Timestamp>,
+    ) -> (Vec<String>, u64) {
+        if !(self.eviction_requested || self.above_watermark()) {
+            return (Vec::new(), 0);
         }
         let (cap, used) = self.space();
         let by_ratio = (cap as f64 * self.config.eviction_ratio).ceil() as u64;
         let watermark = (cap as f64 * self.config.eviction_high_watermark_ratio) as u64;
-        report.target_bytes = by_ratio.max(used.saturating_sub(watermark));
+        let target_bytes = by_ratio.max(used.saturating_sub(watermark));
+        let ttl = self.config.default_kv_lease_ttl_ms;
 
         let mut plain: Vec<(LeaseDeadline, &String, u64)> = Vec::new();
         let mut soft: Vec<(LeaseDeadline, &String, u64)> = Vec::new();
         for (key, obj) in &self.objects {
+            if obj.replicas.is_empty()
+                || obj.pending.is_some()
+                || obj.task.is_some()
+                || obj.pin.is_hard()
+            {
+                continue;
+            }
+            let read = last_read(key);
+            let mut lease = obj.lease;
+            let mut pin = obj.pin;
+            if let Some(at) = read {
+                lease = lease.max(LeaseDeadline(at.plus(ttl)));
+                if let Pin::Soft { until, ttl_ms } = &mut pin {
+                    *until = (*until).max(at.plus(*ttl_ms));
+                }
+            }
+            if lease.is_active(now) {
+                continue;
+            }
+            let bytes = obj.replicas.iter().map(|r| r.alloc.len).sum();
+            if pin.is_soft_at(now) {
+                soft.push((lease, key, bytes));
+            } else {
+                plain.push((lease, key, bytes));
+            }
+        }
+        plain.sort_unstable();
+        soft.sort_unstable();
+        let mut victims = Vec::new();
+        let mut bytes = 0;
+        for list in [plain, soft] {
+            for (_, key, b) in list {
+                if bytes >= target_bytes {
+                    break;
+                }
+                bytes += b;
+                victims.push(key.clone());
+            }
+        }
+        (victims, target_bytes)
+    }
+
+    /// One eviction run removing `keys` (chosen by [`eviction_plan`](Self::eviction_plan)); a
+    /// key that is no longer evictable when this applies (read, rewritten, pinned, removed
+    /// meanwhile) is skipped.
+    pub(crate) fn evict_keys(
+        &mut self,
+        now: Timestamp,
+        keys: &[String],
+        target_bytes: u64,
+    ) -> EvictionReport {
+        self.eviction_requested = false;
+        self.last_eviction = Some(now);
+        let mut report = EvictionReport {
+            target_bytes,
+            ..EvictionReport::default()
+        };
+        if keys.is_empty() && target_bytes == 0 {
+            return report;
+        }
+        for key in keys {
+            let Some(obj) = self.objects.get(key) else {
+                continue;
+            };
             if obj.replicas.is_empty()
                 || obj.pending.is_some()
                 || obj.task.is_some()
@@ -65,28 +140,9 @@ impl Master {
             {
                 continue;
             }
-            let bytes = obj.replicas.iter().map(|r| r.alloc.len).sum();
-            if obj.pin.is_soft_at(now) {
-                soft.push((obj.lease, key, bytes));
-            } else {
-                plain.push((obj.lease, key, bytes));
-            }
-        }
-        plain.sort_unstable();
-        soft.sort_unstable();
-        let mut victims = Vec::new();
-        for (pinned, list) in [(false, plain), (true, soft)] {
-            for (_, key, bytes) in list {
-                if report.bytes >= report.target_bytes {
-                    break;
-                }
-                report.bytes += bytes;
-                report.objects += 1;
-                report.soft_pinned += u64::from(pinned);
-                victims.push(key.clone());
-            }
-        }
-        for key in &victims {
+            report.bytes += obj.replicas.iter().map(|r| r.alloc.len).sum::<u64>();
+            report.objects += 1;
+            report.soft_pinned += u64::from(obj.pin.is_soft_at(now));
             self.remove_object(now, key);
         }
         self.counters.eviction_runs += 1;

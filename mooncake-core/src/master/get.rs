@@ -25,23 +25,40 @@ impl Master {
         key: &str,
     ) -> Result<ReplicaList, ErrorCode> {
         self.counters.get_requests += 1;
-        let Some(obj) = self.objects.get(key) else {
-            self.counters.get_misses += 1;
-            return Err(ErrorCode::OBJECT_NOT_FOUND);
-        };
+        match self.replica_list_at(now, key) {
+            Ok(list) => {
+                self.lease_object(now, key).expect("readable");
+                self.counters.get_hits += 1;
+                Ok(list)
+            }
+            Err(e) => {
+                self.counters.get_misses += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// What GetReplicaList answers at `now`, lease deadline included, without granting the
+    /// lease: a leader serving the read outside the log records the read itself.
+    pub fn replica_list_at(&self, now: Timestamp, key: &str) -> Result<ReplicaList, ErrorCode> {
+        let obj = self.objects.get(key).ok_or(ErrorCode::OBJECT_NOT_FOUND)?;
         if obj.replicas.is_empty() {
-            self.counters.get_misses += 1;
             return Err(ErrorCode::REPLICA_IS_NOT_READY);
         }
-        let replicas = self.descriptors(&obj.replicas, obj.size);
-        let size = obj.size;
-        let lease = self.lease_object(now, key).expect("readable");
-        self.counters.get_hits += 1;
         Ok(ReplicaList {
-            size,
-            replicas,
-            lease,
+            size: obj.size,
+            replicas: self.descriptors(&obj.replicas, obj.size),
+            lease: obj
+                .lease
+                .max(LeaseDeadline(now.plus(self.config.default_kv_lease_ttl_ms))),
         })
+    }
+
+    /// Whether `key` has a readable value (what ExistKey answers), without granting a lease.
+    pub fn is_readable(&self, key: &str) -> bool {
+        self.objects
+            .get(key)
+            .is_some_and(|o| !o.replicas.is_empty())
     }
 
     /// Whether `key` has a readable value; leases it if so.

@@ -71,4 +71,32 @@ impl Master {
         self.counters.leases_granted += 1;
         Some(obj.grant_lease(now, ttl))
     }
+
+    /// Applies reads a leader served outside the log (`(key, read time)`), as if each had been
+    /// a lease-granting read at its time: lease deadlines and soft pins catch up. Unknown or
+    /// unreadable keys are skipped.
+    pub(crate) fn record_reads(&mut self, reads: &[(String, Timestamp)]) {
+        let ttl = self.config.default_kv_lease_ttl_ms;
+        for (key, at) in reads {
+            if let Some(obj) = self.objects.get_mut(key) {
+                if !obj.replicas.is_empty() {
+                    obj.grant_lease(*at, ttl);
+                }
+            }
+        }
+    }
+
+    /// Leases every readable object as if read at `read_at` (a new leader's first entry, so
+    /// reads the previous leader served outside the log stay protected); returns how many.
+    pub(crate) fn lease_all(&mut self, read_at: Timestamp) -> u64 {
+        let ttl = self.config.default_kv_lease_ttl_ms;
+        let mut n = 0;
+        for obj in self.objects.values_mut() {
+            if !obj.replicas.is_empty() {
+                obj.grant_lease(read_at, ttl);
+                n += 1;
+            }
+        }
+        n
+    }
 }

@@ -1,8 +1,9 @@
 //! The master as a [`StateMachine`] behind a command log.
 //!
 //! A log entry is a [`LogEntry`]: the command and the time it is applied at, chosen once by
-//! whoever appends it (the leader), so every replica applies it with the same `now`. Entries and
-//! responses are postcard-encoded.
+//! whoever appends it (the leader), so every replica applies it with the same `now`, plus the
+//! reads the leader served outside the log that the command's outcome depends on (see
+//! [`LeaderView`](super::LeaderView)). Entries and responses are postcard-encoded.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,11 +18,23 @@ use crate::metadata::StateMachine;
 pub struct LogEntry {
     /// Time the command is applied at.
     pub now: Timestamp,
+    /// Reads served outside the log, `(key, read time)`, applied as lease grants before the
+    /// command.
+    pub reads: Vec<(String, Timestamp)>,
     /// The command.
     pub command: Command,
 }
 
 impl LogEntry {
+    /// An entry carrying no reads.
+    pub fn new(now: Timestamp, command: Command) -> Self {
+        LogEntry {
+            now,
+            reads: Vec::new(),
+            command,
+        }
+    }
+
     /// The entry's bytes, as the log carries them.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("log entries always serialize")
@@ -38,7 +51,10 @@ impl StateMachine for Master {
     /// entry change nothing and give `Unit(Err(DESERIALIZE_FAIL))`, the same on every replica.
     fn apply(&mut self, entry: &[u8]) -> Vec<u8> {
         let response = match postcard::from_bytes::<LogEntry>(entry) {
-            Ok(e) => Master::apply(self, e.now, e.command),
+            Ok(e) => {
+                self.record_reads(&e.reads);
+                Master::apply(self, e.now, e.command)
+            }
             Err(_) => Response::Unit(Err(ErrorCode::DESERIALIZE_FAIL)),
         };
         postcard::to_allocvec(&response).expect("responses always serialize")
@@ -68,13 +84,13 @@ mod tests {
     #[test]
     fn applies_encoded_entries() {
         let mut m = Master::new(MasterConfig::default()).unwrap();
-        let entry = LogEntry {
-            now: Timestamp(5),
-            command: Command::MountSegment {
+        let entry = LogEntry::new(
+            Timestamp(5),
+            Command::MountSegment {
                 client_id: ClientId(1),
                 segment: SegmentSpec::new("a:1", 0, 1 << 20),
             },
-        };
+        );
         let out = StateMachine::apply(&mut m, &entry.encode());
         assert_eq!(decode_response(&out), Ok(Response::Unit(Ok(()))));
         assert_eq!(m.now(), Timestamp(5));

@@ -16,6 +16,9 @@
 //!   [`Master::next_timeout`] says when to call it again;
 //! - behind a replicated command log, [`LogEntry`] (command + time) is the log's unit and the
 //!   master implements [`StateMachine`](crate::metadata::StateMachine);
+//! - reads and heartbeats can be answered outside the log by whoever appends to it, with a
+//!   [`LeaderView`] recording what they changed and carrying it into the entries that depend on
+//!   it;
 //! - queries that change nothing ([`Master::query_task`], [`Master::metrics`],
 //!   [`Master::segments`], [`Master::object`]) are plain methods.
 //!
@@ -61,6 +64,7 @@ mod config;
 mod evict;
 mod get;
 mod invariants;
+mod leader;
 mod lease;
 mod log;
 mod metrics;
@@ -83,6 +87,7 @@ pub use command::{Command, Response};
 pub use config::{AllocationStrategy, MasterConfig, ReplicateConfig, SoftPinAction};
 pub use evict::EvictionReport;
 pub use get::ReplicaList;
+pub use leader::{LeaderView, Proposal, Route, Ticket};
 pub use lease::Pin;
 pub use log::{decode_response, LogEntry};
 pub use metrics::{Counters, MasterMetrics};
@@ -288,6 +293,10 @@ impl Master {
             }
             Command::RemoveAll { force } => Response::Count(Ok(self.remove_all(now, force))),
             Command::Evict => Response::Evicted(self.evict(now)),
+            Command::EvictKeys { keys, target_bytes } => {
+                Response::Evicted(self.evict_keys(now, &keys, target_bytes))
+            }
+            Command::LeaseAll { read_at } => Response::Count(Ok(self.lease_all(read_at))),
             Command::ReleaseRetired => Response::Count(Ok(self.release_retired(now))),
             Command::CreateCopyTask { key, targets } => {
                 Response::TaskCreated(self.create_copy_task(now, &key, targets))

@@ -2,6 +2,7 @@
 
 mod clients;
 mod evict;
+mod leader;
 mod lifecycle;
 mod prop;
 mod tasks;

@@ -8,7 +8,7 @@ const KEYS: usize = 8;
 
 /// A test operation: a command template, resolved against the run's state (task ids).
 #[derive(Clone, Debug)]
-enum Op {
+pub(super) enum Op {
     Mount {
         client: u8,
         idx: u8,
@@ -107,11 +107,11 @@ fn seg_name(client: u8, idx: u8) -> String {
     )
 }
 
-fn key(k: u8) -> String {
+pub(super) fn key(k: u8) -> String {
     format!("k{}", k as usize % KEYS)
 }
 
-fn op() -> impl Strategy<Value = Op> {
+pub(super) fn op() -> impl Strategy<Value = Op> {
     let client = 0u8..4;
     let k = 0u8..KEYS as u8;
     let keys = proptest::collection::vec(0u8..KEYS as u8, 0..4);
@@ -149,7 +149,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Turns an op into commands (an Advance becomes the timeout handler's commands).
-fn commands(op: &Op, m: &Master, now: Timestamp, tasks: &[TaskId]) -> Vec<Command> {
+pub(super) fn commands(op: &Op, m: &Master, now: Timestamp, tasks: &[TaskId]) -> Vec<Command> {
     let cid = |c: u8| ClientId(u128::from(c) + 1);
     let task = |t: u8| {
         if tasks.is_empty() {
@@ -320,7 +320,7 @@ fn mounted(m: &Master, i: u8) -> Option<String> {
 }
 
 /// Whether a command may legitimately remove a leased object.
-fn may_drop_leased(cmd: &Command) -> bool {
+pub(super) fn may_drop_leased(cmd: &Command) -> bool {
     match cmd {
         Command::UnmountSegment { .. } | Command::ExpireClient { .. } => true,
         Command::Remove { force, .. }
