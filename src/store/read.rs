@@ -229,10 +229,15 @@ impl Store {
             }
         }
         // Zero-copy reads go out as one transfer batch.
-        let reads = direct
+        let jobs: Vec<(&ReplicaList, &[(u64, u64)])> = direct
             .iter()
-            .map(|(_, _, list, parts, _)| self.read_replicas(list, parts));
-        let results = futures::future::join_all(reads).await;
+            .map(|(_, _, list, parts, _)| (list, parts.as_slice()))
+            .collect();
+        let results = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            self.read_batch(&jobs).await
+        };
         for ((i, key, list, _, deadline), r) in direct.iter().zip(results) {
             out[*i] = Some(
                 r.and_then(|()| lease_check(*deadline, key))
