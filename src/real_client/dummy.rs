@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,7 +28,13 @@ const STAGING_ALIGN: u64 = 64;
 pub struct DummyClient {
     rpc: RpcClient,
     hostname: String,
-    session: u64,
+    /// The session the pool is registered under at the real client; renewed when the real
+    /// client restarted.
+    session: AtomicU64,
+    /// The pool's memfd, kept to register it again with a restarted real client.
+    pool_fd: OwnedFd,
+    /// Serializes re-registration.
+    reregister: tokio::sync::Mutex<()>,
     map: Mapping,
     pool_len: u64,
     pool: RangeAlloc,
@@ -42,7 +48,10 @@ impl std::fmt::Debug for DummyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DummyClient")
             .field("real_client", &self.rpc.address())
-            .field("session", &format_args!("{:#x}", self.session))
+            .field(
+                "session",
+                &format_args!("{:#x}", self.session.load(Ordering::Relaxed)),
+            )
             .field(
                 "pool",
                 &format_args!("{:#x}+{}", self.map.addr(), self.pool_len),
@@ -101,60 +110,15 @@ impl DummyClient {
                 connect_timeout: Duration::from_secs(3),
             },
         );
-        let (ipc_name, hostname) = match rpc
-            .call::<_, Reply>(&Request::Hello {
-                version: PROTOCOL_VERSION,
-            })
-            .await?
-        {
-            Reply::Hello {
-                version,
-                ipc_name,
-                hostname,
-            } if version == PROTOCOL_VERSION => (ipc_name, hostname),
-            Reply::Failed(e) => return Err(e.into()),
-            other => return Err(unexpected(other)),
-        };
         let fd = create_memfd("mooncake-dummy-pool", total)?;
         let map = Mapping::map(&fd, total)?;
-        let base = map.addr();
-        let (ipc, session) = tokio::task::spawn_blocking(move || -> Result<(UnixStream, u64)> {
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(ipc_name.as_bytes())?;
-            let sock = UnixStream::connect_addr(&addr).map_err(|e| {
-                Error::with_code(
-                    ErrorCode::RPC_FAIL,
-                    format!(
-                        "connecting to the real client's socket {ipc_name} (is it on this \
-                         host?): {e}"
-                    ),
-                )
-            })?;
-            sock.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut msg = Vec::with_capacity(REGISTER_LEN);
-            msg.extend_from_slice(REGISTER_MAGIC);
-            msg.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-            msg.extend_from_slice(&total.to_le_bytes());
-            msg.extend_from_slice(&base.to_le_bytes());
-            send_with_fd(&sock, &msg, fd.as_raw_fd())?;
-            let mut reply = [0u8; REGISTER_REPLY_LEN];
-            (&sock).read_exact(&mut reply)?;
-            let code = i32::from_le_bytes(reply[..4].try_into().expect("4 bytes"));
-            if code != 0 {
-                return Err(Error::with_code(
-                    ErrorCode::from_i32(code).unwrap_or(ErrorCode::INTERNAL_ERROR),
-                    "the real client refused the shared pool",
-                ));
-            }
-            sock.set_read_timeout(None)?;
-            let session = u64::from_le_bytes(reply[4..].try_into().expect("8 bytes"));
-            Ok((sock, session))
-        })
-        .await
-        .map_err(|e| Error::Io(format!("registering the pool: {e}")))??;
+        let (ipc, session, hostname) = register(&rpc, &fd, total, map.addr()).await?;
         Ok(DummyClient {
             rpc,
             hostname,
-            session,
+            session: AtomicU64::new(session),
+            pool_fd: fd,
+            reregister: tokio::sync::Mutex::new(()),
             map,
             pool_len: mem_pool_size,
             pool: RangeAlloc::new(mem_pool_size),
@@ -165,17 +129,58 @@ impl DummyClient {
         })
     }
 
-    async fn call(&self, request: &Request) -> Result<Reply> {
+    async fn call(&self, mut request: Request) -> Result<Reply> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::with_code(
                 ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
                 "the dummy client is closed",
             ));
         }
-        match self.rpc.call::<_, Reply>(request).await? {
+        if let Some(session) = request.session_mut() {
+            *session = self.live_session().await?;
+        }
+        match self.rpc.call::<_, Reply>(&request).await? {
             Reply::Failed(e) => Err(e.into()),
             r => Ok(r),
         }
+    }
+
+    /// The pool's session, registering the pool again first if the real client closed the
+    /// session's socket (it restarted, or dropped the session).
+    async fn live_session(&self) -> Result<u64> {
+        if self.ipc_alive() {
+            return Ok(self.session.load(Ordering::Acquire));
+        }
+        let _one = self.reregister.lock().await;
+        if self.ipc_alive() {
+            return Ok(self.session.load(Ordering::Acquire));
+        }
+        let (ipc, session, _) =
+            register(&self.rpc, &self.pool_fd, self.map.len(), self.map.addr()).await?;
+        tracing::info!(
+            real_client = self.rpc.address(),
+            "registered the shared pool again (session {session:#x})"
+        );
+        *self.ipc.lock().expect("ipc") = Some(ipc);
+        self.session.store(session, Ordering::Release);
+        Ok(session)
+    }
+
+    /// Whether the pool's socket to the real client is still open. The real client never writes
+    /// on it after registering, so readable means closed.
+    fn ipc_alive(&self) -> bool {
+        let ipc = self.ipc.lock().expect("ipc");
+        let Some(sock) = ipc.as_ref() else {
+            return false;
+        };
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n == 0
     }
 
     /// The real client's segment name (`host:port`).
@@ -273,8 +278,8 @@ impl DummyClient {
                     at += p.len() as u64;
                 }
                 let r = self
-                    .call(&Request::PutFrom {
-                        session: self.session,
+                    .call(Request::PutFrom {
+                        session: self.session.load(Ordering::Acquire),
                         upsert,
                         items: vec![(key.to_owned(), vec![(chunk.addr(), total)])],
                         config: config.clone(),
@@ -293,7 +298,7 @@ impl DummyClient {
             ));
         }
         let r = self
-            .call(&Request::PutInline {
+            .call(Request::PutInline {
                 upsert,
                 key: key.to_owned(),
                 parts: parts.iter().map(|p| Blob(p.to_vec())).collect(),
@@ -387,8 +392,8 @@ impl DummyClient {
         if !staged.is_empty() {
             let (idx, items): (Vec<usize>, Vec<PoolItem>) = staged.into_iter().unzip();
             let r = self
-                .call(&Request::PutFrom {
-                    session: self.session,
+                .call(Request::PutFrom {
+                    session: self.session.load(Ordering::Acquire),
                     upsert,
                     items,
                     config: config.clone(),
@@ -434,7 +439,7 @@ impl DummyClient {
                     std::mem::take(&mut batch).into_iter().unzip();
                 bytes = 0;
                 let results = match self
-                    .call(&Request::PutBatchInline {
+                    .call(Request::PutBatchInline {
                         upsert,
                         items,
                         config: config.clone(),
@@ -519,8 +524,8 @@ impl DummyClient {
         if !items.is_empty() {
             let n = items.len();
             let results = match self
-                .call(&Request::PutFrom {
-                    session: self.session,
+                .call(Request::PutFrom {
+                    session: self.session.load(Ordering::Acquire),
                     upsert,
                     items,
                     config: config.clone(),
@@ -605,7 +610,7 @@ impl DummyClient {
 
     async fn sizes(&self, keys: &[&str]) -> Result<Vec<Result<u64>>> {
         match self
-            .call(&Request::GetSizes {
+            .call(Request::GetSizes {
                 keys: keys.iter().map(|k| (*k).to_owned()).collect(),
             })
             .await?
@@ -617,7 +622,7 @@ impl DummyClient {
 
     async fn get_inline(&self, key: &str) -> Result<Vec<u8>> {
         match self
-            .call(&Request::GetInline {
+            .call(Request::GetInline {
                 key: key.to_owned(),
             })
             .await?
@@ -633,8 +638,8 @@ impl DummyClient {
             return Vec::new();
         }
         match self
-            .call(&Request::GetInto {
-                session: self.session,
+            .call(Request::GetInto {
+                session: self.session.load(Ordering::Acquire),
                 items,
             })
             .await
@@ -761,7 +766,7 @@ impl DummyClient {
     /// Whether `key` has a readable value.
     pub async fn is_exist(&self, key: &str) -> Result<bool> {
         match self
-            .call(&Request::IsExist {
+            .call(Request::IsExist {
                 key: key.to_owned(),
             })
             .await?
@@ -774,7 +779,7 @@ impl DummyClient {
     /// [`is_exist`](Self::is_exist) for several keys.
     pub async fn batch_is_exist(&self, keys: &[&str]) -> Result<Vec<bool>> {
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        match self.call(&Request::BatchIsExist { keys }).await? {
+        match self.call(Request::BatchIsExist { keys }).await? {
             Reply::Bools(b) => from_wire(b),
             other => Err(unexpected(other)),
         }
@@ -783,7 +788,7 @@ impl DummyClient {
     /// Removes `key` (`OBJECT_HAS_LEASE` while leased, unless `force`).
     pub async fn remove(&self, key: &str, force: bool) -> Result<()> {
         match self
-            .call(&Request::Remove {
+            .call(Request::Remove {
                 key: key.to_owned(),
                 force,
             })
@@ -797,7 +802,7 @@ impl DummyClient {
     /// Removes each key; one result per key.
     pub async fn batch_remove(&self, keys: &[&str], force: bool) -> Result<Vec<Result<()>>> {
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        match self.call(&Request::BatchRemove { keys, force }).await? {
+        match self.call(Request::BatchRemove { keys, force }).await? {
             Reply::UnitsOr(r) => from_wire(r).map(|v| v.into_iter().map(from_wire).collect()),
             other => Err(unexpected(other)),
         }
@@ -806,7 +811,7 @@ impl DummyClient {
     /// Removes the keys matching `pattern`; how many.
     pub async fn remove_by_regex(&self, pattern: &str, force: bool) -> Result<u64> {
         match self
-            .call(&Request::RemoveByRegex {
+            .call(Request::RemoveByRegex {
                 pattern: pattern.to_owned(),
                 force,
             })
@@ -819,7 +824,7 @@ impl DummyClient {
 
     /// Removes every object; how many.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
-        match self.call(&Request::RemoveAll { force }).await? {
+        match self.call(Request::RemoveAll { force }).await? {
             Reply::Count(c) => from_wire(c),
             other => Err(unexpected(other)),
         }
@@ -828,7 +833,7 @@ impl DummyClient {
     /// Descriptors of `key`'s replicas.
     pub async fn get_replica_desc(&self, key: &str) -> Result<Vec<ReplicaDescriptor>> {
         match self
-            .call(&Request::GetReplicaDesc {
+            .call(Request::GetReplicaDesc {
                 key: key.to_owned(),
             })
             .await?
@@ -844,7 +849,7 @@ impl DummyClient {
         keys: &[&str],
     ) -> Result<HashMap<String, Vec<ReplicaDescriptor>>> {
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        match self.call(&Request::BatchGetReplicaDesc { keys }).await? {
+        match self.call(Request::BatchGetReplicaDesc { keys }).await? {
             Reply::ReplicaMap(r) => from_wire(r).map(|v| v.into_iter().collect()),
             other => Err(unexpected(other)),
         }
@@ -853,7 +858,7 @@ impl DummyClient {
     /// Queues a copy of `key` to `targets`.
     pub async fn create_copy_task(&self, key: &str, targets: &[String]) -> Result<TaskId> {
         match self
-            .call(&Request::CreateCopyTask {
+            .call(Request::CreateCopyTask {
                 key: key.to_owned(),
                 targets: targets.to_vec(),
             })
@@ -867,7 +872,7 @@ impl DummyClient {
     /// Queues a move of `key`'s replica from `source` to `target`.
     pub async fn create_move_task(&self, key: &str, source: &str, target: &str) -> Result<TaskId> {
         match self
-            .call(&Request::CreateMoveTask {
+            .call(Request::CreateMoveTask {
                 key: key.to_owned(),
                 source: source.to_owned(),
                 target: target.to_owned(),
@@ -881,7 +886,7 @@ impl DummyClient {
 
     /// A task's status.
     pub async fn query_task(&self, id: TaskId) -> Result<TaskInfo> {
-        match self.call(&Request::QueryTask { id }).await? {
+        match self.call(Request::QueryTask { id }).await? {
             Reply::TaskInfo(t) => from_wire(t),
             other => Err(unexpected(other)),
         }
@@ -889,7 +894,7 @@ impl DummyClient {
 
     /// The master's metrics.
     pub async fn master_metrics(&self) -> Result<MasterMetrics> {
-        match self.call(&Request::MasterMetrics).await? {
+        match self.call(Request::MasterMetrics).await? {
             Reply::Metrics(m) => from_wire(m).map(|b| *b),
             other => Err(unexpected(other)),
         }
@@ -902,4 +907,63 @@ fn single_buffer_items(items: &[(&str, u64, u64)]) -> Vec<(String, Vec<(u64, u64
         .iter()
         .map(|&(k, a, s)| (k.to_owned(), vec![(a, s)]))
         .collect()
+}
+
+/// Says hello to the real client and registers the pool `fd` (`total` bytes mapped at `base`
+/// here) on its Unix socket; returns the socket (the session lives while it is open), the session
+/// id and the real client's segment name.
+async fn register(
+    rpc: &RpcClient,
+    fd: &OwnedFd,
+    total: u64,
+    base: u64,
+) -> Result<(UnixStream, u64, String)> {
+    let (ipc_name, hostname) = match rpc
+        .call::<_, Reply>(&Request::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .await?
+    {
+        Reply::Hello {
+            version,
+            ipc_name,
+            hostname,
+        } if version == PROTOCOL_VERSION => (ipc_name, hostname),
+        Reply::Failed(e) => return Err(e.into()),
+        other => return Err(unexpected(other)),
+    };
+    let fd = fd.try_clone()?;
+    let (ipc, session) = tokio::task::spawn_blocking(move || -> Result<(UnixStream, u64)> {
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(ipc_name.as_bytes())?;
+        let sock = UnixStream::connect_addr(&addr).map_err(|e| {
+            Error::with_code(
+                ErrorCode::RPC_FAIL,
+                format!(
+                    "connecting to the real client's socket {ipc_name} (is it on this host?): {e}"
+                ),
+            )
+        })?;
+        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut msg = Vec::with_capacity(REGISTER_LEN);
+        msg.extend_from_slice(REGISTER_MAGIC);
+        msg.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        msg.extend_from_slice(&total.to_le_bytes());
+        msg.extend_from_slice(&base.to_le_bytes());
+        send_with_fd(&sock, &msg, fd.as_raw_fd())?;
+        let mut reply = [0u8; REGISTER_REPLY_LEN];
+        (&sock).read_exact(&mut reply)?;
+        let code = i32::from_le_bytes(reply[..4].try_into().expect("4 bytes"));
+        if code != 0 {
+            return Err(Error::with_code(
+                ErrorCode::from_i32(code).unwrap_or(ErrorCode::INTERNAL_ERROR),
+                "the real client refused the shared pool",
+            ));
+        }
+        sock.set_read_timeout(None)?;
+        let session = u64::from_le_bytes(reply[4..].try_into().expect("8 bytes"));
+        Ok((sock, session))
+    })
+    .await
+    .map_err(|e| Error::Io(format!("registering the pool: {e}")))??;
+    Ok((ipc, session, hostname))
 }

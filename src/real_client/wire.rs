@@ -120,6 +120,16 @@ pub(crate) enum Request {
     MasterMetrics,
 }
 
+impl Request {
+    /// The session field of a call that touches the shared pool.
+    pub(crate) fn session_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            Request::PutFrom { session, .. } | Request::GetInto { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+}
+
 /// The real client's answers, one variant per result shape.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Reply {
