@@ -50,7 +50,7 @@ pub mod storage;
 pub mod store;
 pub mod wal;
 
-pub use config::{NodeConfig, StoreConfig};
+pub use config::{NodeConfig, RoleObserver, StoreConfig};
 pub use error::{leader_hint, Error, Result};
 pub use node::{Applied, MembershipChange, Output, ProposalError, ProposalId, RaftNode, RoleEvent};
 pub use raft;

@@ -123,7 +123,9 @@ pub struct RaftNode {
     applied: u64,
     last_snapshot: u64,
     led_term: Option<u64>,
+    announced_term: Option<u64>,
     known_leader: u64,
+    events: Vec<RoleEvent>,
     config: NodeConfig,
     recovery: RecoveryReport,
 }
@@ -201,7 +203,9 @@ impl RaftNode {
             applied,
             last_snapshot: applied,
             led_term: None,
+            announced_term: None,
             known_leader: 0,
+            events: Vec::new(),
             config,
             recovery,
         })
@@ -308,6 +312,7 @@ impl RaftNode {
     /// removal, so followers have applied it too and may campaign).
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.observe_role();
         if self.is_leader()
             && self.raw.raft.lead_transferee.is_none()
             && !self
@@ -323,7 +328,9 @@ impl RaftNode {
 
     /// Starts an election now (tests and leadership hand-over).
     pub fn campaign(&mut self) -> Result<()> {
-        Ok(self.raw.campaign()?)
+        let result = self.raw.campaign();
+        self.observe_role();
+        Ok(result?)
     }
 
     /// Asks the leader to hand leadership to `to`.
@@ -333,7 +340,9 @@ impl RaftNode {
 
     /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored.
     pub fn step(&mut self, msg: Message) -> Result<()> {
-        match self.raw.step(msg) {
+        let result = self.raw.step(msg);
+        self.observe_role();
+        match result {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -529,11 +538,37 @@ impl RaftNode {
         Ok(out)
     }
 
+    /// Records role and leader changes the moment they happen (after every step and tick), so
+    /// a leadership that begins and ends between two [`advance`](Self::advance) calls is still
+    /// reported.
+    fn observe_role(&mut self) {
+        let now = self.is_leader().then(|| self.term());
+        if self.announced_term != now {
+            if let Some(term) = self.announced_term {
+                self.events.push(RoleEvent::SteppedDown { term });
+            }
+            if let Some(term) = now {
+                self.events.push(RoleEvent::BecameLeader { term });
+            }
+            self.announced_term = now;
+        }
+        let leader = self.raw.raft.leader_id;
+        if leader != self.known_leader {
+            self.known_leader = leader;
+            self.events.push(RoleEvent::LeaderChanged {
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+    }
+
+    /// Hands the recorded role changes to `out`, and fails this node's proposals once it is no
+    /// longer the leader of the term they were made in.
     fn check_role(&mut self, out: &mut Output) {
+        self.observe_role();
+        out.events.append(&mut self.events);
         let now = self.is_leader().then(|| self.term());
         if self.led_term != now {
-            if let Some(term) = self.led_term {
-                out.events.push(RoleEvent::SteppedDown { term });
+            if self.led_term.is_some() {
                 out.failed.extend(
                     std::mem::take(&mut self.in_flight)
                         .into_values()
@@ -545,17 +580,7 @@ impl RaftNode {
                         .map(|(id, _)| (id, ProposalError::LeadershipLost)),
                 );
             }
-            if let Some(term) = now {
-                out.events.push(RoleEvent::BecameLeader { term });
-            }
             self.led_term = now;
-        }
-        let leader = self.raw.raft.leader_id;
-        if leader != self.known_leader {
-            self.known_leader = leader;
-            out.events.push(RoleEvent::LeaderChanged {
-                leader: (leader != 0).then_some(leader),
-            });
         }
     }
 

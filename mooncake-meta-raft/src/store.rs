@@ -20,7 +20,7 @@ use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use crate::config::StoreConfig;
+use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
 use crate::network::{self, Inbox, NetConfig, NetEvent, Transport};
 use crate::node::{MembershipChange, ProposalId, RaftNode, RoleEvent};
@@ -138,6 +138,7 @@ impl RaftMetadataStore {
             gets: Vec::new(),
             address_book,
             tick: config.tick_interval,
+            on_role: config.on_role.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -349,6 +350,7 @@ struct Driver {
     gets: Vec<(String, oneshot::Sender<Option<Versioned>>)>,
     address_book: HashMap<u64, String>,
     tick: Duration,
+    on_role: Option<RoleObserver>,
 }
 
 impl Driver {
@@ -470,6 +472,11 @@ impl Driver {
         }
         for (key, reply) in self.gets.drain(..) {
             let _ = reply.send(self.node.kv().get(&key));
+        }
+        if let Some(observer) = &self.on_role {
+            for e in &out.events {
+                (observer.0)(self.node.id(), e);
+            }
         }
         let changed = out.events.iter().any(|e| {
             matches!(
