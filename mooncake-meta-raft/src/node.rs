@@ -98,6 +98,26 @@ pub enum MembershipChange {
     Remove(u64),
 }
 
+/// The group's membership as one node has applied it, with the peer directory's addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// The node that answered.
+    pub id: u64,
+    /// Its term.
+    pub term: u64,
+    /// The leader it knows.
+    pub leader: Option<u64>,
+    /// Its commit index.
+    pub commit_index: u64,
+    /// Voters, by id (addresses empty when the directory lacks the node).
+    pub voters: Vec<PeerInfo>,
+    /// Learners, by id.
+    pub learners: Vec<PeerInfo>,
+    /// On the leader: the highest log index known to be replicated on each member (raft's
+    /// `matched`); empty on a follower.
+    pub matched: BTreeMap<u64, u64>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Normal,
@@ -291,6 +311,42 @@ impl RaftNode {
         (cs.voters.clone(), cs.learners.clone())
     }
 
+    /// The applied membership with addresses, and on the leader each member's replication
+    /// progress.
+    pub fn members(&self) -> Membership {
+        let (voters, learners) = self.membership();
+        let info = |id: u64| {
+            self.peers.get(&id).cloned().unwrap_or(PeerInfo {
+                id,
+                raft_addr: String::new(),
+                service_addr: String::new(),
+            })
+        };
+        let matched = if self.is_leader() {
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(&id, p)| (id, p.matched))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut voters: Vec<PeerInfo> = voters.into_iter().map(info).collect();
+        let mut learners: Vec<PeerInfo> = learners.into_iter().map(info).collect();
+        voters.sort_by_key(|p| p.id);
+        learners.sort_by_key(|p| p.id);
+        Membership {
+            id: self.config.id,
+            term: self.term(),
+            leader: self.leader_id(),
+            commit_index: self.commit_index(),
+            voters,
+            learners,
+            matched,
+        }
+    }
+
     /// Whether a membership change removed this node (it is initialized but in no role).
     pub fn is_removed(&self) -> bool {
         let cs = self.raw.store().conf_state();
@@ -406,10 +462,17 @@ impl RaftNode {
 
     /// Proposes a membership change (not batched). Its [`Applied::response`] is a postcard
     /// `Result<(), String>`.
+    ///
+    /// Refused at once ([`Error::InvalidArgument`]) when the change makes no sense for the
+    /// applied configuration: adding a node that is already a member, promoting a node that is
+    /// not a learner or that has not caught up at all yet, removing a node that is not a member
+    /// or the last voter. Refused with [`Error::ProposalDropped`] while another change is still
+    /// being applied.
     pub fn propose_membership(&mut self, change: &MembershipChange) -> Result<ProposalId> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
+        self.check_membership_change(change)?;
         let (id, ty, context) = match change {
             MembershipChange::AddLearner(p) => (
                 p.id,
@@ -419,9 +482,6 @@ impl RaftNode {
             MembershipChange::Promote(id) => (*id, ConfChangeType::AddNode, Vec::new()),
             MembershipChange::Remove(id) => (*id, ConfChangeType::RemoveNode, Vec::new()),
         };
-        if id == 0 {
-            return Err(Error::InvalidArgument("node id 0".into()));
-        }
         let mut cc = ConfChangeV2::default();
         let mut single = ConfChangeSingle::default();
         single.node_id = id;
@@ -440,6 +500,73 @@ impl RaftNode {
         self.in_flight
             .insert(before + 1, (self.term(), pid, Kind::ConfChange));
         Ok(pid)
+    }
+
+    fn check_membership_change(&self, change: &MembershipChange) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.raw.raft.has_pending_conf() {
+            return Err(Error::ProposalDropped(
+                "another membership change is still being applied; retry shortly".into(),
+            ));
+        }
+        let (voters, learners) = self.membership();
+        let describe = || format!("voters {voters:?}, learners {learners:?}");
+        match change {
+            MembershipChange::AddLearner(p) => {
+                if p.id == 0 {
+                    return bad("node id 0".into());
+                }
+                if voters.contains(&p.id) || learners.contains(&p.id) {
+                    let role = if voters.contains(&p.id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    return bad(format!("node {} is already a {role}", p.id));
+                }
+                if p.raft_addr.is_empty() || p.service_addr.is_empty() {
+                    return bad(format!(
+                        "node {} needs both a raft address and a service address",
+                        p.id
+                    ));
+                }
+                if let Some(other) = self.peers.values().find(|q| q.raft_addr == p.raft_addr) {
+                    return bad(format!(
+                        "raft address {} is already used by node {}",
+                        p.raft_addr, other.id
+                    ));
+                }
+            }
+            MembershipChange::Promote(id) => {
+                if voters.contains(id) {
+                    return bad(format!("node {id} is already a voter"));
+                }
+                if !learners.contains(id) {
+                    return bad(format!(
+                        "node {id} is not a learner ({}); add it as a learner first",
+                        describe()
+                    ));
+                }
+                let matched = self.raw.raft.prs().get(*id).map_or(0, |p| p.matched);
+                if matched == 0 {
+                    return bad(format!(
+                        "learner {id} has received nothing yet (is it running, in join mode, and \
+                         reachable at its raft address?); promote it once it has caught up"
+                    ));
+                }
+            }
+            MembershipChange::Remove(id) => {
+                if !voters.contains(id) && !learners.contains(id) {
+                    return bad(format!("node {id} is not a member ({})", describe()));
+                }
+                if voters == [*id] {
+                    return bad(format!(
+                        "node {id} is the last voter; removing it would leave no group"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands queued proposals to raft as one batch.

@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
 use crate::network::{self, Inbox, NetConfig, NetEvent, Transport};
-use crate::node::{MembershipChange, ProposalId, RaftNode, RoleEvent};
+use crate::node::{Membership, MembershipChange, ProposalId, RaftNode, RoleEvent};
 use crate::state::{KvOp, KvResult, PeerInfo};
 use crate::LeaderInfo;
 
@@ -50,6 +50,7 @@ enum Input {
     Kv(KvOp, Reply),
     Membership(MembershipChange, Reply),
     Get(String, oneshot::Sender<Option<Versioned>>),
+    Members(oneshot::Sender<Membership>),
     TransferLeader(u64),
     Shutdown,
 }
@@ -251,6 +252,16 @@ impl RaftMetadataStore {
         self.membership(MembershipChange::Remove(id)).await
     }
 
+    /// The membership this node has applied, with addresses; on the leader also each member's
+    /// replication progress. Served by any member, without a log round trip.
+    pub async fn members(&self) -> Result<Membership> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Members(tx))
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
     /// Asks the leader to hand leadership to `to` (no effect on a follower).
     pub fn transfer_leader(&self, to: u64) {
         let _ = self.inputs.send(Input::TransferLeader(to));
@@ -419,6 +430,10 @@ impl Driver {
             }
             Input::Get(key, reply) => {
                 self.gets.push((key, reply));
+                return false;
+            }
+            Input::Members(reply) => {
+                let _ = reply.send(self.node.members());
                 return false;
             }
             Input::TransferLeader(to) => {
