@@ -363,23 +363,10 @@ impl RaftNode {
         self.queue.len() + self.in_flight.len()
     }
 
-    /// Advances the logical clock by one tick. A leader that a membership change removed uses
-    /// ticks to hand leadership to the most caught-up voter (one tick after applying its
-    /// removal, so followers have applied it too and may campaign).
+    /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
         self.raw.tick();
         self.observe_role();
-        if self.is_leader()
-            && self.raw.raft.lead_transferee.is_none()
-            && !self
-                .raw
-                .store()
-                .conf_state()
-                .voters
-                .contains(&self.config.id)
-        {
-            self.hand_over_leadership();
-        }
     }
 
     /// Starts an election now (tests and leadership hand-over).
@@ -463,6 +450,12 @@ impl RaftNode {
     /// Proposes a membership change (not batched). Its [`Applied::response`] is a postcard
     /// `Result<(), String>`.
     ///
+    /// The leader never proposes its own removal: raft-rs 0.7 cannot run a leader outside its
+    /// configuration (it panics on the leader's next commit), so asked to remove itself the
+    /// leader hands leadership to the most caught-up voter instead and answers
+    /// [`Error::NotLeader`]; the caller retries at the new leader, which removes it as a
+    /// follower.
+    ///
     /// Refused at once ([`Error::InvalidArgument`]) when the change makes no sense for the
     /// applied configuration: adding a node that is already a member, promoting a node that is
     /// not a learner or that has not caught up at all yet, removing a node that is not a member
@@ -473,6 +466,10 @@ impl RaftNode {
             return Err(self.not_leader());
         }
         self.check_membership_change(change)?;
+        if *change == MembershipChange::Remove(self.config.id) {
+            self.hand_over_leadership();
+            return Err(Error::NotLeader { leader: None });
+        }
         let (id, ty, context) = match change {
             MembershipChange::AddLearner(p) => (
                 p.id,
@@ -509,7 +506,9 @@ impl RaftNode {
                 "another membership change is still being applied; retry shortly".into(),
             ));
         }
-        let (voters, learners) = self.membership();
+        let (mut voters, mut learners) = self.membership();
+        voters.sort_unstable();
+        learners.sort_unstable();
         let describe = || format!("voters {voters:?}, learners {learners:?}");
         match change {
             MembershipChange::AddLearner(p) => {
@@ -805,7 +804,20 @@ impl RaftNode {
     fn apply_conf_change(&mut self, cc: ConfChangeV2) -> Vec<u8> {
         let result = match self.raw.apply_conf_change(&cc) {
             Ok(cs) => {
+                let removed_leader = self.is_leader() && !cs.voters.contains(&self.config.id);
                 self.raw.mut_store().set_conf_state(cs);
+                if removed_leader {
+                    // Proposed by an earlier leader (this one hands over before its own
+                    // removal): raft-rs would panic on this leader's next commit, so it stops
+                    // leading at once and the remaining voters elect a leader.
+                    tracing::warn!(
+                        node = self.config.id,
+                        term = self.term(),
+                        "the leader applied its own removal; stepping down"
+                    );
+                    let term = self.term();
+                    self.raw.raft.become_follower(term, raft::INVALID_ID);
+                }
                 for change in cc.get_changes() {
                     if change.get_change_type() == ConfChangeType::RemoveNode {
                         self.peers.remove(&change.node_id);
@@ -821,7 +833,7 @@ impl RaftNode {
         postcard::to_allocvec(&result).expect("results always serialize")
     }
 
-    /// A removed leader asks the most caught-up voter to take over at once.
+    /// Asks the most caught-up other voter to take over at once.
     fn hand_over_leadership(&mut self) {
         let voters = self.raw.store().conf_state().voters.clone();
         let best = voters

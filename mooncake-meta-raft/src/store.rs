@@ -58,6 +58,7 @@ enum Input {
 /// A [`MetadataStore`] replicated by a raft group. See the module documentation.
 pub struct RaftMetadataStore {
     id: u64,
+    election_timeout: Duration,
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<RaftStatus>,
     shutdown: watch::Sender<bool>,
@@ -147,6 +148,7 @@ impl RaftMetadataStore {
             .map_err(|e| Error::io("raft thread", e))?;
         Ok(RaftMetadataStore {
             id,
+            election_timeout: config.tick_interval * config.node.election_ticks as u32,
             inputs,
             status,
             shutdown,
@@ -247,9 +249,30 @@ impl RaftMetadataStore {
         self.membership(MembershipChange::Promote(id)).await
     }
 
-    /// Removes a node; removing the leader makes it hand leadership over.
+    /// Removes a node. Asked to remove itself, the leader hands leadership to the most
+    /// caught-up voter instead, waits (a few election timeouts at most) until the new leader is
+    /// known, and answers [`Error::NotLeader`] naming it: retry there, where the old leader is
+    /// removed as a follower.
     pub async fn remove_node(&self, id: u64) -> Result<()> {
-        self.membership(MembershipChange::Remove(id)).await
+        let result = self.membership(MembershipChange::Remove(id)).await;
+        if id != self.id || !matches!(result, Err(Error::NotLeader { leader: None })) {
+            return result;
+        }
+        let mut status = self.status.clone();
+        let handed_over = async move {
+            status
+                .wait_for(|s| !s.running || (s.role != StateRole::Leader && s.leader.is_some()))
+                .await
+                .map(|s| s.clone())
+        };
+        match tokio::time::timeout(self.election_timeout * 3, handed_over).await {
+            Ok(Ok(s)) if s.running => Err(Error::NotLeader { leader: s.leader }),
+            Ok(_) => Err(Error::Shutdown),
+            Err(_) => Err(Error::ProposalDropped(format!(
+                "node {id} leads and could not hand leadership over within {:?}; retry",
+                self.election_timeout * 3
+            ))),
+        }
     }
 
     /// The membership this node has applied, with addresses; on the leader also each member's

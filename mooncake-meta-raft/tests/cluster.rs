@@ -166,14 +166,22 @@ fn membership_add_learner_promote_and_remove_leader() {
     let mut voters = c.node(4).membership().0;
     voters.sort_unstable();
     assert_eq!(voters, vec![1, 2, 3, 4]);
-    // Remove the leader itself: it hands leadership over.
-    c.node_mut(l)
+    // Asked to remove itself, the leader hands leadership over first and says so; the new
+    // leader removes it as a follower.
+    let err = c
+        .node_mut(l)
         .propose_membership(&MembershipChange::Remove(l))
-        .unwrap();
+        .unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err:?}");
     c.ticks(5);
     let rest: Vec<u64> = (1..=4).filter(|&i| i != l).collect();
     let new = c.wait_leader(&rest);
     assert_ne!(new, l);
+    assert!(!c.node(l).is_removed());
+    c.node_mut(new)
+        .propose_membership(&MembershipChange::Remove(l))
+        .unwrap();
+    c.ticks(5);
     assert!(c.node(l).is_removed());
     c.propose_and_wait(new, b"two");
     c.ticks(30);
@@ -184,6 +192,63 @@ fn membership_add_learner_promote_and_remove_leader() {
             vec![b"one".to_vec(), b"two".to_vec()]
         );
     }
+}
+
+/// A removal proposed by one leader can be committed by the next, which may be the removed node
+/// itself. It must stop leading rather than run outside its configuration (raft-rs 0.7 panics on
+/// such a leader's next commit); the remaining voters go on.
+#[test]
+fn a_leader_that_applies_its_own_removal_steps_down() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let mut others = (1..=3).filter(|&i| i != l);
+    let (b, d) = (others.next().unwrap(), others.next().unwrap());
+    c.propose_and_wait(l, b"before");
+    c.ticks(2);
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::Remove(b))
+        .unwrap();
+    // The removal reaches b only, and l dies before anyone else hears of it.
+    let out = c.node_mut(l).advance().unwrap();
+    for m in out.messages.into_iter().filter(|m| m.to == b) {
+        c.node_mut(b).step(m).unwrap();
+    }
+    c.node_mut(b).advance().unwrap();
+    c.crash(l);
+    // b has the longer log, so only b can win; it commits the removal in its own term and
+    // stops leading the moment it applies it.
+    for _ in 0..60 {
+        c.tick();
+        if c.node(b).is_removed() {
+            break;
+        }
+    }
+    let led = |c: &Cluster, id| c.leaders_by_term.values().any(|&x| x == id);
+    assert!(led(&c, b), "b never led: {:?}", c.leaders_by_term);
+    assert!(c.node(b).is_removed(), "b did not apply its removal");
+    assert!(!c.node(b).is_leader(), "a removed node still leads");
+    assert!(matches!(
+        c.node_mut(b).propose(b"lost"),
+        Err(Error::NotLeader { .. })
+    ));
+    // With l back, l and d form the group of two that the removal left.
+    c.start(l, false);
+    let new = c.wait_leader(&[l, d]);
+    c.propose_and_wait(new, b"after");
+    let mut voters = c.node(new).membership().0;
+    voters.sort_unstable();
+    let mut want = vec![l, d];
+    want.sort_unstable();
+    assert_eq!(voters, want);
+    c.ticks(3);
+    for id in [l, d] {
+        assert_eq!(
+            c.machines[&id].items(),
+            vec![b"before".to_vec(), b"after".to_vec()],
+            "node {id}"
+        );
+    }
+    assert!(!c.node(b).is_leader());
 }
 
 #[test]

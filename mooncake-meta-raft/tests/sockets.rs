@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::{ListMachine, TempDir};
 use mooncake_core::{ErrorCode, MetadataStore};
-use mooncake_meta_raft::{leader_hint, NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
+use mooncake_meta_raft::{
+    leader_hint, Error, NodeConfig, PeerInfo, RaftMetadataStore, StateRole, StoreConfig,
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -163,7 +165,8 @@ async fn scenario() {
 }
 
 /// A fourth node started in join mode over real sockets: added as a learner, caught up by
-/// snapshot, promoted; then the leader removes itself and the remaining three keep committing.
+/// snapshot, promoted; then the leader is removed (handing over first) and the remaining three
+/// keep committing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_node_is_added_promoted_and_the_leader_removed_over_tcp() {
     tokio::time::timeout(Duration::from_secs(60), join_scenario())
@@ -240,44 +243,34 @@ async fn join_scenario() {
     let err = leader.promote(4).await.unwrap_err();
     assert!(err.to_string().contains("already a voter"), "{err}");
 
-    // The leader removes itself: leadership moves to one of the others.
+    // Asked to remove itself, the leader hands leadership over and names the new leader, which
+    // removes it.
     let old = (l + 1) as u64;
-    leader.remove_node(old).await.unwrap();
-    let mut new = None;
-    for _ in 0..500 {
-        let leaders: Vec<usize> = stores
-            .iter()
-            .enumerate()
-            .filter(|&(i, s)| i != l && s.as_ref().is_some_and(|s| s.is_leader()))
-            .map(|(i, _)| i)
-            .collect();
-        if let [i] = leaders[..] {
-            new = Some(i);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let new = new.expect("a new leader after the old one removed itself");
+    let new = match leader.remove_node(old).await {
+        Err(Error::NotLeader { leader: Some(info) }) => (info.id - 1) as usize,
+        other => panic!("the leader did not hand over before its removal: {other:?}"),
+    };
+    assert_ne!(new, l);
+    assert!(!leader.is_leader());
+    stores[new]
+        .as_ref()
+        .unwrap()
+        .remove_node(old)
+        .await
+        .unwrap();
     let members = stores[new].as_ref().unwrap().members().await.unwrap();
     let ids: Vec<u64> = members.voters.iter().map(|p| p.id).collect();
     assert!(!ids.contains(&old) && ids.len() == 3, "{members:?}");
     // The removed node is gone for good: stop it, and the three left still commit.
-    // The removed leader learns of the new term from the answers to its next heartbeats, and
-    // then has no leader and never campaigns.
     let removed = stores[l].take().unwrap();
     for _ in 0..500 {
-        if !removed.is_leader() {
+        if removed.members().await.unwrap().voters.len() == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!removed.is_leader(), "the removed leader still leads");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let status = removed.status();
-    assert!(
-        !removed.is_leader() && status.term == stores[new].as_ref().unwrap().status().term,
-        "{status:?}"
-    );
+    assert_ne!(status.role, StateRole::Leader, "{status:?}");
     removed.shutdown().await;
     for i in 10..20u8 {
         stores[new]
