@@ -129,6 +129,9 @@ Master group (Raft; every member gets the same --raft_peers):
   --raft_data_dir=mooncake-raft-<id>     log, hard state and snapshots
   --raft_tick_ms=100                     Raft tick
   --raft_election_ticks=10               ticks of silence before an election (randomised up to 2x)
+
+On becoming leader a member prints `mooncake_master raft: leader id=ID term=TERM` (and
+`mooncake_master raft: stepped_down id=ID term=TERM` when that ends) on stdout.
 ";
 
 /// Flags upstream accepts that this master has no use for; accepted with a notice.
@@ -405,7 +408,7 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
 
 #[cfg(feature = "raft")]
 async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc<MasterService>> {
-    use mooncake_meta_raft::{NodeConfig, PeerInfo, StoreConfig};
+    use mooncake_meta_raft::{NodeConfig, PeerInfo, RoleEvent, RoleObserver, StoreConfig};
     let voters: Vec<PeerInfo> = raft
         .peers
         .iter()
@@ -424,8 +427,30 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
     node.election_ticks = raft.election_ticks;
     let mut config = StoreConfig::new(node, me);
     config.tick_interval = std::time::Duration::from_millis(raft.tick_ms);
-    MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await
+    // Role changes are printed by a task, so a slow reader of stdout never stalls the raft loop.
+    let (lines, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    config.on_role = Some(RoleObserver(Arc::new(move |id, event| {
+        let line = match event {
+            RoleEvent::BecameLeader { term } => format!("leader id={id} term={term}"),
+            RoleEvent::SteppedDown { term } => format!("stepped_down id={id} term={term}"),
+            RoleEvent::LeaderChanged { .. } => return,
+        };
+        let _ = lines.send(line);
+    })));
+    let service =
+        MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await?;
+    service.keep(tokio::spawn(async move {
+        use std::io::Write;
+        while let Some(line) = rx.recv().await {
+            let _ = writeln!(std::io::stdout().lock(), "{ROLE_LINE_PREFIX}{line}");
+        }
+    }));
+    Ok(service)
 }
+
+/// Start of the line a group member prints on stdout when it becomes leader
+/// (`leader id=ID term=TERM`) or stops being it (`stepped_down id=ID term=TERM`).
+pub const ROLE_LINE_PREFIX: &str = "mooncake_master raft: ";
 
 #[cfg(not(feature = "raft"))]
 async fn start_member(_: &MasterOptions, _: &RaftOptions) -> Result<Arc<MasterService>> {
