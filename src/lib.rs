@@ -16,6 +16,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
+pub mod admin;
 pub mod http;
 pub mod master_cli;
 pub mod real_client;

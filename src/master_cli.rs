@@ -56,6 +56,10 @@ pub struct RaftOptions {
     /// (`--raft_election_ticks`, default 10): with the default tick, a failover takes 1-2 s of
     /// detection plus the election.
     pub election_ticks: usize,
+    /// Join an existing group instead of bootstrapping one (`--raft_join`): the member starts
+    /// empty and waits until the leader adds it (`mooncake_master admin add-learner`).
+    /// `--raft_peers` then lists the current members, as an address book, plus this one.
+    pub join: bool,
 }
 
 /// Parses `--raft_peers`: `id=raft_host:port/rpc_host:port`, comma-separated.
@@ -129,6 +133,16 @@ Master group (Raft; every member gets the same --raft_peers):
   --raft_data_dir=mooncake-raft-<id>     log, hard state and snapshots
   --raft_tick_ms=100                     Raft tick
   --raft_election_ticks=10               ticks of silence before an election (randomised up to 2x)
+  --raft_join=false                      start as a new member of a running group: bootstrap
+                                         nothing and wait to be added; --raft_peers lists the
+                                         current members and this one
+
+On becoming leader a member prints `mooncake_master raft: leader id=ID term=TERM` (and
+`mooncake_master raft: stepped_down id=ID term=TERM` when that ends) on stdout.
+
+Changing a group's members at run time (see `mooncake_master admin --help`):
+  mooncake_master admin members|add-learner ID=RAFT/RPC|promote ID|remove ID \\
+      --master_server_addr=HOST:PORT,...
 ";
 
 /// Flags upstream accepts that this master has no use for; accepted with a notice.
@@ -219,6 +233,7 @@ const BOOLS: &[&str] = &[
     "enable_http_metadata_server",
     "enable_metric_reporting",
     "enable_rereplication",
+    "raft_join",
     "enable_gc",
     "enable_ha",
     "rpc_enable_tcp_no_delay",
@@ -230,6 +245,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     let mut o = MasterOptions::default();
     let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
     let (mut raft_tick_ms, mut raft_election_ticks) = (100u64, 10usize);
+    let mut raft_join = false;
     let mut args = args.into_iter().peekable();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" || arg == "-help" {
@@ -286,6 +302,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "raft_data_dir" => raft_dir = Some(std::path::PathBuf::from(value)),
             "raft_tick_ms" => raft_tick_ms = parse_num(&name, &value)?,
             "raft_election_ticks" => raft_election_ticks = parse_num(&name, &value)?,
+            "raft_join" => raft_join = parse_bool(&name, &value)?,
             other if IGNORED.contains(&other) => {
                 tracing::info!("--{other} is accepted for compatibility and has no effect");
             }
@@ -298,6 +315,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     }
     o.master.validate()?;
     o.raft = match (raft_id, raft_peers) {
+        (0, None) if raft_join => {
+            return Err(Error::InvalidArgument(
+                "--raft_join needs --raft_id and --raft_peers".into(),
+            ))
+        }
         (0, None) => None,
         (0, Some(_)) => {
             return Err(Error::InvalidArgument(
@@ -312,8 +334,16 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
         (id, Some(peers)) => {
             if !peers.iter().any(|p| p.0 == id) {
                 return Err(Error::InvalidArgument(format!(
-                    "--raft_id {id} is not among --raft_peers"
+                    "--raft_id {id} is not among --raft_peers (a member joining a running \
+                     group lists itself too, with --raft_join)"
                 )));
+            }
+            if raft_join && peers.len() < 2 {
+                return Err(Error::InvalidArgument(
+                    "--raft_join: --raft_peers must list the group's current members besides \
+                     this one (the leader has to be reachable to answer it)"
+                        .into(),
+                ));
             }
             if raft_tick_ms == 0 || raft_election_ticks < 3 {
                 return Err(Error::InvalidArgument(
@@ -326,6 +356,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
                 data_dir: raft_dir.unwrap_or_else(|| format!("mooncake-raft-{id}").into()),
                 tick_ms: raft_tick_ms,
                 election_ticks: raft_election_ticks,
+                join: raft_join,
             })
         }
     };
@@ -405,7 +436,7 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
 
 #[cfg(feature = "raft")]
 async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc<MasterService>> {
-    use mooncake_meta_raft::{NodeConfig, PeerInfo, StoreConfig};
+    use mooncake_meta_raft::{NodeConfig, PeerInfo, RoleEvent, RoleObserver, StoreConfig};
     let voters: Vec<PeerInfo> = raft
         .peers
         .iter()
@@ -422,10 +453,33 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
         .ok_or_else(|| Error::InvalidArgument(format!("raft id {} not among peers", raft.id)))?;
     let mut node = NodeConfig::new(raft.id, raft.data_dir.clone(), voters);
     node.election_ticks = raft.election_ticks;
+    node.join = raft.join;
     let mut config = StoreConfig::new(node, me);
     config.tick_interval = std::time::Duration::from_millis(raft.tick_ms);
-    MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await
+    // Role changes are printed by a task, so a slow reader of stdout never stalls the raft loop.
+    let (lines, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    config.on_role = Some(RoleObserver(Arc::new(move |id, event| {
+        let line = match event {
+            RoleEvent::BecameLeader { term } => format!("leader id={id} term={term}"),
+            RoleEvent::SteppedDown { term } => format!("stepped_down id={id} term={term}"),
+            RoleEvent::LeaderChanged { .. } => return,
+        };
+        let _ = lines.send(line);
+    })));
+    let service =
+        MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await?;
+    service.keep(tokio::spawn(async move {
+        use std::io::Write;
+        while let Some(line) = rx.recv().await {
+            let _ = writeln!(std::io::stdout().lock(), "{ROLE_LINE_PREFIX}{line}");
+        }
+    }));
+    Ok(service)
 }
+
+/// Start of the line a group member prints on stdout when it becomes leader
+/// (`leader id=ID term=TERM`) or stops being it (`stepped_down id=ID term=TERM`).
+pub const ROLE_LINE_PREFIX: &str = "mooncake_master raft: ";
 
 #[cfg(not(feature = "raft"))]
 async fn start_member(_: &MasterOptions, _: &RaftOptions) -> Result<Arc<MasterService>> {
@@ -452,6 +506,11 @@ pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Resu
 /// The whole program: parses `args` (after the program name), runs until SIGINT or SIGTERM, and
 /// returns the process exit code.
 pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
+    let mut args = args.into_iter().peekable();
+    if args.peek().map(String::as_str) == Some("admin") {
+        args.next();
+        return crate::admin::main_with_args(args);
+    }
     let options = match parse_args(args) {
         Ok(Parsed::Run(o)) => *o,
         Ok(Parsed::Help) => {
@@ -578,6 +637,8 @@ mod tests {
             &["--raft_peers=1=a:1/b:2"],
             &["--raft_id=1", "--raft_peers=1=a:1"],
             &["--raft_id=1", "--raft_peers=1=a:1/b:2,1=c:3/d:4"],
+            &["--raft_join"],
+            &["--raft_id=1", "--raft_peers=1=a:1/b:2", "--raft_join"],
         ] {
             let e = parse(bad).unwrap_err();
             assert!(!e.to_string().is_empty(), "{bad:?}");
@@ -586,5 +647,27 @@ mod tests {
             parse_args(["--help".to_string()]).unwrap(),
             Parsed::Help
         ));
+    }
+
+    #[test]
+    fn a_joining_member_lists_the_group_and_itself() {
+        let o = parse(&[
+            "--raft_id=4",
+            "--raft_peers=1=a:1/b:1,4=a:4/b:4",
+            "--raft_join",
+        ])
+        .unwrap();
+        let raft = o.raft.unwrap();
+        assert!(raft.join);
+        assert_eq!(raft.peers.len(), 2);
+        let e = parse(&["--raft_id=4", "--raft_peers=1=a:1/b:1"]).unwrap_err();
+        assert!(e.to_string().contains("--raft_join"), "{e}");
+        assert!(
+            !parse(&["--raft_id=1", "--raft_peers=1=a:1/b:1"])
+                .unwrap()
+                .raft
+                .unwrap()
+                .join
+        );
     }
 }

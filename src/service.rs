@@ -38,6 +38,8 @@ pub enum MasterRequest {
     Metrics,
     /// Mounted segments.
     Segments,
+    /// Change or list the members of a Raft master group (see [`crate::admin`]).
+    Admin(crate::admin::AdminRequest),
 }
 
 /// The master's answer.
@@ -69,6 +71,9 @@ pub enum MasterReply {
         /// Why.
         message: String,
     },
+    /// The membership of a Raft master group, after an admin request (added last: earlier
+    /// variants keep their wire tags).
+    Members(crate::admin::Members),
 }
 
 /// Something that answers master requests: the service itself in-process, or a remote one.
@@ -432,6 +437,7 @@ impl MasterService {
             }
             MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
             MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
+            MasterRequest::Admin(request) => crate::admin::serve(self, request).await,
         }
     }
 }

@@ -1,18 +1,17 @@
 //! A Raft master group across processes: three `mooncake_master` members, two storage processes
 //! and a writer here. The leader is killed with SIGKILL (and restarted) under load, then the
 //! whole group is killed and restarted; every acknowledged write must survive, nothing removed
-//! may come back, and each failover must be short.
+//! may come back, each failover must be short, and the members' leader lines must never show
+//! two leaders in one term.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, spawn_storage, store_config, wait_line, Proc};
-use mooncake::service::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
+use common::masters::Group;
+use common::{eventually, spawn_storage, store_config};
 use mooncake::store::{ReplicateConfig, Store};
 use mooncake::ErrorCode;
 
@@ -21,107 +20,6 @@ use mooncake::ErrorCode;
 #[ignore = "runs only as a child process of the multi-process tests"]
 fn child_storage() {
     common::run_child_storage();
-}
-
-struct Member {
-    id: u64,
-    rpc: String,
-    proc: Option<Proc>,
-}
-
-struct Group {
-    members: Vec<Member>,
-    peers: String,
-    dir: PathBuf,
-}
-
-impl Group {
-    fn new(n: u64) -> Group {
-        let dir = std::env::temp_dir().join(format!("mooncake-raft-group-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let members: Vec<Member> = (1..=n)
-            .map(|id| Member {
-                id,
-                rpc: format!("127.0.0.1:{}", free_port()),
-                proc: None,
-            })
-            .collect();
-        let peers = members
-            .iter()
-            .map(|m| format!("{}=127.0.0.1:{}/{}", m.id, free_port(), m.rpc))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut g = Group {
-            members,
-            peers,
-            dir,
-        };
-        for i in 0..g.members.len() {
-            g.start(i);
-        }
-        g
-    }
-
-    fn start(&mut self, i: usize) {
-        let m = &self.members[i];
-        let port = m.rpc.rsplit_once(':').unwrap().1;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
-            .args([
-                "--rpc_address=127.0.0.1".to_string(),
-                format!("--rpc_port={port}"),
-                "--metrics_port=0".to_string(),
-                format!("--raft_id={}", m.id),
-                format!("--raft_peers={}", self.peers),
-                format!(
-                    "--raft_data_dir={}",
-                    self.dir.join(m.id.to_string()).display()
-                ),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mooncake_master");
-        wait_line(&mut child, "mooncake_master listening:");
-        self.members[i].proc = Some(Proc(child));
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut p) = self.members[i].proc.take() {
-            p.0.kill().unwrap();
-            p.0.wait().unwrap();
-        }
-    }
-
-    fn addresses(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| m.rpc.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The index of the member that serves requests now, if one does.
-    async fn leader(&self) -> Option<usize> {
-        for (i, m) in self.members.iter().enumerate() {
-            if m.proc.is_none() {
-                continue;
-            }
-            let probe = RemoteMaster::new(m.rpc.as_str(), Default::default());
-            if let Ok(MasterReply::Metrics(_)) = probe.call(MasterRequest::Metrics).await {
-                return Some(i);
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn value(i: u64) -> Vec<u8> {
@@ -140,7 +38,7 @@ struct Log {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
-    let mut group = Group::new(3);
+    let mut group = Group::new("raft-group", 3);
     eventually("a first leader", Duration::from_secs(15), || async {
         group.leader().await.is_some()
     })
@@ -213,9 +111,11 @@ async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
     };
 
     // Kill the leader twice, restarting it after a pause each time.
+    let mut killed_leaders = Vec::new();
     for round in 0..2 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = group.leader().await.expect("a leader serves");
+        killed_leaders.push(group.members[leader].id);
         group.kill(leader);
         tokio::time::sleep(Duration::from_millis(2000)).await;
         group.start(leader);
@@ -274,5 +174,17 @@ async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
         worst_gap < Duration::from_secs(3),
         "a leader failover left clients without service for {worst_gap:?}"
     );
+    // Two leader kills and a whole-group restart: at least four terms had a leader, and none
+    // had two.
+    let terms = group.assert_one_leader_per_term();
+    let by_term = group.leaders_by_term();
+    println!("{terms} terms had a leader, each exactly one: {by_term:?}");
+    assert!(terms >= 4, "only {terms} leader terms seen: {by_term:?}");
+    for id in killed_leaders {
+        assert!(
+            by_term.values().any(|l| l.contains(&id)),
+            "member {id} served as leader but printed no leader line: {by_term:?}"
+        );
+    }
     client.close().await.unwrap();
 }

@@ -1,10 +1,26 @@
 //! Configuration of a raft node ([`NodeConfig`]) and of its network driver ([`StoreConfig`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::node::RoleEvent;
 use crate::state::PeerInfo;
+
+/// Told of every role change of a node (`(node id, event)`), in order, on the raft loop's
+/// thread: it must return quickly and never block (hand the event to a channel).
+#[derive(Clone)]
+pub struct RoleObserver(pub Arc<RoleFn>);
+
+/// The function a [`RoleObserver`] calls.
+pub type RoleFn = dyn Fn(u64, &RoleEvent) + Send + Sync;
+
+impl std::fmt::Debug for RoleObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoleObserver")
+    }
+}
 
 /// Configuration of the sans-IO [`RaftNode`](crate::RaftNode).
 #[derive(Clone, Debug)]
@@ -110,6 +126,9 @@ pub struct StoreConfig {
     pub min_backoff: Duration,
     /// Largest reconnect delay. Default 2 s.
     pub max_backoff: Duration,
+    /// Told of every role change (becoming or ceasing to be leader, a new known leader), none
+    /// missed. Default `None`.
+    pub on_role: Option<RoleObserver>,
 }
 
 impl StoreConfig {
@@ -123,6 +142,7 @@ impl StoreConfig {
             inbound_queue: 16_384,
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
+            on_role: None,
         }
     }
 

@@ -50,9 +50,11 @@ pub mod storage;
 pub mod store;
 pub mod wal;
 
-pub use config::{NodeConfig, StoreConfig};
+pub use config::{NodeConfig, RoleObserver, StoreConfig};
 pub use error::{leader_hint, Error, Result};
-pub use node::{Applied, MembershipChange, Output, ProposalError, ProposalId, RaftNode, RoleEvent};
+pub use node::{
+    Applied, Membership, MembershipChange, Output, ProposalError, ProposalId, RaftNode, RoleEvent,
+};
 pub use raft;
 pub use raft::prelude::Message;
 pub use raft::StateRole;

@@ -98,6 +98,26 @@ pub enum MembershipChange {
     Remove(u64),
 }
 
+/// The group's membership as one node has applied it, with the peer directory's addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// The node that answered.
+    pub id: u64,
+    /// Its term.
+    pub term: u64,
+    /// The leader it knows.
+    pub leader: Option<u64>,
+    /// Its commit index.
+    pub commit_index: u64,
+    /// Voters, by id (addresses empty when the directory lacks the node).
+    pub voters: Vec<PeerInfo>,
+    /// Learners, by id.
+    pub learners: Vec<PeerInfo>,
+    /// On the leader: the highest log index known to be replicated on each member (raft's
+    /// `matched`); empty on a follower.
+    pub matched: BTreeMap<u64, u64>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Normal,
@@ -123,7 +143,9 @@ pub struct RaftNode {
     applied: u64,
     last_snapshot: u64,
     led_term: Option<u64>,
+    announced_term: Option<u64>,
     known_leader: u64,
+    events: Vec<RoleEvent>,
     config: NodeConfig,
     recovery: RecoveryReport,
 }
@@ -201,7 +223,9 @@ impl RaftNode {
             applied,
             last_snapshot: applied,
             led_term: None,
+            announced_term: None,
             known_leader: 0,
+            events: Vec::new(),
             config,
             recovery,
         })
@@ -287,6 +311,42 @@ impl RaftNode {
         (cs.voters.clone(), cs.learners.clone())
     }
 
+    /// The applied membership with addresses, and on the leader each member's replication
+    /// progress.
+    pub fn members(&self) -> Membership {
+        let (voters, learners) = self.membership();
+        let info = |id: u64| {
+            self.peers.get(&id).cloned().unwrap_or(PeerInfo {
+                id,
+                raft_addr: String::new(),
+                service_addr: String::new(),
+            })
+        };
+        let matched = if self.is_leader() {
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(&id, p)| (id, p.matched))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let mut voters: Vec<PeerInfo> = voters.into_iter().map(info).collect();
+        let mut learners: Vec<PeerInfo> = learners.into_iter().map(info).collect();
+        voters.sort_by_key(|p| p.id);
+        learners.sort_by_key(|p| p.id);
+        Membership {
+            id: self.config.id,
+            term: self.term(),
+            leader: self.leader_id(),
+            commit_index: self.commit_index(),
+            voters,
+            learners,
+            matched,
+        }
+    }
+
     /// Whether a membership change removed this node (it is initialized but in no role).
     pub fn is_removed(&self) -> bool {
         let cs = self.raw.store().conf_state();
@@ -303,27 +363,17 @@ impl RaftNode {
         self.queue.len() + self.in_flight.len()
     }
 
-    /// Advances the logical clock by one tick. A leader that a membership change removed uses
-    /// ticks to hand leadership to the most caught-up voter (one tick after applying its
-    /// removal, so followers have applied it too and may campaign).
+    /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
         self.raw.tick();
-        if self.is_leader()
-            && self.raw.raft.lead_transferee.is_none()
-            && !self
-                .raw
-                .store()
-                .conf_state()
-                .voters
-                .contains(&self.config.id)
-        {
-            self.hand_over_leadership();
-        }
+        self.observe_role();
     }
 
     /// Starts an election now (tests and leadership hand-over).
     pub fn campaign(&mut self) -> Result<()> {
-        Ok(self.raw.campaign()?)
+        let result = self.raw.campaign();
+        self.observe_role();
+        Ok(result?)
     }
 
     /// Asks the leader to hand leadership to `to`.
@@ -333,7 +383,9 @@ impl RaftNode {
 
     /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored.
     pub fn step(&mut self, msg: Message) -> Result<()> {
-        match self.raw.step(msg) {
+        let result = self.raw.step(msg);
+        self.observe_role();
+        match result {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -397,9 +449,26 @@ impl RaftNode {
 
     /// Proposes a membership change (not batched). Its [`Applied::response`] is a postcard
     /// `Result<(), String>`.
+    ///
+    /// The leader never proposes its own removal: raft-rs 0.7 cannot run a leader outside its
+    /// configuration (it panics on the leader's next commit), so asked to remove itself the
+    /// leader hands leadership to the most caught-up voter instead and answers
+    /// [`Error::NotLeader`]; the caller retries at the new leader, which removes it as a
+    /// follower.
+    ///
+    /// Refused at once ([`Error::InvalidArgument`]) when the change makes no sense for the
+    /// applied configuration: adding a node that is already a member, promoting a node that is
+    /// not a learner or that has not caught up at all yet, removing a node that is not a member
+    /// or the last voter. Refused with [`Error::ProposalDropped`] while another change is still
+    /// being applied.
     pub fn propose_membership(&mut self, change: &MembershipChange) -> Result<ProposalId> {
         if !self.is_leader() {
             return Err(self.not_leader());
+        }
+        self.check_membership_change(change)?;
+        if *change == MembershipChange::Remove(self.config.id) {
+            self.hand_over_leadership();
+            return Err(Error::NotLeader { leader: None });
         }
         let (id, ty, context) = match change {
             MembershipChange::AddLearner(p) => (
@@ -410,9 +479,6 @@ impl RaftNode {
             MembershipChange::Promote(id) => (*id, ConfChangeType::AddNode, Vec::new()),
             MembershipChange::Remove(id) => (*id, ConfChangeType::RemoveNode, Vec::new()),
         };
-        if id == 0 {
-            return Err(Error::InvalidArgument("node id 0".into()));
-        }
         let mut cc = ConfChangeV2::default();
         let mut single = ConfChangeSingle::default();
         single.node_id = id;
@@ -431,6 +497,75 @@ impl RaftNode {
         self.in_flight
             .insert(before + 1, (self.term(), pid, Kind::ConfChange));
         Ok(pid)
+    }
+
+    fn check_membership_change(&self, change: &MembershipChange) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.raw.raft.has_pending_conf() {
+            return Err(Error::ProposalDropped(
+                "another membership change is still being applied; retry shortly".into(),
+            ));
+        }
+        let (mut voters, mut learners) = self.membership();
+        voters.sort_unstable();
+        learners.sort_unstable();
+        let describe = || format!("voters {voters:?}, learners {learners:?}");
+        match change {
+            MembershipChange::AddLearner(p) => {
+                if p.id == 0 {
+                    return bad("node id 0".into());
+                }
+                if voters.contains(&p.id) || learners.contains(&p.id) {
+                    let role = if voters.contains(&p.id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    return bad(format!("node {} is already a {role}", p.id));
+                }
+                if p.raft_addr.is_empty() || p.service_addr.is_empty() {
+                    return bad(format!(
+                        "node {} needs both a raft address and a service address",
+                        p.id
+                    ));
+                }
+                if let Some(other) = self.peers.values().find(|q| q.raft_addr == p.raft_addr) {
+                    return bad(format!(
+                        "raft address {} is already used by node {}",
+                        p.raft_addr, other.id
+                    ));
+                }
+            }
+            MembershipChange::Promote(id) => {
+                if voters.contains(id) {
+                    return bad(format!("node {id} is already a voter"));
+                }
+                if !learners.contains(id) {
+                    return bad(format!(
+                        "node {id} is not a learner ({}); add it as a learner first",
+                        describe()
+                    ));
+                }
+                let matched = self.raw.raft.prs().get(*id).map_or(0, |p| p.matched);
+                if matched == 0 {
+                    return bad(format!(
+                        "learner {id} has received nothing yet (is it running, in join mode, and \
+                         reachable at its raft address?); promote it once it has caught up"
+                    ));
+                }
+            }
+            MembershipChange::Remove(id) => {
+                if !voters.contains(id) && !learners.contains(id) {
+                    return bad(format!("node {id} is not a member ({})", describe()));
+                }
+                if voters == [*id] {
+                    return bad(format!(
+                        "node {id} is the last voter; removing it would leave no group"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands queued proposals to raft as one batch.
@@ -529,11 +664,37 @@ impl RaftNode {
         Ok(out)
     }
 
+    /// Records role and leader changes the moment they happen (after every step and tick), so
+    /// a leadership that begins and ends between two [`advance`](Self::advance) calls is still
+    /// reported.
+    fn observe_role(&mut self) {
+        let now = self.is_leader().then(|| self.term());
+        if self.announced_term != now {
+            if let Some(term) = self.announced_term {
+                self.events.push(RoleEvent::SteppedDown { term });
+            }
+            if let Some(term) = now {
+                self.events.push(RoleEvent::BecameLeader { term });
+            }
+            self.announced_term = now;
+        }
+        let leader = self.raw.raft.leader_id;
+        if leader != self.known_leader {
+            self.known_leader = leader;
+            self.events.push(RoleEvent::LeaderChanged {
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+    }
+
+    /// Hands the recorded role changes to `out`, and fails this node's proposals once it is no
+    /// longer the leader of the term they were made in.
     fn check_role(&mut self, out: &mut Output) {
+        self.observe_role();
+        out.events.append(&mut self.events);
         let now = self.is_leader().then(|| self.term());
         if self.led_term != now {
-            if let Some(term) = self.led_term {
-                out.events.push(RoleEvent::SteppedDown { term });
+            if self.led_term.is_some() {
                 out.failed.extend(
                     std::mem::take(&mut self.in_flight)
                         .into_values()
@@ -545,17 +706,7 @@ impl RaftNode {
                         .map(|(id, _)| (id, ProposalError::LeadershipLost)),
                 );
             }
-            if let Some(term) = now {
-                out.events.push(RoleEvent::BecameLeader { term });
-            }
             self.led_term = now;
-        }
-        let leader = self.raw.raft.leader_id;
-        if leader != self.known_leader {
-            self.known_leader = leader;
-            out.events.push(RoleEvent::LeaderChanged {
-                leader: (leader != 0).then_some(leader),
-            });
         }
     }
 
@@ -653,7 +804,20 @@ impl RaftNode {
     fn apply_conf_change(&mut self, cc: ConfChangeV2) -> Vec<u8> {
         let result = match self.raw.apply_conf_change(&cc) {
             Ok(cs) => {
+                let removed_leader = self.is_leader() && !cs.voters.contains(&self.config.id);
                 self.raw.mut_store().set_conf_state(cs);
+                if removed_leader {
+                    // Proposed by an earlier leader (this one hands over before its own
+                    // removal): raft-rs would panic on this leader's next commit, so it stops
+                    // leading at once and the remaining voters elect a leader.
+                    tracing::warn!(
+                        node = self.config.id,
+                        term = self.term(),
+                        "the leader applied its own removal; stepping down"
+                    );
+                    let term = self.term();
+                    self.raw.raft.become_follower(term, raft::INVALID_ID);
+                }
                 for change in cc.get_changes() {
                     if change.get_change_type() == ConfChangeType::RemoveNode {
                         self.peers.remove(&change.node_id);
@@ -669,7 +833,7 @@ impl RaftNode {
         postcard::to_allocvec(&result).expect("results always serialize")
     }
 
-    /// A removed leader asks the most caught-up voter to take over at once.
+    /// Asks the most caught-up other voter to take over at once.
     fn hand_over_leadership(&mut self) {
         let voters = self.raw.store().conf_state().voters.clone();
         let best = voters

@@ -20,10 +20,10 @@ use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use crate::config::StoreConfig;
+use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
 use crate::network::{self, Inbox, NetConfig, NetEvent, Transport};
-use crate::node::{MembershipChange, ProposalId, RaftNode, RoleEvent};
+use crate::node::{Membership, MembershipChange, ProposalId, RaftNode, RoleEvent};
 use crate::state::{KvOp, KvResult, PeerInfo};
 use crate::LeaderInfo;
 
@@ -50,6 +50,7 @@ enum Input {
     Kv(KvOp, Reply),
     Membership(MembershipChange, Reply),
     Get(String, oneshot::Sender<Option<Versioned>>),
+    Members(oneshot::Sender<Membership>),
     TransferLeader(u64),
     Shutdown,
 }
@@ -57,6 +58,7 @@ enum Input {
 /// A [`MetadataStore`] replicated by a raft group. See the module documentation.
 pub struct RaftMetadataStore {
     id: u64,
+    election_timeout: Duration,
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<RaftStatus>,
     shutdown: watch::Sender<bool>,
@@ -138,6 +140,7 @@ impl RaftMetadataStore {
             gets: Vec::new(),
             address_book,
             tick: config.tick_interval,
+            on_role: config.on_role.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -145,6 +148,7 @@ impl RaftMetadataStore {
             .map_err(|e| Error::io("raft thread", e))?;
         Ok(RaftMetadataStore {
             id,
+            election_timeout: config.tick_interval * config.node.election_ticks as u32,
             inputs,
             status,
             shutdown,
@@ -245,9 +249,40 @@ impl RaftMetadataStore {
         self.membership(MembershipChange::Promote(id)).await
     }
 
-    /// Removes a node; removing the leader makes it hand leadership over.
+    /// Removes a node. Asked to remove itself, the leader hands leadership to the most
+    /// caught-up voter instead, waits (a few election timeouts at most) until the new leader is
+    /// known, and answers [`Error::NotLeader`] naming it: retry there, where the old leader is
+    /// removed as a follower.
     pub async fn remove_node(&self, id: u64) -> Result<()> {
-        self.membership(MembershipChange::Remove(id)).await
+        let result = self.membership(MembershipChange::Remove(id)).await;
+        if id != self.id || !matches!(result, Err(Error::NotLeader { leader: None })) {
+            return result;
+        }
+        let mut status = self.status.clone();
+        let handed_over = async move {
+            status
+                .wait_for(|s| !s.running || (s.role != StateRole::Leader && s.leader.is_some()))
+                .await
+                .map(|s| s.clone())
+        };
+        match tokio::time::timeout(self.election_timeout * 3, handed_over).await {
+            Ok(Ok(s)) if s.running => Err(Error::NotLeader { leader: s.leader }),
+            Ok(_) => Err(Error::Shutdown),
+            Err(_) => Err(Error::ProposalDropped(format!(
+                "node {id} leads and could not hand leadership over within {:?}; retry",
+                self.election_timeout * 3
+            ))),
+        }
+    }
+
+    /// The membership this node has applied, with addresses; on the leader also each member's
+    /// replication progress. Served by any member, without a log round trip.
+    pub async fn members(&self) -> Result<Membership> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Members(tx))
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)
     }
 
     /// Asks the leader to hand leadership to `to` (no effect on a follower).
@@ -349,6 +384,7 @@ struct Driver {
     gets: Vec<(String, oneshot::Sender<Option<Versioned>>)>,
     address_book: HashMap<u64, String>,
     tick: Duration,
+    on_role: Option<RoleObserver>,
 }
 
 impl Driver {
@@ -419,6 +455,10 @@ impl Driver {
                 self.gets.push((key, reply));
                 return false;
             }
+            Input::Members(reply) => {
+                let _ = reply.send(self.node.members());
+                return false;
+            }
             Input::TransferLeader(to) => {
                 self.node.transfer_leader(to);
                 return false;
@@ -470,6 +510,11 @@ impl Driver {
         }
         for (key, reply) in self.gets.drain(..) {
             let _ = reply.send(self.node.kv().get(&key));
+        }
+        if let Some(observer) = &self.on_role {
+            for e in &out.events {
+                (observer.0)(self.node.id(), e);
+            }
         }
         let changed = out.events.iter().any(|e| {
             matches!(

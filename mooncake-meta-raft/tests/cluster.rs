@@ -4,7 +4,7 @@
 mod common;
 
 use common::{peer, Cluster};
-use mooncake_meta_raft::{KvOp, KvResult, MembershipChange, ProposalError};
+use mooncake_meta_raft::{Error, KvOp, KvResult, MembershipChange, PeerInfo, ProposalError};
 
 #[test]
 fn elects_one_leader_and_replicates() {
@@ -28,7 +28,7 @@ fn followers_refuse_proposals_with_a_leader_hint() {
     let f = (1..=3).find(|&i| i != l).unwrap();
     let err = c.node_mut(f).propose(b"x").unwrap_err();
     match err {
-        mooncake_meta_raft::Error::NotLeader { leader: Some(info) } => {
+        Error::NotLeader { leader: Some(info) } => {
             assert_eq!(info.id, l);
             assert_eq!(info.service_addr, format!("svc:{l}"));
         }
@@ -166,14 +166,22 @@ fn membership_add_learner_promote_and_remove_leader() {
     let mut voters = c.node(4).membership().0;
     voters.sort_unstable();
     assert_eq!(voters, vec![1, 2, 3, 4]);
-    // Remove the leader itself: it hands leadership over.
-    c.node_mut(l)
+    // Asked to remove itself, the leader hands leadership over first and says so; the new
+    // leader removes it as a follower.
+    let err = c
+        .node_mut(l)
         .propose_membership(&MembershipChange::Remove(l))
-        .unwrap();
+        .unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err:?}");
     c.ticks(5);
     let rest: Vec<u64> = (1..=4).filter(|&i| i != l).collect();
     let new = c.wait_leader(&rest);
     assert_ne!(new, l);
+    assert!(!c.node(l).is_removed());
+    c.node_mut(new)
+        .propose_membership(&MembershipChange::Remove(l))
+        .unwrap();
+    c.ticks(5);
     assert!(c.node(l).is_removed());
     c.propose_and_wait(new, b"two");
     c.ticks(30);
@@ -184,6 +192,137 @@ fn membership_add_learner_promote_and_remove_leader() {
             vec![b"one".to_vec(), b"two".to_vec()]
         );
     }
+}
+
+/// A removal proposed by one leader can be committed by the next, which may be the removed node
+/// itself. It must stop leading rather than run outside its configuration (raft-rs 0.7 panics on
+/// such a leader's next commit); the remaining voters go on.
+#[test]
+fn a_leader_that_applies_its_own_removal_steps_down() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let mut others = (1..=3).filter(|&i| i != l);
+    let (b, d) = (others.next().unwrap(), others.next().unwrap());
+    c.propose_and_wait(l, b"before");
+    c.ticks(2);
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::Remove(b))
+        .unwrap();
+    // The removal reaches b only, and l dies before anyone else hears of it.
+    let out = c.node_mut(l).advance().unwrap();
+    for m in out.messages.into_iter().filter(|m| m.to == b) {
+        c.node_mut(b).step(m).unwrap();
+    }
+    c.node_mut(b).advance().unwrap();
+    c.crash(l);
+    // b has the longer log, so only b can win; it commits the removal in its own term and
+    // stops leading the moment it applies it.
+    for _ in 0..60 {
+        c.tick();
+        if c.node(b).is_removed() {
+            break;
+        }
+    }
+    let led = |c: &Cluster, id| c.leaders_by_term.values().any(|&x| x == id);
+    assert!(led(&c, b), "b never led: {:?}", c.leaders_by_term);
+    assert!(c.node(b).is_removed(), "b did not apply its removal");
+    assert!(!c.node(b).is_leader(), "a removed node still leads");
+    assert!(matches!(
+        c.node_mut(b).propose(b"lost"),
+        Err(Error::NotLeader { .. })
+    ));
+    // With l back, l and d form the group of two that the removal left.
+    c.start(l, false);
+    let new = c.wait_leader(&[l, d]);
+    c.propose_and_wait(new, b"after");
+    let mut voters = c.node(new).membership().0;
+    voters.sort_unstable();
+    let mut want = vec![l, d];
+    want.sort_unstable();
+    assert_eq!(voters, want);
+    c.ticks(3);
+    for id in [l, d] {
+        assert_eq!(
+            c.machines[&id].items(),
+            vec![b"before".to_vec(), b"after".to_vec()],
+            "node {id}"
+        );
+    }
+    assert!(!c.node(b).is_leader());
+}
+
+#[test]
+fn membership_changes_that_make_no_sense_are_refused_at_once() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    let refuse = |c: &mut Cluster, change: MembershipChange| -> String {
+        match c.node_mut(l).propose_membership(&change) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("{change:?} was not refused as invalid: {other:?}"),
+        }
+    };
+    let m = refuse(&mut c, MembershipChange::Remove(9));
+    assert!(m.contains("node 9 is not a member"), "{m}");
+    let m = refuse(&mut c, MembershipChange::Promote(9));
+    assert!(m.contains("node 9 is not a learner"), "{m}");
+    let m = refuse(&mut c, MembershipChange::Promote(2));
+    assert!(m.contains("already a voter"), "{m}");
+    let m = refuse(&mut c, MembershipChange::AddLearner(peer(2)));
+    assert!(m.contains("node 2 is already a voter"), "{m}");
+    let clash = PeerInfo {
+        id: 5,
+        raft_addr: "sim:1".into(),
+        service_addr: "svc:5".into(),
+    };
+    let m = refuse(&mut c, MembershipChange::AddLearner(clash));
+    assert!(m.contains("already used by node 1"), "{m}");
+
+    // A learner that never started has nothing replicated: promoting it would only weaken the
+    // quorum.
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::AddLearner(peer(4)))
+        .unwrap();
+    c.ticks(3);
+    assert_eq!(c.node(l).membership().1, vec![4]);
+    let m = refuse(&mut c, MembershipChange::Promote(4));
+    assert!(m.contains("learner 4 has received nothing"), "{m}");
+    let m = refuse(&mut c, MembershipChange::AddLearner(peer(4)));
+    assert!(m.contains("node 4 is already a learner"), "{m}");
+
+    // One change at a time.
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::Remove(4))
+        .unwrap();
+    let other = (1..=3).find(|&i| i != l).unwrap();
+    match c
+        .node_mut(l)
+        .propose_membership(&MembershipChange::Remove(other))
+    {
+        Err(Error::ProposalDropped(m)) => assert!(m.contains("still being applied"), "{m}"),
+        x => panic!("a second pending change was not refused: {x:?}"),
+    }
+    c.ticks(3);
+    assert!(c.node(l).membership().1.is_empty());
+    let members = c.node(l).members();
+    assert_eq!(members.leader, Some(l));
+    assert_eq!(
+        members.voters.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(members.voters[0], peer(1));
+    assert!(members.matched[&other] >= 1);
+
+    // The last voter cannot leave.
+    let mut one = Cluster::new(1);
+    one.wait_leader(&[1]);
+    let m = match one
+        .node_mut(1)
+        .propose_membership(&MembershipChange::Remove(1))
+    {
+        Err(Error::InvalidArgument(m)) => m,
+        x => panic!("removing the last voter was not refused: {x:?}"),
+    };
+    assert!(m.contains("last voter"), "{m}");
 }
 
 #[test]
@@ -267,10 +406,7 @@ fn truncated_committed_entries_are_a_hard_error() {
     drop(f);
     let err = c.try_start(1).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, mooncake_meta_raft::Error::Corrupt { .. }),
-        "{msg}"
-    );
+    assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
     assert!(
         msg.contains("committed") && msg.contains("raft.wal"),
         "{msg}"

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::{ListMachine, TempDir};
 use mooncake_core::{ErrorCode, MetadataStore};
-use mooncake_meta_raft::{leader_hint, NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
+use mooncake_meta_raft::{
+    leader_hint, Error, NodeConfig, PeerInfo, RaftMetadataStore, StateRole, StoreConfig,
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -157,6 +159,133 @@ async fn scenario() {
     );
     wait_len(&m, 20).await;
     assert_eq!(m.items(), machines[l2].items());
+    for s in stores.iter().flatten() {
+        s.shutdown().await;
+    }
+}
+
+/// A fourth node started in join mode over real sockets: added as a learner, caught up by
+/// snapshot, promoted; then the leader is removed (handing over first) and the remaining three
+/// keep committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_is_added_promoted_and_the_leader_removed_over_tcp() {
+    tokio::time::timeout(Duration::from_secs(60), join_scenario())
+        .await
+        .expect("socket join test timed out");
+}
+
+async fn join_scenario() {
+    let dir = TempDir::new("tcp-join");
+    let book: Vec<PeerInfo> = (1..=4)
+        .map(|id| PeerInfo {
+            id,
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            service_addr: format!("127.0.0.1:{}", 50_000 + id),
+        })
+        .collect();
+    let voters = &book[..3];
+    let machines: Vec<ListMachine> = (0..4).map(|_| ListMachine::default()).collect();
+    let mut stores: Vec<Option<RaftMetadataStore>> = Vec::new();
+    for id in 1..=3u64 {
+        let m = machines[(id - 1) as usize].clone();
+        stores.push(Some(
+            RaftMetadataStore::start(config(&dir, id, voters), Box::new(m))
+                .await
+                .unwrap(),
+        ));
+    }
+    let l = leader_of(&stores).await;
+    for i in 0..10u8 {
+        stores[l]
+            .as_ref()
+            .unwrap()
+            .apply_command(vec![i])
+            .await
+            .unwrap();
+    }
+
+    // The joining node knows the members' addresses (and its own) but is not a voter: it
+    // bootstraps nothing and waits.
+    let mut join = config(&dir, 4, &book);
+    join.node.join = true;
+    let joiner = RaftMetadataStore::start(join, Box::new(machines[3].clone()))
+        .await
+        .unwrap();
+    stores.push(Some(joiner));
+    let leader = stores[l].as_ref().unwrap();
+    leader.add_learner(book[3].clone()).await.unwrap();
+    wait_len(&machines[3], 10).await;
+    let mut members = leader.members().await.unwrap();
+    assert_eq!(members.learners, vec![book[3].clone()]);
+    for _ in 0..500 {
+        if members.matched[&4] > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        members = leader.members().await.unwrap();
+    }
+    assert!(
+        members.matched[&4] > 0,
+        "the leader never heard from 4: {members:?}"
+    );
+    leader.promote(4).await.unwrap();
+    let members = leader.members().await.unwrap();
+    assert_eq!(members.voters.len(), 4, "{members:?}");
+    // The new voter applies its promotion too.
+    let joined = stores[3].as_ref().unwrap();
+    for _ in 0..500 {
+        if joined.members().await.unwrap().voters.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(joined.members().await.unwrap().voters, book);
+    let err = leader.promote(4).await.unwrap_err();
+    assert!(err.to_string().contains("already a voter"), "{err}");
+
+    // Asked to remove itself, the leader hands leadership over and names the new leader, which
+    // removes it.
+    let old = (l + 1) as u64;
+    let new = match leader.remove_node(old).await {
+        Err(Error::NotLeader { leader: Some(info) }) => (info.id - 1) as usize,
+        other => panic!("the leader did not hand over before its removal: {other:?}"),
+    };
+    assert_ne!(new, l);
+    assert!(!leader.is_leader());
+    stores[new]
+        .as_ref()
+        .unwrap()
+        .remove_node(old)
+        .await
+        .unwrap();
+    let members = stores[new].as_ref().unwrap().members().await.unwrap();
+    let ids: Vec<u64> = members.voters.iter().map(|p| p.id).collect();
+    assert!(!ids.contains(&old) && ids.len() == 3, "{members:?}");
+    // The removed node is gone for good: stop it, and the three left still commit.
+    let removed = stores[l].take().unwrap();
+    for _ in 0..500 {
+        if removed.members().await.unwrap().voters.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = removed.status();
+    assert_ne!(status.role, StateRole::Leader, "{status:?}");
+    removed.shutdown().await;
+    for i in 10..20u8 {
+        stores[new]
+            .as_ref()
+            .unwrap()
+            .apply_command(vec![i])
+            .await
+            .unwrap();
+    }
+    for (i, m) in machines.iter().enumerate() {
+        if i != l {
+            wait_len(m, 20).await;
+            assert_eq!(m.items(), machines[new].items(), "node {}", i + 1);
+        }
+    }
     for s in stores.iter().flatten() {
         s.shutdown().await;
     }

@@ -112,3 +112,5 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+pub mod masters;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use mooncake_core::StateMachine;
 use mooncake_meta_raft::raft::prelude::MessageType;
 use mooncake_meta_raft::{
-    Applied, Message, NodeConfig, PeerInfo, ProposalError, ProposalId, RaftNode,
+    Applied, Message, NodeConfig, PeerInfo, ProposalError, ProposalId, RaftNode, RoleEvent,
 };
 
 /// An append-only list of commands; the response to a command is its position (u64 LE).
@@ -217,6 +217,13 @@ impl Cluster {
     pub fn advance_all(&mut self) {
         for id in self.live() {
             let out = self.node_mut(id).advance().unwrap();
+            // Every leadership is reported, even one that began and ended between advances.
+            for e in &out.events {
+                if let RoleEvent::BecameLeader { term } = *e {
+                    let prev = *self.leaders_by_term.entry(term).or_insert(id);
+                    assert_eq!(prev, id, "two leaders in term {term}: {prev} and {id}");
+                }
+            }
             let node = self.node(id);
             if node.is_leader() {
                 let term = node.term();
