@@ -497,10 +497,29 @@ pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Resu
         l.http_metadata.map_or("off".into(), |a| a.to_string()),
         l.metrics.map_or("off".into(), |a| a.to_string()),
     );
-    stop.await;
+    tokio::select! {
+        () = stop => {}
+        () = removed_from_group(&service) => {
+            println!("mooncake_master: this member was removed from its group; stopping");
+        }
+    }
     service.shutdown_raft().await;
     println!("mooncake_master stopped");
     Ok(())
+}
+
+/// Resolves once the group this master belongs to has removed it; never for a single master.
+async fn removed_from_group(service: &MasterService) {
+    #[cfg(feature = "raft")]
+    if let Some(raft) = service.raft() {
+        let mut status = raft.subscribe();
+        if status.wait_for(|s| s.removed).await.is_ok() {
+            return;
+        }
+    }
+    #[cfg(not(feature = "raft"))]
+    let _ = service;
+    std::future::pending::<()>().await
 }
 
 /// The whole program: parses `args` (after the program name), runs until SIGINT or SIGTERM, and

@@ -38,6 +38,8 @@ pub struct RaftStatus {
     pub term: u64,
     /// The leader it knows.
     pub leader: Option<LeaderInfo>,
+    /// The group removed this node (it applied a configuration without it).
+    pub removed: bool,
     /// `false` once the loop stopped (shutdown or a fatal storage error).
     pub running: bool,
 }
@@ -98,6 +100,7 @@ impl RaftMetadataStore {
             role: node.role(),
             term: node.term(),
             leader: node.leader_info(),
+            removed: node.is_removed(),
             running: true,
         });
         let net = NetConfig {
@@ -525,12 +528,18 @@ impl Driver {
             )
         });
         let term = self.node.term();
-        if changed || self.status.borrow().term != term {
+        let (published_term, was_removed) = {
+            let s = self.status.borrow();
+            (s.term, s.removed)
+        };
+        let removed = was_removed || self.node.is_removed();
+        if changed || published_term != term || removed != was_removed {
             let status = RaftStatus {
                 id: self.node.id(),
                 role: self.node.role(),
                 term,
                 leader: self.node.leader_info(),
+                removed,
                 running: true,
             };
             self.status.send_if_modified(|s| {

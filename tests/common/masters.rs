@@ -151,6 +151,22 @@ impl Group {
         self.members[i].proc = Some(proc);
     }
 
+    /// Waits up to `timeout` for member `i` to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let p = self.members[i].proc.as_mut()?;
+            if let Some(status) = p.0.try_wait().unwrap() {
+                self.members[i].proc = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILLs member `i`, if it runs.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut p) = self.members[i].proc.take() {
