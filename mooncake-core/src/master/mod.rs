@@ -34,9 +34,8 @@
 //! [`Master::handle_timeout`] and [`Master::next_timeout`] scan clients, objects and tasks
 //! (`O(n)`); call them on a timer (every 100 ms to 1 s), not per request.
 //!
-//! It does not do: snapshots of its state (the per-segment [`RangeAllocator`] has no
-//! serialization yet; a snapshot can be rebuilt by replaying the log), disk replicas (the
-//! descriptor has room for them), or the RPC layer.
+//! Its whole state, per-segment [`RangeAllocator`]s included, serializes (the log's snapshots).
+//! It does not do disk replicas (the descriptor has room for them) or the RPC layer.
 //!
 //! ```
 //! use mooncake_core::master::*;
