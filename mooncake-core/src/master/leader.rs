@@ -1,49 +1,4 @@
-//! Serving reads and heartbeats without the command log.
-//!
-//! Reads (GetReplicaList, ExistKey and their batch forms) and heartbeats change only lease
-//! deadlines and liveness times, yet they are most of a master's traffic. Behind a replicated
-//! log each would cost a consensus round and an fsync. A [`LeaderView`] lets the process that
-//! appends to the log (the Raft leader, or the only master) answer them from its applied state
-//! and remember what they changed, volatile and beside the replicated [`Master`]:
-//!
-//! - **reads** are answered from the applied state; the view records `key -> read time`. The
-//!   replicated state learns of a read only when a command whose outcome depends on that key's
-//!   lease is appended: [`LeaderView::route`] copies the key's read into the [`LogEntry`], and
-//!   every replica applies it before the command, so all replicas decide alike (a non-forced
-//!   remove of a leased key is refused everywhere, a forced one keeps the ranges until the
-//!   lease ends everywhere);
-//! - while such a command is between `route` and its apply, its keys are **barred**: reads of
-//!   them go through the log, ordered after it. Commands that touch keys they do not name
-//!   (`RemoveAll`, `RemoveByRegex`) bar every key. [`Command::Evict`] becomes
-//!   [`Command::EvictKeys`] with victims chosen knowing the recorded reads;
-//! - **heartbeats** of known clients are answered at once; the view keeps each client's last
-//!   time, and [`LeaderView::timeouts`] proposes `ExpireClient` only when both the replicated
-//!   and the recorded time are past the TTL. Only expiry reaches the log;
-//! - a **new leader** knows nothing of its predecessor's reads and heartbeats.
-//!   [`LeaderView::take_over`] starts every known client's TTL afresh and returns a
-//!   [`Command::LeaseAll`] to append before anything else, leasing every object until
-//!   `now + extra + lease TTL`, where `extra` covers how long a deposed leader may go on serving
-//!   reads before it notices (its election timeout, with check-quorum).
-//!
-//! A read served by a deposed leader that has not noticed yet may miss writes committed by its
-//! successor; that window is bounded by check-quorum.
-//!
-//! ```
-//! use mooncake_core::master::*;
-//! let mut m = Master::new(MasterConfig::default()).unwrap();
-//! let mut view = LeaderView::default();
-//! let c = ClientId(1);
-//! let t = Timestamp::from_millis(1);
-//! m.apply(t, Command::MountSegment { client_id: c, segment: SegmentSpec::new("h:1", 0, 1 << 20) });
-//! // A heartbeat is answered without the log.
-//! let Route::Local(r) = view.route(&m, t, Command::Heartbeat { client_id: c }) else { panic!() };
-//! assert_eq!(r, Response::Heartbeat(HeartbeatStatus::Ok));
-//! // A remove must go through the log.
-//! let Route::Log(p) = view.route(&m, t, Command::Remove { key: "k".into(), force: false }) else { panic!() };
-//! let r = m.apply(p.entry.now, p.entry.command.clone());
-//! view.finish(p.ticket);
-//! assert_eq!(r, Response::Unit(Err(mooncake_core::ErrorCode::OBJECT_NOT_FOUND)));
-//! ```
+//! [`LeaderView`]: serving reads and heartbeats without the command log.
 
 use std::collections::HashMap;
 
@@ -54,7 +9,52 @@ use super::metrics::Counters;
 use super::types::{ClientId, Timestamp};
 use super::Master;
 
-/// Reads and heartbeats served outside the log. See the [module docs](self).
+/// Serving reads and heartbeats without the command log.
+///
+/// Reads (GetReplicaList, ExistKey and their batch forms) and heartbeats change only lease
+/// deadlines and liveness times, yet they are most of a master's traffic. Behind a replicated
+/// log each would cost a consensus round and an fsync. A [`LeaderView`] lets the process that
+/// appends to the log (the Raft leader, or the only master) answer them from its applied state
+/// and remember what they changed, volatile and beside the replicated [`Master`]:
+///
+/// - **reads** are answered from the applied state; the view records `key -> read time`. The
+///   replicated state learns of a read only when a command whose outcome depends on that key's
+///   lease is appended: [`LeaderView::route`] copies the key's read into the [`LogEntry`], and
+///   every replica applies it before the command, so all replicas decide alike (a non-forced
+///   remove of a leased key is refused everywhere, a forced one keeps the ranges until the
+///   lease ends everywhere);
+/// - while such a command is between `route` and its apply, its keys are **barred**: reads of
+///   them go through the log, ordered after it. Commands that touch keys they do not name
+///   (`RemoveAll`, `RemoveByRegex`) bar every key. [`Command::Evict`] becomes
+///   [`Command::EvictKeys`] with victims chosen knowing the recorded reads;
+/// - **heartbeats** of known clients are answered at once; the view keeps each client's last
+///   time, and [`LeaderView::timeouts`] proposes `ExpireClient` only when both the replicated
+///   and the recorded time are past the TTL. Only expiry reaches the log;
+/// - a **new leader** knows nothing of its predecessor's reads and heartbeats.
+///   [`LeaderView::take_over`] starts every known client's TTL afresh and returns a
+///   [`Command::LeaseAll`] to append before anything else, leasing every object until
+///   `now + extra + lease TTL`, where `extra` covers how long a deposed leader may go on serving
+///   reads before it notices (its election timeout, with check-quorum).
+///
+/// A read served by a deposed leader that has not noticed yet may miss writes committed by its
+/// successor; that window is bounded by check-quorum.
+///
+/// ```
+/// use mooncake_core::master::*;
+/// let mut m = Master::new(MasterConfig::default()).unwrap();
+/// let mut view = LeaderView::default();
+/// let c = ClientId(1);
+/// let t = Timestamp::from_millis(1);
+/// m.apply(t, Command::MountSegment { client_id: c, segment: SegmentSpec::new("h:1", 0, 1 << 20) });
+/// // A heartbeat is answered without the log.
+/// let Route::Local(r) = view.route(&m, t, Command::Heartbeat { client_id: c }) else { panic!() };
+/// assert_eq!(r, Response::Heartbeat(HeartbeatStatus::Ok));
+/// // A remove must go through the log.
+/// let Route::Log(p) = view.route(&m, t, Command::Remove { key: "k".into(), force: false }) else { panic!() };
+/// let r = m.apply(p.entry.now, p.entry.command.clone());
+/// view.finish(p.ticket);
+/// assert_eq!(r, Response::Unit(Err(mooncake_core::ErrorCode::OBJECT_NOT_FOUND)));
+/// ```
 #[derive(Debug, Default)]
 pub struct LeaderView {
     /// Last read served per key, not yet known to the replicated state.
