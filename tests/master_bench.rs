@@ -29,12 +29,12 @@ fn quick_run_prints_a_parseable_report_and_cleans_up() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
 
-    // mode conc batch | single: ops spr calls p50 p99 cpu cli | group: ops spr calls p50 p99
-    // cpu ldr cli | ratio
+    // mode conc batch | single: ops spr calls p50 p99 cpu rq cli | group: ops spr calls p50 p99
+    // cpu rq ldr raft cli | ratio
     let mut modes = Vec::new();
     for line in stdout.lines() {
         let t: Vec<&str> = line.split_whitespace().filter(|t| *t != "|").collect();
-        if t.len() != 19 || !t[0].chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        if t.len() != 22 || !t[0].chars().all(|c| c.is_ascii_lowercase() || c == '_') {
             continue;
         }
         let Ok(nums) = t[1..]
@@ -45,7 +45,7 @@ fn quick_run_prints_a_parseable_report_and_cleans_up() {
             continue;
         };
         assert_eq!(nums[0], 2.0, "{line}");
-        assert!(nums[2] > 0.0 && nums[9] > 0.0, "no ops measured: {line}");
+        assert!(nums[2] > 0.0 && nums[10] > 0.0, "no ops measured: {line}");
         modes.push(t[0].to_owned());
     }
     assert_eq!(

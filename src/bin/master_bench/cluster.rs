@@ -122,6 +122,37 @@ impl Member {
     fn cpu_seconds(&self) -> f64 {
         process_cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
     }
+
+    /// Scheduler times of the process's live threads so far.
+    fn sched(&self) -> Sched {
+        let mut out = Sched::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return out;
+        };
+        for t in tasks.flatten() {
+            let path = t.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+            let mut f = stat
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+            out.wait_ns += wait;
+            if comm.starts_with("raft-") {
+                out.raft_run_ns += run;
+            }
+        }
+        out
+    }
+}
+
+/// Scheduler times of one master process, from `/proc/<pid>/task/*/schedstat`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Sched {
+    /// Time its threads spent runnable but waiting for a CPU, nanoseconds.
+    pub(crate) wait_ns: u64,
+    /// Time its Raft loop thread (`raft-<id>`) spent on a CPU, nanoseconds.
+    pub(crate) raft_run_ns: u64,
 }
 
 impl Drop for Member {
@@ -254,6 +285,11 @@ impl Deployment {
     /// CPU seconds used so far by each member.
     pub(crate) fn cpu_seconds(&self) -> Vec<f64> {
         self.members.iter().map(Member::cpu_seconds).collect()
+    }
+
+    /// Scheduler times of each member so far.
+    pub(crate) fn sched(&self) -> Vec<Sched> {
+        self.members.iter().map(Member::sched).collect()
     }
 
     /// The members' pids.

@@ -70,6 +70,7 @@ pub(crate) struct LoadConfig {
     pub(crate) segments: u64,
     pub(crate) segment_size: u64,
     pub(crate) exist_keys: usize,
+    pub(crate) preload: usize,
     pub(crate) shared_connection: bool,
     pub(crate) max_concurrency: usize,
 }
@@ -172,18 +173,40 @@ impl Target {
             heartbeat,
             measurements: 0,
         };
-        let keys: Vec<String> = (0..cfg.exist_keys).map(exist_key).collect();
-        for chunk in keys.chunks(1024) {
-            let done = put_batch(&*master, owner, chunk.to_vec(), cfg).await;
-            if done.errors > 0 {
-                return Err(format!(
-                    "{}: writing the lookup keys failed: {}",
-                    target.deployment.name,
-                    done.first_error.unwrap_or_default()
-                ));
+        let keys = (0..cfg.exist_keys)
+            .map(exist_key)
+            .chain((0..cfg.preload).map(|i| format!("preload-{i:09}")));
+        let mut chunk = Vec::with_capacity(1024);
+        for key in keys {
+            chunk.push(key);
+            if chunk.len() == 1024 {
+                target
+                    .write(&*master, std::mem::take(&mut chunk), cfg)
+                    .await?;
             }
         }
+        if !chunk.is_empty() {
+            target.write(&*master, chunk, cfg).await?;
+        }
         Ok(target)
+    }
+
+    /// Writes `keys` (untimed set-up), failing on any error.
+    async fn write(
+        &self,
+        master: &dyn MasterApi,
+        keys: Vec<String>,
+        cfg: &LoadConfig,
+    ) -> Result<(), String> {
+        let done = put_batch(master, self.owner, keys, cfg).await;
+        if done.errors > 0 {
+            return Err(format!(
+                "{}: writing the set-up keys failed: {}",
+                self.deployment.name,
+                done.first_error.unwrap_or_default()
+            ));
+        }
+        Ok(())
     }
 
     /// Runs `w` for the configured time and returns what it measured; the keys it wrote are
@@ -258,10 +281,12 @@ impl Target {
         // CPU of the masters and of this process across the window.
         tokio::time::sleep_until(window_start.into()).await;
         let cpu0 = self.deployment.cpu_seconds();
+        let sched0 = self.deployment.sched();
         let own0 = process_cpu_seconds("/proc/self/stat");
         let t0 = Instant::now();
         tokio::time::sleep_until(window_end.into()).await;
         let cpu1 = self.deployment.cpu_seconds();
+        let sched1 = self.deployment.sched();
         let own1 = process_cpu_seconds("/proc/self/stat");
         let wall = t0.elapsed().as_secs_f64().max(1e-9);
         stop.store(true, Ordering::Relaxed);
@@ -302,6 +327,18 @@ impl Target {
             .zip(&cpu1)
             .map(|(a, b)| (b - a).max(0.0) / wall)
             .collect();
+        let ns = wall * 1e9;
+        let waited: u64 = sched0
+            .iter()
+            .zip(&sched1)
+            .map(|(a, b)| b.wait_ns.saturating_sub(a.wait_ns))
+            .sum();
+        let raft_busiest = sched0
+            .iter()
+            .zip(&sched1)
+            .map(|(a, b)| b.raft_run_ns.saturating_sub(a.raft_run_ns))
+            .max()
+            .unwrap_or(0);
         Ok(Run {
             ops_per_sec: total.ops as f64 / secs,
             calls_per_sec: total.calls as f64 / secs,
@@ -310,6 +347,8 @@ impl Target {
             server_cores: cores.iter().sum(),
             busiest_cores: cores.iter().copied().fold(0.0, f64::max),
             client_cores: (own1 - own0).max(0.0) / wall,
+            runqueue_threads: waited as f64 / ns,
+            raft_loop_busy: raft_busiest as f64 / ns,
             errors: total.errors,
         })
     }

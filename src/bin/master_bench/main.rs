@@ -38,6 +38,8 @@ FLAGS:
     --segments N          segments mounted, one per fake host (default 4)
     --segment_size N      size of each segment (default 4T)
     --exist_keys N        keys written for the lookups (default 10000)
+    --preload N           objects written before measuring and kept, so the master holds a
+                          realistic amount of state (default 0)
     --group_size N        members of the Raft group (default 3)
     --raft_tick_ms N      the group's Raft tick (default 100, mooncake_master's default)
     --shared_connection   all client tasks share one connection per master (one RemoteMaster)
@@ -52,9 +54,12 @@ Modes (ops = put commits for puts, keys answered for lookups):
     exist         ExistKey of a key that exists
     exist_batch   BatchExistKey of --batch keys that exist
 
-Columns: medians over the repeats of ops/s, calls/s and per-call latency p50/p99 (us); spr% is
-(max - min) / median of ops/s; cpu is the cores used by the master processes (sum), ldr by the
-busiest one (the leader), cli by this process. g/s = group ops/s / single ops/s.
+Columns (medians over the repeats): ops/s; spr% = (max - min) / median of ops/s; calls/s; per-call
+latency p50/p99 (us); cpu = cores used by the master processes (sum); rq = time their threads
+waited for a CPU, in threads (CPU starvation); ldr = cores used by the busiest member (the
+leader); raft = share of the time the leader's Raft loop thread was on a CPU (near 1: the loop
+is CPU-bound; low: it waits on fsync, the network or the clients); cli = cores used by this
+process; g/s = group ops/s / single ops/s.
 
 Targets (from this run; PASS/MISS, misses do not change the exit code):
     group put commits/s, best configuration (batched or not)      >= 20000
@@ -153,6 +158,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             segments: 4,
             segment_size: 4 << 40,
             exist_keys: 10_000,
+            preload: 0,
             shared_connection: false,
             max_concurrency: 0,
         },
@@ -188,6 +194,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             "segments" => l.segments = num(&name, v)?,
             "segment_size" => l.segment_size = parse_size(v)?,
             "exist_keys" => l.exist_keys = num(&name, v)?,
+            "preload" => l.preload = num(&name, v)?,
             "group_size" => a.group_size = num(&name, v)?,
             "raft_tick_ms" => a.raft_tick_ms = num(&name, v)?,
             "client_threads" => a.client_threads = num(&name, v)?,
@@ -244,18 +251,24 @@ struct Row {
 }
 
 const HEADER: &str =
-    "mode         conc batch |  single ops/s  spr%  calls/s  p50us  p99us   cpu   cli \
-                      |   group ops/s  spr%  calls/s  p50us  p99us   cpu   ldr   cli |    g/s";
+    "mode         conc batch |  single ops/s spr%  calls/s p50us p99us  cpu   rq  cli \
+                      |   group ops/s spr%  calls/s p50us p99us  cpu   rq  ldr raft  cli |   g/s";
 
 fn format_row(r: &Row) -> String {
     let side = |s: &Summary| {
         format!(
-            "{:>13.0} {:>5.0} {:>8.0} {:>6.0} {:>6.0} {:>5.2}",
-            s.ops_per_sec, s.spread_pct, s.calls_per_sec, s.p50_us, s.p99_us, s.server_cores
+            "{:>13.0} {:>4.0} {:>8.0} {:>5.0} {:>5.0} {:>4.2} {:>4.2}",
+            s.ops_per_sec,
+            s.spread_pct,
+            s.calls_per_sec,
+            s.p50_us,
+            s.p99_us,
+            s.server_cores,
+            s.runqueue_threads
         )
     };
     format!(
-        "{:<12} {:>4} {:>5} | {} {:>5.2} | {} {:>5.2} {:>5.2} | {:>6.3}",
+        "{:<12} {:>4} {:>5} | {} {:>4.2} | {} {:>4.2} {:>4.2} {:>4.2} | {:>5.3}",
         r.w.mode.name(),
         r.w.concurrency,
         r.w.batch,
@@ -263,6 +276,7 @@ fn format_row(r: &Row) -> String {
         r.single.client_cores,
         side(&r.group),
         r.group.busiest_cores,
+        r.group.raft_loop_busy,
         r.group.client_cores,
         ratio(r.group.ops_per_sec, r.single.ops_per_sec)
     )
@@ -383,19 +397,25 @@ async fn run(a: Args) -> Result<(), String> {
         .map(|p| p.to_string())
         .collect();
     println!("master pids: {}", pids.join(" "));
+    let setup = Instant::now();
     let mut targets = [
         Target::setup(single, &a.load).await?,
         Target::setup(group, &a.load).await?,
     ];
     println!(
+        "set-up (segments, lookup keys, preloaded objects) took {:.1} s",
+        setup.elapsed().as_secs_f64()
+    );
+    println!(
         "load: {:.1} s windows after {:.1} s warm-up, {} repeats; value {} B x {} replica(s); \
-         {} lookup keys; {}",
+         {} lookup keys, {} preloaded objects; {}",
         a.load.duration.as_secs_f64(),
         a.load.warmup.as_secs_f64(),
         a.repeats,
         a.load.value_size,
         a.load.replicas,
         a.load.exist_keys,
+        a.load.preload,
         if a.load.shared_connection {
             "one shared connection per master"
         } else {

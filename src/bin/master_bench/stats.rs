@@ -52,6 +52,10 @@ pub(crate) struct Run {
     pub(crate) busiest_cores: f64,
     /// CPU used by this process (the clients), in cores.
     pub(crate) client_cores: f64,
+    /// Time the master threads spent waiting for a CPU, in threads (seconds per second).
+    pub(crate) runqueue_threads: f64,
+    /// Share of the time the busiest Raft loop thread (the leader's) was on a CPU.
+    pub(crate) raft_loop_busy: f64,
     /// Operations that failed.
     pub(crate) errors: u64,
 }
@@ -75,6 +79,10 @@ pub(crate) struct Summary {
     pub(crate) busiest_cores: f64,
     /// Median client CPU, cores.
     pub(crate) client_cores: f64,
+    /// Median run-queue wait of the master threads, threads.
+    pub(crate) runqueue_threads: f64,
+    /// Median share of time the leader's Raft loop thread was on a CPU.
+    pub(crate) raft_loop_busy: f64,
     /// Failed operations over all runs.
     pub(crate) errors: u64,
 }
@@ -93,6 +101,8 @@ impl Summary {
             server_cores: col(|r| r.server_cores),
             busiest_cores: col(|r| r.busiest_cores),
             client_cores: col(|r| r.client_cores),
+            runqueue_threads: col(|r| r.runqueue_threads),
+            raft_loop_busy: col(|r| r.raft_loop_busy),
             errors: runs.iter().map(|r| r.errors).sum(),
         }
     }
