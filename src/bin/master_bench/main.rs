@@ -121,6 +121,30 @@ fn secs(flag: &str, s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// Flags that take a value.
+const VALUED: &[&str] = &[
+    "duration",
+    "warmup",
+    "repeats",
+    "concurrency",
+    "batch",
+    "modes",
+    "value_size",
+    "replicas",
+    "segments",
+    "segment_size",
+    "exist_keys",
+    "preload",
+    "group_size",
+    "raft_tick_ms",
+    "client_threads",
+    "master_bin",
+    "data_dir",
+];
+
+/// Flags without a value.
+const SWITCHES: &[&str] = &["quick", "shared_connection"];
+
 /// Parses the arguments after the program name; `Ok(None)` asks for the usage.
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     // Split `--flag=value` and `--flag value` into pairs first, so --quick can set defaults
@@ -134,9 +158,13 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         let Some(flag) = a.strip_prefix("--") else {
             return Err(format!("unexpected argument {a:?} (see --help)"));
         };
+        let bare = flag.split_once('=').map_or(flag, |(n, _)| n);
+        if !VALUED.contains(&bare) && !SWITCHES.contains(&bare) {
+            return Err(format!("unknown flag --{bare} (see --help)"));
+        }
         let (name, value) = match flag.split_once('=') {
             Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-            None if flag == "quick" || flag == "shared_connection" => (flag.to_owned(), None),
+            None if SWITCHES.contains(&flag) => (flag.to_owned(), None),
             None => (
                 flag.to_owned(),
                 Some(it.next().ok_or(format!("--{flag} needs a value"))?.clone()),
@@ -512,6 +540,7 @@ mod tests {
         assert!(args(&["--help"]).unwrap().is_none());
         for bad in [
             &["--nope=1"][..],
+            &["--nope"],
             &["--modes=put,get"],
             &["--batch=0"],
             &["--duration"],
