@@ -127,7 +127,7 @@ where
                         let _ = stream.set_nodelay(true);
                         let handler = handler.clone();
                         conns.spawn(async move {
-                            if let Err(e) = serve_connection::<Req, Resp, H>(stream, &*handler).await {
+                            if let Err(e) = serve_connection::<Req, Resp, H>(stream, handler).await {
                                 match &e {
                                     Error::Io(_) => tracing::debug!(%peer, "rpc connection ended: {e}"),
                                     _ => tracing::warn!(%peer, "closing rpc connection: {e}"),
@@ -146,28 +146,65 @@ where
     })
 }
 
-async fn serve_connection<Req, Resp, H>(stream: TcpStream, handler: &H) -> Result<()>
+/// Most requests of one connection whose handlers are still running; the connection reads no
+/// further request until one finishes.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Serves one connection. A request whose handler answers at once (a read, the in-memory log) is
+/// answered in line, replies batched while more requests are buffered; one that has to wait (a
+/// Raft commit) runs as its own task, so the requests behind it on the same connection are not
+/// held up, and its reply goes out when ready: replies carry their request's id, in any order.
+async fn serve_connection<Req, Resp, H>(stream: TcpStream, handler: Arc<H>) -> Result<()>
 where
-    Req: DeserializeOwned,
-    Resp: Serialize,
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
     H: Handler<Req, Resp>,
 {
-    let (r, mut w) = stream.into_split();
+    let (r, w) = stream.into_split();
+    let w = Arc::new(tokio::sync::Mutex::new(w));
     let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
     let mut body = Vec::new();
     let mut out = Vec::with_capacity(64 * 1024);
+    let mut waiting = tokio::task::JoinSet::new();
     loop {
+        while waiting.try_join_next().is_some() {}
+        if waiting.len() >= MAX_IN_FLIGHT {
+            waiting.join_next().await;
+        }
         let header = read_frame(&mut r, &mut body).await?;
         if header.kind != KIND_REQUEST {
             return Err(Error::Protocol("a response sent to the server".into()));
         }
         let request: Req = postcard::from_bytes(&body)
             .map_err(|e| Error::Protocol(format!("undecodable request: {e}")))?;
-        let response = handler.handle(request).await;
-        encode_frame(KIND_RESPONSE, header.id, &response, &mut out)?;
+        let h = handler.clone();
+        let mut answer = Box::pin(async move { h.handle(request).await });
+        let polled = {
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            std::future::Future::poll(answer.as_mut(), &mut cx)
+        };
+        match polled {
+            std::task::Poll::Ready(response) => {
+                encode_frame(KIND_RESPONSE, header.id, &response, &mut out)?;
+            }
+            std::task::Poll::Pending => {
+                // Polled again by its own task, which registers a real waker.
+                let (w, id) = (w.clone(), header.id);
+                waiting.spawn(async move {
+                    let response = answer.await;
+                    let mut frame = Vec::new();
+                    match encode_frame(KIND_RESPONSE, id, &response, &mut frame) {
+                        Ok(()) => {
+                            let _ = w.lock().await.write_all(&frame).await;
+                        }
+                        Err(e) => tracing::warn!("rpc reply not encodable: {e}"),
+                    }
+                });
+            }
+        }
         // Answer now unless another request is already buffered (then answer both at once).
-        if r.buffer().len() < HEADER || out.len() > 256 * 1024 {
-            w.write_all(&out).await?;
+        if !out.is_empty() && (r.buffer().len() < HEADER || out.len() > 256 * 1024) {
+            w.lock().await.write_all(&out).await?;
             out.clear();
         }
     }
@@ -421,6 +458,32 @@ mod tests {
         let server = serve(listener, Arc::new(Echo));
         let back: Option<String> = client.call(&(2u32, "q".to_string())).await.unwrap();
         assert_eq!(back.as_deref(), Some("qq"));
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_request_does_not_hold_up_the_next_on_its_connection() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve(listener, Arc::new(Echo));
+        let client = Arc::new(RpcClient::new(addr.to_string(), RpcClientConfig::default()));
+        // Connect first, so both calls share one connection.
+        let _: Option<String> = client.call(&(1u32, "a".to_string())).await.unwrap();
+        let slow = {
+            let c = client.clone();
+            tokio::spawn(async move { c.call::<_, Option<String>>(&(7u32, "s".to_string())).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let fast: Option<String> = client.call(&(2u32, "f".to_string())).await.unwrap();
+        assert_eq!(fast.as_deref(), Some("ff"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the fast call waited {:?} behind the slow one",
+            started.elapsed()
+        );
+        assert!(!slow.is_finished());
+        assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("sssssss"));
         server.abort();
     }
 
