@@ -635,6 +635,18 @@ impl RaftNode {
     /// Like [`advance`](Self::advance), but hands messages that need no local persistence
     /// (the leader's appends) to `send_now` before the fsync, so followers write in parallel.
     pub fn advance_with(&mut self, send_now: &mut dyn FnMut(Vec<Message>)) -> Result<Output> {
+        self.advance_replying(send_now, &mut |_| {})
+    }
+
+    /// [`advance_with`](Self::advance_with), also handing the entries committed by earlier
+    /// rounds to `applied_now` as soon as they are applied, before this round's entries are made
+    /// durable (an fsync): their results are final, and their callers need not wait for an
+    /// unrelated write. Whatever `applied_now` leaves in the vector stays in the output.
+    pub fn advance_replying(
+        &mut self,
+        send_now: &mut dyn FnMut(Vec<Message>),
+        applied_now: &mut dyn FnMut(&mut Vec<Applied>),
+    ) -> Result<Output> {
         let mut out = Output::default();
         self.flush_queue(&mut out);
         if self.raw.has_ready() {
@@ -648,6 +660,7 @@ impl RaftNode {
             }
             let committed = rd.take_committed_entries();
             self.apply_entries(committed, &mut out)?;
+            applied_now(&mut out.applied);
             self.raw.mut_store().persist(rd.entries(), rd.hs())?;
             out.messages.extend(rd.take_persisted_messages());
             let mut light = self.raw.advance(rd);

@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
 use crate::network::{self, Inbox, NetConfig, NetEvent, Transport};
-use crate::node::{Membership, MembershipChange, ProposalId, RaftNode, RoleEvent};
+use crate::node::{Applied, Membership, MembershipChange, ProposalId, RaftNode, RoleEvent};
 use crate::state::{KvOp, KvResult, PeerInfo};
 use crate::LeaderInfo;
 
@@ -487,6 +487,7 @@ impl Driver {
             node,
             transport,
             address_book,
+            pending,
             ..
         } = self;
         let out = {
@@ -497,15 +498,14 @@ impl Driver {
                     .map(|p| p.raft_addr.clone())
                     .or_else(|| address_book.get(&id).cloned())
             };
-            let mut out = node.advance_with(&mut |msgs| transport.send(msgs, &addr_of))?;
+            let mut out = node
+                .advance_replying(&mut |msgs| transport.send(msgs, &addr_of), &mut |applied| {
+                    reply_applied(pending, applied.drain(..))
+                })?;
             transport.send(std::mem::take(&mut out.messages), &addr_of);
             out
         };
-        for a in out.applied {
-            if let Some(reply) = a.id.and_then(|id| self.pending.remove(&id)) {
-                let _ = reply.send(Ok(a.response));
-            }
-        }
+        reply_applied(&mut self.pending, out.applied.into_iter());
         for (id, e) in out.failed {
             if let Some(reply) = self.pending.remove(&id) {
                 let _ = reply.send(Err(e.into()));
@@ -549,5 +549,14 @@ impl Driver {
             });
         }
         Ok(())
+    }
+}
+
+/// Answers the callers of applied proposals of this node.
+fn reply_applied(pending: &mut HashMap<ProposalId, Reply>, applied: impl Iterator<Item = Applied>) {
+    for a in applied {
+        if let Some(reply) = a.id.and_then(|id| pending.remove(&id)) {
+            let _ = reply.send(Ok(a.response));
+        }
     }
 }
