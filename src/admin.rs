@@ -139,17 +139,8 @@ impl Members {
 pub(crate) async fn serve(service: &MasterService, request: AdminRequest) -> MasterReply {
     match serve_raft(service, request).await {
         Ok(members) => MasterReply::Members(members),
-        Err(e) => {
-            #[cfg(feature = "raft")]
-            if let Some(leader) = mooncake_meta_raft::leader_hint(&e) {
-                // Not (or no longer) the leader, and nothing was proposed: safe to redirect.
-                return MasterReply::NotLeader { leader };
-            }
-            MasterReply::Failed {
-                code: e.code(),
-                message: e.to_string(),
-            }
-        }
+        // Not (or no longer) the leader, and nothing was proposed: safe to redirect.
+        Err(e) => crate::service::failure_reply(&e),
     }
 }
 

@@ -420,17 +420,7 @@ impl MasterService {
         match request {
             MasterRequest::Apply(command) => match self.apply(command).await {
                 Ok((now, response)) => MasterReply::Applied { now, response },
-                Err(e) => {
-                    #[cfg(feature = "raft")]
-                    if let Some(leader) = mooncake_meta_raft::leader_hint(&e) {
-                        // Leadership moved while the command was in flight.
-                        return MasterReply::NotLeader { leader };
-                    }
-                    MasterReply::Failed {
-                        code: e.code(),
-                        message: e.to_string(),
-                    }
-                }
+                Err(e) => failure_reply(&e),
             },
             MasterRequest::QueryTask(id) => {
                 MasterReply::Task(lock(&self.shared).master.query_task(id))
@@ -439,6 +429,19 @@ impl MasterService {
             MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
             MasterRequest::Admin(request) => crate::admin::serve(self, request).await,
         }
+    }
+}
+
+/// The reply for a request that failed: `NotLeader` when leadership moved while it was in flight
+/// (nothing was applied, so the client may retry at the leader), else `Failed` with its code.
+pub(crate) fn failure_reply(e: &Error) -> MasterReply {
+    #[cfg(feature = "raft")]
+    if let Some(leader) = mooncake_meta_raft::leader_hint(e) {
+        return MasterReply::NotLeader { leader };
+    }
+    MasterReply::Failed {
+        code: e.code(),
+        message: e.to_string(),
     }
 }
 
