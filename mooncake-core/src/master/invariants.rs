@@ -18,8 +18,16 @@ impl Master {
     /// - each unfinished task belongs to its object (and vice versa), its destinations are
     ///   PROCESSING, distinct, and not on segments holding a committed replica; finished tasks
     ///   hold nothing;
-    /// - segment names, segment owners and the client table agree.
+    /// - segment names, segment owners and the client table agree;
+    /// - the index of writes in progress matches the objects.
     pub fn check_invariants(&self) -> Result<(), String> {
+        if self.writes != self.writes_from_objects() {
+            return Err(format!(
+                "the index of writes in progress {:?} disagrees with the objects {:?}",
+                self.writes,
+                self.writes_from_objects()
+            ));
+        }
         let mut ranges: BTreeMap<SegmentId, Vec<(u64, u64, String)>> = BTreeMap::new();
         let mut add = |seg: SegmentId, off: u64, len: u64, what: String| {
             ranges.entry(seg).or_default().push((off, len, what));

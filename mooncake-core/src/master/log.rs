@@ -69,8 +69,9 @@ impl StateMachine for Master {
     /// Replaces the master with a snapshot, after checking it decodes and its configuration is
     /// valid.
     fn restore(&mut self, snapshot: &[u8]) -> crate::Result<()> {
-        let restored: Master = postcard::from_bytes(snapshot)?;
+        let mut restored: Master = postcard::from_bytes(snapshot)?;
         restored.config().validate()?;
+        restored.rebuild_indexes();
         *self = restored;
         Ok(())
     }

@@ -31,8 +31,9 @@
 //! - PutEnd/PutRevoke must come from the writing client, so a writer that was taken over cannot
 //!   commit someone else's half-written replicas.
 //!
-//! [`Master::handle_timeout`] and [`Master::next_timeout`] scan clients, objects and tasks
-//! (`O(n)`); call them on a timer (every 100 ms to 1 s), not per request.
+//! [`Master::handle_timeout`] and [`Master::next_timeout`] scan clients and tasks and find
+//! abandoned writes through an index by start time (they do not visit every object); call them
+//! on a timer (every 100 ms to 1 s), not per request.
 //!
 //! Its whole state, per-segment [`RangeAllocator`]s included, serializes (the log's snapshots).
 //! It does not do disk replicas (the descriptor has room for them) or the RPC layer.
@@ -121,6 +122,10 @@ pub struct Master {
     tasks: BTreeMap<TaskId, task::Task>,
     /// Keys that lost replicas and may need re-replication.
     under_replicated: BTreeSet<String>,
+    /// Writes in progress as `(started at, key)`, so the timeout handler finds abandoned ones
+    /// without scanning every object. Derived from `objects` (rebuilt on restore).
+    #[serde(skip)]
+    writes: BTreeSet<(Timestamp, String)>,
     next_segment_id: u64,
     next_replica_id: u64,
     next_task_seq: u64,
@@ -144,6 +149,7 @@ impl Master {
             objects: BTreeMap::new(),
             tasks: BTreeMap::new(),
             under_replicated: BTreeSet::new(),
+            writes: BTreeSet::new(),
             next_segment_id: 1,
             next_replica_id: 1,
             next_task_seq: 0,
@@ -329,10 +335,8 @@ impl Master {
                 out.push(Command::ExpireClient { client_id });
             }
         }
-        for (deadline, key) in self.reclaim_deadlines() {
-            if deadline <= now {
-                out.push(Command::ReclaimPut { key: key.clone() });
-            }
+        for (_, key) in self.reclaim_deadlines().take_while(|(t, _)| *t <= now) {
+            out.push(Command::ReclaimPut { key: key.clone() });
         }
         if self.next_retired_release().is_some_and(|t| t <= now) {
             out.push(Command::ReleaseRetired);
@@ -363,7 +367,7 @@ impl Master {
             .clients
             .values()
             .map(|c| c.last_seen.plus(self.config.client_ttl_ms));
-        let puts = self.reclaim_deadlines().map(|(t, _)| t);
+        let puts = self.reclaim_deadlines().map(|(t, _)| t).next();
         let tasks = self.tasks.values().filter_map(|t| match t.status {
             TaskStatus::Processing => Some(t.updated_at.plus(self.config.task_timeout_ms)),
             TaskStatus::Failed | TaskStatus::Success => {

@@ -119,6 +119,7 @@ impl Master {
                     });
                 }
                 let mut old = obj.pending.take().expect("checked above");
+                self.writes.remove(&(old.started_at, key.to_owned()));
                 tracing::debug!(key, old_client = %old.client, %client, "put taken over");
                 for r in &mut old.replicas {
                     release(&mut self.segments, r, LeaseDeadline::default(), now);
@@ -163,6 +164,7 @@ impl Master {
             replicas,
             config: config.clone(),
         };
+        self.writes.insert((now, key.to_owned()));
         match self.objects.get_mut(key) {
             Some(obj) => obj.pending = Some(pending),
             None => {
@@ -213,6 +215,7 @@ impl Master {
         let obj = self.owned_pending(client, key)?;
         obj.committed_by = Some(client);
         let mut p = obj.pending.take().expect("checked");
+        let started = p.started_at;
         for r in &mut p.replicas {
             r.set(ReplicaStatus::Complete);
         }
@@ -227,6 +230,7 @@ impl Master {
             obj.lease = LeaseDeadline(now);
         }
         let task = obj.task;
+        self.writes.remove(&(started, key.to_owned()));
         for r in &mut old {
             release(&mut self.segments, r, lease, now);
         }
@@ -247,6 +251,7 @@ impl Master {
             return;
         };
         if let Some(mut p) = obj.pending.take() {
+            self.writes.remove(&(p.started_at, key.to_owned()));
             for r in &mut p.replicas {
                 r.set(ReplicaStatus::Failed);
                 release(&mut self.segments, r, LeaseDeadline::default(), now);
@@ -281,11 +286,23 @@ impl Master {
         Ok(())
     }
 
-    /// When the write in progress on each key may be reclaimed, as `(deadline, key)`.
+    /// When the write in progress on each key may be reclaimed, as `(deadline, key)`, earliest
+    /// first.
     pub(crate) fn reclaim_deadlines(&self) -> impl Iterator<Item = (Timestamp, &String)> + '_ {
         let ms = self.config.put_reclaim_ms;
+        self.writes.iter().map(move |(t, k)| (t.plus(ms), k))
+    }
+
+    /// Rebuilds what is derived from `objects` (after a restore).
+    pub(crate) fn rebuild_indexes(&mut self) {
+        self.writes = self.writes_from_objects();
+    }
+
+    /// The writes in progress, read off the objects.
+    pub(crate) fn writes_from_objects(&self) -> BTreeSet<(Timestamp, String)> {
         self.objects
             .iter()
-            .filter_map(move |(k, o)| o.pending.as_ref().map(|p| (p.started_at.plus(ms), k)))
+            .filter_map(|(k, o)| o.pending.as_ref().map(|p| (p.started_at, k.clone())))
+            .collect()
     }
 }

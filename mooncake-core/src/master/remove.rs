@@ -63,6 +63,9 @@ impl Master {
         let Some(mut obj) = self.objects.remove(key) else {
             return;
         };
+        if let Some(p) = &obj.pending {
+            self.writes.remove(&(p.started_at, key.to_owned()));
+        }
         for r in &mut obj.replicas {
             release(&mut self.segments, r, obj.lease, now);
         }

@@ -264,6 +264,7 @@ impl Master {
             if let Some(p) = &mut obj.pending {
                 p.replicas.retain(|r| r.segment != id);
                 if p.replicas.is_empty() {
+                    self.writes.remove(&(p.started_at, key.clone()));
                     obj.pending = None;
                 }
             }
