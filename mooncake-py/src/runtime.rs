@@ -1,29 +1,54 @@
-//! The extension's one tokio runtime and the boundary helper every call goes through: it releases
+//! The extension's tokio runtime (one per process) and the boundary helper every call goes through: it releases
 //! the GIL, drives a future to completion and turns a Rust panic into an error code, so no panic
 //! ever unwinds into Python.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use mooncake::{Error, ErrorCode};
 use pyo3::prelude::*;
 
-static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+/// The runtime of this process, with the pid it was started in. A child made by `fork()` has
+/// none of its parent's threads, so it gets a runtime of its own (the parent's copy is left
+/// alone: dropping it would wait for threads that do not exist here).
+static RUNTIME: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+/// Lock-free copy of `RUNTIME` for the common case (every call): its pid, then the runtime.
+static OWNER: AtomicU32 = AtomicU32::new(0);
+static CURRENT: AtomicPtr<tokio::runtime::Runtime> = AtomicPtr::new(std::ptr::null_mut());
 
-/// The global runtime (2 worker threads), started on first use.
+/// The process's runtime (2 worker threads), started on first use in each process.
 pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, Error> {
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("mooncake-py")
-                .enable_all()
-                .build()
-                .map_err(|e| format!("starting the tokio runtime: {e}"))
-        })
-        .as_ref()
-        .map_err(|e| Error::with_code(ErrorCode::INTERNAL_ERROR, e.clone()))
+    let pid = std::process::id();
+    if OWNER.load(Ordering::Acquire) == pid {
+        // SAFETY: CURRENT is stored (from a leaked, never freed runtime) before OWNER.
+        if let Some(rt) = unsafe { CURRENT.load(Ordering::Acquire).as_ref() } {
+            return Ok(rt);
+        }
+    }
+    let mut slot = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((owner, rt)) = *slot {
+        if owner == pid {
+            return Ok(rt);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mooncake-py")
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Error::with_code(
+                ErrorCode::INTERNAL_ERROR,
+                format!("starting the tokio runtime: {e}"),
+            )
+        })?;
+    let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(rt));
+    *slot = Some((pid, rt));
+    CURRENT.store(std::ptr::from_ref(rt).cast_mut(), Ordering::Release);
+    OWNER.store(pid, Ordering::Release);
+    Ok(rt)
 }
 
 fn panic_error(payload: Box<dyn std::any::Any + Send>) -> Error {

@@ -28,7 +28,8 @@ pub(crate) use backend::Backend;
     weakref
 )]
 pub(crate) struct PyStore {
-    store: RwLock<Option<Backend>>,
+    /// The client, with the pid of the process that set it up.
+    store: RwLock<Option<(u32, Backend)>>,
 }
 
 fn not_ready() -> Error {
@@ -40,19 +41,40 @@ fn not_ready() -> Error {
 
 impl PyStore {
     /// The live store, or `UNAVAILABLE_IN_CURRENT_STATUS` before setup and after close.
+    /// In a child made by `fork()` after setup, the parent's client is unusable (its threads did
+    /// not survive the fork and its connections are the parent's): `UNAVAILABLE_IN_CURRENT_STATUS`
+    /// with a hint, rather than a call that waits forever.
     pub(crate) fn live(&self) -> Result<Backend, Error> {
-        self.store
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(not_ready)
+        let guard = self.store.read().unwrap_or_else(|p| p.into_inner());
+        let (pid, backend) = guard.as_ref().ok_or_else(not_ready)?;
+        if *pid != std::process::id() {
+            return Err(Error::with_code(
+                ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                format!(
+                    "this store was set up in process {pid}, before a fork; set up a new \
+                     MooncakeDistributedStore in this process"
+                ),
+            ));
+        }
+        Ok(backend.clone())
     }
 
+    /// Swaps the client; the previous one if it belongs to this process (a forked child never
+    /// touches its parent's client: it is forgotten, not closed).
     fn replace(&self, new: Option<Backend>) -> Option<Backend> {
-        std::mem::replace(
+        let pid = std::process::id();
+        let old = std::mem::replace(
             &mut *self.store.write().unwrap_or_else(|p| p.into_inner()),
-            new,
-        )
+            new.map(|b| (pid, b)),
+        );
+        match old {
+            Some((owner, b)) if owner == pid => Some(b),
+            Some((_, b)) => {
+                std::mem::forget(b);
+                None
+            }
+            None => None,
+        }
     }
 
     fn start(&self, py: Python<'_>, config: StoreConfig) -> i64 {
