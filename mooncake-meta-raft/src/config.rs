@@ -42,6 +42,11 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Take a snapshot and compact the log every this many applied entries. Default 10,000.
     pub snapshot_threshold: u64,
+    /// Also wait until the entries applied since the last snapshot weigh as much as that
+    /// snapshot did, so the cost of snapshots stays in proportion to the log written however
+    /// large the state is (a big master is not serialized again every `snapshot_threshold`
+    /// small entries). Default `true`; `false` snapshots on the entry count alone.
+    pub snapshot_by_size: bool,
     /// Most proposals handed to raft per ready cycle (one fsync). Default 8,192.
     pub max_batch: usize,
     /// Soft cap on the entry bytes of one append message. Default 1 MiB (raft-rs's advice).
@@ -66,6 +71,7 @@ impl NodeConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_threshold: 10_000,
+            snapshot_by_size: true,
             max_batch: 8192,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,

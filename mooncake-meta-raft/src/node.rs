@@ -142,6 +142,11 @@ pub struct RaftNode {
     next_id: u64,
     applied: u64,
     last_snapshot: u64,
+    /// Bytes of entries applied since the last snapshot, and that snapshot's size: a new
+    /// snapshot waits until the log has grown by as much as the last one weighed, so a large
+    /// state is not serialized again every `snapshot_threshold` small entries.
+    log_bytes_since_snapshot: u64,
+    last_snapshot_bytes: u64,
     led_term: Option<u64>,
     announced_term: Option<u64>,
     known_leader: u64,
@@ -222,6 +227,8 @@ impl RaftNode {
             next_id: 1,
             applied,
             last_snapshot: applied,
+            log_bytes_since_snapshot: 0,
+            last_snapshot_bytes: 0,
             led_term: None,
             announced_term: None,
             known_leader: 0,
@@ -734,6 +741,7 @@ impl RaftNode {
         self.raw.mut_store().apply_snapshot(snap)?;
         self.applied = index;
         self.last_snapshot = index;
+        self.log_bytes_since_snapshot = 0;
         while let Some((&i, _)) = self.in_flight.first_key_value() {
             if i > index {
                 break;
@@ -749,6 +757,7 @@ impl RaftNode {
             if e.index <= self.applied {
                 continue;
             }
+            self.log_bytes_since_snapshot += e.data.len() as u64;
             let mut mine = None;
             while let Some((&i, &(term, id, kind))) = self.in_flight.first_key_value() {
                 if i > e.index {
@@ -861,7 +870,10 @@ impl RaftNode {
 
     fn maybe_snapshot(&mut self) -> Result<()> {
         let wanted = self.raw.store().take_snapshot_request() && self.applied > self.last_snapshot;
-        if !wanted && self.applied < self.last_snapshot + self.config.snapshot_threshold {
+        let due = self.applied >= self.last_snapshot + self.config.snapshot_threshold
+            && (!self.config.snapshot_by_size
+                || self.log_bytes_since_snapshot >= self.last_snapshot_bytes);
+        if !wanted && !due {
             return Ok(());
         }
         let data = SnapshotDataRef {
@@ -871,8 +883,10 @@ impl RaftNode {
         };
         let bytes = postcard::to_allocvec(&data)?;
         let index = self.applied;
+        self.last_snapshot_bytes = bytes.len() as u64;
         self.raw.mut_store().create_snapshot(index, bytes)?;
         self.last_snapshot = index;
+        self.log_bytes_since_snapshot = 0;
         Ok(())
     }
 

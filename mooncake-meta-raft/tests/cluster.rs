@@ -121,7 +121,10 @@ fn minority_partition_makes_no_progress_and_heals() {
 
 #[test]
 fn lagging_follower_catches_up_by_snapshot() {
-    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_threshold = 10);
+    let mut c = Cluster::with_config(3, |cfg| {
+        cfg.snapshot_threshold = 10;
+        cfg.snapshot_by_size = false;
+    });
     let l = c.wait_leader(&[1, 2, 3]);
     let lag = (1..=3).find(|&i| i != l).unwrap();
     c.isolate(lag);
@@ -346,7 +349,10 @@ fn node_restarts_from_disk() {
 
 #[test]
 fn whole_group_restart_keeps_every_committed_entry() {
-    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_threshold = 7);
+    let mut c = Cluster::with_config(3, |cfg| {
+        cfg.snapshot_threshold = 7;
+        cfg.snapshot_by_size = false;
+    });
     let l = c.wait_leader(&[1, 2, 3]);
     for i in 0..20u8 {
         c.propose_and_wait(l, &[i]);
@@ -444,4 +450,51 @@ fn flipped_byte_in_the_committed_last_record_is_a_hard_error() {
     std::fs::write(&path, &bytes).unwrap();
     let err = c.try_start(1).unwrap_err();
     assert!(err.to_string().contains("committed"), "{err}");
+}
+
+#[test]
+fn snapshots_wait_for_the_log_to_weigh_as_much_as_the_last_one() {
+    for by_size in [true, false] {
+        let mut c = if by_size {
+            Cluster::with_config(3, |cfg| cfg.snapshot_threshold = 5)
+        } else {
+            Cluster::with_config(3, |cfg| {
+                cfg.snapshot_threshold = 5;
+                cfg.snapshot_by_size = false;
+            })
+        };
+        let l = c.wait_leader(&[1, 2, 3]);
+        // A large state: the first snapshot weighs more than 8 KB.
+        for i in 0..8u8 {
+            c.propose_and_wait(l, &[i; 1024]);
+        }
+        let first = c.node(l).snapshot_index();
+        assert!(first > 1, "no first snapshot");
+        // Small entries: the bytes left over from the large ones may still add up to one more
+        // snapshot, then, with the size rule, no more: 60 small entries are not worth
+        // serializing the whole state again.
+        for i in 0..60u8 {
+            c.propose_and_wait(l, &[i]);
+        }
+        let settled = c.node(l).snapshot_index();
+        assert!(settled >= first);
+        for i in 0..60u8 {
+            c.propose_and_wait(l, &[i]);
+        }
+        let after_small = c.node(l).snapshot_index();
+        if by_size {
+            assert_eq!(after_small, settled, "snapshot taken for 60 bytes of log");
+        } else {
+            assert!(after_small > settled, "entry count alone should snapshot");
+        }
+        // Once the log weighs as much as the state, the next snapshot comes.
+        for i in 0..12u8 {
+            c.propose_and_wait(l, &[i; 1024]);
+        }
+        assert!(
+            c.node(l).snapshot_index() > after_small,
+            "no snapshot after 12 KB"
+        );
+        c.check_prefix_agreement();
+    }
 }

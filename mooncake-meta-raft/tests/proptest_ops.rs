@@ -50,7 +50,10 @@ fn check(c: &Cluster, last_applied: &mut [u64; 4]) {
 }
 
 fn run(ops: Vec<Op>) {
-    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_threshold = 5);
+    let mut c = Cluster::with_config(3, |cfg| {
+        cfg.snapshot_threshold = 5;
+        cfg.snapshot_by_size = false;
+    });
     let mut next = 0u32;
     let mut acknowledged: BTreeSet<Vec<u8>> = BTreeSet::new();
     let mut last_applied = [0u64; 4];
