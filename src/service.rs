@@ -307,14 +307,15 @@ impl MasterService {
     async fn take_over_if_new_leader(&self) -> Result<()> {
         #[cfg(feature = "raft")]
         if let Some(raft) = &self.raft {
-            let status = raft.status();
-            if status.role != mooncake_meta_raft::StateRole::Leader
-                || self.led_term.load(Ordering::Acquire) == status.term
-            {
+            // Every request passes here: read the term without copying the status.
+            let Some(term) = raft.leading_term() else {
+                return Ok(());
+            };
+            if self.led_term.load(Ordering::Acquire) == term {
                 return Ok(());
             }
             let _one = self.takeover.lock().await;
-            if self.led_term.load(Ordering::Acquire) == status.term {
+            if self.led_term.load(Ordering::Acquire) == term {
                 return Ok(());
             }
             let now = master_clock();
@@ -325,11 +326,11 @@ impl MasterService {
             };
             let leased = self.append(&LogEntry::new(now, first)).await?;
             tracing::info!(
-                term = status.term,
+                term,
                 leased = ?leased.into_count(),
                 "took over as leader"
             );
-            self.led_term.store(status.term, Ordering::Release);
+            self.led_term.store(term, Ordering::Release);
         }
         Ok(())
     }

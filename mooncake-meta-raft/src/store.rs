@@ -180,6 +180,12 @@ impl RaftMetadataStore {
         self.status.borrow().role == StateRole::Leader
     }
 
+    /// The term this node leads, if it is the leader (no copy of the status).
+    pub fn leading_term(&self) -> Option<u64> {
+        let s = self.status.borrow();
+        (s.role == StateRole::Leader).then_some(s.term)
+    }
+
     /// The current status.
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
