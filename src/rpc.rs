@@ -249,7 +249,12 @@ pub struct RpcClient {
     config: RpcClientConfig,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_id: AtomicU64,
+    /// Id of the current connection (0 before the first): see [`RpcClient::connection_id`].
+    conn_id: AtomicU64,
 }
+
+/// Connection ids, unique within the process.
+static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -265,12 +270,20 @@ impl RpcClient {
             config,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            conn_id: AtomicU64::new(0),
         }
     }
 
     /// The server address.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The id of the connection calls go out on, unique within the process and changed by every
+    /// reconnect: two answers read under the same id came from one server process, over one
+    /// connection, in order. 0 before the first connection.
+    pub fn connection_id(&self) -> u64 {
+        self.conn_id.load(Ordering::Acquire)
     }
 
     async fn connection(&self) -> Result<Arc<Connection>> {
@@ -307,6 +320,10 @@ impl RpcClient {
             reader,
         });
         *slot = Some(conn.clone());
+        self.conn_id.store(
+            CONNECTIONS.fetch_add(1, Ordering::Relaxed),
+            Ordering::Release,
+        );
         Ok(conn)
     }
 

@@ -81,6 +81,14 @@ pub enum MasterReply {
 pub trait MasterApi: Send + Sync + std::fmt::Debug {
     /// Sends one request.
     async fn call(&self, request: MasterRequest) -> Result<MasterReply>;
+
+    /// Identifies where answers come from: two answers read under the same session came from the
+    /// same master state, applied in order (one process, one connection). It changes whenever
+    /// that may not hold (a reconnect, another master of a group). An in-process master, which
+    /// lives as long as its clients, keeps one session.
+    fn session(&self) -> u64 {
+        0
+    }
 }
 
 /// The master's clock: milliseconds since the Unix epoch, so every process of a cluster (and a
@@ -515,6 +523,11 @@ impl RemoteMaster {
 
 #[async_trait]
 impl MasterApi for RemoteMaster {
+    fn session(&self) -> u64 {
+        let i = self.current.load(Ordering::Relaxed) % self.masters.len();
+        self.masters[i].connection_id()
+    }
+
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
         let n = self.masters.len();
         let mut i = self.current.load(Ordering::Relaxed) % n;

@@ -6,12 +6,18 @@
 //! them (this client's own segment first, a memcpy), falling back to the others if a transfer
 //! fails, and reports `LEASE_EXPIRED` when the transfer ended after the lease did: the bytes may
 //! then have been overwritten while they were read.
+//!
+//! A key read before is read again from where it was, at the same time as the master call
+//! (see [`LocationCache`](super::locations::LocationCache)); the bytes count only if the answer
+//! confirms that place, else the object is read from the answer's replicas.
 
 use std::time::{Duration, Instant};
 
-use mooncake_core::master::{Command, ReplicaList, Response};
+use mooncake_core::master::{Command, ReplicaDescriptor, ReplicaList, Response};
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 
+use super::locations::Located;
+use super::staging::Slot;
 use super::Store;
 
 /// Where the bytes of a read go.
@@ -25,6 +31,24 @@ enum Dest {
 /// A zero-copy read waiting to run: item index, key, replicas, destination buffers and the local
 /// lease deadline.
 type DirectRead<'a> = (usize, &'a str, ReplicaList, Vec<(u64, u64)>, Instant);
+
+/// Reads sent ahead of the master's answer (see [`LocationCache`](super::locations::LocationCache)).
+#[derive(Default)]
+struct Ahead {
+    requests: Vec<TransferRequest>,
+    reads: Vec<AheadRead>,
+    /// Staging space of the byte-destined reads.
+    slot: Option<Slot>,
+}
+
+/// One object read ahead: its item, the guess, where its bytes land in staging (byte
+/// destinations) and its transfer requests.
+struct AheadRead {
+    item: usize,
+    guess: Located,
+    staged: Option<u64>,
+    span: std::ops::Range<usize>,
+}
 
 /// The outcome of reading one object.
 enum Got {
@@ -163,8 +187,7 @@ impl Store {
 
     async fn read_many(&self, items: Vec<(&str, Dest)>) -> Vec<Result<Got>> {
         let started = Instant::now();
-        let keys: Vec<&str> = items.iter().map(|(k, _)| *k).collect();
-        if keys.iter().any(|k| k.is_empty()) {
+        if items.iter().any(|(k, _)| k.is_empty()) {
             // Empty keys are invalid; answer them without bothering the master.
             let mut out = Vec::new();
             for (key, dest) in items {
@@ -179,10 +202,166 @@ impl Store {
             }
             return out;
         }
-        let (lists, master_now) = match self.replica_lists(&keys).await {
+        let keys: Vec<&str> = items.iter().map(|(k, _)| *k).collect();
+        let session = self.master.session();
+        let mut ahead = self.plan_ahead(&items, session).await;
+        if ahead.reads.is_empty() {
+            let answer = self.replica_lists(&keys).await;
+            let same_session = self.master.session() == session;
+            return match answer {
+                Ok((lists, now)) => {
+                    if same_session {
+                        self.learn(&keys, session, &lists);
+                    }
+                    self.read_listed(items, lists, now, started).await
+                }
+                Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+            };
+        }
+        // Read where the objects were last time while the master answers where they are.
+        let requests = std::mem::take(&mut ahead.requests);
+        let (answer, results) =
+            futures::join!(self.replica_lists(&keys), self.engine.transfer(requests));
+        let same_session = self.master.session() == session;
+        let (lists, master_now) = match answer {
             Ok(x) => x,
             Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
         };
+        if same_session {
+            self.learn(&keys, session, &lists);
+        }
+        let mut out: Vec<Option<Result<Got>>> = (0..items.len()).map(|_| None).collect();
+        for read in &ahead.reads {
+            let transferred = results[read.span.clone()].iter().all(Result::is_ok);
+            let list = match &lists[read.item] {
+                Ok(list)
+                    if transferred && same_session && read.guess.confirmed_by(session, list) =>
+                {
+                    list
+                }
+                _ => {
+                    if !transferred {
+                        self.locations.forget(keys[read.item]);
+                    }
+                    self.locations.count(false);
+                    continue;
+                }
+            };
+            self.locations.count(true);
+            let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
+            let key = keys[read.item];
+            out[read.item] = Some(lease_check(deadline, key).and_then(|()| match read.staged {
+                Some(addr) => Ok(Got::Bytes(
+                    self.engine.memory().resolve(addr, list.size)?.to_vec(),
+                )),
+                None => Ok(Got::Into(list.size)),
+            }));
+        }
+        drop(ahead.slot);
+        // Everything not confirmed is read again from the answer, as without a guess.
+        let mut rest_items = Vec::new();
+        let mut rest_lists = Vec::new();
+        let mut rest_at = Vec::new();
+        for (i, (item, list)) in items.into_iter().zip(lists).enumerate() {
+            if out[i].is_none() {
+                rest_items.push(item);
+                rest_lists.push(list);
+                rest_at.push(i);
+            }
+        }
+        if !rest_items.is_empty() {
+            let rest = self
+                .read_listed(rest_items, rest_lists, master_now, started)
+                .await;
+            for (i, r) in rest_at.into_iter().zip(rest) {
+                out[i] = Some(r);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every item has a result"))
+            .collect()
+    }
+
+    /// Remembers, per key of an answer, the replica a read uses (see [`LocationCache`](super::locations::LocationCache)).
+    fn learn(&self, keys: &[&str], session: u64, lists: &[Result<ReplicaList>]) {
+        let own = self.engine.segment_name();
+        for (key, list) in keys.iter().zip(lists) {
+            let remote = list.as_ref().ok().and_then(|l| {
+                preferred_replica(l, own)
+                    .filter(|r| r.memory().is_some_and(|m| m.segment_name != own))
+                    .map(|r| (l, r))
+            });
+            self.locations.learn(key, session, remote);
+        }
+    }
+
+    /// The reads that can go out before the master answers: items whose key has a guess from
+    /// this session, on another client's segment, with room for it (registered memory, or the
+    /// staging buffer when free space is there at once).
+    async fn plan_ahead(&self, items: &[(&str, Dest)], session: u64) -> Ahead {
+        let mut ahead = Ahead::default();
+        let mut guessed = Vec::new();
+        let mut staged_bytes = 0u64;
+        for (i, (key, dest)) in items.iter().enumerate() {
+            let Some(guess) = self.locations.get(key, session) else {
+                continue;
+            };
+            match dest {
+                Dest::Registered(parts) if parts.iter().map(|p| p.1).sum::<u64>() < guess.size => {
+                    continue
+                }
+                Dest::Registered(_) => {}
+                Dest::Bytes => staged_bytes += guess.size.next_multiple_of(64),
+            }
+            guessed.push((i, guess));
+        }
+        if guessed.is_empty() {
+            return ahead;
+        }
+        let mut staged_at = None;
+        if staged_bytes > 0 && staged_bytes <= self.staging.size() {
+            ahead.slot = self.staging.try_reserve(staged_bytes);
+            staged_at = ahead.slot.as_ref().map(|s| s.addr);
+        }
+        for (i, guess) in guessed {
+            let (staged, parts) = match &items[i].1 {
+                Dest::Registered(parts) => (None, parts.clone()),
+                Dest::Bytes => {
+                    let Some(at) = staged_at.as_mut() else {
+                        continue;
+                    };
+                    let addr = *at;
+                    *at += guess.size.next_multiple_of(64);
+                    (Some(addr), vec![(addr, guess.size)])
+                }
+            };
+            let Ok((seg, addr)) = self.locate(&guess.replica).await else {
+                continue;
+            };
+            let first = ahead.requests.len();
+            ahead
+                .requests
+                .extend(read_requests(&seg, addr, guess.size, &parts));
+            ahead.reads.push(AheadRead {
+                item: i,
+                guess,
+                staged,
+                span: first..ahead.requests.len(),
+            });
+        }
+        ahead
+    }
+
+    /// Reads `items` from the replicas the master listed for them (`lists`, answered at
+    /// `master_now`; `started` is when the call began, for the lease deadline).
+    async fn read_listed(
+        &self,
+        items: Vec<(&str, Dest)>,
+        lists: Vec<Result<ReplicaList>>,
+        master_now: mooncake_core::master::Timestamp,
+        started: Instant,
+    ) -> Vec<Result<Got>> {
+        let keys: Vec<&str> = items.iter().map(|(k, _)| *k).collect();
         let mut out = Vec::with_capacity(items.len());
         // Bytes destinations that need the staging buffer, read together below.
         let mut staged: Vec<(usize, ReplicaList, Instant)> = Vec::new();
@@ -342,12 +521,7 @@ impl Store {
         let mut requests = Vec::new();
         let mut spans: Vec<Option<std::ops::Range<usize>>> = Vec::with_capacity(jobs.len());
         for (list, parts) in jobs {
-            let preferred = list
-                .replicas
-                .iter()
-                .filter(|r| r.memory().is_some())
-                .min_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own));
-            let Some(replica) = preferred else {
+            let Some(replica) = preferred_replica(list, own) else {
                 spans.push(None);
                 continue;
             };
@@ -356,15 +530,7 @@ impl Store {
                 continue;
             };
             let first = requests.len();
-            let mut offset = 0u64;
-            for &(local, len) in parts.iter() {
-                if offset >= list.size {
-                    break;
-                }
-                let len = len.min(list.size - offset);
-                requests.push(TransferRequest::read(&seg, addr + offset, local, len));
-                offset += len;
-            }
+            requests.extend(read_requests(&seg, addr, list.size, parts));
             spans.push(Some(first..requests.len()));
         }
         let results = self.engine.transfer(requests).await;
@@ -405,16 +571,7 @@ impl Store {
                     continue;
                 }
             };
-            let mut requests = Vec::new();
-            let mut offset = 0u64;
-            for &(local, len) in parts {
-                if offset >= list.size {
-                    break;
-                }
-                let len = len.min(list.size - offset);
-                requests.push(TransferRequest::read(&seg, addr + offset, local, len));
-                offset += len;
-            }
+            let requests = read_requests(&seg, addr, list.size, parts);
             match self
                 .engine
                 .transfer(requests)
@@ -437,6 +594,36 @@ impl Store {
         }
         Err(last)
     }
+}
+
+/// The replica a read uses: one in this client's own segment (`own`) if any, else the first
+/// memory replica.
+fn preferred_replica<'a>(list: &'a ReplicaList, own: &str) -> Option<&'a ReplicaDescriptor> {
+    list.replicas
+        .iter()
+        .filter(|r| r.memory().is_some())
+        .min_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own))
+}
+
+/// READ requests moving `size` bytes at `addr` of `seg` into `parts` (registered, filled in
+/// order).
+fn read_requests(
+    seg: &mooncake_core::SegmentHandle,
+    addr: u64,
+    size: u64,
+    parts: &[(u64, u64)],
+) -> Vec<TransferRequest> {
+    let mut requests = Vec::with_capacity(parts.len());
+    let mut offset = 0u64;
+    for &(local, len) in parts {
+        if offset >= size {
+            break;
+        }
+        let len = len.min(size - offset);
+        requests.push(TransferRequest::read(seg, addr + offset, local, len));
+        offset += len;
+    }
+    requests
 }
 
 fn lease_check(deadline: Instant, key: &str) -> Result<()> {

@@ -55,6 +55,16 @@ impl Staging {
         self.size
     }
 
+    /// Reserves `len` bytes if they are free now.
+    pub(crate) fn try_reserve(self: &Arc<Self>, len: u64) -> Option<Slot> {
+        let allocation = self.alloc.lock().expect("staging lock").allocate(len)?;
+        Some(Slot {
+            staging: self.clone(),
+            addr: self.base + allocation.offset,
+            allocation,
+        })
+    }
+
     /// Reserves `len` bytes (`len` ≤ the staging size), waiting up to `wait` for concurrent calls
     /// to return space.
     pub(crate) async fn reserve(self: &Arc<Self>, len: u64, wait: Duration) -> Result<Slot> {
@@ -70,12 +80,8 @@ impl Staging {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.freed.notified();
-            if let Some(allocation) = self.alloc.lock().expect("staging lock").allocate(len) {
-                return Ok(Slot {
-                    staging: self.clone(),
-                    addr: self.base + allocation.offset,
-                    allocation,
-                });
+            if let Some(slot) = self.try_reserve(len) {
+                return Ok(slot);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(Error::with_code(

@@ -22,6 +22,8 @@ const REMOVE_CHUNK: usize = 16_384;
 pub(crate) struct Ctx {
     pub(crate) args: Args,
     pub(crate) store: Arc<Store>,
+    /// A second client of B with the location cache off, for the cold gets.
+    cold: Arc<Store>,
     /// A's segment, opened by B's transfer engine.
     pub(crate) seg: SegmentHandle,
     /// A's scratch buffer (in A's address space).
@@ -43,6 +45,15 @@ pub(crate) fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> St
 }
 
 impl Ctx {
+    /// The client a get case reads with.
+    fn reader(&self, cold: bool) -> &Store {
+        if cold {
+            &self.cold
+        } else {
+            &self.store
+        }
+    }
+
     pub(crate) fn key(&self, size: u64, tag: &str) -> String {
         let n = self.next_key.fetch_add(1, Ordering::Relaxed);
         format!("{}/{size}/{tag}/{n}", self.prefix)
@@ -404,9 +415,14 @@ impl Ctx {
         Ok(g.as_deref().expect("set above"))
     }
 
-    async fn case_get(&self, size: u64, g: &[String]) -> Result<CaseResult, String> {
-        let got = self
-            .store
+    async fn case_get(
+        &self,
+        store: &Store,
+        cold: bool,
+        size: u64,
+        g: &[String],
+    ) -> Result<CaseResult, String> {
+        let got = store
             .get(&g[0])
             .await
             .map_err(|e| err(format!("get {:?}", g[0]), e))?;
@@ -416,7 +432,7 @@ impl Ctx {
         while !m.done() {
             let k = &g[i % g.len()];
             let t = Instant::now();
-            let r = self.store.get(k).await;
+            let r = store.get(k).await;
             m.record(t.elapsed(), 1, size);
             let v = r.map_err(|e| err(format!("get {k:?}"), e))?;
             if v.len() as u64 != size {
@@ -424,16 +440,22 @@ impl Ctx {
             }
             i += 1;
         }
-        Ok(m.finish(Case::Get, size, 1))
+        Ok(m.finish(if cold { Case::GetCold } else { Case::Get }, size, 1))
     }
 
-    async fn case_get_batch(&self, size: u64, g: &[String]) -> Result<CaseResult, String> {
+    async fn case_get_batch(
+        &self,
+        store: &Store,
+        cold: bool,
+        size: u64,
+        g: &[String],
+    ) -> Result<CaseResult, String> {
         self.verify_batch("get_batch", g, size).await?;
         let keys = refs(g);
         let mut m = Meter::new(&self.args);
         while !m.done() {
             let t = Instant::now();
-            let r = self.store.get_batch(&keys).await;
+            let r = store.get_batch(&keys).await;
             m.record(t.elapsed(), g.len() as u64, size * g.len() as u64);
             for v in check_all("get_batch", g, r)? {
                 if v.len() as u64 != size {
@@ -441,13 +463,23 @@ impl Ctx {
                 }
             }
         }
-        Ok(m.finish(Case::GetBatch, size, g.len()))
+        let case = if cold {
+            Case::GetBatchCold
+        } else {
+            Case::GetBatch
+        };
+        Ok(m.finish(case, size, g.len()))
     }
 
-    async fn case_get_into(&self, size: u64, g: &[String]) -> Result<CaseResult, String> {
+    async fn case_get_into(
+        &self,
+        store: &Store,
+        cold: bool,
+        size: u64,
+        g: &[String],
+    ) -> Result<CaseResult, String> {
         self.poison_dst(size, 0)?;
-        let n = self
-            .store
+        let n = store
             .get_into(&g[0], self.dst_addr(size, 0), size)
             .await
             .map_err(|e| err(format!("get_into {:?}", g[0]), e))?;
@@ -460,10 +492,7 @@ impl Ctx {
         while !m.done() {
             let j = i % g.len();
             let t = Instant::now();
-            let r = self
-                .store
-                .get_into(&g[j], self.dst_addr(size, j), size)
-                .await;
+            let r = store.get_into(&g[j], self.dst_addr(size, j), size).await;
             m.record(t.elapsed(), 1, size);
             let n = r.map_err(|e| err(format!("get_into {:?}", g[j]), e))?;
             if n != size {
@@ -471,10 +500,21 @@ impl Ctx {
             }
             i += 1;
         }
-        Ok(m.finish(Case::GetInto, size, 1))
+        let case = if cold {
+            Case::GetIntoCold
+        } else {
+            Case::GetInto
+        };
+        Ok(m.finish(case, size, 1))
     }
 
-    async fn case_batch_get_into(&self, size: u64, g: &[String]) -> Result<CaseResult, String> {
+    async fn case_batch_get_into(
+        &self,
+        store: &Store,
+        cold: bool,
+        size: u64,
+        g: &[String],
+    ) -> Result<CaseResult, String> {
         let items: Vec<(&str, u64, u64)> = g
             .iter()
             .enumerate()
@@ -483,7 +523,7 @@ impl Ctx {
         for j in 0..g.len() {
             self.poison_dst(size, j)?;
         }
-        let sizes = check_all("batch_get_into", g, self.store.batch_get_into(&items).await)?;
+        let sizes = check_all("batch_get_into", g, store.batch_get_into(&items).await)?;
         for (j, n) in sizes.into_iter().enumerate() {
             if n != size {
                 return Err(format!("batch_get_into: {n} bytes, expected {size}"));
@@ -493,7 +533,7 @@ impl Ctx {
         let mut m = Meter::new(&self.args);
         while !m.done() {
             let t = Instant::now();
-            let r = self.store.batch_get_into(&items).await;
+            let r = store.batch_get_into(&items).await;
             m.record(t.elapsed(), g.len() as u64, size * g.len() as u64);
             for n in check_all("batch_get_into", g, r)? {
                 if n != size {
@@ -501,7 +541,12 @@ impl Ctx {
                 }
             }
         }
-        Ok(m.finish(Case::BatchGetInto, size, g.len()))
+        let case = if cold {
+            Case::BatchGetIntoCold
+        } else {
+            Case::BatchGetInto
+        };
+        Ok(m.finish(case, size, g.len()))
     }
 
     /// Raw transfer engine case: WRITE or READ, `n` requests per transfer call. Verified first
@@ -553,21 +598,26 @@ impl Ctx {
             Case::PutFrom => self.case_put_from(size).await,
             Case::PutBatch => self.case_put_batch(size, g).await,
             Case::BatchPutFrom => self.case_batch_put_from(size).await,
-            Case::Get => {
+            Case::Get | Case::GetCold => {
                 let g = self.working_set(size, g).await?;
-                self.case_get(size, g).await
+                let cold = case == Case::GetCold;
+                self.case_get(self.reader(cold), cold, size, g).await
             }
-            Case::GetBatch => {
+            Case::GetBatch | Case::GetBatchCold => {
                 let g = self.working_set(size, g).await?;
-                self.case_get_batch(size, g).await
+                let cold = case == Case::GetBatchCold;
+                self.case_get_batch(self.reader(cold), cold, size, g).await
             }
-            Case::GetInto => {
+            Case::GetInto | Case::GetIntoCold => {
                 let g = self.working_set(size, g).await?;
-                self.case_get_into(size, g).await
+                let cold = case == Case::GetIntoCold;
+                self.case_get_into(self.reader(cold), cold, size, g).await
             }
-            Case::BatchGetInto => {
+            Case::BatchGetInto | Case::BatchGetIntoCold => {
                 let g = self.working_set(size, g).await?;
-                self.case_batch_get_into(size, g).await
+                let cold = case == Case::BatchGetIntoCold;
+                self.case_batch_get_into(self.reader(cold), cold, size, g)
+                    .await
             }
             Case::TeWrite => self.case_te(true, size, 1).await,
             Case::TeRead => self.case_te(false, size, 1).await,
@@ -579,7 +629,7 @@ impl Ctx {
 
 /// Execution order within a size: the puts (the first `put_batch` batch becomes the get working
 /// set), the raw WRITEs, the gets, the raw READs.
-const ORDER: [Case; 12] = [
+const ORDER: [Case; 16] = [
     Case::Put,
     Case::PutBatch,
     Case::PutFrom,
@@ -590,6 +640,10 @@ const ORDER: [Case; 12] = [
     Case::GetBatch,
     Case::GetInto,
     Case::BatchGetInto,
+    Case::GetCold,
+    Case::GetBatchCold,
+    Case::GetIntoCold,
+    Case::BatchGetIntoCold,
     Case::TeRead,
     Case::TeReadBatch,
 ];
@@ -626,6 +680,12 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
         local_buffer_size: region.next_multiple_of(64) + (1 << 20),
         ..StoreConfig::default()
     };
+    let cold = Store::setup(StoreConfig {
+        location_cache_entries: 0,
+        ..config.clone()
+    })
+    .await
+    .map_err(|e| err("setting up the cold client store", e))?;
     let store = Store::setup(config)
         .await
         .map_err(|e| err("setting up the client store", e))?;
@@ -641,6 +701,9 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
     // (at the end of `run`).
     unsafe { store.register_buffer(reg.addr(), 2 * region) }
         .map_err(|e| err("register_buffer", e))?;
+    // SAFETY: as above.
+    unsafe { cold.register_buffer(reg.addr(), 2 * region) }
+        .map_err(|e| err("register_buffer (cold client)", e))?;
     let reg_src = reg.addr();
     let reg_dst = reg.addr() + region;
     store
@@ -652,6 +715,7 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
     Ok(Ctx {
         args: args.clone(),
         store,
+        cold,
         seg,
         scratch,
         src,
@@ -712,9 +776,11 @@ async fn run(args: &Args) -> Result<Outcome, String> {
             }
         }
     }
-    let _ = ctx.store.unregister_buffer(ctx.reg_src);
-    if let Err(e) = ctx.store.close().await {
-        errors.push(format!("closing the store: {e}"));
+    for store in [&ctx.store, &ctx.cold] {
+        let _ = store.unregister_buffer(ctx.reg_src);
+        if let Err(e) = store.close().await {
+            errors.push(format!("closing the store: {e}"));
+        }
     }
     Ok(Outcome {
         rows,

@@ -46,7 +46,8 @@ FLAGS:
     --min-calls N       at least this many timed calls per case (default 3)
     --ping-seconds S    each of the two 64-byte ping-pong baselines, seconds (default 0.5)
     --cases LIST        only these cases (default all): put,get,put_batch,get_batch,put_from,
-                        get_into,batch_put_from,batch_get_into,te_write,te_read,te_write_batch,
+                        get_into,batch_put_from,batch_get_into,get_cold,get_batch_cold,
+                        get_into_cold,batch_get_into_cold,te_write,te_read,te_write_batch,
                         te_read_batch
     --no-profile        skip the 4 KiB latency breakdown (profile section)
     --profile-seconds S time per step kind of the breakdown, seconds (default 0.6)
@@ -59,11 +60,16 @@ FLAGS:
 Client-role flags (passed by A): --master ADDR --segment NAME --scratch ADDR --scratch-len N
     --echo ADDR [--server-apply NAME=P50NS/P99NS,...]
 
-Cases (B against A; keys are fresh for every put; batches have --batch objects):
+Cases (B against A; keys are fresh for every put; batches have --batch objects; gets read a
+working set of --batch keys over and over, so from the second round on each read is sent ahead
+of the master's answer, from B's location cache):
     put / get                   bytes API, one object per call
     put_batch / get_batch       bytes API, one batch per call
     put_from / get_into         zero-copy, registered buffers (AlignedBuffer + register_buffer)
     batch_put_from / batch_get_into
+    get*_cold                   the gets again from a second client of B with the location cache
+                                off (location_cache_entries = 0): every read waits for the
+                                master's answer before its transfer, as a first read of a key does
     te_write / te_read          B's transfer engine WRITE/READ to/from A's scratch buffer, 1 request
     te_write_batch / te_read_batch   the same, --batch requests per transfer call
 
@@ -71,8 +77,9 @@ Columns: calls/s and objects/s over the time spent inside timed calls; GB/s = 1e
 p50/p99 per call (per batch for batch cases).
 
 Targets (evaluated from this run, printed as PASS/MISS; misses do not change the exit code):
-    4 KiB get p50 <= 3x and put p50 <= 5x the 64-byte ping-pong p50
-    batched 4 KiB >= 100k objects/s (put_batch, get_batch, batch_put_from, batch_get_into)
+    4 KiB get p50 <= 3x and put p50 <= 5x the 64-byte ping-pong p50 (gets warm and cold)
+    batched 4 KiB >= 100k objects/s (put_batch, get_batch, batch_put_from, batch_get_into, and
+    the cold gets)
     sizes >= 1 MiB: zero-copy get/put >= 0.8x the raw transfer engine's throughput (same size
     and batch shape)
 ";
@@ -96,6 +103,10 @@ pub(crate) enum Case {
     GetInto,
     BatchPutFrom,
     BatchGetInto,
+    GetCold,
+    GetBatchCold,
+    GetIntoCold,
+    BatchGetIntoCold,
     TeWrite,
     TeRead,
     TeWriteBatch,
@@ -103,7 +114,7 @@ pub(crate) enum Case {
 }
 
 impl Case {
-    pub(crate) const ALL: [Case; 12] = [
+    pub(crate) const ALL: [Case; 16] = [
         Case::Put,
         Case::Get,
         Case::PutBatch,
@@ -112,6 +123,10 @@ impl Case {
         Case::GetInto,
         Case::BatchPutFrom,
         Case::BatchGetInto,
+        Case::GetCold,
+        Case::GetBatchCold,
+        Case::GetIntoCold,
+        Case::BatchGetIntoCold,
         Case::TeWrite,
         Case::TeRead,
         Case::TeWriteBatch,
@@ -128,6 +143,10 @@ impl Case {
             Case::GetInto => "get_into",
             Case::BatchPutFrom => "batch_put_from",
             Case::BatchGetInto => "batch_get_into",
+            Case::GetCold => "get_cold",
+            Case::GetBatchCold => "get_batch_cold",
+            Case::GetIntoCold => "get_into_cold",
+            Case::BatchGetIntoCold => "batch_get_into_cold",
             Case::TeWrite => "te_write",
             Case::TeRead => "te_read",
             Case::TeWriteBatch => "te_write_batch",

@@ -155,13 +155,16 @@ pub(crate) fn evaluate(rows: &[CaseResult], ping_p50: u64) -> Vec<Check> {
         (Case::Put, 5.0),
         (Case::GetInto, 3.0),
         (Case::PutFrom, 5.0),
+        (Case::GetCold, 3.0),
+        (Case::GetIntoCold, 3.0),
     ] {
         if let Some(r) = find(rows, case, small) {
             let limit = factor * ping;
-            let extra = if matches!(case, Case::GetInto | Case::PutFrom) {
-                " (zero-copy form, same bound)"
-            } else {
-                ""
+            let extra = match case {
+                Case::GetInto | Case::PutFrom => " (zero-copy form, same bound)",
+                Case::GetCold => " (location cache off, same bound)",
+                Case::GetIntoCold => " (zero-copy, location cache off, same bound)",
+                _ => "",
             };
             out.push(Check {
                 pass: (r.p50 as f64) <= limit,
@@ -180,6 +183,8 @@ pub(crate) fn evaluate(rows: &[CaseResult], ping_p50: u64) -> Vec<Check> {
         Case::GetBatch,
         Case::BatchPutFrom,
         Case::BatchGetInto,
+        Case::GetBatchCold,
+        Case::BatchGetIntoCold,
     ] {
         if let Some(r) = find(rows, case, small) {
             out.push(Check {
