@@ -327,3 +327,57 @@ async fn reads_go_ahead_over_rpc_and_not_when_turned_off() {
     writer.close().await.unwrap();
     svc2.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guess_on_a_departed_peer_costs_one_failed_read() {
+    let svc = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
+    let addr = svc
+        .serve_rpc("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+        .to_string();
+    let a = Store::setup(config(&addr, 32 << 20)).await.unwrap();
+    let b = Store::setup(config(&addr, 32 << 20)).await.unwrap();
+    let reader = Store::setup(config(&addr, 0)).await.unwrap();
+    let rc = ReplicateConfig {
+        replica_num: 2,
+        ..ReplicateConfig::default()
+    };
+    let keys: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.put(k, &value(i as u8), &rc).await.unwrap();
+    }
+    // Warm: every key is read through a replica, some of them in b's segment.
+    for (i, k) in keys.iter().enumerate() {
+        assert_value(&reader.get(k).await.unwrap(), i as u8);
+    }
+    let on_b = {
+        let mut n = 0;
+        for k in &keys {
+            let first = reader.get_replica_desc(k).await.unwrap();
+            let name = &first[0].memory().unwrap().segment_name;
+            n += usize::from(*name == b.hostname());
+        }
+        n
+    };
+    assert!(on_b > 1, "{on_b} keys read from b; the test needs several");
+    let before = reader.read_ahead_stats();
+    // b leaves (its segment is unmounted, its transfer engine stops); a holds every object.
+    b.close().await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        assert_value(&reader.get(k).await.unwrap(), i as u8);
+    }
+    let after = reader.read_ahead_stats();
+    assert_eq!(
+        after.discarded - before.discarded,
+        1,
+        "one failed read from b; the other guesses on b were dropped with it"
+    );
+    assert_eq!(
+        after.confirmed - before.confirmed,
+        (keys.len() - on_b) as u64,
+        "the guesses on a still hold"
+    );
+    reader.close().await.unwrap();
+    a.close().await.unwrap();
+}

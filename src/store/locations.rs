@@ -142,6 +142,15 @@ impl LocationCache {
         }
     }
 
+    /// Forgets every guess on the segment named `segment` (a transfer from it failed: the
+    /// next reads of its keys wait for the master's answer instead of trying it again).
+    pub(crate) fn forget_segment(&self, segment: &str) {
+        if self.capacity > 0 {
+            self.map()
+                .retain(|_, l| l.replica.memory().is_none_or(|m| m.segment_name != segment));
+        }
+    }
+
     /// Number of keys held.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -212,6 +221,21 @@ mod tests {
         assert!(cache.get("d", 1).is_some(), "the newest key stays");
         cache.forget("d");
         assert!(cache.get("d", 1).is_none());
+        let elsewhere = ReplicaDescriptor {
+            location: ReplicaLocation::Memory(MemoryDescriptor {
+                segment_name: "127.0.0.1:2".into(),
+                transport_endpoint: String::new(),
+                buffer_address: 0,
+                size: 4096,
+            }),
+            ..replica(2, 0)
+        };
+        let cache = LocationCache::new(8);
+        cache.learn("e", 1, Some((&l, &elsewhere)));
+        cache.learn("f", 1, Some((&l, &r)));
+        cache.forget_segment("127.0.0.1:1");
+        assert!(cache.get("f", 1).is_none(), "on the failed segment");
+        assert!(cache.get("e", 1).is_some(), "on another segment");
         let off = LocationCache::new(0);
         off.learn("a", 1, Some((&l, &r)));
         assert!(off.get("a", 1).is_none());

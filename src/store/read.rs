@@ -232,7 +232,10 @@ impl Store {
         }
         let mut out: Vec<Option<Result<Got>>> = (0..items.len()).map(|_| None).collect();
         for read in &ahead.reads {
-            let transferred = results[read.span.clone()].iter().all(Result::is_ok);
+            let failure = results[read.span.clone()]
+                .iter()
+                .find_map(|r| r.as_ref().err());
+            let transferred = failure.is_none();
             let list = match &lists[read.item] {
                 Ok(list)
                     if transferred && same_session && read.guess.confirmed_by(session, list) =>
@@ -240,8 +243,12 @@ impl Store {
                     list
                 }
                 _ => {
-                    if !transferred {
-                        self.locations.forget(keys[read.item]);
+                    match (failure, read.guess.replica.memory()) {
+                        // The caller's buffer, not the peer: the guess may still hold.
+                        (None | Some(Error::LocalRangeNotRegistered { .. }), _) => {}
+                        // The peer may be gone: other keys there wait for the master too.
+                        (Some(_), Some(m)) => self.locations.forget_segment(&m.segment_name),
+                        (Some(_), None) => self.locations.forget(keys[read.item]),
                     }
                     self.locations.count(false);
                     continue;
