@@ -4,6 +4,8 @@
 //! changes the object (remove, put again in the same place; upsert; remove) before the master
 //! answers: the worst timing for a read that went out early.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +16,8 @@ use mooncake::rpc::RpcClientConfig;
 use mooncake::service::{MasterApi, MasterReply, MasterRequest, MasterService, ServiceConfig};
 use mooncake::store::{ReadAheadStats, ReplicateConfig, Store, StoreConfig};
 use mooncake::{AlignedBuffer, ErrorCode, Result};
+
+use common::serve_master;
 
 type Hook = BoxFuture<'static, ()>;
 
@@ -114,12 +118,7 @@ async fn a_read_sent_ahead_is_used_only_when_the_master_confirms_it() {
         default_kv_lease_ttl_ms: LEASE.as_millis() as u64,
         ..MasterConfig::default()
     };
-    let svc = MasterService::new(master_config, ServiceConfig::default()).unwrap();
-    let addr = svc
-        .serve_rpc("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-        .to_string();
+    let (svc, addr) = serve_master(master_config).await;
     let writer = Store::setup(config(&addr, 32 << 20)).await.unwrap();
     let front = Arc::new(HeldBack {
         master: svc.clone(),
@@ -253,12 +252,7 @@ async fn a_read_sent_ahead_is_used_only_when_the_master_confirms_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_ahead_over_rpc_and_not_when_turned_off() {
-    let svc = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
-    let addr = svc
-        .serve_rpc("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-        .to_string();
+    let (svc, addr) = serve_master(MasterConfig::default()).await;
     let writer = Store::setup(config(&addr, 32 << 20)).await.unwrap();
     let reader = Store::setup(config(&addr, 0)).await.unwrap();
     let off = Store::setup(StoreConfig {
@@ -330,12 +324,7 @@ async fn reads_go_ahead_over_rpc_and_not_when_turned_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guess_on_a_departed_peer_costs_one_failed_read() {
-    let svc = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
-    let addr = svc
-        .serve_rpc("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-        .to_string();
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let a = Store::setup(config(&addr, 32 << 20)).await.unwrap();
     let b = Store::setup(config(&addr, 32 << 20)).await.unwrap();
     let reader = Store::setup(config(&addr, 0)).await.unwrap();

@@ -1,20 +1,17 @@
 //! The store end to end in one process: a master service on loopback RPC, storage clients and a
 //! reader with real transfer engines over TCP.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use mooncake::master::{MasterConfig, TaskStatus};
 use mooncake::rpc::RpcClientConfig;
-use mooncake::service::{MasterService, ServiceConfig};
 use mooncake::store::{ReplicateConfig, Store, StoreConfig};
 use mooncake::{AlignedBuffer, ErrorCode};
 
-async fn master(config: MasterConfig) -> (Arc<MasterService>, String) {
-    let svc = MasterService::new(config, ServiceConfig::default()).unwrap();
-    let addr = svc.serve_rpc("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    (svc, addr.to_string())
-}
+use common::serve_master;
 
 fn config(master: &str, segment: u64) -> StoreConfig {
     StoreConfig {
@@ -39,7 +36,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_over_rpc_with_two_storage_clients_and_a_reader() {
-    let (_svc, addr) = master(MasterConfig::default()).await;
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let a = Store::setup(config(&addr, 32 << 20)).await.unwrap();
     let b = Store::setup(config(&addr, 32 << 20)).await.unwrap();
     let reader = Store::setup(config(&addr, 0)).await.unwrap();
@@ -149,7 +146,7 @@ async fn put_get_over_rpc_with_two_storage_clients_and_a_reader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_copy_calls_use_registered_buffers_only() {
-    let (_svc, addr) = master(MasterConfig::default()).await;
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let storage = Store::setup(config(&addr, 64 << 20)).await.unwrap();
     let client = Store::setup(config(&addr, 0)).await.unwrap();
     let src = AlignedBuffer::new(8 << 20).unwrap();
@@ -243,7 +240,7 @@ async fn zero_copy_calls_use_registered_buffers_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_and_move_tasks_run_on_clients() {
-    let (_svc, addr) = master(MasterConfig::default()).await;
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let a = Store::setup(config(&addr, 16 << 20)).await.unwrap();
     let b = Store::setup(config(&addr, 16 << 20)).await.unwrap();
     let c = Store::setup(config(&addr, 16 << 20)).await.unwrap();
@@ -378,7 +375,7 @@ async fn segments_are_discovered_through_the_masters_http_metadata_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_that_outlives_its_lease_reports_lease_expired() {
-    let (_svc, addr) = master(MasterConfig {
+    let (_svc, addr) = serve_master(MasterConfig {
         default_kv_lease_ttl_ms: 1,
         ..MasterConfig::default()
     })
@@ -401,7 +398,7 @@ async fn a_read_that_outlives_its_lease_reports_lease_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_with_no_space_fails_at_once_with_no_available_handle() {
-    let (_svc, addr) = master(MasterConfig::default()).await;
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let storage = Store::setup(config(&addr, 4 << 20)).await.unwrap();
     let client = Store::setup(config(&addr, 0)).await.unwrap();
     let rc = ReplicateConfig::default();
@@ -448,7 +445,7 @@ impl mooncake::rpc::Handler<mooncake::service::MasterRequest, mooncake::service:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_master_group_find_and_follow_the_leader() {
-    let (_svc, leader) = master(MasterConfig::default()).await;
+    let (_svc, leader) = serve_master(MasterConfig::default()).await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()

@@ -6,7 +6,11 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use mooncake::master::MasterConfig;
 use mooncake::rpc::RpcClientConfig;
+use mooncake::service::{MasterService, ServiceConfig};
 use mooncake::store::{Store, StoreConfig};
 
 /// A child process killed when dropped, so a failing test leaves nothing behind.
@@ -32,6 +36,13 @@ pub fn wait_line(child: &mut Child, prefix: &str) -> String {
         }
     }
     panic!("child exited before printing {prefix:?}");
+}
+
+/// A master service on a loopback port: the service and its RPC address.
+pub async fn serve_master(config: MasterConfig) -> (Arc<MasterService>, String) {
+    let svc = MasterService::new(config, ServiceConfig::default()).unwrap();
+    let addr = svc.serve_rpc("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (svc, addr.to_string())
 }
 
 pub fn store_config(master: &str, segment: u64) -> StoreConfig {
