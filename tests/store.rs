@@ -480,3 +480,59 @@ async fn clients_of_a_master_group_find_and_follow_the_leader() {
     storage.close().await.unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_values_hold_staging_space_until_dropped() {
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
+    let storage = Store::setup(config(&addr, 32 << 20)).await.unwrap();
+    let reader = Store::setup(StoreConfig {
+        local_buffer_size: 4 << 20,
+        staging_wait: Duration::from_secs(5),
+        ..config(&addr, 0)
+    })
+    .await
+    .unwrap();
+    let rc = ReplicateConfig::default();
+    let keys: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    let values: Vec<Vec<u8>> = (0..6).map(|i| pattern(i + 7, 1536 << 10)).collect();
+    for (k, v) in keys.iter().zip(&values) {
+        storage.put(k, v, &rc).await.unwrap();
+    }
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+
+    // 9 MiB through a 4 MiB staging buffer: earlier waves are moved out so later ones fit, and
+    // every value is whole while all are held at once. Twice: cold, then with the locations
+    // remembered.
+    for _ in 0..2 {
+        let held = reader.get_batch_staged(&key_refs).await;
+        for (got, want) in held.iter().zip(&values) {
+            let got = got.as_ref().unwrap();
+            assert_eq!(got.len(), want.len());
+            let mut out = vec![0u8; got.len()];
+            got.read_into(&mut out).unwrap();
+            assert_eq!(&out, want);
+        }
+        drop(held);
+    }
+
+    // A held value keeps its space; others still fit beside it, and its bytes stay its own
+    // while the space around it is reused.
+    let first = reader.get_staged("s0").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(reader.get("s1").await.unwrap(), values[1]);
+        assert_eq!(
+            reader.get_batch(&["s2"]).await[0].as_ref().unwrap(),
+            &values[2]
+        );
+    }
+    let mut wrong = vec![0u8; first.len() - 1];
+    assert_eq!(
+        first.read_into(&mut wrong).unwrap_err().code(),
+        ErrorCode::INVALID_PARAMS
+    );
+    assert_eq!(first.into_vec().unwrap(), values[0]);
+    // Once dropped, a value as large as the whole buffer fits again.
+    let whole = pattern(99, 4 << 20);
+    storage.put("whole", &whole, &rc).await.unwrap();
+    assert_eq!(reader.get("whole").await.unwrap(), whole);
+}

@@ -18,6 +18,7 @@ mod admin;
 mod locations;
 mod read;
 mod staging;
+mod value;
 mod write;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,7 @@ use staging::Staging;
 
 pub use locations::ReadAheadStats;
 pub use mooncake_core::master::ReplicateConfig;
+pub use value::StagedValue;
 
 /// Store client settings, with the names and defaults of the Python `setup` call.
 #[derive(Clone, Debug)]

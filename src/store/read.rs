@@ -11,6 +11,7 @@
 //! (see [`LocationCache`](super::locations::LocationCache)); the bytes count only if the answer
 //! confirms that place, else the object is read from the answer's replicas.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::master::{Command, ReplicaDescriptor, ReplicaList, Response};
@@ -18,6 +19,7 @@ use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 
 use super::locations::Located;
 use super::staging::Slot;
+use super::value::StagedValue;
 use super::Store;
 
 /// Where the bytes of a read go.
@@ -38,7 +40,7 @@ struct Ahead {
     requests: Vec<TransferRequest>,
     reads: Vec<AheadRead>,
     /// Staging space of the byte-destined reads.
-    slot: Option<Slot>,
+    slot: Option<Arc<Slot>>,
 }
 
 /// One object read ahead: its item, the guess, where its bytes land in staging (byte
@@ -52,21 +54,36 @@ struct AheadRead {
 
 /// The outcome of reading one object.
 enum Got {
-    Bytes(Vec<u8>),
+    Bytes(StagedValue),
     Into(u64),
 }
 
 impl Store {
     /// The value of `key`.
     pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.get_staged(key).await?.into_vec()
+    }
+
+    /// The values of `keys`; one result per key.
+    pub async fn get_batch(&self, keys: &[&str]) -> Vec<Result<Vec<u8>>> {
+        self.get_batch_staged(keys)
+            .await
+            .into_iter()
+            .map(|r| r.and_then(StagedValue::into_vec))
+            .collect()
+    }
+
+    /// The value of `key`, left where it landed (see [`StagedValue`]).
+    pub async fn get_staged(&self, key: &str) -> Result<StagedValue> {
         match self.read_one(key, Dest::Bytes).await? {
             Got::Bytes(v) => Ok(v),
             Got::Into(_) => unreachable!("bytes requested"),
         }
     }
 
-    /// The values of `keys`; one result per key.
-    pub async fn get_batch(&self, keys: &[&str]) -> Vec<Result<Vec<u8>>> {
+    /// The values of `keys`, left where they landed; one result per key. Values that did not
+    /// fit the staging buffer together were moved out of it as they were read.
+    pub async fn get_batch_staged(&self, keys: &[&str]) -> Vec<Result<StagedValue>> {
         let items = keys.iter().map(|k| (*k, Dest::Bytes)).collect();
         self.read_many(items)
             .await
@@ -81,7 +98,8 @@ impl Store {
     }
 
     /// Reads `key` into `size` bytes of registered memory at `addr`, with no copy; returns the
-    /// object's size. A buffer smaller than the object is `INVALID_PARAMS`.
+    /// object's size. A buffer smaller than the object is `INVALID_PARAMS`. After an error the
+    /// buffer's contents are unspecified (a read sent ahead may have landed there).
     pub async fn get_into(&self, key: &str, addr: u64, size: u64) -> Result<u64> {
         match self
             .read_one(key, Dest::Registered(vec![(addr, size)]))
@@ -257,14 +275,16 @@ impl Store {
             self.locations.count(true);
             let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
             let key = keys[read.item];
-            out[read.item] = Some(lease_check(deadline, key).and_then(|()| match read.staged {
-                Some(addr) => Ok(Got::Bytes(
-                    self.engine.memory().resolve(addr, list.size)?.to_vec(),
+            out[read.item] = Some(lease_check(deadline, key).map(|()| match read.staged {
+                Some(addr) => Got::Bytes(StagedValue::staged(
+                    self.engine.clone(),
+                    ahead.slot.clone().expect("staged reads have a slot"),
+                    addr,
+                    list.size,
                 )),
-                None => Ok(Got::Into(list.size)),
+                None => Got::Into(list.size),
             }));
         }
-        drop(ahead.slot);
         // Everything not confirmed is read again from the answer, as without a guess.
         let mut rest_items = Vec::new();
         let mut rest_lists = Vec::new();
@@ -277,6 +297,10 @@ impl Store {
             }
         }
         if !rest_items.is_empty() {
+            // The rest may need the staging space the early reads hold.
+            for r in out.iter_mut().flatten() {
+                own_value(r);
+            }
             let rest = self
                 .read_listed(rest_items, rest_lists, master_now, started)
                 .await;
@@ -327,7 +351,7 @@ impl Store {
         }
         let mut staged_at = None;
         if staged_bytes > 0 && staged_bytes <= self.staging.size() {
-            ahead.slot = self.staging.try_reserve(staged_bytes);
+            ahead.slot = self.staging.try_reserve(staged_bytes).map(Arc::new);
             staged_at = ahead.slot.as_ref().map(|s| s.addr);
         }
         for (i, guess) in guessed {
@@ -405,7 +429,7 @@ impl Store {
                 Dest::Bytes => {
                     if let Some(local) = self.local_copy(&list) {
                         out.push(Some(local.and_then(|v| {
-                            lease_check(deadline, key).map(|()| Got::Bytes(v))
+                            lease_check(deadline, key).map(|()| Got::Bytes(StagedValue::owned(v)))
                         })));
                     } else {
                         out.push(None);
@@ -453,7 +477,12 @@ impl Store {
                 .peek()
                 .is_some_and(|n| wave_bytes + n.1.size.next_multiple_of(64) <= self.staging.size());
             if !next_fits {
-                for (i, r) in self.read_staged_wave(&wave, &keys, wave_bytes).await {
+                let last = pending.peek().is_none();
+                for (i, mut r) in self.read_staged_wave(&wave, &keys, wave_bytes).await {
+                    if !last {
+                        // The next wave needs this staging space.
+                        own_value(&mut r);
+                    }
                     out[i] = Some(r);
                 }
                 wave.clear();
@@ -472,7 +501,7 @@ impl Store {
         bytes: u64,
     ) -> Vec<(usize, Result<Got>)> {
         let slot = match self.staging.reserve(bytes, self.config.staging_wait).await {
-            Ok(s) => s,
+            Ok(s) => Arc::new(s),
             Err(e) => return wave.iter().map(|(i, _, _)| (*i, Err(e.clone()))).collect(),
         };
         let mut at = slot.addr;
@@ -497,8 +526,14 @@ impl Store {
             .zip(results)
             .map(|(((i, list, deadline), addr), r)| {
                 let r = r.and_then(|()| {
-                    let bytes = self.engine.memory().resolve(addr, list.size)?.to_vec();
-                    lease_check(*deadline, keys[*i]).map(|()| Got::Bytes(bytes))
+                    lease_check(*deadline, keys[*i]).map(|()| {
+                        Got::Bytes(StagedValue::staged(
+                            self.engine.clone(),
+                            slot.clone(),
+                            addr,
+                            list.size,
+                        ))
+                    })
                 });
                 (*i, r)
             })
@@ -631,6 +666,15 @@ fn read_requests(
         offset += len;
     }
     requests
+}
+
+/// Moves a staged value of `r` out of the staging buffer.
+fn own_value(r: &mut Result<Got>) {
+    let taken = std::mem::replace(r, Ok(Got::Into(0)));
+    *r = taken.and_then(|g| match g {
+        Got::Bytes(v) => v.into_owned().map(Got::Bytes),
+        into => Ok(into),
+    });
 }
 
 fn lease_check(deadline: Instant, key: &str) -> Result<()> {

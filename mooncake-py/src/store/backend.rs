@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use mooncake::master::{ReplicaDescriptor, ReplicateConfig, TaskId, TaskInfo};
 use mooncake::real_client::DummyClient;
-use mooncake::store::Store;
+use mooncake::store::{StagedValue, Store};
 use mooncake::{Error, ErrorCode, Location, Result};
 
 /// A live client of either kind.
@@ -64,6 +64,28 @@ forward! {
 }
 
 impl Backend {
+    /// The value of `key`, left in the staging buffer where it landed (a dummy client's is
+    /// owned).
+    pub(crate) async fn get_staged(&self, key: &str) -> Result<StagedValue> {
+        match self {
+            Backend::Store(s) => s.get_staged(key).await,
+            Backend::Dummy(d) => d.get(key).await.map(StagedValue::from),
+        }
+    }
+
+    /// The values of `keys`, as [`get_staged`](Self::get_staged).
+    pub(crate) async fn get_batch_staged(&self, keys: &[&str]) -> Vec<Result<StagedValue>> {
+        match self {
+            Backend::Store(s) => s.get_batch_staged(keys).await,
+            Backend::Dummy(d) => d
+                .get_batch(keys)
+                .await
+                .into_iter()
+                .map(|r| r.map(StagedValue::from))
+                .collect(),
+        }
+    }
+
     /// Whether this is a dummy client.
     pub(crate) fn is_dummy(&self) -> bool {
         matches!(self, Backend::Dummy(_))

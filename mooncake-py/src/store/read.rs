@@ -1,14 +1,16 @@
 //! get and its batch, buffer and zero-copy forms, and get_size. Misses and errors follow
 //! upstream: `b""` / `None` for byte results, negative codes for zero-copy reads.
 
+use mooncake::store::StagedValue;
 use mooncake::Error;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::write::multi_items;
 use super::PyStore;
 use crate::buffer::BufferHandle;
-use crate::runtime::{block_on, code_of};
+use crate::runtime::{block_on, code_of, detached};
 
 fn byte_counts(r: Result<Vec<Result<u64, Error>>, Error>, n: usize) -> Vec<i64> {
     match r {
@@ -24,16 +26,23 @@ fn byte_counts(r: Result<Vec<Result<u64, Error>>, Error>, n: usize) -> Vec<i64> 
 }
 
 impl PyStore {
-    fn get_one(&self, py: Python<'_>, key: &str) -> Result<Vec<u8>, Error> {
+    fn get_one(&self, py: Python<'_>, key: &str) -> Result<StagedValue, Error> {
         let s = self.live()?;
-        let r = block_on(py, async move { s.get(key).await })?;
+        let r = block_on(py, async move { s.get_staged(key).await })?;
         if let Err(e) = &r {
             tracing::debug!("get {key:?}: {e}");
         }
         r
     }
 
-    fn get_many(&self, py: Python<'_>, keys: &[String]) -> Vec<Result<Vec<u8>, Error>> {
+    /// The value of `key` as a vector, copied out with the GIL released.
+    fn get_vec(&self, py: Python<'_>, key: &str) -> Result<Vec<u8>, Error> {
+        let s = self.live()?;
+        block_on(py, async move { s.get(key).await })?
+    }
+
+    /// The values of `keys` as vectors, copied out with the GIL released.
+    fn get_vecs(&self, py: Python<'_>, keys: &[String]) -> Vec<Result<Vec<u8>, Error>> {
         let r = self.live().and_then(|s| {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             block_on(py, async move { s.get_batch(&keys).await })
@@ -43,29 +52,73 @@ impl PyStore {
             Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
         }
     }
+
+    fn get_many(&self, py: Python<'_>, keys: &[String]) -> Vec<Result<StagedValue, Error>> {
+        let r = self.live().and_then(|s| {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            block_on(py, async move { s.get_batch_staged(&keys).await })
+        });
+        match r {
+            Ok(v) => v,
+            Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+/// A `bytes` object holding `value` (`b""` for an error), filled with the GIL released.
+fn to_bytes<'py>(py: Python<'py>, value: Result<StagedValue, Error>) -> Bound<'py, PyBytes> {
+    let filled = value.and_then(|v| filled_bytes(py, v.len(), |buf| v.read_into(buf)));
+    filled.unwrap_or_else(|e| {
+        tracing::debug!("get: {e}");
+        PyBytes::new(py, b"")
+    })
+}
+
+/// A new `bytes` object of `len` bytes written by `fill` with the GIL released. Unlike
+/// `PyBytes::new_with` it does not zero the object first, which for a large value would be a
+/// second pass over its pages with the GIL held.
+fn filled_bytes<'py>(
+    py: Python<'py>,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), Error> + Send,
+) -> Result<Bound<'py, PyBytes>, Error> {
+    let size = ffi::Py_ssize_t::try_from(len)
+        .map_err(|_| Error::InvalidArgument(format!("a value of {len} bytes")))?;
+    // SAFETY: with a null source CPython returns a new, uninitialised object of `size` bytes
+    // (or null with an exception set, which becomes the error).
+    let obj = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))
+    }
+    .map_err(|e| Error::Io(format!("allocating a bytes object of {len} bytes: {e}")))?;
+    // SAFETY: `obj` is a bytes object, so this is its buffer of `len` bytes.
+    let buf = unsafe { ffi::PyBytes_AsString(obj.as_ptr()) } as usize;
+    detached(py, move || {
+        // SAFETY: the object is referenced only here until returned, so no Python code can
+        // see the buffer while it is written without the GIL; it outlives this call.
+        fill(unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) })
+    })??;
+    // SAFETY: created above as a bytes object.
+    Ok(unsafe { obj.cast_into_unchecked() })
 }
 
 #[pymethods]
 impl PyStore {
     /// The value of `key`, or `b""` when it is missing or on any error.
     fn get<'py>(&self, py: Python<'py>, key: &str) -> Bound<'py, PyBytes> {
-        match self.get_one(py, key) {
-            Ok(v) => PyBytes::new(py, &v),
-            Err(_) => PyBytes::new(py, b""),
-        }
+        to_bytes(py, self.get_one(py, key))
     }
 
     /// The values of `keys` (`b""` for each miss or error).
     fn get_batch<'py>(&self, py: Python<'py>, keys: Vec<String>) -> Vec<Bound<'py, PyBytes>> {
         self.get_many(py, &keys)
             .into_iter()
-            .map(|r| PyBytes::new(py, r.as_deref().unwrap_or(b"")))
+            .map(|r| to_bytes(py, r))
             .collect()
     }
 
     /// The value of `key` as a `BufferHandle` (buffer protocol), or `None`.
     fn get_buffer(&self, py: Python<'_>, key: &str) -> Option<BufferHandle> {
-        self.get_one(py, key).ok().map(BufferHandle::new)
+        self.get_vec(py, key).ok().map(BufferHandle::new)
     }
 
     /// `BufferHandle`s for `keys`, `None` for each miss.
@@ -75,7 +128,7 @@ impl PyStore {
             tracing::error!("batch_get_buffer is not supported for dummy client");
             return keys.iter().map(|_| None).collect();
         }
-        self.get_many(py, &keys)
+        self.get_vecs(py, &keys)
             .into_iter()
             .map(|r| r.ok().map(BufferHandle::new))
             .collect()
