@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -66,13 +67,82 @@ pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) ->
     py.detach(|| std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(panic_error))
 }
 
-/// Drives `fut` on the runtime without the GIL, catching panics.
+/// Drives `fut` on the calling thread without the GIL, catching panics.
 pub(crate) fn block_on<F>(py: Python<'_>, fut: F) -> Result<F::Output, Error>
 where
     F: Future + Send,
     F::Output: Send,
 {
     detached(py, move || runtime().map(|rt| rt.block_on(fut)))?
+}
+
+/// Runs `fut` as a task on the runtime's workers and waits for it without the GIL, catching
+/// panics: for small writes.
+///
+/// A put makes three round trips (the master, the storage node, the master again). Driven from
+/// the calling thread, each answer wakes the worker that watches the sockets and then this
+/// thread; run on a worker, the answers resume the call where they arrive and only the finished
+/// call wakes this thread. Reads make one round trip and gain nothing; large writes are mostly
+/// copying, which is better spread over the calling threads than queued on the workers.
+pub(crate) fn block_on_worker<F>(py: Python<'_>, fut: F) -> Result<F::Output, Error>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    detached(py, move || run_on_worker(runtime()?, fut))?
+}
+
+/// Aborts the process if dropped armed: a wait that unwinds while a task may still use the
+/// waiting frame's borrows would otherwise let that task write into freed stack.
+struct AbortUnlessDisarmed;
+
+impl Drop for AbortUnlessDisarmed {
+    fn drop(&mut self) {
+        eprintln!("mooncake: a wait for a running call unwound; aborting");
+        std::process::abort();
+    }
+}
+
+fn run_on_worker<F>(rt: &tokio::runtime::Runtime, fut: F) -> Result<F::Output, Error>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::with_code(
+            ErrorCode::INTERNAL_ERROR,
+            "called from inside a tokio runtime",
+        ));
+    }
+    let mut out = None;
+    let slot = &mut out;
+    let task: Pin<Box<dyn Future<Output = ()> + Send + '_>> = Box::pin(async move {
+        *slot = Some(fut.await);
+    });
+    // SAFETY: the task borrows `fut`'s captures and `out` from this frame. It is waited for
+    // below until tokio reports it finished, which happens only after the task's future has
+    // been dropped (completed, or panicked and dropped); nothing aborts or cancels it (the
+    // runtime is never shut down), and if the wait unwound the guard aborts the process
+    // rather than let the frame go while the task runs.
+    let task: Pin<Box<dyn Future<Output = ()> + Send + 'static>> =
+        unsafe { std::mem::transmute(task) };
+    let handle = rt.spawn(task);
+    let guard = AbortUnlessDisarmed;
+    let joined = rt.block_on(handle);
+    std::mem::forget(guard);
+    match joined {
+        Ok(()) => out.ok_or_else(|| {
+            Error::with_code(
+                ErrorCode::INTERNAL_ERROR,
+                "a call finished without a result",
+            )
+        }),
+        Err(e) if e.is_panic() => Err(panic_error(e.into_panic())),
+        Err(e) => Err(Error::with_code(
+            ErrorCode::INTERNAL_ERROR,
+            format!("call cancelled: {e}"),
+        )),
+    }
 }
 
 /// The Python-visible status code of an error.

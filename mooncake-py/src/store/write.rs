@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use super::PyStore;
 use crate::buffer::{views, ByteView};
-use crate::runtime::{block_on, code_of, status};
+use crate::runtime::{block_on, block_on_worker, code_of, status};
 use crate::types::{core_config, PyReplicateConfig};
 
 fn mismatch(what: &str) -> Error {
@@ -29,6 +29,24 @@ fn first_failure(results: Result<Vec<Result<(), Error>>, Error>) -> i64 {
     }
 }
 
+/// Writes of fewer bytes than this in all run on the runtime's workers (see
+/// [`block_on_worker`]); larger ones are mostly copying and run on the calling thread, so that
+/// several Python threads copy in parallel.
+const ON_WORKER_BELOW: u64 = 1 << 20;
+
+/// Drives a write of `bytes` bytes: see [`ON_WORKER_BELOW`].
+fn drive<F>(py: Python<'_>, bytes: u64, fut: F) -> Result<F::Output, Error>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if bytes < ON_WORKER_BELOW {
+        block_on_worker(py, fut)
+    } else {
+        block_on(py, fut)
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     Put,
@@ -45,8 +63,9 @@ impl PyStore {
         config: ReplicateConfig,
     ) -> i64 {
         let slices: Vec<&[u8]> = parts.iter().map(ByteView::as_slice).collect();
+        let bytes = slices.iter().map(|s| s.len() as u64).sum();
         let r = self.live().and_then(|s| {
-            block_on(py, async move {
+            drive(py, bytes, async move {
                 match kind {
                     Kind::Put => s.put_parts(key, &slices, &config).await,
                     Kind::Upsert => s.upsert_parts(key, &slices, &config).await,
@@ -74,8 +93,9 @@ impl PyStore {
             .map(String::as_str)
             .zip(held.iter().map(ByteView::as_slice))
             .collect();
+        let bytes = items.iter().map(|(_, v)| v.len() as u64).sum();
         Ok(self.live().and_then(|s| {
-            block_on(py, async move {
+            drive(py, bytes, async move {
                 match kind {
                     Kind::Put => s.put_batch(&items, &config).await,
                     Kind::Upsert => s.upsert_batch(&items, &config).await,
@@ -102,7 +122,8 @@ impl PyStore {
             .map(|(k, (p, s))| (k.as_str(), *p, *s))
             .collect();
         let s = self.live()?;
-        block_on(py, async move {
+        let bytes = sizes.iter().fold(0u64, |a, s| a.saturating_add(*s));
+        drive(py, bytes, async move {
             match kind {
                 Kind::Put => s.batch_put_from(&items, &config).await,
                 Kind::Upsert => s.batch_upsert_from(&items, &config).await,
@@ -324,7 +345,11 @@ impl PyStore {
         let r = (|| {
             let items = multi_items(&keys, &all_buffer_ptrs, &all_sizes)?;
             let s = self.live()?;
-            block_on(py, async move {
+            let bytes = all_sizes
+                .iter()
+                .flatten()
+                .fold(0u64, |a, s| a.saturating_add(*s));
+            drive(py, bytes, async move {
                 s.batch_put_from_multi_buffers(&items, &config).await
             })
         })();
@@ -355,8 +380,9 @@ impl PyStore {
             parts.push((metadata_buffer_ptr, metadata_size));
         }
         parts.push((buffer_ptr, size));
+        let bytes = size.saturating_add(metadata_size);
         let r = self.live().and_then(|s| {
-            block_on(py, async move {
+            drive(py, bytes, async move {
                 s.batch_put_from_multi_buffers(&[(key.as_str(), parts)], &config)
                     .await
             })
