@@ -51,7 +51,8 @@ FLAGS:
                         te_read_batch
     --no-profile        skip the 4 KiB latency breakdown (profile section)
     --profile-seconds S time per step kind of the breakdown, seconds (default 0.6)
-    --client-rt RT      client runtime: multi (2 workers, default) | current (current_thread)
+    --client-rt RT      client runtime: multi (2 workers, default) | current (current_thread);
+                        the measuring loop runs as a task on it
     --server-threads N  worker threads of A's runtime (default 2)
     --segment-size N    A's segment (default max(1G, 4 x batch x largest size))
     --role ROLE         all (default) | server (A only: serve until stdin closes) | client
