@@ -43,13 +43,64 @@ pub struct ReadAheadStats {
     pub discarded: u64,
 }
 
-/// Bounded map from key to [`Located`]; when full, an arbitrary entry makes room.
+/// Bounded map from key to [`Located`] that keeps the keys read recently.
+///
+/// Two generations approximate least-recently-used eviction in O(1): new and used keys go into
+/// the young generation; when it is full it becomes the old one and the previous old generation
+/// is dropped. A key survives as long as it is used at least once per generation.
 #[derive(Debug)]
 pub(crate) struct LocationCache {
     capacity: usize,
-    map: Mutex<HashMap<String, Located>>,
+    map: Mutex<Generations>,
     confirmed: AtomicU64,
     discarded: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Generations {
+    young: HashMap<String, Located>,
+    old: HashMap<String, Located>,
+    /// Keys per generation.
+    young_max: usize,
+    /// Whether a full young generation becomes the old one (false for a one-key cache).
+    keep_old: bool,
+}
+
+impl Generations {
+    fn new(capacity: usize) -> Self {
+        Generations {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            young_max: (capacity / 2).max(1),
+            keep_old: capacity >= 2,
+        }
+    }
+
+    /// Moves `key` from the old generation into the young one, if it is there.
+    fn promote(&mut self, key: &str) {
+        if let Some((k, l)) = self.old.remove_entry(key) {
+            self.insert(k, l);
+        }
+    }
+
+    /// Inserts a key not yet held.
+    fn insert(&mut self, key: String, located: Located) {
+        if self.young.len() >= self.young_max {
+            let young = std::mem::take(&mut self.young);
+            self.old = if self.keep_old { young } else { HashMap::new() };
+        }
+        self.young.insert(key, located);
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.young.remove(key);
+        self.old.remove(key);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
 }
 
 impl LocationCache {
@@ -57,13 +108,13 @@ impl LocationCache {
     pub(crate) fn new(capacity: usize) -> Self {
         LocationCache {
             capacity,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Generations::new(capacity)),
             confirmed: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Located>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Generations> {
         self.map.lock().expect("location cache lock")
     }
 
@@ -72,7 +123,12 @@ impl LocationCache {
         if self.capacity == 0 {
             return None;
         }
-        self.map()
+        let mut map = self.map();
+        if let Some(l) = map.young.get(key) {
+            return Some(l).filter(|l| l.session == session).cloned();
+        }
+        map.promote(key);
+        map.young
             .get(key)
             .filter(|l| l.session == session)
             .cloned()
@@ -94,18 +150,14 @@ impl LocationCache {
             map.remove(key);
             return;
         };
-        if let Some(l) = map.get_mut(key) {
+        map.promote(key);
+        if let Some(l) = map.young.get_mut(key) {
             l.session = session;
             l.size = list.size;
             if l.replica != *replica {
                 l.replica = replica.clone();
             }
             return;
-        }
-        if map.len() >= self.capacity {
-            if let Some(victim) = map.keys().next().cloned() {
-                map.remove(&victim);
-            }
         }
         map.insert(
             key.to_owned(),
@@ -146,8 +198,12 @@ impl LocationCache {
     /// next reads of its keys wait for the master's answer instead of trying it again).
     pub(crate) fn forget_segment(&self, segment: &str) {
         if self.capacity > 0 {
-            self.map()
-                .retain(|_, l| l.replica.memory().is_none_or(|m| m.segment_name != segment));
+            let keep = |_: &String, l: &mut Located| {
+                l.replica.memory().is_none_or(|m| m.segment_name != segment)
+            };
+            let mut map = self.map();
+            map.young.retain(keep);
+            map.old.retain(keep);
         }
     }
 
@@ -239,5 +295,29 @@ mod tests {
         let off = LocationCache::new(0);
         off.learn("a", 1, Some((&l, &r)));
         assert!(off.get("a", 1).is_none());
+    }
+
+    #[test]
+    fn keys_read_recently_stay_while_others_make_room() {
+        let cache = LocationCache::new(8);
+        let r = replica(1, 0);
+        let l = list(vec![r.clone()]);
+        cache.learn("hot", 1, Some((&l, &r)));
+        cache.learn("cold", 1, Some((&l, &r)));
+        for i in 0..100 {
+            cache.learn(&format!("k{i}"), 1, Some((&l, &r)));
+            assert!(cache.get("hot", 1).is_some(), "hot key dropped after {i} inserts");
+            assert!(cache.len() <= 8, "{} keys held", cache.len());
+        }
+        assert!(cache.get("cold", 1).is_none(), "an unused key is dropped");
+        // The most recent keys are held.
+        assert!(cache.get("k99", 1).is_some());
+        assert!(cache.get("k98", 1).is_some());
+        let one = LocationCache::new(1);
+        for k in ["a", "b", "c"] {
+            one.learn(k, 1, Some((&l, &r)));
+            assert_eq!(one.len(), 1);
+            assert!(one.get(k, 1).is_some());
+        }
     }
 }
