@@ -170,8 +170,11 @@ async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
         removed.len(),
         worst_gap
     );
+    // An election takes 1-2 s (10-20 ticks of 100 ms) after the leader's death is noticed;
+    // the bound leaves room for a loaded 2-core machine without letting a client that waits
+    // for its call timeout (or never finds the new leader) pass.
     assert!(
-        worst_gap < Duration::from_secs(3),
+        worst_gap < Duration::from_secs(5),
         "a leader failover left clients without service for {worst_gap:?}"
     );
     // Two leader kills and a whole-group restart: at least four terms had a leader, and none

@@ -20,6 +20,11 @@ use crate::state::{self, KvOp, KvState, PeerInfo, SnapshotData, TAG_COMMAND, TAG
 use crate::storage::{DiskStorage, RecoveryReport};
 use crate::LeaderInfo;
 
+/// A learner is promoted only when it holds the log up to at most this many entries before the
+/// leader's commit index: a voter far behind would leave the quorum waiting for it to catch up
+/// (with one voter beside it, no write would commit until it had).
+pub const PROMOTE_MAX_LAG: u64 = 1000;
+
 /// Identifies a proposal made on this node, until it is applied or fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProposalId(pub u64);
@@ -558,6 +563,13 @@ impl RaftNode {
                     return bad(format!(
                         "learner {id} has received nothing yet (is it running, in join mode, and \
                          reachable at its raft address?); promote it once it has caught up"
+                    ));
+                }
+                let behind = self.raw.raft.raft_log.committed.saturating_sub(matched);
+                if behind > PROMOTE_MAX_LAG {
+                    return bad(format!(
+                        "learner {id} is {behind} entries behind the commit index (at most \
+                         {PROMOTE_MAX_LAG}); promote it once it has caught up"
                     ));
                 }
             }

@@ -498,3 +498,42 @@ fn snapshots_wait_for_the_log_to_weigh_as_much_as_the_last_one() {
         c.check_prefix_agreement();
     }
 }
+
+#[test]
+fn a_learner_far_behind_is_promoted_only_once_it_caught_up() {
+    let mut c = Cluster::new(3);
+    let l = c.wait_leader(&[1, 2, 3]);
+    c.start(4, true);
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::AddLearner(peer(4)))
+        .unwrap();
+    c.ticks(5);
+    assert_eq!(c.node(l).membership().1, vec![4]);
+    c.isolate(4);
+    for i in 0..=mooncake_meta_raft::node::PROMOTE_MAX_LAG + 10 {
+        c.node_mut(l).propose(&i.to_le_bytes()).unwrap();
+        if i % 200 == 0 {
+            c.ticks(1);
+        }
+    }
+    c.ticks(5);
+    match c
+        .node_mut(l)
+        .propose_membership(&MembershipChange::Promote(4))
+    {
+        Err(Error::InvalidArgument(m)) => {
+            assert!(m.contains("learner 4 is") && m.contains("entries behind"), "{m}")
+        }
+        other => panic!("a lagging learner was not refused: {other:?}"),
+    }
+    c.heal();
+    c.ticks(20);
+    c.node_mut(l)
+        .propose_membership(&MembershipChange::Promote(4))
+        .unwrap();
+    c.ticks(5);
+    let mut voters = c.node(l).membership().0;
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 3, 4], "caught up, then promoted");
+    c.check_prefix_agreement();
+}
