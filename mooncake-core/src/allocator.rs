@@ -95,6 +95,40 @@ impl RangeAllocator {
         self.live.len()
     }
 
+    /// Splits the live allocation `allocation` at offset `at` (a multiple of the granularity
+    /// strictly inside it) into two live allocations, `[offset, at)` and `[at, end)`, each freed
+    /// on its own. Used bytes do not change. Anything else is an error and changes nothing.
+    pub fn split(&mut self, allocation: Allocation, at: u64) -> Result<(Allocation, Allocation)> {
+        let end = allocation.offset.saturating_add(allocation.len);
+        let live = self.live.get(&allocation.offset) == Some(&allocation.len);
+        if !live || at <= allocation.offset || at >= end || at % self.granularity != 0 {
+            return Err(Error::with_code(
+                ErrorCode::INVALID_PARAMS,
+                format!(
+                    "split of {}+{} at {at}: not a live allocation with {at} inside it on a \
+                     {}-byte boundary",
+                    allocation.offset, allocation.len, self.granularity
+                ),
+            ));
+        }
+        let head = Allocation {
+            offset: allocation.offset,
+            len: at - allocation.offset,
+        };
+        let tail = Allocation {
+            offset: at,
+            len: end - at,
+        };
+        self.live.insert(head.offset, head.len);
+        self.live.insert(tail.offset, tail.len);
+        Ok((head, tail))
+    }
+
+    /// The allocator's granularity.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
     /// Free ranges as `(offset, len)`, by offset (for invariant checks).
     pub fn free_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.free_by_offset.iter().map(|(o, l)| (*o, *l))
@@ -188,10 +222,29 @@ mod tests {
         assert!(a.allocate(1).is_none());
     }
 
+    #[test]
+    fn split_pieces_are_freed_on_their_own() {
+        let mut a = RangeAllocator::new(1 << 20, 64).unwrap();
+        let x = a.allocate(4096).unwrap();
+        assert!(a.split(x, x.offset + 100).is_err(), "not on a granule");
+        assert!(a.split(x, x.offset).is_err(), "empty head");
+        assert!(a.split(x, x.offset + 4096).is_err(), "empty tail");
+        let (h, t) = a.split(x, x.offset + 1024).unwrap();
+        assert_eq!((h.len, t.offset, t.len), (1024, x.offset + 1024, 3072));
+        assert!(a.free(x).is_err(), "the whole is no longer live");
+        assert_eq!((a.used(), a.live_count()), (4096, 2));
+        a.free(t).unwrap();
+        assert_eq!(a.used(), 1024);
+        a.free(h).unwrap();
+        assert_eq!(a.free_ranges().collect::<Vec<_>>(), vec![(0, 1 << 20)]);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Alloc(u64),
         Free(usize),
+        /// Split the i-th live allocation at the j-th granule inside it.
+        Split(usize, u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -199,6 +252,7 @@ mod tests {
             (1u64..5000).prop_map(Op::Alloc),
             (1u64..70_000).prop_map(Op::Alloc),
             any::<usize>().prop_map(Op::Free),
+            (any::<usize>(), any::<u64>()).prop_map(|(i, j)| Op::Split(i, j)),
         ]
     }
 
@@ -227,7 +281,23 @@ mod tests {
                         a.free(x).unwrap();
                     }
                     Op::Free(_) => {}
+                    Op::Split(i, j) if !live.is_empty() => {
+                        let k = i % live.len();
+                        let x = live[k];
+                        let granules = x.len / 64;
+                        if granules < 2 {
+                            prop_assert!(a.split(x, x.offset + x.len / 2).is_err());
+                        } else {
+                            let at = x.offset + 64 * (1 + j % (granules - 1));
+                            let (h, t) = a.split(x, at).unwrap();
+                            prop_assert_eq!((h.offset, h.len + t.len, t.offset), (x.offset, x.len, at));
+                            live[k] = h;
+                            live.push(t);
+                        }
+                    }
+                    Op::Split(..) => {}
                 }
+                prop_assert_eq!(a.live_count(), live.len());
                 let used: u64 = live.iter().map(|x| x.len).sum();
                 prop_assert_eq!(a.used(), used);
                 let free: u64 = a.free_ranges().map(|(_, l)| l).sum();
