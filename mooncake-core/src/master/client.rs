@@ -1,6 +1,7 @@
 //! Client liveness: heartbeats and expiry.
 //!
-//! A client becomes known when it mounts a segment. It then pings (Heartbeat) about once a
+//! A client becomes known when it mounts a segment (or, holding none, registers with an empty
+//! RemountSegments). It then pings (Heartbeat) about once a
 //! second; after `client_ttl_ms` of silence the timeout handler emits
 //! [`Command::ExpireClient`](super::Command::ExpireClient), which unmounts all its segments. A
 //! heartbeat from a client the master does not know answers [`HeartbeatStatus::NeedRemount`], and
@@ -73,6 +74,7 @@ impl Master {
         self.counters.clients_expired += 1;
         // Tasks it was running go back to the queue (or fail after too many tries).
         self.tasks_on_client_lost(now, client);
+        self.drop_reservations_where(|r| r.client == client);
         for id in entry.segments {
             self.drop_segment(now, id);
         }

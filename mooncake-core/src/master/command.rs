@@ -11,6 +11,7 @@ use super::config::ReplicateConfig;
 use super::evict::EvictionReport;
 use super::get::ReplicaList;
 use super::put::{PutItem, PutStartResponse};
+use super::reserve::{ReservationGrant, ReservedPut};
 use super::segment::SegmentSpec;
 use super::task::{TaskAssignment, TaskOutcome};
 use super::types::{ClientId, TaskId, Timestamp};
@@ -227,6 +228,29 @@ pub enum Command {
     },
     /// Forget finished tasks past retention (from the timeout handler).
     PurgeTasks,
+    /// Reserve a range this client fills before committing (see
+    /// [`ReservationGrant`]): `size` bytes, or less but at least `min_size`.
+    Reserve {
+        /// The client.
+        client_id: ClientId,
+        /// Bytes wanted.
+        size: u64,
+        /// Fewest bytes that are of use.
+        min_size: u64,
+    },
+    /// Commit values written into a reservation as single-replica objects (put semantics).
+    CommitReserved {
+        /// The client holding the reservation.
+        client_id: ClientId,
+        /// The reservation.
+        reservation: u64,
+        /// Where each value was written.
+        items: Vec<ReservedPut>,
+        /// Replication options (`replica_num` must be 1; pins apply).
+        config: ReplicateConfig,
+    },
+    /// Free the unclaimed space of expired reservations (from the timeout handler).
+    ExpireReservations,
 }
 
 impl Command {
@@ -242,6 +266,7 @@ impl Command {
                 | Command::ReleaseRetired
                 | Command::TaskTimeout { .. }
                 | Command::PurgeTasks
+                | Command::ExpireReservations
         )
     }
 }
@@ -275,6 +300,8 @@ pub enum Response {
     TaskCreated(Result<TaskId, ErrorCode>),
     /// FetchTasks.
     Tasks(Vec<TaskAssignment>),
+    /// Reserve.
+    Reserved(Result<ReservationGrant, ErrorCode>),
 }
 
 impl Response {
@@ -290,6 +317,7 @@ impl Response {
             Response::Replicas(r) => of(r),
             Response::Count(r) => of(r),
             Response::TaskCreated(r) => of(r),
+            Response::Reserved(r) => of(r),
             Response::UnitBatch(_)
             | Response::Heartbeat(_)
             | Response::PutStartBatch(_)

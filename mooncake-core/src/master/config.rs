@@ -106,6 +106,13 @@ pub struct MasterConfig {
     /// Cluster id, for the driver's use (metadata prefixes). Default `mooncake_cluster`, upstream's
     /// `--cluster_id`.
     pub cluster_id: String,
+    /// How long a client may start writes into a reservation after asking for it, in ms; the
+    /// master frees unclaimed reserved space after twice this, and a segment remounted within
+    /// twice this of the master state's first command (a restart) takes no allocation until then
+    /// (see
+    /// [`ReservationGrant`](super::ReservationGrant)). Default 500; 0 turns reservations off.
+    #[serde(default)]
+    pub reservation_ttl_ms: u64,
 }
 
 impl Default for MasterConfig {
@@ -129,6 +136,7 @@ impl Default for MasterConfig {
             max_active_tasks: 10_000,
             rng_seed: 0x6d6f_6f6e,
             cluster_id: "mooncake_cluster".to_owned(),
+            reservation_ttl_ms: 500,
         }
     }
 }

@@ -11,7 +11,7 @@ impl Master {
     /// Checks the master's invariants and describes the first violation:
     ///
     /// - within each segment, reserved ranges (replicas, in-flight writes, task destinations,
-    ///   retired ranges) lie inside the segment and never overlap, and the allocator's used bytes
+    ///   retired ranges, unclaimed reserved pieces) lie inside the segment and never overlap, and the allocator's used bytes
     ///   and live count equal their sum and number (exact capacity accounting);
     /// - committed replicas are COMPLETE and on distinct segments; a write in progress has at
     ///   least one PROCESSING replica, on distinct segments; no object is empty;
@@ -132,6 +132,14 @@ impl Master {
         for seg in self.segments.values() {
             for r in &seg.retired {
                 add(seg.id, r.alloc.offset, r.alloc.len, "retired".into());
+            }
+        }
+        for (id, r) in &self.reservations {
+            if !self.clients.contains_key(&r.client) {
+                return Err(format!("reservation {id} outlived client {}", r.client));
+            }
+            for (&off, &len) in &r.pieces {
+                add(r.segment, off, len, format!("reservation {id}"));
             }
         }
         for (seg_id, list) in &mut ranges {

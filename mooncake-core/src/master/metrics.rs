@@ -26,6 +26,12 @@ pub struct Counters {
     pub put_retries: u64,
     /// Abandoned writes reclaimed by the timeout handler.
     pub puts_reclaimed: u64,
+    /// Reservations granted to clients.
+    #[serde(default)]
+    pub reservations_granted: u64,
+    /// Values committed from reservations (counted in `put_starts` and `put_ends` too).
+    #[serde(default)]
+    pub reserved_puts: u64,
     /// GetReplicaList requests.
     pub get_requests: u64,
     /// GetReplicaList requests that found a readable value.
@@ -115,6 +121,8 @@ impl MasterMetrics {
             ("puts_taken_over", c.puts_taken_over),
             ("put_retries", c.put_retries),
             ("puts_reclaimed", c.puts_reclaimed),
+            ("reservations_granted", c.reservations_granted),
+            ("reserved_puts", c.reserved_puts),
             ("get_requests", c.get_requests),
             ("get_hits", c.get_hits),
             ("get_misses", c.get_misses),

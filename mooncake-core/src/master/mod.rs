@@ -73,6 +73,7 @@ mod placement;
 mod put;
 mod remove;
 mod replica;
+mod reserve;
 mod segment;
 mod task;
 mod types;
@@ -96,6 +97,10 @@ pub use put::{PutItem, PutStartResponse};
 pub use replica::{
     DiskDescriptor, MemoryDescriptor, ReplicaDescriptor, ReplicaLocation, ReplicaStatus,
 };
+pub use reserve::{
+    ReservationGrant, ReservedPut, MAX_RESERVATIONS_PER_CLIENT, MAX_UNCLAIMED_GRANTS_PER_CLIENT,
+    RESERVATION_SHARE_DIVISOR,
+};
 pub use segment::{SegmentInfo, SegmentSpec};
 pub use task::{TaskAssignment, TaskInfo, TaskOrigin, TaskOutcome, TaskStatus, TaskType};
 pub use types::{
@@ -115,6 +120,10 @@ pub struct Master {
     rng: SplitMix64,
     /// Latest time seen; `apply` never lets time go backwards.
     now: Timestamp,
+    /// Time of the first command this state applied: when a master that lost its state (a
+    /// restart without a replicated log) began again.
+    #[serde(default)]
+    born: Option<Timestamp>,
     segments: BTreeMap<SegmentId, segment::Segment>,
     segment_names: BTreeMap<String, SegmentId>,
     clients: BTreeMap<ClientId, client::ClientEntry>,
@@ -126,6 +135,11 @@ pub struct Master {
     /// without scanning every object. Derived from `objects` (rebuilt on restore).
     #[serde(skip)]
     writes: BTreeSet<(Timestamp, String)>,
+    /// Client-held reservations by id (see [`reserve`](self::reserve)).
+    #[serde(default)]
+    reservations: BTreeMap<u64, reserve::Reservation>,
+    #[serde(default)]
+    next_reservation_id: u64,
     next_segment_id: u64,
     next_replica_id: u64,
     next_task_seq: u64,
@@ -143,6 +157,7 @@ impl Master {
             rng: SplitMix64::new(config.rng_seed),
             config,
             now: Timestamp::ZERO,
+            born: None,
             segments: BTreeMap::new(),
             segment_names: BTreeMap::new(),
             clients: BTreeMap::new(),
@@ -150,6 +165,8 @@ impl Master {
             tasks: BTreeMap::new(),
             under_replicated: BTreeSet::new(),
             writes: BTreeSet::new(),
+            reservations: BTreeMap::new(),
+            next_reservation_id: 1,
             next_segment_id: 1,
             next_replica_id: 1,
             next_task_seq: 0,
@@ -201,14 +218,33 @@ impl Master {
     pub fn apply(&mut self, now: Timestamp, command: Command) -> Response {
         let now = now.max(self.now);
         self.now = now;
+        self.born.get_or_insert(now);
         match command {
             Command::MountSegment { client_id, segment } => {
-                Response::Unit(self.mount_segment(now, client_id, segment))
+                Response::Unit(self.mount_segment(now, client_id, segment, false))
             }
             Command::RemountSegments {
                 client_id,
                 segments,
             } => Response::UnitBatch(self.remount_segments(now, client_id, segments)),
+            Command::Reserve {
+                client_id,
+                size,
+                min_size,
+            } => Response::Reserved(self.reserve(now, client_id, size, min_size)),
+            Command::CommitReserved {
+                client_id,
+                reservation,
+                items,
+                config,
+            } => Response::UnitBatch(self.commit_reserved(
+                now,
+                client_id,
+                reservation,
+                &items,
+                &config,
+            )),
+            Command::ExpireReservations => Response::Count(Ok(self.expire_reservations(now))),
             Command::UnmountSegment { client_id, name } => {
                 Response::Unit(self.unmount_segment(now, client_id, &name))
             }
@@ -325,7 +361,8 @@ impl Master {
     }
 
     /// The maintenance commands due at `now`, in the order they should be applied: client
-    /// expiry, abandoned-put reclaim, retired-range release, task timeouts and purge, eviction.
+    /// expiry, abandoned-put reclaim, retired-range release, reservation expiry, task timeouts
+    /// and purge, eviction.
     /// Changes nothing; each command re-checks its condition when applied, so applying a stale
     /// one is harmless.
     pub fn handle_timeout(&self, now: Timestamp) -> Vec<Command> {
@@ -340,6 +377,9 @@ impl Master {
         }
         if self.next_retired_release().is_some_and(|t| t <= now) {
             out.push(Command::ReleaseRetired);
+        }
+        if self.next_reservation_expiry().is_some_and(|t| t <= now) {
+            out.push(Command::ExpireReservations);
         }
         let mut purge = false;
         for t in self.tasks.values() {
@@ -379,6 +419,7 @@ impl Master {
             .chain(puts)
             .chain(tasks)
             .chain(self.next_retired_release())
+            .chain(self.next_reservation_expiry())
             .chain(self.next_eviction())
             .min()
     }

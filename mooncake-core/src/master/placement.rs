@@ -46,7 +46,11 @@ impl Master {
         let mut order: Vec<SegmentId> = self
             .segments
             .values()
-            .filter(|s| !req.exclude.contains(&s.id) && s.allocator.largest_free() >= rounded)
+            .filter(|s| {
+                !req.exclude.contains(&s.id)
+                    && s.allocator.largest_free() >= rounded
+                    && s.no_alloc_before <= self.now
+            })
             .map(|s| s.id)
             .collect();
         match self.config.allocation_strategy {

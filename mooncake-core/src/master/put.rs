@@ -50,7 +50,7 @@ pub struct PutStartResponse {
 }
 
 /// The pin an object gets when a write commits.
-fn pin_after_write(
+pub(crate) fn pin_after_write(
     old: Pin,
     cfg: &ReplicateConfig,
     replacing: bool,

@@ -81,6 +81,12 @@ pub(crate) struct Segment {
     pub(crate) size: u64,
     pub(crate) allocator: RangeAllocator,
     pub(crate) retired: Vec<Retired>,
+    /// Allocations on this segment wait until then: it was remounted soon after this master
+    /// state began (after a restart), and writes into reservations a previous master granted
+    /// may still land (see
+    /// [`MasterConfig::reservation_ttl_ms`](super::MasterConfig::reservation_ttl_ms)).
+    #[serde(default)]
+    pub(crate) no_alloc_before: Timestamp,
 }
 
 impl Segment {
@@ -151,11 +157,14 @@ impl Master {
             .collect()
     }
 
+    /// Mounts `spec` for `client`; `remount` when the client had it mounted before the master
+    /// lost track of it.
     pub(crate) fn mount_segment(
         &mut self,
         now: Timestamp,
         client: ClientId,
         spec: SegmentSpec,
+        remount: bool,
     ) -> Result<(), ErrorCode> {
         if spec.name.is_empty() || spec.size == 0 || spec.base.checked_add(spec.size).is_none() {
             return Err(ErrorCode::INVALID_PARAMS);
@@ -196,6 +205,15 @@ impl Master {
                 size: spec.size,
                 allocator,
                 retired: Vec::new(),
+                // Reservations granted by a master that ran before this state began were usable
+                // until at most ttl after it began; their writes have landed 2 ttl after.
+                no_alloc_before: if remount {
+                    self.born
+                        .unwrap_or(now)
+                        .plus(2 * self.config.reservation_ttl_ms)
+                } else {
+                    Timestamp::ZERO
+                },
             },
         );
         self.touch_client(now, client);
@@ -210,15 +228,18 @@ impl Master {
         Ok(())
     }
 
+    /// Mounts `specs` again after the master lost track of `client`; with no segments, it only
+    /// registers the client (one that holds no segment but reserves space).
     pub(crate) fn remount_segments(
         &mut self,
         now: Timestamp,
         client: ClientId,
         specs: Vec<SegmentSpec>,
     ) -> Vec<Result<(), ErrorCode>> {
+        self.touch_client(now, client);
         specs
             .into_iter()
-            .map(|s| self.mount_segment(now, client, s))
+            .map(|s| self.mount_segment(now, client, s, true))
             .collect()
     }
 
@@ -251,6 +272,8 @@ impl Master {
         if let Some(c) = self.clients.get_mut(&seg.client) {
             c.segments.remove(&id);
         }
+        // Its allocator is gone with it: nothing to free.
+        self.reservations.retain(|_, r| r.segment != id);
         self.counters.segments_unmounted += 1;
         tracing::debug!(segment = %seg.name, client = %seg.client, "segment dropped");
 

@@ -96,6 +96,21 @@ pub(super) enum Op {
         ms: u64,
         keepalive: bool,
     },
+    Remount {
+        client: u8,
+        idx: u8,
+        size: u64,
+    },
+    Reserve {
+        client: u8,
+        size: u64,
+    },
+    /// Commits `(key, granule offset, size)` items into one of the client's reservations.
+    CommitReserved {
+        client: u8,
+        pick: u8,
+        items: Vec<(u8, u16, u64)>,
+    },
 }
 
 fn seg_name(client: u8, idx: u8) -> String {
@@ -145,6 +160,12 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
             proptest::bool::weighted(0.8),
         )
             .prop_map(|(ms, keepalive)| Op::Advance { ms, keepalive }),
+        1 => (0u8..4, 0u8..2, prop_oneof![Just(4096u64), Just(65536), Just(262_144)])
+            .prop_map(|(client, idx, size)| Op::Remount { client, idx, size }),
+        3 => (0u8..4, prop_oneof![1u64..5000, 5000u64..40000])
+            .prop_map(|(client, size)| Op::Reserve { client, size }),
+        8 => (0u8..4, any::<u8>(), proptest::collection::vec((0u8..KEYS as u8, 0u16..300, 1u64..3000), 1..4))
+            .prop_map(|(client, pick, items)| Op::CommitReserved { client, pick, items }),
     ]
 }
 
@@ -301,6 +322,50 @@ pub(super) fn commands(op: &Op, m: &Master, now: Timestamp, tasks: &[TaskId]) ->
             _ => Command::Evict,
         }),
         Op::Advance { .. } => m.handle_timeout(now),
+        Op::Remount { client, idx, size } => one(Command::RemountSegments {
+            client_id: cid(client),
+            segments: vec![SegmentSpec::new(
+                seg_name(client, idx),
+                (u64::from(client) + 1) << 40 | u64::from(idx) << 32,
+                size,
+            )],
+        }),
+        Op::Reserve { client, size } => one(Command::Reserve {
+            client_id: cid(client),
+            size,
+            min_size: size / 2,
+        }),
+        Op::CommitReserved {
+            client,
+            pick,
+            items,
+        } => {
+            // Mostly one of the client's own reservations; sometimes any id at all.
+            let own: Vec<u64> = m
+                .reservations
+                .iter()
+                .filter(|(_, r)| r.client == cid(client))
+                .map(|(id, _)| *id)
+                .collect();
+            let reservation = if own.is_empty() || pick % 8 == 0 {
+                u64::from(pick % 8)
+            } else {
+                own[pick as usize % own.len()]
+            };
+            one(Command::CommitReserved {
+                client_id: cid(client),
+                reservation,
+                items: items
+                    .into_iter()
+                    .map(|(k, g, size)| ReservedPut {
+                        key: key(k),
+                        offset: u64::from(g) * 64,
+                        size,
+                    })
+                    .collect(),
+                config: ReplicateConfig::default(),
+            })
+        }
     }
 }
 
@@ -416,4 +481,27 @@ proptest! {
         let b = run(&ops, strategy)?;
         prop_assert_eq!(a, b);
     }
+}
+
+/// The random sequences reach what they are meant to test: reservations are granted and
+/// values are committed from them, among the other operations.
+#[test]
+fn random_sequences_commit_from_reservations() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let (mut granted, mut committed) = (0, 0);
+    for _ in 0..64 {
+        let ops = proptest::collection::vec(op(), 100..150)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        let (_, metrics) = run(&ops, AllocationStrategy::Random).unwrap();
+        granted += metrics.counters.reservations_granted;
+        committed += metrics.counters.reserved_puts;
+    }
+    assert!(
+        granted > 20 && committed > 10,
+        "granted {granted}, committed {committed}"
+    );
 }
