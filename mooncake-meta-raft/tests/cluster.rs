@@ -522,7 +522,10 @@ fn a_learner_far_behind_is_promoted_only_once_it_caught_up() {
         .propose_membership(&MembershipChange::Promote(4))
     {
         Err(Error::InvalidArgument(m)) => {
-            assert!(m.contains("learner 4 is") && m.contains("entries behind"), "{m}")
+            assert!(
+                m.contains("learner 4 is") && m.contains("entries behind"),
+                "{m}"
+            )
         }
         other => panic!("a lagging learner was not refused: {other:?}"),
     }

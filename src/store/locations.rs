@@ -128,10 +128,7 @@ impl LocationCache {
             return Some(l).filter(|l| l.session == session).cloned();
         }
         map.promote(key);
-        map.young
-            .get(key)
-            .filter(|l| l.session == session)
-            .cloned()
+        map.young.get(key).filter(|l| l.session == session).cloned()
     }
 
     /// Records that reads of `key` use `replica` of `list`, as answered in `session`; `None`
@@ -306,7 +303,10 @@ mod tests {
         cache.learn("cold", 1, Some((&l, &r)));
         for i in 0..100 {
             cache.learn(&format!("k{i}"), 1, Some((&l, &r)));
-            assert!(cache.get("hot", 1).is_some(), "hot key dropped after {i} inserts");
+            assert!(
+                cache.get("hot", 1).is_some(),
+                "hot key dropped after {i} inserts"
+            );
             assert!(cache.len() <= 8, "{} keys held", cache.len());
         }
         assert!(cache.get("cold", 1).is_none(), "an unused key is dropped");
