@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, spawn_storage, store_config, wait_line, Proc};
 use mooncake::store::{ReplicateConfig, Store};
+use mooncake::ErrorCode;
 
 fn spawn_master(port: u16, client_ttl_s: u64) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
@@ -152,7 +153,22 @@ async fn clients_remount_after_the_master_restarts() {
         preferred_segment: seg_a.clone(),
         ..Default::default()
     };
-    client.put("after", b"restarted", &rc).await.unwrap();
+    // For its first second a restarted master places nothing on remounted segments (writes
+    // into space its predecessor reserved may still land): puts are refused, then succeed.
+    let started = Instant::now();
+    loop {
+        match client.put("after", b"restarted", &rc).await {
+            Ok(()) => break,
+            Err(e) if e.code() == ErrorCode::NO_AVAILABLE_HANDLE => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "still refused: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("put after the restart: {e}"),
+        }
+    }
     assert_eq!(client.get("after").await.unwrap(), b"restarted");
     client.close().await.unwrap();
 }

@@ -536,3 +536,96 @@ async fn staged_values_hold_staging_space_until_dropped() {
     storage.put("whole", &whole, &rc).await.unwrap();
     assert_eq!(reader.get("whole").await.unwrap(), whole);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_go_into_reserved_space_and_commit_with_one_call() {
+    let (svc, addr) = serve_master(MasterConfig::default()).await;
+    let storage = Store::setup(config(&addr, 64 << 20)).await.unwrap();
+    let writer = Store::setup(config(&addr, 0)).await.unwrap();
+    let reader = Store::setup(config(&addr, 0)).await.unwrap();
+    let rc = ReplicateConfig::default();
+    let before = svc.metrics().counters;
+
+    // Single puts, a batch, zero-copy puts: all but the first write of each reservation skip
+    // PutStart.
+    let values: Vec<Vec<u8>> = (0..64u8)
+        .map(|i| pattern(i + 1, 4096 + i as usize))
+        .collect();
+    for (i, v) in values.iter().enumerate().take(32) {
+        writer.put(&format!("r{i}"), v, &rc).await.unwrap();
+    }
+    let batch: Vec<(String, &[u8])> = (32..64)
+        .map(|i| (format!("r{i}"), values[i].as_slice()))
+        .collect();
+    let items: Vec<(&str, &[u8])> = batch.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    for r in writer.put_batch(&items, &rc).await {
+        r.unwrap();
+    }
+    let buf = AlignedBuffer::new(1 << 20).unwrap();
+    let src = pattern(77, 1 << 20);
+    // SAFETY: `buf` is owned by this test, 1 MiB long, and outlives its registration.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), buf.addr() as *mut u8, src.len());
+        writer.register_buffer(buf.addr(), 1 << 20).unwrap();
+    }
+    writer
+        .put_from("zc", buf.addr(), 1 << 20, &rc)
+        .await
+        .unwrap();
+
+    let after = svc.metrics().counters;
+    let reserved = after.reserved_puts - before.reserved_puts;
+    let granted = after.reservations_granted - before.reservations_granted;
+    assert_eq!(reserved, 65, "every put went through the reservation");
+    assert_eq!(after.put_ends - before.put_ends, 65);
+    assert!(
+        (1..=3).contains(&granted),
+        "{granted} reservations for 1.3 MiB"
+    );
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(&reader.get(&format!("r{i}")).await.unwrap(), v, "r{i}");
+    }
+    assert_eq!(reader.get("zc").await.unwrap(), src);
+
+    // A put of an existing key leaves the value alone, as through PutStart.
+    writer.put("r0", &pattern(200, 5000), &rc).await.unwrap();
+    assert_eq!(reader.get("r0").await.unwrap(), values[0]);
+    assert_eq!(reader.get_size("r0").await.unwrap(), 4096);
+
+    // Other replication options take the PutStart path.
+    let two = ReplicateConfig::with_replicas(2);
+    let b = Store::setup(config(&addr, 64 << 20)).await.unwrap();
+    writer.put("two", &values[1], &two).await.unwrap();
+    let desc = reader.get_replica_desc("two").await.unwrap();
+    assert_eq!(desc.len(), 2);
+    assert_eq!(
+        svc.metrics().counters.reserved_puts - before.reserved_puts,
+        65
+    );
+
+    // Unused reserved space goes back to the cluster once the reservation expires.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = svc.metrics();
+    let held: u64 = values
+        .iter()
+        .map(|v| (v.len() as u64).next_multiple_of(64))
+        .sum::<u64>()
+        + (1 << 20)
+        + 2 * 4160;
+    assert_eq!(m.used_bytes, held, "only the objects hold space");
+
+    // Turned off, puts go through PutStart.
+    let plain = Store::setup(StoreConfig {
+        reservation_bytes: 0,
+        ..config(&addr, 0)
+    })
+    .await
+    .unwrap();
+    let n = svc.metrics().counters.reserved_puts;
+    plain.put("plain", &values[2], &rc).await.unwrap();
+    assert_eq!(svc.metrics().counters.reserved_puts, n);
+    assert_eq!(reader.get("plain").await.unwrap(), values[2]);
+    for s in [plain, b, reader, writer, storage] {
+        s.close().await.unwrap();
+    }
+}

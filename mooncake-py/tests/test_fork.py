@@ -8,6 +8,7 @@ import os
 import time
 
 from conftest import new_store
+from mooncake.store import ReplicateConfig
 
 
 def _wait(pid: int, timeout: float = 30.0) -> int:
@@ -26,6 +27,9 @@ def test_a_forked_child_gets_errors_from_the_parents_store_and_can_set_up_its_ow
     s = new_store()
     try:
         assert s.put(f"{uniq}k", b"before fork" * 100) == 0
+        # The child's value goes to the parent's segment: the child's own goes away with it.
+        on_parent = ReplicateConfig()
+        on_parent.preferred_segment = s.get_hostname()
         pid = os.fork()
         if pid == 0:
             # The child: report through the exit code only, never return into pytest.
@@ -39,7 +43,7 @@ def test_a_forked_child_gets_errors_from_the_parents_store_and_can_set_up_its_ow
                     mine = new_store()
                     if mine.get(f"{uniq}k") != b"before fork" * 100:
                         code = 12
-                    elif mine.put(f"{uniq}from_child", b"child" * 100) != 0:
+                    elif mine.put(f"{uniq}from_child", b"child" * 100, on_parent) != 0:
                         code = 13
                     mine.close()
             except BaseException:  # noqa: BLE001 - any failure becomes an exit code

@@ -17,6 +17,7 @@
 mod admin;
 mod locations;
 mod read;
+mod reserve;
 mod staging;
 mod value;
 mod write;
@@ -70,6 +71,12 @@ pub struct StoreConfig {
     /// transfer with the master call (one round trip instead of two; the master still confirms
     /// every read). Default 65536; 0 turns it off.
     pub location_cache_entries: usize,
+    /// Bytes of cluster space this client asks the master to reserve for it at a time. Puts with
+    /// one replica and no placement wishes, of at most a quarter of this per call, are written
+    /// into it and committed with one master call, instead of PutStart before the write and
+    /// PutEnd after it. The master may grant less (at most a sixteenth of its largest segment)
+    /// and frees what is unused after a second. Default 16 MiB; 0 turns it off.
+    pub reservation_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -86,6 +93,7 @@ impl Default for StoreConfig {
             heartbeat_interval: Duration::from_secs(1),
             staging_wait: Duration::from_secs(10),
             location_cache_entries: 1 << 16,
+            reservation_bytes: 16 << 20,
         }
     }
 }
@@ -131,6 +139,7 @@ pub struct Store {
     segment: Option<SegmentSpec>,
     staging: Arc<Staging>,
     locations: LocationCache,
+    reserved: reserve::Reserved,
     background: Mutex<Option<tokio::task::JoinHandle<()>>>,
     closed: AtomicBool,
 }
@@ -216,6 +225,7 @@ impl Store {
         let store = Arc::new(Store {
             client_id: new_client_id(),
             locations: LocationCache::new(config.location_cache_entries),
+            reserved: reserve::Reserved::default(),
             config,
             engine,
             master,
@@ -255,8 +265,30 @@ impl Store {
                 .1
                 .into_unit()
                 .map_err(|c| Error::with_code(c, "mounting the segment")),
-            // A client with no segment still registers itself for liveness.
-            None => self.heartbeat().await.map(|_| ()),
+            // A client with no segment registers itself, to hold reservations.
+            None => self.register().await,
+        }
+    }
+
+    /// Registers this client (and its segment, if any) with a master that does not know it.
+    async fn register(&self) -> Result<()> {
+        let segments: Vec<SegmentSpec> = self.segment.iter().cloned().collect();
+        let n = segments.len();
+        match self
+            .apply(Command::RemountSegments {
+                client_id: self.client_id,
+                segments,
+            })
+            .await?
+            .1
+        {
+            Response::UnitBatch(rs) if rs.len() == n => rs
+                .into_iter()
+                .collect::<std::result::Result<(), ErrorCode>>()
+                .map_err(|c| Error::with_code(c, "remounting the segment")),
+            other => Err(Error::Protocol(format!(
+                "RemountSegments answered {other:?}"
+            ))),
         }
     }
 
@@ -280,17 +312,14 @@ impl Store {
         match self.heartbeat().await {
             Ok(HeartbeatStatus::Ok) => {}
             Ok(HeartbeatStatus::NeedRemount) => {
-                if let Some(spec) = &self.segment {
-                    tracing::info!("master does not know this client; remounting {}", spec.name);
-                    let r = self
-                        .apply(Command::RemountSegments {
-                            client_id: self.client_id,
-                            segments: vec![spec.clone()],
-                        })
-                        .await;
-                    if let Err(e) = r {
-                        tracing::warn!("remount failed: {e}");
+                match &self.segment {
+                    Some(spec) => {
+                        tracing::info!("master does not know this client; remounting {}", spec.name)
                     }
+                    None => tracing::debug!("master does not know this client; registering"),
+                }
+                if let Err(e) = self.register().await {
+                    tracing::warn!("remount failed: {e}");
                 }
             }
             Err(e) => {

@@ -5,11 +5,29 @@
 //! A write is PutStart (the master reserves one range per replica) → the client writes each
 //! replica → PutEnd, or PutRevoke when a transfer failed. A put of a key that already exists
 //! succeeds without writing, as in upstream Mooncake; an upsert replaces the value.
+//!
+//! A put with one replica and no placement wishes, small enough, instead goes into space the
+//! client holds ([`reserve`](super::reserve)): the client writes, then one CommitReserved makes
+//! the values objects. A key that exists is then found at commit (the bytes were written for
+//! nothing, and the put still succeeds without changing the value).
 
-use mooncake_core::master::{Command, PutItem, PutStartResponse, ReplicateConfig, Response};
+use std::time::Duration;
+
+use mooncake_core::master::{
+    Command, PutItem, PutStartResponse, ReplicaDescriptor, ReplicateConfig, ReservedPut, Response,
+};
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 
+use super::reserve::Carved;
 use super::Store;
+
+/// After the master found no room for a reservation (or did not know this client, which then
+/// remounts), puts go through PutStart this long before asking again.
+const RESERVE_PAUSE_FULL: Duration = Duration::from_millis(200);
+
+/// After the master refused reservations otherwise (turned off, or a master that predates them),
+/// puts go through PutStart this long before asking again.
+const RESERVE_PAUSE_REFUSED: Duration = Duration::from_secs(60);
 
 /// Where a value's bytes come from.
 enum Source<'a> {
@@ -270,8 +288,186 @@ impl Store {
             .collect()
     }
 
-    /// Starts, transfers and ends the writes of one wave.
+    /// Writes one wave: into this client's reservation when the wave qualifies (see
+    /// [`reserve`](super::reserve)), else through PutStart and PutEnd.
     async fn write_wave(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        config: &ReplicateConfig,
+    ) -> Vec<(usize, Result<()>)> {
+        match self.carve_wave(kind, wave, config).await {
+            Some(carved) => {
+                self.write_reserved(kind, wave, staged_bytes, config, carved)
+                    .await
+            }
+            None => self.write_started(kind, wave, staged_bytes, config).await,
+        }
+    }
+
+    /// Space for `wave` in this client's reservation, asking the master for a new one when the
+    /// current one is used up; `None` when the wave goes through PutStart instead.
+    async fn carve_wave(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        config: &ReplicateConfig,
+    ) -> Option<Carved> {
+        let chunk = self.config.reservation_bytes;
+        let plain = config.replica_num == 1
+            && config.preferred_segment.is_empty()
+            && config.preferred_segments.is_empty()
+            && !config.prefer_alloc_in_same_node;
+        if kind != Kind::Put || chunk == 0 || !plain {
+            return None;
+        }
+        let sizes: Vec<u64> = wave.iter().map(|(_, item)| item.source.size()).collect();
+        let total = sizes
+            .iter()
+            .try_fold(0u64, |a, s| a.checked_add(s.checked_next_multiple_of(64)?))?;
+        if total > chunk / 4 {
+            return None;
+        }
+        let session = self.master.session();
+        if let Some(c) = self.reserved.carve(&sizes, session) {
+            return Some(c);
+        }
+        if !self.reserved.may_ask() {
+            return None;
+        }
+        let _one = self.reserved.refill.lock().await;
+        if let Some(c) = self.reserved.carve(&sizes, session) {
+            return Some(c);
+        }
+        let asked_at = std::time::Instant::now();
+        let answer = self
+            .apply(Command::Reserve {
+                client_id: self.client_id,
+                size: chunk,
+                min_size: total,
+            })
+            .await;
+        match answer {
+            Ok((_, Response::Reserved(Ok(grant)))) => {
+                self.reserved.install(grant, session, asked_at);
+                self.reserved.carve(&sizes, session)
+            }
+            Ok((
+                _,
+                Response::Reserved(Err(
+                    ErrorCode::NO_AVAILABLE_HANDLE | ErrorCode::CLIENT_NOT_FOUND,
+                )),
+            )) => {
+                self.reserved.refused(RESERVE_PAUSE_FULL);
+                None
+            }
+            other => {
+                tracing::debug!("no reservation ({other:?}); writing through PutStart");
+                self.reserved.refused(RESERVE_PAUSE_REFUSED);
+                None
+            }
+        }
+    }
+
+    /// Writes a wave into carved reservation space and commits it; values the master does not
+    /// take (other than existing keys, which a put leaves alone) are written again through
+    /// PutStart.
+    async fn write_reserved(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        config: &ReplicateConfig,
+        carved: Carved,
+    ) -> Vec<(usize, Result<()>)> {
+        let targets: Vec<Option<&[ReplicaDescriptor]>> = carved
+            .replicas
+            .iter()
+            .map(|r| Some(std::slice::from_ref(r)))
+            .collect();
+        let transferred = match self.transfer(wave, staged_bytes, &targets).await {
+            Ok(t) => t,
+            Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
+        };
+        let mut results: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        let mut commit = Vec::new();
+        let mut items = Vec::new();
+        for (pos, t) in transferred.into_iter().enumerate() {
+            match t {
+                Some(Ok(())) => {
+                    let item = wave[pos].1;
+                    commit.push(pos);
+                    items.push(ReservedPut {
+                        key: item.key.to_owned(),
+                        offset: carved.offsets[pos],
+                        size: item.source.size(),
+                    });
+                }
+                Some(Err(e)) => {
+                    self.reserved.drop_grant(carved.id);
+                    results[pos] = Some(Err(e));
+                }
+                None => results[pos] = Some(Ok(())),
+            }
+        }
+        let mut again = Vec::new();
+        if !commit.is_empty() {
+            let n = items.len();
+            let answer = self
+                .apply(Command::CommitReserved {
+                    client_id: self.client_id,
+                    reservation: carved.id,
+                    items,
+                    config: config.clone(),
+                })
+                .await;
+            let per_item: Vec<Result<(), ErrorCode>> = match answer {
+                Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs,
+                Ok((_, other)) => {
+                    tracing::warn!("CommitReserved answered {other:?}");
+                    vec![Err(ErrorCode::INTERNAL_ERROR); n]
+                }
+                // Maybe applied, maybe not: writing again through PutStart finds out (a put of
+                // a committed key is left alone).
+                Err(e) => {
+                    tracing::debug!("committing {n} reserved writes: {e}");
+                    vec![Err(e.code()); n]
+                }
+            };
+            for (pos, r) in commit.into_iter().zip(per_item) {
+                match r {
+                    Ok(()) | Err(ErrorCode::OBJECT_ALREADY_EXISTS) => results[pos] = Some(Ok(())),
+                    Err(code) => {
+                        tracing::debug!("reserved write of {:?}: {code:?}", wave[pos].1.key);
+                        again.push(pos);
+                    }
+                }
+            }
+        }
+        if !again.is_empty() {
+            self.reserved.drop_grant(carved.id);
+            let retry: Vec<(usize, &Item<'_>)> = again.iter().map(|&pos| wave[pos]).collect();
+            let staged = retry
+                .iter()
+                .map(|(_, item)| match item.source {
+                    Source::Bytes(_) => item.source.size().next_multiple_of(64),
+                    Source::Registered(_) => 0,
+                })
+                .sum();
+            let redone = self.write_started(kind, &retry, staged, config).await;
+            for (&pos, (_, r)) in again.iter().zip(redone) {
+                results[pos] = Some(r);
+            }
+        }
+        wave.iter()
+            .zip(results)
+            .map(|((i, _), r)| (*i, r.expect("every item has a result")))
+            .collect()
+    }
+
+    /// Starts, transfers and ends the writes of one wave through PutStart and PutEnd.
+    async fn write_started(
         &self,
         kind: Kind,
         wave: &[(usize, &Item<'_>)],
@@ -282,25 +478,80 @@ impl Store {
             Ok(s) => s,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
         };
-        let mut out = Vec::with_capacity(wave.len());
-        let slot = if staged_bytes > 0 {
-            match self
-                .staging
-                .reserve(staged_bytes, self.config.staging_wait)
-                .await
-            {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    let keys: Vec<String> = wave
-                        .iter()
-                        .zip(&started)
-                        .filter(|(_, s)| matches!(s, Ok(Some(_))))
-                        .map(|((_, item), _)| item.key.to_owned())
-                        .collect();
+        let targets: Vec<Option<&[ReplicaDescriptor]>> = started
+            .iter()
+            .map(|s| match s {
+                Ok(Some(r)) => Some(&r.replicas[..]),
+                _ => None,
+            })
+            .collect();
+        let transferred = match self.transfer(wave, staged_bytes, &targets).await {
+            Ok(t) => t,
+            Err(e) => {
+                let keys: Vec<String> = wave
+                    .iter()
+                    .zip(&targets)
+                    .filter(|(_, t)| t.is_some())
+                    .map(|((_, item), _)| item.key.to_owned())
+                    .collect();
+                if !keys.is_empty() {
                     self.end(false, keys).await;
-                    return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect();
                 }
+                return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect();
             }
+        };
+        let mut commit = Vec::new();
+        let mut revoke = Vec::new();
+        let mut item_results: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        for (pos, t) in transferred.into_iter().enumerate() {
+            let key = wave[pos].1.key.to_owned();
+            match t {
+                Some(Ok(())) => commit.push((pos, key)),
+                Some(Err(e)) => {
+                    revoke.push(key);
+                    item_results[pos] = Some(Err(e));
+                }
+                None => {}
+            }
+        }
+        if !revoke.is_empty() {
+            self.end(false, revoke).await;
+        }
+        if !commit.is_empty() {
+            let keys = commit.iter().map(|(_, k)| k.clone()).collect();
+            let ended = self.end(true, keys).await;
+            for ((pos, _), r) in commit.into_iter().zip(ended) {
+                item_results[pos] = Some(r);
+            }
+        }
+        let mut out = Vec::with_capacity(wave.len());
+        for (pos, ((i, _), start)) in wave.iter().zip(started).enumerate() {
+            let r = match start {
+                Err(e) => Err(e),
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => item_results[pos].take().unwrap_or(Ok(())),
+            };
+            out.push((*i, r));
+        }
+        out
+    }
+
+    /// Moves the bytes of each wave item that has targets into every one of them: per item
+    /// `None` (no targets), `Ok` (written everywhere) or the failure (`TRANSFER_FAIL`). Byte
+    /// values go through one staging slot of `staged_bytes`; waiting for it is the only
+    /// failure of the whole wave.
+    async fn transfer(
+        &self,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        targets: &[Option<&[ReplicaDescriptor]>],
+    ) -> Result<Vec<Option<Result<()>>>> {
+        let slot = if staged_bytes > 0 {
+            Some(
+                self.staging
+                    .reserve(staged_bytes, self.config.staging_wait)
+                    .await?,
+            )
         } else {
             None
         };
@@ -308,10 +559,9 @@ impl Store {
         let mut requests = Vec::new();
         let mut spans = Vec::new();
         let mut staged_at = slot.as_ref().map_or(0, |s| s.addr);
-        for (pos, ((_, item), start)) in wave.iter().zip(&started).enumerate() {
-            let replicas = match start {
-                Ok(Some(r)) => &r.replicas,
-                _ => continue,
+        for (pos, ((_, item), replicas)) in wave.iter().zip(targets).enumerate() {
+            let Some(replicas) = replicas else {
+                continue;
             };
             let first = requests.len();
             let outcome: Result<()> = async {
@@ -333,7 +583,7 @@ impl Store {
                         staged
                     }
                 };
-                for replica in replicas {
+                for replica in *replicas {
                     // A replica in this client's own segment is written by memcpy in the engine.
                     let (seg, mut addr) = self.locate(replica).await?;
                     for &(src, len) in &parts {
@@ -354,43 +604,19 @@ impl Store {
         }
         let transfer_results = self.engine.transfer(requests).await;
         drop(slot);
-        let mut commit = Vec::new();
-        let mut revoke = Vec::new();
-        let mut item_results: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        let mut out: Vec<Option<Result<()>>> = vec![None; wave.len()];
         for (pos, range, early) in spans {
-            let key = wave[pos].1.key.to_owned();
             let failed =
                 early.or_else(|| transfer_results[range].iter().find_map(|r| r.clone().err()));
-            match failed {
-                None => commit.push((pos, key)),
-                Some(e) => {
-                    revoke.push(key);
-                    item_results[pos] = Some(Err(Error::with_code(
-                        ErrorCode::TRANSFER_FAIL,
-                        format!("writing a replica failed: {e}"),
-                    )));
-                }
-            }
+            out[pos] = Some(match failed {
+                None => Ok(()),
+                Some(e) => Err(Error::with_code(
+                    ErrorCode::TRANSFER_FAIL,
+                    format!("writing a replica failed: {e}"),
+                )),
+            });
         }
-        if !revoke.is_empty() {
-            self.end(false, revoke).await;
-        }
-        if !commit.is_empty() {
-            let keys = commit.iter().map(|(_, k)| k.clone()).collect();
-            let ended = self.end(true, keys).await;
-            for ((pos, _), r) in commit.into_iter().zip(ended) {
-                item_results[pos] = Some(r);
-            }
-        }
-        for (pos, ((i, _), start)) in wave.iter().zip(started).enumerate() {
-            let r = match start {
-                Err(e) => Err(e),
-                Ok(None) => Ok(()),
-                Ok(Some(_)) => item_results[pos].take().unwrap_or(Ok(())),
-            };
-            out.push((*i, r));
-        }
-        out
+        Ok(out)
     }
 
     /// PutStart/UpsertStart for a wave: per item the replicas to write, `None` when the key

@@ -678,6 +678,9 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
         master_server_addr: master,
         global_segment_size: 0,
         local_buffer_size: region.next_multiple_of(64) + (1 << 20),
+        reservation_bytes: args
+            .reservation_bytes
+            .unwrap_or(StoreConfig::default().reservation_bytes),
         ..StoreConfig::default()
     };
     let cold = Store::setup(StoreConfig {
@@ -731,10 +734,12 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
 async fn run(args: &Args) -> Result<Outcome, String> {
     let ctx = setup(args).await?;
     println!(
-        "client: pid {}, store segment {} (global_segment_size 0), A's segment {}, runtime {}",
+        "client: pid {}, store segment {} (global_segment_size 0), A's segment {}, \
+         reservation_bytes {}, runtime {}",
         std::process::id(),
         ctx.store.hostname(),
         ctx.seg.name,
+        ctx.store.config().reservation_bytes,
         match args.client_rt {
             ClientRt::Multi => "multi_thread(2), calls made from a task on it",
             ClientRt::Current => "current_thread",

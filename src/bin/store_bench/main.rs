@@ -53,6 +53,8 @@ FLAGS:
     --profile-seconds S time per step kind of the breakdown, seconds (default 0.6)
     --client-rt RT      client runtime: multi (2 workers, default) | current (current_thread);
                         the measuring loop runs as a task on it
+    --reservation-bytes N  the client's StoreConfig::reservation_bytes (default 16M; 0: every
+                        put goes through PutStart and PutEnd)
     --server-threads N  worker threads of A's runtime (default 2)
     --segment-size N    A's segment (default max(1G, 4 x batch x largest size))
     --role ROLE         all (default) | server (A only: serve until stdin closes) | client
@@ -182,6 +184,7 @@ pub(crate) struct Args {
     pub(crate) profile: bool,
     pub(crate) profile_seconds: f64,
     pub(crate) client_rt: ClientRt,
+    pub(crate) reservation_bytes: Option<u64>,
     pub(crate) server_threads: usize,
     pub(crate) segment_size: Option<u64>,
     // Client role: what A tells B.
@@ -206,6 +209,7 @@ impl Default for Args {
             profile: true,
             profile_seconds: 0.6,
             client_rt: ClientRt::Multi,
+            reservation_bytes: None,
             server_threads: 2,
             segment_size: None,
             master: None,
@@ -333,6 +337,10 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
                     "current" => ClientRt::Current,
                     other => return Err(format!("unknown runtime {other:?}")),
                 }
+            }
+            "--reservation-bytes" => {
+                let v = value()?;
+                a.reservation_bytes = Some(if v.trim() == "0" { 0 } else { parse_size(&v)? });
             }
             "--server-threads" => a.server_threads = parse_count(&flag, &value()?)?,
             "--segment-size" => a.segment_size = Some(parse_size(&value()?)?),
