@@ -126,6 +126,8 @@ Flags (upstream names; --flag=value or --flag value):
   --allocation_strategy=random           random | free_ratio_first | local_first
   --cluster_id=mooncake_cluster
   --enable_rereplication=true            restore replica_num after a segment is lost
+  --reservation_ttl=500                  how long a client writes into space it reserved, ms
+                                         (or 500ms); 0: every put asks the master first
 
 Master group (Raft; every member gets the same --raft_peers):
   --raft_id=0                            this member's id; 0 runs a single in-memory master
@@ -222,6 +224,7 @@ const VALUED: &[&str] = &[
     "eviction_ratio",
     "allocation_strategy",
     "cluster_id",
+    "reservation_ttl",
     "raft_id",
     "raft_peers",
     "raft_data_dir",
@@ -296,6 +299,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "eviction_ratio" => m.eviction_ratio = parse_num(&name, &value)?,
             "allocation_strategy" => m.allocation_strategy = value.parse()?,
             "cluster_id" => m.cluster_id = value,
+            "reservation_ttl" => m.reservation_ttl_ms = parse_duration_ms(&value, 1)?,
             "enable_rereplication" => m.enable_rereplication = parse_bool(&name, &value)?,
             "raft_id" => raft_id = parse_num(&name, &value)?,
             "raft_peers" => raft_peers = Some(parse_raft_peers(&value)?),
@@ -610,8 +614,10 @@ mod tests {
             "--allocation_strategy=free_ratio_first",
             "--noenable_metric_reporting",
             "--max_threads=8",
+            "--reservation_ttl=250ms",
         ])
         .unwrap();
+        assert_eq!(o.master.reservation_ttl_ms, 250);
         assert!(o.enable_http_metadata_server);
         assert_eq!(o.http_metadata_server_port, 8081);
         assert_eq!(o.rpc_port, 50052);

@@ -185,6 +185,13 @@ impl MasterConfig {
         if self.max_active_tasks == 0 {
             return bad("max_active_tasks must be > 0".into());
         }
+        // A client expired for silence must not still be writing into a reservation.
+        if self.reservation_ttl_ms.saturating_mul(2) >= self.client_ttl_ms {
+            return bad(format!(
+                "reservation_ttl_ms ({}) must be less than half of client_ttl_ms ({})",
+                self.reservation_ttl_ms, self.client_ttl_ms
+            ));
+        }
         Ok(())
     }
 }

@@ -310,6 +310,7 @@ fn a_remove_in_flight_sends_reads_of_its_key_through_the_log() {
 fn heartbeats_stay_out_of_the_log_and_keep_clients_alive() {
     let mut h = H::with(MasterConfig {
         client_ttl_ms: 1_000,
+        reservation_ttl_ms: 250,
         ..Default::default()
     });
     h.mount(1, "a:1", MIB);
