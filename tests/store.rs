@@ -629,3 +629,47 @@ async fn puts_go_into_reserved_space_and_commit_with_one_call() {
         s.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_that_waits_past_its_reservation_goes_through_put_start() {
+    let (svc, addr) = serve_master(MasterConfig::default()).await;
+    let storage = Store::setup(config(&addr, 64 << 20)).await.unwrap();
+    let writer = Arc::new(
+        Store::setup(StoreConfig {
+            local_buffer_size: 4 << 20,
+            ..config(&addr, 0)
+        })
+        .await
+        .unwrap(),
+    );
+    let rc = ReplicateConfig::default();
+    let big = pattern(3, 3 << 20);
+    writer.put("big", &big, &rc).await.unwrap();
+    let before = svc.metrics().counters;
+    // The writer's own staging buffer is held by a value read into it, so the next put carves
+    // its space at once but waits for staging longer than the reservation may be written.
+    let held = writer.get_staged("big").await.unwrap();
+    let late = pattern(5, 2 << 20);
+    let put = tokio::spawn({
+        let (writer, late, rc) = (writer.clone(), late.clone(), rc.clone());
+        async move { writer.put("late", &late, &rc).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!put.is_finished(), "the put waits for staging space");
+    drop(held);
+    put.await.unwrap().unwrap();
+    let after = svc.metrics().counters;
+    assert_eq!(
+        after.reservations_granted,
+        before.reservations_granted + 1,
+        "space was carved for the put"
+    );
+    assert_eq!(
+        after.reserved_puts, before.reserved_puts,
+        "not written into the reservation"
+    );
+    assert_eq!(after.put_ends, before.put_ends + 1);
+    assert_eq!(storage.get("late").await.unwrap(), late);
+    writer.close().await.unwrap();
+    storage.close().await.unwrap();
+}

@@ -4,8 +4,9 @@
 //! Performance-critical: every eligible put carves here.
 //!
 //! The master's rules are in `mooncake_core::master::ReservationGrant`; this side keeps its
-//! half: no write starts later than the grant's ttl after the Reserve request was sent, and none
-//! after the master session changed (a reconnect, or another master of a group). A reservation
+//! half: no write starts later than the grant's ttl after the Reserve request was sent (checked
+//! when space is carved and again just before the transfer starts), and none after the master
+//! session changed (a reconnect, or another master of a group). A reservation
 //! is filled front to back; space of a value that was not committed (the key existed, a transfer
 //! failed) is not reused, and comes back to the cluster when the master lets the reservation
 //! expire.
@@ -38,6 +39,8 @@ pub(crate) struct Carved {
     pub(crate) offsets: Vec<u64>,
     /// Per value, where to write it.
     pub(crate) replicas: Vec<ReplicaDescriptor>,
+    /// No write into these places may start at or after this.
+    pub(crate) usable_until: Instant,
 }
 
 /// See the module docs.
@@ -93,6 +96,7 @@ impl Reserved {
             id: a.grant.id,
             offsets,
             replicas,
+            usable_until: a.usable_until,
         })
     }
 

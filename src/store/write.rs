@@ -11,7 +11,7 @@
 //! the values objects. A key that exists is then found at commit (the bytes were written for
 //! nothing, and the put still succeeds without changing the value).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mooncake_core::master::{
     Command, PutItem, PutStartResponse, ReplicaDescriptor, ReplicateConfig, ReservedPut, Response,
@@ -71,6 +71,15 @@ fn registered_items<'a>(items: &[(&'a str, u64, u64)]) -> Vec<Item<'a>> {
         })
         .collect()
 }
+
+/// Why a wave's transfer did not run.
+enum WaveError {
+    /// Its deadline to start passed first; nothing was written.
+    Late,
+    /// Waiting for staging space failed.
+    Failed(Error),
+}
+use WaveError::{Failed, Late};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -340,7 +349,7 @@ impl Store {
         if let Some(c) = self.reserved.carve(&sizes, session) {
             return Some(c);
         }
-        let asked_at = std::time::Instant::now();
+        let asked_at = Instant::now();
         let answer = self
             .apply(Command::Reserve {
                 client_id: self.client_id,
@@ -386,9 +395,17 @@ impl Store {
             .iter()
             .map(|r| Some(std::slice::from_ref(r)))
             .collect();
-        let transferred = match self.transfer(wave, staged_bytes, &targets).await {
+        let transferred = match self
+            .transfer(wave, staged_bytes, &targets, Some(carved.usable_until))
+            .await
+        {
             Ok(t) => t,
-            Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
+            Err(Late) => {
+                // Too late to write into the reservation (staging space took long to free).
+                self.reserved.drop_grant(carved.id);
+                return self.write_started(kind, wave, staged_bytes, config).await;
+            }
+            Err(Failed(e)) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
         };
         let mut results: Vec<Option<Result<()>>> = vec![None; wave.len()];
         let mut commit = Vec::new();
@@ -485,9 +502,16 @@ impl Store {
                 _ => None,
             })
             .collect();
-        let transferred = match self.transfer(wave, staged_bytes, &targets).await {
+        let transferred = match self.transfer(wave, staged_bytes, &targets, None).await {
             Ok(t) => t,
-            Err(e) => {
+            Err(err) => {
+                let e = match err {
+                    Failed(e) => e,
+                    Late => Error::with_code(
+                        ErrorCode::INTERNAL_ERROR,
+                        "a transfer with no deadline was late",
+                    ),
+                };
                 let keys: Vec<String> = wave
                     .iter()
                     .zip(&targets)
@@ -538,19 +562,22 @@ impl Store {
 
     /// Moves the bytes of each wave item that has targets into every one of them: per item
     /// `None` (no targets), `Ok` (written everywhere) or the failure (`TRANSFER_FAIL`). Byte
-    /// values go through one staging slot of `staged_bytes`; waiting for it is the only
-    /// failure of the whole wave.
+    /// values go through one staging slot of `staged_bytes`; waiting for it fails the whole
+    /// wave, and so does reaching `start_by` before the first byte is sent (`Late`: nothing was
+    /// written).
     async fn transfer(
         &self,
         wave: &[(usize, &Item<'_>)],
         staged_bytes: u64,
         targets: &[Option<&[ReplicaDescriptor]>],
-    ) -> Result<Vec<Option<Result<()>>>> {
+        start_by: Option<Instant>,
+    ) -> std::result::Result<Vec<Option<Result<()>>>, WaveError> {
         let slot = if staged_bytes > 0 {
             Some(
                 self.staging
                     .reserve(staged_bytes, self.config.staging_wait)
-                    .await?,
+                    .await
+                    .map_err(Failed)?,
             )
         } else {
             None
@@ -601,6 +628,9 @@ impl Store {
                     spans.push((pos, first..first, Some(e)));
                 }
             }
+        }
+        if start_by.is_some_and(|t| Instant::now() >= t) {
+            return Err(Late);
         }
         let transfer_results = self.engine.transfer(requests).await;
         drop(slot);
