@@ -673,3 +673,53 @@ async fn a_put_that_waits_past_its_reservation_goes_through_put_start() {
     writer.close().await.unwrap();
     storage.close().await.unwrap();
 }
+
+/// Pages of `[addr, addr + len)` resident in memory, by mincore(2).
+fn resident_pages(addr: u64, len: u64) -> usize {
+    let page = 4096usize;
+    let pages = (len as usize).div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is a live mapping of this process (a registered buffer); `vec` has one
+    // byte per page of it.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|b| **b & 1 == 1).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefaulted_segment_is_in_memory_from_the_start() {
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
+    let segment = 40 << 20;
+    let segment_buffer = |s: &Store| {
+        let d = s
+            .engine()
+            .memory()
+            .descriptors()
+            .into_iter()
+            .find(|d| d.len == segment)
+            .expect("the segment is a registered buffer");
+        (d.addr, d.len)
+    };
+    let lazy = Store::setup(config(&addr, segment)).await.unwrap();
+    let (a, n) = segment_buffer(&lazy);
+    assert!(
+        resident_pages(a, n) < 16,
+        "a fresh segment is not in memory yet"
+    );
+    let eager = Store::setup(StoreConfig {
+        prefault_segment: true,
+        ..config(&addr, segment)
+    })
+    .await
+    .unwrap();
+    let (a, n) = segment_buffer(&eager);
+    assert_eq!(resident_pages(a, n), (n / 4096) as usize);
+    let rc = ReplicateConfig {
+        preferred_segment: eager.hostname().to_owned(),
+        ..ReplicateConfig::default()
+    };
+    lazy.put("p", &pattern(4, 100_000), &rc).await.unwrap();
+    assert_eq!(lazy.get("p").await.unwrap(), pattern(4, 100_000));
+    eager.close().await.unwrap();
+    lazy.close().await.unwrap();
+}

@@ -77,6 +77,10 @@ pub struct StoreConfig {
     /// PutEnd after it. The master may grant less (at most a sixteenth of its largest segment)
     /// and frees what is unused after a second. Default 16 MiB; 0 turns it off.
     pub reservation_bytes: u64,
+    /// Touch every page of the segment at setup, so that writes into it never wait for the
+    /// kernel to provide a page (the process holds the whole segment in memory from the start).
+    /// Default false: pages are provided as values first land on them.
+    pub prefault_segment: bool,
 }
 
 impl Default for StoreConfig {
@@ -94,6 +98,7 @@ impl Default for StoreConfig {
             staging_wait: Duration::from_secs(10),
             location_cache_entries: 1 << 16,
             reservation_bytes: 16 << 20,
+            prefault_segment: false,
         }
     }
 }
@@ -153,6 +158,18 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Writes one byte of every page of `[base, base + len)`, a buffer of `engine` nobody uses yet.
+fn prefault(engine: &TransferEngine, base: u64, len: u64) -> Result<()> {
+    const PAGE: u64 = 4096;
+    let region = engine.memory().resolve(base, len)?;
+    let mut off = 0;
+    while off < len {
+        region.slice(off, 1)?.write_from(&[0])?;
+        off += PAGE;
+    }
+    Ok(())
+}
+
 /// A fresh client id from the OS's hash seeds, the clock and the process id.
 fn new_client_id() -> ClientId {
     use std::hash::{BuildHasher, Hasher};
@@ -210,6 +227,9 @@ impl Store {
         let segment = if config.global_segment_size > 0 {
             let base =
                 engine.allocate_buffer(config.global_segment_size as usize, Location::cpu(0))?;
+            if config.prefault_segment {
+                prefault(&engine, base, config.global_segment_size)?;
+            }
             Some(SegmentSpec::new(
                 engine.segment_name(),
                 base,
