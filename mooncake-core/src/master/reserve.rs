@@ -48,6 +48,7 @@ pub const MAX_RESERVATIONS_PER_CLIENT: usize = 1024;
 pub const RESERVATION_SHARE_DIVISOR: u64 = 16;
 
 /// Most unclaimed reserved bytes one client holds at once, in grants of the largest size.
+/// (Grants also stop where they would push used space past the eviction watermark.)
 pub const MAX_UNCLAIMED_GRANTS_PER_CLIENT: u64 = 4;
 
 /// What a client is granted: a range to fill.
@@ -129,7 +130,12 @@ impl Master {
             .max()
             .unwrap_or(0)
             & !(g - 1);
-        let size = size.min(cap);
+        // Reserved space never pushes the cluster past the eviction watermark: near it, puts go
+        // through PutStart, and eviction makes room for values, not for reservations.
+        let (capacity, used) = self.space();
+        let below_watermark = (capacity as f64 * self.config.eviction_high_watermark_ratio) as u64;
+        let room = below_watermark.saturating_sub(used) & !(g - 1);
+        let size = size.min(cap).min(room);
         if size == 0
             || size < min_size
             || held >= MAX_RESERVATIONS_PER_CLIENT

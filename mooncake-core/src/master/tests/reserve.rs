@@ -221,15 +221,37 @@ fn grants_are_bounded() {
     );
     h.reserve(2, MIB, 0).unwrap();
     // Less than asked when that is all there is, but never less than the client can use.
-    let mut small = H::new();
+    let mut small = H::with(MasterConfig {
+        eviction_high_watermark_ratio: 1.0,
+        ..MasterConfig::default()
+    });
     small.mount(1, "a:1", 16 * MIB);
+    small.mount(3, "b:1", 16 * MIB);
     small.register(2);
-    small.put(1, "filler", 16 * MIB - 300 * 1024, 1);
-    assert_eq!(small.reserve(2, MIB, 0).unwrap().size, 256 * 1024);
+    let pin = |seg: &str| ReplicateConfig {
+        preferred_segment: seg.into(),
+        ..ReplicateConfig::default()
+    };
+    small.put_cfg(1, "f1", 16 * MIB - 300 * 1024, pin("a:1"));
+    small.put_cfg(1, "f2", 16 * MIB - 300 * 1024, pin("b:1"));
+    // 600 KiB free in all, in two ranges of 300 KiB: the grant is halved until one fits.
+    assert_eq!(small.reserve(2, MIB, 0).unwrap().size, 300 * 1024);
     assert_eq!(
-        small.reserve(2, MIB, 64 * 1024),
+        small.reserve(2, MIB, 301 * 1024),
         Err(ErrorCode::NO_AVAILABLE_HANDLE)
     );
+    // Never past the eviction watermark (0.9 of 16 MiB here).
+    let mut full = H::new();
+    full.mount(1, "a:1", 16 * MIB);
+    full.register(2);
+    full.put(1, "filler", 14 * MIB, 1);
+    let room = ((16 * MIB) as f64 * 0.9) as u64 - 14 * MIB;
+    assert_eq!(full.reserve(2, MIB, 0).unwrap().size, room & !63);
+    assert_eq!(
+        full.reserve(2, MIB, 64),
+        Err(ErrorCode::NO_AVAILABLE_HANDLE)
+    );
+    assert!(full.tick().is_empty(), "no eviction for a reservation");
     // Off when the ttl is 0.
     let mut off = H::with(MasterConfig {
         reservation_ttl_ms: 0,
