@@ -137,7 +137,9 @@ Master group (Raft; every member gets the same --raft_peers):
   --raft_election_ticks=10               ticks of silence before an election (randomised up to 2x)
   --raft_join=false                      start as a new member of a running group: bootstrap
                                          nothing and wait to be added; --raft_peers lists the
-                                         current members and this one
+                                         current members and this one (without it, a first start
+                                         next to a running group that lacks this member is
+                                         refused)
 
 On becoming leader a member prints `mooncake_master raft: leader id=ID term=TERM` (and
 `mooncake_master raft: stepped_down id=ID term=TERM` when that ends) on stdout.
@@ -455,6 +457,7 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
         .find(|p| p.id == raft.id)
         .map(|p| p.raft_addr.clone())
         .ok_or_else(|| Error::InvalidArgument(format!("raft id {} not among peers", raft.id)))?;
+    refuse_a_second_group(raft).await?;
     let mut node = NodeConfig::new(raft.id, raft.data_dir.clone(), voters);
     node.election_ticks = raft.election_ticks;
     node.join = raft.join;
@@ -479,6 +482,68 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
         }
     }));
     Ok(service)
+}
+
+/// Before a member bootstraps (first start, not `--raft_join`), asks the other listed members
+/// whether a group with a leader is already running; if one is and this member is not among its
+/// members, bootstrapping would start a second group under the same addresses, so the start is
+/// refused and the error says to join instead. Members that do not answer (not started yet, or
+/// no leader yet: the usual first start of a group) let the bootstrap go on.
+#[cfg(feature = "raft")]
+async fn refuse_a_second_group(raft: &RaftOptions) -> Result<()> {
+    use crate::admin::AdminRequest;
+    use crate::rpc::RpcClientConfig;
+    use crate::service::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
+    let initialized = raft
+        .data_dir
+        .join(mooncake_meta_raft::wal::SNAPSHOT_FILE)
+        .exists();
+    if raft.join || initialized {
+        return Ok(());
+    }
+    let config = RpcClientConfig {
+        call_timeout: std::time::Duration::from_secs(1),
+        connect_timeout: std::time::Duration::from_millis(500),
+    };
+    let ask = |addr: String| {
+        let config = config.clone();
+        async move {
+            let mut target = addr;
+            // A follower names the leader: ask it once.
+            for _ in 0..2 {
+                let remote = RemoteMaster::new(target.as_str(), config.clone());
+                match remote
+                    .call(MasterRequest::Admin(AdminRequest::Members))
+                    .await
+                {
+                    Ok(MasterReply::Members(m)) => return Some(m),
+                    Ok(MasterReply::NotLeader {
+                        leader: Some(leader),
+                    }) if leader != target => target = leader,
+                    _ => return None,
+                }
+            }
+            None
+        }
+    };
+    let asks = raft
+        .peers
+        .iter()
+        .filter(|(id, _, _)| *id != raft.id)
+        .map(|(_, _, rpc)| ask(rpc.clone()));
+    for m in futures::future::join_all(asks).await.into_iter().flatten() {
+        let ids: Vec<u64> = m.members.iter().map(|p| p.id).collect();
+        if !ids.contains(&raft.id) {
+            return Err(Error::InvalidArgument(format!(
+                "a master group is already running (member {} answered; its members are {ids:?}) \
+                 and member {} is not one of them: starting it would begin a second group. Start \
+                 a new member with --raft_join, then add it with `mooncake_master admin \
+                 add-learner` and `promote`",
+                m.answered_by, raft.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Start of the line a group member prints on stdout when it becomes leader

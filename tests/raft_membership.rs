@@ -272,3 +272,69 @@ async fn scenario() {
     );
     client.close().await.unwrap();
 }
+
+/// A member started without `--raft_join` next to a running group that does not include it
+/// would bootstrap a second group under the same addresses: it is refused, says how to join, and
+/// writes no group state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_started_without_join_is_refused_while_the_group_runs() {
+    let mut g = Group::new("nojoin", 3);
+    eventually("a first leader", Duration::from_secs(15), || async {
+        g.leader().await.is_some()
+    })
+    .await;
+    let i = g.add_member(true);
+    let m = &g.members[i];
+    let peers: Vec<String> = g.members.iter().map(|m| m.spec()).collect();
+    let data_dir = g.dir.join(format!("{}-refused", m.id));
+    let args = vec![
+        "--rpc_address=127.0.0.1".to_string(),
+        format!("--rpc_port={}", m.rpc.rsplit_once(':').unwrap().1),
+        "--metrics_port=0".to_string(),
+        format!("--raft_id={}", m.id),
+        format!("--raft_data_dir={}", data_dir.display()),
+        format!("--raft_peers={}", peers.join(",")),
+    ];
+    // Bounded: a member that wrongly starts is killed after 15 s and the test fails.
+    let (status, stderr) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run mooncake_master");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        (status, err)
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "it started ({status:?}): {stderr}"
+    );
+    assert!(
+        stderr.contains("already running") && stderr.contains("--raft_join"),
+        "{stderr}"
+    );
+    assert!(
+        !data_dir.join("snapshot").exists(),
+        "no group state was written"
+    );
+    // The group itself is untouched.
+    let left = members(&g.addresses()).await;
+    assert_eq!(left.voters(), vec![1, 2, 3]);
+}
