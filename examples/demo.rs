@@ -177,8 +177,14 @@ async fn exercise(store: &Arc<Store>, master: &Arc<MasterService>, other: &str) 
     );
     let m = master.metrics();
     println!(
-        "master: {} keys, {} segments, {} / {} bytes used",
-        m.key_count, m.segment_count, m.used_bytes, m.capacity_bytes
+        "master: {} keys, {} segments, {} / {} bytes used ({} retired until read leases end, {} \
+         reserved for writers)",
+        m.key_count,
+        m.segment_count,
+        m.used_bytes,
+        m.capacity_bytes,
+        m.retired_bytes,
+        m.reserved_bytes
     );
     Ok(())
 }

@@ -85,6 +85,9 @@ pub struct MasterMetrics {
     pub capacity_bytes: u64,
     /// Bytes kept reserved for leases of replaced replicas.
     pub retired_bytes: u64,
+    /// Bytes clients hold in reservations and have not filled yet (part of `used_bytes`).
+    #[serde(default)]
+    pub reserved_bytes: u64,
     /// Mounted segments.
     pub segment_count: u64,
     /// Known clients.
@@ -107,6 +110,7 @@ impl MasterMetrics {
             ("used_bytes", self.used_bytes),
             ("capacity_bytes", self.capacity_bytes),
             ("retired_bytes", self.retired_bytes),
+            ("reserved_bytes", self.reserved_bytes),
             ("segments", self.segment_count),
             ("clients", self.client_count),
             ("active_tasks", self.active_tasks),
@@ -174,6 +178,11 @@ impl Master {
             used_bytes,
             capacity_bytes,
             retired_bytes: self.segments.values().map(|s| s.info().retired).sum(),
+            reserved_bytes: self
+                .reservations
+                .values()
+                .flat_map(|r| r.pieces.values())
+                .sum(),
             segment_count: self.segments.len() as u64,
             client_count: self.clients.len() as u64,
             active_tasks: self

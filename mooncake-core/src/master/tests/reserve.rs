@@ -96,6 +96,7 @@ fn committed_values_are_readable_where_they_were_written() {
         assert_eq!(list.replicas[0].status, ReplicaStatus::Complete);
     }
     assert_eq!(h.m.metrics().counters.reserved_puts, 3);
+    assert_eq!(h.m.metrics().reserved_bytes, MIB - 2 * 4096 - 128);
     // A committed value is an object like any other: removed, its range is retired until the
     // read lease ends, then freed to the segment (not to the reservation).
     h.remove("b", true).unwrap();
