@@ -79,9 +79,9 @@ where
 /// Runs `fut` as a task on the runtime's workers and waits for it without the GIL, catching
 /// panics: for small writes.
 ///
-/// A put makes three round trips (the master, the storage node, the master again). Driven from
-/// the calling thread, each answer wakes the worker that watches the sockets and then this
-/// thread; run on a worker, the answers resume the call where they arrive and only the finished
+/// A put makes two or three round trips (the storage node and the master, or the master before
+/// and after the storage node). Driven from the calling thread, each answer wakes the worker
+/// that watches the sockets and then this thread; run on a worker, the answers resume the call where they arrive and only the finished
 /// call wakes this thread. Reads make one round trip and gain nothing; large writes are mostly
 /// copying, which is better spread over the calling threads than queued on the workers.
 pub(crate) fn block_on_worker<F>(py: Python<'_>, fut: F) -> Result<F::Output, Error>

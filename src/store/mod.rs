@@ -158,18 +158,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Writes one byte of every page of `[base, base + len)`, a buffer of `engine` nobody uses yet.
-fn prefault(engine: &TransferEngine, base: u64, len: u64) -> Result<()> {
-    const PAGE: u64 = 4096;
-    let region = engine.memory().resolve(base, len)?;
-    let mut off = 0;
-    while off < len {
-        region.slice(off, 1)?.write_from(&[0])?;
-        off += PAGE;
-    }
-    Ok(())
-}
-
 /// A fresh client id from the OS's hash seeds, the clock and the process id.
 fn new_client_id() -> ClientId {
     use std::hash::{BuildHasher, Hasher};
@@ -228,7 +216,10 @@ impl Store {
             let base =
                 engine.allocate_buffer(config.global_segment_size as usize, Location::cpu(0))?;
             if config.prefault_segment {
-                prefault(&engine, base, config.global_segment_size)?;
+                engine
+                    .memory()
+                    .resolve(base, config.global_segment_size)?
+                    .prefault();
             }
             Some(SegmentSpec::new(
                 engine.segment_name(),

@@ -45,6 +45,14 @@ impl Source<'_> {
             Source::Registered(parts) => parts.iter().map(|p| p.1).sum(),
         }
     }
+
+    /// Staging bytes the value takes on its way out (none for registered memory).
+    fn staged(&self) -> u64 {
+        match self {
+            Source::Bytes(_) => self.size().next_multiple_of(64),
+            Source::Registered(_) => 0,
+        }
+    }
 }
 
 struct Item<'a> {
@@ -272,10 +280,7 @@ impl Store {
                 results[i] = Some(Err(e));
                 continue;
             }
-            let staged = match item.source {
-                Source::Bytes(_) => item.source.size().next_multiple_of(64),
-                Source::Registered(_) => 0,
-            };
+            let staged = item.source.staged();
             if wave_bytes + staged > self.staging.size() && !wave.is_empty() {
                 for (j, r) in self.write_wave(kind, &wave, wave_bytes, config).await {
                     results[j] = Some(r);
@@ -465,13 +470,7 @@ impl Store {
         if !again.is_empty() {
             self.reserved.drop_grant(carved.id);
             let retry: Vec<(usize, &Item<'_>)> = again.iter().map(|&pos| wave[pos]).collect();
-            let staged = retry
-                .iter()
-                .map(|(_, item)| match item.source {
-                    Source::Bytes(_) => item.source.size().next_multiple_of(64),
-                    Source::Registered(_) => 0,
-                })
-                .sum();
+            let staged = retry.iter().map(|(_, item)| item.source.staged()).sum();
             let redone = self.write_started(kind, &retry, staged, config).await;
             for (&pos, (_, r)) in again.iter().zip(redone) {
                 results[pos] = Some(r);

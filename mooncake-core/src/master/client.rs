@@ -74,7 +74,7 @@ impl Master {
         self.counters.clients_expired += 1;
         // Tasks it was running go back to the queue (or fail after too many tries).
         self.tasks_on_client_lost(now, client);
-        self.drop_reservations_where(|r| r.client == client);
+        let _ = self.drop_reservations_where(|r| r.client == client);
         for id in entry.segments {
             self.drop_segment(now, id);
         }

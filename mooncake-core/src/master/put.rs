@@ -118,13 +118,7 @@ impl Master {
                         WriteKind::Upsert => ErrorCode::OBJECT_REPLICA_BUSY,
                     });
                 }
-                let mut old = obj.pending.take().expect("checked above");
-                self.writes.remove(&(old.started_at, key.to_owned()));
-                tracing::debug!(key, old_client = %old.client, %client, "put taken over");
-                for r in &mut old.replicas {
-                    release(&mut self.segments, r, LeaseDeadline::default(), now);
-                }
-                self.counters.puts_taken_over += 1;
+                self.take_over_write(now, key, client);
             }
         }
 
@@ -184,6 +178,20 @@ impl Master {
             }
         }
         Ok(response)
+    }
+
+    /// Frees the write in progress on `key`, which `client` takes over (the caller checked that
+    /// it is older than `put_takeover_ms`).
+    pub(crate) fn take_over_write(&mut self, now: Timestamp, key: &str, client: ClientId) {
+        let Some(mut old) = self.objects.get_mut(key).and_then(|o| o.pending.take()) else {
+            return;
+        };
+        self.writes.remove(&(old.started_at, key.to_owned()));
+        tracing::debug!(key, old_client = %old.client, %client, "put taken over");
+        for r in &mut old.replicas {
+            release(&mut self.segments, r, LeaseDeadline::default(), now);
+        }
+        self.counters.puts_taken_over += 1;
     }
 
     /// The write in progress on `key` by `client`, checked.

@@ -32,7 +32,6 @@ use super::object::Object;
 use super::placement::Placement;
 use super::put::pin_after_write;
 use super::replica::{Replica, ReplicaStatus};
-use super::segment::release;
 use super::types::{ClientId, LeaseDeadline, ReplicaId, SegmentId, Timestamp};
 use super::Master;
 use crate::allocator::{Allocation, Allocator};
@@ -229,12 +228,7 @@ impl Master {
                 if now.since(p.started_at) < self.config.put_takeover_ms {
                     return Err(ErrorCode::OBJECT_ALREADY_EXISTS);
                 }
-                let mut old = obj.pending.take().expect("checked above");
-                self.writes.remove(&(old.started_at, item.key.clone()));
-                for r in &mut old.replicas {
-                    release(&mut self.segments, r, LeaseDeadline::default(), now);
-                }
-                self.counters.puts_taken_over += 1;
+                self.take_over_write(now, &item.key, client);
                 // Nothing is left of the object: it is recreated below.
                 self.objects.remove(&item.key);
             }
@@ -330,20 +324,11 @@ impl Master {
 
     /// Frees the unclaimed pieces of expired reservations; returns how many expired.
     pub(crate) fn expire_reservations(&mut self, now: Timestamp) -> u64 {
-        let due: Vec<u64> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| r.expires_at <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &due {
-            self.drop_reservation(*id);
-        }
-        due.len() as u64
+        self.drop_reservations_where(|r| r.expires_at <= now)
     }
 
     /// Removes reservation `id`, freeing its unclaimed pieces (if its segment is still there).
-    pub(crate) fn drop_reservation(&mut self, id: u64) {
+    fn drop_reservation(&mut self, id: u64) {
         let Some(r) = self.reservations.remove(&id) else {
             return;
         };
@@ -355,17 +340,18 @@ impl Master {
         }
     }
 
-    /// Drops the reservations held by `client` or on segment `segment`.
-    pub(crate) fn drop_reservations_where(&mut self, pred: impl Fn(&Reservation) -> bool) {
+    /// Drops the reservations `pred` picks, freeing their unclaimed pieces; returns how many.
+    pub(crate) fn drop_reservations_where(&mut self, pred: impl Fn(&Reservation) -> bool) -> u64 {
         let ids: Vec<u64> = self
             .reservations
             .iter()
             .filter(|(_, r)| pred(r))
             .map(|(id, _)| *id)
             .collect();
-        for id in ids {
+        for &id in &ids {
             self.drop_reservation(id);
         }
+        ids.len() as u64
     }
 
     /// When the earliest reservation expires.

@@ -428,17 +428,12 @@ async fn start_server(args: &Args) -> Result<Server, String> {
         .engine()
         .allocate_buffer(scratch_len as usize, Location::cpu(0))
         .map_err(|e| format!("allocating the {scratch_len}-byte scratch buffer: {e}"))?;
-    let region = store
+    store
         .engine()
         .memory()
         .resolve(scratch, scratch_len)
-        .map_err(|e| format!("resolving the scratch buffer: {e}"))?;
-    for off in (0..scratch_len).step_by(4096) {
-        region
-            .slice(off, 1)
-            .and_then(|r| r.write_from(&[0]))
-            .map_err(|e| format!("touching the scratch buffer: {e}"))?;
-    }
+        .map_err(|e| format!("resolving the scratch buffer: {e}"))?
+        .prefault();
     Ok(Server {
         service,
         store,
