@@ -59,8 +59,9 @@ fn request_is_valid(h: &[u8]) -> bool {
     let op = h[0];
     let addr = u64::from_le_bytes(h[8..16].try_into().unwrap());
     let len = u64::from_le_bytes(h[16..24].try_into().unwrap());
+    // Flags: only the landing notice (bit 0), and only on WRITE.
     (1..=3).contains(&op)
-        && h[1] == 0
+        && (h[1] == 0 || (op == 2 && h[1] == 1))
         && h[2] == 0
         && h[3] == 0
         && len <= MAX_REQUEST_LEN

@@ -31,7 +31,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $make;
             read_and_write, batch_of_mixed_requests, zero_length_requests,
             local_bounds_violation, remote_bounds_violation, large_requests,
-            peer_death, concurrent_batches, submit_reports_status, unknown_segment);
+            peer_death, concurrent_batches, submit_reports_status, unknown_segment,
+            landing_notices);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -450,6 +451,7 @@ pub async fn submit_reports_status(h: &dyn Harness) {
             len: 1,
             target: seg.clone(),
             target_addr: remote,
+            notify: false,
         },
     ]);
     let results = tokio::time::timeout(h.failure_bound(), batch.wait())
@@ -481,4 +483,79 @@ pub async fn unknown_segment(h: &dyn Harness) {
         assert!(r.is_err(), "opening {name} must fail");
     }
     e.shutdown().await;
+}
+
+/// A WRITE that asks for a landing notice is reported to the target's observer, in one or more
+/// pieces that exactly cover it, each with its bytes already in memory, before the initiator
+/// sees it complete; other requests (plain WRITEs, READs, failed WRITEs) are not reported.
+pub async fn landing_notices(h: &dyn Harness) {
+    let p = pair(h).await;
+    const BIG: usize = 3 << 20;
+    let remote = p
+        .target
+        .allocate_buffer(BIG + 8192, Location::cpu(0))
+        .unwrap();
+    let local = p
+        .initiator
+        .allocate_buffer(BIG + 16384, Location::cpu(0))
+        .unwrap();
+    let data = pattern(9, BIG + 8192);
+    fill(&p.initiator, local, &data);
+    // (addr, len, bytes in place when reported)
+    let seen: Arc<std::sync::Mutex<Vec<(u64, u64, bool)>>> = Arc::default();
+    let (memory, log) = (p.target.memory().clone(), seen.clone());
+    let expected = data.clone();
+    p.target
+        .set_landing_observer(Arc::new(move |addr, len| {
+            let off = (addr - remote) as usize;
+            let landed = memory
+                .resolve(addr, len)
+                .is_ok_and(|r| r.to_vec() == expected[off..off + len as usize]);
+            log.lock().unwrap().push((addr, len, landed));
+        }))
+        .unwrap();
+    let seg = p
+        .initiator
+        .open_segment(p.target.segment_name())
+        .await
+        .unwrap();
+    let results = p
+        .initiator
+        .transfer(vec![
+            TransferRequest::write(&seg, remote, local, BIG as u64).with_landing_notice(),
+            TransferRequest::write(&seg, remote + BIG as u64, local + BIG as u64, 4096),
+            TransferRequest::read(&seg, remote, local + BIG as u64 + 8192, 4096)
+                .with_landing_notice(),
+            TransferRequest::write(&seg, remote + (64 << 20), local, 4096).with_landing_notice(),
+            TransferRequest::write(
+                &seg,
+                remote + BIG as u64 + 4096,
+                local + BIG as u64 + 4096,
+                100,
+            )
+            .with_landing_notice(),
+        ])
+        .await;
+    assert!(results[0].is_ok() && results[1].is_ok() && results[2].is_ok());
+    assert!(results[3].is_err(), "out of bounds");
+    assert!(results[4].is_ok());
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert!(
+        seen.iter().all(|s| s.2),
+        "reported before its bytes landed: {seen:?}"
+    );
+    // The pieces tile [remote, remote + BIG) and [remote + BIG + 4096, +100), nothing else.
+    let mut at = remote;
+    let mut pieces = seen.iter();
+    while at < remote + BIG as u64 {
+        let &(addr, len, _) = pieces.next().expect("the big WRITE is covered");
+        assert_eq!(addr, at, "pieces are contiguous: {seen:?}");
+        at += len;
+    }
+    assert_eq!(at, remote + BIG as u64);
+    let rest: Vec<(u64, u64)> = pieces.map(|s| (s.0, s.1)).collect();
+    assert_eq!(rest, vec![(remote + BIG as u64 + 4096, 100)]);
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
 }

@@ -66,6 +66,9 @@ pub struct TransferRequest {
     pub target: SegmentHandle,
     /// Address in the target's address space, inside a buffer the target registered.
     pub target_addr: u64,
+    /// For a WRITE: ask the target to report the landing to its segment's observer
+    /// ([`LocalSegment::landed`](crate::LocalSegment::landed)).
+    pub notify: bool,
 }
 
 impl TransferRequest {
@@ -77,7 +80,14 @@ impl TransferRequest {
             len,
             target: target.clone(),
             target_addr,
+            notify: false,
         }
+    }
+    /// This request, asking the target to report when its bytes have landed (WRITEs only; a
+    /// READ ignores it).
+    pub fn with_landing_notice(mut self) -> Self {
+        self.notify = self.opcode == OpCode::Write;
+        self
     }
     /// A WRITE of `len` bytes from `local_addr` to `target_addr`.
     pub fn write(target: &SegmentHandle, target_addr: u64, local_addr: u64, len: u64) -> Self {
@@ -87,6 +97,7 @@ impl TransferRequest {
             len,
             target: target.clone(),
             target_addr,
+            notify: false,
         }
     }
 }
@@ -177,6 +188,12 @@ impl TransferEngine {
     /// This segment's name (`host:port`).
     pub fn segment_name(&self) -> &str {
         self.segment.name()
+    }
+
+    /// Sets who is told of WRITEs into this segment that asked for a landing notice (once per
+    /// engine; see [`LocalSegment::landed`](crate::LocalSegment::landed)).
+    pub fn set_landing_observer(&self, observer: crate::transport::LandingObserver) -> Result<()> {
+        self.segment.set_landing_observer(observer)
     }
 
     /// This segment's current descriptor.
@@ -332,10 +349,11 @@ impl TransferEngine {
                 continue;
             }
             if req.target.name == local_name {
-                batch.complete(
-                    index,
-                    local_copy(memory, req.opcode, &local, req.target_addr),
-                );
+                let copied = local_copy(memory, req.opcode, &local, req.target_addr);
+                if copied.is_ok() && req.notify {
+                    self.segment.landed(req.target_addr, req.len);
+                }
+                batch.complete(index, copied);
                 continue;
             }
             let op = TransferOp {
@@ -343,6 +361,7 @@ impl TransferEngine {
                 local,
                 target_addr: req.target_addr,
                 index,
+                notify: req.notify,
             };
             match groups.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &req.target)) {
                 Some((_, ops)) => ops.push(op),

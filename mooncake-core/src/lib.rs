@@ -44,5 +44,6 @@ pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
 pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
 pub use transport::{
-    BatchState, Endpoint, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus, Transport,
+    BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,
+    TransferStatus, Transport,
 };

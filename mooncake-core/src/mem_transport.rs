@@ -100,6 +100,9 @@ impl Transport for MemTransport {
                     OpCode::Read => remote.copy_to(&op.local),
                     OpCode::Write => op.local.copy_to(&remote),
                 });
+            if result.is_ok() && op.notify {
+                peer.landed(op.target_addr, op.local.len());
+            }
             batch.complete(op.index, result);
         }
     }

@@ -70,12 +70,25 @@ impl SegmentDesc {
     }
 }
 
+/// Told of every WRITE into this segment that asked for a landing notice, with its target
+/// address and length, once all of its bytes are in memory (see [`LocalSegment::landed`]).
+pub type LandingObserver = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// The process's own segment, as transports serve it: its memory and its current descriptor.
-#[derive(Debug)]
 pub struct LocalSegment {
     memory: Arc<MemoryRegistry>,
     name: OnceLock<String>,
     endpoints: Mutex<Vec<Endpoint>>,
+    observer: OnceLock<LandingObserver>,
+}
+
+impl fmt::Debug for LocalSegment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalSegment")
+            .field("name", &self.name())
+            .field("observed", &self.observer.get().is_some())
+            .finish()
+    }
 }
 
 impl LocalSegment {
@@ -85,6 +98,7 @@ impl LocalSegment {
             memory,
             name: OnceLock::new(),
             endpoints: Mutex::new(Vec::new()),
+            observer: OnceLock::new(),
         })
     }
     /// The registered memory.
@@ -104,6 +118,20 @@ impl LocalSegment {
     /// Adds an endpoint.
     pub fn add_endpoint(&self, endpoint: Endpoint) {
         self.endpoints.lock().expect("endpoint lock").push(endpoint);
+    }
+    /// Sets who is told of landed WRITEs that asked for a notice, once.
+    pub fn set_landing_observer(&self, observer: LandingObserver) -> Result<()> {
+        self.observer
+            .set(observer)
+            .map_err(|_| Error::InvalidArgument("segment already has a landing observer".into()))
+    }
+    /// Transports call this when a WRITE of `len` bytes at `addr` that asked for a landing
+    /// notice ([`TransferOp::notify`]) has put all its bytes in this segment's memory, before
+    /// they acknowledge it. A WRITE a transport splits may be reported in pieces.
+    pub fn landed(&self, addr: u64, len: u64) {
+        if let Some(observe) = self.observer.get() {
+            observe(addr, len);
+        }
     }
     /// The current descriptor.
     pub fn descriptor(&self) -> SegmentDesc {
@@ -259,6 +287,10 @@ pub struct TransferOp {
     pub target_addr: u64,
     /// Index of this request in `batch`.
     pub index: usize,
+    /// For a WRITE: the target reports its landing to its segment's observer
+    /// ([`LocalSegment::landed`]). Lets a target-side party act on the bytes (the store's
+    /// master commits a put once they landed) without waiting for the initiator.
+    pub notify: bool,
 }
 
 /// A way to move bytes to and from other processes' registered memory.

@@ -162,6 +162,8 @@ pub(crate) struct Outgoing {
     /// Local memory: destination of a READ, source of a WRITE; `None` for DESCRIBE.
     pub(crate) local: Option<MemRegion>,
     pub(crate) completion: Completion,
+    /// WRITE only: ask for a landing notice.
+    pub(crate) notify: bool,
 }
 
 struct Pending {
@@ -283,6 +285,7 @@ impl Lane {
                     id,
                     addr: item.addr,
                     len,
+                    notify: item.notify,
                 },
                 &mut s.buf,
             );

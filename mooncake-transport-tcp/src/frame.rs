@@ -8,6 +8,7 @@
 //! ```text
 //! request  (24 bytes): opcode u8 | flags u8 | reserved u16 | request id u32 | addr u64 | len u64
 //!                      followed by `len` payload bytes for WRITE
+//!                      flags: bit 0 (WRITE only) = report the landing to the segment's observer
 //! response (16 bytes): status i32 | request id u32 | len u64
 //!                      followed by `len` payload bytes (READ data, DESCRIBE descriptor)
 //! ```
@@ -28,6 +29,9 @@ pub const REQUEST_LEN: usize = 24;
 pub const RESPONSE_LEN: usize = 16;
 /// Largest length a single request may carry (1 TiB); larger is malformed.
 pub const MAX_REQUEST_LEN: u64 = 1 << 40;
+/// Request flag (WRITE only): the target reports the landed bytes to its segment's observer
+/// before answering.
+pub const FLAG_NOTIFY: u8 = 1;
 /// Largest descriptor a DESCRIBE response may carry.
 pub const MAX_DESCRIPTOR_LEN: u64 = 16 << 20;
 
@@ -54,6 +58,8 @@ pub struct Request {
     pub addr: u64,
     /// Length.
     pub len: u64,
+    /// WRITE only: report the landing ([`FLAG_NOTIFY`]).
+    pub notify: bool,
 }
 
 /// A decoded response header.
@@ -132,7 +138,7 @@ pub fn decode_preamble(b: &[u8; PREAMBLE_LEN]) -> Result<(), FrameError> {
 /// Appends an encoded request header to `out`.
 pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
     out.push(req.op as u8);
-    out.push(0);
+    out.push(if req.notify { FLAG_NOTIFY } else { 0 });
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&req.id.to_le_bytes());
     out.extend_from_slice(&req.addr.to_le_bytes());
@@ -153,7 +159,8 @@ pub fn decode_request(b: &[u8]) -> Result<Option<Request>, FrameError> {
     };
     let flags = h[1];
     let reserved = u16::from_le_bytes([h[2], h[3]]);
-    if flags != 0 || reserved != 0 {
+    let allowed = if op == Op::Write { FLAG_NOTIFY } else { 0 };
+    if flags & !allowed != 0 || reserved != 0 {
         return Err(FrameError::ReservedBits { flags, reserved });
     }
     let id = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
@@ -165,7 +172,13 @@ pub fn decode_request(b: &[u8]) -> Result<Option<Request>, FrameError> {
     if op == Op::Describe && (addr != 0 || len != 0) {
         return Err(FrameError::BadDescribe);
     }
-    Ok(Some(Request { op, id, addr, len }))
+    Ok(Some(Request {
+        op,
+        id,
+        addr,
+        len,
+        notify: flags & FLAG_NOTIFY != 0,
+    }))
 }
 
 /// Appends an encoded response header to `out`.
@@ -207,9 +220,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn request_round_trips(op in op(), id: u32, addr: u64, len in 0..=MAX_REQUEST_LEN) {
+        fn request_round_trips(op in op(), id: u32, addr: u64, len in 0..=MAX_REQUEST_LEN, notify: bool) {
             let (addr, len) = if op == Op::Describe { (0, 0) } else { (addr, len) };
-            let req = Request { op, id, addr, len };
+            let notify = notify && op == Op::Write;
+            let req = Request { op, id, addr, len, notify };
             let mut buf = Vec::new();
             encode_request(&req, &mut buf);
             prop_assert_eq!(buf.len(), REQUEST_LEN);
@@ -251,6 +265,7 @@ mod tests {
                 id: 1,
                 addr: 0,
                 len: 0,
+                notify: false,
             },
             &mut b,
         );
@@ -264,7 +279,14 @@ mod tests {
             Err(FrameError::LengthTooLarge(1 << 63))
         );
         let mut bad = b.clone();
-        bad[1] = 1;
+        bad[1] = FLAG_NOTIFY;
+        assert!(
+            matches!(decode_request(&bad), Err(FrameError::ReservedBits { .. })),
+            "the landing notice is for WRITEs only"
+        );
+        bad[0] = Op::Write as u8;
+        assert!(decode_request(&bad).unwrap().unwrap().notify);
+        bad[1] = 2;
         assert!(matches!(
             decode_request(&bad),
             Err(FrameError::ReservedBits { .. })

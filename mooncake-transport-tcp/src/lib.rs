@@ -251,11 +251,12 @@ impl Transport for TcpTransport {
             .map(|k| ((start + k) % lanes, Vec::new()))
             .collect();
         let mut load = vec![0u64; lanes];
-        let outgoing = |op: Op, addr, local, completion| Outgoing {
+        let outgoing = |op: Op, addr, local, completion, notify| Outgoing {
             op,
             addr,
             local: Some(local),
             completion,
+            notify,
         };
         for op in ops {
             let code = match op.opcode {
@@ -276,9 +277,13 @@ impl Transport for TcpTransport {
                     };
                     let local = op.local.slice(offset, this).expect("within the op");
                     let c = Completion::new(Kind::Part(split.clone()), &call);
-                    per_lane[k]
-                        .1
-                        .push(outgoing(code, op.target_addr + offset, local, c));
+                    per_lane[k].1.push(outgoing(
+                        code,
+                        op.target_addr + offset,
+                        local,
+                        c,
+                        op.notify,
+                    ));
                     load[k] += this;
                     offset += this;
                 }
@@ -295,7 +300,7 @@ impl Transport for TcpTransport {
                 );
                 per_lane[k]
                     .1
-                    .push(outgoing(code, op.target_addr, op.local, c));
+                    .push(outgoing(code, op.target_addr, op.local, c, op.notify));
             }
         }
         per_lane.retain(|(_, items)| !items.is_empty());
@@ -322,6 +327,7 @@ impl Transport for TcpTransport {
             addr: 0,
             local: None,
             completion: Completion::new(Kind::Describe(tx), &call),
+            notify: false,
         };
         let lane = pool.rotate();
         self.run(&pool, vec![(lane, vec![item])], &call).await;

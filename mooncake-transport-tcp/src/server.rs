@@ -137,6 +137,9 @@ async fn serve_connection(
                             )
                             .await?
                     };
+                    if req.notify {
+                        segment.landed(req.addr, req.len);
+                    }
                     respond(&mut out, &req, ErrorCode::OK, 0);
                 }
                 Err(_) => {

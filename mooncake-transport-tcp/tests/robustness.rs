@@ -48,7 +48,17 @@ fn raw(addr: &str) -> TcpStream {
 
 fn request(op: Op, id: u32, addr: u64, len: u64) -> Vec<u8> {
     let mut b = Vec::new();
-    frame::encode_request(&Request { op, id, addr, len }, &mut b);
+    let notify = false;
+    frame::encode_request(
+        &Request {
+            op,
+            id,
+            addr,
+            len,
+            notify,
+        },
+        &mut b,
+    );
     b
 }
 
