@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub mod admin;
 pub mod http;
+pub mod landing;
 pub mod master_cli;
 pub mod real_client;
 pub mod rpc;

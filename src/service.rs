@@ -40,6 +40,27 @@ pub enum MasterRequest {
     Segments,
     /// Change or list the members of a Raft master group (see [`crate::admin`]).
     Admin(crate::admin::AdminRequest),
+    /// A storage node reports WRITEs that landed in its segment (see [`crate::landing`]).
+    /// Added after `Admin`: earlier variants keep their wire tags.
+    Landed {
+        /// The segment written.
+        segment: String,
+        /// `(address, length)` of each landed WRITE or piece of one.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Apply `command` (a `CommitReserved`) once every range of `ranges` on `segment` has been
+    /// reported landed, waiting up to `wait_ms`; `Failed` with `TRANSFER_FAIL` and nothing
+    /// applied when they were not.
+    CommitWhenLanded {
+        /// The commit.
+        command: Command,
+        /// Segment of the written ranges.
+        segment: String,
+        /// `(address, length)` of every value the commit names.
+        ranges: Vec<(u64, u64)>,
+        /// Longest wait, in ms (capped at [`crate::landing::MAX_WAIT`]).
+        wait_ms: u64,
+    },
 }
 
 /// The master's answer.
@@ -74,6 +95,8 @@ pub enum MasterReply {
     /// The membership of a Raft master group, after an admin request (added last: earlier
     /// variants keep their wire tags).
     Members(crate::admin::Members),
+    /// A landing report was recorded.
+    Noted,
 }
 
 /// Something that answers master requests: the service itself in-process, or a remote one.
@@ -88,6 +111,12 @@ pub trait MasterApi: Send + Sync + std::fmt::Debug {
     /// lives as long as its clients, keeps one session.
     fn session(&self) -> u64 {
         0
+    }
+
+    /// Records a landing report in-process when the master runs in this process (true), so a
+    /// storage node need not send one; false for a remote master.
+    fn note_landed(&self, _segment: &str, _ranges: &[(u64, u64)]) -> bool {
+        false
     }
 }
 
@@ -177,6 +206,8 @@ pub struct MasterService {
     /// How long past its election a new leader treats its predecessor's reads as possible.
     #[cfg(feature = "raft")]
     takeover_extra: Duration,
+    /// Landing reports of storage nodes, for commits that wait on them.
+    landings: crate::landing::Landings,
 }
 
 impl std::fmt::Debug for MasterService {
@@ -208,6 +239,7 @@ impl MasterService {
             takeover: tokio::sync::Mutex::new(()),
             #[cfg(feature = "raft")]
             takeover_extra: Duration::ZERO,
+            landings: Default::default(),
         });
         svc.start_timers();
         Ok(svc)
@@ -243,6 +275,7 @@ impl MasterService {
             led_term: AtomicU64::new(u64::MAX),
             takeover: tokio::sync::Mutex::new(()),
             takeover_extra: election * 2,
+            landings: Default::default(),
         });
         svc.start_timers();
         Ok(svc)
@@ -301,7 +334,13 @@ impl MasterService {
             ticket: Some(proposal.ticket),
         };
         let now = proposal.entry.now;
-        Ok((now, self.append(&proposal.entry).await?))
+        let response = self.append(&proposal.entry).await?;
+        if let Response::Reserved(Ok(grant)) = &response {
+            // Reports on this space are of writes before it was handed out anew.
+            self.landings
+                .forget(&grant.segment_name, grant.buffer_address, grant.size);
+        }
+        Ok((now, response))
     }
 
     async fn append(&self, entry: &LogEntry) -> Result<Response> {
@@ -332,6 +371,9 @@ impl MasterService {
                 let Shared { master, view } = &mut *s;
                 view.take_over(master, now, self.takeover_extra.as_millis() as u64)
             };
+            // Reports that reached another leader meanwhile are missing here; older ones may
+            // be of space granted anew since.
+            self.landings.clear();
             let leased = self.append(&LogEntry::new(now, first)).await?;
             tracing::info!(
                 term,
@@ -437,6 +479,38 @@ impl MasterService {
             MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
             MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
             MasterRequest::Admin(request) => crate::admin::serve(self, request).await,
+            MasterRequest::Landed { segment, ranges } => {
+                self.landings.record(&segment, &ranges);
+                MasterReply::Noted
+            }
+            MasterRequest::CommitWhenLanded {
+                command,
+                segment,
+                ranges,
+                wait_ms,
+            } => {
+                if !matches!(command, Command::CommitReserved { .. }) {
+                    return MasterReply::Failed {
+                        code: ErrorCode::INVALID_PARAMS,
+                        message: "only a CommitReserved waits for landed writes".into(),
+                    };
+                }
+                let wait = Duration::from_millis(wait_ms);
+                if !self.landings.wait_landed(&segment, &ranges, wait).await {
+                    return MasterReply::Failed {
+                        code: ErrorCode::TRANSFER_FAIL,
+                        message: format!(
+                            "{} writes on {segment} not reported landed within {:?}",
+                            ranges.len(),
+                            wait.min(crate::landing::MAX_WAIT)
+                        ),
+                    };
+                }
+                match self.apply(command).await {
+                    Ok((now, response)) => MasterReply::Applied { now, response },
+                    Err(e) => failure_reply(&e),
+                }
+            }
         }
     }
 }
@@ -464,6 +538,11 @@ impl Drop for MasterService {
 impl MasterApi for MasterService {
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
         Ok(self.handle(request).await)
+    }
+
+    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+        self.landings.record(segment, ranges);
+        true
     }
 }
 
