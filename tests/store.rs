@@ -6,8 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake::master::{MasterConfig, TaskStatus};
+use mooncake::master::{Command, MasterConfig, ReservedPut, TaskStatus};
 use mooncake::rpc::RpcClientConfig;
+use mooncake::service::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
 use mooncake::store::{ReplicateConfig, Store, StoreConfig};
 use mooncake::{AlignedBuffer, ErrorCode};
 
@@ -433,11 +434,9 @@ struct Follower {
 }
 
 #[async_trait::async_trait]
-impl mooncake::rpc::Handler<mooncake::service::MasterRequest, mooncake::service::MasterReply>
-    for Follower
-{
-    async fn handle(&self, _: mooncake::service::MasterRequest) -> mooncake::service::MasterReply {
-        mooncake::service::MasterReply::NotLeader {
+impl mooncake::rpc::Handler<MasterRequest, MasterReply> for Follower {
+    async fn handle(&self, _: MasterRequest) -> MasterReply {
+        MasterReply::NotLeader {
             leader: Some(self.leader.clone()),
         }
     }
@@ -574,6 +573,12 @@ async fn puts_go_into_reserved_space_and_commit_with_one_call() {
         .unwrap();
 
     let after = svc.metrics().counters;
+    let stats = writer.commit_stats();
+    assert_eq!(
+        (stats.on_landing, stats.after_write),
+        (34, 0),
+        "32 single puts, one batch and one zero-copy put, each committed as its WRITEs landed"
+    );
     let reserved = after.reserved_puts - before.reserved_puts;
     let granted = after.reservations_granted - before.reservations_granted;
     assert_eq!(reserved, 65, "every put went through the reservation");
@@ -590,6 +595,7 @@ async fn puts_go_into_reserved_space_and_commit_with_one_call() {
     // A put of an existing key leaves the value alone, as through PutStart.
     writer.put("r0", &pattern(200, 5000), &rc).await.unwrap();
     assert_eq!(reader.get("r0").await.unwrap(), values[0]);
+    assert_eq!(writer.commit_stats().after_write, 0);
     assert_eq!(reader.get_size("r0").await.unwrap(), 4096);
 
     // Other replication options take the PutStart path.
@@ -626,6 +632,124 @@ async fn puts_go_into_reserved_space_and_commit_with_one_call() {
     assert_eq!(svc.metrics().counters.reserved_puts, n);
     assert_eq!(reader.get("plain").await.unwrap(), values[2]);
     for s in [plain, b, reader, writer, storage] {
+        s.close().await.unwrap();
+    }
+}
+
+/// A storage node's master connection that loses every landing report.
+#[derive(Debug)]
+struct LosesLandingReports(RemoteMaster);
+
+#[async_trait::async_trait]
+impl MasterApi for LosesLandingReports {
+    async fn call(&self, request: MasterRequest) -> mooncake::Result<MasterReply> {
+        match request {
+            MasterRequest::Landed { .. } => Ok(MasterReply::Noted),
+            other => self.0.call(other).await,
+        }
+    }
+    fn session(&self) -> u64 {
+        self.0.session()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_for_landing_reports_and_never_apply_without_them() {
+    let (svc, addr) = serve_master(MasterConfig::default()).await;
+    let rc = ReplicateConfig::default();
+
+    // The master refuses to wait for anything but a reserved commit, and gives up on ranges
+    // nobody reports, applying nothing.
+    let reply = svc
+        .call(MasterRequest::CommitWhenLanded {
+            command: Command::ExistKey { key: "k".into() },
+            segment: "x:1".into(),
+            ranges: vec![],
+            wait_ms: 10,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            reply,
+            MasterReply::Failed {
+                code: ErrorCode::INVALID_PARAMS,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    let writer = Store::setup(config(&addr, 0)).await.unwrap();
+    let started = std::time::Instant::now();
+    let reply = svc
+        .call(MasterRequest::CommitWhenLanded {
+            command: Command::CommitReserved {
+                client_id: writer.client_id(),
+                reservation: 1,
+                items: vec![ReservedPut {
+                    key: "never".into(),
+                    offset: 0,
+                    size: 64,
+                }],
+                config: rc.clone(),
+            },
+            segment: "x:1".into(),
+            ranges: vec![(0x1000, 64)],
+            wait_ms: 100,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            reply,
+            MasterReply::Failed {
+                code: ErrorCode::TRANSFER_FAIL,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert!(!writer.is_exist("never").await.unwrap());
+
+    // A storage node whose reports are lost: the writer vouches for its acknowledged WRITEs
+    // itself, and every put still lands and commits.
+    let lossy = Arc::new(LosesLandingReports(RemoteMaster::new(
+        addr.as_str(),
+        config(&addr, 0).rpc,
+    )));
+    let storage = Store::setup_with_master(config(&addr, 64 << 20), lossy)
+        .await
+        .unwrap();
+    let values: Vec<Vec<u8>> = (0..8u8).map(|i| pattern(i + 3, 10_000)).collect();
+    for (i, v) in values.iter().enumerate() {
+        writer.put(&format!("l{i}"), v, &rc).await.unwrap();
+    }
+    let stats = writer.commit_stats();
+    assert_eq!(
+        (
+            stats.on_landing,
+            stats.confirmed_by_client,
+            stats.after_write
+        ),
+        (8, 8, 0)
+    );
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(&storage.get(&format!("l{i}")).await.unwrap(), v);
+    }
+
+    // Turned off, the commit follows the WRITE's acknowledgement.
+    let after_write = Store::setup(StoreConfig {
+        commit_on_landing: false,
+        ..config(&addr, 0)
+    })
+    .await
+    .unwrap();
+    after_write.put("aw", &values[0], &rc).await.unwrap();
+    assert_eq!(after_write.commit_stats().after_write, 1);
+    assert_eq!(after_write.commit_stats().on_landing, 0);
+    assert_eq!(storage.get("aw").await.unwrap(), values[0]);
+    for s in [after_write, writer, storage] {
         s.close().await.unwrap();
     }
 }

@@ -33,12 +33,13 @@ use mooncake_core::master::{
 use mooncake_core::{Discovery, Error, ErrorCode, Location, Result, TransferEngine};
 
 use crate::rpc::RpcClientConfig;
-use crate::service::{apply_via, MasterApi, MasterService, RemoteMaster};
+use crate::service::{apply_via, MasterApi, MasterRequest, MasterService, RemoteMaster};
 use locations::LocationCache;
 use staging::Staging;
 
 pub use locations::ReadAheadStats;
 pub use mooncake_core::master::ReplicateConfig;
+pub use reserve::CommitStats;
 pub use value::StagedValue;
 
 /// Store client settings, with the names and defaults of the Python `setup` call.
@@ -81,6 +82,11 @@ pub struct StoreConfig {
     /// kernel to provide a page (the process holds the whole segment in memory from the start).
     /// Default false: pages are provided as values first land on them.
     pub prefault_segment: bool,
+    /// Send a reserved put's commit together with its WRITE: the storage node reports the
+    /// landing to the master, which commits as soon as the bytes are in place (see
+    /// [`crate::landing`]). One one-way trip less per put; two when the master runs in the
+    /// storage node. Default true; false commits after the WRITE's acknowledgement.
+    pub commit_on_landing: bool,
 }
 
 impl Default for StoreConfig {
@@ -99,6 +105,7 @@ impl Default for StoreConfig {
             location_cache_entries: 1 << 16,
             reservation_bytes: 16 << 20,
             prefault_segment: false,
+            commit_on_landing: true,
         }
     }
 }
@@ -176,6 +183,45 @@ fn new_client_id() -> ClientId {
     ClientId(bits.max(1))
 }
 
+/// Most landing reports in flight to a remote master at once; more wait and go in later ones.
+const LANDING_REPORTS_IN_FLIGHT: usize = 8;
+
+/// Makes the segment's landing notices reach `master`: recorded directly when it runs in this
+/// process, else gathered and sent as `Landed` requests by a task that ends with the segment.
+fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let segment = engine.segment_name().to_owned();
+    let here = master.clone();
+    let name = segment.clone();
+    engine.set_landing_observer(Arc::new(move |addr, len| {
+        if !here.note_landed(&name, &[(addr, len)]) {
+            let _ = tx.send((addr, len));
+        }
+    }))?;
+    tokio::spawn(async move {
+        let mut sending = tokio::task::JoinSet::new();
+        let mut ranges = Vec::new();
+        while rx.recv_many(&mut ranges, 4096).await > 0 {
+            let request = MasterRequest::Landed {
+                segment: segment.clone(),
+                ranges: std::mem::take(&mut ranges),
+            };
+            let master = master.clone();
+            sending.spawn(async move {
+                if let Err(e) = master.call(request).await {
+                    // The commit waiting for it falls back to committing after the WRITE.
+                    tracing::debug!("landing report not delivered: {e}");
+                }
+            });
+            while sending.try_join_next().is_some() {}
+            if sending.len() >= LANDING_REPORTS_IN_FLIGHT {
+                sending.join_next().await;
+            }
+        }
+    });
+    Ok(())
+}
+
 impl Store {
     /// Sets up a client of the master at `config.master_server_addr`.
     pub async fn setup(config: StoreConfig) -> Result<Arc<Store>> {
@@ -229,6 +275,9 @@ impl Store {
         } else {
             None
         };
+        if segment.is_some() {
+            report_landings(&engine, master.clone())?;
+        }
         if let Err(e) = engine.publish().await {
             engine.shutdown().await;
             return Err(e);
@@ -448,6 +497,11 @@ impl Store {
     /// This client's segment name (`host:port`), which other clients use as a preferred segment.
     pub fn hostname(&self) -> &str {
         self.engine.segment_name()
+    }
+
+    /// How this client's reserved puts were committed.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.reserved.stats()
     }
 
     /// The transfer engine (to register buffers for zero-copy calls).

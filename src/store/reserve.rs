@@ -11,6 +11,7 @@
 //! failed) is not reused, and comes back to the cluster when the master lets the reservation
 //! expire.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,9 +44,25 @@ pub(crate) struct Carved {
     pub(crate) usable_until: Instant,
 }
 
+/// How a client's reserved puts were committed (per call that wrote into a reservation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Commits the master applied once the storage node reported the bytes landed.
+    pub on_landing: u64,
+    /// Of those, commits this client had to confirm itself after its WRITE was acknowledged
+    /// (the storage node's report was late or lost).
+    pub confirmed_by_client: u64,
+    /// Commits sent after the WRITE's acknowledgement (turned off, or the waiting commit
+    /// failed).
+    pub after_write: u64,
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Reserved {
+    pub(crate) on_landing: AtomicU64,
+    pub(crate) confirmed_by_client: AtomicU64,
+    pub(crate) after_write: AtomicU64,
     active: Mutex<Option<Active>>,
     /// Held while a Reserve request is out, so concurrent puts wait for one grant.
     pub(crate) refill: tokio::sync::Mutex<()>,
@@ -116,6 +133,15 @@ impl Reserved {
         let mut guard = self.active();
         if guard.as_ref().is_some_and(|a| a.grant.id == id) {
             *guard = None;
+        }
+    }
+
+    /// The commit counters.
+    pub(crate) fn stats(&self) -> CommitStats {
+        CommitStats {
+            on_landing: self.on_landing.load(Ordering::Relaxed),
+            confirmed_by_client: self.confirmed_by_client.load(Ordering::Relaxed),
+            after_write: self.after_write.load(Ordering::Relaxed),
         }
     }
 

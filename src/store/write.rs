@@ -11,7 +11,10 @@
 //! the values objects. A key that exists is then found at commit (the bytes were written for
 //! nothing, and the put still succeeds without changing the value).
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use futures::future::Either;
 
 use mooncake_core::master::{
     Command, PutItem, PutStartResponse, ReplicaDescriptor, ReplicateConfig, ReservedPut, Response,
@@ -20,6 +23,14 @@ use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 
 use super::reserve::Carved;
 use super::Store;
+use crate::service::{MasterReply, MasterRequest};
+
+/// How long the master may hold a commit waiting for its WRITEs' landing reports.
+const LANDING_WAIT: Duration = Duration::from_secs(1);
+
+/// After a WRITE is acknowledged, how long its commit may stay unanswered before this client
+/// reports the landing itself (the storage node's report is late or lost).
+const CONFIRM_AFTER: Duration = Duration::from_millis(2);
 
 /// After the master found no room for a reservation (or did not know this client, which then
 /// remounts), puts go through PutStart this long before asking again.
@@ -78,6 +89,17 @@ fn registered_items<'a>(items: &[(&'a str, u64, u64)]) -> Vec<Item<'a>> {
             source: Source::Registered(vec![(addr, size)]),
         })
         .collect()
+}
+
+/// A wave's WRITE requests, ready to send.
+struct Prepared {
+    /// Staging space of the wave's byte values, held until the WRITEs are done.
+    slot: Option<super::staging::Slot>,
+    requests: Vec<TransferRequest>,
+    /// Per item with targets: its position, its requests, or why it has none.
+    spans: Vec<(usize, std::ops::Range<usize>, Option<Error>)>,
+    /// Items in the wave.
+    items: usize,
 }
 
 /// Why a wave's transfer did not run.
@@ -386,7 +408,9 @@ impl Store {
 
     /// Writes a wave into carved reservation space and commits it; values the master does not
     /// take (other than existing keys, which a put leaves alone) are written again through
-    /// PutStart.
+    /// PutStart. With `commit_on_landing` the commit travels with the WRITEs and the master
+    /// applies it when the storage node reports them landed; otherwise, or when that commit
+    /// fails, it is sent after the WRITEs are acknowledged.
     async fn write_reserved(
         &self,
         kind: Kind,
@@ -400,70 +424,103 @@ impl Store {
             .iter()
             .map(|r| Some(std::slice::from_ref(r)))
             .collect();
-        let transferred = match self
-            .transfer(wave, staged_bytes, &targets, Some(carved.usable_until))
-            .await
-        {
-            Ok(t) => t,
-            Err(Late) => {
-                // Too late to write into the reservation (staging space took long to free).
-                self.reserved.drop_grant(carved.id);
-                return self.write_started(kind, wave, staged_bytes, config).await;
-            }
+        let overlap = self.config.commit_on_landing;
+        let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
+            Ok(p) => p,
             Err(Failed(e)) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
+            Err(Late) => unreachable!("preparing has no deadline"),
+        };
+        if Instant::now() >= carved.usable_until {
+            // Too late to write into the reservation (staging space took long to free).
+            drop(prepared);
+            self.reserved.drop_grant(carved.id);
+            return self.write_started(kind, wave, staged_bytes, config).await;
+        }
+        // Items whose WRITEs are built (the others failed already).
+        let ready: Vec<usize> = prepared
+            .spans
+            .iter()
+            .filter(|s| s.2.is_none())
+            .map(|s| s.0)
+            .collect();
+        let (transferred, landed) = if overlap && !ready.is_empty() {
+            self.send_and_commit(prepared, wave, &carved, &ready, config)
+                .await
+        } else {
+            (self.send(prepared).await, None)
         };
         let mut results: Vec<Option<Result<()>>> = vec![None; wave.len()];
-        let mut commit = Vec::new();
-        let mut items = Vec::new();
-        for (pos, t) in transferred.into_iter().enumerate() {
-            match t {
-                Some(Ok(())) => {
-                    let item = wave[pos].1;
-                    commit.push(pos);
-                    items.push(ReservedPut {
-                        key: item.key.to_owned(),
-                        offset: carved.offsets[pos],
-                        size: item.source.size(),
-                    });
-                }
-                Some(Err(e)) => {
+        let mut again = Vec::new();
+        // A commit's answer for the value at `pos`: done, or to be written again.
+        let settle = |results: &mut [Option<Result<()>>],
+                      again: &mut Vec<usize>,
+                      pos: usize,
+                      r: std::result::Result<(), ErrorCode>| match r {
+            Ok(()) | Err(ErrorCode::OBJECT_ALREADY_EXISTS) => results[pos] = Some(Ok(())),
+            Err(code) => {
+                tracing::debug!("reserved write of {:?}: {code:?}", wave[pos].1.key);
+                again.push(pos);
+            }
+        };
+        if let Some(per_item) = landed {
+            // Every ready value landed and the master has answered for each.
+            self.reserved.on_landing.fetch_add(1, Ordering::Relaxed);
+            for (&pos, r) in ready.iter().zip(per_item) {
+                settle(&mut results, &mut again, pos, r);
+            }
+            for (pos, t) in transferred.into_iter().enumerate() {
+                if let Some(Err(e)) = t.filter(|_| !ready.contains(&pos)) {
                     self.reserved.drop_grant(carved.id);
                     results[pos] = Some(Err(e));
                 }
-                None => results[pos] = Some(Ok(())),
             }
-        }
-        let mut again = Vec::new();
-        if !commit.is_empty() {
-            let n = items.len();
-            let answer = self
-                .apply(Command::CommitReserved {
-                    client_id: self.client_id,
-                    reservation: carved.id,
-                    items,
-                    config: config.clone(),
-                })
-                .await;
-            let per_item: Vec<Result<(), ErrorCode>> = match answer {
-                Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs,
-                Ok((_, other)) => {
-                    tracing::warn!("CommitReserved answered {other:?}");
-                    vec![Err(ErrorCode::INTERNAL_ERROR); n]
-                }
-                // Maybe applied, maybe not: writing again through PutStart finds out (a put of
-                // a committed key is left alone).
-                Err(e) => {
-                    tracing::debug!("committing {n} reserved writes: {e}");
-                    vec![Err(e.code()); n]
-                }
-            };
-            for (pos, r) in commit.into_iter().zip(per_item) {
-                match r {
-                    Ok(()) | Err(ErrorCode::OBJECT_ALREADY_EXISTS) => results[pos] = Some(Ok(())),
-                    Err(code) => {
-                        tracing::debug!("reserved write of {:?}: {code:?}", wave[pos].1.key);
-                        again.push(pos);
+        } else {
+            let mut commit = Vec::new();
+            let mut items = Vec::new();
+            for (pos, t) in transferred.into_iter().enumerate() {
+                match t {
+                    Some(Ok(())) => {
+                        let item = wave[pos].1;
+                        commit.push(pos);
+                        items.push(ReservedPut {
+                            key: item.key.to_owned(),
+                            offset: carved.offsets[pos],
+                            size: item.source.size(),
+                        });
                     }
+                    Some(Err(e)) => {
+                        self.reserved.drop_grant(carved.id);
+                        results[pos] = Some(Err(e));
+                    }
+                    None => results[pos] = Some(Ok(())),
+                }
+            }
+            if !commit.is_empty() {
+                self.reserved.after_write.fetch_add(1, Ordering::Relaxed);
+                let n = items.len();
+                let answer = self
+                    .apply(Command::CommitReserved {
+                        client_id: self.client_id,
+                        reservation: carved.id,
+                        items,
+                        config: config.clone(),
+                    })
+                    .await;
+                let per_item: Vec<std::result::Result<(), ErrorCode>> = match answer {
+                    Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs,
+                    Ok((_, other)) => {
+                        tracing::warn!("CommitReserved answered {other:?}");
+                        vec![Err(ErrorCode::INTERNAL_ERROR); n]
+                    }
+                    // Maybe applied, maybe not: writing again through PutStart finds out (a put
+                    // of a committed key is left alone).
+                    Err(e) => {
+                        tracing::debug!("committing {n} reserved writes: {e}");
+                        vec![Err(e.code()); n]
+                    }
+                };
+                for (pos, r) in commit.into_iter().zip(per_item) {
+                    settle(&mut results, &mut again, pos, r);
                 }
             }
         }
@@ -480,6 +537,96 @@ impl Store {
             .zip(results)
             .map(|((i, _), r)| (*i, r.expect("every item has a result")))
             .collect()
+    }
+
+    /// Sends the WRITEs of the `ready` items together with a commit the master applies once the
+    /// storage node reports them landed. Returns the transfer results and, when that commit was
+    /// applied, its per-item answers (in `ready` order); `None` when it was not (a WRITE failed,
+    /// or the master gave up waiting), in which case the caller commits the ordinary way.
+    async fn send_and_commit(
+        &self,
+        prepared: Prepared,
+        wave: &[(usize, &Item<'_>)],
+        carved: &Carved,
+        ready: &[usize],
+        config: &ReplicateConfig,
+    ) -> (
+        Vec<Option<Result<()>>>,
+        Option<Vec<std::result::Result<(), ErrorCode>>>,
+    ) {
+        let mut segment = String::new();
+        let mut ranges = Vec::with_capacity(ready.len());
+        let mut items = Vec::with_capacity(ready.len());
+        for &pos in ready {
+            let mem = carved.replicas[pos]
+                .memory()
+                .expect("reserved replicas are in memory");
+            if segment.is_empty() {
+                segment.clone_from(&mem.segment_name);
+            }
+            ranges.push((mem.buffer_address, mem.size));
+            let item = wave[pos].1;
+            items.push(ReservedPut {
+                key: item.key.to_owned(),
+                offset: carved.offsets[pos],
+                size: item.source.size(),
+            });
+        }
+        let n = items.len();
+        let request = MasterRequest::CommitWhenLanded {
+            command: Command::CommitReserved {
+                client_id: self.client_id,
+                reservation: carved.id,
+                items,
+                config: config.clone(),
+            },
+            segment: segment.clone(),
+            ranges: ranges.clone(),
+            wait_ms: LANDING_WAIT.as_millis() as u64,
+        };
+        // The commit goes out first, so it is at the master before the bytes have landed.
+        let commit = std::pin::pin!(async {
+            self.check_open()?;
+            self.master.call(request).await
+        });
+        let sending = std::pin::pin!(self.send(prepared));
+        let (transferred, answer) = match futures::future::select(commit, sending).await {
+            Either::Left((answer, sending)) => (sending.await, answer),
+            Either::Right((transferred, commit)) => {
+                let all_written = ready
+                    .iter()
+                    .all(|&pos| matches!(transferred[pos], Some(Ok(()))));
+                if !all_written {
+                    // The commit can no longer apply (a range will never be reported landed).
+                    return (transferred, None);
+                }
+                let nudge = std::pin::pin!(tokio::time::sleep(CONFIRM_AFTER));
+                let answer = match futures::future::select(commit, nudge).await {
+                    Either::Left((answer, _)) => answer,
+                    Either::Right(((), commit)) => {
+                        // The storage node's report is late or lost; the acknowledged WRITEs
+                        // have landed, so this client vouches for them itself.
+                        self.reserved
+                            .confirmed_by_client
+                            .fetch_add(1, Ordering::Relaxed);
+                        let note = self.master.call(MasterRequest::Landed { segment, ranges });
+                        futures::future::join(commit, note).await.0
+                    }
+                };
+                (transferred, answer)
+            }
+        };
+        let per_item = match answer {
+            Ok(MasterReply::Applied {
+                response: Response::UnitBatch(rs),
+                ..
+            }) if rs.len() == n => Some(rs),
+            other => {
+                tracing::debug!("commit on landing: {other:?}; committing after the WRITE");
+                None
+            }
+        };
+        (transferred, per_item)
     }
 
     /// Starts, transfers and ends the writes of one wave through PutStart and PutEnd.
@@ -571,6 +718,22 @@ impl Store {
         targets: &[Option<&[ReplicaDescriptor]>],
         start_by: Option<Instant>,
     ) -> std::result::Result<Vec<Option<Result<()>>>, WaveError> {
+        let prepared = self.prepare(wave, staged_bytes, targets, false).await?;
+        if start_by.is_some_and(|t| Instant::now() >= t) {
+            return Err(Late);
+        }
+        Ok(self.send(prepared).await)
+    }
+
+    /// Stages a wave's byte values and builds its WRITE requests (asking for landing notices
+    /// when `notify`).
+    async fn prepare(
+        &self,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        targets: &[Option<&[ReplicaDescriptor]>],
+        notify: bool,
+    ) -> std::result::Result<Prepared, WaveError> {
         let slot = if staged_bytes > 0 {
             Some(
                 self.staging
@@ -581,7 +744,6 @@ impl Store {
         } else {
             None
         };
-        // (wave position, requests range) of the items that need transfers.
         let mut requests = Vec::new();
         let mut spans = Vec::new();
         let mut staged_at = slot.as_ref().map_or(0, |s| s.addr);
@@ -613,7 +775,12 @@ impl Store {
                     // A replica in this client's own segment is written by memcpy in the engine.
                     let (seg, mut addr) = self.locate(replica).await?;
                     for &(src, len) in &parts {
-                        requests.push(TransferRequest::write(&seg, addr, src, len));
+                        let write = TransferRequest::write(&seg, addr, src, len);
+                        requests.push(if notify {
+                            write.with_landing_notice()
+                        } else {
+                            write
+                        });
                         addr += len;
                     }
                 }
@@ -628,12 +795,25 @@ impl Store {
                 }
             }
         }
-        if start_by.is_some_and(|t| Instant::now() >= t) {
-            return Err(Late);
-        }
+        Ok(Prepared {
+            slot,
+            requests,
+            spans,
+            items: wave.len(),
+        })
+    }
+
+    /// Sends prepared WRITEs; per item as [`Store::transfer`] reports.
+    async fn send(&self, prepared: Prepared) -> Vec<Option<Result<()>>> {
+        let Prepared {
+            slot,
+            requests,
+            spans,
+            items,
+        } = prepared;
         let transfer_results = self.engine.transfer(requests).await;
         drop(slot);
-        let mut out: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        let mut out: Vec<Option<Result<()>>> = vec![None; items];
         for (pos, range, early) in spans {
             let failed =
                 early.or_else(|| transfer_results[range].iter().find_map(|r| r.clone().err()));
@@ -645,7 +825,7 @@ impl Store {
                 )),
             });
         }
-        Ok(out)
+        out
     }
 
     /// PutStart/UpsertStart for a wave: per item the replicas to write, `None` when the key

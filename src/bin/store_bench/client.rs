@@ -681,6 +681,7 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
         reservation_bytes: args
             .reservation_bytes
             .unwrap_or(StoreConfig::default().reservation_bytes),
+        commit_on_landing: !args.commit_after_write,
         ..StoreConfig::default()
     };
     let cold = Store::setup(StoreConfig {
@@ -735,11 +736,12 @@ async fn run(args: &Args) -> Result<Outcome, String> {
     let ctx = setup(args).await?;
     println!(
         "client: pid {}, store segment {} (global_segment_size 0), A's segment {}, \
-         reservation_bytes {}, runtime {}",
+         reservation_bytes {}, commit_on_landing {}, runtime {}",
         std::process::id(),
         ctx.store.hostname(),
         ctx.seg.name,
         ctx.store.config().reservation_bytes,
+        ctx.store.config().commit_on_landing,
         match args.client_rt {
             ClientRt::Multi => "multi_thread(2), calls made from a task on it",
             ClientRt::Current => "current_thread",

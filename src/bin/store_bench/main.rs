@@ -55,6 +55,8 @@ FLAGS:
                         the measuring loop runs as a task on it
     --reservation-bytes N  the client's StoreConfig::reservation_bytes (default 16M; 0: every
                         put goes through PutStart and PutEnd)
+    --commit-after-write  reserved puts commit after the WRITE's acknowledgement instead of
+                        with the WRITE (StoreConfig::commit_on_landing = false)
     --server-threads N  worker threads of A's runtime (default 2)
     --segment-size N    A's segment (default max(1G, 4 x batch x largest size))
     --role ROLE         all (default) | server (A only: serve until stdin closes) | client
@@ -185,6 +187,7 @@ pub(crate) struct Args {
     pub(crate) profile_seconds: f64,
     pub(crate) client_rt: ClientRt,
     pub(crate) reservation_bytes: Option<u64>,
+    pub(crate) commit_after_write: bool,
     pub(crate) server_threads: usize,
     pub(crate) segment_size: Option<u64>,
     // Client role: what A tells B.
@@ -210,6 +213,7 @@ impl Default for Args {
             profile_seconds: 0.6,
             client_rt: ClientRt::Multi,
             reservation_bytes: None,
+            commit_after_write: false,
             server_threads: 2,
             segment_size: None,
             master: None,
@@ -342,6 +346,7 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
                 let v = value()?;
                 a.reservation_bytes = Some(if v.trim() == "0" { 0 } else { parse_size(&v)? });
             }
+            "--commit-after-write" => a.commit_after_write = true,
             "--server-threads" => a.server_threads = parse_count(&flag, &value()?)?,
             "--segment-size" => a.segment_size = Some(parse_size(&value()?)?),
             "--master" => a.master = Some(value()?),
