@@ -213,7 +213,7 @@ where
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>>>>>>;
 
 struct Connection {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     waiters: Waiters,
     dead: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
@@ -314,7 +314,7 @@ impl RpcClient {
             self.address.clone(),
         ));
         let conn = Arc::new(Connection {
-            writer: tokio::sync::Mutex::new(w),
+            writer: Arc::new(tokio::sync::Mutex::new(w)),
             waiters,
             dead,
             reader,
@@ -325,6 +325,55 @@ impl RpcClient {
             Ordering::Release,
         );
         Ok(conn)
+    }
+
+    /// Writes `request` on the current connection now, from synchronous code, and does not wait
+    /// for its answer (which is discarded). For notices that must not wait for a task to be
+    /// scheduled. Returns false, having sent nothing, when there is no live connection, a call
+    /// is writing on it, or its socket takes none of the frame; a frame the socket takes only in
+    /// part is finished by a task that holds the connection's writer meanwhile.
+    pub fn try_send_now<Req: Serialize>(&self, request: &Req) -> bool {
+        let conn = match self.conn.try_lock() {
+            Ok(slot) => match slot.as_ref() {
+                Some(c) if !c.dead.load(Ordering::Acquire) => c.clone(),
+                _ => return false,
+            },
+            Err(_) => return false,
+        };
+        let Ok(writer) = conn.writer.clone().try_lock_owned() else {
+            return false;
+        };
+        let mut frame = Vec::new();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if encode_frame(KIND_REQUEST, id, request, &mut frame).is_err() {
+            return false;
+        }
+        match writer.try_write(&frame) {
+            Ok(n) if n == frame.len() => true,
+            Ok(0) => false,
+            Ok(n) => match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let dead = conn.dead.clone();
+                    rt.spawn(async move {
+                        let mut writer = writer;
+                        if writer.write_all(&frame[n..]).await.is_err() {
+                            dead.store(true, Ordering::Release);
+                        }
+                    });
+                    true
+                }
+                Err(_) => {
+                    // Half a frame on the stream and no way to finish it: drop the connection.
+                    conn.dead.store(true, Ordering::Release);
+                    false
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(_) => {
+                conn.dead.store(true, Ordering::Release);
+                false
+            }
+        }
     }
 
     /// Sends `request` and waits for the response, within the call timeout.
@@ -501,6 +550,44 @@ mod tests {
         );
         assert!(!slow.is_finished());
         assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("sssssss"));
+        server.abort();
+    }
+
+    /// Records what it is sent.
+    struct Recorder(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl Handler<(u32, String), Option<String>> for Recorder {
+        async fn handle(&self, (_, s): (u32, String)) -> Option<String> {
+            self.0.lock().unwrap().push(s.clone());
+            Some(s)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notices_go_out_at_once_on_a_live_connection_and_their_answers_are_dropped() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let server = serve(listener, recorder.clone());
+        let client = RpcClient::new(addr.to_string(), RpcClientConfig::default());
+        assert!(
+            !client.try_send_now(&(1u32, "early".to_string())),
+            "no connection yet: nothing sent"
+        );
+        let _: Option<String> = client.call(&(1u32, "first".to_string())).await.unwrap();
+        for i in 0..100 {
+            assert!(client.try_send_now(&(1u32, format!("n{i}"))));
+        }
+        // Calls after the notices still get their own answers, in order.
+        let last: Option<String> = client.call(&(1u32, "last".to_string())).await.unwrap();
+        assert_eq!(last.as_deref(), Some("last"));
+        let seen = recorder.0.lock().unwrap().clone();
+        let want: Vec<String> = std::iter::once("first".to_string())
+            .chain((0..100).map(|i| format!("n{i}")))
+            .chain(std::iter::once("last".to_string()))
+            .collect();
+        assert_eq!(seen, want);
         server.abort();
     }
 

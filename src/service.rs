@@ -113,8 +113,9 @@ pub trait MasterApi: Send + Sync + std::fmt::Debug {
         0
     }
 
-    /// Records a landing report in-process when the master runs in this process (true), so a
-    /// storage node need not send one; false for a remote master.
+    /// Delivers a landing report at once, without waiting for a task: recorded directly by a
+    /// master in this process, written straight onto the connection of a remote one. False
+    /// when that is not possible now; the caller then sends a [`MasterRequest::Landed`].
     fn note_landed(&self, _segment: &str, _ranges: &[(u64, u64)]) -> bool {
         false
     }
@@ -605,6 +606,14 @@ impl MasterApi for RemoteMaster {
     fn session(&self) -> u64 {
         let i = self.current.load(Ordering::Relaxed) % self.masters.len();
         self.masters[i].connection_id()
+    }
+
+    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+        let i = self.current.load(Ordering::Relaxed) % self.masters.len();
+        self.masters[i].try_send_now(&MasterRequest::Landed {
+            segment: segment.to_owned(),
+            ranges: ranges.to_vec(),
+        })
     }
 
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {

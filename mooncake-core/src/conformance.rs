@@ -486,8 +486,9 @@ pub async fn unknown_segment(h: &dyn Harness) {
 }
 
 /// A WRITE that asks for a landing notice is reported to the target's observer, in one or more
-/// pieces that exactly cover it, each with its bytes already in memory, before the initiator
-/// sees it complete; other requests (plain WRITEs, READs, failed WRITEs) are not reported.
+/// pieces that exactly cover it, each with its bytes already in memory, and flushed before the
+/// initiator sees it complete; other requests (plain WRITEs, READs, failed WRITEs) are not
+/// reported.
 pub async fn landing_notices(h: &dyn Harness) {
     let p = pair(h).await;
     const BIG: usize = 3 << 20;
@@ -503,15 +504,35 @@ pub async fn landing_notices(h: &dyn Harness) {
     fill(&p.initiator, local, &data);
     // (addr, len, bytes in place when reported)
     let seen: Arc<std::sync::Mutex<Vec<(u64, u64, bool)>>> = Arc::default();
-    let (memory, log) = (p.target.memory().clone(), seen.clone());
-    let expected = data.clone();
-    p.target
-        .set_landing_observer(Arc::new(move |addr, len| {
-            let off = (addr - remote) as usize;
-            let landed = memory
+    // Reports are gathered until a flush, which must come before the acknowledgement.
+    struct Observer {
+        memory: Arc<crate::memory::MemoryRegistry>,
+        expected: Vec<u8>,
+        remote: u64,
+        gathered: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+        seen: Arc<std::sync::Mutex<Vec<(u64, u64, bool)>>>,
+    }
+    impl crate::transport::LandingObserver for Observer {
+        fn landed(&self, addr: u64, len: u64) {
+            let off = (addr - self.remote) as usize;
+            let landed = self
+                .memory
                 .resolve(addr, len)
-                .is_ok_and(|r| r.to_vec() == expected[off..off + len as usize]);
-            log.lock().unwrap().push((addr, len, landed));
+                .is_ok_and(|r| r.to_vec() == self.expected[off..off + len as usize]);
+            self.gathered.lock().unwrap().push((addr, len, landed));
+        }
+        fn flush(&self) {
+            let mut gathered = std::mem::take(&mut *self.gathered.lock().unwrap());
+            self.seen.lock().unwrap().append(&mut gathered);
+        }
+    }
+    p.target
+        .set_landing_observer(Arc::new(Observer {
+            memory: p.target.memory().clone(),
+            expected: data.clone(),
+            remote,
+            gathered: Default::default(),
+            seen: seen.clone(),
         }))
         .unwrap();
     let seg = p

@@ -192,7 +192,10 @@ impl TransferEngine {
 
     /// Sets who is told of WRITEs into this segment that asked for a landing notice (once per
     /// engine; see [`LocalSegment::landed`](crate::LocalSegment::landed)).
-    pub fn set_landing_observer(&self, observer: crate::transport::LandingObserver) -> Result<()> {
+    pub fn set_landing_observer(
+        &self,
+        observer: Arc<dyn crate::transport::LandingObserver>,
+    ) -> Result<()> {
         self.segment.set_landing_observer(observer)
     }
 
@@ -352,6 +355,7 @@ impl TransferEngine {
                 let copied = local_copy(memory, req.opcode, &local, req.target_addr);
                 if copied.is_ok() && req.notify {
                     self.segment.landed(req.target_addr, req.len);
+                    self.segment.flush_landings();
                 }
                 batch.complete(index, copied);
                 continue;

@@ -102,6 +102,7 @@ impl Transport for MemTransport {
                 });
             if result.is_ok() && op.notify {
                 peer.landed(op.target_addr, op.local.len());
+                peer.flush_landings();
             }
             batch.complete(op.index, result);
         }

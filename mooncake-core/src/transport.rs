@@ -70,16 +70,22 @@ impl SegmentDesc {
     }
 }
 
-/// Told of every WRITE into this segment that asked for a landing notice, with its target
-/// address and length, once all of its bytes are in memory (see [`LocalSegment::landed`]).
-pub type LandingObserver = Arc<dyn Fn(u64, u64) + Send + Sync>;
+/// Told of every WRITE into this segment that asked for a landing notice (see
+/// [`LocalSegment::landed`]).
+pub trait LandingObserver: Send + Sync {
+    /// All bytes of the WRITE (or of a piece of one) of `len` bytes at `addr` are in memory.
+    fn landed(&self, addr: u64, len: u64);
+    /// The transport is about to acknowledge the WRITEs reported since the last flush (it
+    /// gathers acknowledgements, so reports can be gathered too): deliver them now.
+    fn flush(&self) {}
+}
 
 /// The process's own segment, as transports serve it: its memory and its current descriptor.
 pub struct LocalSegment {
     memory: Arc<MemoryRegistry>,
     name: OnceLock<String>,
     endpoints: Mutex<Vec<Endpoint>>,
-    observer: OnceLock<LandingObserver>,
+    observer: OnceLock<Arc<dyn LandingObserver>>,
 }
 
 impl fmt::Debug for LocalSegment {
@@ -120,17 +126,24 @@ impl LocalSegment {
         self.endpoints.lock().expect("endpoint lock").push(endpoint);
     }
     /// Sets who is told of landed WRITEs that asked for a notice, once.
-    pub fn set_landing_observer(&self, observer: LandingObserver) -> Result<()> {
+    pub fn set_landing_observer(&self, observer: Arc<dyn LandingObserver>) -> Result<()> {
         self.observer
             .set(observer)
             .map_err(|_| Error::InvalidArgument("segment already has a landing observer".into()))
     }
     /// Transports call this when a WRITE of `len` bytes at `addr` that asked for a landing
-    /// notice ([`TransferOp::notify`]) has put all its bytes in this segment's memory, before
-    /// they acknowledge it. A WRITE a transport splits may be reported in pieces.
+    /// notice ([`TransferOp::notify`]) has put all its bytes in this segment's memory, and
+    /// [`LocalSegment::flush_landings`] before they acknowledge it. A WRITE a transport splits
+    /// may be reported in pieces.
     pub fn landed(&self, addr: u64, len: u64) {
-        if let Some(observe) = self.observer.get() {
-            observe(addr, len);
+        if let Some(observer) = self.observer.get() {
+            observer.landed(addr, len);
+        }
+    }
+    /// See [`LandingObserver::flush`].
+    pub fn flush_landings(&self) {
+        if let Some(observer) = self.observer.get() {
+            observer.flush();
         }
     }
     /// The current descriptor.

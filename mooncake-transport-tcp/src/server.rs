@@ -99,6 +99,7 @@ async fn serve_connection(
             }
             // Nothing complete buffered: answer what we have before waiting for more.
             if !out.is_empty() {
+                segment.flush_landings();
                 sys::send_all(stream, &out).await?;
                 out.clear();
             }
@@ -113,6 +114,7 @@ async fn serve_connection(
                         out.resize(at + req.len as usize, 0);
                         region.read_into(&mut out[at..]).expect("lengths match");
                     } else {
+                        segment.flush_landings();
                         sys::send_all(stream, &out).await?;
                         out.clear();
                         // SAFETY: `region` is a validated range of a registered buffer, kept
@@ -145,6 +147,7 @@ async fn serve_connection(
                 Err(_) => {
                     respond(&mut out, &req, ErrorCode::INVALID_PARAMS, 0);
                     if req.len > config.max_discard {
+                        segment.flush_landings();
                         sys::send_all(stream, &out).await?;
                         return Err(Close::Unskippable(req.len));
                     }
@@ -163,6 +166,7 @@ async fn serve_connection(
             },
         }
         if out.len() >= 256 * 1024 {
+            segment.flush_landings();
             sys::send_all(stream, &out).await?;
             out.clear();
         }

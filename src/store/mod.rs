@@ -186,30 +186,59 @@ fn new_client_id() -> ClientId {
 /// Most landing reports in flight to a remote master at once; more wait and go in later ones.
 const LANDING_REPORTS_IN_FLIGHT: usize = 8;
 
-/// Makes the segment's landing notices reach `master`: recorded directly when it runs in this
-/// process, else gathered and sent as `Landed` requests by a task that ends with the segment.
-fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Result<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
-    let segment = engine.segment_name().to_owned();
-    let here = master.clone();
-    let name = segment.clone();
-    engine.set_landing_observer(Arc::new(move |addr, len| {
-        if !here.note_landed(&name, &[(addr, len)]) {
-            let _ = tx.send((addr, len));
+/// The segment's landing notices, gathered per burst of acknowledgements and delivered to the
+/// master: at once when it can be (an in-process master, or a free connection to a remote one),
+/// else as `Landed` requests sent by a task that ends with the segment.
+struct LandingReporter {
+    master: Arc<dyn MasterApi>,
+    segment: String,
+    gathered: Mutex<Vec<(u64, u64)>>,
+    queue: tokio::sync::mpsc::UnboundedSender<Vec<(u64, u64)>>,
+}
+
+impl mooncake_core::LandingObserver for LandingReporter {
+    fn landed(&self, addr: u64, len: u64) {
+        self.gathered
+            .lock()
+            .expect("landing reports")
+            .push((addr, len));
+    }
+
+    fn flush(&self) {
+        // Held while delivering, so reports leave in the order their WRITEs are acknowledged.
+        let mut gathered = self.gathered.lock().expect("landing reports");
+        if gathered.is_empty() {
+            return;
         }
+        if self.master.note_landed(&self.segment, &gathered) {
+            gathered.clear();
+        } else {
+            let _ = self.queue.send(std::mem::take(&mut *gathered));
+        }
+    }
+}
+
+fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Result<()> {
+    let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(u64, u64)>>();
+    let segment = engine.segment_name().to_owned();
+    engine.set_landing_observer(Arc::new(LandingReporter {
+        master: master.clone(),
+        segment: segment.clone(),
+        gathered: Mutex::new(Vec::new()),
+        queue,
     }))?;
     tokio::spawn(async move {
         let mut sending = tokio::task::JoinSet::new();
-        let mut ranges = Vec::new();
-        while rx.recv_many(&mut ranges, 4096).await > 0 {
+        let mut batches = Vec::new();
+        while rx.recv_many(&mut batches, 1024).await > 0 {
             let request = MasterRequest::Landed {
                 segment: segment.clone(),
-                ranges: std::mem::take(&mut ranges),
+                ranges: batches.drain(..).flatten().collect(),
             };
             let master = master.clone();
             sending.spawn(async move {
                 if let Err(e) = master.call(request).await {
-                    // The commit waiting for it falls back to committing after the WRITE.
+                    // The commit waiting for it is confirmed by its writer instead.
                     tracing::debug!("landing report not delivered: {e}");
                 }
             });

@@ -57,6 +57,8 @@ FLAGS:
                         put goes through PutStart and PutEnd)
     --commit-after-write  reserved puts commit after the WRITE's acknowledgement instead of
                         with the WRITE (StoreConfig::commit_on_landing = false)
+    --master-addr ADDR  use the master at ADDR (e.g. a `mooncake_master` process) instead of one
+                        inside A; no in-process master probe then
     --server-threads N  worker threads of A's runtime (default 2)
     --segment-size N    A's segment (default max(1G, 4 x batch x largest size))
     --role ROLE         all (default) | server (A only: serve until stdin closes) | client
@@ -188,6 +190,7 @@ pub(crate) struct Args {
     pub(crate) client_rt: ClientRt,
     pub(crate) reservation_bytes: Option<u64>,
     pub(crate) commit_after_write: bool,
+    pub(crate) master_addr: Option<String>,
     pub(crate) server_threads: usize,
     pub(crate) segment_size: Option<u64>,
     // Client role: what A tells B.
@@ -214,6 +217,7 @@ impl Default for Args {
             client_rt: ClientRt::Multi,
             reservation_bytes: None,
             commit_after_write: false,
+            master_addr: None,
             server_threads: 2,
             segment_size: None,
             master: None,
@@ -347,6 +351,7 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
                 a.reservation_bytes = Some(if v.trim() == "0" { 0 } else { parse_size(&v)? });
             }
             "--commit-after-write" => a.commit_after_write = true,
+            "--master-addr" => a.master_addr = Some(value()?),
             "--server-threads" => a.server_threads = parse_count(&flag, &value()?)?,
             "--segment-size" => a.segment_size = Some(parse_size(&value()?)?),
             "--master" => a.master = Some(value()?),
@@ -394,28 +399,35 @@ fn main() {
 
 /// Process A's pieces, kept alive while B runs.
 struct Server {
-    service: Arc<MasterService>,
+    /// The master, unless A uses one in another process (`--master-addr`).
+    service: Option<Arc<MasterService>>,
     store: Arc<Store>,
-    rpc: SocketAddr,
+    rpc: String,
     scratch: u64,
     scratch_len: u64,
     segment_bytes: u64,
 }
 
 async fn start_server(args: &Args) -> Result<Server, String> {
-    let options = MasterOptions {
-        rpc_address: "127.0.0.1".into(),
-        rpc_port: 0,
-        enable_metrics: false,
-        ..MasterOptions::default()
+    let (service, rpc) = match &args.master_addr {
+        Some(addr) => (None, addr.clone()),
+        None => {
+            let options = MasterOptions {
+                rpc_address: "127.0.0.1".into(),
+                rpc_port: 0,
+                enable_metrics: false,
+                ..MasterOptions::default()
+            };
+            let (service, listening) = master_cli::start(&options)
+                .await
+                .map_err(|e| format!("starting the master: {e}"))?;
+            (Some(service), listening.rpc.to_string())
+        }
     };
-    let (service, listening) = master_cli::start(&options)
-        .await
-        .map_err(|e| format!("starting the master: {e}"))?;
     let segment_bytes = args.segment_bytes();
     let config = StoreConfig {
         local_hostname: "127.0.0.1".into(),
-        master_server_addr: listening.rpc.to_string(),
+        master_server_addr: rpc.clone(),
         global_segment_size: segment_bytes,
         // A issues no byte-oriented calls beyond the probe below.
         local_buffer_size: 1 << 20,
@@ -425,9 +437,11 @@ async fn start_server(args: &Args) -> Result<Server, String> {
         prefault_segment: true,
         ..StoreConfig::default()
     };
-    let store = Store::setup_embedded(config, service.clone())
-        .await
-        .map_err(|e| format!("starting the storage node: {e}"))?;
+    let store = match &service {
+        Some(service) => Store::setup_embedded(config, service.clone()).await,
+        None => Store::setup(config).await,
+    }
+    .map_err(|e| format!("starting the storage node: {e}"))?;
     let scratch_len = args.batch_bytes();
     let scratch = store
         .engine()
@@ -442,7 +456,7 @@ async fn start_server(args: &Args) -> Result<Server, String> {
     Ok(Server {
         service,
         store,
-        rpc: listening.rpc,
+        rpc,
         scratch,
         scratch_len,
         segment_bytes,
@@ -466,7 +480,9 @@ where
 /// The in-process cost of master calls (through the command log, no socket), for the profile:
 /// `(name, p50 ns, p99 ns)`.
 async fn server_apply_probe(s: &Server, batch: usize) -> Result<Vec<(String, u64, u64)>, String> {
-    let svc = &*s.service;
+    let Some(svc) = s.service.as_deref() else {
+        return Ok(Vec::new());
+    };
     let key = "store_bench/probe";
     s.store
         .put(key, &[7u8; 4096], &ReplicateConfig::default())
@@ -580,6 +596,9 @@ fn encode_probe(p: &[(String, u64, u64)]) -> String {
 }
 
 fn decode_probe(v: &str) -> Result<Vec<(String, u64, u64)>, String> {
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
     v.split(',')
         .map(|item| {
             let (name, rest) = item.split_once('=')?;
@@ -650,7 +669,7 @@ fn run_server(args: &Args, raw: &[String]) -> Result<i32, String> {
         let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
         let mut cmd = Command::new(exe);
         cmd.args(without_role(raw))
-            .args(["--role", "client", "--master", &server.rpc.to_string()])
+            .args(["--role", "client", "--master", &server.rpc])
             .args(["--segment", &segment])
             .args(["--scratch", &format!("{:#x}", server.scratch)])
             .args(["--scratch-len", &server.scratch_len.to_string()])
@@ -678,7 +697,9 @@ fn run_server(args: &Args, raw: &[String]) -> Result<i32, String> {
     rt.block_on(async {
         let _ = server.store.close().await;
     });
-    server.service.shutdown();
+    if let Some(service) = &server.service {
+        service.shutdown();
+    }
     drop(server);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(code)
