@@ -42,6 +42,8 @@ struct Piece {
 pub struct Landings {
     segments: Mutex<HashMap<String, BTreeMap<u64, Piece>>>,
     changed: tokio::sync::Notify,
+    /// Segments whose storage node runs in this process (reports are function calls).
+    local: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Removes every reported byte in `[start, end)`, keeping the parts of pieces outside it.
@@ -105,6 +107,26 @@ impl Landings {
             }
         }
         self.changed.notify_waiters();
+    }
+
+    /// [`Landings::record`] for a storage node in this process, which also marks its segment as
+    /// local.
+    pub fn record_local(&self, segment: &str, ranges: &[(u64, u64)]) {
+        {
+            let mut local = self.local.lock().expect("landings lock");
+            if !local.contains(segment) {
+                local.insert(segment.to_owned());
+            }
+        }
+        if !ranges.is_empty() {
+            self.record(segment, ranges);
+        }
+    }
+
+    /// Whether `segment`'s storage node reports from this process: a commit waiting for its
+    /// reports waits for no network hop, so committing on landing pays there.
+    pub fn is_local(&self, segment: &str) -> bool {
+        self.local.lock().expect("landings lock").contains(segment)
     }
 
     /// When every range of `ranges` on `segment` has been reported, consumes the reports and

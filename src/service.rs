@@ -115,7 +115,9 @@ pub trait MasterApi: Send + Sync + std::fmt::Debug {
 
     /// Delivers a landing report at once, without waiting for a task: recorded directly by a
     /// master in this process, written straight onto the connection of a remote one. False
-    /// when that is not possible now; the caller then sends a [`MasterRequest::Landed`].
+    /// when that is not possible now; the caller then sends a [`MasterRequest::Landed`]. A
+    /// storage node sends an empty report when it starts: a master in its process then knows
+    /// the segment's reports cost no network hop, and advises committing on landing there.
     fn note_landed(&self, _segment: &str, _ranges: &[(u64, u64)]) -> bool {
         false
     }
@@ -335,11 +337,12 @@ impl MasterService {
             ticket: Some(proposal.ticket),
         };
         let now = proposal.entry.now;
-        let response = self.append(&proposal.entry).await?;
-        if let Response::Reserved(Ok(grant)) = &response {
+        let mut response = self.append(&proposal.entry).await?;
+        if let Response::Reserved(Ok(grant)) = &mut response {
             // Reports on this space are of writes before it was handed out anew.
             self.landings
                 .forget(&grant.segment_name, grant.buffer_address, grant.size);
+            grant.commit_on_landing = self.landings.is_local(&grant.segment_name);
         }
         Ok((now, response))
     }
@@ -542,7 +545,11 @@ impl MasterApi for MasterService {
     }
 
     fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
-        self.landings.record(segment, ranges);
+        if self.not_leader().is_some() {
+            // The leader commits; the report must reach it (over RPC).
+            return false;
+        }
+        self.landings.record_local(segment, ranges);
         true
     }
 }

@@ -576,8 +576,9 @@ async fn puts_go_into_reserved_space_and_commit_with_one_call() {
     let stats = writer.commit_stats();
     assert_eq!(
         (stats.on_landing, stats.after_write),
-        (34, 0),
-        "32 single puts, one batch and one zero-copy put, each committed as its WRITEs landed"
+        (0, 34),
+        "32 single puts, one batch and one zero-copy put, each committed after its WRITEs (the \
+         storage node is not in the master's process, so the master advises that)"
     );
     let reserved = after.reserved_puts - before.reserved_puts;
     let granted = after.reservations_granted - before.reservations_granted;
@@ -595,7 +596,6 @@ async fn puts_go_into_reserved_space_and_commit_with_one_call() {
     // A put of an existing key leaves the value alone, as through PutStart.
     writer.put("r0", &pattern(200, 5000), &rc).await.unwrap();
     assert_eq!(reader.get("r0").await.unwrap(), values[0]);
-    assert_eq!(writer.commit_stats().after_write, 0);
     assert_eq!(reader.get_size("r0").await.unwrap(), 4096);
 
     // Other replication options take the PutStart path.
@@ -679,7 +679,12 @@ async fn commits_wait_for_landing_reports_and_never_apply_without_them() {
         ),
         "{reply:?}"
     );
-    let writer = Store::setup(config(&addr, 0)).await.unwrap();
+    let writer = Store::setup(StoreConfig {
+        commit_on_landing: Some(true),
+        ..config(&addr, 0)
+    })
+    .await
+    .unwrap();
     let started = std::time::Instant::now();
     let reply = svc
         .call(MasterRequest::CommitWhenLanded {
@@ -740,7 +745,7 @@ async fn commits_wait_for_landing_reports_and_never_apply_without_them() {
 
     // Turned off, the commit follows the WRITE's acknowledgement.
     let after_write = Store::setup(StoreConfig {
-        commit_on_landing: false,
+        commit_on_landing: Some(false),
         ..config(&addr, 0)
     })
     .await
@@ -749,7 +754,23 @@ async fn commits_wait_for_landing_reports_and_never_apply_without_them() {
     assert_eq!(after_write.commit_stats().after_write, 1);
     assert_eq!(after_write.commit_stats().on_landing, 0);
     assert_eq!(storage.get("aw").await.unwrap(), values[0]);
-    for s in [after_write, writer, storage] {
+    storage.close().await.unwrap();
+
+    // Left to the master's advice: with the storage node in the master's process, commits go
+    // with the WRITEs, and the report is a function call.
+    let embedded = Store::setup_embedded(config(&addr, 64 << 20), svc.clone())
+        .await
+        .unwrap();
+    let advised = Store::setup(config(&addr, 0)).await.unwrap();
+    for (i, v) in values.iter().enumerate() {
+        advised.put(&format!("e{i}"), v, &rc).await.unwrap();
+    }
+    let stats = advised.commit_stats();
+    assert_eq!((stats.on_landing, stats.after_write), (8, 0));
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(&embedded.get(&format!("e{i}")).await.unwrap(), v);
+    }
+    for s in [advised, after_write, writer, embedded] {
         s.close().await.unwrap();
     }
 }

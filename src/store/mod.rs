@@ -85,8 +85,11 @@ pub struct StoreConfig {
     /// Send a reserved put's commit together with its WRITE: the storage node reports the
     /// landing to the master, which commits as soon as the bytes are in place (see
     /// [`crate::landing`]). One one-way trip less per put; two when the master runs in the
-    /// storage node. Default true; false commits after the WRITE's acknowledgement.
-    pub commit_on_landing: bool,
+    /// storage node. `None` (default): as the master advises for the reservation's segment
+    /// (yes when that segment's storage node runs in the master's process; with a master
+    /// elsewhere the extra report costs as much as it saves on a loopback host). `Some(false)`
+    /// commits after the WRITE's acknowledgement, `Some(true)` always with the WRITE.
+    pub commit_on_landing: Option<bool>,
 }
 
 impl Default for StoreConfig {
@@ -105,7 +108,7 @@ impl Default for StoreConfig {
             location_cache_entries: 1 << 16,
             reservation_bytes: 16 << 20,
             prefault_segment: false,
-            commit_on_landing: true,
+            commit_on_landing: None,
         }
     }
 }
@@ -306,6 +309,8 @@ impl Store {
         };
         if segment.is_some() {
             report_landings(&engine, master.clone())?;
+            // Tells a master in this process that this segment's reports are local.
+            master.note_landed(engine.segment_name(), &[]);
         }
         if let Err(e) = engine.publish().await {
             engine.shutdown().await;

@@ -42,6 +42,8 @@ pub(crate) struct Carved {
     pub(crate) replicas: Vec<ReplicaDescriptor>,
     /// No write into these places may start at or after this.
     pub(crate) usable_until: Instant,
+    /// The master advises committing these values as they land.
+    pub(crate) commit_on_landing: bool,
 }
 
 /// How a client's reserved puts were committed (per call that wrote into a reservation).
@@ -114,6 +116,7 @@ impl Reserved {
             offsets,
             replicas,
             usable_until: a.usable_until,
+            commit_on_landing: a.grant.commit_on_landing,
         })
     }
 
@@ -170,6 +173,7 @@ mod tests {
             size,
             granularity: 64,
             ttl_ms,
+            commit_on_landing: false,
         }
     }
 

@@ -424,7 +424,10 @@ impl Store {
             .iter()
             .map(|r| Some(std::slice::from_ref(r)))
             .collect();
-        let overlap = self.config.commit_on_landing;
+        let overlap = self
+            .config
+            .commit_on_landing
+            .unwrap_or(carved.commit_on_landing);
         let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
             Ok(p) => p,
             Err(Failed(e)) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),

@@ -67,6 +67,10 @@ pub struct ReservationGrant {
     pub granularity: u64,
     /// How long after asking the client may start writes into the range, in ms.
     pub ttl_ms: u64,
+    /// The master's advice to send commits of this range together with their WRITEs, to be
+    /// applied when the segment reports them landed: set by the master service when the
+    /// segment's reports reach it without a network hop (the state machine leaves it false).
+    pub commit_on_landing: bool,
 }
 
 /// One value written into a reservation.
@@ -185,6 +189,7 @@ impl Master {
             size: alloc.len,
             granularity: g,
             ttl_ms: ttl,
+            commit_on_landing: false,
         })
     }
 

@@ -681,7 +681,7 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
         reservation_bytes: args
             .reservation_bytes
             .unwrap_or(StoreConfig::default().reservation_bytes),
-        commit_on_landing: !args.commit_after_write,
+        commit_on_landing: args.commit_on_landing,
         ..StoreConfig::default()
     };
     let cold = Store::setup(StoreConfig {
@@ -736,7 +736,7 @@ async fn run(args: &Args) -> Result<Outcome, String> {
     let ctx = setup(args).await?;
     println!(
         "client: pid {}, store segment {} (global_segment_size 0), A's segment {}, \
-         reservation_bytes {}, commit_on_landing {}, runtime {}",
+         reservation_bytes {}, commit_on_landing {:?}, runtime {}",
         std::process::id(),
         ctx.store.hostname(),
         ctx.seg.name,

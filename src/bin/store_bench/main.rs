@@ -55,8 +55,10 @@ FLAGS:
                         the measuring loop runs as a task on it
     --reservation-bytes N  the client's StoreConfig::reservation_bytes (default 16M; 0: every
                         put goes through PutStart and PutEnd)
-    --commit-after-write  reserved puts commit after the WRITE's acknowledgement instead of
-                        with the WRITE (StoreConfig::commit_on_landing = false)
+    --commit-after-write  reserved puts commit after the WRITE's acknowledgement
+                        (StoreConfig::commit_on_landing = Some(false))
+    --commit-on-landing   reserved puts always send the commit with the WRITE (Some(true));
+                        by default the master advises (with its segment in A: yes)
     --master-addr ADDR  use the master at ADDR (e.g. a `mooncake_master` process) instead of one
                         inside A; no in-process master probe then
     --server-threads N  worker threads of A's runtime (default 2)
@@ -189,7 +191,7 @@ pub(crate) struct Args {
     pub(crate) profile_seconds: f64,
     pub(crate) client_rt: ClientRt,
     pub(crate) reservation_bytes: Option<u64>,
-    pub(crate) commit_after_write: bool,
+    pub(crate) commit_on_landing: Option<bool>,
     pub(crate) master_addr: Option<String>,
     pub(crate) server_threads: usize,
     pub(crate) segment_size: Option<u64>,
@@ -216,7 +218,7 @@ impl Default for Args {
             profile_seconds: 0.6,
             client_rt: ClientRt::Multi,
             reservation_bytes: None,
-            commit_after_write: false,
+            commit_on_landing: None,
             master_addr: None,
             server_threads: 2,
             segment_size: None,
@@ -350,7 +352,8 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
                 let v = value()?;
                 a.reservation_bytes = Some(if v.trim() == "0" { 0 } else { parse_size(&v)? });
             }
-            "--commit-after-write" => a.commit_after_write = true,
+            "--commit-after-write" => a.commit_on_landing = Some(false),
+            "--commit-on-landing" => a.commit_on_landing = Some(true),
             "--master-addr" => a.master_addr = Some(value()?),
             "--server-threads" => a.server_threads = parse_count(&flag, &value()?)?,
             "--segment-size" => a.segment_size = Some(parse_size(&value()?)?),
