@@ -551,6 +551,70 @@ impl Ctx {
 
     /// Raw transfer engine case: WRITE or READ, `n` requests per transfer call. Verified first
     /// by writing the slots, reading them back into poisoned memory and comparing.
+    /// Single zero-copy store calls and single raw engine calls of the same size, alternated
+    /// (raw, store, store, raw, raw, ...), so that both see the same moments of a noisy machine
+    /// and each follows either kind equally often: put_from
+    /// against te_write, or get_into (over the working set `g`) against te_read.
+    async fn paired(
+        &self,
+        write: bool,
+        size: u64,
+        g: &[String],
+    ) -> Result<(CaseResult, CaseResult), String> {
+        let batch = self.args.batch;
+        let budget = self.budget(size);
+        let mut live = Live::new();
+        let (mut store_m, mut raw_m) = (Meter::new(&self.args), Meter::new(&self.args));
+        let mut i = 1;
+        while !(store_m.done() && raw_m.done()) {
+            let j = i % batch;
+            // Which goes first alternates too, so neither always follows the other.
+            for store_turn in [i % 2 == 0, i % 2 == 1] {
+                if !store_turn {
+                    let reqs = self.te_requests(write, size, j..j + 1);
+                    let t = Instant::now();
+                    let r = self.te(reqs).await;
+                    raw_m.record(t.elapsed(), 1, size);
+                    r.map_err(|e| err("te (interleaved)", e))?;
+                } else if write {
+                    let k = self.key(size, "paired");
+                    let t = Instant::now();
+                    let r = self
+                        .store
+                        .put_from(&k, self.src_addr(size, j), size, &self.rc)
+                        .await;
+                    store_m.record(t.elapsed(), 1, size);
+                    r.map_err(|e| err(format!("put_from {k:?} (interleaved)"), e))?;
+                    live.add([k], size);
+                    live.flush_if_over(self, budget, size).await?;
+                } else {
+                    let k = &g[i % g.len()];
+                    let t = Instant::now();
+                    let r = self
+                        .store
+                        .get_into(k, self.dst_addr(size, i % g.len()), size)
+                        .await;
+                    store_m.record(t.elapsed(), 1, size);
+                    let n = r.map_err(|e| err(format!("get_into {k:?} (interleaved)"), e))?;
+                    if n != size {
+                        return Err(format!("get_into {k:?}: {n} bytes, expected {size}"));
+                    }
+                }
+            }
+            i += 1;
+        }
+        live.flush(self).await?;
+        let (store_case, raw_case) = if write {
+            (Case::PutFrom, Case::TeWrite)
+        } else {
+            (Case::GetInto, Case::TeRead)
+        };
+        Ok((
+            store_m.finish(store_case, size, 1),
+            raw_m.finish(raw_case, size, 1),
+        ))
+    }
+
     async fn case_te(&self, write: bool, size: u64, n: usize) -> Result<CaseResult, String> {
         let what = if write { "te WRITE" } else { "te READ" };
         self.te(self.te_requests(true, size, 0..n)).await?;
@@ -651,6 +715,8 @@ const ORDER: [Case; 16] = [
 /// Outcome of the measured part of B's run.
 struct Outcome {
     rows: Vec<CaseResult>,
+    /// (store, raw engine) measured in alternation.
+    paired: Vec<(CaseResult, CaseResult)>,
     errors: Vec<String>,
     profile_ping: Vec<u64>,
 }
@@ -748,6 +814,7 @@ async fn run(args: &Args) -> Result<Outcome, String> {
         }
     );
     let mut rows = Vec::new();
+    let mut paired = Vec::new();
     let mut errors = Vec::new();
     for &size in &args.sizes {
         stats::print_header(size, args.batch);
@@ -761,6 +828,31 @@ async fn run(args: &Args) -> Result<Outcome, String> {
                 Err(e) => {
                     println!("{:<16} ERROR: {e}", case.name());
                     errors.push(format!("{} {}: {e}", fmt_bytes(size), case.name()));
+                }
+            }
+        }
+        if size >= 1 << 20 {
+            let mut pairs = Vec::new();
+            if args.runs(Case::PutFrom) && args.runs(Case::TeWrite) {
+                pairs.push(ctx.paired(true, size, &[]).await);
+            }
+            if let Some(keys) = g.as_deref().filter(|_| args.runs(Case::TeRead)) {
+                pairs.push(ctx.paired(false, size, keys).await);
+            }
+            if !pairs.is_empty() {
+                println!("-- interleaved: one raw engine call, one store call, alternately --");
+            }
+            for p in pairs {
+                match p {
+                    Ok((store, raw)) => {
+                        stats::print_row(&raw);
+                        stats::print_row(&store);
+                        paired.push((store, raw));
+                    }
+                    Err(e) => {
+                        println!("interleaved ERROR: {e}");
+                        errors.push(format!("{} interleaved: {e}", fmt_bytes(size)));
+                    }
                 }
             }
         }
@@ -791,6 +883,7 @@ async fn run(args: &Args) -> Result<Outcome, String> {
     }
     Ok(Outcome {
         rows,
+        paired,
         errors,
         profile_ping,
     })
@@ -896,7 +989,7 @@ fn report(
         "== targets (from this run; ping p50 = {}, all rounds) ==",
         fmt_ns(p50)
     );
-    let checks = stats::evaluate(&outcome.rows, p50);
+    let checks = stats::evaluate(&outcome.rows, &outcome.paired, p50);
     for c in &checks {
         println!("{}  {}", if c.pass { "PASS" } else { "MISS" }, c.text);
     }

@@ -90,7 +90,8 @@ Targets (evaluated from this run, printed as PASS/MISS; misses do not change the
     batched 4 KiB >= 100k objects/s (put_batch, get_batch, batch_put_from, batch_get_into, and
     the cold gets)
     sizes >= 1 MiB: zero-copy get/put >= 0.8x the raw transfer engine's throughput (same size
-    and batch shape)
+    and batch shape); and again with single put_from/get_into calls alternated with single raw
+    engine calls (interleaved section), comparing p50s measured under the same conditions
 ";
 
 /// Which process this is.

@@ -145,8 +145,13 @@ fn find(rows: &[CaseResult], case: Case, size: u64) -> Option<&CaseResult> {
     rows.iter().find(|r| r.case == case && r.size == size)
 }
 
-/// Evaluates the targets against this run's rows and the ping-pong p50 (ns).
-pub(crate) fn evaluate(rows: &[CaseResult], ping_p50: u64) -> Vec<Check> {
+/// Evaluates the targets against this run's rows, its interleaved (store, raw engine) pairs and
+/// the ping-pong p50 (ns).
+pub(crate) fn evaluate(
+    rows: &[CaseResult],
+    paired: &[(CaseResult, CaseResult)],
+    ping_p50: u64,
+) -> Vec<Check> {
     let mut out = Vec::new();
     let small = 4 << 10;
     let ping = ping_p50 as f64;
@@ -227,6 +232,23 @@ pub(crate) fn evaluate(rows: &[CaseResult], ping_p50: u64) -> Vec<Check> {
                 });
             }
         }
+    }
+    // The same comparison with the calls alternated: the raw engine's own figure swings from
+    // run to run here, and this compares the two under the same conditions.
+    for (store, raw) in paired {
+        let ratio = raw.p50 as f64 / (store.p50 as f64).max(1.0);
+        out.push(Check {
+            pass: ratio >= 0.8,
+            text: format!(
+                "{} {} interleaved with {}: p50 {} vs {} = {ratio:.2}x the raw engine's \
+                 throughput per call (>= 0.8x)",
+                fmt_bytes(store.size),
+                store.case.name(),
+                raw.case.name(),
+                fmt_ns(store.p50),
+                fmt_ns(raw.p50),
+            ),
+        });
     }
     out
 }
