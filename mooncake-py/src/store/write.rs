@@ -29,18 +29,19 @@ fn first_failure(results: Result<Vec<Result<(), Error>>, Error>) -> i64 {
     }
 }
 
-/// Writes of fewer bytes than this in all run on the runtime's workers (see
-/// [`block_on_worker`]); larger ones are mostly copying and run on the calling thread, so that
-/// several Python threads copy in parallel.
+/// Writes that copy fewer bytes than this into the staging buffer run on the runtime's workers
+/// (see [`block_on_worker`]); larger ones are mostly copying and run on the calling thread, so
+/// that several Python threads copy in parallel. Zero-copy writes copy nothing here and always
+/// run on the workers, where the WRITE's acknowledgement and the master's answer resume them.
 const ON_WORKER_BELOW: u64 = 1 << 20;
 
-/// Drives a write of `bytes` bytes: see [`ON_WORKER_BELOW`].
-fn drive<F>(py: Python<'_>, bytes: u64, fut: F) -> Result<F::Output, Error>
+/// Drives a write that copies `copied` bytes on its way out: see [`ON_WORKER_BELOW`].
+fn drive<F>(py: Python<'_>, copied: u64, fut: F) -> Result<F::Output, Error>
 where
     F: std::future::Future + Send,
     F::Output: Send,
 {
-    if bytes < ON_WORKER_BELOW {
+    if copied < ON_WORKER_BELOW {
         block_on_worker(py, fut)
     } else {
         block_on(py, fut)
@@ -122,8 +123,7 @@ impl PyStore {
             .map(|(k, (p, s))| (k.as_str(), *p, *s))
             .collect();
         let s = self.live()?;
-        let bytes = sizes.iter().fold(0u64, |a, s| a.saturating_add(*s));
-        drive(py, bytes, async move {
+        drive(py, 0, async move {
             match kind {
                 Kind::Put => s.batch_put_from(&items, &config).await,
                 Kind::Upsert => s.batch_upsert_from(&items, &config).await,
@@ -345,11 +345,7 @@ impl PyStore {
         let r = (|| {
             let items = multi_items(&keys, &all_buffer_ptrs, &all_sizes)?;
             let s = self.live()?;
-            let bytes = all_sizes
-                .iter()
-                .flatten()
-                .fold(0u64, |a, s| a.saturating_add(*s));
-            drive(py, bytes, async move {
+            drive(py, 0, async move {
                 s.batch_put_from_multi_buffers(&items, &config).await
             })
         })();
@@ -380,9 +376,8 @@ impl PyStore {
             parts.push((metadata_buffer_ptr, metadata_size));
         }
         parts.push((buffer_ptr, size));
-        let bytes = size.saturating_add(metadata_size);
         let r = self.live().and_then(|s| {
-            drive(py, bytes, async move {
+            drive(py, 0, async move {
                 s.batch_put_from_multi_buffers(&[(key.as_str(), parts)], &config)
                     .await
             })
