@@ -430,8 +430,7 @@ impl Store {
             .unwrap_or(carved.commit_on_landing);
         let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
             Ok(p) => p,
-            Err(Failed(e)) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
-            Err(Late) => unreachable!("preparing has no deadline"),
+            Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
         };
         if Instant::now() >= carved.usable_until {
             // Too late to write into the reservation (staging space took long to free).
@@ -471,8 +470,10 @@ impl Store {
             for (&pos, r) in ready.iter().zip(per_item) {
                 settle(&mut results, &mut again, pos, r);
             }
+            let mut is_ready = vec![false; wave.len()];
+            ready.iter().for_each(|&pos| is_ready[pos] = true);
             for (pos, t) in transferred.into_iter().enumerate() {
-                if let Some(Err(e)) = t.filter(|_| !ready.contains(&pos)) {
+                if let Some(Err(e)) = t.filter(|_| !is_ready[pos]) {
                     self.reserved.drop_grant(carved.id);
                     results[pos] = Some(Err(e));
                 }
@@ -721,7 +722,10 @@ impl Store {
         targets: &[Option<&[ReplicaDescriptor]>],
         start_by: Option<Instant>,
     ) -> std::result::Result<Vec<Option<Result<()>>>, WaveError> {
-        let prepared = self.prepare(wave, staged_bytes, targets, false).await?;
+        let prepared = self
+            .prepare(wave, staged_bytes, targets, false)
+            .await
+            .map_err(Failed)?;
         if start_by.is_some_and(|t| Instant::now() >= t) {
             return Err(Late);
         }
@@ -736,13 +740,12 @@ impl Store {
         staged_bytes: u64,
         targets: &[Option<&[ReplicaDescriptor]>],
         notify: bool,
-    ) -> std::result::Result<Prepared, WaveError> {
+    ) -> Result<Prepared> {
         let slot = if staged_bytes > 0 {
             Some(
                 self.staging
                     .reserve(staged_bytes, self.config.staging_wait)
-                    .await
-                    .map_err(Failed)?,
+                    .await?,
             )
         } else {
             None
