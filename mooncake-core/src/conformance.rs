@@ -50,6 +50,15 @@ struct Pair {
     target: Arc<TransferEngine>,
 }
 
+impl Pair {
+    /// A registered buffer of `remote` bytes on the target and one of `local` bytes on the
+    /// initiator.
+    fn buffers(&self, remote: usize, local: usize) -> (u64, u64) {
+        let alloc = |e: &TransferEngine, len| e.allocate_buffer(len, Location::cpu(0)).unwrap();
+        (alloc(&self.target, remote), alloc(&self.initiator, local))
+    }
+}
+
 async fn pair(h: &dyn Harness) -> Pair {
     let start = |t| TransferEngine::start(EngineConfig::new(h.hostname()), vec![t]);
     let target = start(h.transport()).await.expect("target engine starts");
@@ -90,11 +99,7 @@ fn read(engine: &TransferEngine, addr: u64, len: usize) -> Vec<u8> {
 /// READ and WRITE of one request each, bytes verified on both sides.
 pub async fn read_and_write(h: &dyn Harness) {
     let p = pair(h).await;
-    let remote = p.target.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer(1 << 16, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers(1 << 16, 1 << 16);
     let data = pattern(1, 1 << 16);
     fill(&p.target, remote, &data);
     let seg = p
@@ -141,14 +146,7 @@ pub async fn batch_of_mixed_requests(h: &dyn Harness) {
     let p = pair(h).await;
     const SLOT: u64 = 8192;
     const N: u64 = 300;
-    let remote = p
-        .target
-        .allocate_buffer((SLOT * N) as usize, Location::cpu(0))
-        .unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer((SLOT * N) as usize, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers((SLOT * N) as usize, (SLOT * N) as usize);
     let remote_data = pattern(3, (SLOT * N) as usize);
     let local_data = pattern(4, (SLOT * N) as usize);
     fill(&p.target, remote, &remote_data);
@@ -195,8 +193,7 @@ pub async fn batch_of_mixed_requests(h: &dyn Harness) {
 /// Zero-length requests complete successfully and move nothing.
 pub async fn zero_length_requests(h: &dyn Harness) {
     let p = pair(h).await;
-    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let (remote, local) = p.buffers(4096, 4096);
     let seg = p
         .initiator
         .open_segment(p.target.segment_name())
@@ -217,8 +214,7 @@ pub async fn zero_length_requests(h: &dyn Harness) {
 /// A local range outside registered memory fails that request only, before anything is sent.
 pub async fn local_bounds_violation(h: &dyn Harness) {
     let p = pair(h).await;
-    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let (remote, local) = p.buffers(4096, 4096);
     let seg = p
         .initiator
         .open_segment(p.target.segment_name())
@@ -249,11 +245,7 @@ pub async fn local_bounds_violation(h: &dyn Harness) {
 /// transport keeps working afterwards.
 pub async fn remote_bounds_violation(h: &dyn Harness) {
     let p = pair(h).await;
-    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer(1 << 20, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers(4096, 1 << 20);
     let before = pattern(5, 4096);
     fill(&p.target, remote, &before);
     let seg = p
@@ -296,14 +288,7 @@ pub async fn remote_bounds_violation(h: &dyn Harness) {
 pub async fn large_requests(h: &dyn Harness) {
     let p = pair(h).await;
     let len = (24 << 20) + 3;
-    let remote = p
-        .target
-        .allocate_buffer(len + 64, Location::cpu(0))
-        .unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer(len + 64, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers(len + 64, len + 64);
     let data = pattern(6, len);
     fill(&p.target, remote + 5, &data);
     let seg = p
@@ -348,8 +333,7 @@ pub async fn large_requests(h: &dyn Harness) {
 /// After the target shuts down, transfers to it fail with an error within the failure bound.
 pub async fn peer_death(h: &dyn Harness) {
     let p = pair(h).await;
-    let remote = p.target.allocate_buffer(4096, Location::cpu(0)).unwrap();
-    let local = p.initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let (remote, local) = p.buffers(4096, 4096);
     let seg = p
         .initiator
         .open_segment(p.target.segment_name())
@@ -378,14 +362,7 @@ pub async fn peer_death(h: &dyn Harness) {
 pub async fn concurrent_batches(h: &dyn Harness) {
     let p = pair(h).await;
     const SLOT: u64 = 65536;
-    let remote = p
-        .target
-        .allocate_buffer((SLOT * 8) as usize, Location::cpu(0))
-        .unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer((SLOT * 8) as usize, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers((SLOT * 8) as usize, (SLOT * 8) as usize);
     let data = Arc::new(pattern(8, (SLOT * 8) as usize));
     fill(&p.target, remote, &data);
     let seg = p
@@ -432,11 +409,7 @@ pub async fn concurrent_batches(h: &dyn Harness) {
 /// `submit` returns at once; statuses go from pending to completed or failed per request.
 pub async fn submit_reports_status(h: &dyn Harness) {
     let p = pair(h).await;
-    let remote = p.target.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer(1 << 20, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers(1 << 20, 1 << 20);
     let seg = p
         .initiator
         .open_segment(p.target.segment_name())
@@ -492,14 +465,7 @@ pub async fn unknown_segment(h: &dyn Harness) {
 pub async fn landing_notices(h: &dyn Harness) {
     let p = pair(h).await;
     const BIG: usize = 3 << 20;
-    let remote = p
-        .target
-        .allocate_buffer(BIG + 8192, Location::cpu(0))
-        .unwrap();
-    let local = p
-        .initiator
-        .allocate_buffer(BIG + 16384, Location::cpu(0))
-        .unwrap();
+    let (remote, local) = p.buffers(BIG + 8192, BIG + 16384);
     let data = pattern(9, BIG + 8192);
     fill(&p.initiator, local, &data);
     // (addr, len, bytes in place when reported)
