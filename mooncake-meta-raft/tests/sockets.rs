@@ -246,18 +246,27 @@ async fn join_scenario() {
     // Asked to remove itself, the leader hands leadership over and names the new leader, which
     // removes it.
     let old = (l + 1) as u64;
-    let new = match leader.remove_node(old).await {
+    let mut new = match leader.remove_node(old).await {
         Err(Error::NotLeader { leader: Some(info) }) => (info.id - 1) as usize,
         other => panic!("the leader did not hand over before its removal: {other:?}"),
     };
     assert_ne!(new, l);
     assert!(!leader.is_leader());
-    stores[new]
-        .as_ref()
-        .unwrap()
-        .remove_node(old)
-        .await
-        .unwrap();
+    // The named successor may still be winning its election (or lose it to another member on
+    // a slow machine): follow NotLeader answers, within a bound.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match stores[new].as_ref().unwrap().remove_node(old).await {
+            Ok(()) => break,
+            Err(Error::NotLeader { leader }) if std::time::Instant::now() < deadline => {
+                if let Some(info) = leader.filter(|i| i.id != old) {
+                    new = (info.id - 1) as usize;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("removing {old} at the new leader: {e}"),
+        }
+    }
     let members = stores[new].as_ref().unwrap().members().await.unwrap();
     let ids: Vec<u64> = members.voters.iter().map(|p| p.id).collect();
     assert!(!ids.contains(&old) && ids.len() == 3, "{members:?}");
