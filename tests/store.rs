@@ -854,3 +854,44 @@ async fn a_prefaulted_segment_is_in_memory_from_the_start() {
     eager.close().await.unwrap();
     lazy.close().await.unwrap();
 }
+
+/// A put whose WRITE fails while its commit waits for the landing report returns the failure at
+/// once (it does not wait out the master's wait for a report that cannot come), and nothing is
+/// committed then or later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_does_not_wait_for_its_landing_commit() {
+    let segment = 64u64 << 20;
+    let (svc, addr) = serve_master(MasterConfig::default()).await;
+    let storage = Store::setup_embedded(config(&addr, segment), svc.clone())
+        .await
+        .unwrap();
+    let writer = Store::setup(config(&addr, 0)).await.unwrap();
+    let rc = ReplicateConfig::default();
+    writer.put("a", &pattern(1, 8192), &rc).await.unwrap();
+    assert_eq!(writer.commit_stats().on_landing, 1, "advised: same process");
+    // The storage node loses its segment's memory (the master still has it mounted).
+    let seg = storage
+        .engine()
+        .memory()
+        .descriptors()
+        .into_iter()
+        .find(|b| b.len == segment)
+        .expect("the segment buffer");
+    storage.engine().unregister_memory(seg.addr).unwrap();
+    let started = std::time::Instant::now();
+    let r = writer.put("b", &pattern(2, 8192), &rc).await;
+    let took = started.elapsed();
+    assert_eq!(r.unwrap_err().code(), ErrorCode::TRANSFER_FAIL);
+    assert!(
+        took < Duration::from_millis(900),
+        "the failed put waited {took:?} for its commit"
+    );
+    assert!(!writer.is_exist("b").await.unwrap());
+    // The commit left waiting at the master gives up and applies nothing.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!writer.is_exist("b").await.unwrap());
+    assert_eq!(writer.commit_stats().on_landing, 1);
+    for s in [writer, storage] {
+        s.close().await.unwrap();
+    }
+}
