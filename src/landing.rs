@@ -177,8 +177,8 @@ impl Landings {
         self.lock().clear();
     }
 
-    /// Number of reported pieces kept (for tests and metrics).
-    pub fn pieces(&self) -> usize {
+    #[cfg(test)]
+    fn pieces(&self) -> usize {
         self.lock().values().map(BTreeMap::len).sum()
     }
 }

@@ -805,6 +805,17 @@ async fn a_put_that_waits_past_its_reservation_goes_through_put_start() {
     storage.close().await.unwrap();
 }
 
+/// Address of the store's segment: its registered buffer of `len` bytes.
+fn segment_addr(s: &Store, len: u64) -> u64 {
+    s.engine()
+        .memory()
+        .descriptors()
+        .into_iter()
+        .find(|d| d.len == len)
+        .expect("the segment is a registered buffer")
+        .addr
+}
+
 /// Pages of `[addr, addr + len)` resident in memory, by mincore(2).
 fn resident_pages(addr: u64, len: u64) -> usize {
     let page = 4096usize;
@@ -821,16 +832,7 @@ fn resident_pages(addr: u64, len: u64) -> usize {
 async fn a_prefaulted_segment_is_in_memory_from_the_start() {
     let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let segment = 40 << 20;
-    let segment_buffer = |s: &Store| {
-        let d = s
-            .engine()
-            .memory()
-            .descriptors()
-            .into_iter()
-            .find(|d| d.len == segment)
-            .expect("the segment is a registered buffer");
-        (d.addr, d.len)
-    };
+    let segment_buffer = |s: &Store| (segment_addr(s, segment), segment);
     let lazy = Store::setup(config(&addr, segment)).await.unwrap();
     let (a, n) = segment_buffer(&lazy);
     assert!(
@@ -870,14 +872,10 @@ async fn a_failed_write_does_not_wait_for_its_landing_commit() {
     writer.put("a", &pattern(1, 8192), &rc).await.unwrap();
     assert_eq!(writer.commit_stats().on_landing, 1, "advised: same process");
     // The storage node loses its segment's memory (the master still has it mounted).
-    let seg = storage
+    storage
         .engine()
-        .memory()
-        .descriptors()
-        .into_iter()
-        .find(|b| b.len == segment)
-        .expect("the segment buffer");
-    storage.engine().unregister_memory(seg.addr).unwrap();
+        .unregister_memory(segment_addr(&storage, segment))
+        .unwrap();
     let started = std::time::Instant::now();
     let r = writer.put("b", &pattern(2, 8192), &rc).await;
     let took = started.elapsed();

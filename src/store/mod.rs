@@ -224,6 +224,8 @@ impl mooncake_core::LandingObserver for LandingReporter {
 fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Result<()> {
     let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(u64, u64)>>();
     let segment = engine.segment_name().to_owned();
+    // An empty report tells a master in this process that this segment's reports are local.
+    master.note_landed(&segment, &[]);
     engine.set_landing_observer(Arc::new(LandingReporter {
         master: master.clone(),
         segment: segment.clone(),
@@ -309,8 +311,6 @@ impl Store {
         };
         if segment.is_some() {
             report_landings(&engine, master.clone())?;
-            // Tells a master in this process that this segment's reports are local.
-            master.note_landed(engine.segment_name(), &[]);
         }
         if let Err(e) = engine.publish().await {
             engine.shutdown().await;

@@ -102,15 +102,6 @@ struct Prepared {
     items: usize,
 }
 
-/// Why a wave's transfer did not run.
-enum WaveError {
-    /// Its deadline to start passed first; nothing was written.
-    Late,
-    /// Waiting for staging space failed.
-    Failed(Error),
-}
-use WaveError::{Failed, Late};
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Put,
@@ -480,18 +471,9 @@ impl Store {
             }
         } else {
             let mut commit = Vec::new();
-            let mut items = Vec::new();
             for (pos, t) in transferred.into_iter().enumerate() {
                 match t {
-                    Some(Ok(())) => {
-                        let item = wave[pos].1;
-                        commit.push(pos);
-                        items.push(ReservedPut {
-                            key: item.key.to_owned(),
-                            offset: carved.offsets[pos],
-                            size: item.source.size(),
-                        });
-                    }
+                    Some(Ok(())) => commit.push(pos),
                     Some(Err(e)) => {
                         self.reserved.drop_grant(carved.id);
                         results[pos] = Some(Err(e));
@@ -501,14 +483,9 @@ impl Store {
             }
             if !commit.is_empty() {
                 self.reserved.after_write.fetch_add(1, Ordering::Relaxed);
-                let n = items.len();
+                let n = commit.len();
                 let answer = self
-                    .apply(Command::CommitReserved {
-                        client_id: self.client_id,
-                        reservation: carved.id,
-                        items,
-                        config: config.clone(),
-                    })
+                    .apply(self.commit_reserved(wave, &carved, &commit, config))
                     .await;
                 let per_item: Vec<std::result::Result<(), ErrorCode>> = match answer {
                     Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs,
@@ -543,6 +520,30 @@ impl Store {
             .collect()
     }
 
+    /// The CommitReserved of the wave's values at `positions`.
+    fn commit_reserved(
+        &self,
+        wave: &[(usize, &Item<'_>)],
+        carved: &Carved,
+        positions: &[usize],
+        config: &ReplicateConfig,
+    ) -> Command {
+        let items = positions
+            .iter()
+            .map(|&pos| ReservedPut {
+                key: wave[pos].1.key.to_owned(),
+                offset: carved.offsets[pos],
+                size: wave[pos].1.source.size(),
+            })
+            .collect();
+        Command::CommitReserved {
+            client_id: self.client_id,
+            reservation: carved.id,
+            items,
+            config: config.clone(),
+        }
+    }
+
     /// Sends the WRITEs of the `ready` items together with a commit the master applies once the
     /// storage node reports them landed. Returns the transfer results and, when that commit was
     /// applied, its per-item answers (in `ready` order); `None` when it was not (a WRITE failed,
@@ -560,7 +561,6 @@ impl Store {
     ) {
         let mut segment = String::new();
         let mut ranges = Vec::with_capacity(ready.len());
-        let mut items = Vec::with_capacity(ready.len());
         for &pos in ready {
             let mem = carved.replicas[pos]
                 .memory()
@@ -569,21 +569,10 @@ impl Store {
                 segment.clone_from(&mem.segment_name);
             }
             ranges.push((mem.buffer_address, mem.size));
-            let item = wave[pos].1;
-            items.push(ReservedPut {
-                key: item.key.to_owned(),
-                offset: carved.offsets[pos],
-                size: item.source.size(),
-            });
         }
-        let n = items.len();
+        let n = ready.len();
         let request = MasterRequest::CommitWhenLanded {
-            command: Command::CommitReserved {
-                client_id: self.client_id,
-                reservation: carved.id,
-                items,
-                config: config.clone(),
-            },
+            command: self.commit_reserved(wave, carved, ready, config),
             segment: segment.clone(),
             ranges: ranges.clone(),
             wait_ms: LANDING_WAIT.as_millis() as u64,
@@ -652,16 +641,9 @@ impl Store {
                 _ => None,
             })
             .collect();
-        let transferred = match self.transfer(wave, staged_bytes, &targets, None).await {
-            Ok(t) => t,
-            Err(err) => {
-                let e = match err {
-                    Failed(e) => e,
-                    Late => Error::with_code(
-                        ErrorCode::INTERNAL_ERROR,
-                        "a transfer with no deadline was late",
-                    ),
-                };
+        let transferred = match self.prepare(wave, staged_bytes, &targets, false).await {
+            Ok(prepared) => self.send(prepared).await,
+            Err(e) => {
                 let keys: Vec<String> = wave
                     .iter()
                     .zip(&targets)
@@ -710,30 +692,9 @@ impl Store {
         out
     }
 
-    /// Moves the bytes of each wave item that has targets into every one of them: per item
-    /// `None` (no targets), `Ok` (written everywhere) or the failure (`TRANSFER_FAIL`). Byte
-    /// values go through one staging slot of `staged_bytes`; waiting for it fails the whole
-    /// wave, and so does reaching `start_by` before the first byte is sent (`Late`: nothing was
-    /// written).
-    async fn transfer(
-        &self,
-        wave: &[(usize, &Item<'_>)],
-        staged_bytes: u64,
-        targets: &[Option<&[ReplicaDescriptor]>],
-        start_by: Option<Instant>,
-    ) -> std::result::Result<Vec<Option<Result<()>>>, WaveError> {
-        let prepared = self
-            .prepare(wave, staged_bytes, targets, false)
-            .await
-            .map_err(Failed)?;
-        if start_by.is_some_and(|t| Instant::now() >= t) {
-            return Err(Late);
-        }
-        Ok(self.send(prepared).await)
-    }
-
     /// Stages a wave's byte values and builds its WRITE requests (asking for landing notices
-    /// when `notify`).
+    /// when `notify`) for each item that has targets. Byte values go through one staging slot
+    /// of `staged_bytes`; waiting for it fails the whole wave.
     async fn prepare(
         &self,
         wave: &[(usize, &Item<'_>)],
@@ -809,7 +770,8 @@ impl Store {
         })
     }
 
-    /// Sends prepared WRITEs; per item as [`Store::transfer`] reports.
+    /// Sends prepared WRITEs: per item `None` (no targets), `Ok` (written everywhere) or the
+    /// failure (`TRANSFER_FAIL`).
     async fn send(&self, prepared: Prepared) -> Vec<Option<Result<()>>> {
         let Prepared {
             slot,

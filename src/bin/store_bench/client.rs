@@ -266,9 +266,47 @@ impl Ctx {
         Ok(m.finish(Case::Put, size, 1))
     }
 
+    /// One timed put_from of source slot `j` under a new key, recorded in `m` and kept in `live`.
+    async fn timed_put_from(
+        &self,
+        m: &mut Meter,
+        live: &mut Live,
+        size: u64,
+        j: usize,
+    ) -> Result<(), String> {
+        let k = self.key(size, "put_from");
+        let t = Instant::now();
+        let r = self
+            .store
+            .put_from(&k, self.src_addr(size, j), size, &self.rc)
+            .await;
+        m.record(t.elapsed(), 1, size);
+        r.map_err(|e| err(format!("put_from {k:?}"), e))?;
+        live.add([k], size);
+        live.flush_if_over(self, self.budget(size), size).await
+    }
+
+    /// One timed get_into of `key` into destination slot `j`, recorded in `m`.
+    async fn timed_get_into(
+        &self,
+        store: &Store,
+        m: &mut Meter,
+        key: &str,
+        size: u64,
+        j: usize,
+    ) -> Result<(), String> {
+        let t = Instant::now();
+        let r = store.get_into(key, self.dst_addr(size, j), size).await;
+        m.record(t.elapsed(), 1, size);
+        let n = r.map_err(|e| err(format!("get_into {key:?}"), e))?;
+        if n != size {
+            return Err(format!("get_into {key:?}: {n} bytes, expected {size}"));
+        }
+        Ok(())
+    }
+
     async fn case_put_from(&self, size: u64) -> Result<CaseResult, String> {
         let batch = self.args.batch;
-        let budget = self.budget(size);
         let mut live = Live::new();
         let k = self.key(size, "put_from");
         self.store
@@ -285,16 +323,8 @@ impl Ctx {
         let mut m = Meter::new(&self.args);
         let mut i = 1;
         while !m.done() {
-            let k = self.key(size, "put_from");
-            let t = Instant::now();
-            let r = self
-                .store
-                .put_from(&k, self.src_addr(size, i % batch), size, &self.rc)
-                .await;
-            m.record(t.elapsed(), 1, size);
-            r.map_err(|e| err(format!("put_from {k:?}"), e))?;
-            live.add([k], size);
-            live.flush_if_over(self, budget, size).await?;
+            self.timed_put_from(&mut m, &mut live, size, i % batch)
+                .await?;
             i += 1;
         }
         live.flush(self).await?;
@@ -491,13 +521,7 @@ impl Ctx {
         let mut i = 1;
         while !m.done() {
             let j = i % g.len();
-            let t = Instant::now();
-            let r = store.get_into(&g[j], self.dst_addr(size, j), size).await;
-            m.record(t.elapsed(), 1, size);
-            let n = r.map_err(|e| err(format!("get_into {:?}", g[j]), e))?;
-            if n != size {
-                return Err(format!("get_into {:?}: {n} bytes, expected {size}", g[j]));
-            }
+            self.timed_get_into(store, &mut m, &g[j], size, j).await?;
             i += 1;
         }
         let case = if cold {
@@ -562,7 +586,6 @@ impl Ctx {
         g: &[String],
     ) -> Result<(CaseResult, CaseResult), String> {
         let batch = self.args.batch;
-        let budget = self.budget(size);
         let mut live = Live::new();
         let (mut store_m, mut raw_m) = (Meter::new(&self.args), Meter::new(&self.args));
         let mut i = 1;
@@ -577,28 +600,12 @@ impl Ctx {
                     raw_m.record(t.elapsed(), 1, size);
                     r.map_err(|e| err("te (interleaved)", e))?;
                 } else if write {
-                    let k = self.key(size, "paired");
-                    let t = Instant::now();
-                    let r = self
-                        .store
-                        .put_from(&k, self.src_addr(size, j), size, &self.rc)
-                        .await;
-                    store_m.record(t.elapsed(), 1, size);
-                    r.map_err(|e| err(format!("put_from {k:?} (interleaved)"), e))?;
-                    live.add([k], size);
-                    live.flush_if_over(self, budget, size).await?;
+                    self.timed_put_from(&mut store_m, &mut live, size, j)
+                        .await?;
                 } else {
-                    let k = &g[i % g.len()];
-                    let t = Instant::now();
-                    let r = self
-                        .store
-                        .get_into(k, self.dst_addr(size, i % g.len()), size)
-                        .await;
-                    store_m.record(t.elapsed(), 1, size);
-                    let n = r.map_err(|e| err(format!("get_into {k:?} (interleaved)"), e))?;
-                    if n != size {
-                        return Err(format!("get_into {k:?}: {n} bytes, expected {size}"));
-                    }
+                    let jj = i % g.len();
+                    self.timed_get_into(&self.store, &mut store_m, &g[jj], size, jj)
+                        .await?;
                 }
             }
             i += 1;
