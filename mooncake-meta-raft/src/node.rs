@@ -92,6 +92,10 @@ pub struct Output {
     pub events: Vec<RoleEvent>,
 }
 
+/// Why a membership change is refused while the previous one is still being applied.
+pub(crate) const CHANGE_PENDING: &str =
+    "another membership change is still being applied; retry shortly";
+
 /// A membership change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MembershipChange {
@@ -514,9 +518,7 @@ impl RaftNode {
     fn check_membership_change(&self, change: &MembershipChange) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.raw.raft.has_pending_conf() {
-            return Err(Error::ProposalDropped(
-                "another membership change is still being applied; retry shortly".into(),
-            ));
+            return Err(Error::ProposalDropped(CHANGE_PENDING.into()));
         }
         let (mut voters, mut learners) = self.membership();
         voters.sort_unstable();

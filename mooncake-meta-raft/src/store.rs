@@ -242,8 +242,22 @@ impl RaftMetadataStore {
         Ok(postcard::from_bytes(&bytes)?)
     }
 
+    /// Proposes `change`. The group takes one change at a time: one asked for while the
+    /// previous is still being applied (a remove right after a promote) waits for it, up to a
+    /// few election timeouts, instead of failing.
     async fn membership(&self, change: MembershipChange) -> Result<()> {
-        let bytes = self.call(|r| Input::Membership(change, r)).await?;
+        let deadline = tokio::time::Instant::now() + self.election_timeout * 3;
+        let bytes = loop {
+            match self.call(|r| Input::Membership(change.clone(), r)).await {
+                Err(Error::ProposalDropped(m))
+                    if m == crate::node::CHANGE_PENDING
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(self.election_timeout / 10).await;
+                }
+                other => break other?,
+            }
+        };
         let result: std::result::Result<(), String> = postcard::from_bytes(&bytes)?;
         result.map_err(Error::InvalidArgument)
     }
