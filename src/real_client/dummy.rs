@@ -155,6 +155,9 @@ impl DummyClient {
         if self.ipc_alive() {
             return Ok(self.session.load(Ordering::Acquire));
         }
+        // A restarted real client also closed the RPC connection; its reader may not have seen
+        // that yet, and a call sent on it now would be lost. Connect afresh.
+        self.rpc.disconnect().await;
         let (ipc, session, _) =
             register(&self.rpc, &self.pool_fd, self.map.len(), self.map.addr()).await?;
         tracing::info!(
