@@ -16,6 +16,11 @@ use crate::transport::{OpCode, TransferStatus, Transport};
 pub trait Harness: Send + Sync {
     /// A fresh transport for a new engine.
     fn transport(&self) -> Arc<dyn Transport>;
+    /// The transports of a new engine, in preference order: [`Harness::transport`] alone, or
+    /// with others that carry what it does not reach.
+    fn transports(&self) -> Vec<Arc<dyn Transport>> {
+        vec![self.transport()]
+    }
     /// Host name for engines (`127.0.0.1`).
     fn hostname(&self) -> String;
     /// How long the suite lets a failing transfer take before calling it hung.
@@ -60,9 +65,11 @@ impl Pair {
 }
 
 async fn pair(h: &dyn Harness) -> Pair {
-    let start = |t| TransferEngine::start(EngineConfig::new(h.hostname()), vec![t]);
-    let target = start(h.transport()).await.expect("target engine starts");
-    let initiator = start(h.transport()).await.expect("initiator engine starts");
+    let start = |t| TransferEngine::start(EngineConfig::new(h.hostname()), t);
+    let target = start(h.transports()).await.expect("target engine starts");
+    let initiator = start(h.transports())
+        .await
+        .expect("initiator engine starts");
     Pair { initiator, target }
 }
 
@@ -445,7 +452,7 @@ pub async fn submit_reports_status(h: &dyn Harness) {
 
 /// Opening a segment nobody serves fails with a clear error within the bound.
 pub async fn unknown_segment(h: &dyn Harness) {
-    let e = TransferEngine::start(EngineConfig::new(h.hostname()), vec![h.transport()])
+    let e = TransferEngine::start(EngineConfig::new(h.hostname()), h.transports())
         .await
         .unwrap();
     // Port 9 (discard) on loopback is closed on test machines; names without a port are invalid.

@@ -135,6 +135,8 @@ pub struct TransferEngine {
     discovery: Discovery,
     remote: RwLock<HashMap<String, SegmentHandle>>,
     closed: AtomicBool,
+    /// A transport maps this process's buffers from other processes: allocate them shared.
+    share_memory: bool,
 }
 
 impl fmt::Debug for TransferEngine {
@@ -163,23 +165,27 @@ impl TransferEngine {
             segment.add_endpoint(ep.clone());
             endpoints.push(ep);
         }
-        let name = if has_port(&config.local_hostname) || endpoints.is_empty() {
-            config.local_hostname.clone()
-        } else {
-            let port = endpoints[0]
-                .address
-                .rsplit_once(':')
-                .map(|(_, p)| p.to_owned())
-                .unwrap_or_default();
-            format!("{}:{}", config.local_hostname, port)
+        // Named after the first endpoint with a port (a same-host endpoint has none).
+        let port = endpoints
+            .iter()
+            .find(|e| has_port(&e.address))
+            .and_then(|e| e.address.rsplit_once(':'))
+            .map(|(_, p)| p.to_owned());
+        let name = match port {
+            Some(port) if !has_port(&config.local_hostname) => {
+                format!("{}:{}", config.local_hostname, port)
+            }
+            _ => config.local_hostname.clone(),
         };
         segment.set_name(name)?;
+        let share_memory = transports.iter().any(|t| t.shares_memory());
         let engine = Arc::new(TransferEngine {
             segment,
             transports,
             discovery: config.discovery,
             remote: RwLock::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            share_memory,
         });
         engine.publish().await?;
         Ok(engine)
@@ -226,10 +232,21 @@ impl TransferEngine {
 
     /// Allocates and registers a zeroed buffer of `len` bytes owned by the engine; returns its
     /// address.
+    ///
+    /// When a transport lets peers of this host map this process's memory
+    /// ([`Transport::shares_memory`]), the buffer is shared memory (a memfd).
     pub fn allocate_buffer(&self, len: usize, location: Location) -> Result<u64> {
-        self.segment
-            .memory()
-            .register_owned(AlignedBuffer::new(len)?, location)
+        let buffer = if self.share_memory {
+            AlignedBuffer::new_shared(len).or_else(|e| {
+                if len > 0 {
+                    tracing::warn!("shared buffer of {len} bytes failed ({e}); using private");
+                }
+                AlignedBuffer::new(len)
+            })?
+        } else {
+            AlignedBuffer::new(len)?
+        };
+        self.segment.memory().register_owned(buffer, location)
     }
 
     /// Unregisters the buffer at `addr`, waiting for transfers that use it.
@@ -337,8 +354,8 @@ impl TransferEngine {
         }
         let local_name = self.segment.name();
         let memory = self.segment.memory();
-        // Group requests by target segment, keeping order within a group.
-        let mut groups: Vec<(SegmentHandle, Vec<TransferOp>)> = Vec::new();
+        // Group requests by target segment and transport, keeping order within a group.
+        let mut groups: Vec<(SegmentHandle, usize, Vec<TransferOp>)> = Vec::new();
         for (index, req) in requests.into_iter().enumerate() {
             let local = match memory.resolve(req.local_addr, req.len) {
                 Ok(r) => r,
@@ -360,6 +377,13 @@ impl TransferEngine {
                 batch.complete(index, copied);
                 continue;
             }
+            let transport = match self.transport_for(&req.target, req.target_addr, req.len) {
+                Ok(t) => t,
+                Err(e) => {
+                    batch.complete(index, Err(e));
+                    continue;
+                }
+            };
             let op = TransferOp {
                 opcode: req.opcode,
                 local,
@@ -367,28 +391,37 @@ impl TransferEngine {
                 index,
                 notify: req.notify,
             };
-            match groups.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &req.target)) {
-                Some((_, ops)) => ops.push(op),
-                None => groups.push((req.target, vec![op])),
+            match groups
+                .iter_mut()
+                .find(|(t, i, _)| *i == transport && Arc::ptr_eq(t, &req.target))
+            {
+                Some((_, _, ops)) => ops.push(op),
+                None => groups.push((req.target, transport, vec![op])),
             }
         }
-        let runs = groups.into_iter().map(|(target, ops)| async move {
-            match self.transport_for(&target) {
-                Ok(t) => t.transfer(&target, ops, batch).await,
-                Err(e) => {
-                    for op in ops {
-                        batch.complete(op.index, Err(e.clone()));
-                    }
-                }
-            }
-        });
+        if let [(target, transport, _)] = &mut groups[..] {
+            // One group (the common case): no join machinery.
+            let (target, transport) = (target.clone(), *transport);
+            let ops = groups.pop().map(|g| g.2).unwrap_or_default();
+            return self.transports[transport]
+                .transfer(&target, ops, batch)
+                .await;
+        }
+        let runs = groups
+            .into_iter()
+            .map(|(target, transport, ops)| async move {
+                self.transports[transport]
+                    .transfer(&target, ops, batch)
+                    .await
+            });
         futures::future::join_all(runs).await;
     }
 
-    fn transport_for(&self, target: &SegmentDesc) -> Result<&Arc<dyn Transport>> {
+    /// Index of the first transport that offers an endpoint of `target` and reaches the range.
+    fn transport_for(&self, target: &SegmentDesc, addr: u64, len: u64) -> Result<usize> {
         self.transports
             .iter()
-            .find(|t| target.endpoint(t.protocol()).is_some())
+            .position(|t| target.endpoint(t.protocol()).is_some() && t.reaches(target, addr, len))
             .ok_or_else(|| Error::NoTransport {
                 segment: target.name.clone(),
                 offered: target

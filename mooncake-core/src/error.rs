@@ -193,6 +193,10 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+    /// A peer's mapping of shared memory went stale: its owner unregistered the buffer or
+    /// closed. The copy that saw it may have been partial; map the buffer again.
+    #[error("stale shared-memory mapping: {0}")]
+    StaleMapping(String),
     /// The request did not complete within the configured timeout.
     #[error("transfer timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -251,7 +255,7 @@ impl Error {
             Error::Shutdown => ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
             Error::Metadata(_) => ErrorCode::RPC_FAIL,
             Error::Codec(_) => ErrorCode::DESERIALIZE_FAIL,
-            Error::Io(_) => ErrorCode::TRANSFER_FAIL,
+            Error::Io(_) | Error::StaleMapping(_) => ErrorCode::TRANSFER_FAIL,
             Error::Code { code, .. } => *code,
         }
     }

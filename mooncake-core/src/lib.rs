@@ -36,6 +36,7 @@ pub mod master;
 pub mod mem_transport;
 pub mod memory;
 pub mod metadata;
+pub mod shm;
 pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};

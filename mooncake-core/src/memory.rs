@@ -13,12 +13,13 @@ use std::alloc::{self, Layout};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::shm::{SharedInfo, SlotTable};
 
 /// Where a buffer lives, as upstream names it: `cpu:0`, `cuda:1`, ... (`*` for "anywhere").
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -52,6 +53,8 @@ pub struct AlignedBuffer {
     layout: Layout,
     /// Mapped with `mmap` (large buffers) rather than taken from the heap.
     mapped: bool,
+    /// The memfd behind a shared buffer ([`AlignedBuffer::new_shared`]).
+    memfd: Option<std::os::fd::OwnedFd>,
 }
 
 // SAFETY: the buffer is plain bytes owned by this value; access is through raw copies.
@@ -103,6 +106,7 @@ impl AlignedBuffer {
                 ptr,
                 layout,
                 mapped: true,
+                memfd: None,
             });
         }
         // SAFETY: layout has non-zero size.
@@ -112,7 +116,38 @@ impl AlignedBuffer {
             ptr,
             layout,
             mapped: false,
+            memfd: None,
         })
+    }
+
+    /// Allocates `len` zeroed bytes in a sealed memfd, mapped shared, so that processes of this
+    /// host it is passed to can map it too (see [`crate::shm`]). Pages are allocated on first
+    /// touch, as for large [`AlignedBuffer::new`] buffers.
+    pub fn new_shared(len: usize) -> Result<Self> {
+        let layout = Layout::from_size_align(len.max(1), Self::ALIGN)
+            .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;
+        if len == 0 {
+            return Err(Error::InvalidArgument(
+                "buffer length must be non-zero".into(),
+            ));
+        }
+        let fd = crate::shm::create_memfd("mooncake-segment", len as u64)?;
+        let map = crate::shm::Mapping::map(&fd, len as u64)?;
+        let ptr = std::ptr::NonNull::new(map.addr() as *mut u8)
+            .ok_or_else(|| Error::Io("mmap returned address 0".into()))?;
+        // The mapping is now owned by this buffer and unmapped in its Drop.
+        std::mem::forget(map);
+        Ok(AlignedBuffer {
+            ptr,
+            layout,
+            mapped: true,
+            memfd: Some(fd),
+        })
+    }
+
+    /// The memfd behind a buffer from [`AlignedBuffer::new_shared`].
+    pub fn memfd(&self) -> Option<&std::os::fd::OwnedFd> {
+        self.memfd.as_ref()
     }
 
     /// Start address.
@@ -157,6 +192,8 @@ pub struct RegisteredBuffer {
     location: Location,
     /// Keeps memory that the registry owns alive (none for caller-owned memory).
     _owned: Option<AlignedBuffer>,
+    /// Slot and generation in the registry's [`SlotTable`] of a shared buffer.
+    share: Option<(u32, u64)>,
 }
 
 impl RegisteredBuffer {
@@ -189,6 +226,8 @@ pub struct BufferDesc {
     pub location: Location,
     /// Transport-specific access keys (RDMA remote keys, one per device); empty for TCP.
     pub keys: Vec<u32>,
+    /// Backed by shared memory that processes of the owner's host can map (see [`crate::shm`]).
+    pub shared: bool,
 }
 
 /// A validated byte range inside one registered buffer, which stays registered while this
@@ -319,6 +358,9 @@ impl MemRegion {
 pub struct MemoryRegistry {
     buffers: RwLock<BTreeMap<u64, Arc<RegisteredBuffer>>>,
     version: AtomicU64,
+    /// Revocation table of the shared buffers, made with the first one (`None` inside when the
+    /// table could not be made: buffers are then registered unshared).
+    slots: OnceLock<Option<SlotTable>>,
 }
 
 impl fmt::Debug for MemoryRegistry {
@@ -350,6 +392,7 @@ impl MemoryRegistry {
             len,
             location,
             _owned: None,
+            share: None,
         })
         .map(|_| ())
     }
@@ -358,13 +401,61 @@ impl MemoryRegistry {
     /// and every region of it is gone. Returns the buffer's start address.
     pub fn register_owned(&self, buffer: AlignedBuffer, location: Location) -> Result<u64> {
         let addr = buffer.addr();
-        self.insert(RegisteredBuffer {
+        let share = match buffer.memfd() {
+            Some(_) => self.slot_table().and_then(SlotTable::take),
+            None => None,
+        };
+        let inserted = self.insert(RegisteredBuffer {
             addr,
             len: buffer.len() as u64,
             location,
             _owned: Some(buffer),
-        })?;
-        Ok(addr)
+            share,
+        });
+        if let (Err(_), Some((slot, _)), Some(table)) = (&inserted, share, self.slot_table()) {
+            table.release(slot);
+        }
+        inserted.map(|_| addr)
+    }
+
+    /// The table of shared buffers' generations, made on first use; `None` when it cannot be
+    /// made (no memfd support).
+    pub fn slot_table(&self) -> Option<&SlotTable> {
+        self.slots
+            .get_or_init(|| match SlotTable::new() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("shared buffers cannot be revoked, so none are shared: {e}");
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// The shared buffer containing `[addr, addr + len)`, with a new descriptor of its memfd,
+    /// for a peer of this host to map. Fails with [`Error::RemoteRangeInvalid`] when no
+    /// registered buffer contains the range, [`Error::NotSupported`] when the one that does is
+    /// not shared.
+    pub fn export(&self, addr: u64, len: u64) -> Result<(SharedInfo, std::os::fd::OwnedFd)> {
+        let region = self
+            .resolve(addr, len)
+            .map_err(|_| Error::RemoteRangeInvalid { addr, len })?;
+        let b = region.buffer();
+        match (b.share, b._owned.as_ref().and_then(AlignedBuffer::memfd)) {
+            (Some((slot, generation)), Some(fd)) => Ok((
+                SharedInfo {
+                    addr: b.addr,
+                    len: b.len,
+                    slot,
+                    generation,
+                },
+                fd.try_clone()?,
+            )),
+            _ => Err(Error::NotSupported(format!(
+                "buffer {:#x}+{} is not shared memory",
+                b.addr, b.len
+            ))),
+        }
     }
 
     fn insert(&self, buf: RegisteredBuffer) -> Result<Arc<RegisteredBuffer>> {
@@ -405,6 +496,11 @@ impl MemoryRegistry {
             self.version.fetch_add(1, Ordering::Release);
             buf
         };
+        // Peers that mapped the buffer stop using it now (their copies check the slot).
+        let table = buf.share.and(self.slot_table());
+        if let (Some((slot, _)), Some(t)) = (buf.share, table) {
+            t.revoke(slot);
+        }
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
         while Arc::strong_count(&buf) > 1 {
@@ -419,6 +515,9 @@ impl MemoryRegistry {
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        if let (Some((slot, _)), Some(t)) = (buf.share, table) {
+            t.release(slot);
         }
         Ok(())
     }
@@ -451,6 +550,7 @@ impl MemoryRegistry {
                 len: b.len,
                 location: b.location.clone(),
                 keys: Vec::new(),
+                shared: b.share.is_some(),
             })
             .collect()
     }

@@ -312,6 +312,21 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Protocol name, matched against [`Endpoint::protocol`].
     fn protocol(&self) -> &'static str;
 
+    /// Whether this transport carries a request for `[addr, addr + len)` of `target`, which
+    /// offers this transport's protocol. The engine gives each request to the first installed
+    /// transport that says yes, so a transport that reaches only some peers or some buffers
+    /// (same-host shared memory) goes first and the others carry the rest. Default: yes.
+    fn reaches(&self, target: &SegmentDesc, addr: u64, len: u64) -> bool {
+        let _ = (target, addr, len);
+        true
+    }
+
+    /// Whether buffers the engine allocates should be shared memory, because this transport
+    /// lets peers of the same host map them. Default: no.
+    fn shares_memory(&self) -> bool {
+        false
+    }
+
     /// Starts serving `segment` to peers and returns the endpoint to publish.
     async fn serve(&self, segment: Arc<LocalSegment>) -> Result<Endpoint>;
 

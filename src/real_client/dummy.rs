@@ -13,7 +13,7 @@ use mooncake_core::master::{MasterMetrics, ReplicaDescriptor, ReplicateConfig, T
 use mooncake_core::{Error, ErrorCode, Result};
 
 use super::server::{REGISTER_LEN, REGISTER_MAGIC, REGISTER_REPLY_LEN};
-use super::shm::{create_memfd, send_with_fd, Mapping, RangeAlloc};
+use super::shm::{create_memfd, send_with_fds, Mapping, RangeAlloc};
 use super::wire::{from_wire, Blob, PoolItem, Reply, Request, MAX_INLINE, PROTOCOL_VERSION};
 use crate::rpc::{RpcClient, RpcClientConfig};
 
@@ -952,7 +952,7 @@ async fn register(
         msg.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         msg.extend_from_slice(&total.to_le_bytes());
         msg.extend_from_slice(&base.to_le_bytes());
-        send_with_fd(&sock, &msg, fd.as_raw_fd())?;
+        send_with_fds(&sock, &msg, &[fd.as_raw_fd()])?;
         let mut reply = [0u8; REGISTER_REPLY_LEN];
         (&sock).read_exact(&mut reply)?;
         let code = i32::from_le_bytes(reply[..4].try_into().expect("4 bytes"));

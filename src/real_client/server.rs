@@ -13,7 +13,7 @@ use std::time::Duration;
 use mooncake_core::{Error, ErrorCode, Result};
 use tokio::io::AsyncReadExt;
 
-use super::shm::{check_memfd, recv_with_fd, Mapping};
+use super::shm::{check_memfd, recv_with_fds, Mapping};
 use super::wire::{
     to_wire, Blob, PoolItem, Reply, Request, WireError, MAX_INLINE, PROTOCOL_VERSION,
 };
@@ -520,7 +520,9 @@ async fn session(stream: tokio::net::UnixStream, state: Arc<State>) {
             return (std_stream, Err(Error::from(e)));
         }
         let mut buf = [0u8; 64];
-        let r = recv_with_fd(&std_stream, &mut buf).map(|(n, fd)| (buf[..n].to_vec(), fd));
+        // The first descriptor is the pool; any others are closed as they drop.
+        let r = recv_with_fds(&std_stream, &mut buf)
+            .map(|(n, fds)| (buf[..n].to_vec(), fds.into_iter().next()));
         (std_stream, r)
     })
     .await;

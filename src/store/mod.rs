@@ -90,6 +90,11 @@ pub struct StoreConfig {
     /// elsewhere the extra report costs as much as it saves on a loopback host). `Some(false)`
     /// commits after the WRITE's acknowledgement, `Some(true)` always with the WRITE.
     pub commit_on_landing: Option<bool>,
+    /// Reach storage nodes of this host through shared memory: their segments are memfds this
+    /// client maps, so a read or write of theirs is one memcpy, not a socket round trip (and
+    /// this client's own segment is shared the same way). Default: on, unless the environment
+    /// says `MC_SAME_HOST_SHM=0`.
+    pub same_host_shm: bool,
 }
 
 impl Default for StoreConfig {
@@ -109,6 +114,7 @@ impl Default for StoreConfig {
             reservation_bytes: 16 << 20,
             prefault_segment: false,
             commit_on_landing: None,
+            same_host_shm: crate::same_host_shm_allowed(),
         }
     }
 }
@@ -288,7 +294,9 @@ impl Store {
                 &config.metadata_server,
             )?))
         };
-        let engine = crate::start_engine(&config.local_hostname, discovery).await?;
+        let engine =
+            crate::start_engine_with(&config.local_hostname, discovery, config.same_host_shm)
+                .await?;
         let staging_base =
             engine.allocate_buffer(config.local_buffer_size as usize, Location::cpu(0))?;
         let staging = Staging::new(staging_base, config.local_buffer_size)?;

@@ -1,0 +1,328 @@
+//! Same-host shared-memory transport for the mooncake-rs transfer engine.
+//!
+//! When two processes run on one host, moving bytes through a socket costs two copies and a
+//! round trip; mapping the target's memory costs one memcpy. This transport does that, one-sided
+//! like RDMA:
+//!
+//! - **Target.** Buffers the engine allocates are sealed memfds
+//!   ([`Transport::shares_memory`]). The transport listens on an abstract Unix socket and
+//!   publishes an `shm` endpoint naming this host (boot id and network namespace) and that
+//!   socket. A connecting peer receives the segment's revocation table; asked for the buffer
+//!   holding a range, the target passes that buffer's memfd (`SCM_RIGHTS`).
+//! - **Initiator.** A request whose target offers `shm` from this same host, into a buffer the
+//!   descriptor marks shared, goes here ([`Transport::reaches`]); everything else goes to the
+//!   next transport (TCP). The initiator maps each target buffer once and then copies with
+//!   memcpy, checking the target's revocation table before and after each copy
+//!   ([`mooncake_core::shm`]), and after each batch whether the target process is still there
+//!   (its socket hangs up when it dies). WRITEs that ask for a landing notice are reported to the
+//!   target over the socket, and acknowledged, before they complete.
+//!
+//! Memory is never at risk: the initiator touches only its mappings, whose pages live as long
+//! as the mappings do, and its own registered memory through validated regions.
+
+mod client;
+mod proto;
+mod server;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use mooncake_core::{
+    BatchState, Endpoint, Error, LocalSegment, Result, SegmentDesc, TransferOp, Transport,
+};
+
+use client::Peer;
+use server::Server;
+
+/// Protocol name in endpoints.
+pub const PROTOCOL: &str = "shm";
+
+/// Transport settings.
+#[derive(Clone, Debug)]
+pub struct ShmConfig {
+    /// Bound on each exchange with a target's socket (mapping a buffer, reporting landings).
+    pub timeout: Duration,
+    /// After a target's socket could not be reached, requests to it go to the other transports
+    /// for this long before it is tried again.
+    pub retry_after: Duration,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        ShmConfig {
+            timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters of what the transport did, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShmStats {
+    /// Requests completed by memcpy.
+    pub copies: u64,
+    /// Bytes moved by them.
+    pub bytes: u64,
+    /// Target buffers mapped.
+    pub mappings: u64,
+}
+
+/// See the crate docs.
+#[derive(Debug)]
+pub struct ShmTransport {
+    config: ShmConfig,
+    host: String,
+    server: Mutex<Option<Server>>,
+    peers: RwLock<HashMap<String, Arc<Peer>>>,
+    unreachable: RwLock<HashMap<String, Instant>>,
+    copies: AtomicU64,
+    bytes: AtomicU64,
+    mappings: AtomicU64,
+}
+
+impl ShmTransport {
+    /// A transport for this host, or [`Error::NotSupported`] when the host cannot be
+    /// identified (no `/proc`) or has no memfd support.
+    pub fn new(config: ShmConfig) -> Result<Arc<ShmTransport>> {
+        let host = host_identity()?;
+        // Shared buffers need memfds; find out now rather than at the first allocation.
+        mooncake_core::shm::create_memfd("mooncake-shm-probe", 4096)
+            .map_err(|e| Error::NotSupported(format!("shared memory: {e}")))?;
+        Ok(Arc::new(ShmTransport {
+            config,
+            host,
+            server: Mutex::new(None),
+            peers: RwLock::new(HashMap::new()),
+            unreachable: RwLock::new(HashMap::new()),
+            copies: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            mappings: AtomicU64::new(0),
+        }))
+    }
+
+    /// What the transport has done so far.
+    pub fn stats(&self) -> ShmStats {
+        ShmStats {
+            copies: self.copies.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            mappings: self.mappings.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The socket name in `endpoint` when it names this host.
+    fn local_socket<'a>(&self, endpoint: &'a Endpoint) -> Option<&'a str> {
+        let (host, socket) = endpoint.address.split_once('/')?;
+        (host == self.host).then_some(socket)
+    }
+
+    fn peer(&self, socket: &str) -> Result<Arc<Peer>> {
+        if let Some(p) = self.peers.read().expect("peers").get(socket) {
+            if !p.is_dead() {
+                return Ok(p.clone());
+            }
+        }
+        let mut peers = self.peers.write().expect("peers");
+        if let Some(p) = peers.get(socket) {
+            if !p.is_dead() {
+                return Ok(p.clone());
+            }
+        }
+        match Peer::connect(socket, self.config.timeout) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                peers.insert(socket.to_owned(), p.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                peers.remove(socket);
+                self.unreachable
+                    .write()
+                    .expect("unreachable")
+                    .insert(socket.to_owned(), Instant::now());
+                Err(e)
+            }
+        }
+    }
+
+    fn forget(&self, socket: &str, peer: &Arc<Peer>) {
+        let mut peers = self.peers.write().expect("peers");
+        if peers.get(socket).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+            peers.remove(socket);
+        }
+    }
+
+    fn recently_unreachable(&self, socket: &str) -> bool {
+        let map = self.unreachable.read().expect("unreachable");
+        match map.get(socket) {
+            None => false,
+            Some(at) if at.elapsed() < self.config.retry_after => true,
+            Some(_) => {
+                drop(map);
+                self.unreachable
+                    .write()
+                    .expect("unreachable")
+                    .remove(socket);
+                false
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for ShmTransport {
+    fn protocol(&self) -> &'static str {
+        PROTOCOL
+    }
+
+    fn reaches(&self, target: &SegmentDesc, addr: u64, len: u64) -> bool {
+        let Some(socket) = target.endpoint(PROTOCOL).and_then(|e| self.local_socket(e)) else {
+            return false;
+        };
+        let i = target.buffers.partition_point(|b| b.addr <= addr);
+        let shared = i > 0 && {
+            let b = &target.buffers[i - 1];
+            b.shared && mooncake_core::memory::range_within(b.addr, b.len, addr, len)
+        };
+        shared && !self.recently_unreachable(socket)
+    }
+
+    fn shares_memory(&self) -> bool {
+        true
+    }
+
+    async fn serve(&self, segment: Arc<LocalSegment>) -> Result<Endpoint> {
+        let mut server = self.server.lock().expect("server");
+        if server.is_some() {
+            return Err(Error::InvalidArgument(
+                "the shm transport serves one segment".into(),
+            ));
+        }
+        let s = Server::start(segment, self.config.timeout)?;
+        let endpoint = Endpoint {
+            protocol: PROTOCOL.into(),
+            address: format!("{}/{}", self.host, s.socket_name()),
+        };
+        *server = Some(s);
+        Ok(endpoint)
+    }
+
+    async fn transfer(&self, target: &SegmentDesc, ops: Vec<TransferOp>, batch: &Arc<BatchState>) {
+        let socket = target.endpoint(PROTOCOL).and_then(|e| self.local_socket(e));
+        let peer = match socket {
+            Some(s) => self.peer(s).map(|p| (s, p)),
+            None => Err(Error::NoTransport {
+                segment: target.name.clone(),
+                offered: "no shm endpoint on this host".into(),
+            }),
+        };
+        let (socket, peer) = match peer {
+            Ok(p) => p,
+            Err(e) => {
+                let e = unreachable(&target.name, e);
+                for op in ops {
+                    batch.complete(op.index, Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let mut results: Vec<Result<()>> = Vec::with_capacity(ops.len());
+        let mut landed = Vec::new();
+        let (mut copies, mut bytes) = (0u64, 0u64);
+        for op in &ops {
+            let r = peer.copy(op, &self.mappings);
+            if r.is_ok() {
+                copies += 1;
+                bytes += op.local.len();
+                if op.notify && op.opcode == mooncake_core::OpCode::Write {
+                    landed.push((op.target_addr, op.local.len()));
+                }
+            }
+            results.push(r);
+        }
+        self.copies.fetch_add(copies, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut lost = None;
+        if !landed.is_empty() {
+            if let Err(e) = peer.report_landed(&landed) {
+                lost = Some(e);
+            }
+        }
+        if lost.is_none() && !peer.alive() {
+            lost = Some(Error::Io("the target process is gone".into()));
+        }
+        if let Some(e) = lost {
+            // Copies into a process that is gone are lost with it; nothing succeeded.
+            self.forget(socket, &peer);
+            let e = unreachable(&target.name, e);
+            for r in &mut results {
+                if r.is_ok() || matches!(r, Err(Error::StaleMapping(_))) {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+        for (op, r) in ops.iter().zip(results) {
+            batch.complete(op.index, r);
+        }
+    }
+
+    async fn shutdown(&self) {
+        if let Some(s) = self.server.lock().expect("server").take() {
+            s.stop();
+        }
+        for (_, p) in self.peers.write().expect("peers").drain() {
+            p.close();
+        }
+    }
+}
+
+fn unreachable(peer: &str, e: Error) -> Error {
+    match e {
+        e @ (Error::PeerUnreachable { .. } | Error::NoTransport { .. }) => e,
+        other => Error::PeerUnreachable {
+            peer: peer.to_owned(),
+            reason: format!("shared memory: {other}"),
+        },
+    }
+}
+
+/// This host as peers that can share memory with us see it: the kernel's boot id and our
+/// network namespace (abstract sockets are per namespace).
+fn host_identity() -> Result<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map_err(|e| Error::NotSupported(format!("reading the boot id: {e}")))?;
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map_err(|e| Error::NotSupported(format!("reading the network namespace: {e}")))?;
+    let netns = netns.to_string_lossy();
+    let inode: String = netns.chars().filter(char::is_ascii_digit).collect();
+    Ok(format!("{}-{inode}", boot.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_identity_is_stable_and_slash_free() {
+        let a = host_identity().unwrap();
+        assert_eq!(a, host_identity().unwrap());
+        assert!(!a.contains('/') && a.len() > 36, "{a}");
+    }
+
+    #[test]
+    fn only_endpoints_of_this_host_are_local() {
+        let t = ShmTransport::new(ShmConfig::default()).unwrap();
+        let ep = |address: String| Endpoint {
+            protocol: PROTOCOL.into(),
+            address,
+        };
+        assert_eq!(
+            t.local_socket(&ep(format!("{}/sock", t.host))),
+            Some("sock")
+        );
+        assert_eq!(t.local_socket(&ep("other-host-1/sock".into())), None);
+        assert_eq!(t.local_socket(&ep("no-slash".into())), None);
+    }
+}

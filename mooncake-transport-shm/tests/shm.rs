@@ -1,0 +1,241 @@
+//! What the shared-memory transport does beyond the conformance suite: which requests it takes,
+//! revoked buffers, and a target process that dies.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mooncake_core::conformance::pattern;
+use mooncake_core::{
+    AlignedBuffer, EngineConfig, Error, Location, TransferEngine, TransferRequest, Transport,
+};
+use mooncake_transport_shm::{ShmConfig, ShmTransport};
+use mooncake_transport_tcp::{TcpConfig, TcpTransport};
+
+async fn engine(shm: bool) -> (Arc<TransferEngine>, Option<Arc<ShmTransport>>) {
+    let tcp: Arc<dyn Transport> = TcpTransport::new(TcpConfig::default()).unwrap();
+    let s = shm.then(|| ShmTransport::new(ShmConfig::default()).unwrap());
+    let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+    if let Some(s) = &s {
+        transports.push(s.clone());
+    }
+    transports.push(tcp);
+    let e = TransferEngine::start(EngineConfig::new("127.0.0.1"), transports)
+        .await
+        .unwrap();
+    (e, s)
+}
+
+fn fill(e: &TransferEngine, addr: u64, data: &[u8]) {
+    e.memory()
+        .resolve(addr, data.len() as u64)
+        .unwrap()
+        .write_from(data)
+        .unwrap();
+}
+
+fn read(e: &TransferEngine, addr: u64, len: usize) -> Vec<u8> {
+    e.memory().resolve(addr, len as u64).unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_buffers_by_memcpy_private_ones_over_tcp() {
+    let (target, _) = engine(true).await;
+    let (initiator, shm) = engine(true).await;
+    let shm = shm.unwrap();
+    let shared = target.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
+    // Caller-owned memory cannot be passed to another process: it is served over TCP.
+    let private = AlignedBuffer::new(1 << 16).unwrap();
+    // SAFETY: `private` outlives the engines' use of it (unregistered before it drops).
+    unsafe {
+        target
+            .register_memory(private.addr(), 1 << 16, Location::cpu(0))
+            .unwrap();
+    }
+    let desc = target.local_descriptor();
+    assert!(desc.buffers.iter().any(|b| b.addr == shared && b.shared));
+    assert!(desc
+        .buffers
+        .iter()
+        .any(|b| b.addr == private.addr() && !b.shared));
+    let local = initiator
+        .allocate_buffer(2 << 20, Location::cpu(0))
+        .unwrap();
+    let data = pattern(1, 1 << 20);
+    fill(&initiator, local, &data);
+    let seg = initiator.open_segment(target.segment_name()).await.unwrap();
+    let r = initiator
+        .transfer(vec![
+            TransferRequest::write(&seg, shared, local, 1 << 20),
+            TransferRequest::write(&seg, private.addr(), local, 1 << 16),
+        ])
+        .await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    let s = shm.stats();
+    assert_eq!((s.copies, s.bytes, s.mappings), (1, 1 << 20, 1), "{s:?}");
+    assert_eq!(read(&target, shared, 1 << 20), data);
+    assert_eq!(read(&target, private.addr(), 1 << 16), data[..1 << 16]);
+    // Reads back through both paths; the mapping is reused.
+    let r = initiator
+        .transfer(vec![
+            TransferRequest::read(&seg, shared + 7, local + (1 << 20), 1000),
+            TransferRequest::read(&seg, private.addr() + 3, local + (1 << 20) + 1000, 500),
+        ])
+        .await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert_eq!(read(&initiator, local + (1 << 20), 1000), data[7..1007]);
+    assert_eq!(
+        read(&initiator, local + (1 << 20) + 1000, 500),
+        data[3..503]
+    );
+    let s = shm.stats();
+    assert_eq!((s.copies, s.mappings), (2, 1), "{s:?}");
+    target.unregister_memory(private.addr()).unwrap();
+    initiator.shutdown().await;
+    target.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregistered_buffers_are_refused_not_written() {
+    let (target, _) = engine(true).await;
+    let (initiator, shm) = engine(true).await;
+    let shm = shm.unwrap();
+    let a = target.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
+    let local = initiator
+        .allocate_buffer(1 << 16, Location::cpu(0))
+        .unwrap();
+    let seg = initiator.open_segment(target.segment_name()).await.unwrap();
+    let r = initiator
+        .transfer(vec![TransferRequest::write(&seg, a, local, 4096)])
+        .await;
+    r[0].as_ref().unwrap();
+    assert_eq!(shm.stats().mappings, 1);
+    // The initiator still holds the mapping and the old descriptor.
+    target.unregister_memory(a).unwrap();
+    for req in [
+        TransferRequest::write(&seg, a, local, 4096),
+        TransferRequest::read(&seg, a + 100, local, 100),
+    ] {
+        let r = initiator.transfer(vec![req]).await;
+        assert!(
+            matches!(r[0], Err(Error::RemoteRangeInvalid { .. })),
+            "{:?}",
+            r[0]
+        );
+    }
+    // A new buffer is mapped afresh and works.
+    let b = target.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
+    let seg = initiator
+        .refresh_segment(target.segment_name())
+        .await
+        .unwrap();
+    fill(&initiator, local, &pattern(2, 4096));
+    let r = initiator
+        .transfer(vec![TransferRequest::write(&seg, b, local, 4096)])
+        .await;
+    r[0].as_ref().unwrap();
+    assert_eq!(read(&target, b, 4096), pattern(2, 4096));
+    assert_eq!(shm.stats().mappings, 2);
+    initiator.shutdown().await;
+    target.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initiator_without_shm_uses_tcp() {
+    let (target, _) = engine(true).await;
+    let (initiator, _) = engine(false).await;
+    let a = target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let local = initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    fill(&target, a, &pattern(3, 4096));
+    let seg = initiator.open_segment(target.segment_name()).await.unwrap();
+    let r = initiator
+        .transfer(vec![TransferRequest::read(&seg, a, local, 4096)])
+        .await;
+    r[0].as_ref().unwrap();
+    assert_eq!(read(&initiator, local, 4096), pattern(3, 4096));
+    initiator.shutdown().await;
+    target.shutdown().await;
+}
+
+/// The child side of `a_killed_target_fails_requests`: serves one shared buffer filled with a
+/// pattern and prints its segment name and address, then waits to be killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_target() {
+    if std::env::var_os("MOONCAKE_SHM_CHILD").is_none() {
+        return;
+    }
+    let (target, _) = engine(true).await;
+    let a = target.allocate_buffer(1 << 20, Location::cpu(0)).unwrap();
+    fill(&target, a, &pattern(4, 1 << 20));
+    println!("READY {} {a}", target.segment_name());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_target_fails_requests() {
+    let mut child = Killed(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_target", "--nocapture", "--test-threads=1"])
+            .env("MOONCAKE_SHM_CHILD", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // The test harness prints "test child_target ... " on the same line first.
+            .find_map(|l| l.split_once("READY ").map(|(_, rest)| rest.to_owned()))
+    })
+    .await
+    .unwrap()
+    .expect("the child reports its segment");
+    let mut words = line.split_whitespace();
+    let (name, addr) = (
+        words.next().unwrap().to_owned(),
+        words.next().unwrap().parse::<u64>().unwrap(),
+    );
+    let (initiator, shm) = engine(true).await;
+    let shm = shm.unwrap();
+    let local = initiator
+        .allocate_buffer(1 << 20, Location::cpu(0))
+        .unwrap();
+    let seg = initiator.open_segment(&name).await.unwrap();
+    let r = initiator
+        .transfer(vec![TransferRequest::read(&seg, addr, local, 1 << 20)])
+        .await;
+    r[0].as_ref().unwrap();
+    assert_eq!(read(&initiator, local, 1 << 20), pattern(4, 1 << 20));
+    assert_eq!(
+        shm.stats().copies,
+        1,
+        "read from the other process by memcpy"
+    );
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    // The mapping outlives the process; requests through it must not.
+    let start = Instant::now();
+    for req in [
+        TransferRequest::write(&seg, addr, local, 4096),
+        TransferRequest::read(&seg, addr, local, 4096),
+        TransferRequest::write(&seg, addr, local, 4096),
+    ] {
+        let r = initiator.transfer(vec![req]).await;
+        assert!(r[0].is_err(), "a request to a killed process succeeded");
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+    initiator.shutdown().await;
+}
