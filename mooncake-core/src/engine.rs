@@ -417,6 +417,16 @@ impl TransferEngine {
         futures::future::join_all(runs).await;
     }
 
+    /// The transport that would carry a request for `[addr, addr + len)` of `target` (`None`
+    /// for this process's own segment, served by memcpy, or when no transport reaches it).
+    pub fn carrier(&self, target: &SegmentDesc, addr: u64, len: u64) -> Option<&dyn Transport> {
+        if target.name == self.segment.name() {
+            return None;
+        }
+        let i = self.transport_for(target, addr, len).ok()?;
+        Some(&*self.transports[i])
+    }
+
     /// Index of the first transport that offers an endpoint of `target` and reaches the range.
     fn transport_for(&self, target: &SegmentDesc, addr: u64, len: u64) -> Result<usize> {
         self.transports

@@ -321,6 +321,13 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         true
     }
 
+    /// Whether the initiator alone moves the bytes, so that a completed WRITE is in the target's
+    /// memory without the target taking part (shared memory, RDMA). A landing notice then costs
+    /// an extra message to the target and tells the initiator nothing new. Default: no.
+    fn one_sided(&self) -> bool {
+        false
+    }
+
     /// Whether buffers the engine allocates should be shared memory, because this transport
     /// lets peers of the same host map them. Default: no.
     fn shares_memory(&self) -> bool {

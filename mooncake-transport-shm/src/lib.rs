@@ -189,6 +189,10 @@ impl Transport for ShmTransport {
         shared && !self.recently_unreachable(socket)
     }
 
+    fn one_sided(&self) -> bool {
+        true
+    }
+
     fn shares_memory(&self) -> bool {
         true
     }

@@ -397,6 +397,25 @@ impl Store {
         }
     }
 
+    /// True when every one of `replicas` is written by a one-sided transport (same-host shared
+    /// memory): the WRITE's completion already says the bytes landed, so the commit is best sent
+    /// after it, and a landing report would only add a message.
+    async fn one_sided(&self, replicas: &[ReplicaDescriptor]) -> bool {
+        for r in replicas {
+            let one_sided = match (self.locate(r).await, r.memory()) {
+                (Ok((segment, addr)), Some(mem)) => self
+                    .engine
+                    .carrier(&segment, addr, mem.size)
+                    .is_some_and(|t| t.one_sided()),
+                _ => false,
+            };
+            if !one_sided {
+                return false;
+            }
+        }
+        !replicas.is_empty()
+    }
+
     /// Writes a wave into carved reservation space and commits it; values the master does not
     /// take (other than existing keys, which a put leaves alone) are written again through
     /// PutStart. With `commit_on_landing` the commit travels with the WRITEs and the master
@@ -415,10 +434,10 @@ impl Store {
             .iter()
             .map(|r| Some(std::slice::from_ref(r)))
             .collect();
-        let overlap = self
-            .config
-            .commit_on_landing
-            .unwrap_or(carved.commit_on_landing);
+        let overlap = match self.config.commit_on_landing {
+            Some(forced) => forced,
+            None => carved.commit_on_landing && !self.one_sided(&carved.replicas).await,
+        };
         let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
             Ok(p) => p,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),

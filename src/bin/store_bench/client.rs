@@ -805,14 +805,20 @@ async fn setup(args: &Args) -> Result<Ctx, String> {
     })
 }
 
+fn protocols<'a>(p: impl Iterator<Item = &'a str>) -> String {
+    p.collect::<Vec<_>>().join("+")
+}
+
 async fn run(args: &Args) -> Result<Outcome, String> {
     let ctx = setup(args).await?;
     println!(
         "client: pid {}, store segment {} (global_segment_size 0), A's segment {}, \
-         reservation_bytes {}, commit_on_landing {:?}, runtime {}",
+         transports {} (A offers {}), reservation_bytes {}, commit_on_landing {:?}, runtime {}",
         std::process::id(),
         ctx.store.hostname(),
         ctx.seg.name,
+        protocols(ctx.store.engine().transports().iter().map(|t| t.protocol())),
+        protocols(ctx.seg.endpoints.iter().map(|e| e.protocol.as_str())),
         ctx.store.config().reservation_bytes,
         ctx.store.config().commit_on_landing,
         match args.client_rt {

@@ -66,6 +66,9 @@ FLAGS:
     --role ROLE         all (default) | server (A only: serve until stdin closes) | client
     -h, --help          this text
 
+Environment: MC_SAME_HOST_SHM=0 makes both processes use TCP alone (by default B reaches A's
+segment through shared memory, the raw engine cases included).
+
 Client-role flags (passed by A): --master ADDR --segment NAME --scratch ADDR --scratch-len N
     --echo ADDR [--server-apply NAME=P50NS/P99NS,...]
 
