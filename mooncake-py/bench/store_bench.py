@@ -971,10 +971,11 @@ def run_rust(c, rnd: int) -> RunOutcome:
     # The Rust bench's master runs inside its storage process, where the master advises
     # committing puts as their WRITEs land; the Python runs use a mooncake_master process of
     # their own, where it advises committing after the WRITE. The Rust client is told to do the
-    # same, so the comparison measures the binding, not where the master runs.
+    # same, so the comparison measures the binding, not where the master runs. Its storage
+    # node leaves its segment untouched at setup, as the Python storage process does.
     cmd = [c.rust_bench, "--sizes", ",".join(str(s) for s in c.sizes), "--batch", str(c.batch),
            "--seconds", str(c.seconds), "--min-calls", str(c.min_calls), "--no-profile",
-           "--commit-after-write", "--cases", ",".join(ORDER)]
+           "--commit-after-write", "--no-prefault", "--cases", ",".join(ORDER)]
     env = dict(os.environ)
     env["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
     t0 = time.monotonic()

@@ -63,6 +63,8 @@ FLAGS:
                         inside A; no in-process master probe then
     --server-threads N  worker threads of A's runtime (default 2)
     --segment-size N    A's segment (default max(1G, 4 x batch x largest size))
+    --no-prefault       A's segment is not touched at setup (as a storage node set up with
+                        defaults, the Python one included): first writes pay its page faults
     --role ROLE         all (default) | server (A only: serve until stdin closes) | client
     -h, --help          this text
 
@@ -199,6 +201,7 @@ pub(crate) struct Args {
     pub(crate) master_addr: Option<String>,
     pub(crate) server_threads: usize,
     pub(crate) segment_size: Option<u64>,
+    pub(crate) prefault: bool,
     // Client role: what A tells B.
     pub(crate) master: Option<String>,
     pub(crate) segment: Option<String>,
@@ -226,6 +229,7 @@ impl Default for Args {
             master_addr: None,
             server_threads: 2,
             segment_size: None,
+            prefault: true,
             master: None,
             segment: None,
             scratch: None,
@@ -361,6 +365,7 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
             "--master-addr" => a.master_addr = Some(value()?),
             "--server-threads" => a.server_threads = parse_count(&flag, &value()?)?,
             "--segment-size" => a.segment_size = Some(parse_size(&value()?)?),
+            "--no-prefault" => a.prefault = false,
             "--master" => a.master = Some(value()?),
             "--segment" => a.segment = Some(value()?),
             "--scratch" => a.scratch = Some(parse_hex(&value()?)?),
@@ -441,7 +446,7 @@ async fn start_server(args: &Args) -> Result<Server, String> {
         // Every case then writes into memory that is already there, as the raw-engine cases
         // write into the scratch buffer touched below: page faults of fresh memory are not
         // what the comparison is about (and would land on whichever case comes first).
-        prefault_segment: true,
+        prefault_segment: args.prefault,
         ..StoreConfig::default()
     };
     let store = match &service {
