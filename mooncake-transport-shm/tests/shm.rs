@@ -239,3 +239,94 @@ async fn a_killed_target_fails_requests() {
     assert!(start.elapsed() < Duration::from_secs(10));
     initiator.shutdown().await;
 }
+
+/// A hostile or confused peer on the socket gets refusals and a closed connection; the target
+/// keeps serving everyone else and reports nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_close_only_their_connection() {
+    use std::io::{Read, Write};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+
+    let (target, _) = engine(true).await;
+    let a = target.allocate_buffer(1 << 16, Location::cpu(0)).unwrap();
+    let landed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    struct Seen(Arc<std::sync::Mutex<Vec<(u64, u64)>>>);
+    impl mooncake_core::LandingObserver for Seen {
+        fn landed(&self, addr: u64, len: u64) {
+            self.0.lock().unwrap().push((addr, len));
+        }
+    }
+    target
+        .set_landing_observer(Arc::new(Seen(landed.clone())))
+        .unwrap();
+    let desc = target.local_descriptor();
+    let ep = desc.endpoint("shm").unwrap();
+    let name = ep.address.split_once('/').unwrap().1.to_owned();
+    let connect = || {
+        let s = UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut hello = [0u8; 16];
+        (&s).read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..4], b"MCSH");
+        s
+    };
+    let request = |op: u32, count: u32, x: u64, y: u64| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&op.to_le_bytes());
+        b.extend_from_slice(&count.to_le_bytes());
+        b.extend_from_slice(&x.to_le_bytes());
+        b.extend_from_slice(&y.to_le_bytes());
+        b
+    };
+    let status = |s: &UnixStream| {
+        let mut reply = [0u8; 32];
+        (&*s).read_exact(&mut reply).map(|()| reply[0])
+    };
+    // Ranges outside registered memory, or wrapping, are refused one by one.
+    let s = connect();
+    for (x, y) in [(a + (1 << 16), 1), (0, 8), (u64::MAX - 4, 16), (a, 1 << 17)] {
+        (&s).write_all(&request(1, 0, x, y)).unwrap();
+        assert_eq!(status(&s).unwrap(), 1, "MAP {x:#x}+{y}");
+    }
+    // LANDED reports of foreign ranges are acknowledged and dropped.
+    let mut msg = request(2, 2, 0, 0);
+    for (x, y) in [(0x1000u64, 64u64), (a + 100, 10)] {
+        msg.extend_from_slice(&x.to_le_bytes());
+        msg.extend_from_slice(&y.to_le_bytes());
+    }
+    (&s).write_all(&msg).unwrap();
+    assert_eq!(status(&s).unwrap(), 0);
+    assert_eq!(*landed.lock().unwrap(), vec![(a + 100, 10)]);
+    // An unknown opcode, and a LANDED count past the limit, end the connection.
+    for bad in [request(9, 0, 0, 0), request(2, u32::MAX, 0, 0)] {
+        let s = connect();
+        (&s).write_all(&bad).unwrap();
+        assert_eq!(status(&s).unwrap(), 3);
+        let mut rest = [0u8; 1];
+        assert_eq!(
+            (&s).read(&mut rest).unwrap(),
+            0,
+            "closed after a bad request"
+        );
+    }
+    // Half a request, then a hang-up: nothing happens.
+    let s = connect();
+    (&s).write_all(&request(1, 0, a, 8)[..10]).unwrap();
+    drop(s);
+    // The target still serves a real initiator.
+    let (initiator, shm) = engine(true).await;
+    let local = initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    fill(&target, a, &pattern(5, 4096));
+    let seg = initiator.open_segment(target.segment_name()).await.unwrap();
+    let r = initiator
+        .transfer(vec![TransferRequest::read(&seg, a, local, 4096)])
+        .await;
+    r[0].as_ref().unwrap();
+    assert_eq!(read(&initiator, local, 4096), pattern(5, 4096));
+    assert_eq!(shm.unwrap().stats().copies, 1);
+    assert_eq!(landed.lock().unwrap().len(), 1);
+    initiator.shutdown().await;
+    target.shutdown().await;
+}
