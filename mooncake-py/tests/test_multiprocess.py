@@ -1,5 +1,5 @@
 """Two Python processes share objects through one master: each reads what the other wrote, with
-HTTP metadata and with P2P handshakes."""
+HTTP metadata and with P2P handshakes, through same-host shared memory and through TCP alone."""
 
 from __future__ import annotations
 
@@ -36,8 +36,18 @@ CHILD = textwrap.dedent(
 )
 
 
+def shared_segments_mapped() -> int:
+    """Mappings of segment memfds in this process (its own, and peers' it reads through)."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:mooncake-segment" in line for line in f)
+
+
+@pytest.mark.parametrize("shm", ["shm", "tcp-only"])
 @pytest.mark.parametrize("metadata", [METADATA, "P2PHANDSHAKE"])
-def test_two_processes_share_objects(master, uniq, metadata):
+def test_two_processes_share_objects(master, uniq, metadata, shm, monkeypatch):
+    if shm == "tcp-only":
+        # Read at setup, by this process's store and by the child's.
+        monkeypatch.setenv("MC_SAME_HOST_SHM", "0")
     s = new_store(metadata=metadata)
     try:
         from mooncake.store import ReplicateConfig
@@ -53,11 +63,17 @@ def test_two_processes_share_objects(master, uniq, metadata):
         try:
             line = child.stdout.readline()
             assert line.strip() == "READY", child.stderr.read() if child.poll() is not None else line
+            mapped = shared_segments_mapped()
             for i in range(20):
                 key = f"{uniq}child_{i}"
                 assert s.get(key) == f"child value {i}".encode() * 1000
                 desc = s.get_replica_desc(key)[0].get_memory_descriptor().buffer_descriptor
                 assert desc.transport_endpoint != s.get_hostname()  # really remote
+            # Through shared memory, reading the child's objects mapped its segment here.
+            if shm == "shm":
+                assert shared_segments_mapped() > mapped
+            else:
+                assert shared_segments_mapped() == mapped
             out, err = child.communicate("exit\n", timeout=30)
             assert child.returncode == 0, err
             assert "BYE" in out
