@@ -48,6 +48,8 @@ def test_two_processes_share_objects(master, uniq, metadata, shm, monkeypatch):
     if shm == "tcp-only":
         # Read at setup, by this process's store and by the child's.
         monkeypatch.setenv("MC_SAME_HOST_SHM", "0")
+        # The child's calls also sleep at once rather than spin first (read on first call).
+        monkeypatch.setenv("MC_SPIN_WAIT_US", "0")
     s = new_store(metadata=metadata)
     try:
         from mooncake.store import ReplicateConfig

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use super::PyStore;
 use crate::buffer::{views, ByteView};
-use crate::runtime::{block_on, block_on_worker, code_of, status};
+use crate::runtime::{block_on, code_of, status};
 use crate::types::{core_config, PyReplicateConfig};
 
 fn mismatch(what: &str) -> Error {
@@ -29,25 +29,6 @@ fn first_failure(results: Result<Vec<Result<(), Error>>, Error>) -> i64 {
     }
 }
 
-/// Writes that copy fewer bytes than this into the staging buffer run on the runtime's workers
-/// (see [`block_on_worker`]); larger ones are mostly copying and run on the calling thread, so
-/// that several Python threads copy in parallel. Zero-copy writes copy nothing here and always
-/// run on the workers, where the WRITE's acknowledgement and the master's answer resume them.
-const ON_WORKER_BELOW: u64 = 1 << 20;
-
-/// Drives a write that copies `copied` bytes on its way out: see [`ON_WORKER_BELOW`].
-fn drive<F>(py: Python<'_>, copied: u64, fut: F) -> Result<F::Output, Error>
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    if copied < ON_WORKER_BELOW {
-        block_on_worker(py, fut)
-    } else {
-        block_on(py, fut)
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Kind {
     Put,
@@ -64,9 +45,8 @@ impl PyStore {
         config: ReplicateConfig,
     ) -> i64 {
         let slices: Vec<&[u8]> = parts.iter().map(ByteView::as_slice).collect();
-        let bytes = slices.iter().map(|s| s.len() as u64).sum();
         let r = self.live().and_then(|s| {
-            drive(py, bytes, async move {
+            block_on(py, async move {
                 match kind {
                     Kind::Put => s.put_parts(key, &slices, &config).await,
                     Kind::Upsert => s.upsert_parts(key, &slices, &config).await,
@@ -94,9 +74,8 @@ impl PyStore {
             .map(String::as_str)
             .zip(held.iter().map(ByteView::as_slice))
             .collect();
-        let bytes = items.iter().map(|(_, v)| v.len() as u64).sum();
         Ok(self.live().and_then(|s| {
-            drive(py, bytes, async move {
+            block_on(py, async move {
                 match kind {
                     Kind::Put => s.put_batch(&items, &config).await,
                     Kind::Upsert => s.upsert_batch(&items, &config).await,
@@ -123,7 +102,7 @@ impl PyStore {
             .map(|(k, (p, s))| (k.as_str(), *p, *s))
             .collect();
         let s = self.live()?;
-        drive(py, 0, async move {
+        block_on(py, async move {
             match kind {
                 Kind::Put => s.batch_put_from(&items, &config).await,
                 Kind::Upsert => s.batch_upsert_from(&items, &config).await,
@@ -345,7 +324,7 @@ impl PyStore {
         let r = (|| {
             let items = multi_items(&keys, &all_buffer_ptrs, &all_sizes)?;
             let s = self.live()?;
-            drive(py, 0, async move {
+            block_on(py, async move {
                 s.batch_put_from_multi_buffers(&items, &config).await
             })
         })();
@@ -377,7 +356,7 @@ impl PyStore {
         }
         parts.push((buffer_ptr, size));
         let r = self.live().and_then(|s| {
-            drive(py, 0, async move {
+            block_on(py, async move {
                 s.batch_put_from_multi_buffers(&[(key.as_str(), parts)], &config)
                     .await
             })
