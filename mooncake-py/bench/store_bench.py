@@ -347,9 +347,10 @@ class CaseError(Exception):
 
 
 class Meter:
-    """Timed calls of one case (as the Rust bench's Meter): a warm-up of seconds/10 (10-100 ms) is
-    not counted; done after `seconds` of busy time and `min_calls` calls, or after 20x `seconds`
-    of wall time with at least one call."""
+    """Timed calls of one case (as the Rust bench's Meter): a warm-up of seconds/10 (10-100 ms),
+    and at least the first call (which pays the page faults of memory the case touches first),
+    is not counted; done after `seconds` of busy time and `min_calls` calls, or after 20x
+    `seconds` of wall time with at least one call."""
 
     def __init__(self, seconds: float, min_calls: int):
         self.start = time.perf_counter_ns()
@@ -360,9 +361,11 @@ class Meter:
         self.objects = 0
         self.bytes = 0
         self.busy = 0
+        self.first = True
 
     def record(self, took: int, objects: int, nbytes: int) -> None:
-        if time.perf_counter_ns() < self.warm_until:
+        if self.first or time.perf_counter_ns() < self.warm_until:
+            self.first = False
             return
         self.samples.append(took)
         self.objects += objects

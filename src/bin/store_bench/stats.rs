@@ -28,6 +28,8 @@ pub(crate) struct Meter {
     objects: u64,
     bytes: u64,
     busy: Duration,
+    /// No call recorded yet: the first one is part of the warm-up.
+    first: bool,
 }
 
 /// Calls beyond this end a case whatever the time.
@@ -46,13 +48,15 @@ impl Meter {
             objects: 0,
             bytes: 0,
             busy: Duration::ZERO,
+            first: true,
         }
     }
 
-    /// Records one call of `took` that moved `objects` objects of `bytes` bytes in total; calls
-    /// that end during the warm-up are not counted.
+    /// Records one call of `took` that moved `objects` objects of `bytes` bytes in total; the
+    /// first call (which pays the page faults of memory the case touches first) and calls that
+    /// end during the warm-up are not counted.
     pub(crate) fn record(&mut self, took: Duration, objects: u64, bytes: u64) {
-        if Instant::now() < self.warm_until {
+        if std::mem::take(&mut self.first) || Instant::now() < self.warm_until {
             return;
         }
         self.samples.push(took.as_nanos() as u64);
