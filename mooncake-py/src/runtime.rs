@@ -87,7 +87,8 @@ where
 /// thread takes several microseconds to be woken and scheduled (more on a busy host), which a
 /// same-host call of 50-60 us notices. A thread that spins instead sees the wake-up at once.
 /// Only one thread spins at a time (the others sleep at once), so spinning never takes more than
-/// one core from the workers. `MC_SPIN_WAIT_US` sets it (0: never spin).
+/// one core from the workers, and only while its waits stay that short (see [`wait_on`]).
+/// `MC_SPIN_WAIT_US` sets it (0: never spin).
 fn spin_limit() -> std::time::Duration {
     static LIMIT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| {
@@ -119,8 +120,15 @@ impl std::task::Wake for Signal {
     }
 }
 
+thread_local! {
+    /// Whether this thread's last wait was short enough for spinning to catch its wake-up.
+    static SPIN_PAYS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
 /// Drives `fut` to completion on the calling thread (which is not a runtime worker), inside the
-/// runtime's context, spinning up to [`spin_limit`] before each sleep.
+/// runtime's context. Each wait for a wake-up spins up to [`spin_limit`] first, when this
+/// thread's previous wait was that short (a thread moving megabytes over TCP waits far longer,
+/// and its spinning would only take a core from the transfer) and no other thread is spinning.
 fn wait_on<F: Future>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output {
     let _context = rt.enter();
     let signal = std::sync::Arc::new(Signal {
@@ -135,18 +143,19 @@ fn wait_on<F: Future>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output {
         if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
         }
-        if !limit.is_zero() && SPINNERS.fetch_add(1, Ordering::AcqRel) == 0 {
-            let start = std::time::Instant::now();
-            while !signal.woken.load(Ordering::Acquire) && start.elapsed() < limit {
-                std::hint::spin_loop();
+        let start = std::time::Instant::now();
+        if !limit.is_zero() && SPIN_PAYS.get() {
+            if SPINNERS.fetch_add(1, Ordering::AcqRel) == 0 {
+                while !signal.woken.load(Ordering::Acquire) && start.elapsed() < limit {
+                    std::hint::spin_loop();
+                }
             }
-        }
-        if !limit.is_zero() {
             SPINNERS.fetch_sub(1, Ordering::AcqRel);
         }
         while !signal.woken.swap(false, Ordering::AcqRel) {
             std::thread::park();
         }
+        SPIN_PAYS.set(start.elapsed() <= limit);
     }
 }
 
