@@ -744,9 +744,16 @@ async fn commits_wait_for_landing_reports_and_never_apply_without_them() {
 
     // Left to the master's advice: with the storage node in the master's process, commits go
     // with the WRITEs, and the report is a function call.
-    let embedded = Store::setup_embedded(config(&addr, 64 << 20), svc.clone())
-        .await
-        .unwrap();
+    // Its segment is shared memory whatever the environment says (the one-sided case below).
+    let embedded = Store::setup_embedded(
+        StoreConfig {
+            same_host_shm: true,
+            ..config(&addr, 64 << 20)
+        },
+        svc.clone(),
+    )
+    .await
+    .unwrap();
     let advised = Store::setup(StoreConfig {
         same_host_shm: false,
         ..config(&addr, 0)
@@ -896,9 +903,15 @@ async fn a_failed_shared_memory_write_commits_nothing() {
 async fn a_failed_write_commits_nothing(same_host_shm: bool) {
     let segment = 64u64 << 20;
     let (svc, addr) = serve_master(MasterConfig::default()).await;
-    let storage = Store::setup_embedded(config(&addr, segment), svc.clone())
-        .await
-        .unwrap();
+    let storage = Store::setup_embedded(
+        StoreConfig {
+            same_host_shm,
+            ..config(&addr, segment)
+        },
+        svc.clone(),
+    )
+    .await
+    .unwrap();
     let writer = Store::setup(StoreConfig {
         same_host_shm,
         ..config(&addr, 0)
