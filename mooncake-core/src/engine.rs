@@ -6,7 +6,10 @@
 //! [`Transport`], and publishes the segment descriptor (through a [`MetadataStore`], or not at all
 //! in `P2PHANDSHAKE` mode, where peers ask it directly). Remote segments are opened by name;
 //! batches are submitted and complete asynchronously with a status per request. Requests whose
-//! target is this process's own segment are served by memcpy, with no socket.
+//! target is this process's own segment are served by memcpy, with no socket; each other request
+//! goes to the first installed transport that offers an endpoint of its target and reaches its
+//! range ([`Transport::reaches`]), so a same-host shared-memory transport placed first carries
+//! what it can and TCP the rest.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,12 +1,14 @@
 //! Core of mooncake-rs, a distributed KV-cache store and transfer engine.
 //!
-//! This crate holds what every deployment shares and contains no networking code:
+//! This crate holds what every deployment shares and contains no networking code (only the
+//! passing of memfd descriptors over a Unix socket, in [`shm`]):
 //! - the [`Transport`] trait (one-sided reads and writes of another process's registered memory,
 //!   in batches), implemented by the `mooncake-transport-*` crates;
 //! - the [`MetadataStore`] trait (cluster metadata with per-key revisions) and an in-memory
 //!   implementation;
 //! - the [`Allocator`] trait and a best-fit [`RangeAllocator`] for segment space;
-//! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked;
+//! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
+//!   shared with processes of the same host ([`shm`]: memfds and their revocation table);
 //! - the [`TransferEngine`], which owns a process's segment and runs batches over transports;
 //! - the error-code table ([`ErrorCode`]) shared with the Python API.
 //!
