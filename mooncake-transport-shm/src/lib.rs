@@ -124,20 +124,25 @@ impl ShmTransport {
                 return Ok(p.clone());
             }
         }
-        let mut peers = self.peers.write().expect("peers");
-        if let Some(p) = peers.get(socket) {
-            if !p.is_dead() {
-                return Ok(p.clone());
-            }
-        }
+        // Connected without the lock: a target that does not answer holds up only its callers.
         match Peer::connect(socket, self.config.timeout) {
             Ok(p) => {
+                let mut peers = self.peers.write().expect("peers");
+                if let Some(q) = peers.get(socket).filter(|q| !q.is_dead()) {
+                    // Another caller connected meanwhile: keep one connection.
+                    p.close();
+                    return Ok(q.clone());
+                }
                 let p = Arc::new(p);
                 peers.insert(socket.to_owned(), p.clone());
                 Ok(p)
             }
             Err(e) => {
-                peers.remove(socket);
+                let mut peers = self.peers.write().expect("peers");
+                if peers.get(socket).is_some_and(|p| p.is_dead()) {
+                    peers.remove(socket);
+                }
+                drop(peers);
                 self.unreachable
                     .write()
                     .expect("unreachable")

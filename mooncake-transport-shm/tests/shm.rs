@@ -330,3 +330,89 @@ async fn malformed_requests_close_only_their_connection() {
     initiator.shutdown().await;
     target.shutdown().await;
 }
+
+/// A target that accepts the connection but never answers fails its requests within the
+/// transport's timeout, and meanwhile requests to another target go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_target_fails_within_the_timeout_and_holds_up_no_one_else() {
+    use mooncake_core::{BatchState, BufferDesc, OpCode, SegmentDesc, TransferOp};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+
+    let (target, _) = engine(true).await;
+    let shared = target.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    fill(&target, shared, &pattern(6, 4096));
+    let (initiator, _) = engine(false).await;
+    let local = initiator.allocate_buffer(8192, Location::cpu(0)).unwrap();
+    let shm = ShmTransport::new(ShmConfig {
+        timeout: Duration::from_millis(800),
+        ..ShmConfig::default()
+    })
+    .unwrap();
+    // The kernel completes connections to a listener that never accepts: the hello never comes.
+    let silent_name = format!("mooncake-shm-test-silent.{}", std::process::id());
+    let _silent =
+        UnixListener::bind_addr(&SocketAddr::from_abstract_name(silent_name.as_bytes()).unwrap())
+            .unwrap();
+    let real = target.local_descriptor();
+    let host = real
+        .endpoint("shm")
+        .unwrap()
+        .address
+        .split_once('/')
+        .unwrap()
+        .0;
+    let silent = SegmentDesc {
+        name: "silent:1".into(),
+        endpoints: vec![mooncake_core::Endpoint {
+            protocol: "shm".into(),
+            address: format!("{host}/{silent_name}"),
+        }],
+        buffers: vec![BufferDesc {
+            addr: 0x10_0000,
+            len: 4096,
+            location: Location::cpu(0),
+            keys: Vec::new(),
+            shared: true,
+        }],
+    };
+    assert!(shm.reaches(&silent, 0x10_0000, 64));
+    let op = |target_addr: u64, local_off: u64| TransferOp {
+        opcode: OpCode::Read,
+        local: initiator.memory().resolve(local + local_off, 64).unwrap(),
+        target_addr,
+        index: 0,
+        notify: false,
+    };
+    let started = Instant::now();
+    let stuck = {
+        let shm = shm.clone();
+        let op = op(0x10_0000, 0);
+        let silent = silent.clone();
+        tokio::spawn(async move {
+            let batch = BatchState::new(1);
+            shm.transfer(&silent, vec![op], &batch).await;
+            (batch.results(), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let batch = BatchState::new(1);
+    shm.transfer(&real, vec![op(shared, 4096)], &batch).await;
+    batch.results()[0].as_ref().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "the real target waited for the silent one: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(read(&initiator, local + 4096, 64), pattern(6, 4096)[..64]);
+    let (results, took) = stuck.await.unwrap();
+    assert!(
+        matches!(results[0], Err(Error::PeerUnreachable { .. })),
+        "{results:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Marked unreachable for a while: its requests go to the other transports.
+    assert!(!shm.reaches(&silent, 0x10_0000, 64));
+    initiator.shutdown().await;
+    target.shutdown().await;
+}
