@@ -402,10 +402,9 @@ impl TransferEngine {
                 None => groups.push((req.target, transport, vec![op])),
             }
         }
-        if let [(target, transport, _)] = &mut groups[..] {
+        if groups.len() == 1 {
             // One group (the common case): no join machinery.
-            let (target, transport) = (target.clone(), *transport);
-            let ops = groups.pop().map(|g| g.2).unwrap_or_default();
+            let (target, transport, ops) = groups.pop().expect("one group");
             return self.transports[transport]
                 .transfer(&target, ops, batch)
                 .await;

@@ -124,13 +124,13 @@ impl AlignedBuffer {
     /// host it is passed to can map it too (see [`crate::shm`]). Pages are allocated on first
     /// touch, as for large [`AlignedBuffer::new`] buffers.
     pub fn new_shared(len: usize) -> Result<Self> {
-        let layout = Layout::from_size_align(len.max(1), Self::ALIGN)
-            .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;
         if len == 0 {
             return Err(Error::InvalidArgument(
                 "buffer length must be non-zero".into(),
             ));
         }
+        let layout = Layout::from_size_align(len, Self::ALIGN)
+            .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;
         let fd = crate::shm::create_memfd("mooncake-segment", len as u64)?;
         let map = crate::shm::Mapping::map(&fd, len as u64)?;
         let ptr = std::ptr::NonNull::new(map.addr() as *mut u8)
@@ -191,7 +191,7 @@ pub struct RegisteredBuffer {
     len: u64,
     location: Location,
     /// Keeps memory that the registry owns alive (none for caller-owned memory).
-    _owned: Option<AlignedBuffer>,
+    owned: Option<AlignedBuffer>,
     /// Slot and generation in the registry's [`SlotTable`] of a shared buffer.
     share: Option<(u32, u64)>,
 }
@@ -391,7 +391,7 @@ impl MemoryRegistry {
             addr,
             len,
             location,
-            _owned: None,
+            owned: None,
             share: None,
         })
         .map(|_| ())
@@ -409,13 +409,19 @@ impl MemoryRegistry {
             addr,
             len: buffer.len() as u64,
             location,
-            _owned: Some(buffer),
+            owned: Some(buffer),
             share,
         });
-        if let (Err(_), Some((slot, _)), Some(table)) = (&inserted, share, self.slot_table()) {
+        if let (Err(_), Some((slot, table))) = (&inserted, self.table_of(share)) {
             table.release(slot);
         }
         inserted.map(|_| addr)
+    }
+
+    /// The slot of a buffer registered shared (`share`), with the table holding it.
+    fn table_of(&self, share: Option<(u32, u64)>) -> Option<(u32, &SlotTable)> {
+        let (slot, _) = share?;
+        Some((slot, self.slot_table()?))
     }
 
     /// The table of shared buffers' generations, made on first use; `None` when it cannot be
@@ -441,7 +447,7 @@ impl MemoryRegistry {
             .resolve(addr, len)
             .map_err(|_| Error::RemoteRangeInvalid { addr, len })?;
         let b = region.buffer();
-        match (b.share, b._owned.as_ref().and_then(AlignedBuffer::memfd)) {
+        match (b.share, b.owned.as_ref().and_then(AlignedBuffer::memfd)) {
             (Some((slot, generation)), Some(fd)) => Ok((
                 SharedInfo {
                     addr: b.addr,
@@ -497,9 +503,9 @@ impl MemoryRegistry {
             buf
         };
         // Peers that mapped the buffer stop using it now (their copies check the slot).
-        let table = buf.share.and(self.slot_table());
-        if let (Some((slot, _)), Some(t)) = (buf.share, table) {
-            t.revoke(slot);
+        let shared = self.table_of(buf.share);
+        if let Some((slot, table)) = shared {
+            table.revoke(slot);
         }
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
@@ -516,8 +522,8 @@ impl MemoryRegistry {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));
         }
-        if let (Some((slot, _)), Some(t)) = (buf.share, table) {
-            t.release(slot);
+        if let Some((slot, table)) = shared {
+            table.release(slot);
         }
         Ok(())
     }

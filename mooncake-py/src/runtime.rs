@@ -2,10 +2,14 @@
 //! the GIL, drives a future to completion and turns a Rust panic into an error code, so no panic
 //! ever unwinds into Python.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use mooncake::{Error, ErrorCode};
 use pyo3::prelude::*;
@@ -89,14 +93,14 @@ where
 /// Only one thread spins at a time (the others sleep at once), so spinning never takes more than
 /// one core from the workers, and only while its waits stay that short (see [`wait_on`]).
 /// `MC_SPIN_WAIT_US` sets it (0: never spin).
-fn spin_limit() -> std::time::Duration {
-    static LIMIT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+fn spin_limit() -> Duration {
+    static LIMIT: OnceLock<Duration> = OnceLock::new();
     *LIMIT.get_or_init(|| {
         let us = std::env::var("MC_SPIN_WAIT_US")
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(50);
-        std::time::Duration::from_micros(us)
+        Duration::from_micros(us)
     })
 }
 
@@ -106,15 +110,15 @@ static SPINNERS: AtomicU32 = AtomicU32::new(0);
 /// Wakes a thread waiting in [`wait_on`]: a flag it can see while spinning, and an unpark
 /// (no system call unless it sleeps).
 struct Signal {
-    woken: std::sync::atomic::AtomicBool,
-    thread: std::thread::Thread,
+    woken: AtomicBool,
+    thread: Thread,
 }
 
-impl std::task::Wake for Signal {
-    fn wake(self: std::sync::Arc<Self>) {
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
-    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+    fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
         self.thread.unpark();
     }
@@ -122,7 +126,7 @@ impl std::task::Wake for Signal {
 
 thread_local! {
     /// Whether this thread's last wait was short enough for spinning to catch its wake-up.
-    static SPIN_PAYS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    static SPIN_PAYS: Cell<bool> = const { Cell::new(true) };
 }
 
 /// Drives `fut` to completion on the calling thread (which is not a runtime worker), inside the
@@ -131,19 +135,19 @@ thread_local! {
 /// and its spinning would only take a core from the transfer) and no other thread is spinning.
 fn wait_on<F: Future>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output {
     let _context = rt.enter();
-    let signal = std::sync::Arc::new(Signal {
-        woken: std::sync::atomic::AtomicBool::new(false),
+    let signal = Arc::new(Signal {
+        woken: AtomicBool::new(false),
         thread: std::thread::current(),
     });
-    let waker = std::task::Waker::from(signal.clone());
-    let mut cx = std::task::Context::from_waker(&waker);
+    let waker = Waker::from(signal.clone());
+    let mut cx = Context::from_waker(&waker);
     let mut fut = std::pin::pin!(fut);
     let limit = spin_limit();
     loop {
-        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
         }
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         if !limit.is_zero() && SPIN_PAYS.get() {
             if SPINNERS.fetch_add(1, Ordering::AcqRel) == 0 {
                 while !signal.woken.load(Ordering::Acquire) && start.elapsed() < limit {

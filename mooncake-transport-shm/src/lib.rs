@@ -219,15 +219,15 @@ impl Transport for ShmTransport {
     }
 
     async fn transfer(&self, target: &SegmentDesc, ops: Vec<TransferOp>, batch: &Arc<BatchState>) {
-        let socket = target.endpoint(PROTOCOL).and_then(|e| self.local_socket(e));
-        let peer = match socket {
-            Some(s) => self.peer(s).map(|p| (s, p)),
-            None => Err(Error::NoTransport {
+        let connected = target
+            .endpoint(PROTOCOL)
+            .and_then(|e| self.local_socket(e))
+            .ok_or_else(|| Error::NoTransport {
                 segment: target.name.clone(),
                 offered: "no shm endpoint on this host".into(),
-            }),
-        };
-        let (socket, peer) = match peer {
+            })
+            .and_then(|s| Ok((s, self.peer(s)?)));
+        let (socket, peer) = match connected {
             Ok(p) => p,
             Err(e) => {
                 let e = unreachable(&target.name, e);
@@ -253,16 +253,15 @@ impl Transport for ShmTransport {
         }
         self.copies.fetch_add(copies, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        let mut lost = None;
-        if !landed.is_empty() {
-            if let Err(e) = peer.report_landed(&landed) {
-                lost = Some(e);
-            }
-        }
-        if lost.is_none() && !peer.alive() {
-            lost = Some(Error::Io("the target process is gone".into()));
-        }
-        if let Some(e) = lost {
+        let reported = match landed.is_empty() {
+            true => Ok(()),
+            false => peer.report_landed(&landed),
+        };
+        let still_there = reported.and_then(|()| match peer.alive() {
+            true => Ok(()),
+            false => Err(Error::Io("the target process is gone".into())),
+        });
+        if let Err(e) = still_there {
             // Copies into a process that is gone are lost with it; nothing succeeded.
             self.forget(socket, &peer);
             let e = unreachable(&target.name, e);
