@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mooncake::master::MasterConfig;
-use mooncake::service::{MasterService, ServiceConfig};
+use mooncake::master_service::{MasterService, ServiceConfig};
 use mooncake::store::{ReplicateConfig, Store, StoreConfig};
 use mooncake::AlignedBuffer;
 

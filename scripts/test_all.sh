@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace
 # Peers of one host use shared memory by default; the store tests again with TCP alone.
-MC_SAME_HOST_SHM=0 cargo test -p mooncake --test store --test read_ahead
+MC_SAME_HOST_SHM=0 cargo test -p mooncake-store --test store --test read_ahead
 # The Python package: build the wheel, pip-install it into target/py-venv, run pytest.
 bash mooncake-py/run_tests.sh
 bash fuzz/replay.sh

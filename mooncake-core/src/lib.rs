@@ -29,23 +29,26 @@
 //! ```
 
 pub mod allocator;
-#[cfg(any(test, feature = "conformance"))]
+#[cfg(all(feature = "engine", any(test, feature = "conformance")))]
 pub mod conformance;
+#[cfg(feature = "engine")]
 pub mod engine;
 pub mod error;
-pub mod master;
-#[cfg(any(test, feature = "conformance"))]
+#[cfg(all(feature = "engine", any(test, feature = "conformance")))]
 pub mod mem_transport;
 pub mod memory;
 pub mod metadata;
 pub mod shm;
+#[cfg(feature = "engine")]
 pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};
+#[cfg(feature = "engine")]
 pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
 pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
+#[cfg(feature = "engine")]
 pub use transport::{
     BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,
     TransferStatus, Transport,

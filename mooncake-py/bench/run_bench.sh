@@ -81,8 +81,8 @@ if [ "$RUST" = 1 ] && [ -n "${RUST_BENCH:-}" ]; then
     echo "run_bench: using the prebuilt Rust store_bench $RUST_BENCH" >&2
     RUST_ARGS=(--rust-bench "$RUST_BENCH")
 elif [ "$RUST" = 1 ]; then
-    echo "run_bench: cargo build --release --bin store_bench" >&2
-    if timeout 1800 cargo build --release --bin store_bench >&2; then
+    echo "run_bench: cargo build --release -p mooncake-bench --bin store_bench" >&2
+    if timeout 1800 cargo build --release -p mooncake-bench --bin store_bench >&2; then
         RUST_ARGS=(--rust-bench "$ROOT/target/release/store_bench")
     else
         echo "run_bench: building store_bench failed (a stale binary is not used): no Python-overhead" \

@@ -7,7 +7,10 @@ use pyo3::prelude::*;
 /// SIGTERM; returns the exit code. The GIL is released while it runs.
 #[pyfunction]
 pub(crate) fn run_master(py: Python<'_>, args: Vec<String>) -> i32 {
-    crate::runtime::detached(py, move || mooncake::master_cli::main_with_args(args)).unwrap_or(1)
+    crate::runtime::detached(py, move || {
+        mooncake::master_service::master_cli::main_with_args(args)
+    })
+    .unwrap_or(1)
 }
 
 /// Runs `mooncake_client` (the real client that dummy clients forward to) with `args` until

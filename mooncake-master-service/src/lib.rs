@@ -1,0 +1,32 @@
+//! The Mooncake master service: the master state machine (`mooncake-master`) run behind a
+//! command log, with its timers and its RPC server.
+//!
+//! - [`service`]: [`MasterService`], which stamps each state change with the time, applies it
+//!   through the command log (in memory, or a Raft group's with feature `raft`), answers reads
+//!   from the applied state and serves store clients in-process or over RPC;
+//! - [`landing`]: landing reports of storage nodes, for commits that wait on them;
+//! - [`admin`]: membership changes of a Raft master group, served by its leader, and the
+//!   `mooncake_master admin` command line;
+//! - [`master_cli`]: the `mooncake_master` program and its upstream-compatible flags.
+//!
+//! The master role can run inside any process: a [`MasterService`] is a value, and the store's
+//! embedded mode makes one next to its client.
+//!
+//! ```no_run
+//! # async fn demo() -> mooncake_core::Result<()> {
+//! use mooncake_master::MasterConfig;
+//! use mooncake_master_service::{MasterService, ServiceConfig};
+//! let service = MasterService::new(MasterConfig::default(), ServiceConfig::default())?;
+//! let addr = service.serve_rpc("127.0.0.1:0".parse().unwrap()).await?;
+//! println!("master listening on {addr}");
+//! # Ok(()) }
+//! ```
+
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod landing;
+pub mod master_cli;
+pub mod service;
+
+pub use service::{MasterService, ServiceConfig};

@@ -1,0 +1,763 @@
+//! The `mooncake_master` command line: upstream's flags, parsed into a [`MasterOptions`], and a
+//! runner that serves RPC, the HTTP metadata server and the metrics endpoint until told to stop.
+//!
+//! Flags take gflags' forms: `--flag=value`, `--flag value`, and for booleans `--flag`,
+//! `--flag=true|false|1|0` and `--noflag`. Durations accept plain numbers in the flag's unit
+//! (milliseconds for TTLs, seconds for `--client_ttl`) or a suffixed value (`500ms`, `10s`, `2m`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mooncake_core::{Error, Result};
+use mooncake_master::MasterConfig;
+
+use crate::service::{MasterService, ServiceConfig};
+use mooncake_meta_http::{serve_http, HttpEndpoints};
+
+/// Everything `mooncake_master` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct MasterOptions {
+    /// The state machine's configuration.
+    pub master: MasterConfig,
+    /// Address the RPC server binds (`--rpc_address`, default `0.0.0.0`).
+    pub rpc_address: String,
+    /// RPC port (`--rpc_port`, default 50051).
+    pub rpc_port: u16,
+    /// Serve `/metadata` (`--enable_http_metadata_server`, default false).
+    pub enable_http_metadata_server: bool,
+    /// Host of the HTTP metadata server (`--http_metadata_server_host`, default `0.0.0.0`).
+    pub http_metadata_server_host: String,
+    /// Port of the HTTP metadata server (`--http_metadata_server_port`, default 8080).
+    pub http_metadata_server_port: u16,
+    /// Port of `/metrics` and `/health` (`--metrics_port`, default 9003); bound on `rpc_address`.
+    pub metrics_port: u16,
+    /// Serve metrics at all (`--enable_metric_reporting`, default true).
+    pub enable_metrics: bool,
+    /// Membership in a Raft master group (`--raft_id`, `--raft_peers`, `--raft_data_dir`);
+    /// `None` runs a single master with its state in memory.
+    pub raft: Option<RaftOptions>,
+}
+
+/// This master's place in a Raft master group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftOptions {
+    /// This member's id (`--raft_id`, non-zero).
+    pub id: u64,
+    /// Every member: id, Raft address, RPC address (`--raft_peers
+    /// 1=127.0.0.1:7001/127.0.0.1:50051,2=...`). The same list on every member.
+    pub peers: Vec<(u64, String, String)>,
+    /// Where the log, hard state and snapshots live (`--raft_data_dir`, default
+    /// `mooncake-raft-<id>`).
+    pub data_dir: std::path::PathBuf,
+    /// Length of one Raft tick (`--raft_tick_ms`, default 100 ms).
+    pub tick_ms: u64,
+    /// Ticks without a leader before a member campaigns, randomised up to twice this
+    /// (`--raft_election_ticks`, default 10): with the default tick, a failover takes 1-2 s of
+    /// detection plus the election.
+    pub election_ticks: usize,
+    /// Join an existing group instead of bootstrapping one (`--raft_join`): the member starts
+    /// empty and waits until the leader adds it (`mooncake_master admin add-learner`).
+    /// `--raft_peers` then lists the current members, as an address book, plus this one.
+    pub join: bool,
+}
+
+/// Parses `--raft_peers`: `id=raft_host:port/rpc_host:port`, comma-separated.
+pub fn parse_raft_peers(value: &str) -> Result<Vec<(u64, String, String)>> {
+    let bad = |m: String| Error::InvalidArgument(format!("--raft_peers: {m}"));
+    let mut peers: Vec<(u64, String, String)> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addrs) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{item:?} is not id=raft_addr/rpc_addr")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or_else(|| bad(format!("{id:?} is not a non-zero id")))?;
+        let (raft, rpc) = addrs
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{item:?} lacks the /rpc_addr part")))?;
+        if peers.iter().any(|p| p.0 == id) {
+            return Err(bad(format!("id {id} appears twice")));
+        }
+        peers.push((id, raft.trim().to_owned(), rpc.trim().to_owned()));
+    }
+    if peers.is_empty() {
+        return Err(bad("no members".into()));
+    }
+    Ok(peers)
+}
+
+impl Default for MasterOptions {
+    fn default() -> Self {
+        MasterOptions {
+            master: MasterConfig::default(),
+            rpc_address: "0.0.0.0".into(),
+            rpc_port: 50051,
+            enable_http_metadata_server: false,
+            http_metadata_server_host: "0.0.0.0".into(),
+            http_metadata_server_port: 8080,
+            metrics_port: 9003,
+            enable_metrics: true,
+            raft: None,
+        }
+    }
+}
+
+/// Usage text for `--help`.
+pub const USAGE: &str = "\
+mooncake_master: metadata and allocation service of a Mooncake store
+
+Flags (upstream names; --flag=value or --flag value):
+  --rpc_address=0.0.0.0                  address the RPC server binds
+  --rpc_port=50051                       RPC port
+  --enable_http_metadata_server=false    serve transfer-engine metadata at /metadata
+  --http_metadata_server_host=0.0.0.0
+  --http_metadata_server_port=8080
+  --metrics_port=9003                    /metrics (Prometheus) and /health
+  --enable_metric_reporting=true
+  --default_kv_lease_ttl=10000           read lease, ms (or 500ms, 10s)
+  --default_kv_soft_pin_ttl=1800000      soft pin lifetime, ms (or 30m)
+  --client_ttl=10                        seconds of silence before a client's segments go
+  --eviction_high_watermark_ratio=0.90
+  --eviction_ratio=0.05
+  --allocation_strategy=random           random | free_ratio_first | local_first
+  --cluster_id=mooncake_cluster
+  --enable_rereplication=true            restore replica_num after a segment is lost
+  --reservation_ttl=500                  how long a client writes into space it reserved, ms
+                                         (or 500ms); 0: every put asks the master first
+
+Master group (Raft; every member gets the same --raft_peers):
+  --raft_id=0                            this member's id; 0 runs a single in-memory master
+  --raft_peers=1=HOST:PORT/HOST:PORT,... each member: id=raft_address/rpc_address
+  --raft_data_dir=mooncake-raft-<id>     log, hard state and snapshots
+  --raft_tick_ms=100                     Raft tick
+  --raft_election_ticks=10               ticks of silence before an election (randomised up to 2x)
+  --raft_join=false                      start as a new member of a running group: bootstrap
+                                         nothing and wait to be added; --raft_peers lists the
+                                         current members and this one (without it, a first start
+                                         next to a running group that lacks this member is
+                                         refused)
+
+On becoming leader a member prints `mooncake_master raft: leader id=ID term=TERM` (and
+`mooncake_master raft: stepped_down id=ID term=TERM` when that ends) on stdout.
+
+Changing a group's members at run time (see `mooncake_master admin --help`):
+  mooncake_master admin members|add-learner ID=RAFT/RPC|promote ID|remove ID \\
+      --master_server_addr=HOST:PORT,...
+";
+
+/// Flags upstream accepts that this master has no use for; accepted with a notice.
+const IGNORED: &[&str] = &[
+    "max_threads",
+    "rpc_thread_num",
+    "rpc_conn_timeout_seconds",
+    "rpc_enable_tcp_no_delay",
+    "enable_gc",
+    "enable_ha",
+    "etcd_endpoints",
+    "memory_allocator",
+    "root_fs_dir",
+    "global_file_segment_size",
+    "v",
+    "logtostderr",
+];
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Run with these options.
+    Run(Box<MasterOptions>),
+    /// Print the usage.
+    Help,
+}
+
+/// Parses a duration flag: a plain number in `unit_ms` milliseconds, or `N ms|s|m|h`.
+pub fn parse_duration_ms(value: &str, unit_ms: u64) -> Result<u64> {
+    let v = value.trim();
+    let (digits, scale) = if let Some(d) = v.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = v.strip_suffix('s') {
+        (d, 1000)
+    } else if let Some(d) = v.strip_suffix('m') {
+        (d, 60_000)
+    } else if let Some(d) = v.strip_suffix('h') {
+        (d, 3_600_000)
+    } else {
+        (v, unit_ms)
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| Error::InvalidArgument(format!("{value:?} is not a duration")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(Error::InvalidArgument(format!(
+            "--{name}: {value:?} is not a boolean"
+        ))),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("--{name}: {value:?} is not a valid number")))
+}
+
+/// Flags with a value that this master acts on.
+const VALUED: &[&str] = &[
+    "rpc_address",
+    "rpc_port",
+    "http_metadata_server_host",
+    "http_metadata_server_port",
+    "metrics_port",
+    "default_kv_lease_ttl",
+    "default_kv_soft_pin_ttl",
+    "client_ttl",
+    "eviction_high_watermark_ratio",
+    "eviction_ratio",
+    "allocation_strategy",
+    "cluster_id",
+    "reservation_ttl",
+    "raft_id",
+    "raft_peers",
+    "raft_data_dir",
+    "raft_tick_ms",
+    "raft_election_ticks",
+];
+
+const BOOLS: &[&str] = &[
+    "enable_http_metadata_server",
+    "enable_metric_reporting",
+    "enable_rereplication",
+    "raft_join",
+    "enable_gc",
+    "enable_ha",
+    "rpc_enable_tcp_no_delay",
+    "logtostderr",
+];
+
+/// Parses the arguments after the program name.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
+    let mut o = MasterOptions::default();
+    let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
+    let (mut raft_tick_ms, mut raft_election_ticks) = (100u64, 10usize);
+    let mut raft_join = false;
+    let mut args = args.into_iter().peekable();
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" || arg == "-help" {
+            return Ok(Parsed::Help);
+        }
+        let Some(flag) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            return Err(Error::InvalidArgument(format!(
+                "unexpected argument {arg:?} (flags start with --)"
+            )));
+        };
+        let bare = flag.split_once('=').map_or(flag, |(n, _)| n);
+        let known = |n: &str| VALUED.contains(&n) || BOOLS.contains(&n) || IGNORED.contains(&n);
+        if !known(bare) && !bare.strip_prefix("no").is_some_and(|f| BOOLS.contains(&f)) {
+            return Err(Error::InvalidArgument(format!(
+                "unknown flag --{bare} (see --help)"
+            )));
+        }
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None if BOOLS.contains(&flag) => (flag.to_owned(), "true".to_owned()),
+            None if flag.strip_prefix("no").is_some_and(|f| BOOLS.contains(&f)) => {
+                (flag[2..].to_owned(), "false".to_owned())
+            }
+            None => match args.next() {
+                Some(v) => (flag.to_owned(), v),
+                None => return Err(Error::InvalidArgument(format!("--{flag} needs a value"))),
+            },
+        };
+        let m = &mut o.master;
+        match name.as_str() {
+            "rpc_address" => o.rpc_address = value,
+            "rpc_port" => o.rpc_port = parse_num(&name, &value)?,
+            "enable_http_metadata_server" => {
+                o.enable_http_metadata_server = parse_bool(&name, &value)?
+            }
+            "http_metadata_server_host" => o.http_metadata_server_host = value,
+            "http_metadata_server_port" => o.http_metadata_server_port = parse_num(&name, &value)?,
+            "metrics_port" => o.metrics_port = parse_num(&name, &value)?,
+            "enable_metric_reporting" => o.enable_metrics = parse_bool(&name, &value)?,
+            "default_kv_lease_ttl" => m.default_kv_lease_ttl_ms = parse_duration_ms(&value, 1)?,
+            "default_kv_soft_pin_ttl" => {
+                m.default_kv_soft_pin_ttl_ms = parse_duration_ms(&value, 1)?
+            }
+            "client_ttl" => m.client_ttl_ms = parse_duration_ms(&value, 1000)?,
+            "eviction_high_watermark_ratio" => {
+                m.eviction_high_watermark_ratio = parse_num(&name, &value)?
+            }
+            "eviction_ratio" => m.eviction_ratio = parse_num(&name, &value)?,
+            "allocation_strategy" => m.allocation_strategy = value.parse()?,
+            "cluster_id" => m.cluster_id = value,
+            "reservation_ttl" => m.reservation_ttl_ms = parse_duration_ms(&value, 1)?,
+            "enable_rereplication" => m.enable_rereplication = parse_bool(&name, &value)?,
+            "raft_id" => raft_id = parse_num(&name, &value)?,
+            "raft_peers" => raft_peers = Some(parse_raft_peers(&value)?),
+            "raft_data_dir" => raft_dir = Some(std::path::PathBuf::from(value)),
+            "raft_tick_ms" => raft_tick_ms = parse_num(&name, &value)?,
+            "raft_election_ticks" => raft_election_ticks = parse_num(&name, &value)?,
+            "raft_join" => raft_join = parse_bool(&name, &value)?,
+            other if IGNORED.contains(&other) => {
+                tracing::info!("--{other} is accepted for compatibility and has no effect");
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown flag --{other} (see --help)"
+                )))
+            }
+        }
+    }
+    o.master.validate()?;
+    o.raft = match (raft_id, raft_peers) {
+        (0, None) if raft_join => {
+            return Err(Error::InvalidArgument(
+                "--raft_join needs --raft_id and --raft_peers".into(),
+            ))
+        }
+        (0, None) => None,
+        (0, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "--raft_peers needs --raft_id (this member's id)".into(),
+            ))
+        }
+        (_, None) => {
+            return Err(Error::InvalidArgument(
+                "--raft_id needs --raft_peers (every member of the group)".into(),
+            ))
+        }
+        (id, Some(peers)) => {
+            if !peers.iter().any(|p| p.0 == id) {
+                return Err(Error::InvalidArgument(format!(
+                    "--raft_id {id} is not among --raft_peers (a member joining a running \
+                     group lists itself too, with --raft_join)"
+                )));
+            }
+            if raft_join && peers.len() < 2 {
+                return Err(Error::InvalidArgument(
+                    "--raft_join: --raft_peers must list the group's current members besides \
+                     this one (the leader has to be reachable to answer it)"
+                        .into(),
+                ));
+            }
+            if raft_tick_ms == 0 || raft_election_ticks < 3 {
+                return Err(Error::InvalidArgument(
+                    "--raft_tick_ms must be positive and --raft_election_ticks at least 3".into(),
+                ));
+            }
+            Some(RaftOptions {
+                id,
+                peers,
+                data_dir: raft_dir.unwrap_or_else(|| format!("mooncake-raft-{id}").into()),
+                tick_ms: raft_tick_ms,
+                election_ticks: raft_election_ticks,
+                join: raft_join,
+            })
+        }
+    };
+    Ok(Parsed::Run(Box::new(o)))
+}
+
+fn socket(host: &str, port: u16) -> Result<SocketAddr> {
+    mooncake_rpc::bind_address(&format!("{host}:{port}"))
+        .or_else(|_| mooncake_rpc::bind_address(&format!("[{host}]:{port}")))
+}
+
+/// The addresses a running master listens on.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    /// RPC.
+    pub rpc: SocketAddr,
+    /// HTTP metadata server, when enabled.
+    pub http_metadata: Option<SocketAddr>,
+    /// Metrics and health, when enabled.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts the master's servers on the current runtime; they run until the service shuts down.
+pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Listening)> {
+    let service = match &options.raft {
+        None => MasterService::new(options.master.clone(), ServiceConfig::default())?,
+        Some(raft) => start_member(options, raft).await?,
+    };
+    let rpc = service
+        .serve_rpc(socket(&options.rpc_address, options.rpc_port)?)
+        .await?;
+    let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
+        let weak = Arc::downgrade(&service);
+        Arc::new(move || {
+            weak.upgrade()
+                .map(|s| s.metrics().to_prometheus())
+                .unwrap_or_default()
+        })
+    };
+    let health: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(|| true);
+    let mut listening = Listening {
+        rpc,
+        http_metadata: None,
+        metrics: None,
+    };
+    if options.enable_http_metadata_server {
+        let addr = socket(
+            &options.http_metadata_server_host,
+            options.http_metadata_server_port,
+        )?;
+        let listener = mooncake_rpc::rpc::bind(addr).await?;
+        listening.http_metadata = Some(listener.local_addr()?);
+        service.keep(serve_http(
+            listener,
+            HttpEndpoints {
+                metadata: Some(service.metadata()),
+                metrics: metrics_fn.clone(),
+                health: health.clone(),
+            },
+        ));
+    }
+    if options.enable_metrics {
+        let listener =
+            mooncake_rpc::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
+        listening.metrics = Some(listener.local_addr()?);
+        service.keep(serve_http(
+            listener,
+            HttpEndpoints {
+                metadata: None,
+                metrics: metrics_fn,
+                health,
+            },
+        ));
+    }
+    Ok((service, listening))
+}
+
+#[cfg(feature = "raft")]
+async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc<MasterService>> {
+    use mooncake_meta_raft::{NodeConfig, PeerInfo, RoleEvent, RoleObserver, StoreConfig};
+    let voters: Vec<PeerInfo> = raft
+        .peers
+        .iter()
+        .map(|(id, raft_addr, service_addr)| PeerInfo {
+            id: *id,
+            raft_addr: raft_addr.clone(),
+            service_addr: service_addr.clone(),
+        })
+        .collect();
+    let me = voters
+        .iter()
+        .find(|p| p.id == raft.id)
+        .map(|p| p.raft_addr.clone())
+        .ok_or_else(|| Error::InvalidArgument(format!("raft id {} not among peers", raft.id)))?;
+    refuse_a_second_group(raft).await?;
+    let mut node = NodeConfig::new(raft.id, raft.data_dir.clone(), voters);
+    node.election_ticks = raft.election_ticks;
+    node.join = raft.join;
+    let mut config = StoreConfig::new(node, me);
+    config.tick_interval = std::time::Duration::from_millis(raft.tick_ms);
+    // Role changes are printed by a task, so a slow reader of stdout never stalls the raft loop.
+    let (lines, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    config.on_role = Some(RoleObserver(Arc::new(move |id, event| {
+        let line = match event {
+            RoleEvent::BecameLeader { term } => format!("leader id={id} term={term}"),
+            RoleEvent::SteppedDown { term } => format!("stepped_down id={id} term={term}"),
+            RoleEvent::LeaderChanged { .. } => return,
+        };
+        let _ = lines.send(line);
+    })));
+    let service =
+        MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await?;
+    service.keep(tokio::spawn(async move {
+        use std::io::Write;
+        while let Some(line) = rx.recv().await {
+            let _ = writeln!(std::io::stdout().lock(), "{ROLE_LINE_PREFIX}{line}");
+        }
+    }));
+    Ok(service)
+}
+
+/// Before a member bootstraps (first start, not `--raft_join`), asks the other listed members
+/// whether a group with a leader is already running; if one is and this member is not among its
+/// members, bootstrapping would start a second group under the same addresses, so the start is
+/// refused and the error says to join instead. Members that do not answer (not started yet, or
+/// no leader yet: the usual first start of a group) let the bootstrap go on.
+#[cfg(feature = "raft")]
+async fn refuse_a_second_group(raft: &RaftOptions) -> Result<()> {
+    use mooncake_rpc::admin::AdminRequest;
+    use mooncake_rpc::RpcClientConfig;
+    use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
+    let initialized = raft
+        .data_dir
+        .join(mooncake_meta_raft::wal::SNAPSHOT_FILE)
+        .exists();
+    if raft.join || initialized {
+        return Ok(());
+    }
+    let config = RpcClientConfig {
+        call_timeout: std::time::Duration::from_secs(1),
+        connect_timeout: std::time::Duration::from_millis(500),
+    };
+    let ask = |addr: String| {
+        let config = config.clone();
+        async move {
+            let mut target = addr;
+            // A follower names the leader: ask it once.
+            for _ in 0..2 {
+                let remote = RemoteMaster::new(target.as_str(), config.clone());
+                match remote
+                    .call(MasterRequest::Admin(AdminRequest::Members))
+                    .await
+                {
+                    Ok(MasterReply::Members(m)) => return Some(m),
+                    Ok(MasterReply::NotLeader {
+                        leader: Some(leader),
+                    }) if leader != target => target = leader,
+                    _ => return None,
+                }
+            }
+            None
+        }
+    };
+    let asks = raft
+        .peers
+        .iter()
+        .filter(|(id, _, _)| *id != raft.id)
+        .map(|(_, _, rpc)| ask(rpc.clone()));
+    for m in futures::future::join_all(asks).await.into_iter().flatten() {
+        let ids: Vec<u64> = m.members.iter().map(|p| p.id).collect();
+        if !ids.contains(&raft.id) {
+            return Err(Error::InvalidArgument(format!(
+                "a master group is already running (member {} answered; its members are {ids:?}) \
+                 and member {} is not one of them: starting it would begin a second group. Start \
+                 a new member with --raft_join, then add it with `mooncake_master admin \
+                 add-learner` and `promote`",
+                m.answered_by, raft.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Start of the line a group member prints on stdout when it becomes leader
+/// (`leader id=ID term=TERM`) or stops being it (`stepped_down id=ID term=TERM`).
+pub const ROLE_LINE_PREFIX: &str = "mooncake_master raft: ";
+
+#[cfg(not(feature = "raft"))]
+async fn start_member(_: &MasterOptions, _: &RaftOptions) -> Result<Arc<MasterService>> {
+    Err(Error::NotSupported(
+        "this build has no Raft support (enable the `raft` feature)".into(),
+    ))
+}
+
+/// Runs a master until `stop` resolves: prints where it listens, serves, then shuts down.
+pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Result<()> {
+    let (service, l) = start(&options).await?;
+    println!(
+        "mooncake_master listening: rpc={} http_metadata={} metrics={}",
+        l.rpc,
+        l.http_metadata.map_or("off".into(), |a| a.to_string()),
+        l.metrics.map_or("off".into(), |a| a.to_string()),
+    );
+    tokio::select! {
+        () = stop => {}
+        () = removed_from_group(&service) => {
+            println!("mooncake_master: this member was removed from its group; stopping");
+        }
+    }
+    service.shutdown_raft().await;
+    println!("mooncake_master stopped");
+    Ok(())
+}
+
+/// Resolves once the group this master belongs to has removed it; never for a single master.
+async fn removed_from_group(service: &MasterService) {
+    #[cfg(feature = "raft")]
+    if let Some(raft) = service.raft() {
+        let mut status = raft.subscribe();
+        if status.wait_for(|s| s.removed).await.is_ok() {
+            return;
+        }
+    }
+    #[cfg(not(feature = "raft"))]
+    let _ = service;
+    std::future::pending::<()>().await
+}
+
+/// The whole program: parses `args` (after the program name), runs until SIGINT or SIGTERM, and
+/// returns the process exit code.
+pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
+    let mut args = args.into_iter().peekable();
+    if args.peek().map(String::as_str) == Some("admin") {
+        args.next();
+        return crate::admin::main_with_args(args);
+    }
+    let options = match parse_args(args) {
+        Ok(Parsed::Run(o)) => *o,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("mooncake_master: {e}");
+            return 2;
+        }
+    };
+    run_program("mooncake_master", run(options, shutdown_signal()))
+}
+
+/// Runs a program's future on a two-worker runtime and turns its outcome into an exit code (0,
+/// or 1 with the error on stderr, prefixed with `program`).
+pub fn run_program(program: &str, main: impl Future<Output = Result<()>>) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            1
+        }
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<MasterOptions> {
+        match parse_args(args.iter().map(|s| s.to_string()))? {
+            Parsed::Run(o) => Ok(*o),
+            Parsed::Help => panic!("help"),
+        }
+    }
+
+    #[test]
+    fn upstream_flag_forms() {
+        let o = parse(&[
+            "--enable_http_metadata_server=true",
+            "--http_metadata_server_host=0.0.0.0",
+            "--http_metadata_server_port",
+            "8081",
+            "--rpc_port=50052",
+            "--default_kv_lease_ttl=500ms",
+            "--client_ttl=3",
+            "--eviction_high_watermark_ratio=0.8",
+            "--allocation_strategy=free_ratio_first",
+            "--noenable_metric_reporting",
+            "--max_threads=8",
+            "--reservation_ttl=250ms",
+        ])
+        .unwrap();
+        assert_eq!(o.master.reservation_ttl_ms, 250);
+        assert!(o.enable_http_metadata_server);
+        assert_eq!(o.http_metadata_server_port, 8081);
+        assert_eq!(o.rpc_port, 50052);
+        assert_eq!(o.master.default_kv_lease_ttl_ms, 500);
+        assert_eq!(o.master.client_ttl_ms, 3000);
+        assert_eq!(o.master.eviction_high_watermark_ratio, 0.8);
+        assert!(!o.enable_metrics);
+        assert_eq!(
+            parse(&["--default_kv_lease_ttl=10s"])
+                .unwrap()
+                .master
+                .default_kv_lease_ttl_ms,
+            10_000
+        );
+        assert_eq!(
+            parse(&["--default_kv_lease_ttl", "2500"])
+                .unwrap()
+                .master
+                .default_kv_lease_ttl_ms,
+            2500
+        );
+        assert!(
+            parse(&["--enable_http_metadata_server"])
+                .unwrap()
+                .enable_http_metadata_server
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_reason() {
+        for bad in [
+            &["--no_such_flag=1"][..],
+            &["--rpc_port=seventy"],
+            &["--rpc_port=70000"],
+            &["--default_kv_lease_ttl=soon"],
+            &["--allocation_strategy=best"],
+            &["--eviction_ratio=2"],
+            &["--rpc_port"],
+            &["stray"],
+            &["--raft_id=3", "--raft_peers=1=a:1/b:2"],
+            &["--raft_id=1"],
+            &["--raft_peers=1=a:1/b:2"],
+            &["--raft_id=1", "--raft_peers=1=a:1"],
+            &["--raft_id=1", "--raft_peers=1=a:1/b:2,1=c:3/d:4"],
+            &["--raft_join"],
+            &["--raft_id=1", "--raft_peers=1=a:1/b:2", "--raft_join"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(!e.to_string().is_empty(), "{bad:?}");
+        }
+        assert!(matches!(
+            parse_args(["--help".to_string()]).unwrap(),
+            Parsed::Help
+        ));
+    }
+
+    #[test]
+    fn a_joining_member_lists_the_group_and_itself() {
+        let o = parse(&[
+            "--raft_id=4",
+            "--raft_peers=1=a:1/b:1,4=a:4/b:4",
+            "--raft_join",
+        ])
+        .unwrap();
+        let raft = o.raft.unwrap();
+        assert!(raft.join);
+        assert_eq!(raft.peers.len(), 2);
+        let e = parse(&["--raft_id=4", "--raft_peers=1=a:1/b:1"]).unwrap_err();
+        assert!(e.to_string().contains("--raft_join"), "{e}");
+        assert!(
+            !parse(&["--raft_id=1", "--raft_peers=1=a:1/b:1"])
+                .unwrap()
+                .raft
+                .unwrap()
+                .join
+        );
+    }
+}

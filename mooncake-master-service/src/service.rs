@@ -1,0 +1,470 @@
+//! The master service: runs the master state machine behind a [`MetadataStore`] command log,
+//! drives its timers and answers store clients, in-process ([`MasterService`] implements
+//! [`MasterApi`]) or over RPC ([`RemoteMaster`]).
+//!
+//! Every state change is a [`Command`] stamped with the service's clock and applied through the
+//! store's command log, so a replicated store replicates the master unchanged. Reads and
+//! heartbeats, which change only leases and liveness, are answered from the applied state by a
+//! [`LeaderView`] without a log round trip; it carries what they changed into the entries whose
+//! outcome depends on it (see its docs). Queries that change nothing (task status, metrics) read
+//! the local state directly.
+
+use std::net::SocketAddr;
+#[cfg(feature = "raft")]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use mooncake_core::{Error, ErrorCode, MemoryMetadataStore, MetadataStore, Result, StateMachine};
+use mooncake_master::{
+    decode_response, Command, LeaderView, LogEntry, Master, MasterConfig, MasterMetrics, Response,
+    Route, Ticket, Timestamp,
+};
+
+use mooncake_rpc::rpc::{self, Handler};
+use mooncake_rpc::{MasterApi, MasterReply, MasterRequest};
+
+/// The master's clock: milliseconds since the Unix epoch, so every process of a cluster (and a
+/// master that takes over) reads the same time base.
+pub fn master_clock() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Timestamp::from_millis(ms)
+}
+
+/// The applied master and the leader's view of reads served outside the log, under one lock.
+#[derive(Debug)]
+struct Shared {
+    master: Master,
+    view: LeaderView,
+}
+
+type SharedState = Arc<Mutex<Shared>>;
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().expect("master lock")
+}
+
+/// The master as the command log's [`StateMachine`], sharing its state with the service that
+/// queries it.
+struct SharedMaster(SharedState);
+
+impl StateMachine for SharedMaster {
+    fn apply(&mut self, entry: &[u8]) -> Vec<u8> {
+        StateMachine::apply(&mut lock(&self.0).master, entry)
+    }
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        StateMachine::snapshot(&lock(&self.0).master)
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> Result<()> {
+        StateMachine::restore(&mut lock(&self.0).master, snapshot)
+    }
+}
+
+/// Lifts a proposal's bars when its entry is done with, also when the call is cancelled.
+struct Barred<'a> {
+    shared: &'a Mutex<Shared>,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for Barred<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            lock(self.shared).view.finish(t);
+        }
+    }
+}
+
+/// Service settings beyond the master's own.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// How often the timeout handler runs (expiry, reclaim, eviction, task timeouts). Default
+    /// 100 ms.
+    pub tick: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// See the module docs.
+pub struct MasterService {
+    shared: SharedState,
+    log: Arc<dyn MetadataStore>,
+    config: ServiceConfig,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The Raft group this master belongs to, when it is replicated.
+    #[cfg(feature = "raft")]
+    raft: Option<Arc<mooncake_meta_raft::RaftMetadataStore>>,
+    /// The Raft term this master has taken over as leader in (`u64::MAX`: none yet).
+    #[cfg(feature = "raft")]
+    led_term: AtomicU64,
+    /// Held while taking over, so requests of a new term wait for it.
+    #[cfg(feature = "raft")]
+    takeover: tokio::sync::Mutex<()>,
+    /// How long past its election a new leader treats its predecessor's reads as possible.
+    #[cfg(feature = "raft")]
+    takeover_extra: Duration,
+    /// Landing reports of storage nodes, for commits that wait on them.
+    landings: crate::landing::Landings,
+}
+
+impl std::fmt::Debug for MasterService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterService")
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl MasterService {
+    /// A service whose command log is in memory (the embedded, single-master default). Starts
+    /// the timer task on the current tokio runtime.
+    pub fn new(config: MasterConfig, service: ServiceConfig) -> Result<Arc<Self>> {
+        let shared = Self::shared(config)?;
+        let log = Arc::new(MemoryMetadataStore::with_state_machine(Box::new(
+            SharedMaster(shared.clone()),
+        )));
+        let svc = Arc::new(MasterService {
+            shared,
+            log,
+            config: service,
+            tasks: Mutex::new(Vec::new()),
+            #[cfg(feature = "raft")]
+            raft: None,
+            #[cfg(feature = "raft")]
+            led_term: AtomicU64::new(u64::MAX),
+            #[cfg(feature = "raft")]
+            takeover: tokio::sync::Mutex::new(()),
+            #[cfg(feature = "raft")]
+            takeover_extra: Duration::ZERO,
+            landings: Default::default(),
+        });
+        svc.start_timers();
+        Ok(svc)
+    }
+
+    /// A master replicated by a Raft group: every command goes through the group's log, only
+    /// the leader serves requests (others answer [`MasterReply::NotLeader`]) and runs the timers,
+    /// and a restarted member recovers its state from its data directory.
+    #[cfg(feature = "raft")]
+    pub async fn with_raft(
+        config: MasterConfig,
+        service: ServiceConfig,
+        raft: mooncake_meta_raft::StoreConfig,
+    ) -> Result<Arc<Self>> {
+        let shared = Self::shared(config)?;
+        // A deposed leader notices within one election timeout (check-quorum); its successor
+        // is elected at the earliest one election timeout after the last contact. Twice the
+        // longest randomized timeout covers both.
+        let election = raft.tick_interval * (2 * raft.node.election_ticks) as u32;
+        let store = Arc::new(
+            mooncake_meta_raft::RaftMetadataStore::start(
+                raft,
+                Box::new(SharedMaster(shared.clone())),
+            )
+            .await?,
+        );
+        let svc = Arc::new(MasterService {
+            shared,
+            log: store.clone(),
+            config: service,
+            tasks: Mutex::new(Vec::new()),
+            raft: Some(store),
+            led_term: AtomicU64::new(u64::MAX),
+            takeover: tokio::sync::Mutex::new(()),
+            takeover_extra: election * 2,
+            landings: Default::default(),
+        });
+        svc.start_timers();
+        Ok(svc)
+    }
+
+    fn shared(config: MasterConfig) -> Result<SharedState> {
+        Ok(Arc::new(Mutex::new(Shared {
+            master: Master::new(config)?,
+            view: LeaderView::default(),
+        })))
+    }
+
+    /// The Raft group, when this master is replicated.
+    #[cfg(feature = "raft")]
+    pub fn raft(&self) -> Option<&Arc<mooncake_meta_raft::RaftMetadataStore>> {
+        self.raft.as_ref()
+    }
+
+    /// `None` when this master may serve requests (it is the leader, or not replicated);
+    /// otherwise the leader's RPC address if known.
+    fn not_leader(&self) -> Option<Option<String>> {
+        #[cfg(feature = "raft")]
+        if let Some(raft) = &self.raft {
+            if !raft.is_leader() {
+                return Some(
+                    raft.leader()
+                        .map(|l| l.service_addr)
+                        .filter(|a| !a.is_empty()),
+                );
+            }
+        }
+        None
+    }
+
+    /// The metadata store behind the service (segment descriptors of the HTTP metadata server
+    /// live here too).
+    pub fn metadata(&self) -> Arc<dyn MetadataStore> {
+        self.log.clone()
+    }
+
+    /// Executes `command` at the current master time: a read or heartbeat is answered from the
+    /// applied state when it can be, anything else goes through the command log.
+    pub async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
+        self.take_over_if_new_leader().await?;
+        let now = master_clock();
+        let proposal = {
+            let mut s = lock(&self.shared);
+            let Shared { master, view } = &mut *s;
+            match view.route(master, now, command) {
+                Route::Local(response) => return Ok((now, response)),
+                Route::Log(p) => p,
+            }
+        };
+        let _barred = Barred {
+            shared: &self.shared,
+            ticket: Some(proposal.ticket),
+        };
+        let now = proposal.entry.now;
+        let mut response = self.append(&proposal.entry).await?;
+        if let Response::Reserved(Ok(grant)) = &mut response {
+            // Reports on this space are of writes before it was handed out anew.
+            self.landings
+                .forget(&grant.segment_name, grant.buffer_address, grant.size);
+            grant.commit_on_landing = self.landings.is_local(&grant.segment_name);
+        }
+        Ok((now, response))
+    }
+
+    async fn append(&self, entry: &LogEntry) -> Result<Response> {
+        let out = self.log.apply_command(entry.encode()).await?;
+        decode_response(&out)
+            .map_err(|c| Error::with_code(c, "undecodable response from the command log"))
+    }
+
+    /// On the first request of a term this member leads, appends the takeover entry
+    /// ([`LeaderView::take_over`]) before anything else is served.
+    async fn take_over_if_new_leader(&self) -> Result<()> {
+        #[cfg(feature = "raft")]
+        if let Some(raft) = &self.raft {
+            // Every request passes here: read the term without copying the status.
+            let Some(term) = raft.leading_term() else {
+                return Ok(());
+            };
+            if self.led_term.load(Ordering::Acquire) == term {
+                return Ok(());
+            }
+            let _one = self.takeover.lock().await;
+            if self.led_term.load(Ordering::Acquire) == term {
+                return Ok(());
+            }
+            let now = master_clock();
+            let first = {
+                let mut s = lock(&self.shared);
+                let Shared { master, view } = &mut *s;
+                view.take_over(master, now, self.takeover_extra.as_millis() as u64)
+            };
+            // Reports that reached another leader meanwhile are missing here; older ones may
+            // be of space granted anew since.
+            self.landings.clear();
+            let leased = self.append(&LogEntry::new(now, first)).await?;
+            tracing::info!(
+                term,
+                leased = ?leased.into_count(),
+                "took over as leader"
+            );
+            self.led_term.store(term, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Current metrics (read counters include the reads served outside the log).
+    pub fn metrics(&self) -> MasterMetrics {
+        let s = lock(&self.shared);
+        let mut m = s.master.metrics();
+        let c = s.view.counters();
+        m.counters.get_requests += c.get_requests;
+        m.counters.get_hits += c.get_hits;
+        m.counters.get_misses += c.get_misses;
+        m.counters.exist_requests += c.exist_requests;
+        m.counters.leases_granted += c.leases_granted;
+        m
+    }
+
+    fn start_timers(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let tick = self.config.tick;
+        let handle = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(svc) = weak.upgrade() else { return };
+                if svc.not_leader().is_some() {
+                    // Followers apply what the leader decides; only the leader acts on time.
+                    continue;
+                }
+                // A new leader first gives clients a fresh TTL (its view of heartbeats is empty).
+                if let Err(e) = svc.take_over_if_new_leader().await {
+                    tracing::warn!("taking over as leader failed: {e}");
+                    continue;
+                }
+                let due = {
+                    let now = master_clock();
+                    let mut s = lock(&svc.shared);
+                    let Shared { master, view } = &mut *s;
+                    view.prune(master, now);
+                    view.timeouts(master, now)
+                };
+                for command in due {
+                    if let Err(e) = svc.apply(command).await {
+                        tracing::warn!("applying a maintenance command failed: {e}");
+                    }
+                }
+            }
+        });
+        self.tasks.lock().expect("service tasks").push(handle);
+    }
+
+    /// Serves the RPC protocol on `addr`; returns the bound address.
+    pub async fn serve_rpc(self: &Arc<Self>, addr: SocketAddr) -> Result<SocketAddr> {
+        let listener = rpc::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let handle = rpc::serve(listener, Arc::new(RpcFront(self.clone())));
+        self.tasks.lock().expect("service tasks").push(handle);
+        Ok(bound)
+    }
+
+    /// Keeps a server task of this service, to be stopped by [`shutdown`](Self::shutdown).
+    pub fn keep(&self, task: tokio::task::JoinHandle<()>) {
+        self.tasks.lock().expect("service tasks").push(task);
+    }
+
+    /// Stops timers and servers (a Raft member also leaves its group's loop: see
+    /// [`shutdown_raft`](Self::shutdown_raft)).
+    pub fn shutdown(&self) {
+        for t in self.tasks.lock().expect("service tasks").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Stops this member's Raft loop and transport, after [`shutdown`](Self::shutdown).
+    pub async fn shutdown_raft(&self) {
+        self.shutdown();
+        #[cfg(feature = "raft")]
+        if let Some(raft) = &self.raft {
+            raft.shutdown().await;
+        }
+    }
+
+    async fn handle(&self, request: MasterRequest) -> MasterReply {
+        if let Some(leader) = self.not_leader() {
+            return MasterReply::NotLeader { leader };
+        }
+        match request {
+            MasterRequest::Apply(command) => match self.apply(command).await {
+                Ok((now, response)) => MasterReply::Applied { now, response },
+                Err(e) => failure_reply(&e),
+            },
+            MasterRequest::QueryTask(id) => {
+                MasterReply::Task(lock(&self.shared).master.query_task(id))
+            }
+            MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
+            MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
+            MasterRequest::Admin(request) => crate::admin::serve(self, request).await,
+            MasterRequest::Landed { segment, ranges } => {
+                self.landings.record(&segment, &ranges);
+                MasterReply::Noted
+            }
+            MasterRequest::CommitWhenLanded {
+                command,
+                segment,
+                ranges,
+                wait_ms,
+            } => {
+                if !matches!(command, Command::CommitReserved { .. }) {
+                    return MasterReply::Failed {
+                        code: ErrorCode::INVALID_PARAMS,
+                        message: "only a CommitReserved waits for landed writes".into(),
+                    };
+                }
+                let wait = Duration::from_millis(wait_ms);
+                if !self.landings.wait_landed(&segment, &ranges, wait).await {
+                    return MasterReply::Failed {
+                        code: ErrorCode::TRANSFER_FAIL,
+                        message: format!(
+                            "{} writes on {segment} not reported landed within {:?}",
+                            ranges.len(),
+                            wait.min(crate::landing::MAX_WAIT)
+                        ),
+                    };
+                }
+                match self.apply(command).await {
+                    Ok((now, response)) => MasterReply::Applied { now, response },
+                    Err(e) => failure_reply(&e),
+                }
+            }
+        }
+    }
+}
+
+/// The reply for a request that failed: `NotLeader` when leadership moved while it was in flight
+/// (nothing was applied, so the client may retry at the leader), else `Failed` with its code.
+pub(crate) fn failure_reply(e: &Error) -> MasterReply {
+    #[cfg(feature = "raft")]
+    if let Some(leader) = mooncake_meta_raft::leader_hint(e) {
+        return MasterReply::NotLeader { leader };
+    }
+    MasterReply::Failed {
+        code: e.code(),
+        message: e.to_string(),
+    }
+}
+
+impl Drop for MasterService {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[async_trait]
+impl MasterApi for MasterService {
+    async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
+        Ok(self.handle(request).await)
+    }
+
+    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+        if self.not_leader().is_some() {
+            // The leader commits; the report must reach it (over RPC).
+            return false;
+        }
+        self.landings.record_local(segment, ranges);
+        true
+    }
+}
+
+/// The RPC server's view of the service. Holds it strongly: serving keeps the service alive
+/// until [`MasterService::shutdown`] stops the server.
+struct RpcFront(Arc<MasterService>);
+
+#[async_trait]
+impl Handler<MasterRequest, MasterReply> for RpcFront {
+    async fn handle(&self, request: MasterRequest) -> MasterReply {
+        self.0.handle(request).await
+    }
+}

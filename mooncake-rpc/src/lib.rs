@@ -1,0 +1,32 @@
+//! How store clients, storage nodes and administrators talk to a Mooncake master.
+//!
+//! - [`rpc`]: length-prefixed, versioned postcard frames over TCP, a multiplexing client and a
+//!   per-connection server loop;
+//! - [`master`]: the master's requests and replies ([`MasterRequest`], [`MasterReply`]), the
+//!   [`MasterApi`] trait a master answers them through (the service in-process, or
+//!   [`RemoteMaster`] over RPC, which follows the leader of a master group);
+//! - [`admin`]: membership requests of a Raft master group and a client that sends them.
+//!
+//! This crate does not run a master: the service is `mooncake-master-service`, the state machine
+//! `mooncake-master`.
+//!
+//! ```no_run
+//! # async fn demo() -> mooncake_core::Result<()> {
+//! use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster, RpcClientConfig};
+//! let master = RemoteMaster::new("127.0.0.1:50051", RpcClientConfig::default());
+//! if let MasterReply::Metrics(m) = master.call(MasterRequest::Metrics).await? {
+//!     println!("{m:?}");
+//! }
+//! # Ok(()) }
+//! ```
+
+#![deny(unsafe_code)]
+
+mod addr;
+pub mod admin;
+pub mod master;
+pub mod rpc;
+
+pub use addr::bind_address;
+pub use master::{apply_via, MasterApi, MasterReply, MasterRequest, RemoteMaster};
+pub use rpc::{bind, serve, Handler, RpcClient, RpcClientConfig, MAX_FRAME};

@@ -1,0 +1,227 @@
+//! The master's requests and replies, the [`MasterApi`] that answers them, and [`RemoteMaster`],
+//! which reaches a master (or follows the leader of a master group) over RPC.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use mooncake_core::{Error, ErrorCode, Result};
+use mooncake_master::{Command, MasterMetrics, Response, SegmentInfo, TaskId, TaskInfo, Timestamp};
+
+use crate::rpc::{RpcClient, RpcClientConfig};
+
+/// A request to the master.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MasterRequest {
+    /// Apply a state change.
+    Apply(Command),
+    /// Status of a copy or move task.
+    QueryTask(TaskId),
+    /// Gauges and counters.
+    Metrics,
+    /// Mounted segments.
+    Segments,
+    /// Change or list the members of a Raft master group (see [`crate::admin`]).
+    Admin(crate::admin::AdminRequest),
+    /// A storage node reports WRITEs that landed in its segment (the service commits waiting puts on them).
+    /// Added after `Admin`: earlier variants keep their wire tags.
+    Landed {
+        /// The segment written.
+        segment: String,
+        /// `(address, length)` of each landed WRITE or piece of one.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Apply `command` (a `CommitReserved`) once every range of `ranges` on `segment` has been
+    /// reported landed, waiting up to `wait_ms`; `Failed` with `TRANSFER_FAIL` and nothing
+    /// applied when they were not.
+    CommitWhenLanded {
+        /// The commit.
+        command: Command,
+        /// Segment of the written ranges.
+        segment: String,
+        /// `(address, length)` of every value the commit names.
+        ranges: Vec<(u64, u64)>,
+        /// Longest wait, in ms (the service caps it at 2 s).
+        wait_ms: u64,
+    },
+}
+
+/// The master's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MasterReply {
+    /// The result of an applied command, with the master time it was applied at (so clients can
+    /// turn lease deadlines into durations without trusting their own clock).
+    Applied {
+        /// Master time of the apply.
+        now: Timestamp,
+        /// The result.
+        response: Response,
+    },
+    /// A task's status.
+    Task(std::result::Result<TaskInfo, ErrorCode>),
+    /// Metrics.
+    Metrics(MasterMetrics),
+    /// Segments.
+    Segments(Vec<SegmentInfo>),
+    /// This master is not the leader of its group; ask `leader` (its RPC address) if known.
+    NotLeader {
+        /// The leader's RPC address, when this master knows it.
+        leader: Option<String>,
+    },
+    /// The request could not be served.
+    Failed {
+        /// Code.
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
+    /// The membership of a Raft master group, after an admin request (added last: earlier
+    /// variants keep their wire tags).
+    Members(crate::admin::Members),
+    /// A landing report was recorded.
+    Noted,
+}
+
+/// Something that answers master requests: the service itself in-process, or a remote one.
+#[async_trait]
+pub trait MasterApi: Send + Sync + std::fmt::Debug {
+    /// Sends one request.
+    async fn call(&self, request: MasterRequest) -> Result<MasterReply>;
+
+    /// Identifies where answers come from: two answers read under the same session came from the
+    /// same master state, applied in order (one process, one connection). It changes whenever
+    /// that may not hold (a reconnect, another master of a group). An in-process master, which
+    /// lives as long as its clients, keeps one session.
+    fn session(&self) -> u64 {
+        0
+    }
+
+    /// Delivers a landing report at once, without waiting for a task: recorded directly by a
+    /// master in this process, written straight onto the connection of a remote one. False
+    /// when that is not possible now; the caller then sends a [`MasterRequest::Landed`]. A
+    /// storage node sends an empty report when it starts: a master in its process then knows
+    /// the segment's reports cost no network hop, and advises committing on landing there.
+    fn note_landed(&self, _segment: &str, _ranges: &[(u64, u64)]) -> bool {
+        false
+    }
+}
+
+/// A master reached over RPC: one address, or the members of a master group
+/// (`h1:p1,h2:p2,h3:p3`), in which case calls follow the leader: a `NotLeader` answer names it,
+/// and an unreachable master is skipped, within [`RemoteMaster::FAILOVER_WINDOW`].
+#[derive(Debug)]
+pub struct RemoteMaster {
+    masters: Vec<RpcClient>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl RemoteMaster {
+    /// How long a call keeps looking for a leader among several masters before it fails.
+    pub const FAILOVER_WINDOW: Duration = Duration::from_secs(10);
+
+    /// A client for the master(s) at `addresses` (`host:port`, comma-separated for a group);
+    /// connects lazily. An empty list gives a client whose calls fail with `RPC_FAIL`.
+    pub fn new(addresses: impl Into<String>, config: RpcClientConfig) -> Self {
+        let addresses = addresses.into();
+        let mut masters: Vec<RpcClient> = addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| RpcClient::new(a, config.clone()))
+            .collect();
+        if masters.is_empty() {
+            masters.push(RpcClient::new(addresses, config));
+        }
+        RemoteMaster {
+            masters,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The address calls go to first (the last known leader).
+    pub fn address(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        self.masters[i % self.masters.len()].address()
+    }
+
+    fn index_of(&self, address: &str) -> Option<usize> {
+        self.masters.iter().position(|m| m.address() == address)
+    }
+}
+
+#[async_trait]
+impl MasterApi for RemoteMaster {
+    fn session(&self) -> u64 {
+        let i = self.current.load(Ordering::Relaxed) % self.masters.len();
+        self.masters[i].connection_id()
+    }
+
+    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+        let i = self.current.load(Ordering::Relaxed) % self.masters.len();
+        self.masters[i].try_send_now(&MasterRequest::Landed {
+            segment: segment.to_owned(),
+            ranges: ranges.to_vec(),
+        })
+    }
+
+    async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
+        let n = self.masters.len();
+        let mut i = self.current.load(Ordering::Relaxed) % n;
+        if n == 1 {
+            return self.masters[0].call(&request).await;
+        }
+        let deadline = tokio::time::Instant::now() + Self::FAILOVER_WINDOW;
+        let mut tried = 0;
+        loop {
+            let outcome = self.masters[i].call(&request).await;
+            let next = match outcome {
+                Ok(MasterReply::NotLeader { leader }) => leader
+                    .as_deref()
+                    .and_then(|l| self.index_of(l))
+                    .filter(|&l| l != i)
+                    .unwrap_or((i + 1) % n),
+                Ok(reply) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(reply);
+                }
+                Err(e)
+                    if matches!(e.code(), ErrorCode::RPC_FAIL | ErrorCode::RPC_TIMEOUT)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!("master {} unavailable: {e}", self.masters[i].address());
+                    (i + 1) % n
+                }
+                Err(e) => return Err(e),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::with_code(
+                    ErrorCode::RPC_FAIL,
+                    format!(
+                        "no leader among {n} masters within {:?}",
+                        Self::FAILOVER_WINDOW
+                    ),
+                ));
+            }
+            tried += 1;
+            if tried % n == 0 {
+                // A whole round without a leader: an election is probably under way.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            i = next;
+        }
+    }
+}
+
+/// Sends `command` and returns the applied response and master time; a `Failed` reply becomes
+/// an error with its code.
+pub async fn apply_via(master: &dyn MasterApi, command: Command) -> Result<(Timestamp, Response)> {
+    match master.call(MasterRequest::Apply(command)).await? {
+        MasterReply::Applied { now, response } => Ok((now, response)),
+        MasterReply::Failed { code, message } => Err(Error::with_code(code, message)),
+        other => Err(Error::Protocol(format!(
+            "unexpected master reply {other:?}"
+        ))),
+    }
+}

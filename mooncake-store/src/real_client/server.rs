@@ -1,0 +1,588 @@
+//! The real client: a [`Store`] served to dummy clients over RPC, with one shared-memory session
+//! per connected dummy.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::linux::net::SocketAddrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_core::{Error, ErrorCode, Result};
+use tokio::io::AsyncReadExt;
+
+use super::shm::{check_memfd, recv_with_fds, Mapping};
+use super::wire::{
+    to_wire, Blob, PoolItem, Reply, Request, WireError, MAX_INLINE, PROTOCOL_VERSION,
+};
+use crate::store::{Store, StoreConfig};
+use mooncake_rpc::rpc::Handler;
+
+/// Magic of a pool registration on the Unix socket.
+pub(crate) const REGISTER_MAGIC: &[u8; 4] = b"MCDM";
+/// Length of a registration: magic, version u32, pool length u64, dummy base address u64.
+pub(crate) const REGISTER_LEN: usize = 4 + 4 + 8 + 8;
+/// Length of the answer: code i32, session u64.
+pub(crate) const REGISTER_REPLY_LEN: usize = 4 + 8;
+
+/// Settings of a real client.
+#[derive(Clone, Debug)]
+pub struct RealClientConfig {
+    /// The store client the real client runs.
+    pub store: StoreConfig,
+    /// Where dummy clients connect (RPC). Default `127.0.0.1:50052`.
+    pub bind: SocketAddr,
+}
+
+impl Default for RealClientConfig {
+    fn default() -> Self {
+        RealClientConfig {
+            store: StoreConfig::default(),
+            bind: SocketAddr::from(([127, 0, 0, 1], 50052)),
+        }
+    }
+}
+
+/// A dummy's pool as mapped here; unregistered from the transfer engine, then unmapped, when the
+/// last call using it ends after the session closed.
+struct Pool {
+    dummy_base: u64,
+    map: Mapping,
+    store: Arc<Store>,
+}
+
+impl Pool {
+    /// This process's address of the dummy range `[addr, addr + len)`, or `INVALID_PARAMS` when
+    /// the range is not wholly inside the pool.
+    fn translate(&self, addr: u64, len: u64) -> Result<u64> {
+        translate(self.dummy_base, self.map.addr(), self.map.len(), addr, len)
+    }
+}
+
+/// The address in a mapping of `map_len` bytes at `map_addr` of the dummy range
+/// `[addr, addr + len)`, the dummy's mapping starting at `dummy_base`; `INVALID_PARAMS` unless the
+/// range is non-empty and wholly inside.
+fn translate(dummy_base: u64, map_addr: u64, map_len: u64, addr: u64, len: u64) -> Result<u64> {
+    let inside = addr
+        .checked_sub(dummy_base)
+        .filter(|off| off.checked_add(len).is_some_and(|end| end <= map_len));
+    match inside {
+        Some(off) if len > 0 => Ok(map_addr + off),
+        _ => Err(Error::with_code(
+            ErrorCode::INVALID_PARAMS,
+            format!(
+                "range {addr:#x}+{len} is not inside the shared memory pool \
+                 ({dummy_base:#x}+{map_len}); use alloc_from_mem_pool buffers"
+            ),
+        )),
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.unregister_buffer(self.map.addr()) {
+            tracing::debug!("unregistering a dummy pool: {e}");
+        }
+        // `map` unmaps after this.
+    }
+}
+
+/// An item to send to the store: its index, key and translated `(address, size)` parts.
+type Planned = (usize, String, Vec<(u64, u64)>);
+
+struct State {
+    store: Arc<Store>,
+    ipc_name: String,
+    sessions: Mutex<HashMap<u64, Arc<Pool>>>,
+    next: AtomicU64,
+    seed: std::collections::hash_map::RandomState,
+}
+
+impl State {
+    fn pool(&self, session: u64) -> Result<Arc<Pool>> {
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .get(&session)
+            .cloned()
+            .ok_or_else(|| {
+                Error::with_code(
+                    ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                    format!("unknown dummy session {session:#x} (disconnected?)"),
+                )
+            })
+    }
+
+    fn new_session_id(&self) -> u64 {
+        let mut h = self.seed.build_hasher();
+        h.write_u64(self.next.fetch_add(1, Ordering::Relaxed));
+        h.finish().max(1)
+    }
+
+    /// Maps and registers a received pool; returns the session id.
+    fn register(&self, msg: &[u8], fd: Option<std::os::fd::OwnedFd>) -> Result<u64> {
+        if msg.len() != REGISTER_LEN || &msg[..4] != REGISTER_MAGIC {
+            return Err(Error::Protocol("malformed pool registration".into()));
+        }
+        let version = u32::from_le_bytes(msg[4..8].try_into().expect("4 bytes"));
+        if version != PROTOCOL_VERSION {
+            return Err(Error::with_code(
+                ErrorCode::INVALID_VERSION,
+                format!("dummy protocol {version}, real client speaks {PROTOCOL_VERSION}"),
+            ));
+        }
+        let len = u64::from_le_bytes(msg[8..16].try_into().expect("8 bytes"));
+        let dummy_base = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
+        let fd =
+            fd.ok_or_else(|| Error::Protocol("pool registration without a descriptor".into()))?;
+        check_memfd(&fd, len)?;
+        let map = Mapping::map(&fd, len)?;
+        drop(fd);
+        // SAFETY: the mapping stays until `Pool::drop` has unregistered it; the memfd is sealed
+        // against shrinking, so every page of it stays backed.
+        unsafe { self.store.register_buffer(map.addr(), map.len())? };
+        let id = self.new_session_id();
+        let pool = Arc::new(Pool {
+            dummy_base,
+            map,
+            store: self.store.clone(),
+        });
+        self.sessions.lock().expect("sessions").insert(id, pool);
+        Ok(id)
+    }
+
+    async fn put_from(
+        &self,
+        session: u64,
+        upsert: bool,
+        items: Vec<PoolItem>,
+        config: crate::store::ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let pool = match self.pool(session) {
+            Ok(p) => p,
+            Err(e) => return vec![Err(e); items.len()],
+        };
+        let mut out: Vec<Option<Result<()>>> = Vec::with_capacity(items.len());
+        let mut go: Vec<Planned> = Vec::new();
+        for (i, (key, parts)) in items.into_iter().enumerate() {
+            let translated: Result<Vec<(u64, u64)>> = parts
+                .iter()
+                .map(|&(a, n)| pool.translate(a, n).map(|r| (r, n)))
+                .collect();
+            match translated {
+                Ok(p) if upsert && p.len() != 1 => out.push(Some(Err(Error::with_code(
+                    ErrorCode::NOT_SUPPORTED,
+                    "a multi-buffer upsert",
+                )))),
+                Ok(p) if p.is_empty() => out.push(Some(Err(Error::with_code(
+                    ErrorCode::INVALID_PARAMS,
+                    "no buffers",
+                )))),
+                Ok(p) => {
+                    out.push(None);
+                    go.push((i, key, p));
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if !go.is_empty() {
+            let results = if go.iter().all(|(_, _, p)| p.len() == 1) {
+                let items: Vec<(&str, u64, u64)> = go
+                    .iter()
+                    .map(|(_, k, p)| (k.as_str(), p[0].0, p[0].1))
+                    .collect();
+                if upsert {
+                    self.store.batch_upsert_from(&items, &config).await
+                } else {
+                    self.store.batch_put_from(&items, &config).await
+                }
+            } else {
+                let items: Vec<(&str, Vec<(u64, u64)>)> =
+                    go.iter().map(|(_, k, p)| (k.as_str(), p.clone())).collect();
+                self.store
+                    .batch_put_from_multi_buffers(&items, &config)
+                    .await
+            };
+            for ((i, _, _), r) in go.iter().zip(results) {
+                out[*i] = Some(r);
+            }
+        }
+        drop(pool);
+        out.into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect()
+    }
+
+    async fn get_into(&self, session: u64, items: Vec<PoolItem>) -> Vec<Result<u64>> {
+        let pool = match self.pool(session) {
+            Ok(p) => p,
+            Err(e) => return vec![Err(e); items.len()],
+        };
+        let mut out: Vec<Option<Result<u64>>> = Vec::with_capacity(items.len());
+        let mut go: Vec<Planned> = Vec::new();
+        for (i, (key, parts)) in items.into_iter().enumerate() {
+            let translated: Result<Vec<(u64, u64)>> = parts
+                .iter()
+                .map(|&(a, n)| pool.translate(a, n).map(|r| (r, n)))
+                .collect();
+            match translated {
+                Ok(p) if !p.is_empty() => {
+                    out.push(None);
+                    go.push((i, key, p));
+                }
+                Ok(_) => out.push(Some(Err(Error::with_code(
+                    ErrorCode::INVALID_PARAMS,
+                    "no buffers",
+                )))),
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if !go.is_empty() {
+            let items: Vec<(&str, Vec<(u64, u64)>)> =
+                go.iter().map(|(_, k, p)| (k.as_str(), p.clone())).collect();
+            let results = self.store.batch_get_into_multi_buffers(&items).await;
+            for ((i, _, _), r) in go.iter().zip(results) {
+                out[*i] = Some(r);
+            }
+        }
+        drop(pool);
+        out.into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect()
+    }
+}
+
+fn units(v: Vec<Result<()>>) -> Reply {
+    Reply::Units(v.into_iter().map(to_wire).collect())
+}
+
+fn strs(keys: &[String]) -> Vec<&str> {
+    keys.iter().map(String::as_str).collect()
+}
+
+#[async_trait::async_trait]
+impl Handler<Request, Reply> for State {
+    async fn handle(&self, request: Request) -> Reply {
+        let s = &self.store;
+        match request {
+            Request::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    return Reply::Failed(WireError {
+                        code: ErrorCode::INVALID_VERSION.code(),
+                        message: format!(
+                            "dummy protocol {version}, real client speaks {PROTOCOL_VERSION}"
+                        ),
+                    });
+                }
+                Reply::Hello {
+                    version: PROTOCOL_VERSION,
+                    ipc_name: self.ipc_name.clone(),
+                    hostname: s.hostname().to_owned(),
+                }
+            }
+            Request::PutInline {
+                upsert,
+                key,
+                parts,
+                config,
+            } => {
+                let parts: Vec<&[u8]> = parts.iter().map(|p| p.0.as_slice()).collect();
+                Reply::Unit(to_wire(if upsert {
+                    s.upsert_parts(&key, &parts, &config).await
+                } else {
+                    s.put_parts(&key, &parts, &config).await
+                }))
+            }
+            Request::PutBatchInline {
+                upsert,
+                items,
+                config,
+            } => {
+                let items: Vec<(&str, &[u8])> = items
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.0.as_slice()))
+                    .collect();
+                units(if upsert {
+                    s.upsert_batch(&items, &config).await
+                } else {
+                    s.put_batch(&items, &config).await
+                })
+            }
+            Request::PutFrom {
+                session,
+                upsert,
+                items,
+                config,
+            } => units(self.put_from(session, upsert, items, config).await),
+            Request::GetInline { key } => Reply::Bytes(to_wire(s.get(&key).await.and_then(|v| {
+                if v.len() > MAX_INLINE {
+                    Err(Error::with_code(
+                        ErrorCode::INVALID_PARAMS,
+                        format!(
+                            "{key:?} holds {} bytes, more than one message carries; read it \
+                             into the shared pool (get_into)",
+                            v.len()
+                        ),
+                    ))
+                } else {
+                    Ok(Blob(v))
+                }
+            }))),
+            Request::GetInto { session, items } => Reply::Counts(
+                self.get_into(session, items)
+                    .await
+                    .into_iter()
+                    .map(to_wire)
+                    .collect(),
+            ),
+            Request::GetSizes { keys } => {
+                let sizes = keys.iter().map(|k| s.get_size(k));
+                Reply::Counts(
+                    futures::future::join_all(sizes)
+                        .await
+                        .into_iter()
+                        .map(to_wire)
+                        .collect(),
+                )
+            }
+            Request::IsExist { key } => Reply::Bool(to_wire(s.is_exist(&key).await)),
+            Request::BatchIsExist { keys } => {
+                Reply::Bools(to_wire(s.batch_is_exist(&strs(&keys)).await))
+            }
+            Request::Remove { key, force } => Reply::Unit(to_wire(s.remove(&key, force).await)),
+            Request::BatchRemove { keys, force } => Reply::UnitsOr(to_wire(
+                s.batch_remove(&strs(&keys), force)
+                    .await
+                    .map(|v| v.into_iter().map(to_wire).collect()),
+            )),
+            Request::RemoveByRegex { pattern, force } => {
+                Reply::Count(to_wire(s.remove_by_regex(&pattern, force).await))
+            }
+            Request::RemoveAll { force } => Reply::Count(to_wire(s.remove_all(force).await)),
+            Request::GetReplicaDesc { key } => {
+                Reply::Replicas(to_wire(s.get_replica_desc(&key).await))
+            }
+            Request::BatchGetReplicaDesc { keys } => Reply::ReplicaMap(to_wire(
+                s.batch_get_replica_desc(&strs(&keys))
+                    .await
+                    .map(|m| m.into_iter().collect()),
+            )),
+            Request::CreateCopyTask { key, targets } => {
+                Reply::Task(to_wire(s.create_copy_task(&key, &targets).await))
+            }
+            Request::CreateMoveTask {
+                key,
+                source,
+                target,
+            } => Reply::Task(to_wire(s.create_move_task(&key, &source, &target).await)),
+            Request::QueryTask { id } => Reply::TaskInfo(to_wire(s.query_task(id).await)),
+            Request::MasterMetrics => {
+                Reply::Metrics(to_wire(s.master_metrics().await.map(Box::new)))
+            }
+        }
+    }
+}
+
+/// A running real client: its store, the RPC server for dummy clients and their sessions.
+pub struct RealClient {
+    state: Arc<State>,
+    rpc_address: SocketAddr,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RealClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealClient")
+            .field("rpc", &self.rpc_address)
+            .field("segment", &self.state.store.hostname())
+            .field("sessions", &self.session_count())
+            .finish()
+    }
+}
+
+impl RealClient {
+    /// Sets up the store (`config.store`) and serves it on `config.bind`.
+    pub async fn start(config: RealClientConfig) -> Result<Arc<RealClient>> {
+        let store = Store::setup(config.store).await?;
+        match Self::serve(store.clone(), config.bind).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let _ = store.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves an existing store to dummy clients on `bind`.
+    pub async fn serve(store: Arc<Store>, bind: SocketAddr) -> Result<Arc<RealClient>> {
+        let listener = mooncake_rpc::rpc::bind(bind).await?;
+        let rpc_address = listener.local_addr()?;
+        let seed = std::collections::hash_map::RandomState::new();
+        let mut h = seed.build_hasher();
+        h.write_u32(std::process::id());
+        let ipc_name = format!(
+            "mooncake_client.{}.{}.{:016x}",
+            std::process::id(),
+            rpc_address.port(),
+            h.finish()
+        );
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(ipc_name.as_bytes())?;
+        let ipc = std::os::unix::net::UnixListener::bind_addr(&addr)
+            .map_err(|e| Error::Io(format!("binding the dummy socket {ipc_name}: {e}")))?;
+        ipc.set_nonblocking(true)?;
+        let ipc = tokio::net::UnixListener::from_std(ipc)?;
+        let state = Arc::new(State {
+            store,
+            ipc_name,
+            sessions: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            seed,
+        });
+        let rpc = mooncake_rpc::rpc::serve(listener, state.clone());
+        let sessions = tokio::spawn(accept_sessions(ipc, Arc::downgrade(&state)));
+        Ok(Arc::new(RealClient {
+            state,
+            rpc_address,
+            tasks: Mutex::new(vec![rpc, sessions]),
+        }))
+    }
+
+    /// Where dummy clients connect.
+    pub fn rpc_address(&self) -> SocketAddr {
+        self.rpc_address
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.state.store
+    }
+
+    /// How many dummy clients have a registered pool.
+    pub fn session_count(&self) -> usize {
+        self.state.sessions.lock().expect("sessions").len()
+    }
+
+    /// Stops serving, drops every session (pools are unregistered and unmapped once the calls
+    /// using them end) and closes the store. Idempotent.
+    pub async fn shutdown(&self) -> Result<()> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks"));
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        self.state.sessions.lock().expect("sessions").clear();
+        self.state.store.close().await
+    }
+}
+
+impl Drop for RealClient {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().expect("tasks").drain(..) {
+            t.abort();
+        }
+        self.state.sessions.lock().expect("sessions").clear();
+    }
+}
+
+async fn accept_sessions(ipc: tokio::net::UnixListener, state: std::sync::Weak<State>) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = ipc.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let Some(state) = state.upgrade() else { return };
+                    conns.spawn(session(stream, state));
+                }
+                Err(e) => {
+                    tracing::warn!("dummy socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// One dummy's session: receives and registers its pool, then waits for the dummy to hang up and
+/// drops the pool.
+async fn session(stream: tokio::net::UnixStream, state: Arc<State>) {
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("dummy session: {e}"),
+    };
+    let received = tokio::task::spawn_blocking(move || {
+        let setup = std_stream
+            .set_nonblocking(false)
+            .and_then(|()| std_stream.set_read_timeout(Some(Duration::from_secs(10))));
+        if let Err(e) = setup {
+            return (std_stream, Err(Error::from(e)));
+        }
+        let mut buf = [0u8; 64];
+        // The first descriptor is the pool; any others are closed as they drop.
+        let r = recv_with_fds(&std_stream, &mut buf)
+            .map(|(n, fds)| (buf[..n].to_vec(), fds.into_iter().next()));
+        (std_stream, r)
+    })
+    .await;
+    let (mut std_stream, received) = match received {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!("dummy session: {e}"),
+    };
+    let registered = received.and_then(|(msg, fd)| state.register(&msg, fd));
+    let mut reply = [0u8; REGISTER_REPLY_LEN];
+    match &registered {
+        Ok(id) => reply[4..].copy_from_slice(&id.to_le_bytes()),
+        Err(e) => {
+            tracing::warn!("dummy pool registration refused: {e}");
+            reply[..4].copy_from_slice(&e.code().code().to_le_bytes());
+        }
+    }
+    let sent = std_stream.write_all(&reply);
+    let Ok(id) = registered else { return };
+    tracing::info!(
+        "dummy session {id:#x} registered ({} sessions)",
+        state.sessions.lock().expect("sessions").len()
+    );
+    let watched = sent
+        .and_then(|()| std_stream.set_read_timeout(None))
+        .and_then(|()| std_stream.set_nonblocking(true))
+        .and_then(|()| tokio::net::UnixStream::from_std(std_stream));
+    if let Ok(mut stream) = watched {
+        let mut buf = [0u8; 64];
+        // The dummy sends nothing more: end of stream (or an error) means it is gone.
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    state.sessions.lock().expect("sessions").remove(&id);
+    tracing::info!("dummy session {id:#x} ended; its pool is released");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dummy_ranges_translate_only_inside_the_pool() {
+        let (base, map, len) = (0x7000_0000u64, 0x1000_0000u64, 0x10000u64);
+        assert_eq!(translate(base, map, len, base, len).unwrap(), map);
+        assert_eq!(translate(base, map, len, base + 16, 32).unwrap(), map + 16);
+        for (a, n) in [
+            (base, 0),
+            (base, len + 1),
+            (base + len, 1),
+            (base + len - 1, 2),
+            (base - 1, 1),
+            (0, 16),
+            (u64::MAX, 1),
+            (base + 8, u64::MAX),
+        ] {
+            let e = translate(base, map, len, a, n).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::INVALID_PARAMS, "{a:#x}+{n}");
+        }
+    }
+}

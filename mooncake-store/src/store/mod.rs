@@ -1,0 +1,609 @@
+//! The store client: put, get and manage objects in a Mooncake store.
+//!
+//! A [`Store`] has two roles. It issues calls (put/get/remove/...), asking the master where
+//! replicas are or go and moving the bytes itself through its transfer engine. And it contributes
+//! a segment of `global_segment_size` bytes that it mounts on the master, where other clients'
+//! replicas land. Object bytes move client to client; the master only hands out locations.
+//!
+//! Byte-oriented calls copy through a registered staging buffer of `local_buffer_size` bytes;
+//! zero-copy calls ([`Store::put_from`], [`Store::get_into`]) move data straight between the
+//! caller's registered buffers and the replicas. Reads prefer a replica in the client's own
+//! segment (a memcpy). Results carry the store's error codes ([`ErrorCode`]).
+//!
+//! A background task sends heartbeats (remounting the segment when the master no longer knows
+//! the client, say after a master restart) and executes the copy and move tasks the master
+//! assigns to this client, including the re-replication of objects that lost a replica.
+
+mod admin;
+mod locations;
+mod read;
+mod reserve;
+mod staging;
+mod value;
+mod write;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_core::{Discovery, Error, ErrorCode, Location, Result, TransferEngine};
+use mooncake_master::{
+    ClientId, Command, HeartbeatStatus, ReplicaDescriptor, Response, SegmentSpec, TaskAssignment,
+    TaskOutcome, Timestamp,
+};
+
+use locations::LocationCache;
+use mooncake_master_service::service::MasterService;
+use mooncake_rpc::{apply_via, MasterApi, MasterRequest, RemoteMaster, RpcClientConfig};
+use staging::Staging;
+
+pub use locations::ReadAheadStats;
+pub use mooncake_master::ReplicateConfig;
+pub use reserve::CommitStats;
+pub use value::StagedValue;
+
+/// Store client settings, with the names and defaults of the Python `setup` call.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// This node's host name, optionally with a port (`localhost`, `node1:12345`).
+    pub local_hostname: String,
+    /// Where transfer-engine descriptors live: `P2PHANDSHAKE` (peers ask each other) or
+    /// `http://host:port/metadata` (the master's HTTP metadata server).
+    pub metadata_server: String,
+    /// Bytes this client contributes to the cluster (its mounted segment). 0: none, the client
+    /// only issues calls. Default 16 MiB, as upstream.
+    pub global_segment_size: u64,
+    /// Bytes of the staging buffer for byte-oriented calls; also the largest value such calls
+    /// accept. Default 1 GiB, as upstream.
+    pub local_buffer_size: u64,
+    /// Transport protocol. `tcp` today.
+    pub protocol: String,
+    /// Device names for the protocol (RDMA NICs); empty for TCP.
+    pub device_name: String,
+    /// The master, `host:port`, or the members of a master group, `h1:p1,h2:p2,h3:p3`.
+    pub master_server_addr: String,
+    /// Bounds on master calls. Default: 5 s per call, 2 s to connect.
+    pub rpc: RpcClientConfig,
+    /// Interval of heartbeats and task polling. Default 1 s (the master's `client_ttl` is 10 s).
+    pub heartbeat_interval: Duration,
+    /// How long a call waits for staging space held by concurrent calls. Default 10 s.
+    pub staging_wait: Duration,
+    /// Keys whose last read location is remembered, so that reading them again overlaps the
+    /// transfer with the master call (one round trip instead of two; the master still confirms
+    /// every read). Default 65536; 0 turns it off.
+    pub location_cache_entries: usize,
+    /// Bytes of cluster space this client asks the master to reserve for it at a time. Puts with
+    /// one replica and no placement wishes, of at most a quarter of this per call, are written
+    /// into it and committed with one master call, instead of PutStart before the write and
+    /// PutEnd after it. The master may grant less (at most a sixteenth of its largest segment)
+    /// and frees what is unused after a second. Default 16 MiB; 0 turns it off.
+    pub reservation_bytes: u64,
+    /// Touch every page of the segment at setup, so that writes into it never wait for the
+    /// kernel to provide a page (the process holds the whole segment in memory from the start).
+    /// Default false: pages are provided as values first land on them.
+    pub prefault_segment: bool,
+    /// Send a reserved put's commit together with its WRITE: the storage node reports the
+    /// landing to the master, which commits as soon as the bytes are in place (see
+    /// the service's landing reports). One one-way trip less per put; two when the master runs in the
+    /// storage node. `None` (default): as the master advises for the reservation's segment
+    /// (yes when that segment's storage node runs in the master's process; with a master
+    /// elsewhere the extra report costs as much as it saves on a loopback host). `Some(false)`
+    /// commits after the WRITE's acknowledgement, `Some(true)` always with the WRITE.
+    pub commit_on_landing: Option<bool>,
+    /// Reach storage nodes of this host through shared memory: their segments are memfds this
+    /// client maps, so a read or write of theirs is one memcpy, not a socket round trip (and
+    /// this client's own segment is shared the same way). Default: on, unless the environment
+    /// says `MC_SAME_HOST_SHM=0`.
+    pub same_host_shm: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            local_hostname: "localhost".into(),
+            metadata_server: "P2PHANDSHAKE".into(),
+            global_segment_size: 16 << 20,
+            local_buffer_size: 1 << 30,
+            protocol: "tcp".into(),
+            device_name: String::new(),
+            master_server_addr: "localhost:50051".into(),
+            rpc: RpcClientConfig::default(),
+            heartbeat_interval: Duration::from_secs(1),
+            staging_wait: Duration::from_secs(10),
+            location_cache_entries: 1 << 16,
+            reservation_bytes: 16 << 20,
+            prefault_segment: false,
+            commit_on_landing: None,
+            same_host_shm: crate::engine::same_host_shm_allowed(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Rejects settings that cannot work, saying why.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::with_code(ErrorCode::INVALID_PARAMS, m));
+        if self.local_hostname.is_empty() {
+            return bad("local_hostname is empty".into());
+        }
+        if self.protocol != "tcp" {
+            return Err(Error::with_code(
+                ErrorCode::NOT_SUPPORTED,
+                format!(
+                    "protocol {:?} is not available in this build (available: tcp)",
+                    self.protocol
+                ),
+            ));
+        }
+        if self.metadata_server != "P2PHANDSHAKE" && !self.metadata_server.starts_with("http://") {
+            return bad(format!(
+                "metadata_server {:?}: expected P2PHANDSHAKE or http://host:port/metadata",
+                self.metadata_server
+            ));
+        }
+        if self.local_buffer_size == 0 {
+            return bad("local_buffer_size must be non-zero".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return bad("heartbeat_interval must be non-zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// See the module docs.
+pub struct Store {
+    config: StoreConfig,
+    client_id: ClientId,
+    engine: Arc<TransferEngine>,
+    master: Arc<dyn MasterApi>,
+    segment: Option<SegmentSpec>,
+    staging: Arc<Staging>,
+    locations: LocationCache,
+    reserved: reserve::Reserved,
+    background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("client_id", &self.client_id.to_string())
+            .field("segment", &self.engine.segment_name())
+            .finish()
+    }
+}
+
+/// A fresh client id from the OS's hash seeds, the clock and the process id.
+fn new_client_id() -> ClientId {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bits = 0u128;
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        bits = (bits << 64) | h.finish() as u128;
+    }
+    ClientId(bits.max(1))
+}
+
+/// Most landing reports in flight to a remote master at once; more wait and go in later ones.
+const LANDING_REPORTS_IN_FLIGHT: usize = 8;
+
+/// The segment's landing notices, gathered per burst of acknowledgements and delivered to the
+/// master: at once when it can be (an in-process master, or a free connection to a remote one),
+/// else as `Landed` requests sent by a task that ends with the segment.
+struct LandingReporter {
+    master: Arc<dyn MasterApi>,
+    segment: String,
+    gathered: Mutex<Vec<(u64, u64)>>,
+    queue: tokio::sync::mpsc::UnboundedSender<Vec<(u64, u64)>>,
+}
+
+impl mooncake_core::LandingObserver for LandingReporter {
+    fn landed(&self, addr: u64, len: u64) {
+        self.gathered
+            .lock()
+            .expect("landing reports")
+            .push((addr, len));
+    }
+
+    fn flush(&self) {
+        // Held while delivering, so reports leave in the order their WRITEs are acknowledged.
+        let mut gathered = self.gathered.lock().expect("landing reports");
+        if gathered.is_empty() {
+            return;
+        }
+        if self.master.note_landed(&self.segment, &gathered) {
+            gathered.clear();
+        } else {
+            let _ = self.queue.send(std::mem::take(&mut *gathered));
+        }
+    }
+}
+
+fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Result<()> {
+    let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(u64, u64)>>();
+    let segment = engine.segment_name().to_owned();
+    // An empty report tells a master in this process that this segment's reports are local.
+    master.note_landed(&segment, &[]);
+    engine.set_landing_observer(Arc::new(LandingReporter {
+        master: master.clone(),
+        segment: segment.clone(),
+        gathered: Mutex::new(Vec::new()),
+        queue,
+    }))?;
+    tokio::spawn(async move {
+        let mut sending = tokio::task::JoinSet::new();
+        let mut batches = Vec::new();
+        while rx.recv_many(&mut batches, 1024).await > 0 {
+            let request = MasterRequest::Landed {
+                segment: segment.clone(),
+                ranges: batches.drain(..).flatten().collect(),
+            };
+            let master = master.clone();
+            sending.spawn(async move {
+                if let Err(e) = master.call(request).await {
+                    // The commit waiting for it is confirmed by its writer instead.
+                    tracing::debug!("landing report not delivered: {e}");
+                }
+            });
+            while sending.try_join_next().is_some() {}
+            if sending.len() >= LANDING_REPORTS_IN_FLIGHT {
+                sending.join_next().await;
+            }
+        }
+    });
+    Ok(())
+}
+
+impl Store {
+    /// Sets up a client of the master at `config.master_server_addr`.
+    pub async fn setup(config: StoreConfig) -> Result<Arc<Store>> {
+        config.validate()?;
+        let master = Arc::new(RemoteMaster::new(
+            config.master_server_addr.as_str(),
+            config.rpc.clone(),
+        ));
+        Self::setup_with_master(config, master).await
+    }
+
+    /// Sets up a client of an in-process master (embedded mode): no sockets to the master.
+    pub async fn setup_embedded(
+        config: StoreConfig,
+        master: Arc<MasterService>,
+    ) -> Result<Arc<Store>> {
+        Self::setup_with_master(config, master).await
+    }
+
+    /// Sets up a client of `master`.
+    pub async fn setup_with_master(
+        config: StoreConfig,
+        master: Arc<dyn MasterApi>,
+    ) -> Result<Arc<Store>> {
+        config.validate()?;
+        let discovery = if config.metadata_server == "P2PHANDSHAKE" {
+            Discovery::P2PHandshake
+        } else {
+            Discovery::Metadata(Arc::new(mooncake_meta_http::HttpMetadataStore::new(
+                &config.metadata_server,
+            )?))
+        };
+        let engine = crate::engine::start_engine_with(
+            &config.local_hostname,
+            discovery,
+            config.same_host_shm,
+        )
+        .await?;
+        let staging_base =
+            engine.allocate_buffer(config.local_buffer_size as usize, Location::cpu(0))?;
+        let staging = Staging::new(staging_base, config.local_buffer_size)?;
+        let segment = if config.global_segment_size > 0 {
+            let base =
+                engine.allocate_buffer(config.global_segment_size as usize, Location::cpu(0))?;
+            if config.prefault_segment {
+                engine
+                    .memory()
+                    .resolve(base, config.global_segment_size)?
+                    .prefault();
+            }
+            Some(SegmentSpec::new(
+                engine.segment_name(),
+                base,
+                config.global_segment_size,
+            ))
+        } else {
+            None
+        };
+        if segment.is_some() {
+            report_landings(&engine, master.clone())?;
+        }
+        if let Err(e) = engine.publish().await {
+            engine.shutdown().await;
+            return Err(e);
+        }
+        let store = Arc::new(Store {
+            client_id: new_client_id(),
+            locations: LocationCache::new(config.location_cache_entries),
+            reserved: reserve::Reserved::default(),
+            config,
+            engine,
+            master,
+            segment,
+            staging,
+            background: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        if let Err(e) = store.mount().await {
+            store.engine.shutdown().await;
+            return Err(e);
+        }
+        let weak = Arc::downgrade(&store);
+        let interval = store.config.heartbeat_interval;
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else { return };
+                store.background_round().await;
+            }
+        });
+        *store.background.lock().expect("background slot") = Some(handle);
+        Ok(store)
+    }
+
+    async fn mount(&self) -> Result<()> {
+        match &self.segment {
+            Some(spec) => self
+                .apply(Command::MountSegment {
+                    client_id: self.client_id,
+                    segment: spec.clone(),
+                })
+                .await?
+                .1
+                .into_unit()
+                .map_err(|c| Error::with_code(c, "mounting the segment")),
+            // A client with no segment registers itself, to hold reservations.
+            None => self.register().await,
+        }
+    }
+
+    /// Registers this client (and its segment, if any) with a master that does not know it.
+    async fn register(&self) -> Result<()> {
+        let segments: Vec<SegmentSpec> = self.segment.iter().cloned().collect();
+        let n = segments.len();
+        match self
+            .apply(Command::RemountSegments {
+                client_id: self.client_id,
+                segments,
+            })
+            .await?
+            .1
+        {
+            Response::UnitBatch(rs) if rs.len() == n => rs
+                .into_iter()
+                .collect::<std::result::Result<(), ErrorCode>>()
+                .map_err(|c| Error::with_code(c, "remounting the segment")),
+            other => Err(Error::Protocol(format!(
+                "RemountSegments answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn heartbeat(&self) -> Result<HeartbeatStatus> {
+        match self
+            .apply(Command::Heartbeat {
+                client_id: self.client_id,
+            })
+            .await?
+            .1
+        {
+            Response::Heartbeat(s) => Ok(s),
+            other => Err(Error::Protocol(format!(
+                "heartbeat answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// One round of the background task: heartbeat (remount if needed), then tasks.
+    async fn background_round(&self) {
+        match self.heartbeat().await {
+            Ok(HeartbeatStatus::Ok) => {}
+            Ok(HeartbeatStatus::NeedRemount) => {
+                match &self.segment {
+                    Some(spec) => {
+                        tracing::info!("master does not know this client; remounting {}", spec.name)
+                    }
+                    None => tracing::debug!("master does not know this client; registering"),
+                }
+                if let Err(e) = self.register().await {
+                    tracing::warn!("remount failed: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::debug!("heartbeat failed: {e}");
+                return;
+            }
+        }
+        if self.segment.is_some() {
+            if let Err(e) = self.run_tasks().await {
+                tracing::debug!("task round failed: {e}");
+            }
+        }
+    }
+
+    /// Fetches the copy/move tasks assigned to this client and executes them: the source replica
+    /// is in this client's segment, so each destination is one WRITE from it.
+    async fn run_tasks(&self) -> Result<()> {
+        let tasks = match self
+            .apply(Command::FetchTasks {
+                client_id: self.client_id,
+                max: 8,
+            })
+            .await?
+            .1
+        {
+            Response::Tasks(t) => t,
+            other => return Err(Error::Protocol(format!("FetchTasks answered {other:?}"))),
+        };
+        for task in tasks {
+            let outcome = match self.copy_replica(&task).await {
+                Ok(()) => TaskOutcome::Success,
+                Err(e) => {
+                    tracing::warn!("task {} for {} failed: {e}", task.task_id, task.key);
+                    TaskOutcome::Failed(e.code())
+                }
+            };
+            self.apply(Command::FinishTask {
+                client_id: self.client_id,
+                task_id: task.task_id,
+                outcome,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn copy_replica(&self, task: &TaskAssignment) -> Result<()> {
+        let source = task.source.memory().ok_or_else(|| {
+            Error::with_code(ErrorCode::INVALID_REPLICA, "source is not in memory")
+        })?;
+        let mut requests = Vec::new();
+        for dest in &task.destinations {
+            let (seg, addr) = self.locate(dest).await?;
+            requests.push(mooncake_core::TransferRequest::write(
+                &seg,
+                addr,
+                source.buffer_address,
+                task.size,
+            ));
+        }
+        for r in self.engine.transfer(requests).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The opened segment and address of a memory replica.
+    async fn locate(
+        &self,
+        replica: &ReplicaDescriptor,
+    ) -> Result<(mooncake_core::SegmentHandle, u64)> {
+        let mem = replica.memory().ok_or_else(|| {
+            Error::with_code(ErrorCode::INVALID_REPLICA, "replica is not in memory")
+        })?;
+        let endpoint = if mem.transport_endpoint.is_empty() {
+            &mem.segment_name
+        } else {
+            &mem.transport_endpoint
+        };
+        Ok((
+            self.engine.open_segment(endpoint).await?,
+            mem.buffer_address,
+        ))
+    }
+
+    /// Sends a command to the master.
+    async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
+        self.check_open()?;
+        apply_via(&*self.master, command).await
+    }
+
+    /// `UNAVAILABLE_IN_CURRENT_STATUS` once the store is closed.
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::with_code(
+                ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                "the store is closed",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// How reads sent ahead of the master's answer fared (see
+    /// [`StoreConfig::location_cache_entries`]).
+    pub fn read_ahead_stats(&self) -> ReadAheadStats {
+        self.locations.stats()
+    }
+
+    /// This client's id.
+    pub fn client_id(&self) -> ClientId {
+        self.client_id
+    }
+
+    /// This client's segment name (`host:port`), which other clients use as a preferred segment.
+    pub fn hostname(&self) -> &str {
+        self.engine.segment_name()
+    }
+
+    /// How this client's reserved puts were committed.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.reserved.stats()
+    }
+
+    /// The transfer engine (to register buffers for zero-copy calls).
+    pub fn engine(&self) -> &Arc<TransferEngine> {
+        &self.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Registers caller memory for zero-copy calls.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must stay valid until [`unregister_buffer`](Self::unregister_buffer).
+    pub unsafe fn register_buffer(&self, addr: u64, len: u64) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.engine.register_memory(addr, len, Location::cpu(0)) }
+    }
+
+    /// Unregisters memory registered with [`register_buffer`](Self::register_buffer), waiting for
+    /// transfers that use it.
+    pub fn unregister_buffer(&self, addr: u64) -> Result<()> {
+        self.engine.unregister_memory(addr)
+    }
+
+    /// Unmounts the segment (its replicas are dropped by the master), stops the background task
+    /// and the transfer engine. Later calls fail with `UNAVAILABLE_IN_CURRENT_STATUS`. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(h) = self.background.lock().expect("background slot").take() {
+            h.abort();
+        }
+        if let Some(spec) = &self.segment {
+            let r = self
+                .apply(Command::UnmountSegment {
+                    client_id: self.client_id,
+                    name: spec.name.clone(),
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!("unmounting {} at close failed: {e}", spec.name);
+            }
+        }
+        self.closed.store(true, Ordering::Release);
+        self.engine.shutdown().await;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(h) = self.background.lock().expect("background slot").take() {
+            h.abort();
+        }
+    }
+}

@@ -1,0 +1,913 @@
+//! Writes: put, upsert, their batch, multi-part and zero-copy forms.
+//!
+//! Performance-critical: every put goes through `write_wave`.
+//!
+//! A write is PutStart (the master reserves one range per replica) → the client writes each
+//! replica → PutEnd, or PutRevoke when a transfer failed. A put of a key that already exists
+//! succeeds without writing, as in upstream Mooncake; an upsert replaces the value.
+//!
+//! A put with one replica and no placement wishes, small enough, instead goes into space the
+//! client holds ([`reserve`](super::reserve)): the client writes, then one CommitReserved makes
+//! the values objects. A key that exists is then found at commit (the bytes were written for
+//! nothing, and the put still succeeds without changing the value).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::future::Either;
+
+use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
+use mooncake_master::{
+    Command, PutItem, PutStartResponse, ReplicaDescriptor, ReplicateConfig, ReservedPut, Response,
+};
+
+use super::reserve::Carved;
+use super::Store;
+use mooncake_rpc::{MasterReply, MasterRequest};
+
+/// How long the master may hold a commit waiting for its WRITEs' landing reports.
+const LANDING_WAIT: Duration = Duration::from_secs(1);
+
+/// After a WRITE is acknowledged, how long its commit may stay unanswered before this client
+/// reports the landing itself (the storage node's report is late or lost).
+const CONFIRM_AFTER: Duration = Duration::from_millis(2);
+
+/// After the master found no room for a reservation (or did not know this client, which then
+/// remounts), puts go through PutStart this long before asking again.
+const RESERVE_PAUSE_FULL: Duration = Duration::from_millis(200);
+
+/// After the master refused reservations otherwise (turned off, or a master that predates them),
+/// puts go through PutStart this long before asking again.
+const RESERVE_PAUSE_REFUSED: Duration = Duration::from_secs(60);
+
+/// Where a value's bytes come from.
+enum Source<'a> {
+    /// Caller bytes, in parts concatenated in order; copied through the staging buffer (or
+    /// straight into this client's own segment when a replica lands there).
+    Bytes(Vec<&'a [u8]>),
+    /// Registered caller memory, in parts concatenated in order: moved with no copy.
+    Registered(Vec<(u64, u64)>),
+}
+
+impl Source<'_> {
+    fn size(&self) -> u64 {
+        match self {
+            Source::Bytes(parts) => parts.iter().map(|p| p.len() as u64).sum(),
+            Source::Registered(parts) => parts.iter().map(|p| p.1).sum(),
+        }
+    }
+
+    /// Staging bytes the value takes on its way out (none for registered memory).
+    fn staged(&self) -> u64 {
+        match self {
+            Source::Bytes(_) => self.size().next_multiple_of(64),
+            Source::Registered(_) => 0,
+        }
+    }
+}
+
+struct Item<'a> {
+    key: &'a str,
+    source: Source<'a>,
+}
+
+fn bytes_items<'a>(items: &[(&'a str, &'a [u8])]) -> Vec<Item<'a>> {
+    items
+        .iter()
+        .map(|&(key, v)| Item {
+            key,
+            source: Source::Bytes(vec![v]),
+        })
+        .collect()
+}
+
+fn registered_items<'a>(items: &[(&'a str, u64, u64)]) -> Vec<Item<'a>> {
+    items
+        .iter()
+        .map(|&(key, addr, size)| Item {
+            key,
+            source: Source::Registered(vec![(addr, size)]),
+        })
+        .collect()
+}
+
+/// A wave's WRITE requests, ready to send.
+struct Prepared {
+    /// Staging space of the wave's byte values, held until the WRITEs are done.
+    slot: Option<super::staging::Slot>,
+    requests: Vec<TransferRequest>,
+    /// Per item with targets: its position, its requests, or why it has none.
+    spans: Vec<(usize, std::ops::Range<usize>, Option<Error>)>,
+    /// Items in the wave.
+    items: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Put,
+    Upsert,
+}
+
+impl Store {
+    /// Stores `value` under `key`. A key that exists already is left as it is (success).
+    pub async fn put(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
+        self.write_one(Kind::Put, key, Source::Bytes(vec![value]), config)
+            .await
+    }
+
+    /// Stores the concatenation of `parts` under `key`.
+    pub async fn put_parts(
+        &self,
+        key: &str,
+        parts: &[&[u8]],
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(Kind::Put, key, Source::Bytes(parts.to_vec()), config)
+            .await
+    }
+
+    /// Stores `value` under `key`, replacing any current value.
+    pub async fn upsert(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
+        self.write_one(Kind::Upsert, key, Source::Bytes(vec![value]), config)
+            .await
+    }
+
+    /// Stores the concatenation of `parts` under `key`, replacing any current value.
+    pub async fn upsert_parts(
+        &self,
+        key: &str,
+        parts: &[&[u8]],
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(Kind::Upsert, key, Source::Bytes(parts.to_vec()), config)
+            .await
+    }
+
+    /// Stores `size` bytes of registered memory at `addr` under `key`, with no copy.
+    pub async fn put_from(
+        &self,
+        key: &str,
+        addr: u64,
+        size: u64,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(
+            Kind::Put,
+            key,
+            Source::Registered(vec![(addr, size)]),
+            config,
+        )
+        .await
+    }
+
+    /// [`put_from`](Self::put_from), replacing any current value.
+    pub async fn upsert_from(
+        &self,
+        key: &str,
+        addr: u64,
+        size: u64,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(
+            Kind::Upsert,
+            key,
+            Source::Registered(vec![(addr, size)]),
+            config,
+        )
+        .await
+    }
+
+    /// Stores each `(key, value)`; one result per item.
+    pub async fn put_batch(
+        &self,
+        items: &[(&str, &[u8])],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_many(Kind::Put, bytes_items(items), config).await
+    }
+
+    /// Upserts each `(key, value)`; one result per item.
+    pub async fn upsert_batch(
+        &self,
+        items: &[(&str, &[u8])],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_many(Kind::Upsert, bytes_items(items), config)
+            .await
+    }
+
+    /// Zero-copy batch put: `(key, address, size)` of registered memory each.
+    pub async fn batch_put_from(
+        &self,
+        items: &[(&str, u64, u64)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_many(Kind::Put, registered_items(items), config)
+            .await
+    }
+
+    /// Zero-copy batch upsert: `(key, address, size)` of registered memory each.
+    pub async fn batch_upsert_from(
+        &self,
+        items: &[(&str, u64, u64)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_many(Kind::Upsert, registered_items(items), config)
+            .await
+    }
+
+    /// Zero-copy batch put where each value is the concatenation of several registered buffers
+    /// `(address, size)`.
+    pub async fn batch_put_from_multi_buffers(
+        &self,
+        items: &[(&str, Vec<(u64, u64)>)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let items = items
+            .iter()
+            .map(|(k, parts)| Item {
+                key: k,
+                source: Source::Registered(parts.clone()),
+            })
+            .collect();
+        self.write_many(Kind::Put, items, config).await
+    }
+
+    async fn write_one(
+        &self,
+        kind: Kind,
+        key: &str,
+        source: Source<'_>,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_many(kind, vec![Item { key, source }], config)
+            .await
+            .pop()
+            .expect("one result per item")
+    }
+
+    fn check(&self, item: &Item<'_>, config: &ReplicateConfig) -> Result<()> {
+        let invalid = |m: String| Err(Error::with_code(ErrorCode::INVALID_PARAMS, m));
+        if item.key.is_empty() {
+            return invalid("empty key".into());
+        }
+        if config.replica_num == 0 {
+            return invalid("replica_num is 0".into());
+        }
+        let size = item.source.size();
+        if size == 0 {
+            return invalid(format!("empty value for {:?}", item.key));
+        }
+        match &item.source {
+            Source::Bytes(_) if size > self.staging.size() => invalid(format!(
+                "value of {size} bytes exceeds local_buffer_size ({} bytes)",
+                self.staging.size()
+            )),
+            Source::Bytes(_) => Ok(()),
+            Source::Registered(parts) => {
+                for &(addr, len) in parts {
+                    self.engine.memory().resolve(addr, len).map_err(|_| {
+                        Error::with_code(
+                            ErrorCode::INVALID_PARAMS,
+                            format!("buffer {addr:#x}+{len} is not inside a registered buffer"),
+                        )
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn write_many(
+        &self,
+        kind: Kind,
+        items: Vec<Item<'_>>,
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = (0..items.len()).map(|_| None).collect();
+        // Waves whose staged bytes fit the staging buffer together.
+        let mut wave: Vec<(usize, &Item<'_>)> = Vec::new();
+        let mut wave_bytes = 0u64;
+        for (i, item) in items.iter().enumerate() {
+            if let Err(e) = self.check(item, config) {
+                results[i] = Some(Err(e));
+                continue;
+            }
+            let staged = item.source.staged();
+            if wave_bytes + staged > self.staging.size() && !wave.is_empty() {
+                for (j, r) in self.write_wave(kind, &wave, wave_bytes, config).await {
+                    results[j] = Some(r);
+                }
+                wave.clear();
+                wave_bytes = 0;
+            }
+            wave.push((i, item));
+            wave_bytes += staged;
+        }
+        if !wave.is_empty() {
+            for (j, r) in self.write_wave(kind, &wave, wave_bytes, config).await {
+                results[j] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every item has a result"))
+            .collect()
+    }
+
+    /// Writes one wave: into this client's reservation when the wave qualifies (see
+    /// [`reserve`](super::reserve)), else through PutStart and PutEnd.
+    async fn write_wave(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        config: &ReplicateConfig,
+    ) -> Vec<(usize, Result<()>)> {
+        match self.carve_wave(kind, wave, config).await {
+            Some(carved) => {
+                self.write_reserved(kind, wave, staged_bytes, config, carved)
+                    .await
+            }
+            None => self.write_started(kind, wave, staged_bytes, config).await,
+        }
+    }
+
+    /// Space for `wave` in this client's reservation, asking the master for a new one when the
+    /// current one is used up; `None` when the wave goes through PutStart instead.
+    async fn carve_wave(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        config: &ReplicateConfig,
+    ) -> Option<Carved> {
+        let chunk = self.config.reservation_bytes;
+        let plain = config.replica_num == 1
+            && config.preferred_segment.is_empty()
+            && config.preferred_segments.is_empty()
+            && !config.prefer_alloc_in_same_node;
+        if kind != Kind::Put || chunk == 0 || !plain {
+            return None;
+        }
+        let sizes: Vec<u64> = wave.iter().map(|(_, item)| item.source.size()).collect();
+        let total = sizes
+            .iter()
+            .try_fold(0u64, |a, s| a.checked_add(s.checked_next_multiple_of(64)?))?;
+        if total > chunk / 4 {
+            return None;
+        }
+        let session = self.master.session();
+        if let Some(c) = self.reserved.carve(&sizes, session) {
+            return Some(c);
+        }
+        if !self.reserved.may_ask() {
+            return None;
+        }
+        let _one = self.reserved.refill.lock().await;
+        if let Some(c) = self.reserved.carve(&sizes, session) {
+            return Some(c);
+        }
+        let asked_at = Instant::now();
+        let answer = self
+            .apply(Command::Reserve {
+                client_id: self.client_id,
+                size: chunk,
+                min_size: total,
+            })
+            .await;
+        match answer {
+            Ok((_, Response::Reserved(Ok(grant)))) => {
+                self.reserved.install(grant, session, asked_at);
+                self.reserved.carve(&sizes, session)
+            }
+            Ok((
+                _,
+                Response::Reserved(Err(
+                    ErrorCode::NO_AVAILABLE_HANDLE | ErrorCode::CLIENT_NOT_FOUND,
+                )),
+            )) => {
+                self.reserved.refused(RESERVE_PAUSE_FULL);
+                None
+            }
+            other => {
+                tracing::debug!("no reservation ({other:?}); writing through PutStart");
+                self.reserved.refused(RESERVE_PAUSE_REFUSED);
+                None
+            }
+        }
+    }
+
+    /// True when every one of `replicas` is written by a one-sided transport (same-host shared
+    /// memory): the WRITE's completion already says the bytes landed, so the commit is best sent
+    /// after it, and a landing report would only add a message.
+    async fn one_sided(&self, replicas: &[ReplicaDescriptor]) -> bool {
+        for r in replicas {
+            let one_sided = match (self.locate(r).await, r.memory()) {
+                (Ok((segment, addr)), Some(mem)) => self
+                    .engine
+                    .carrier(&segment, addr, mem.size)
+                    .is_some_and(|t| t.one_sided()),
+                _ => false,
+            };
+            if !one_sided {
+                return false;
+            }
+        }
+        !replicas.is_empty()
+    }
+
+    /// Writes a wave into carved reservation space and commits it; values the master does not
+    /// take (other than existing keys, which a put leaves alone) are written again through
+    /// PutStart. With `commit_on_landing` the commit travels with the WRITEs and the master
+    /// applies it when the storage node reports them landed; otherwise, or when that commit
+    /// fails, it is sent after the WRITEs are acknowledged.
+    async fn write_reserved(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        config: &ReplicateConfig,
+        carved: Carved,
+    ) -> Vec<(usize, Result<()>)> {
+        let targets: Vec<Option<&[ReplicaDescriptor]>> = carved
+            .replicas
+            .iter()
+            .map(|r| Some(std::slice::from_ref(r)))
+            .collect();
+        let overlap = match self.config.commit_on_landing {
+            Some(forced) => forced,
+            None => carved.commit_on_landing && !self.one_sided(&carved.replicas).await,
+        };
+        let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
+            Ok(p) => p,
+            Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
+        };
+        if Instant::now() >= carved.usable_until {
+            // Too late to write into the reservation (staging space took long to free).
+            drop(prepared);
+            self.reserved.drop_grant(carved.id);
+            return self.write_started(kind, wave, staged_bytes, config).await;
+        }
+        // Items whose WRITEs are built (the others failed already).
+        let ready: Vec<usize> = prepared
+            .spans
+            .iter()
+            .filter(|s| s.2.is_none())
+            .map(|s| s.0)
+            .collect();
+        let (transferred, landed) = if overlap && !ready.is_empty() {
+            self.send_and_commit(prepared, wave, &carved, &ready, config)
+                .await
+        } else {
+            (self.send(prepared).await, None)
+        };
+        let mut results: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        let mut again = Vec::new();
+        // A commit's answer for the value at `pos`: done, or to be written again.
+        let settle = |results: &mut [Option<Result<()>>],
+                      again: &mut Vec<usize>,
+                      pos: usize,
+                      r: std::result::Result<(), ErrorCode>| match r {
+            Ok(()) | Err(ErrorCode::OBJECT_ALREADY_EXISTS) => results[pos] = Some(Ok(())),
+            Err(code) => {
+                tracing::debug!("reserved write of {:?}: {code:?}", wave[pos].1.key);
+                again.push(pos);
+            }
+        };
+        if let Some(per_item) = landed {
+            // Every ready value landed and the master has answered for each.
+            self.reserved.on_landing.fetch_add(1, Ordering::Relaxed);
+            for (&pos, r) in ready.iter().zip(per_item) {
+                settle(&mut results, &mut again, pos, r);
+            }
+            let mut is_ready = vec![false; wave.len()];
+            ready.iter().for_each(|&pos| is_ready[pos] = true);
+            for (pos, t) in transferred.into_iter().enumerate() {
+                if let Some(Err(e)) = t.filter(|_| !is_ready[pos]) {
+                    self.reserved.drop_grant(carved.id);
+                    results[pos] = Some(Err(e));
+                }
+            }
+        } else {
+            let mut commit = Vec::new();
+            for (pos, t) in transferred.into_iter().enumerate() {
+                match t {
+                    Some(Ok(())) => commit.push(pos),
+                    Some(Err(e)) => {
+                        self.reserved.drop_grant(carved.id);
+                        results[pos] = Some(Err(e));
+                    }
+                    None => results[pos] = Some(Ok(())),
+                }
+            }
+            if !commit.is_empty() {
+                self.reserved.after_write.fetch_add(1, Ordering::Relaxed);
+                let n = commit.len();
+                let answer = self
+                    .apply(self.commit_reserved(wave, &carved, &commit, config))
+                    .await;
+                let per_item: Vec<std::result::Result<(), ErrorCode>> = match answer {
+                    Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs,
+                    Ok((_, other)) => {
+                        tracing::warn!("CommitReserved answered {other:?}");
+                        vec![Err(ErrorCode::INTERNAL_ERROR); n]
+                    }
+                    // Maybe applied, maybe not: writing again through PutStart finds out (a put
+                    // of a committed key is left alone).
+                    Err(e) => {
+                        tracing::debug!("committing {n} reserved writes: {e}");
+                        vec![Err(e.code()); n]
+                    }
+                };
+                for (pos, r) in commit.into_iter().zip(per_item) {
+                    settle(&mut results, &mut again, pos, r);
+                }
+            }
+        }
+        if !again.is_empty() {
+            self.reserved.drop_grant(carved.id);
+            let retry: Vec<(usize, &Item<'_>)> = again.iter().map(|&pos| wave[pos]).collect();
+            let staged = retry.iter().map(|(_, item)| item.source.staged()).sum();
+            let redone = self.write_started(kind, &retry, staged, config).await;
+            for (&pos, (_, r)) in again.iter().zip(redone) {
+                results[pos] = Some(r);
+            }
+        }
+        wave.iter()
+            .zip(results)
+            .map(|((i, _), r)| (*i, r.expect("every item has a result")))
+            .collect()
+    }
+
+    /// The CommitReserved of the wave's values at `positions`.
+    fn commit_reserved(
+        &self,
+        wave: &[(usize, &Item<'_>)],
+        carved: &Carved,
+        positions: &[usize],
+        config: &ReplicateConfig,
+    ) -> Command {
+        let items = positions
+            .iter()
+            .map(|&pos| ReservedPut {
+                key: wave[pos].1.key.to_owned(),
+                offset: carved.offsets[pos],
+                size: wave[pos].1.source.size(),
+            })
+            .collect();
+        Command::CommitReserved {
+            client_id: self.client_id,
+            reservation: carved.id,
+            items,
+            config: config.clone(),
+        }
+    }
+
+    /// Sends the WRITEs of the `ready` items together with a commit the master applies once the
+    /// storage node reports them landed. Returns the transfer results and, when that commit was
+    /// applied, its per-item answers (in `ready` order); `None` when it was not (a WRITE failed,
+    /// or the master gave up waiting), in which case the caller commits the ordinary way.
+    async fn send_and_commit(
+        &self,
+        prepared: Prepared,
+        wave: &[(usize, &Item<'_>)],
+        carved: &Carved,
+        ready: &[usize],
+        config: &ReplicateConfig,
+    ) -> (
+        Vec<Option<Result<()>>>,
+        Option<Vec<std::result::Result<(), ErrorCode>>>,
+    ) {
+        let mut segment = String::new();
+        let mut ranges = Vec::with_capacity(ready.len());
+        for &pos in ready {
+            let mem = carved.replicas[pos]
+                .memory()
+                .expect("reserved replicas are in memory");
+            if segment.is_empty() {
+                segment.clone_from(&mem.segment_name);
+            }
+            ranges.push((mem.buffer_address, mem.size));
+        }
+        let n = ready.len();
+        let request = MasterRequest::CommitWhenLanded {
+            command: self.commit_reserved(wave, carved, ready, config),
+            segment: segment.clone(),
+            ranges: ranges.clone(),
+            wait_ms: LANDING_WAIT.as_millis() as u64,
+        };
+        // The commit goes out first, so it is at the master before the bytes have landed.
+        let commit = std::pin::pin!(async {
+            self.check_open()?;
+            self.master.call(request).await
+        });
+        let sending = std::pin::pin!(self.send(prepared));
+        let (transferred, answer) = match futures::future::select(commit, sending).await {
+            Either::Left((answer, sending)) => (sending.await, answer),
+            Either::Right((transferred, commit)) => {
+                let all_written = ready
+                    .iter()
+                    .all(|&pos| matches!(transferred[pos], Some(Ok(()))));
+                if !all_written {
+                    // The commit can no longer apply (a range will never be reported landed).
+                    return (transferred, None);
+                }
+                let nudge = std::pin::pin!(tokio::time::sleep(CONFIRM_AFTER));
+                let answer = match futures::future::select(commit, nudge).await {
+                    Either::Left((answer, _)) => answer,
+                    Either::Right(((), commit)) => {
+                        // The storage node's report is late or lost; the acknowledged WRITEs
+                        // have landed, so this client vouches for them itself.
+                        self.reserved
+                            .confirmed_by_client
+                            .fetch_add(1, Ordering::Relaxed);
+                        let note = self.master.call(MasterRequest::Landed { segment, ranges });
+                        futures::future::join(commit, note).await.0
+                    }
+                };
+                (transferred, answer)
+            }
+        };
+        let per_item = match answer {
+            Ok(MasterReply::Applied {
+                response: Response::UnitBatch(rs),
+                ..
+            }) if rs.len() == n => Some(rs),
+            other => {
+                tracing::debug!("commit on landing: {other:?}; committing after the WRITE");
+                None
+            }
+        };
+        (transferred, per_item)
+    }
+
+    /// Starts, transfers and ends the writes of one wave through PutStart and PutEnd.
+    async fn write_started(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        config: &ReplicateConfig,
+    ) -> Vec<(usize, Result<()>)> {
+        let started = match self.start(kind, wave, config).await {
+            Ok(s) => s,
+            Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
+        };
+        let targets: Vec<Option<&[ReplicaDescriptor]>> = started
+            .iter()
+            .map(|s| match s {
+                Ok(Some(r)) => Some(&r.replicas[..]),
+                _ => None,
+            })
+            .collect();
+        let transferred = match self.prepare(wave, staged_bytes, &targets, false).await {
+            Ok(prepared) => self.send(prepared).await,
+            Err(e) => {
+                let keys: Vec<String> = wave
+                    .iter()
+                    .zip(&targets)
+                    .filter(|(_, t)| t.is_some())
+                    .map(|((_, item), _)| item.key.to_owned())
+                    .collect();
+                if !keys.is_empty() {
+                    self.end(false, keys).await;
+                }
+                return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect();
+            }
+        };
+        let mut commit = Vec::new();
+        let mut revoke = Vec::new();
+        let mut item_results: Vec<Option<Result<()>>> = vec![None; wave.len()];
+        for (pos, t) in transferred.into_iter().enumerate() {
+            let key = wave[pos].1.key.to_owned();
+            match t {
+                Some(Ok(())) => commit.push((pos, key)),
+                Some(Err(e)) => {
+                    revoke.push(key);
+                    item_results[pos] = Some(Err(e));
+                }
+                None => {}
+            }
+        }
+        if !revoke.is_empty() {
+            self.end(false, revoke).await;
+        }
+        if !commit.is_empty() {
+            let keys = commit.iter().map(|(_, k)| k.clone()).collect();
+            let ended = self.end(true, keys).await;
+            for ((pos, _), r) in commit.into_iter().zip(ended) {
+                item_results[pos] = Some(r);
+            }
+        }
+        let mut out = Vec::with_capacity(wave.len());
+        for (pos, ((i, _), start)) in wave.iter().zip(started).enumerate() {
+            let r = match start {
+                Err(e) => Err(e),
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => item_results[pos].take().unwrap_or(Ok(())),
+            };
+            out.push((*i, r));
+        }
+        out
+    }
+
+    /// Stages a wave's byte values and builds its WRITE requests (asking for landing notices
+    /// when `notify`) for each item that has targets. Byte values go through one staging slot
+    /// of `staged_bytes`; waiting for it fails the whole wave.
+    async fn prepare(
+        &self,
+        wave: &[(usize, &Item<'_>)],
+        staged_bytes: u64,
+        targets: &[Option<&[ReplicaDescriptor]>],
+        notify: bool,
+    ) -> Result<Prepared> {
+        let slot = if staged_bytes > 0 {
+            Some(
+                self.staging
+                    .reserve(staged_bytes, self.config.staging_wait)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let mut requests = Vec::new();
+        let mut spans = Vec::new();
+        let mut staged_at = slot.as_ref().map_or(0, |s| s.addr);
+        for (pos, ((_, item), replicas)) in wave.iter().zip(targets).enumerate() {
+            let Some(replicas) = replicas else {
+                continue;
+            };
+            let first = requests.len();
+            let outcome: Result<()> = async {
+                // The parts of the value as registered (address, length) ranges.
+                let parts: Vec<(u64, u64)> = match &item.source {
+                    Source::Registered(parts) => parts.clone(),
+                    Source::Bytes(parts) => {
+                        let size = item.source.size();
+                        let mut at = staged_at;
+                        let region = self.engine.memory().resolve(at, size)?;
+                        for p in parts {
+                            region
+                                .slice(at - staged_at, p.len() as u64)?
+                                .write_from(p)?;
+                            at += p.len() as u64;
+                        }
+                        let staged = vec![(staged_at, size)];
+                        staged_at += size.next_multiple_of(64);
+                        staged
+                    }
+                };
+                for replica in *replicas {
+                    // A replica in this client's own segment is written by memcpy in the engine.
+                    let (seg, mut addr) = self.locate(replica).await?;
+                    for &(src, len) in &parts {
+                        let write = TransferRequest::write(&seg, addr, src, len);
+                        requests.push(if notify {
+                            write.with_landing_notice()
+                        } else {
+                            write
+                        });
+                        addr += len;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            match outcome {
+                Ok(()) => spans.push((pos, first..requests.len(), None)),
+                Err(e) => {
+                    requests.truncate(first);
+                    spans.push((pos, first..first, Some(e)));
+                }
+            }
+        }
+        Ok(Prepared {
+            slot,
+            requests,
+            spans,
+            items: wave.len(),
+        })
+    }
+
+    /// Sends prepared WRITEs: per item `None` (no targets), `Ok` (written everywhere) or the
+    /// failure (`TRANSFER_FAIL`).
+    async fn send(&self, prepared: Prepared) -> Vec<Option<Result<()>>> {
+        let Prepared {
+            slot,
+            requests,
+            spans,
+            items,
+        } = prepared;
+        let transfer_results = self.engine.transfer(requests).await;
+        drop(slot);
+        let mut out: Vec<Option<Result<()>>> = vec![None; items];
+        for (pos, range, early) in spans {
+            let failed =
+                early.or_else(|| transfer_results[range].iter().find_map(|r| r.clone().err()));
+            out[pos] = Some(match failed {
+                None => Ok(()),
+                Some(e) => Err(Error::with_code(
+                    ErrorCode::TRANSFER_FAIL,
+                    format!("writing a replica failed: {e}"),
+                )),
+            });
+        }
+        out
+    }
+
+    /// PutStart/UpsertStart for a wave: per item the replicas to write, `None` when the key
+    /// exists and a put leaves it alone, or the error.
+    async fn start(
+        &self,
+        kind: Kind,
+        wave: &[(usize, &Item<'_>)],
+        config: &ReplicateConfig,
+    ) -> Result<Vec<Result<Option<PutStartResponse>>>> {
+        let client_id = self.client_id;
+        let config = config.clone();
+        let results = if let [(_, item)] = wave {
+            let (key, size) = (item.key.to_owned(), item.source.size());
+            let command = match kind {
+                Kind::Put => Command::PutStart {
+                    client_id,
+                    key,
+                    size,
+                    config,
+                },
+                Kind::Upsert => Command::UpsertStart {
+                    client_id,
+                    key,
+                    size,
+                    config,
+                },
+            };
+            match self.apply(command).await?.1 {
+                Response::PutStart(r) => vec![r],
+                other => return Err(Error::Protocol(format!("PutStart answered {other:?}"))),
+            }
+        } else {
+            let items = wave
+                .iter()
+                .map(|(_, item)| PutItem {
+                    key: item.key.to_owned(),
+                    size: item.source.size(),
+                })
+                .collect();
+            let command = match kind {
+                Kind::Put => Command::BatchPutStart {
+                    client_id,
+                    items,
+                    config,
+                },
+                Kind::Upsert => Command::BatchUpsertStart {
+                    client_id,
+                    items,
+                    config,
+                },
+            };
+            match self.apply(command).await?.1 {
+                Response::PutStartBatch(r) if r.len() == wave.len() => r,
+                other => return Err(Error::Protocol(format!("BatchPutStart answered {other:?}"))),
+            }
+        };
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => Ok(Some(s)),
+                Err(ErrorCode::OBJECT_ALREADY_EXISTS) if kind == Kind::Put => Ok(None),
+                Err(code) => Err(Error::with_code(code, "the master refused the write")),
+            })
+            .collect())
+    }
+
+    /// PutEnd (`commit`) or PutRevoke for `keys`; one result per key.
+    async fn end(&self, commit: bool, keys: Vec<String>) -> Vec<Result<()>> {
+        let client_id = self.client_id;
+        let n = keys.len();
+        let command = match (commit, n) {
+            (true, 1) => Command::PutEnd {
+                client_id,
+                key: keys.into_iter().next().expect("one"),
+            },
+            (false, 1) => Command::PutRevoke {
+                client_id,
+                key: keys.into_iter().next().expect("one"),
+            },
+            (true, _) => Command::BatchPutEnd { client_id, keys },
+            (false, _) => Command::BatchPutRevoke { client_id, keys },
+        };
+        let what = if commit { "committing" } else { "revoking" };
+        match self.apply(command).await {
+            Ok((_, Response::Unit(r))) => vec![r.map_err(|c| Error::with_code(c, what))],
+            Ok((_, Response::UnitBatch(rs))) if rs.len() == n => rs
+                .into_iter()
+                .map(|r| r.map_err(|c| Error::with_code(c, what)))
+                .collect(),
+            Ok((_, other)) => vec![Err(Error::Protocol(format!("{what} answered {other:?}"))); n],
+            Err(e) => {
+                tracing::warn!("{what} {n} writes failed: {e}");
+                vec![Err(e); n]
+            }
+        }
+    }
+}
