@@ -251,7 +251,7 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
         }
     };
     crate::master_cli::run_program("mooncake_master admin", async move {
-        let members = mooncake_rpc::admin::call(&masters, request).await?;
+        let members = mooncake_rpc::call_admin(&masters, request).await?;
         print!("{}", members.render());
         Ok(())
     })

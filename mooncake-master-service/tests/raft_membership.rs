@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::masters::Group;
 use common::{eventually, spawn_storage, store_config};
-use mooncake_rpc::admin::{self, AdminRequest, Members};
+use mooncake_rpc::admin::{AdminRequest, Members};
+use mooncake_rpc::call_admin;
 use mooncake_store::{ReplicateConfig, Store};
 
 /// Not a test on its own: the body of the storage process.
@@ -76,7 +77,7 @@ async fn admin_refused(args: &[String], code: i32, why: &str) {
 }
 
 async fn members(masters: &str) -> Members {
-    admin::call(masters, AdminRequest::Members)
+    call_admin(masters, AdminRequest::Members)
         .await
         .expect("members")
 }

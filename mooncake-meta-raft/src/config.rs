@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::node::RoleEvent;
 use crate::state::PeerInfo;
 
 /// Told of every role change of a node (`(node id, event)`), in order, on the raft loop's
@@ -165,4 +164,24 @@ impl StoreConfig {
         }
         Ok(())
     }
+}
+
+/// Role changes seen during one `RaftNode::advance`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoleEvent {
+    /// This node became leader of `term`.
+    BecameLeader {
+        /// The term.
+        term: u64,
+    },
+    /// This node stopped being leader (it was leader of `term`).
+    SteppedDown {
+        /// The term it led.
+        term: u64,
+    },
+    /// The known leader changed (`None`: unknown).
+    LeaderChanged {
+        /// The new leader's id.
+        leader: Option<u64>,
+    },
 }

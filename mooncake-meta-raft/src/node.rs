@@ -14,6 +14,7 @@ use raft::prelude::{
 use raft::{RawNode, SnapshotStatus, StateRole, Storage};
 use serde::Serialize;
 
+pub use crate::config::RoleEvent;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::state::{self, KvOp, KvState, PeerInfo, SnapshotData, TAG_COMMAND, TAG_KV};
@@ -57,26 +58,6 @@ pub struct Applied {
     /// The response: the state machine's bytes for a command, a postcard `KvResult` for a KV
     /// operation, a postcard `Result<(), String>` for a membership change, empty otherwise.
     pub response: Vec<u8>,
-}
-
-/// Role changes seen during one [`RaftNode::advance`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RoleEvent {
-    /// This node became leader of `term`.
-    BecameLeader {
-        /// The term.
-        term: u64,
-    },
-    /// This node stopped being leader (it was leader of `term`).
-    SteppedDown {
-        /// The term it led.
-        term: u64,
-    },
-    /// The known leader changed (`None`: unknown).
-    LeaderChanged {
-        /// The new leader's id.
-        leader: Option<u64>,
-    },
 }
 
 /// What the driver must do after [`RaftNode::advance`].

@@ -1,13 +1,8 @@
 //! Membership of a Raft master group: the admin requests a group's leader serves
-//! ([`AdminRequest`], answered with the resulting [`Members`]) and [`call`], which sends one to a
-//! group and follows its leader.
+//! ([`AdminRequest`], answered with the resulting [`Members`]). [`call_admin`](crate::call_admin)
+//! sends one to a group and follows its leader.
 
 use serde::{Deserialize, Serialize};
-
-use mooncake_core::{Error, ErrorCode, Result};
-
-use crate::master::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
-use crate::rpc::RpcClientConfig;
 
 /// A membership request to a master group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,33 +117,4 @@ impl Members {
         }
         out
     }
-}
-
-/// Sends `request` to the group at `masters` (`h1:p1,h2:p2,...`), following the leader (also
-/// from a single address, through the hint a follower answers with).
-pub async fn call(masters: &str, request: AdminRequest) -> Result<Members> {
-    let mut target = masters.to_owned();
-    for _ in 0..4 {
-        let remote = RemoteMaster::new(target.as_str(), RpcClientConfig::default());
-        match remote.call(MasterRequest::Admin(request.clone())).await? {
-            MasterReply::Members(m) => return Ok(m),
-            MasterReply::Failed { code, message } => return Err(Error::with_code(code, message)),
-            MasterReply::NotLeader {
-                leader: Some(leader),
-            } if leader != target => target = leader,
-            MasterReply::NotLeader { .. } => break,
-            other => {
-                return Err(Error::Protocol(format!(
-                    "unexpected master reply {other:?}"
-                )))
-            }
-        }
-    }
-    Err(Error::with_code(
-        ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
-        format!(
-            "no leader found from {masters} (is a majority of the group running, and are \
-             these addresses current members?)"
-        ),
-    ))
 }

@@ -28,5 +28,5 @@ pub mod master;
 pub mod rpc;
 
 pub use addr::bind_address;
-pub use master::{apply_via, MasterApi, MasterReply, MasterRequest, RemoteMaster};
+pub use master::{apply_via, call_admin, MasterApi, MasterReply, MasterRequest, RemoteMaster};
 pub use rpc::{bind, serve, Handler, RpcClient, RpcClientConfig, MAX_FRAME};

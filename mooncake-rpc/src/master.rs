@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use mooncake_core::{Error, ErrorCode, Result};
 use mooncake_master::{Command, MasterMetrics, Response, SegmentInfo, TaskId, TaskInfo, Timestamp};
 
+use crate::admin::{AdminRequest, Members};
 use crate::rpc::{RpcClient, RpcClientConfig};
 
 /// A request to the master.
@@ -24,7 +25,7 @@ pub enum MasterRequest {
     /// Mounted segments.
     Segments,
     /// Change or list the members of a Raft master group (see [`crate::admin`]).
-    Admin(crate::admin::AdminRequest),
+    Admin(AdminRequest),
     /// A storage node reports WRITEs that landed in its segment (the service commits waiting puts on them).
     /// Added after `Admin`: earlier variants keep their wire tags.
     Landed {
@@ -79,7 +80,7 @@ pub enum MasterReply {
     },
     /// The membership of a Raft master group, after an admin request (added last: earlier
     /// variants keep their wire tags).
-    Members(crate::admin::Members),
+    Members(Members),
     /// A landing report was recorded.
     Noted,
 }
@@ -224,4 +225,33 @@ pub async fn apply_via(master: &dyn MasterApi, command: Command) -> Result<(Time
             "unexpected master reply {other:?}"
         ))),
     }
+}
+
+/// Sends `request` to the group at `masters` (`h1:p1,h2:p2,...`), following the leader (also
+/// from a single address, through the hint a follower answers with).
+pub async fn call_admin(masters: &str, request: AdminRequest) -> Result<Members> {
+    let mut target = masters.to_owned();
+    for _ in 0..4 {
+        let remote = RemoteMaster::new(target.as_str(), RpcClientConfig::default());
+        match remote.call(MasterRequest::Admin(request.clone())).await? {
+            MasterReply::Members(m) => return Ok(m),
+            MasterReply::Failed { code, message } => return Err(Error::with_code(code, message)),
+            MasterReply::NotLeader {
+                leader: Some(leader),
+            } if leader != target => target = leader,
+            MasterReply::NotLeader { .. } => break,
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected master reply {other:?}"
+                )))
+            }
+        }
+    }
+    Err(Error::with_code(
+        ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+        format!(
+            "no leader found from {masters} (is a majority of the group running, and are \
+             these addresses current members?)"
+        ),
+    ))
 }
