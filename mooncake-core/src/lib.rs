@@ -6,6 +6,7 @@
 //!   in batches), implemented by the `mooncake-transport-*` crates;
 //! - the [`MetadataStore`] trait (cluster metadata with per-key revisions) and an in-memory
 //!   implementation;
+//! - the [`Clock`] services take time from: the system's, or a [`VirtualClock`] for tests;
 //! - the [`Allocator`] trait and a best-fit [`RangeAllocator`] for segment space;
 //! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
 //!   shared with processes of the same host ([`shm`]: memfds and their revocation table);
@@ -29,6 +30,7 @@
 //! ```
 
 pub mod allocator;
+pub mod clock;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod engine;
@@ -42,6 +44,7 @@ pub mod shm;
 pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};
+pub use clock::{Clock, SystemClock, VirtualClock};
 pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
