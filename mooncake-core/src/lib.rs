@@ -4,8 +4,9 @@
 //! passing of memfd descriptors over a Unix socket, in [`shm`]):
 //! - the [`Transport`] trait (one-sided reads and writes of another process's registered memory,
 //!   in batches), implemented by the `mooncake-transport-*` crates;
-//! - the [`MetadataStore`] trait (cluster metadata with per-key revisions) and an in-memory
-//!   implementation;
+//! - the [`MetadataStore`] trait (cluster metadata with per-key revisions), the [`CommandLog`]
+//!   trait (ordered commands for a state machine, and who leads) and an in-memory
+//!   implementation of both;
 //! - the [`Clock`] services take time from: the system's, or a [`VirtualClock`] for tests;
 //! - the [`Allocator`] trait and a best-fit [`RangeAllocator`] for segment space;
 //! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
@@ -48,7 +49,10 @@ pub use clock::{Clock, SystemClock, VirtualClock};
 pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
-pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
+pub use metadata::{
+    CommandLog, GroupMember, GroupMembers, Leadership, LogGroup, MemoryMetadataStore,
+    MetadataStore, StateMachine, Versioned,
+};
 pub use transport::{
     BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,
     TransferStatus, Transport,

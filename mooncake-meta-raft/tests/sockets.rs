@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{ListMachine, TempDir};
-use mooncake_core::{ErrorCode, MetadataStore};
+use mooncake_core::{CommandLog, ErrorCode, MetadataStore};
 use mooncake_meta_raft::{
     leader_hint, Error, NodeConfig, PeerInfo, RaftMetadataStore, StateRole, StoreConfig,
 };
