@@ -20,6 +20,7 @@ pub mod admin;
 pub mod http;
 pub mod landing;
 pub mod master_cli;
+pub mod master_group;
 pub mod real_client;
 pub mod rpc;
 pub mod service;
