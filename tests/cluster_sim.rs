@@ -119,6 +119,39 @@ async fn a_read_lease_expires_after_its_ttl() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_new_leader_honours_leases_its_predecessor_granted_outside_the_log() {
+    let config = MasterConfig {
+        default_kv_lease_ttl_ms: 5_000,
+        ..MasterConfig::default()
+    };
+    let cluster = Cluster::start(2, config, Duration::from_secs(1));
+    let a = cluster.client("node-a", cluster.group(), SEGMENT).await;
+    a.put("read", &value(3, 4096), &ReplicateConfig::default())
+        .await
+        .unwrap();
+    let entries = cluster.log.entries();
+    // The leader serves the read from its applied state: the lease is not in the log.
+    assert_eq!(a.get("read").await.unwrap(), value(3, 4096));
+    assert_eq!(cluster.log.entries(), entries, "a read appends nothing");
+
+    // Master 1 never saw that read; taking over, it leases everything for grace + TTL.
+    cluster.log.elect(1);
+    assert_eq!(
+        a.remove("read", false).await.unwrap_err().code(),
+        ErrorCode::OBJECT_HAS_LEASE
+    );
+    sleep(5_900).await;
+    assert_eq!(
+        a.remove("read", false).await.unwrap_err().code(),
+        ErrorCode::OBJECT_HAS_LEASE,
+        "the predecessor may have served a read up to the grace after the election"
+    );
+    sleep(200).await;
+    a.remove("read", false).await.unwrap();
+    a.close().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_silent_client_is_expired_after_client_ttl_and_remounts_when_back() {
     let config = MasterConfig {
         client_ttl_ms: 10_000,
