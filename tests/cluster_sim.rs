@@ -7,8 +7,12 @@ mod sim;
 
 use std::time::Duration;
 
+use mooncake::admin::AdminRequest;
 use mooncake::master::{Command, MasterConfig, ReservedPut, Response};
-use mooncake::service::{apply_via, MasterApi};
+use mooncake::master_group::MasterGroup;
+use mooncake::service::{
+    apply_via, MasterApi, MasterReply, MasterRequest, MasterService, ServiceConfig,
+};
 
 use mooncake::store::ReplicateConfig;
 use mooncake::ErrorCode;
@@ -255,4 +259,55 @@ async fn an_unclaimed_reservation_is_freed_after_twice_its_ttl() {
     }
     assert!(!a.is_exist("late").await.unwrap());
     a.close().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_leader_calls_fail_after_the_failover_window() {
+    let cluster = Cluster::start(2, MasterConfig::default(), Duration::ZERO);
+    let group = cluster.group();
+    cluster.log.depose();
+    let started = tokio::time::Instant::now();
+    let e = apply_via(&*group, Command::ExistKey { key: "k".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RPC_FAIL);
+    assert!(e.to_string().contains("no leader among 2 masters"), "{e}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= MasterGroup::FAILOVER_WINDOW && waited < MasterGroup::FAILOVER_WINDOW * 2,
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn admin_requests_need_a_log_with_a_group() {
+    // Neither the in-memory log of a single master nor this simulated one offers membership
+    // changes: the answer says so instead of pretending.
+    let single = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
+    let cluster = Cluster::start(2, MasterConfig::default(), Duration::ZERO);
+    for master in [single, cluster.masters[0].clone()] {
+        match master
+            .call(MasterRequest::Admin(AdminRequest::Members))
+            .await
+            .unwrap()
+        {
+            MasterReply::Failed { code, message } => {
+                assert_eq!(code, ErrorCode::NOT_SUPPORTED);
+                assert!(
+                    message.contains("not a member of a Raft group"),
+                    "{message}"
+                );
+            }
+            other => panic!("admin answered {other:?}"),
+        }
+    }
+    // A follower redirects admin requests like any other.
+    match cluster.masters[1]
+        .call(MasterRequest::Admin(AdminRequest::Members))
+        .await
+        .unwrap()
+    {
+        MasterReply::NotLeader { leader } => assert_eq!(leader.as_deref(), Some("master-0")),
+        other => panic!("follower answered {other:?}"),
+    }
 }
