@@ -3,14 +3,16 @@
 //! ([`RemoteMaster`]).
 //!
 //! Every state change is a [`Command`] stamped with the service's [`Clock`] and applied through
-//! the command log, so a replicated log replicates the master unchanged. The log also says
-//! whether this master leads ([`Leadership`]): a follower answers [`MasterReply::NotLeader`],
-//! and a new leader takes over (see [`LeaderView::take_over`]) before it serves. The service
-//! knows nothing else of how the log is replicated. Reads and
-//! heartbeats, which change only leases and liveness, are answered from the applied state by a
+//! the command log, so a replicated log replicates the master unchanged. Reads and heartbeats,
+//! which change only leases and liveness, are answered from the applied state by a
 //! [`LeaderView`] without a log round trip; it carries what they changed into the entries whose
 //! outcome depends on it (see its docs). Queries that change nothing (task status, metrics) read
 //! the local state directly.
+//!
+//! The log also says whether this master leads ([`Leadership`]): a follower answers
+//! [`MasterReply::NotLeader`], and a new leader takes over (see [`LeaderView::take_over`])
+//! before it serves. The service knows nothing else of how the log is replicated: a Raft member
+//! is put together by [`crate::master_cli`], and tests run groups over a simulated log.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
