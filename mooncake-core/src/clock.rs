@@ -3,7 +3,7 @@
 //! Two readings: wall-clock milliseconds since the Unix epoch, which a master stamps on its
 //! commands (lease deadlines and TTLs are in this time, and every master of a group shares it),
 //! and a monotonic instant for waits and windows. The monotonic reading is tokio's
-//! [`Instant`](tokio::time::Instant), so a deadline taken from it and a tokio timer the caller
+//! [`Instant`], so a deadline taken from it and a tokio timer the caller
 //! sleeps on agree, also in a runtime whose time is paused.
 //!
 //! [`SystemClock`] reads the system; [`VirtualClock`] derives both readings from tokio's clock,
