@@ -4,8 +4,10 @@
 //! passing of memfd descriptors over a Unix socket, in [`shm`]):
 //! - the [`Transport`] trait (one-sided reads and writes of another process's registered memory,
 //!   in batches), implemented by the `mooncake-transport-*` crates;
-//! - the [`MetadataStore`] trait (cluster metadata with per-key revisions) and an in-memory
-//!   implementation;
+//! - the [`MetadataStore`] trait (cluster metadata with per-key revisions), the [`CommandLog`]
+//!   trait (ordered commands for a state machine, and who leads) and an in-memory
+//!   implementation of both;
+//! - the [`Clock`] services take time from: the system's, or a [`VirtualClock`] for tests;
 //! - the [`Allocator`] trait and a best-fit [`RangeAllocator`] for segment space;
 //! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
 //!   shared with processes of the same host ([`shm`]: memfds and their revocation table);
@@ -29,6 +31,8 @@
 //! ```
 
 pub mod allocator;
+#[cfg(feature = "engine")]
+pub mod clock;
 #[cfg(all(feature = "engine", any(test, feature = "conformance")))]
 pub mod conformance;
 #[cfg(feature = "engine")]
@@ -44,10 +48,15 @@ pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};
 #[cfg(feature = "engine")]
+pub use clock::{Clock, SystemClock, VirtualClock};
+#[cfg(feature = "engine")]
 pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
-pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
+pub use metadata::{
+    CommandLog, GroupMember, GroupMembers, Leadership, LogGroup, MemoryMetadataStore,
+    MetadataStore, StateMachine, Versioned,
+};
 #[cfg(feature = "engine")]
 pub use transport::{
     BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,

@@ -1,21 +1,22 @@
-//! The [`MetadataStore`] trait: where cluster metadata lives.
+//! Where cluster metadata lives: two traits, often implemented by one store.
 //!
-//! Two kinds of metadata live here:
-//! - keys and values with a revision number per key (transfer-engine segment descriptors under
-//!   [`segment_key`], the P2P store's catalog with compare-and-swap), so callers can do
-//!   optimistic concurrency without a lock service;
-//! - a command log driving a [`StateMachine`] (the store master): every state change is a
-//!   command the store orders and applies, so a replicated store (Raft) replicates the master
-//!   without the master knowing.
+//! - [`MetadataStore`]: keys and values with a revision number per key (transfer-engine segment
+//!   descriptors under [`segment_key`], the P2P store's catalog with compare-and-swap), so
+//!   callers can do optimistic concurrency without a lock service;
+//! - [`CommandLog`]: a command log driving a [`StateMachine`] (the store master): every state
+//!   change is a command the log orders and applies, so a replicated log (Raft) replicates the
+//!   master without the master knowing. The log also says who may append to it
+//!   ([`Leadership`]), and a replicated one may let its membership be changed ([`LogGroup`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::error::Result;
 
-/// A deterministic state machine whose commands a [`MetadataStore`] orders and applies.
+/// A deterministic state machine whose commands a [`CommandLog`] orders and applies.
 ///
 /// `apply` must depend only on the state and the command bytes (time and randomness travel
 /// inside the command or the state), so every replica of a replicated store ends in the same
@@ -65,15 +66,111 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 
     /// All keys starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>>;
+}
 
-    /// Orders `command` in the store's command log, applies it to the attached
-    /// [`StateMachine`] and returns the response. Stores without a command log say so.
-    async fn apply_command(&self, command: Vec<u8>) -> Result<Vec<u8>> {
-        let _ = command;
-        Err(crate::Error::NotSupported(
-            "this metadata store has no command log".into(),
-        ))
+/// Who may append to a [`CommandLog`], as this member sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leadership {
+    /// The log is not replicated: this member always appends, and there are no terms.
+    Standalone,
+    /// This member leads its group in `term`: it appends, and its state is the group's.
+    Leader {
+        /// The leader's term; a new term means a new leader took over (possibly this one again).
+        term: u64,
+    },
+    /// Another member leads (or none is elected yet): appending fails, callers should go to
+    /// the leader.
+    Follower {
+        /// The leader's client-facing service address, when this member knows it.
+        leader_hint: Option<String>,
+    },
+}
+
+/// An ordered log of opaque commands applied to an attached [`StateMachine`]: an in-memory log
+/// for a single master, a replicated one (Raft) for a group. The log never decodes commands.
+#[async_trait]
+pub trait CommandLog: Send + Sync + std::fmt::Debug {
+    /// Orders `command`, applies it to the attached [`StateMachine`] and returns the response.
+    /// On a member that does not lead, fails without applying anything (see
+    /// [`not_leader_hint`](Self::not_leader_hint)).
+    async fn apply_command(&self, command: Vec<u8>) -> Result<Vec<u8>>;
+
+    /// Who may append now. Cheap: callers ask on every request.
+    fn leadership(&self) -> Leadership;
+
+    /// When `error` (from [`apply_command`](Self::apply_command) or a [`LogGroup`] call) says
+    /// this member does not lead and nothing was applied: `Some` with the leader's service
+    /// address if known, so the caller can redirect its client. `None` for any other error.
+    fn not_leader_hint(&self, error: &crate::Error) -> Option<Option<String>> {
+        let _ = error;
+        None
     }
+
+    /// How long past its election a new leader must assume its predecessor may still be
+    /// serving (it has not noticed it was deposed yet). Zero for a log that is not replicated.
+    fn takeover_grace(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// The membership of the log's group, when it has one and lets it be changed at run time.
+    /// `None` (the default): not replicated, or membership is fixed.
+    fn group(&self) -> Option<&dyn LogGroup> {
+        None
+    }
+
+    /// Stops the log's own machinery (loops, transports). Idempotent; a no-op by default.
+    async fn shutdown(&self) {}
+}
+
+/// One member of a [`LogGroup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMember {
+    /// Member id (never 0).
+    pub id: u64,
+    /// Whether it votes (counts for elections and commits) or only learns the log.
+    pub voter: bool,
+    /// Where its log replication listens.
+    pub log_addr: String,
+    /// Its client-facing service address (what clients are redirected to when it leads).
+    pub service_addr: String,
+    /// On the leader: the highest log index known to be replicated on it.
+    pub matched: Option<u64>,
+}
+
+/// A group's membership as the member that answered has applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMembers {
+    /// The member that answered.
+    pub answered_by: u64,
+    /// The leader it knows.
+    pub leader: Option<u64>,
+    /// Its term.
+    pub term: u64,
+    /// Its commit index.
+    pub commit_index: u64,
+    /// Voters, then learners.
+    pub members: Vec<GroupMember>,
+}
+
+/// Run-time membership changes of a replicated [`CommandLog`] (see [`CommandLog::group`]).
+/// Changes are applied through the log one at a time; only the leader accepts them (others fail
+/// with an error [`CommandLog::not_leader_hint`] recognises).
+#[async_trait]
+pub trait LogGroup: Send + Sync {
+    /// The membership this member has applied; served by any member.
+    async fn members(&self) -> Result<GroupMembers>;
+
+    /// Adds a non-voting member, which catches up before it may be promoted.
+    async fn add_learner(&self, id: u64, log_addr: String, service_addr: String) -> Result<()>;
+
+    /// Makes a learner a voter.
+    async fn promote(&self, id: u64) -> Result<()>;
+
+    /// Removes a member; asked to remove itself, the leader hands leadership over first.
+    async fn remove(&self, id: u64) -> Result<()>;
+
+    /// Resolves once the group has removed this member (never while it is a member).
+    async fn removed(&self);
 }
 
 /// The key under which a segment's descriptor is published.
@@ -81,8 +178,9 @@ pub fn segment_key(name: &str) -> String {
     format!("mooncake/segments/{name}")
 }
 
-/// An in-process [`MetadataStore`]: for embedded single-process deployments and tests. Its
-/// command log is the order of calls: each command is applied at once.
+/// An in-process [`MetadataStore`] and [`CommandLog`]: for embedded single-process deployments
+/// and tests. Its command log is the order of calls: each command is applied at once, and it is
+/// always [`Leadership::Standalone`].
 #[derive(Default)]
 pub struct MemoryMetadataStore {
     inner: Mutex<MemState>,
@@ -179,7 +277,10 @@ impl MetadataStore for MemoryMetadataStore {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+}
 
+#[async_trait]
+impl CommandLog for MemoryMetadataStore {
     async fn apply_command(&self, command: Vec<u8>) -> Result<Vec<u8>> {
         match self.machine.lock().expect("state machine lock").as_mut() {
             Some(m) => Ok(m.apply(&command)),
@@ -187,6 +288,10 @@ impl MetadataStore for MemoryMetadataStore {
                 "no state machine is attached to this metadata store".into(),
             )),
         }
+    }
+
+    fn leadership(&self) -> Leadership {
+        Leadership::Standalone
     }
 }
 
@@ -254,6 +359,8 @@ mod tests {
             .apply_command(vec![])
             .await
             .is_err());
+        assert_eq!(s.leadership(), Leadership::Standalone);
+        assert!(s.group().is_none());
     }
 
     #[tokio::test]

@@ -182,10 +182,10 @@ pub fn send_with_fds(sock: &UnixStream, payload: &[u8], fds: &[RawFd]) -> Result
     }
     let iov = [IoSlice::new(payload)];
     let fd_bytes = size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE is a pure computation.
     let space = if fds.is_empty() {
         0
     } else {
+        // SAFETY: CMSG_SPACE is a pure computation.
         unsafe { libc::CMSG_SPACE(fd_bytes) as usize }
     };
     let mut control = vec![0u8; space];

@@ -22,17 +22,16 @@ use crate::service::MasterService;
 
 /// Serves an admin request on `service` (the caller has checked that it leads).
 pub(crate) async fn serve(service: &MasterService, request: AdminRequest) -> MasterReply {
-    match serve_raft(service, request).await {
+    match serve_group(service, request).await {
         Ok(members) => MasterReply::Members(members),
         // Not (or no longer) the leader, and nothing was proposed: safe to redirect.
-        Err(e) => crate::service::failure_reply(&e),
+        Err(e) => service.failure_reply(&e),
     }
 }
 
-#[cfg(feature = "raft")]
-async fn serve_raft(service: &MasterService, request: AdminRequest) -> Result<Members> {
-    use mooncake_meta_raft::PeerInfo;
-    let Some(raft) = service.raft() else {
+/// Applies `request` to the group of the service's command log, when it has one.
+async fn serve_group(service: &MasterService, request: AdminRequest) -> Result<Members> {
+    let Some(group) = service.command_log().group() else {
         return Err(not_a_group());
     };
     match request {
@@ -41,50 +40,32 @@ async fn serve_raft(service: &MasterService, request: AdminRequest) -> Result<Me
             id,
             raft_addr,
             rpc_addr,
-        } => {
-            raft.add_learner(PeerInfo {
-                id,
-                raft_addr,
-                service_addr: rpc_addr,
-            })
-            .await?
-        }
-        AdminRequest::Promote { id } => raft.promote(id).await?,
-        AdminRequest::Remove { id } => raft.remove_node(id).await?,
+        } => group.add_learner(id, raft_addr, rpc_addr).await?,
+        AdminRequest::Promote { id } => group.promote(id).await?,
+        AdminRequest::Remove { id } => group.remove(id).await?,
     }
-    let m = raft.members().await?;
-    let member = |p: PeerInfo, role| Member {
-        id: p.id,
-        role,
-        matched: m.matched.get(&p.id).copied(),
-        raft_addr: p.raft_addr,
-        rpc_addr: p.service_addr,
-    };
-    let mut members: Vec<Member> = Vec::new();
-    members.extend(
-        m.voters
-            .iter()
-            .cloned()
-            .map(|p| member(p, MemberRole::Voter)),
-    );
-    members.extend(
-        m.learners
-            .iter()
-            .cloned()
-            .map(|p| member(p, MemberRole::Learner)),
-    );
+    let m = group.members().await?;
     Ok(Members {
-        answered_by: m.id,
+        answered_by: m.answered_by,
         leader: m.leader,
         term: m.term,
         commit_index: m.commit_index,
-        members,
+        members: m
+            .members
+            .into_iter()
+            .map(|g| Member {
+                id: g.id,
+                role: if g.voter {
+                    MemberRole::Voter
+                } else {
+                    MemberRole::Learner
+                },
+                raft_addr: g.log_addr,
+                rpc_addr: g.service_addr,
+                matched: g.matched,
+            })
+            .collect(),
     })
-}
-
-#[cfg(not(feature = "raft"))]
-async fn serve_raft(_: &MasterService, _: AdminRequest) -> Result<Members> {
-    Err(not_a_group())
 }
 
 fn not_a_group() -> Error {

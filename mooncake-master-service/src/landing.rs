@@ -19,8 +19,11 @@
 //! elsewhere), and dropped after [`KEEP`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_core::{Clock, SystemClock};
+use tokio::time::Instant;
 
 /// How long an unclaimed report is kept.
 pub const KEEP: Duration = Duration::from_secs(5);
@@ -38,12 +41,21 @@ struct Piece {
 }
 
 /// Disjoint reported ranges per segment, by start address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Landings {
     segments: Mutex<HashMap<String, BTreeMap<u64, Piece>>>,
     changed: tokio::sync::Notify,
     /// Segments whose storage node runs in this process (reports are function calls).
     local: Mutex<std::collections::HashSet<String>>,
+    /// Ages reports and times waits.
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for Landings {
+    /// On the system clock.
+    fn default() -> Self {
+        Landings::with_clock(Arc::new(SystemClock))
+    }
 }
 
 /// Removes every reported byte in `[start, end)`, keeping the parts of pieces outside it.
@@ -78,13 +90,23 @@ fn covered(map: &BTreeMap<u64, Piece>, start: u64, end: u64) -> bool {
 }
 
 impl Landings {
+    /// No reports yet; reports age and waits end by `clock`'s monotonic time.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Landings {
+            segments: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            local: Mutex::default(),
+            clock,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<u64, Piece>>> {
         self.segments.lock().expect("landings lock")
     }
 
     /// Records that `(address, length)` ranges of `segment` landed, and wakes the waiters.
     pub fn record(&self, segment: &str, ranges: &[(u64, u64)]) {
-        let now = Instant::now();
+        let now = self.clock.monotonic();
         {
             let mut segments = self.lock();
             let map = match segments.get_mut(segment) {
@@ -151,7 +173,7 @@ impl Landings {
     /// Waits up to `wait` (at most [`MAX_WAIT`]) for every range to be reported, then consumes
     /// the reports; false when they were not all reported in time.
     pub async fn wait_landed(&self, segment: &str, ranges: &[(u64, u64)], wait: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let deadline = self.clock.monotonic() + wait.min(MAX_WAIT);
         loop {
             let notified = self.changed.notified();
             let mut notified = std::pin::pin!(notified);
@@ -187,7 +209,6 @@ impl Landings {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::sync::Arc;
 
     #[test]
     fn pieces_in_any_order_cover_a_range_once() {
@@ -236,7 +257,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap());
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         assert!(
             !l.wait_landed("s", &[(0, 1)], Duration::from_millis(50))
                 .await

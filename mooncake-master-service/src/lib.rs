@@ -27,6 +27,8 @@
 pub mod admin;
 pub mod landing;
 pub mod master_cli;
+pub mod master_group;
 pub mod service;
 
+pub use master_group::MasterGroup;
 pub use service::{MasterService, ServiceConfig};

@@ -442,7 +442,10 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
 
 #[cfg(feature = "raft")]
 async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc<MasterService>> {
-    use mooncake_meta_raft::{NodeConfig, PeerInfo, RoleEvent, RoleObserver, StoreConfig};
+    use crate::service::MasterState;
+    use mooncake_meta_raft::{
+        NodeConfig, PeerInfo, RaftMetadataStore, RoleEvent, RoleObserver, StoreConfig,
+    };
     let voters: Vec<PeerInfo> = raft
         .peers
         .iter()
@@ -473,8 +476,17 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
         };
         let _ = lines.send(line);
     })));
-    let service =
-        MasterService::with_raft(options.master.clone(), ServiceConfig::default(), config).await?;
+    // Every command goes through the group's log, only the leader serves requests and runs the
+    // timers, and a restarted member recovers its state from its data directory.
+    let state = MasterState::new(options.master.clone())?;
+    let store = Arc::new(RaftMetadataStore::start(config, state.state_machine()).await?);
+    let service = MasterService::start(
+        state,
+        store.clone(),
+        store,
+        ServiceConfig::default(),
+        Arc::new(mooncake_core::SystemClock),
+    );
     service.keep(tokio::spawn(async move {
         use std::io::Write;
         while let Some(line) = rx.recv().await {
@@ -579,16 +591,10 @@ pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Resu
 
 /// Resolves once the group this master belongs to has removed it; never for a single master.
 async fn removed_from_group(service: &MasterService) {
-    #[cfg(feature = "raft")]
-    if let Some(raft) = service.raft() {
-        let mut status = raft.subscribe();
-        if status.wait_for(|s| s.removed).await.is_ok() {
-            return;
-        }
+    match service.command_log().group() {
+        Some(group) => group.removed().await,
+        None => std::future::pending::<()>().await,
     }
-    #[cfg(not(feature = "raft"))]
-    let _ = service;
-    std::future::pending::<()>().await
 }
 
 /// The whole program: parses `args` (after the program name), runs until SIGINT or SIGTERM, and

@@ -1,24 +1,30 @@
-//! The master service: runs the master state machine behind a [`MetadataStore`] command log,
-//! drives its timers and answers store clients, in-process ([`MasterService`] implements
-//! [`MasterApi`]) or over RPC ([`RemoteMaster`]).
+//! The master service: runs the master state machine behind a [`CommandLog`], drives its timers
+//! and answers store clients, in-process ([`MasterService`] implements [`MasterApi`]) or over RPC
+//! ([`RemoteMaster`]).
 //!
-//! Every state change is a [`Command`] stamped with the service's clock and applied through the
-//! store's command log, so a replicated store replicates the master unchanged. Reads and
-//! heartbeats, which change only leases and liveness, are answered from the applied state by a
+//! Every state change is a [`Command`] stamped with the service's [`Clock`] and applied through
+//! the command log, so a replicated log replicates the master unchanged. Reads and heartbeats,
+//! which change only leases and liveness, are answered from the applied state by a
 //! [`LeaderView`] without a log round trip; it carries what they changed into the entries whose
 //! outcome depends on it (see its docs). Queries that change nothing (task status, metrics) read
 //! the local state directly.
+//!
+//! The log also says whether this master leads ([`Leadership`]): a follower answers
+//! [`MasterReply::NotLeader`], and a new leader takes over (see [`LeaderView::take_over`])
+//! before it serves. The service knows nothing else of how the log is replicated: a Raft member
+//! is put together by [`crate::master_cli`], and tests run groups over a simulated log.
 
 use std::net::SocketAddr;
-#[cfg(feature = "raft")]
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use mooncake_core::{Error, ErrorCode, MemoryMetadataStore, MetadataStore, Result, StateMachine};
+use mooncake_core::{
+    Clock, CommandLog, Error, ErrorCode, Leadership, MemoryMetadataStore, MetadataStore, Result,
+    StateMachine, SystemClock,
+};
 use mooncake_master::{
     decode_response, Command, LeaderView, LogEntry, Master, MasterConfig, MasterMetrics, Response,
     Route, Ticket, Timestamp,
@@ -30,10 +36,7 @@ use mooncake_rpc::{MasterApi, MasterReply, MasterRequest};
 /// The master's clock: milliseconds since the Unix epoch, so every process of a cluster (and a
 /// master that takes over) reads the same time base.
 pub fn master_clock() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Timestamp::from_millis(ms)
+    Timestamp::from_millis(SystemClock.unix_millis())
 }
 
 /// The applied master and the leader's view of reads served outside the log, under one lock.
@@ -95,24 +98,40 @@ impl Default for ServiceConfig {
     }
 }
 
+/// A master's state before its service starts: make it, attach its
+/// [`state_machine`](Self::state_machine) to a [`CommandLog`], then start the service on both
+/// with [`MasterService::start`].
+pub struct MasterState(SharedState);
+
+impl MasterState {
+    /// A master in its initial state (fails on an invalid `config`).
+    pub fn new(config: MasterConfig) -> Result<Self> {
+        Ok(MasterState(Arc::new(Mutex::new(Shared {
+            master: Master::new(config)?,
+            view: LeaderView::default(),
+        }))))
+    }
+
+    /// The master as a [`StateMachine`] for the command log; it shares its state with the
+    /// service that will serve it.
+    pub fn state_machine(&self) -> Box<dyn StateMachine> {
+        Box::new(SharedMaster(self.0.clone()))
+    }
+}
+
 /// See the module docs.
 pub struct MasterService {
     shared: SharedState,
-    log: Arc<dyn MetadataStore>,
+    log: Arc<dyn CommandLog>,
+    /// Keys and values beside the log (segment descriptors of the HTTP metadata server).
+    kv: Arc<dyn MetadataStore>,
+    clock: Arc<dyn Clock>,
     config: ServiceConfig,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// The Raft group this master belongs to, when it is replicated.
-    #[cfg(feature = "raft")]
-    raft: Option<Arc<mooncake_meta_raft::RaftMetadataStore>>,
-    /// The Raft term this master has taken over as leader in (`u64::MAX`: none yet).
-    #[cfg(feature = "raft")]
+    /// The term this master has taken over as leader in (`u64::MAX`: none yet).
     led_term: AtomicU64,
     /// Held while taking over, so requests of a new term wait for it.
-    #[cfg(feature = "raft")]
     takeover: tokio::sync::Mutex<()>,
-    /// How long past its election a new leader treats its predecessor's reads as possible.
-    #[cfg(feature = "raft")]
-    takeover_extra: Duration,
     /// Landing reports of storage nodes, for commits that wait on them.
     landings: crate::landing::Landings,
 }
@@ -129,105 +148,75 @@ impl MasterService {
     /// A service whose command log is in memory (the embedded, single-master default). Starts
     /// the timer task on the current tokio runtime.
     pub fn new(config: MasterConfig, service: ServiceConfig) -> Result<Arc<Self>> {
-        let shared = Self::shared(config)?;
-        let log = Arc::new(MemoryMetadataStore::with_state_machine(Box::new(
-            SharedMaster(shared.clone()),
-        )));
-        let svc = Arc::new(MasterService {
-            shared,
-            log,
-            config: service,
-            tasks: Mutex::new(Vec::new()),
-            #[cfg(feature = "raft")]
-            raft: None,
-            #[cfg(feature = "raft")]
-            led_term: AtomicU64::new(u64::MAX),
-            #[cfg(feature = "raft")]
-            takeover: tokio::sync::Mutex::new(()),
-            #[cfg(feature = "raft")]
-            takeover_extra: Duration::ZERO,
-            landings: Default::default(),
-        });
-        svc.start_timers();
-        Ok(svc)
+        let state = MasterState::new(config)?;
+        let store = Arc::new(MemoryMetadataStore::with_state_machine(
+            state.state_machine(),
+        ));
+        Ok(Self::start(
+            state,
+            store.clone(),
+            store,
+            service,
+            Arc::new(SystemClock),
+        ))
     }
 
-    /// A master replicated by a Raft group: every command goes through the group's log, only
-    /// the leader serves requests (others answer [`MasterReply::NotLeader`]) and runs the timers,
-    /// and a restarted member recovers its state from its data directory.
-    #[cfg(feature = "raft")]
-    pub async fn with_raft(
-        config: MasterConfig,
+    /// A service for `state`, whose [`state_machine`](MasterState::state_machine) `log`
+    /// drives, with `kv` for the metadata server's keys and `clock` for time. Only a leader (or
+    /// a standalone log) serves requests and runs the timers; followers answer
+    /// [`MasterReply::NotLeader`]. Starts the timer task on the current tokio runtime.
+    pub fn start(
+        state: MasterState,
+        log: Arc<dyn CommandLog>,
+        kv: Arc<dyn MetadataStore>,
         service: ServiceConfig,
-        raft: mooncake_meta_raft::StoreConfig,
-    ) -> Result<Arc<Self>> {
-        let shared = Self::shared(config)?;
-        // A deposed leader notices within one election timeout (check-quorum); its successor
-        // is elected at the earliest one election timeout after the last contact. Twice the
-        // longest randomized timeout covers both.
-        let election = raft.tick_interval * (2 * raft.node.election_ticks) as u32;
-        let store = Arc::new(
-            mooncake_meta_raft::RaftMetadataStore::start(
-                raft,
-                Box::new(SharedMaster(shared.clone())),
-            )
-            .await?,
-        );
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
         let svc = Arc::new(MasterService {
-            shared,
-            log: store.clone(),
+            shared: state.0,
+            log,
+            kv,
+            landings: crate::landing::Landings::with_clock(clock.clone()),
+            clock,
             config: service,
             tasks: Mutex::new(Vec::new()),
-            raft: Some(store),
             led_term: AtomicU64::new(u64::MAX),
             takeover: tokio::sync::Mutex::new(()),
-            takeover_extra: election * 2,
-            landings: Default::default(),
         });
         svc.start_timers();
-        Ok(svc)
+        svc
     }
 
-    fn shared(config: MasterConfig) -> Result<SharedState> {
-        Ok(Arc::new(Mutex::new(Shared {
-            master: Master::new(config)?,
-            view: LeaderView::default(),
-        })))
+    /// The command log the master's state changes go through.
+    pub fn command_log(&self) -> &Arc<dyn CommandLog> {
+        &self.log
     }
 
-    /// The Raft group, when this master is replicated.
-    #[cfg(feature = "raft")]
-    pub fn raft(&self) -> Option<&Arc<mooncake_meta_raft::RaftMetadataStore>> {
-        self.raft.as_ref()
+    /// Master time now, from the service's clock.
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.clock.unix_millis())
     }
 
     /// `None` when this master may serve requests (it is the leader, or not replicated);
     /// otherwise the leader's RPC address if known.
     fn not_leader(&self) -> Option<Option<String>> {
-        #[cfg(feature = "raft")]
-        if let Some(raft) = &self.raft {
-            if !raft.is_leader() {
-                return Some(
-                    raft.leader()
-                        .map(|l| l.service_addr)
-                        .filter(|a| !a.is_empty()),
-                );
-            }
+        match self.log.leadership() {
+            Leadership::Follower { leader_hint } => Some(leader_hint),
+            Leadership::Standalone | Leadership::Leader { .. } => None,
         }
-        None
     }
 
     /// The metadata store behind the service (segment descriptors of the HTTP metadata server
     /// live here too).
     pub fn metadata(&self) -> Arc<dyn MetadataStore> {
-        self.log.clone()
+        self.kv.clone()
     }
 
     /// Executes `command` at the current master time: a read or heartbeat is answered from the
     /// applied state when it can be, anything else goes through the command log.
     pub async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
         self.take_over_if_new_leader().await?;
-        let now = master_clock();
+        let now = self.now();
         let proposal = {
             let mut s = lock(&self.shared);
             let Shared { master, view } = &mut *s;
@@ -260,36 +249,34 @@ impl MasterService {
     /// On the first request of a term this member leads, appends the takeover entry
     /// ([`LeaderView::take_over`]) before anything else is served.
     async fn take_over_if_new_leader(&self) -> Result<()> {
-        #[cfg(feature = "raft")]
-        if let Some(raft) = &self.raft {
-            // Every request passes here: read the term without copying the status.
-            let Some(term) = raft.leading_term() else {
-                return Ok(());
-            };
-            if self.led_term.load(Ordering::Acquire) == term {
-                return Ok(());
-            }
-            let _one = self.takeover.lock().await;
-            if self.led_term.load(Ordering::Acquire) == term {
-                return Ok(());
-            }
-            let now = master_clock();
-            let first = {
-                let mut s = lock(&self.shared);
-                let Shared { master, view } = &mut *s;
-                view.take_over(master, now, self.takeover_extra.as_millis() as u64)
-            };
-            // Reports that reached another leader meanwhile are missing here; older ones may
-            // be of space granted anew since.
-            self.landings.clear();
-            let leased = self.append(&LogEntry::new(now, first)).await?;
-            tracing::info!(
-                term,
-                leased = ?leased.into_count(),
-                "took over as leader"
-            );
-            self.led_term.store(term, Ordering::Release);
+        // Every request passes here: a standalone log or a follower has nothing to take over.
+        let Leadership::Leader { term } = self.log.leadership() else {
+            return Ok(());
+        };
+        if self.led_term.load(Ordering::Acquire) == term {
+            return Ok(());
         }
+        let _one = self.takeover.lock().await;
+        if self.led_term.load(Ordering::Acquire) == term {
+            return Ok(());
+        }
+        let now = self.now();
+        let grace = self.log.takeover_grace().as_millis() as u64;
+        let first = {
+            let mut s = lock(&self.shared);
+            let Shared { master, view } = &mut *s;
+            view.take_over(master, now, grace)
+        };
+        // Reports that reached another leader meanwhile are missing here; older ones may be of
+        // space granted anew since.
+        self.landings.clear();
+        let leased = self.append(&LogEntry::new(now, first)).await?;
+        tracing::info!(
+            term,
+            leased = ?leased.into_count(),
+            "took over as leader"
+        );
+        self.led_term.store(term, Ordering::Release);
         Ok(())
     }
 
@@ -325,7 +312,7 @@ impl MasterService {
                     continue;
                 }
                 let due = {
-                    let now = master_clock();
+                    let now = svc.now();
                     let mut s = lock(&svc.shared);
                     let Shared { master, view } = &mut *s;
                     view.prune(master, now);
@@ -355,7 +342,7 @@ impl MasterService {
         self.tasks.lock().expect("service tasks").push(task);
     }
 
-    /// Stops timers and servers (a Raft member also leaves its group's loop: see
+    /// Stops timers and servers (a replicated log keeps running: see
     /// [`shutdown_raft`](Self::shutdown_raft)).
     pub fn shutdown(&self) {
         for t in self.tasks.lock().expect("service tasks").drain(..) {
@@ -363,13 +350,11 @@ impl MasterService {
         }
     }
 
-    /// Stops this member's Raft loop and transport, after [`shutdown`](Self::shutdown).
+    /// [`shutdown`](Self::shutdown), then stops the command log's own machinery (a Raft
+    /// member's loop and transport; nothing for an in-memory log).
     pub async fn shutdown_raft(&self) {
         self.shutdown();
-        #[cfg(feature = "raft")]
-        if let Some(raft) = &self.raft {
-            raft.shutdown().await;
-        }
+        self.log.shutdown().await;
     }
 
     async fn handle(&self, request: MasterRequest) -> MasterReply {
@@ -379,7 +364,7 @@ impl MasterService {
         match request {
             MasterRequest::Apply(command) => match self.apply(command).await {
                 Ok((now, response)) => MasterReply::Applied { now, response },
-                Err(e) => failure_reply(&e),
+                Err(e) => self.failure_reply(&e),
             },
             MasterRequest::QueryTask(id) => {
                 MasterReply::Task(lock(&self.shared).master.query_task(id))
@@ -416,23 +401,23 @@ impl MasterService {
                 }
                 match self.apply(command).await {
                     Ok((now, response)) => MasterReply::Applied { now, response },
-                    Err(e) => failure_reply(&e),
+                    Err(e) => self.failure_reply(&e),
                 }
             }
         }
     }
-}
 
-/// The reply for a request that failed: `NotLeader` when leadership moved while it was in flight
-/// (nothing was applied, so the client may retry at the leader), else `Failed` with its code.
-pub(crate) fn failure_reply(e: &Error) -> MasterReply {
-    #[cfg(feature = "raft")]
-    if let Some(leader) = mooncake_meta_raft::leader_hint(e) {
-        return MasterReply::NotLeader { leader };
-    }
-    MasterReply::Failed {
-        code: e.code(),
-        message: e.to_string(),
+    /// The reply for a request that failed: `NotLeader` when leadership moved while it was in
+    /// flight (nothing was applied, so the client may retry at the leader), else `Failed` with
+    /// its code.
+    pub(crate) fn failure_reply(&self, e: &Error) -> MasterReply {
+        if let Some(leader) = self.log.not_leader_hint(e) {
+            return MasterReply::NotLeader { leader };
+        }
+        MasterReply::Failed {
+            code: e.code(),
+            message: e.to_string(),
+        }
     }
 }
 

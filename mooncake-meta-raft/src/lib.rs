@@ -1,4 +1,5 @@
-//! A [`MetadataStore`](mooncake_core::MetadataStore) replicated by an embedded
+//! A [`MetadataStore`](mooncake_core::MetadataStore) and
+//! [`CommandLog`](mooncake_core::CommandLog) replicated by an embedded
 //! [raft-rs](https://github.com/tikv/raft-rs) group, so a Mooncake deployment needs no etcd.
 //!
 //! What it does: orders opaque commands in a Raft log, replicates it durably (fsync before
@@ -15,11 +16,12 @@
 //! - [`DiskStorage`]: raft-rs `Storage` over a CRC-framed log, a hard-state file and a snapshot
 //!   file.
 //! - [`RaftMetadataStore`]: a thread running the ready loop, a TCP transport between peers, and
-//!   the [`MetadataStore`](mooncake_core::MetadataStore) implementation.
+//!   the [`MetadataStore`](mooncake_core::MetadataStore) and
+//!   [`CommandLog`](mooncake_core::CommandLog) implementations.
 //!
 //! ```no_run
 //! use mooncake_meta_raft::{NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
-//! use mooncake_core::MetadataStore;
+//! use mooncake_core::CommandLog;
 //! # struct Machine;
 //! # impl mooncake_core::StateMachine for Machine {
 //! #     fn apply(&mut self, c: &[u8]) -> Vec<u8> { c.to_vec() }

@@ -14,8 +14,8 @@ use raft::prelude::{
 use raft::{RawNode, SnapshotStatus, StateRole, Storage};
 use serde::Serialize;
 
-pub use crate::config::RoleEvent;
 use crate::config::NodeConfig;
+pub use crate::config::RoleEvent;
 use crate::error::{Error, Result};
 use crate::state::{self, KvOp, KvState, PeerInfo, SnapshotData, TAG_COMMAND, TAG_KV};
 use crate::storage::{DiskStorage, RecoveryReport};

@@ -5,7 +5,9 @@
 //! Reads: [`MetadataStore::get`] is served from this node's applied state without a log round
 //! trip, so on a follower (or a deposed leader that has not noticed yet) it may miss the latest
 //! writes; it never shows uncommitted data. `list`, `put`, `delete`, `compare_and_swap` and
-//! `apply_command` go through the log and are linearizable.
+//! [`CommandLog::apply_command`] go through the log and are linearizable. The store is also the
+//! group's [`CommandLog`] (leadership from the node's status) and [`LogGroup`] (membership
+//! changes).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use mooncake_core::{MetadataStore, StateMachine, Versioned};
+use mooncake_core::{
+    CommandLog, GroupMember, GroupMembers, Leadership, LogGroup, MetadataStore, StateMachine,
+    Versioned,
+};
 use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -386,9 +391,104 @@ impl MetadataStore for RaftMetadataStore {
             other => Err(unexpected(other)),
         }
     }
+}
 
+/// The group's command log: only the leader appends; a follower's error names the leader.
+#[async_trait]
+impl CommandLog for RaftMetadataStore {
     async fn apply_command(&self, command: Vec<u8>) -> mooncake_core::Result<Vec<u8>> {
         Ok(self.propose(command).await?)
+    }
+
+    fn leadership(&self) -> Leadership {
+        let s = self.status.borrow();
+        if s.role == StateRole::Leader {
+            Leadership::Leader { term: s.term }
+        } else {
+            Leadership::Follower {
+                leader_hint: s
+                    .leader
+                    .as_ref()
+                    .map(|l| l.service_addr.clone())
+                    .filter(|a| !a.is_empty()),
+            }
+        }
+    }
+
+    fn not_leader_hint(&self, error: &mooncake_core::Error) -> Option<Option<String>> {
+        crate::leader_hint(error)
+    }
+
+    /// A deposed leader notices within one election timeout (check-quorum); its successor is
+    /// elected at the earliest one election timeout after the last contact. Twice the longest
+    /// randomized timeout (two election timeouts) covers both.
+    fn takeover_grace(&self) -> Duration {
+        self.election_timeout * 4
+    }
+
+    fn group(&self) -> Option<&dyn LogGroup> {
+        Some(self)
+    }
+
+    async fn shutdown(&self) {
+        RaftMetadataStore::shutdown(self).await
+    }
+}
+
+/// Membership changes of the group, through its log.
+#[async_trait]
+impl LogGroup for RaftMetadataStore {
+    async fn members(&self) -> mooncake_core::Result<GroupMembers> {
+        let m = RaftMetadataStore::members(self).await?;
+        let member = |p: &PeerInfo, voter| GroupMember {
+            id: p.id,
+            voter,
+            log_addr: p.raft_addr.clone(),
+            service_addr: p.service_addr.clone(),
+            matched: m.matched.get(&p.id).copied(),
+        };
+        let mut members: Vec<GroupMember> = m.voters.iter().map(|p| member(p, true)).collect();
+        members.extend(m.learners.iter().map(|p| member(p, false)));
+        Ok(GroupMembers {
+            answered_by: m.id,
+            leader: m.leader,
+            term: m.term,
+            commit_index: m.commit_index,
+            members,
+        })
+    }
+
+    async fn add_learner(
+        &self,
+        id: u64,
+        log_addr: String,
+        service_addr: String,
+    ) -> mooncake_core::Result<()> {
+        Ok(RaftMetadataStore::add_learner(
+            self,
+            PeerInfo {
+                id,
+                raft_addr: log_addr,
+                service_addr,
+            },
+        )
+        .await?)
+    }
+
+    async fn promote(&self, id: u64) -> mooncake_core::Result<()> {
+        Ok(RaftMetadataStore::promote(self, id).await?)
+    }
+
+    async fn remove(&self, id: u64) -> mooncake_core::Result<()> {
+        Ok(self.remove_node(id).await?)
+    }
+
+    async fn removed(&self) {
+        let mut status = self.subscribe();
+        if status.wait_for(|s| s.removed).await.is_err() {
+            // The loop is gone without a removal: never resolves, like for a member.
+            std::future::pending::<()>().await
+        }
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{ListMachine, TempDir};
-use mooncake_core::{ErrorCode, MetadataStore};
+use mooncake_core::{CommandLog, ErrorCode, Leadership, MetadataStore};
 use mooncake_meta_raft::{
     leader_hint, Error, NodeConfig, PeerInfo, RaftMetadataStore, StateRole, StoreConfig,
 };
@@ -125,6 +125,30 @@ async fn scenario() {
         leader_hint(&err),
         Some(Some(voters[l].service_addr.clone()))
     );
+    // The same through the CommandLog and LogGroup traits the master service uses.
+    let hint = Some(voters[l].service_addr.clone());
+    assert_eq!(
+        leader.leadership(),
+        Leadership::Leader {
+            term: leader.status().term
+        }
+    );
+    assert_eq!(
+        follower.leadership(),
+        Leadership::Follower {
+            leader_hint: hint.clone()
+        }
+    );
+    assert_eq!(follower.not_leader_hint(&err), Some(hint));
+    assert_eq!(
+        follower.not_leader_hint(&mooncake_core::Error::Shutdown),
+        None
+    );
+    let members = follower.group().unwrap().members().await.unwrap();
+    assert_eq!(members.answered_by, voters[f].id);
+    assert_eq!(members.leader, Some(voters[l].id));
+    assert_eq!(members.members.len(), 3);
+    assert!(members.members.iter().all(|m| m.voter));
     wait_len(&machines[f], 10).await;
     // Follower reads are served from its applied state, which may trail the leader's commit.
     wait_value(follower, "k/a", b"2").await;

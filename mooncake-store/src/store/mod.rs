@@ -300,6 +300,22 @@ impl Store {
             config.same_host_shm,
         )
         .await?;
+        Self::setup_with_engine(config, master, engine).await
+    }
+
+    /// Sets up a client of `master` on a transfer engine the caller started (with the transports
+    /// and discovery it chose: the in-memory transport of a deterministic test, say) instead of
+    /// the one [`setup_with_master`](Self::setup_with_master) starts from `config`. The store
+    /// owns the engine from here: it shuts it down when setup fails or the store closes.
+    pub async fn setup_with_engine(
+        config: StoreConfig,
+        master: Arc<dyn MasterApi>,
+        engine: Arc<TransferEngine>,
+    ) -> Result<Arc<Store>> {
+        if let Err(e) = config.validate() {
+            engine.shutdown().await;
+            return Err(e);
+        }
         let staging_base =
             engine.allocate_buffer(config.local_buffer_size as usize, Location::cpu(0))?;
         let staging = Staging::new(staging_base, config.local_buffer_size)?;

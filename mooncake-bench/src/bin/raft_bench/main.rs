@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mooncake_core::{MemoryMetadataStore, MetadataStore, StateMachine};
+use mooncake_core::{CommandLog, MemoryMetadataStore, StateMachine};
 use mooncake_meta_raft::{NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
 
 /// Counts commands and folds their bytes into a checksum.
@@ -43,7 +43,7 @@ impl StateMachine for Counter {
     }
 }
 
-async fn drive(store: Arc<dyn MetadataStore>, secs: f64, concurrency: usize) -> f64 {
+async fn drive(store: Arc<dyn CommandLog>, secs: f64, concurrency: usize) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -118,7 +118,7 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("mooncake-raft-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
 
-    let mem: Arc<dyn MetadataStore> =
+    let mem: Arc<dyn CommandLog> =
         Arc::new(MemoryMetadataStore::with_state_machine(Box::new(Counter {
             n: 0,
             sum: 0,
