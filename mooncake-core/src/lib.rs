@@ -10,7 +10,8 @@
 //! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
 //!   shared with processes of the same host ([`shm`]: memfds and their revocation table);
 //! - the [`TransferEngine`], which owns a process's segment and runs batches over transports;
-//! - the error-code table ([`ErrorCode`]) shared with the Python API.
+//! - the error-code table ([`ErrorCode`]) shared with the Python API;
+//! - [`parse_size`], the one reading of sizes like `4GB` for flags and configs.
 //!
 //! With the `conformance` feature it also exports the transport conformance suite and an
 //! in-memory transport for tests.
@@ -39,6 +40,7 @@ pub mod mem_transport;
 pub mod memory;
 pub mod metadata;
 pub mod shm;
+pub mod size;
 pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};
@@ -46,6 +48,7 @@ pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, 
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
 pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
+pub use size::{parse_size, SizeError};
 pub use transport::{
     BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,
     TransferStatus, Transport,
