@@ -38,7 +38,7 @@ use locations::LocationCache;
 use staging::Staging;
 
 pub use locations::ReadAheadStats;
-pub use mooncake_core::master::ReplicateConfig;
+pub use mooncake_core::master::{ReplicateConfig, WriteKind};
 pub use reserve::CommitStats;
 pub use value::StagedValue;
 
