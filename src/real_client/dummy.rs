@@ -25,7 +25,8 @@ const POOL_ALIGN: u64 = 4096;
 const STAGING_ALIGN: u64 = 64;
 
 /// A client of a real client (`mooncake_client`) on this host. Its methods mirror
-/// [`Store`](crate::store::Store)'s; zero-copy calls take addresses inside the shared pool
+/// [`Store`](crate::store::Store)'s, and both implement [`StoreApi`](crate::store::StoreApi);
+/// zero-copy calls take addresses inside the shared pool
 /// ([`alloc_from_mem_pool`](Self::alloc_from_mem_pool)).
 pub struct DummyClient {
     rpc: RpcClient,

@@ -15,6 +15,7 @@
 //! assigns to this client, including the re-replication of objects that lost a replica.
 
 mod admin;
+mod api;
 mod locations;
 mod read;
 mod reserve;
@@ -37,6 +38,7 @@ use crate::service::{apply_via, MasterApi, MasterRequest, MasterService, RemoteM
 use locations::LocationCache;
 use staging::Staging;
 
+pub use api::StoreApi;
 pub use locations::ReadAheadStats;
 pub use mooncake_core::master::{ReplicateConfig, WriteKind};
 pub use reserve::CommitStats;
