@@ -10,6 +10,10 @@
 //! caller's registered buffers and the replicas. Reads prefer a replica in the client's own
 //! segment (a memcpy). Results carry the store's error codes ([`ErrorCode`]).
 //!
+//! The calls a store client offers, whichever kind serves them, are the [`StoreApi`] trait: a
+//! [`Store`] and a dummy client of a real client ([`crate::real_client::DummyClient`]) both
+//! implement it.
+//!
 //! A background task sends heartbeats (remounting the segment when the master no longer knows
 //! the client, say after a master restart) and executes the copy and move tasks the master
 //! assigns to this client, including the re-replication of objects that lost a replica.
