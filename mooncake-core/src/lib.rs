@@ -12,7 +12,8 @@
 //! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
 //!   shared with processes of the same host ([`shm`]: memfds and their revocation table);
 //! - the [`TransferEngine`], which owns a process's segment and runs batches over transports;
-//! - the error-code table ([`ErrorCode`]) shared with the Python API.
+//! - the error-code table ([`ErrorCode`]) shared with the Python API;
+//! - [`parse_size`], the one reading of sizes like `4GB` for flags and configs.
 //!
 //! With the `conformance` feature it also exports the transport conformance suite and an
 //! in-memory transport for tests.
@@ -43,6 +44,7 @@ pub mod mem_transport;
 pub mod memory;
 pub mod metadata;
 pub mod shm;
+pub mod size;
 #[cfg(feature = "engine")]
 pub mod transport;
 
@@ -57,6 +59,7 @@ pub use metadata::{
     CommandLog, GroupMember, GroupMembers, Leadership, LogGroup, MemoryMetadataStore,
     MetadataStore, StateMachine, Versioned,
 };
+pub use size::{parse_size, SizeError};
 #[cfg(feature = "engine")]
 pub use transport::{
     BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,

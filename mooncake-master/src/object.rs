@@ -8,6 +8,10 @@ use super::replica::{Replica, ReplicaStatus};
 use super::types::{ClientId, LeaseDeadline, SegmentId, TaskId, Timestamp};
 
 /// Whether a write is a put (fails on an existing key) or an upsert (replaces it).
+///
+/// The one spelling of the choice: the master's write state, the store client's `write_*` calls
+/// (where a put of an existing key succeeds without writing, as upstream's), the dummy client's
+/// wire protocol and the Python binding all take this enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum WriteKind {
     /// PutStart: an existing key is left alone (`OBJECT_ALREADY_EXISTS`).

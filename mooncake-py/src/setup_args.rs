@@ -6,41 +6,11 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-/// Parses a byte size: an integer, or a number with a unit (`16MB`, `1.5 GiB`, `512k`, `4096`).
-/// Units are powers of 1024 (`KB` = `KiB` = 1024), as upstream's configs mean them.
+/// Parses a byte size string (`16MB`, `1.5 GiB`, `512k`, `4096`) by the rules of
+/// [`mooncake_core::size`]: units are powers of 1024 (`KB` = `KiB` = 1024), as upstream's configs
+/// mean them.
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim().to_ascii_lowercase();
-    let scale: u64 = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "{text:?} is not a size (expected e.g. 4096, 16MB, 1GB)"
-            ))
-        }
-    };
-    if num.is_empty() {
-        return Err(format!("{text:?} is not a size (no number)"));
-    }
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(scale)
-            .ok_or_else(|| format!("{text:?} is too large"));
-    }
-    match num.parse::<f64>() {
-        Ok(f) if f.is_finite() && f >= 0.0 && f * (scale as f64) < u64::MAX as f64 => {
-            Ok((f * scale as f64) as u64)
-        }
-        _ => Err(format!("{text:?} is not a size")),
-    }
+    mooncake_core::parse_size(text).map_err(|e| e.to_string())
 }
 
 /// A size argument: an int (bytes) or a size string. `Ok(Err(..))` is a bad value (the call

@@ -49,6 +49,17 @@ def test_setup_forms(master, monkeypatch):
     assert s.setup_dummy(1 << 20, 1 << 20, "127.0.0.1:1") == -1
 
 
+def test_setup_size_spellings(master):
+    """Sizes as upstream's string_to_byte_size reads them (powers of 1024, any case, optional
+    space); a size it would read as 0 is -600 here."""
+    s = MooncakeDistributedStore()
+    for seg, buf in [("16 MiB", "8m"), ("16mb", "8192K"), ("0.015625GB", 8 << 20)]:
+        assert s.setup("localhost", "P2PHANDSHAKE", seg, buf, "tcp", "", MASTER) == 0, (seg, buf)
+        assert s.close() == 0
+    for bad in ["", "-1GB", "4PB", "1e9", "GB", "99999999999TB", "50%"]:
+        assert s.setup("localhost", "P2PHANDSHAKE", bad, 8 << 20, "tcp", "", MASTER) == -600, bad
+
+
 # --- writes and reads -------------------------------------------------------------------------
 
 

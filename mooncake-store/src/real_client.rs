@@ -24,6 +24,7 @@
 //! moved from there; a value that does not fit (or when staging is busy) travels inline in the RPC
 //! instead, up to the RPC frame limit.
 
+mod api;
 mod cli;
 mod dummy;
 mod server;

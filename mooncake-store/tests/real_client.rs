@@ -9,7 +9,7 @@ use mooncake_master::MasterConfig;
 use mooncake_master_service::service::{MasterService, ServiceConfig};
 use mooncake_rpc::RpcClientConfig;
 use mooncake_store::real_client::{DummyClient, RealClient};
-use mooncake_store::{ReplicateConfig, Store, StoreConfig};
+use mooncake_store::{ReplicateConfig, Store, StoreApi, StoreConfig, WriteKind};
 
 async fn master() -> (Arc<MasterService>, String) {
     let svc = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
@@ -357,4 +357,83 @@ async fn a_dummy_registers_its_pool_again_after_the_real_client_restarts() {
     }
     d.close().await.unwrap();
     second.shutdown().await.unwrap();
+}
+
+/// The same calls through [`StoreApi`], answered alike by a store client and a dummy client.
+async fn store_api_scenario(api: &dyn StoreApi, p: &str) {
+    let cfg = ReplicateConfig::default();
+    let k = |s: &str| format!("{p}{s}");
+    // A put of an existing key keeps the value; an upsert replaces it.
+    api.put(&k("a"), b"first", &cfg).await.unwrap();
+    api.write_parts(WriteKind::Put, &k("a"), &[b"sec", b"ond"], &cfg)
+        .await
+        .unwrap();
+    assert_eq!(api.get(&k("a")).await.unwrap(), b"first");
+    api.write_parts(WriteKind::Upsert, &k("a"), &[b"up", b"sert"], &cfg)
+        .await
+        .unwrap();
+    let staged = api.get_staged(&k("a")).await.unwrap();
+    assert_eq!(staged.into_vec().unwrap(), b"upsert");
+
+    let (b, c) = (k("b"), k("c"));
+    let items: Vec<(&str, &[u8])> = vec![(&b, b"bee"), (&c, b"sea")];
+    for r in api.write_batch(WriteKind::Put, &items, &cfg).await {
+        r.unwrap();
+    }
+    let items: Vec<(&str, &[u8])> = vec![(&b, b"bee2"), (&c, b"sea2")];
+    for r in api.write_batch(WriteKind::Upsert, &items, &cfg).await {
+        r.unwrap();
+    }
+    let got = api.get_batch_staged(&[&b, &c, &k("missing")]).await;
+    assert_eq!(got[0].as_ref().unwrap().len(), 4);
+    assert_eq!(
+        got[2].as_ref().unwrap_err().code(),
+        ErrorCode::OBJECT_NOT_FOUND
+    );
+
+    // Zero-copy: memory from alloc_from_mem_pool is usable at once.
+    let buf = api.alloc_from_mem_pool(4096).unwrap();
+    // SAFETY: `buf` is 4096 bytes this client just allocated and still owns.
+    unsafe { std::ptr::write_bytes(buf as *mut u8, 0x5a, 4096) };
+    let z = k("z");
+    for r in api
+        .batch_write_from(WriteKind::Upsert, &[(&z, buf, 4096)], &cfg)
+        .await
+    {
+        r.unwrap();
+    }
+    assert_eq!(api.get_size(&z).await.unwrap(), 4096);
+    assert_eq!(api.get(&z).await.unwrap(), vec![0x5a; 4096]);
+
+    assert!(api.is_exist(&b).await.unwrap());
+    api.remove(&b, true).await.unwrap();
+    assert_eq!(
+        api.batch_is_exist(&[&b, &c]).await.unwrap(),
+        vec![false, true]
+    );
+    assert_eq!(api.get_replica_desc(&c).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_dummy_answer_alike_through_store_api() {
+    let (_svc, addr) = master().await;
+    let rc = real_client(&addr).await;
+    let d = DummyClient::connect(&rc.rpc_address().to_string(), 4 << 20, 1 << 20)
+        .await
+        .unwrap();
+    let clients: [(Arc<dyn StoreApi>, &str); 2] = [(rc.store().clone(), "s/"), (Arc::new(d), "d/")];
+    for (api, prefix) in &clients {
+        store_api_scenario(api.as_ref(), prefix).await;
+    }
+    // A dummy can use only its shared pool.
+    let (dummy, _) = &clients[1];
+    let outside = [0u8; 64];
+    // SAFETY: `outside` outlives the call; a dummy refuses it without touching it.
+    let r = unsafe { dummy.register_buffer(outside.as_ptr() as u64, 64) };
+    assert_eq!(r.unwrap_err().code(), ErrorCode::INVALID_PARAMS);
+    for (api, _) in &clients {
+        assert_eq!(api.hostname(), rc.store().hostname());
+    }
+    clients[1].0.close().await.unwrap();
+    rc.shutdown().await.unwrap();
 }

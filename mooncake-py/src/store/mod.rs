@@ -96,7 +96,7 @@ impl PyStore {
         let master = config.master_server_addr.clone();
         match block_on(py, Store::setup(config)) {
             Ok(Ok(store)) => {
-                self.replace(Some(Backend::Store(store)));
+                self.replace(Some(Backend::store(store)));
                 0
             }
             Ok(Err(e)) | Err(e) => {
@@ -240,7 +240,7 @@ impl PyStore {
         });
         match r {
             Ok(Ok(d)) => {
-                self.replace(Some(Backend::Dummy(Arc::new(d))));
+                self.replace(Some(Backend::dummy(Arc::new(d))));
                 0
             }
             Ok(Err(e)) | Err(e) => {

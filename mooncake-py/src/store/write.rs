@@ -1,7 +1,7 @@
 //! put, upsert and their batch, multi-part and zero-copy forms. Return codes as upstream: 0, or
 //! a negative code (-600 invalid arguments, -200 no space, ...).
 
-use mooncake::master::ReplicateConfig;
+use mooncake::master::{ReplicateConfig, WriteKind};
 use mooncake::{Error, ErrorCode};
 use pyo3::prelude::*;
 
@@ -29,17 +29,11 @@ fn first_failure(results: Result<Vec<Result<(), Error>>, Error>) -> i64 {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Put,
-    Upsert,
-}
-
 impl PyStore {
     fn write_bytes(
         &self,
         py: Python<'_>,
-        kind: Kind,
+        kind: WriteKind,
         key: &str,
         parts: &[ByteView],
         config: ReplicateConfig,
@@ -47,10 +41,7 @@ impl PyStore {
         let slices: Vec<&[u8]> = parts.iter().map(ByteView::as_slice).collect();
         let r = self.live().and_then(|s| {
             block_on(py, async move {
-                match kind {
-                    Kind::Put => s.put_parts(key, &slices, &config).await,
-                    Kind::Upsert => s.upsert_parts(key, &slices, &config).await,
-                }
+                s.write_parts(kind, key, &slices, &config).await
             })?
         });
         log_failure("put", key, &r);
@@ -60,7 +51,7 @@ impl PyStore {
     fn write_batch(
         &self,
         py: Python<'_>,
-        kind: Kind,
+        kind: WriteKind,
         keys: &[String],
         values: &[Bound<'_, PyAny>],
         config: ReplicateConfig,
@@ -75,19 +66,17 @@ impl PyStore {
             .zip(held.iter().map(ByteView::as_slice))
             .collect();
         Ok(self.live().and_then(|s| {
-            block_on(py, async move {
-                match kind {
-                    Kind::Put => s.put_batch(&items, &config).await,
-                    Kind::Upsert => s.upsert_batch(&items, &config).await,
-                }
-            })
+            block_on(
+                py,
+                async move { s.write_batch(kind, &items, &config).await },
+            )
         }))
     }
 
     fn write_from(
         &self,
         py: Python<'_>,
-        kind: Kind,
+        kind: WriteKind,
         keys: &[String],
         ptrs: &[u64],
         sizes: &[u64],
@@ -103,10 +92,7 @@ impl PyStore {
             .collect();
         let s = self.live()?;
         block_on(py, async move {
-            match kind {
-                Kind::Put => s.batch_put_from(&items, &config).await,
-                Kind::Upsert => s.batch_upsert_from(&items, &config).await,
-            }
+            s.batch_write_from(kind, &items, &config).await
         })
     }
 }
@@ -129,7 +115,7 @@ impl PyStore {
         config: Option<PyRef<'_, PyReplicateConfig>>,
     ) -> PyResult<i64> {
         let v = [ByteView::new(value, "value")?];
-        Ok(self.write_bytes(py, Kind::Put, key, &v, core_config(config)))
+        Ok(self.write_bytes(py, WriteKind::Put, key, &v, core_config(config)))
     }
 
     /// Stores the concatenation of `parts` under `key`.
@@ -142,7 +128,7 @@ impl PyStore {
         config: Option<PyRef<'_, PyReplicateConfig>>,
     ) -> PyResult<i64> {
         let v = views(&parts, "parts")?;
-        Ok(self.write_bytes(py, Kind::Put, key, &v, core_config(config)))
+        Ok(self.write_bytes(py, WriteKind::Put, key, &v, core_config(config)))
     }
 
     /// Stores each value under its key; 0 when all succeeded, else the first failure's code.
@@ -156,7 +142,7 @@ impl PyStore {
     ) -> PyResult<i64> {
         Ok(first_failure(self.write_batch(
             py,
-            Kind::Put,
+            WriteKind::Put,
             &keys,
             &values,
             core_config(config),
@@ -174,7 +160,7 @@ impl PyStore {
     ) -> PyResult<Vec<i64>> {
         let n = keys.len();
         Ok(codes(
-            self.write_batch(py, Kind::Put, &keys, &values, core_config(config))?,
+            self.write_batch(py, WriteKind::Put, &keys, &values, core_config(config))?,
             n,
         ))
     }
@@ -189,7 +175,7 @@ impl PyStore {
         config: Option<PyRef<'_, PyReplicateConfig>>,
     ) -> PyResult<i64> {
         let v = [ByteView::new(value, "value")?];
-        Ok(self.write_bytes(py, Kind::Upsert, key, &v, core_config(config)))
+        Ok(self.write_bytes(py, WriteKind::Upsert, key, &v, core_config(config)))
     }
 
     /// Stores the concatenation of `parts` under `key`, replacing any current value.
@@ -202,7 +188,7 @@ impl PyStore {
         config: Option<PyRef<'_, PyReplicateConfig>>,
     ) -> PyResult<i64> {
         let v = views(&parts, "parts")?;
-        Ok(self.write_bytes(py, Kind::Upsert, key, &v, core_config(config)))
+        Ok(self.write_bytes(py, WriteKind::Upsert, key, &v, core_config(config)))
     }
 
     /// Upserts each value; 0 when all succeeded, else the first failure's code.
@@ -216,7 +202,7 @@ impl PyStore {
     ) -> PyResult<i64> {
         Ok(first_failure(self.write_batch(
             py,
-            Kind::Upsert,
+            WriteKind::Upsert,
             &keys,
             &values,
             core_config(config),
@@ -236,7 +222,7 @@ impl PyStore {
     ) -> i64 {
         let r = self.write_from(
             py,
-            Kind::Put,
+            WriteKind::Put,
             &[key],
             &[buffer_ptr],
             &[size],
@@ -257,7 +243,7 @@ impl PyStore {
     ) -> i64 {
         let r = self.write_from(
             py,
-            Kind::Upsert,
+            WriteKind::Upsert,
             &[key],
             &[buffer_ptr],
             &[size],
@@ -278,7 +264,7 @@ impl PyStore {
     ) -> Vec<i64> {
         let r = self.write_from(
             py,
-            Kind::Put,
+            WriteKind::Put,
             &keys,
             &buffer_ptrs,
             &sizes,
@@ -299,7 +285,7 @@ impl PyStore {
     ) -> Vec<i64> {
         let r = self.write_from(
             py,
-            Kind::Upsert,
+            WriteKind::Upsert,
             &keys,
             &buffer_ptrs,
             &sizes,

@@ -64,32 +64,12 @@ Flags (--flag=value or --flag value):
 /// Flags upstream's client accepts that this one has no use for.
 const IGNORED: &[&str] = &["threads", "enable_offload", "logtostderr", "v"];
 
-/// Parses a size: a number with an optional unit (`4096`, `16MB`, `4GB`, `1.5GiB`; units are
-/// binary, as upstream's).
-pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || Error::InvalidArgument(format!("{text:?} is not a size (e.g. 4096, 16MB, 4GB)"));
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(scale).ok_or_else(bad);
-    }
-    match num.parse::<f64>() {
-        Ok(f) if f.is_finite() && f >= 0.0 && f * (scale as f64) < u64::MAX as f64 => {
-            Ok((f * scale as f64) as u64)
-        }
-        _ => Err(bad()),
-    }
+/// Sizes of `--global_segment_size` and `--local_buffer_size` (`4096`, `16MB`, `4GB`, `1.5GiB`;
+/// units are binary, as upstream's): the crate-wide rules of [`mooncake_core::size`].
+pub use mooncake_core::parse_size;
+
+fn size_flag(name: &str, value: &str) -> Result<u64> {
+    parse_size(value).map_err(|e| Error::InvalidArgument(format!("--{name}: {e}")))
 }
 
 /// Parses the arguments after the program name.
@@ -123,8 +103,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
                     .map_err(|_| Error::InvalidArgument(format!("--port={value:?}")))?
             }
             "local_hostname" => local_hostname = Some(value),
-            "global_segment_size" => s.global_segment_size = parse_size(&value)?,
-            "local_buffer_size" => s.local_buffer_size = parse_size(&value)?,
+            "global_segment_size" => s.global_segment_size = size_flag(&name, &value)?,
+            "local_buffer_size" => s.local_buffer_size = size_flag(&name, &value)?,
             "metadata_server" => s.metadata_server = value,
             "protocol" => s.protocol = value,
             "device_name" | "device_names" | "rdma_devices" => s.device_name = value,

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mooncake_core::{Error, ErrorCode, Result};
-use mooncake_master::{MasterMetrics, ReplicaDescriptor, ReplicateConfig, TaskId, TaskInfo};
+use mooncake_master::{
+    MasterMetrics, ReplicaDescriptor, ReplicateConfig, TaskId, TaskInfo, WriteKind,
+};
 
 use super::server::{REGISTER_LEN, REGISTER_MAGIC, REGISTER_REPLY_LEN};
 use super::shm::{create_memfd, send_with_fds, Mapping, RangeAlloc};
@@ -23,7 +25,8 @@ const POOL_ALIGN: u64 = 4096;
 const STAGING_ALIGN: u64 = 64;
 
 /// A client of a real client (`mooncake_client`) on this host. Its methods mirror
-/// [`Store`](crate::store::Store)'s; zero-copy calls take addresses inside the shared pool
+/// [`Store`](crate::store::Store)'s, and both implement [`StoreApi`](crate::store::StoreApi);
+/// zero-copy calls take addresses inside the shared pool
 /// ([`alloc_from_mem_pool`](Self::alloc_from_mem_pool)).
 pub struct DummyClient {
     rpc: RpcClient,
@@ -262,9 +265,11 @@ impl DummyClient {
 
     // --- writes --------------------------------------------------------------------------------
 
-    async fn write_parts(
+    /// Stores the concatenation of `parts` under `key`: a put leaves a key that exists as it is
+    /// (success), an upsert replaces its value.
+    pub async fn write_parts(
         &self,
-        upsert: bool,
+        kind: WriteKind,
         key: &str,
         parts: &[&[u8]],
         config: &ReplicateConfig,
@@ -283,7 +288,7 @@ impl DummyClient {
                 let r = self
                     .call(Request::PutFrom {
                         session: self.session.load(Ordering::Acquire),
-                        upsert,
+                        kind,
                         items: vec![(key.to_owned(), vec![(chunk.addr(), total)])],
                         config: config.clone(),
                     })
@@ -302,7 +307,7 @@ impl DummyClient {
         }
         let r = self
             .call(Request::PutInline {
-                upsert,
+                kind,
                 key: key.to_owned(),
                 parts: parts.iter().map(|p| Blob(p.to_vec())).collect(),
                 config: config.clone(),
@@ -331,7 +336,8 @@ impl DummyClient {
 
     /// Stores `value` under `key`. A key that exists already is left as it is (success).
     pub async fn put(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
-        self.write_parts(false, key, &[value], config).await
+        self.write_parts(WriteKind::Put, key, &[value], config)
+            .await
     }
 
     /// Stores the concatenation of `parts` under `key`.
@@ -341,12 +347,13 @@ impl DummyClient {
         parts: &[&[u8]],
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_parts(false, key, parts, config).await
+        self.write_parts(WriteKind::Put, key, parts, config).await
     }
 
     /// Stores `value` under `key`, replacing any current value.
     pub async fn upsert(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
-        self.write_parts(true, key, &[value], config).await
+        self.write_parts(WriteKind::Upsert, key, &[value], config)
+            .await
     }
 
     /// Stores the concatenation of `parts` under `key`, replacing any current value.
@@ -356,12 +363,14 @@ impl DummyClient {
         parts: &[&[u8]],
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_parts(true, key, parts, config).await
+        self.write_parts(WriteKind::Upsert, key, parts, config)
+            .await
     }
 
-    async fn write_batch(
+    /// Puts or upserts each `(key, value)`; one result per item.
+    pub async fn write_batch(
         &self,
-        upsert: bool,
+        kind: WriteKind,
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
@@ -397,7 +406,7 @@ impl DummyClient {
             let r = self
                 .call(Request::PutFrom {
                     session: self.session.load(Ordering::Acquire),
-                    upsert,
+                    kind,
                     items,
                     config: config.clone(),
                 })
@@ -443,7 +452,7 @@ impl DummyClient {
                 bytes = 0;
                 let results = match self
                     .call(Request::PutBatchInline {
-                        upsert,
+                        kind,
                         items,
                         config: config.clone(),
                     })
@@ -471,7 +480,7 @@ impl DummyClient {
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        self.write_batch(false, items, config).await
+        self.write_batch(WriteKind::Put, items, config).await
     }
 
     /// Upserts each `(key, value)`; one result per item.
@@ -480,7 +489,7 @@ impl DummyClient {
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        self.write_batch(true, items, config).await
+        self.write_batch(WriteKind::Upsert, items, config).await
     }
 
     /// Splits user items into those wholly inside the pool (index, item) and refusals.
@@ -519,7 +528,7 @@ impl DummyClient {
 
     async fn write_from(
         &self,
-        upsert: bool,
+        kind: WriteKind,
         items: Vec<PoolItem>,
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
@@ -529,7 +538,7 @@ impl DummyClient {
             let results = match self
                 .call(Request::PutFrom {
                     session: self.session.load(Ordering::Acquire),
-                    upsert,
+                    kind,
                     items,
                     config: config.clone(),
                 })
@@ -556,10 +565,14 @@ impl DummyClient {
         size: u64,
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_from(false, vec![(key.to_owned(), vec![(addr, size)])], config)
-            .await
-            .pop()
-            .expect("one")
+        self.write_from(
+            WriteKind::Put,
+            vec![(key.to_owned(), vec![(addr, size)])],
+            config,
+        )
+        .await
+        .pop()
+        .expect("one")
     }
 
     /// [`put_from`](Self::put_from), replacing any current value.
@@ -570,10 +583,25 @@ impl DummyClient {
         size: u64,
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_from(true, vec![(key.to_owned(), vec![(addr, size)])], config)
+        self.write_from(
+            WriteKind::Upsert,
+            vec![(key.to_owned(), vec![(addr, size)])],
+            config,
+        )
+        .await
+        .pop()
+        .expect("one")
+    }
+
+    /// Zero-copy batch put or upsert: `(key, address, size)` inside the shared pool each.
+    pub async fn batch_write_from(
+        &self,
+        kind: WriteKind,
+        items: &[(&str, u64, u64)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_from(kind, single_buffer_items(items), config)
             .await
-            .pop()
-            .expect("one")
     }
 
     /// Zero-copy batch put: `(key, address, size)` inside the shared pool each.
@@ -583,7 +611,7 @@ impl DummyClient {
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
         let items = single_buffer_items(items);
-        self.write_from(false, items, config).await
+        self.write_from(WriteKind::Put, items, config).await
     }
 
     /// Zero-copy batch upsert: `(key, address, size)` inside the shared pool each.
@@ -593,7 +621,7 @@ impl DummyClient {
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
         let items = single_buffer_items(items);
-        self.write_from(true, items, config).await
+        self.write_from(WriteKind::Upsert, items, config).await
     }
 
     /// Zero-copy batch put where each value is the concatenation of several pool buffers.
@@ -606,7 +634,7 @@ impl DummyClient {
             .iter()
             .map(|(k, p)| ((*k).to_owned(), p.clone()))
             .collect();
-        self.write_from(false, items, config).await
+        self.write_from(WriteKind::Put, items, config).await
     }
 
     // --- reads ---------------------------------------------------------------------------------

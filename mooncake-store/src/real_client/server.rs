@@ -17,7 +17,7 @@ use super::shm::{check_memfd, recv_with_fds, Mapping};
 use super::wire::{
     to_wire, Blob, PoolItem, Reply, Request, WireError, MAX_INLINE, PROTOCOL_VERSION,
 };
-use crate::store::{Store, StoreConfig};
+use crate::store::{Store, StoreConfig, WriteKind};
 use mooncake_rpc::rpc::Handler;
 
 /// Magic of a pool registration on the Unix socket.
@@ -156,7 +156,7 @@ impl State {
     async fn put_from(
         &self,
         session: u64,
-        upsert: bool,
+        kind: WriteKind,
         items: Vec<PoolItem>,
         config: crate::store::ReplicateConfig,
     ) -> Vec<Result<()>> {
@@ -172,10 +172,9 @@ impl State {
                 .map(|&(a, n)| pool.translate(a, n).map(|r| (r, n)))
                 .collect();
             match translated {
-                Ok(p) if upsert && p.len() != 1 => out.push(Some(Err(Error::with_code(
-                    ErrorCode::NOT_SUPPORTED,
-                    "a multi-buffer upsert",
-                )))),
+                Ok(p) if kind == WriteKind::Upsert && p.len() != 1 => out.push(Some(Err(
+                    Error::with_code(ErrorCode::NOT_SUPPORTED, "a multi-buffer upsert"),
+                ))),
                 Ok(p) if p.is_empty() => out.push(Some(Err(Error::with_code(
                     ErrorCode::INVALID_PARAMS,
                     "no buffers",
@@ -193,11 +192,7 @@ impl State {
                     .iter()
                     .map(|(_, k, p)| (k.as_str(), p[0].0, p[0].1))
                     .collect();
-                if upsert {
-                    self.store.batch_upsert_from(&items, &config).await
-                } else {
-                    self.store.batch_put_from(&items, &config).await
-                }
+                self.store.batch_write_from(kind, &items, &config).await
             } else {
                 let items: Vec<(&str, Vec<(u64, u64)>)> =
                     go.iter().map(|(_, k, p)| (k.as_str(), p.clone())).collect();
@@ -283,20 +278,16 @@ impl Handler<Request, Reply> for State {
                 }
             }
             Request::PutInline {
-                upsert,
+                kind,
                 key,
                 parts,
                 config,
             } => {
                 let parts: Vec<&[u8]> = parts.iter().map(|p| p.0.as_slice()).collect();
-                Reply::Unit(to_wire(if upsert {
-                    s.upsert_parts(&key, &parts, &config).await
-                } else {
-                    s.put_parts(&key, &parts, &config).await
-                }))
+                Reply::Unit(to_wire(s.write_parts(kind, &key, &parts, &config).await))
             }
             Request::PutBatchInline {
-                upsert,
+                kind,
                 items,
                 config,
             } => {
@@ -304,18 +295,14 @@ impl Handler<Request, Reply> for State {
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.0.as_slice()))
                     .collect();
-                units(if upsert {
-                    s.upsert_batch(&items, &config).await
-                } else {
-                    s.put_batch(&items, &config).await
-                })
+                units(s.write_batch(kind, &items, &config).await)
             }
             Request::PutFrom {
                 session,
-                upsert,
+                kind,
                 items,
                 config,
-            } => units(self.put_from(session, upsert, items, config).await),
+            } => units(self.put_from(session, kind, items, config).await),
             Request::GetInline { key } => Reply::Bytes(to_wire(s.get(&key).await.and_then(|v| {
                 if v.len() > MAX_INLINE {
                     Err(Error::with_code(

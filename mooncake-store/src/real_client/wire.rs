@@ -1,7 +1,9 @@
 //! Messages between a dummy client and the real client (postcard, over [`crate::rpc`]).
 
 use mooncake_core::{Error, ErrorCode};
-use mooncake_master::{MasterMetrics, ReplicaDescriptor, ReplicateConfig, TaskId, TaskInfo};
+use mooncake_master::{
+    MasterMetrics, ReplicaDescriptor, ReplicateConfig, TaskId, TaskInfo, WriteKind,
+};
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol, checked by `Hello`.
@@ -66,21 +68,21 @@ pub(crate) enum Request {
     },
     /// Put (or upsert) of inline bytes, in parts concatenated in order.
     PutInline {
-        upsert: bool,
+        kind: WriteKind,
         key: String,
         parts: Vec<Blob>,
         config: ReplicateConfig,
     },
     /// Batch put (or upsert) of inline values.
     PutBatchInline {
-        upsert: bool,
+        kind: WriteKind,
         items: Vec<(String, Blob)>,
         config: ReplicateConfig,
     },
     /// Zero-copy put (or upsert) from the session's pool.
     PutFrom {
         session: u64,
-        upsert: bool,
+        kind: WriteKind,
         items: Vec<PoolItem>,
         config: ReplicateConfig,
     },
@@ -198,5 +200,28 @@ impl<'de> Deserialize<'de> for Blob {
             }
         }
         d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write's kind is one byte on the wire, the same bytes the `upsert: bool` it replaced
+    /// had (`Put` = 0 = false, `Upsert` = 1 = true), and it survives a round trip in a request.
+    #[test]
+    fn write_kind_is_one_byte_like_the_bool_it_replaced() {
+        for (kind, upsert) in [(WriteKind::Put, false), (WriteKind::Upsert, true)] {
+            let bytes = postcard::to_stdvec(&kind).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&upsert).unwrap());
+            let request = Request::PutBatchInline {
+                kind,
+                items: vec![("k".into(), Blob(b"v".to_vec()))],
+                config: ReplicateConfig::default(),
+            };
+            let back: Request =
+                postcard::from_bytes(&postcard::to_stdvec(&request).unwrap()).unwrap();
+            assert!(matches!(back, Request::PutBatchInline { kind: k, .. } if k == kind));
+        }
     }
 }

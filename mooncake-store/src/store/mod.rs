@@ -10,11 +10,16 @@
 //! caller's registered buffers and the replicas. Reads prefer a replica in the client's own
 //! segment (a memcpy). Results carry the store's error codes ([`ErrorCode`]).
 //!
+//! The calls a store client offers, whichever kind serves them, are the [`StoreApi`] trait: a
+//! [`Store`] and a dummy client of a real client ([`crate::real_client::DummyClient`]) both
+//! implement it.
+//!
 //! A background task sends heartbeats (remounting the segment when the master no longer knows
 //! the client, say after a master restart) and executes the copy and move tasks the master
 //! assigns to this client, including the re-replication of objects that lost a replica.
 
 mod admin;
+mod api;
 mod locations;
 mod read;
 mod reserve;
@@ -37,8 +42,9 @@ use mooncake_master_service::service::MasterService;
 use mooncake_rpc::{apply_via, MasterApi, MasterRequest, RemoteMaster, RpcClientConfig};
 use staging::Staging;
 
+pub use api::StoreApi;
 pub use locations::ReadAheadStats;
-pub use mooncake_master::ReplicateConfig;
+pub use mooncake_master::{ReplicateConfig, WriteKind};
 pub use reserve::CommitStats;
 pub use value::StagedValue;
 

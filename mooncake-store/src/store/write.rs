@@ -19,6 +19,7 @@ use futures::future::Either;
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
 use mooncake_master::{
     Command, PutItem, PutStartResponse, ReplicaDescriptor, ReplicateConfig, ReservedPut, Response,
+    WriteKind,
 };
 
 use super::reserve::Carved;
@@ -102,16 +103,43 @@ struct Prepared {
     items: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Put,
-    Upsert,
-}
-
 impl Store {
+    /// Stores the concatenation of `parts` under `key`: a put leaves a key that exists as it is
+    /// (success), an upsert replaces its value.
+    pub async fn write_parts(
+        &self,
+        kind: WriteKind,
+        key: &str,
+        parts: &[&[u8]],
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        self.write_one(kind, key, Source::Bytes(parts.to_vec()), config)
+            .await
+    }
+
+    /// Puts or upserts each `(key, value)`; one result per item.
+    pub async fn write_batch(
+        &self,
+        kind: WriteKind,
+        items: &[(&str, &[u8])],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_many(kind, bytes_items(items), config).await
+    }
+
+    /// Zero-copy batch put or upsert: `(key, address, size)` of registered memory each.
+    pub async fn batch_write_from(
+        &self,
+        kind: WriteKind,
+        items: &[(&str, u64, u64)],
+        config: &ReplicateConfig,
+    ) -> Vec<Result<()>> {
+        self.write_many(kind, registered_items(items), config).await
+    }
+
     /// Stores `value` under `key`. A key that exists already is left as it is (success).
     pub async fn put(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
-        self.write_one(Kind::Put, key, Source::Bytes(vec![value]), config)
+        self.write_one(WriteKind::Put, key, Source::Bytes(vec![value]), config)
             .await
     }
 
@@ -122,13 +150,13 @@ impl Store {
         parts: &[&[u8]],
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_one(Kind::Put, key, Source::Bytes(parts.to_vec()), config)
+        self.write_one(WriteKind::Put, key, Source::Bytes(parts.to_vec()), config)
             .await
     }
 
     /// Stores `value` under `key`, replacing any current value.
     pub async fn upsert(&self, key: &str, value: &[u8], config: &ReplicateConfig) -> Result<()> {
-        self.write_one(Kind::Upsert, key, Source::Bytes(vec![value]), config)
+        self.write_one(WriteKind::Upsert, key, Source::Bytes(vec![value]), config)
             .await
     }
 
@@ -139,8 +167,13 @@ impl Store {
         parts: &[&[u8]],
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_one(Kind::Upsert, key, Source::Bytes(parts.to_vec()), config)
-            .await
+        self.write_one(
+            WriteKind::Upsert,
+            key,
+            Source::Bytes(parts.to_vec()),
+            config,
+        )
+        .await
     }
 
     /// Stores `size` bytes of registered memory at `addr` under `key`, with no copy.
@@ -152,7 +185,7 @@ impl Store {
         config: &ReplicateConfig,
     ) -> Result<()> {
         self.write_one(
-            Kind::Put,
+            WriteKind::Put,
             key,
             Source::Registered(vec![(addr, size)]),
             config,
@@ -169,7 +202,7 @@ impl Store {
         config: &ReplicateConfig,
     ) -> Result<()> {
         self.write_one(
-            Kind::Upsert,
+            WriteKind::Upsert,
             key,
             Source::Registered(vec![(addr, size)]),
             config,
@@ -183,7 +216,8 @@ impl Store {
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        self.write_many(Kind::Put, bytes_items(items), config).await
+        self.write_many(WriteKind::Put, bytes_items(items), config)
+            .await
     }
 
     /// Upserts each `(key, value)`; one result per item.
@@ -192,7 +226,7 @@ impl Store {
         items: &[(&str, &[u8])],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        self.write_many(Kind::Upsert, bytes_items(items), config)
+        self.write_many(WriteKind::Upsert, bytes_items(items), config)
             .await
     }
 
@@ -202,7 +236,7 @@ impl Store {
         items: &[(&str, u64, u64)],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        self.write_many(Kind::Put, registered_items(items), config)
+        self.write_many(WriteKind::Put, registered_items(items), config)
             .await
     }
 
@@ -212,7 +246,7 @@ impl Store {
         items: &[(&str, u64, u64)],
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
-        self.write_many(Kind::Upsert, registered_items(items), config)
+        self.write_many(WriteKind::Upsert, registered_items(items), config)
             .await
     }
 
@@ -230,12 +264,12 @@ impl Store {
                 source: Source::Registered(parts.clone()),
             })
             .collect();
-        self.write_many(Kind::Put, items, config).await
+        self.write_many(WriteKind::Put, items, config).await
     }
 
     async fn write_one(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         key: &str,
         source: Source<'_>,
         config: &ReplicateConfig,
@@ -280,7 +314,7 @@ impl Store {
 
     async fn write_many(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         items: Vec<Item<'_>>,
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
@@ -319,7 +353,7 @@ impl Store {
     /// [`reserve`](super::reserve)), else through PutStart and PutEnd.
     async fn write_wave(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         wave: &[(usize, &Item<'_>)],
         staged_bytes: u64,
         config: &ReplicateConfig,
@@ -337,7 +371,7 @@ impl Store {
     /// current one is used up; `None` when the wave goes through PutStart instead.
     async fn carve_wave(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         wave: &[(usize, &Item<'_>)],
         config: &ReplicateConfig,
     ) -> Option<Carved> {
@@ -346,7 +380,7 @@ impl Store {
             && config.preferred_segment.is_empty()
             && config.preferred_segments.is_empty()
             && !config.prefer_alloc_in_same_node;
-        if kind != Kind::Put || chunk == 0 || !plain {
+        if kind != WriteKind::Put || chunk == 0 || !plain {
             return None;
         }
         let sizes: Vec<u64> = wave.iter().map(|(_, item)| item.source.size()).collect();
@@ -423,7 +457,7 @@ impl Store {
     /// fails, it is sent after the WRITEs are acknowledged.
     async fn write_reserved(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         wave: &[(usize, &Item<'_>)],
         staged_bytes: u64,
         config: &ReplicateConfig,
@@ -644,7 +678,7 @@ impl Store {
     /// Starts, transfers and ends the writes of one wave through PutStart and PutEnd.
     async fn write_started(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         wave: &[(usize, &Item<'_>)],
         staged_bytes: u64,
         config: &ReplicateConfig,
@@ -819,7 +853,7 @@ impl Store {
     /// exists and a put leaves it alone, or the error.
     async fn start(
         &self,
-        kind: Kind,
+        kind: WriteKind,
         wave: &[(usize, &Item<'_>)],
         config: &ReplicateConfig,
     ) -> Result<Vec<Result<Option<PutStartResponse>>>> {
@@ -828,13 +862,13 @@ impl Store {
         let results = if let [(_, item)] = wave {
             let (key, size) = (item.key.to_owned(), item.source.size());
             let command = match kind {
-                Kind::Put => Command::PutStart {
+                WriteKind::Put => Command::PutStart {
                     client_id,
                     key,
                     size,
                     config,
                 },
-                Kind::Upsert => Command::UpsertStart {
+                WriteKind::Upsert => Command::UpsertStart {
                     client_id,
                     key,
                     size,
@@ -854,12 +888,12 @@ impl Store {
                 })
                 .collect();
             let command = match kind {
-                Kind::Put => Command::BatchPutStart {
+                WriteKind::Put => Command::BatchPutStart {
                     client_id,
                     items,
                     config,
                 },
-                Kind::Upsert => Command::BatchUpsertStart {
+                WriteKind::Upsert => Command::BatchUpsertStart {
                     client_id,
                     items,
                     config,
@@ -874,7 +908,7 @@ impl Store {
             .into_iter()
             .map(|r| match r {
                 Ok(s) => Ok(Some(s)),
-                Err(ErrorCode::OBJECT_ALREADY_EXISTS) if kind == Kind::Put => Ok(None),
+                Err(ErrorCode::OBJECT_ALREADY_EXISTS) if kind == WriteKind::Put => Ok(None),
                 Err(code) => Err(Error::with_code(code, "the master refused the write")),
             })
             .collect())

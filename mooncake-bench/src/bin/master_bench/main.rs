@@ -80,21 +80,13 @@ struct Args {
     data_dir: PathBuf,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 30),
-        Some((i, 'T' | 't')) => (&t[..i], 40),
-        _ => (t, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a positive size"))
+/// A size option: [`mooncake_core::parse_size`]'s rules, and not zero.
+fn positive_size(s: &str) -> Result<u64, String> {
+    match mooncake_core::parse_size(s) {
+        Ok(0) => Err(format!("{s:?} is not a positive size")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>, String> {
@@ -217,10 +209,10 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
                     .map(|m| Mode::parse(m.trim()).ok_or(format!("--modes: unknown mode {m:?}")))
                     .collect::<Result<_, _>>()?
             }
-            "value_size" => l.value_size = parse_size(v)?,
+            "value_size" => l.value_size = positive_size(v)?,
             "replicas" => l.replicas = num(&name, v)?,
             "segments" => l.segments = num(&name, v)?,
-            "segment_size" => l.segment_size = parse_size(v)?,
+            "segment_size" => l.segment_size = positive_size(v)?,
             "exist_keys" => l.exist_keys = num(&name, v)?,
             "preload" => l.preload = num(&name, v)?,
             "group_size" => a.group_size = num(&name, v)?,
@@ -549,6 +541,17 @@ mod tests {
         ] {
             assert!(args(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sizes_take_upstream_spellings() {
+        assert_eq!(positive_size("16MB"), Ok(16 << 20));
+        assert_eq!(positive_size("16 MiB"), Ok(16 << 20));
+        assert_eq!(positive_size("4k"), Ok(4096));
+        assert!(positive_size("0").is_err());
+        assert!(positive_size("1Q").is_err());
+        let d = args(&["--segment_size=1GB"]).unwrap().unwrap();
+        assert_eq!(d.load.segment_size, 1 << 30);
     }
 
     #[test]

@@ -261,25 +261,13 @@ impl Args {
     }
 }
 
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let upper = s.trim().to_ascii_uppercase();
-    let (num, mult) = [
-        ("GIB", 1u64 << 30),
-        ("MIB", 1 << 20),
-        ("KIB", 1 << 10),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| upper.strip_suffix(suffix).map(|n| (n.trim(), *m)))
-    .unwrap_or((upper.as_str(), 1));
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("bad size {s:?}"))
+/// A size flag: [`mooncake_core::parse_size`]'s rules, and not zero.
+pub(crate) fn positive_size(s: &str) -> Result<u64, String> {
+    match mooncake_core::parse_size(s) {
+        Ok(0) => Err(format!("bad size {s:?}: must be positive")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("bad size: {e}")),
+    }
 }
 
 fn parse_secs(flag: &str, v: &str) -> Result<f64, String> {
@@ -331,7 +319,7 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
                 a.sizes = value()?
                     .split(',')
                     .filter(|p| !p.trim().is_empty())
-                    .map(parse_size)
+                    .map(positive_size)
                     .collect::<Result<_, _>>()?;
                 if a.sizes.is_empty() {
                     return Err("--sizes is empty".into());
@@ -359,18 +347,22 @@ pub(crate) fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args,
             }
             "--reservation-bytes" => {
                 let v = value()?;
-                a.reservation_bytes = Some(if v.trim() == "0" { 0 } else { parse_size(&v)? });
+                a.reservation_bytes = Some(if v.trim() == "0" {
+                    0
+                } else {
+                    positive_size(&v)?
+                });
             }
             "--commit-after-write" => a.commit_on_landing = Some(false),
             "--commit-on-landing" => a.commit_on_landing = Some(true),
             "--master-addr" => a.master_addr = Some(value()?),
             "--server-threads" => a.server_threads = parse_count(&flag, &value()?)?,
-            "--segment-size" => a.segment_size = Some(parse_size(&value()?)?),
+            "--segment-size" => a.segment_size = Some(positive_size(&value()?)?),
             "--no-prefault" => a.prefault = false,
             "--master" => a.master = Some(value()?),
             "--segment" => a.segment = Some(value()?),
             "--scratch" => a.scratch = Some(parse_hex(&value()?)?),
-            "--scratch-len" => a.scratch_len = Some(parse_size(&value()?)?),
+            "--scratch-len" => a.scratch_len = Some(positive_size(&value()?)?),
             "--echo" => {
                 let v = value()?;
                 a.echo = Some(v.parse().map_err(|_| format!("bad --echo {v:?}"))?);
@@ -716,4 +708,18 @@ fn run_server(args: &Args, raw: &[String]) -> Result<i32, String> {
     drop(server);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::positive_size;
+
+    #[test]
+    fn sizes_take_upstream_spellings() {
+        assert_eq!(positive_size("16MB"), Ok(16 << 20));
+        assert_eq!(positive_size("1GiB"), Ok(1 << 30));
+        assert_eq!(positive_size("64K"), Ok(64 << 10));
+        assert!(positive_size("0").is_err());
+        assert!(positive_size("-1M").is_err());
+    }
 }

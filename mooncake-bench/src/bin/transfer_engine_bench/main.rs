@@ -189,28 +189,13 @@ impl Args {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let upper = t.to_ascii_uppercase();
-    let (num, mult) = [
-        ("GIB", 1u64 << 30),
-        ("MIB", 1 << 20),
-        ("KIB", 1 << 10),
-        ("GB", 1 << 30),
-        ("MB", 1 << 20),
-        ("KB", 1 << 10),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| upper.strip_suffix(suffix).map(|n| (n.trim(), *m)))
-    .unwrap_or((upper.as_str(), 1));
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("bad size {s:?}"))
+/// A size flag: [`mooncake_core::parse_size`]'s rules, and not zero.
+fn positive_size(s: &str) -> Result<u64, String> {
+    match mooncake_core::parse_size(s) {
+        Ok(0) => Err(format!("bad size {s:?}: must be positive")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("bad size: {e}")),
+    }
 }
 
 fn parse_list<T>(s: &str, f: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
@@ -259,7 +244,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
                     other => return Err(format!("unknown mode {other:?}")),
                 }
             }
-            "--sizes" => a.sizes = parse_list(&value()?, parse_size)?,
+            "--sizes" => a.sizes = parse_list(&value()?, positive_size)?,
             "--batch" => a.batch = Some(parse_list(&value()?, parse_count)?),
             "--lanes" => a.lanes = parse_list(&value()?, parse_count)?,
             "--inflight" => a.inflight = parse_count(&value()?)?,
@@ -273,7 +258,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
                     .ok_or_else(|| format!("bad --seconds {v:?}"))?;
             }
             "--json" => a.json = true,
-            "--buffer-bytes" => a.buffer_bytes = Some(parse_size(&value()?)?),
+            "--buffer-bytes" => a.buffer_bytes = Some(positive_size(&value()?)?),
             "--segment" => a.segment = Some(value()?),
             "--baseline" => {
                 let v = value()?;
