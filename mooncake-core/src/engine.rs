@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
-use crate::memory::{AlignedBuffer, Location, MemoryRegistry};
+use crate::memory::{
+    AlignedBuffer, Location, MemoryProvider, MemoryRegistry, RegisteredBuffer, Registration,
+    RegistrationHook, Unregistering,
+};
 use crate::metadata::{segment_key, MetadataStore};
 use crate::transport::{
     BatchState, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus, Transport,
@@ -138,8 +141,25 @@ pub struct TransferEngine {
     discovery: Discovery,
     remote: RwLock<HashMap<String, SegmentHandle>>,
     closed: AtomicBool,
-    /// A transport maps this process's buffers from other processes: allocate them shared.
-    share_memory: bool,
+    /// Where allocated buffers come from, when a transport needs a kind of memory
+    /// ([`Capabilities::memory`](crate::transport::Capabilities)).
+    memory_provider: Option<Arc<dyn MemoryProvider>>,
+}
+
+/// Tells one transport of the segment's registrations.
+#[derive(Debug)]
+struct TransportHook(Arc<dyn Transport>);
+
+impl RegistrationHook for TransportHook {
+    fn protocol(&self) -> &str {
+        self.0.protocol()
+    }
+    fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+        self.0.on_register(buffer)
+    }
+    fn on_unregister(&self, buffer: &RegisteredBuffer) {
+        self.0.on_unregister(buffer)
+    }
 }
 
 impl fmt::Debug for TransferEngine {
@@ -161,7 +181,12 @@ impl TransferEngine {
         if config.local_hostname.is_empty() {
             return Err(Error::InvalidArgument("local_hostname is empty".into()));
         }
-        let segment = LocalSegment::new(Arc::new(MemoryRegistry::new()));
+        // Every transport hears of every registration, including those after `serve`.
+        let hooks = transports
+            .iter()
+            .map(|t| Arc::new(TransportHook(t.clone())) as Arc<dyn RegistrationHook>)
+            .collect();
+        let segment = LocalSegment::new(Arc::new(MemoryRegistry::with_hooks(hooks)));
         let mut endpoints = Vec::new();
         for t in &transports {
             let ep = t.serve(segment.clone()).await?;
@@ -181,14 +206,14 @@ impl TransferEngine {
             _ => config.local_hostname.clone(),
         };
         segment.set_name(name)?;
-        let share_memory = transports.iter().any(|t| t.shares_memory());
+        let memory_provider = transports.iter().find_map(|t| t.capabilities().memory);
         let engine = Arc::new(TransferEngine {
             segment,
             transports,
             discovery: config.discovery,
             remote: RwLock::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            share_memory,
+            memory_provider,
         });
         engine.publish().await?;
         Ok(engine)
@@ -236,24 +261,34 @@ impl TransferEngine {
     /// Allocates and registers a zeroed buffer of `len` bytes owned by the engine; returns its
     /// address.
     ///
-    /// When a transport lets peers of this host map this process's memory
-    /// ([`Transport::shares_memory`]), the buffer is shared memory (a memfd).
+    /// When a transport needs buffers of a particular kind
+    /// ([`Capabilities::memory`](crate::transport::Capabilities), shared memory that peers of
+    /// this host map), the buffer comes from it, or from ordinary memory if that fails.
     pub fn allocate_buffer(&self, len: usize, location: Location) -> Result<u64> {
-        let buffer = if self.share_memory {
-            AlignedBuffer::new_shared(len).or_else(|e| {
+        let buffer = match &self.memory_provider {
+            Some(provider) => provider.allocate(len).or_else(|e| {
                 if len > 0 {
-                    tracing::warn!("shared buffer of {len} bytes failed ({e}); using private");
+                    tracing::warn!(
+                        "buffer of {len} bytes from {provider:?} failed ({e}); using private"
+                    );
                 }
                 AlignedBuffer::new(len)
-            })?
-        } else {
-            AlignedBuffer::new(len)?
+            })?,
+            None => AlignedBuffer::new(len)?,
         };
         self.segment.memory().register_owned(buffer, location)
     }
 
-    /// Unregisters the buffer at `addr`, waiting for transfers that use it.
+    /// Unregisters the buffer at `addr` and blocks the calling thread until no transfer uses it
+    /// (for at most [`UNREGISTER_WAIT`](crate::memory::UNREGISTER_WAIT)). For synchronous
+    /// callers; async code awaits [`unregister_memory_async`](Self::unregister_memory_async).
     pub fn unregister_memory(&self, addr: u64) -> Result<()> {
+        self.segment.memory().unregister_blocking(addr)
+    }
+
+    /// Unregisters the buffer at `addr` at once; the returned future completes when no transfer
+    /// uses it any more (see [`MemoryRegistry::unregister`]).
+    pub fn unregister_memory_async(&self, addr: u64) -> Result<Unregistering> {
         self.segment.memory().unregister(addr)
     }
 

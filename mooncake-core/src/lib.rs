@@ -1,16 +1,24 @@
 //! Core of mooncake-rs, a distributed KV-cache store and transfer engine.
 //!
 //! This crate holds what every deployment shares and contains no networking code (only the
-//! passing of memfd descriptors over a Unix socket, in [`shm`]):
+//! passing of memfd descriptors over a Unix socket, in [`memfd`]):
 //! - the [`Transport`] trait (one-sided reads and writes of another process's registered memory,
-//!   in batches), implemented by the `mooncake-transport-*` crates;
+//!   in batches), implemented by the `mooncake-transport-*` crates, with its [`Capabilities`] and
+//!   its registration hooks ([`Transport::on_register`], [`Transport::on_unregister`]), through
+//!   which a transport publishes keys for each buffer and keeps what it needs with it;
 //! - the [`MetadataStore`] trait (cluster metadata with per-key revisions) and an in-memory
 //!   implementation;
 //! - the [`Allocator`] trait and a best-fit [`RangeAllocator`] for segment space;
-//! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked, and memory
-//!   shared with processes of the same host ([`shm`]: memfds and their revocation table);
+//! - registered memory ([`MemoryRegistry`]), where every access is bounds-checked and
+//!   unregistering returns a future ([`Unregistering`]) that completes once no transfer uses the
+//!   buffer; buffers of a kind a transport needs come from its [`MemoryProvider`];
+//! - a small memfd utility ([`memfd`]: sealed memfds, their mappings and descriptor passing);
 //! - the [`TransferEngine`], which owns a process's segment and runs batches over transports;
 //! - the error-code table ([`ErrorCode`]) shared with the Python API.
+//!
+//! It does not know any transport's specifics: same-host shared memory (buffers in memfds, the
+//! revocation table peers check) lives in `mooncake-transport-shm`, which supplies those buffers
+//! and attaches what it needs to each one through the registration hooks.
 //!
 //! With the `conformance` feature it also exports the transport conformance suite and an
 //! in-memory transport for tests.
@@ -36,17 +44,20 @@ pub mod error;
 pub mod master;
 #[cfg(any(test, feature = "conformance"))]
 pub mod mem_transport;
+pub mod memfd;
 pub mod memory;
 pub mod metadata;
-pub mod shm;
 pub mod transport;
 
 pub use allocator::{Allocation, Allocator, RangeAllocator};
 pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
 pub use error::{Error, ErrorCode, Result};
-pub use memory::{AlignedBuffer, BufferDesc, Location, MemRegion, MemoryRegistry};
+pub use memory::{
+    AlignedBuffer, BufferDesc, BufferKey, Location, MemRegion, MemoryProvider, MemoryRegistry,
+    ProvidedMemory, RegisteredBuffer, Registration, RegistrationHook, Unregistering,
+};
 pub use metadata::{MemoryMetadataStore, MetadataStore, StateMachine, Versioned};
 pub use transport::{
-    BatchState, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc, TransferOp,
-    TransferStatus, Transport,
+    BatchState, Capabilities, Endpoint, LandingObserver, LocalSegment, OpCode, SegmentDesc,
+    TransferOp, TransferStatus, Transport,
 };
