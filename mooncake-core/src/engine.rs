@@ -10,6 +10,11 @@
 //! goes to the first installed transport that offers an endpoint of its target and reaches its
 //! range ([`Transport::reaches`]), so a same-host shared-memory transport placed first carries
 //! what it can and TCP the rest.
+//!
+//! Every transport hears of every buffer of the segment, whenever it is registered
+//! ([`Transport::on_register`], [`Transport::on_unregister`]), and buffers the engine allocates
+//! come from the first transport that offers a [`MemoryProvider`] in its
+//! [`Capabilities`](crate::transport::Capabilities).
 
 use std::collections::HashMap;
 use std::fmt;
