@@ -545,6 +545,117 @@ mod tests {
         assert!(!has_port("host:"));
     }
 
+    /// Memory from [`Provider`]: an ordinary buffer, marked as provided.
+    struct Provided(AlignedBuffer);
+
+    // SAFETY: the wrapped buffer's memory is not inside the value (it stays put when moved),
+    // is page-aligned and non-empty, and lives until the buffer drops with this value.
+    unsafe impl crate::memory::ProvidedMemory for Provided {
+        fn addr(&self) -> u64 {
+            self.0.addr()
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    /// Hands out [`Provided`] memory, and fails for 12 KiB.
+    #[derive(Debug)]
+    struct Provider;
+
+    impl MemoryProvider for Provider {
+        fn allocate(&self, len: usize) -> Result<AlignedBuffer> {
+            if len == 12 << 10 {
+                return Err(Error::NotSupported("not that size".into()));
+            }
+            AlignedBuffer::from_provided(Provided(AlignedBuffer::new(len)?))
+        }
+    }
+
+    /// A transport that only records what it hears of registrations.
+    #[derive(Debug, Default)]
+    struct Hooked {
+        log: std::sync::Mutex<Vec<(&'static str, u64, bool)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Hooked {
+        fn protocol(&self) -> &'static str {
+            "hooked"
+        }
+        fn capabilities(&self) -> crate::transport::Capabilities {
+            crate::transport::Capabilities {
+                one_sided: false,
+                memory: Some(Arc::new(Provider)),
+            }
+        }
+        fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+            let provided = buffer.provided::<Provided>().is_some();
+            let entry = ("register", buffer.addr(), provided);
+            self.log.lock().unwrap().push(entry);
+            Ok(Registration {
+                keys: Some(vec![buffer.len()]),
+                attachment: None,
+            })
+        }
+        fn on_unregister(&self, buffer: &RegisteredBuffer) {
+            let entry = ("unregister", buffer.addr(), false);
+            self.log.lock().unwrap().push(entry);
+        }
+        async fn serve(&self, _: Arc<LocalSegment>) -> Result<crate::transport::Endpoint> {
+            Ok(crate::transport::Endpoint {
+                protocol: "hooked".into(),
+                address: "nowhere".into(),
+            })
+        }
+        async fn transfer(&self, _: &SegmentDesc, ops: Vec<TransferOp>, batch: &Arc<BatchState>) {
+            for op in ops {
+                batch.complete(op.index, Err(Error::NotSupported("records only".into())));
+            }
+        }
+        async fn shutdown(&self) {}
+    }
+
+    #[tokio::test]
+    async fn transports_hear_of_registrations_after_start_and_provide_memory() {
+        let hooked = Arc::new(Hooked::default());
+        let e = TransferEngine::start(EngineConfig::new("local:1"), vec![hooked.clone()])
+            .await
+            .unwrap();
+        let a = e.allocate_buffer(8192, Location::cpu(0)).unwrap();
+        // The provider fails for this size: ordinary memory, still announced.
+        let b = e.allocate_buffer(12 << 10, Location::cpu(0)).unwrap();
+        let owned = AlignedBuffer::new(4096).unwrap();
+        let o = owned.addr();
+        // SAFETY: `owned` outlives its registration (unregistered and waited for below).
+        unsafe { e.register_memory(o, 4096, Location::cpu(0)) }.unwrap();
+        let desc = e.local_descriptor();
+        let key = |addr| {
+            desc.buffers
+                .iter()
+                .find(|d| d.addr == addr)
+                .unwrap()
+                .key("hooked")
+        };
+        assert_eq!(key(a), Some(&[8192][..]));
+        assert_eq!(key(b), Some(&[12 << 10][..]));
+        assert_eq!(key(o), Some(&[4096][..]));
+        e.unregister_memory_async(o).unwrap().await;
+        e.unregister_memory(a).unwrap();
+        drop(owned);
+        assert_eq!(
+            *hooked.log.lock().unwrap(),
+            vec![
+                ("register", a, true),
+                ("register", b, false),
+                ("register", o, false),
+                ("unregister", o, false),
+                ("unregister", a, false),
+            ]
+        );
+        e.shutdown().await;
+    }
+
     #[tokio::test]
     async fn same_process_transfers_use_memcpy() {
         let e = TransferEngine::start(EngineConfig::new("local:1"), vec![])
