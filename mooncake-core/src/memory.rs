@@ -21,16 +21,20 @@ use std::alloc::{self, Layout};
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+mod hooks;
+mod release;
+
+pub use hooks::{MemoryProvider, ProvidedMemory, Registration, RegistrationHook};
+use release::Release;
+pub use release::Unregistering;
 
 /// Where a buffer lives, as upstream names it: `cpu:0`, `cuda:1`, ... (`*` for "anywhere").
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,34 +57,6 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Memory for buffers that a [`MemoryProvider`] makes, wrapped into an [`AlignedBuffer`] with
-/// [`AlignedBuffer::from_provided`]. The buffer owns the value and drops it (releasing the
-/// memory) once the buffer is unregistered and no region of it is left.
-///
-/// # Safety
-/// [`addr`](Self::addr) and [`len`](Self::len) never change (not even when the value is moved:
-/// the memory is not inside it), `len` is non-zero, `addr` is aligned to [`AlignedBuffer::ALIGN`],
-/// and `[addr, addr + len)` stays valid for reads and writes by any thread until the value is
-/// dropped.
-pub unsafe trait ProvidedMemory: Any + Send + Sync {
-    /// Start address.
-    fn addr(&self) -> u64;
-    /// Length in bytes.
-    fn len(&self) -> usize;
-    /// Always false: provided memory is non-empty.
-    fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-/// Where the engine takes memory for the buffers it allocates, when a transport needs them to be
-/// of a particular kind (the shared-memory transport: memfds that peers of this host can map).
-/// A transport offers one in its [`Capabilities`](crate::transport::Capabilities).
-pub trait MemoryProvider: Send + Sync + fmt::Debug {
-    /// A zeroed buffer of `len` bytes (non-zero), page-aligned.
-    fn allocate(&self, len: usize) -> Result<AlignedBuffer>;
 }
 
 /// What backs an [`AlignedBuffer`].
@@ -338,129 +314,6 @@ impl BufferDesc {
     }
 }
 
-/// What a [`RegistrationHook`] tells the registry about a buffer being registered.
-#[derive(Default)]
-pub struct Registration {
-    /// Keys to publish in the buffer's descriptor under the hook's protocol (`Some(vec![])`
-    /// publishes an empty entry, which can itself mean something to the transport's peers).
-    pub keys: Option<Vec<u64>>,
-    /// Kept with the buffer until it is released (unregistered and no region left), then
-    /// dropped before its memory is: RDMA memory regions, a shared-memory slot. Found again with
-    /// [`RegisteredBuffer::attachment`].
-    pub attachment: Option<Box<dyn Any + Send + Sync>>,
-}
-
-impl fmt::Debug for Registration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registration")
-            .field("keys", &self.keys)
-            .field("attachment", &self.attachment.is_some())
-            .finish()
-    }
-}
-
-/// Told of every buffer registered in a [`MemoryRegistry`] and of every one being unregistered,
-/// including those registered after the engine started. The engine installs one per transport,
-/// forwarding to [`Transport::on_register`](crate::Transport::on_register) and
-/// [`Transport::on_unregister`](crate::Transport::on_unregister).
-pub trait RegistrationHook: Send + Sync + fmt::Debug {
-    /// Protocol the keys are published under.
-    fn protocol(&self) -> &str;
-    /// `buffer` is about to be registered. An error fails the registration (hooks that already
-    /// accepted it get [`on_unregister`](Self::on_unregister)).
-    fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration>;
-    /// `buffer` was registered and is being unregistered (or its registration failed after
-    /// this hook accepted it): peers must not reach it through this hook's transport from now
-    /// on. Regions of it may still be in use by local transfers; its memory and attachments
-    /// stay until they are gone.
-    fn on_unregister(&self, buffer: &RegisteredBuffer);
-}
-
-/// Completion of an unregistered buffer's release, shared by the buffer and its waiters.
-#[derive(Debug, Default)]
-struct Release {
-    state: Mutex<ReleaseState>,
-    cond: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct ReleaseState {
-    done: bool,
-    waker: Option<Waker>,
-}
-
-impl Release {
-    fn complete(&self) {
-        let waker = {
-            let mut s = self.state.lock().expect("release lock");
-            s.done = true;
-            s.waker.take()
-        };
-        self.cond.notify_all();
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-}
-
-/// Returned by [`MemoryRegistry::unregister`]: the buffer is already unregistered (no new
-/// access can start, transports were told); this future completes once no transfer holds a
-/// region of it any more, after which its memory is released (registry-owned) or the caller may
-/// free it (caller-owned). Dropping it does not undo anything; it just stops waiting.
-#[derive(Debug)]
-pub struct Unregistering {
-    addr: u64,
-    release: Arc<Release>,
-}
-
-impl Unregistering {
-    /// True once every region of the buffer is gone.
-    pub fn is_done(&self) -> bool {
-        self.release.state.lock().expect("release lock").done
-    }
-
-    /// Blocks the calling thread until every region of the buffer is gone, for at most
-    /// `timeout`. For callers outside async code only: it parks the thread.
-    pub fn wait_blocking(self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.release.state.lock().expect("release lock");
-        while !s.done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::with_code(
-                    crate::ErrorCode::OBJECT_REPLICA_BUSY,
-                    format!(
-                        "buffer {:#x} still in use by transfers after {timeout:?}",
-                        self.addr
-                    ),
-                ));
-            }
-            s = self
-                .release
-                .cond
-                .wait_timeout(s, left)
-                .expect("release lock")
-                .0;
-        }
-        Ok(())
-    }
-}
-
-impl Future for Unregistering {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.release.state.lock().expect("release lock");
-        if s.done {
-            return Poll::Ready(());
-        }
-        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            s.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
-
 /// A validated byte range inside one registered buffer, which stays registered while this
 /// region (or a clone) lives.
 #[derive(Clone)]
@@ -707,10 +560,7 @@ impl MemoryRegistry {
         };
         // Peers stop reaching it (revoked keys, shared-memory slots) before local users end.
         self.hooks.iter().for_each(|h| h.on_unregister(&buf));
-        Ok(Unregistering {
-            addr,
-            release: buf.release.clone(),
-        })
+        Ok(Unregistering::new(addr, buf.release.clone()))
         // `buf` drops here: when no region is left, that releases the buffer at once.
     }
 
@@ -786,252 +636,4 @@ pub fn range_within(base: u64, size: u64, addr: u64, len: u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn register_resolve_unregister() {
-        let reg = MemoryRegistry::new();
-        let a = reg
-            .register_owned(AlignedBuffer::new(8192).unwrap(), Location::cpu(0))
-            .unwrap();
-        let r = reg.resolve(a + 100, 200).unwrap();
-        r.write_from(&[7u8; 200]).unwrap();
-        assert_eq!(reg.resolve(a + 100, 200).unwrap().to_vec(), vec![7u8; 200]);
-        assert!(reg.resolve(a + 8000, 200).is_err());
-        assert!(reg.resolve(a - 1, 2).is_err());
-        assert!(reg.resolve(a, u64::MAX).is_err());
-        assert!(reg.resolve(u64::MAX - 2, 10).is_err());
-        assert!(reg.resolve(a + 8192, 0).is_ok());
-        drop(r);
-        assert!(reg.unregister(a).unwrap().is_done());
-        assert!(reg.resolve(a, 1).is_err());
-        assert!(matches!(reg.unregister(a), Err(Error::NotRegistered(_))));
-    }
-
-    #[test]
-    fn large_buffers_are_mapped_zeroed_and_aligned() {
-        for len in [
-            AlignedBuffer::MAP_THRESHOLD - 1,
-            AlignedBuffer::MAP_THRESHOLD,
-            64 << 20,
-        ] {
-            let b = AlignedBuffer::new(len).unwrap();
-            assert_eq!(b.addr() % AlignedBuffer::ALIGN as u64, 0);
-            let reg = MemoryRegistry::new();
-            let a = reg.register_owned(b, Location::cpu(0)).unwrap();
-            let tail = reg.resolve(a + len as u64 - 4096, 4096).unwrap();
-            assert!(tail.to_vec().iter().all(|&x| x == 0));
-            tail.write_from(&[9u8; 4096]).unwrap();
-            assert_eq!(tail.to_vec(), vec![9u8; 4096]);
-            drop(tail);
-            reg.unregister_blocking(a).unwrap();
-        }
-    }
-
-    #[test]
-    fn overlapping_and_empty_registrations_are_refused() {
-        let reg = MemoryRegistry::new();
-        let buf = AlignedBuffer::new(4096).unwrap();
-        let a = buf.addr();
-        // SAFETY: `buf` outlives the registration (unregistered below before drop).
-        unsafe {
-            reg.register(a, 4096, Location::cpu(0)).unwrap();
-            assert!(matches!(
-                reg.register(a + 10, 10, Location::cpu(0)),
-                Err(Error::AddressOverlapped { .. })
-            ));
-            assert!(reg.register(a + 4096, 0, Location::cpu(0)).is_err());
-        }
-        reg.unregister_blocking(a).unwrap();
-        drop(buf);
-    }
-
-    #[test]
-    fn unregister_blocking_waits_for_regions() {
-        let reg = Arc::new(MemoryRegistry::new());
-        let a = reg
-            .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
-            .unwrap();
-        let region = reg.resolve(a, 16).unwrap();
-        let t = std::thread::spawn(move || reg.unregister_blocking(a));
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(!t.is_finished(), "unregister must wait for the live region");
-        region.write_from(&[1u8; 16]).unwrap();
-        drop(region);
-        t.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn unregister_blocking_gives_up_after_its_bound() {
-        let reg = MemoryRegistry::new();
-        let a = reg
-            .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
-            .unwrap();
-        let region = reg.resolve(a, 16).unwrap();
-        let waiting = reg.unregister(a).unwrap();
-        let e = waiting
-            .wait_blocking(Duration::from_millis(20))
-            .unwrap_err();
-        assert_eq!(e.code(), crate::ErrorCode::OBJECT_REPLICA_BUSY);
-        // The memory stays valid for the region that still holds it.
-        region.write_from(&[2u8; 16]).unwrap();
-    }
-
-    #[tokio::test]
-    async fn unregister_future_completes_when_the_last_region_goes() {
-        let reg = MemoryRegistry::new();
-        let a = reg
-            .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
-            .unwrap();
-        let region = reg.resolve(a, 16).unwrap();
-        let copy = region.slice(4, 4).unwrap();
-        let mut waiting = reg.unregister(a).unwrap();
-        assert!(reg.resolve(a, 1).is_err(), "no new access after unregister");
-        assert!(!waiting.is_done());
-        let poll_once =
-            |w: &mut Unregistering| futures::FutureExt::now_or_never(Pin::new(w)).is_some();
-        assert!(!poll_once(&mut waiting));
-        drop(region);
-        assert!(!poll_once(&mut waiting), "a sub-region still holds it");
-        let waiter = tokio::spawn(waiting);
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        drop(copy);
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("woken by the last region")
-            .unwrap();
-        // Without regions it is done at once.
-        let b = reg
-            .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
-            .unwrap();
-        let w = reg.unregister(b).unwrap();
-        assert!(w.is_done());
-        w.await;
-    }
-
-    /// Records what it is told; attaches a value whose drop it also records.
-    #[derive(Debug, Default)]
-    struct Recorder {
-        fail_len: Option<u64>,
-        log: Mutex<Vec<String>>,
-    }
-
-    struct Attached(Arc<Recorder>, u64);
-
-    impl Drop for Attached {
-        fn drop(&mut self) {
-            self.0
-                .log
-                .lock()
-                .unwrap()
-                .push(format!("drop {:#x}", self.1));
-        }
-    }
-
-    #[derive(Debug)]
-    struct Hook(&'static str, Arc<Recorder>);
-
-    impl RegistrationHook for Hook {
-        fn protocol(&self) -> &str {
-            self.0
-        }
-        fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
-            if self.1.fail_len == Some(buffer.len()) {
-                return Err(Error::NotSupported("refused".into()));
-            }
-            self.1
-                .log
-                .lock()
-                .unwrap()
-                .push(format!("{} register {:#x}", self.0, buffer.addr()));
-            Ok(Registration {
-                keys: Some(vec![buffer.len(), 7]),
-                attachment: Some(Box::new(Attached(self.1.clone(), buffer.addr()))),
-            })
-        }
-        fn on_unregister(&self, buffer: &RegisteredBuffer) {
-            self.1
-                .log
-                .lock()
-                .unwrap()
-                .push(format!("{} unregister {:#x}", self.0, buffer.addr()));
-        }
-    }
-
-    #[test]
-    fn hooks_publish_keys_keep_attachments_and_hear_of_unregistration() {
-        let first = Arc::new(Recorder::default());
-        let second = Arc::new(Recorder {
-            fail_len: Some(8192),
-            ..Recorder::default()
-        });
-        let reg = MemoryRegistry::with_hooks(vec![
-            Arc::new(Hook("one", first.clone())),
-            Arc::new(Hook("two", second.clone())),
-        ]);
-        let a = reg
-            .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
-            .unwrap();
-        let desc = &reg.descriptors()[0];
-        assert_eq!(desc.key("one"), Some(&[4096, 7][..]));
-        assert_eq!(desc.key("two"), Some(&[4096, 7][..]));
-        assert_eq!(desc.key("tcp"), None);
-        let region = reg.resolve(a, 8).unwrap();
-        let att = region.buffer().attachment::<Attached>().unwrap();
-        assert_eq!(att.1, a);
-        assert!(region.buffer().attachment::<u32>().is_none());
-        let waiting = reg.unregister(a).unwrap();
-        let log = |r: &Recorder| r.log.lock().unwrap().clone();
-        assert_eq!(
-            log(&first),
-            vec![
-                format!("one register {a:#x}"),
-                format!("one unregister {a:#x}")
-            ]
-        );
-        drop(region);
-        assert!(waiting.is_done());
-        assert_eq!(log(&first).last(), Some(&format!("drop {a:#x}")));
-        // A hook's refusal fails the registration; the hooks before it are told.
-        let refused = AlignedBuffer::new(8192).unwrap();
-        let b = refused.addr();
-        assert!(reg.register_owned(refused, Location::cpu(0)).is_err());
-        assert!(reg.resolve(b, 1).is_err());
-        assert_eq!(
-            log(&first)[3..],
-            [
-                format!("one register {b:#x}"),
-                format!("one unregister {b:#x}"),
-                format!("drop {b:#x}")
-            ]
-        );
-        assert_eq!(log(&second).len(), 3, "never told of the refused buffer");
-    }
-
-    proptest! {
-        #[test]
-        fn resolve_agrees_with_naive_check(
-            sizes in proptest::collection::vec(1u64..10_000, 1..6),
-            probes in proptest::collection::vec((any::<u64>(), any::<u64>(), 0usize..6, 0u64..12_000, 0u64..12_000), 1..64),
-        ) {
-            let reg = MemoryRegistry::new();
-            let mut bufs = Vec::new();
-            for s in &sizes {
-                let a = reg.register_owned(AlignedBuffer::new(*s as usize).unwrap(), Location::cpu(0)).unwrap();
-                bufs.push((a, *s));
-            }
-            for (raw_addr, raw_len, which, off, len) in probes {
-                // Mix wild probes with probes near real buffers.
-                for (addr, len) in [(raw_addr, raw_len), (bufs[which % bufs.len()].0.wrapping_add(off), len)] {
-                    let naive = bufs.iter().any(|&(b, s)| {
-                        (addr as u128) >= b as u128 && (addr as u128 + len as u128) <= (b as u128 + s as u128)
-                    });
-                    prop_assert_eq!(reg.resolve(addr, len).is_ok(), naive, "addr {:#x} len {}", addr, len);
-                }
-            }
-        }
-    }
-}
+mod tests;

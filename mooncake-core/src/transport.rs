@@ -323,8 +323,8 @@ pub struct Capabilities {
     pub one_sided: bool,
     /// Where buffers the engine allocates should come from, because this transport can expose
     /// only memory of that kind to peers (shared memory: memfds that processes of this host can
-    /// map). The engine uses the first installed transport's provider. Default: none, ordinary
-    /// memory.
+    /// map). The engine uses the provider of the first installed transport that offers one.
+    /// Default: none, ordinary memory.
     pub memory: Option<Arc<dyn MemoryProvider>>,
 }
 
