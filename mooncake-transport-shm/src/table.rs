@@ -247,6 +247,22 @@ mod tests {
     }
 
     #[test]
+    fn an_unsealed_table_is_refused() {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain system call with a valid C string.
+        let raw = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a new descriptor owned by nobody else.
+        let plain = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sizing our own descriptor.
+        assert_eq!(
+            unsafe { libc::ftruncate(plain.as_raw_fd(), TABLE_BYTES as libc::off_t) },
+            0
+        );
+        assert!(SlotView::map(&plain).is_err(), "a peer could shrink it");
+    }
+
+    #[test]
     fn table_runs_out_of_slots_cleanly() {
         let table = SlotTable::new().unwrap();
         for _ in 0..SLOTS {
