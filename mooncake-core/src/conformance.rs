@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::engine::{EngineConfig, TransferEngine, TransferRequest};
 use crate::error::Error;
-use crate::memory::Location;
+use crate::memory::{AlignedBuffer, Location};
 use crate::transport::{OpCode, TransferStatus, Transport};
 
 /// What a transport's tests provide to the suite.
@@ -27,6 +27,11 @@ pub trait Harness: Send + Sync {
     fn failure_bound(&self) -> Duration {
         Duration::from_secs(10)
     }
+    /// Protocols whose transport publishes keys ([`BufferDesc::key`](crate::BufferDesc::key))
+    /// for every buffer the engine allocates. Default: none.
+    fn keyed_protocols(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each building its harness with `$make`.
@@ -37,7 +42,7 @@ macro_rules! conformance_tests {
             read_and_write, batch_of_mixed_requests, zero_length_requests,
             local_bounds_violation, remote_bounds_violation, large_requests,
             peer_death, concurrent_batches, submit_reports_status, unknown_segment,
-            landing_notices);
+            landing_notices, registration_after_serve, unregistration_during_transfer);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -550,6 +555,179 @@ pub async fn landing_notices(h: &dyn Harness) {
     assert_eq!(at, remote + BIG as u64);
     let rest: Vec<(u64, u64)> = pieces.map(|s| (s.0, s.1)).collect();
     assert_eq!(rest, vec![(remote + BIG as u64 + 4096, 100)]);
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// Buffers registered after both engines started (after every transport's `serve`) reach the
+/// transports: a peer that looks the segment up again sees them with the keys the target's
+/// transports published, and moves bytes to and from them; requests into an engine-allocated
+/// one go to the first transport. Caller-owned memory registered late works too.
+pub async fn registration_after_serve(h: &dyn Harness) {
+    let p = pair(h).await;
+    const LEN: usize = 1 << 16;
+    let name = p.target.segment_name().to_owned();
+    let local = p.initiator.allocate_buffer(LEN, Location::cpu(0)).unwrap();
+    let before = p.initiator.open_segment(&name).await.unwrap();
+    let allocated = p.target.allocate_buffer(LEN, Location::cpu(0)).unwrap();
+    let owned = AlignedBuffer::new(LEN).unwrap();
+    // SAFETY: `owned` outlives its registration: unregistered (and waited for) before it drops.
+    unsafe {
+        p.target
+            .register_memory(owned.addr(), LEN as u64, Location::cpu(0))
+            .unwrap();
+    }
+    p.target.publish().await.unwrap();
+    assert!(
+        !before.buffers.iter().any(|b| b.addr == allocated),
+        "the cached descriptor predates the buffer"
+    );
+    let seg = p.initiator.refresh_segment(&name).await.unwrap();
+    let theirs = p.target.local_descriptor();
+    for addr in [allocated, owned.addr()] {
+        let seen = seg
+            .buffers
+            .iter()
+            .find(|b| b.addr == addr)
+            .expect("the peer sees the late buffer");
+        let own = theirs.buffers.iter().find(|b| b.addr == addr).unwrap();
+        assert_eq!(seen, own, "the peer sees the same keys");
+        for k in &seen.keys {
+            assert!(
+                theirs.endpoint(&k.protocol).is_some(),
+                "key of a transport the target does not serve: {k:?}"
+            );
+        }
+    }
+    let seen = seg.buffers.iter().find(|b| b.addr == allocated).unwrap();
+    for protocol in h.keyed_protocols() {
+        assert!(
+            seen.key(protocol).is_some(),
+            "{protocol} published no key for a buffer allocated after serve: {seen:?}"
+        );
+    }
+    let first = p.initiator.transports()[0].protocol();
+    assert_eq!(
+        p.initiator
+            .carrier(&seg, allocated, LEN as u64)
+            .map(|t| t.protocol()),
+        Some(first)
+    );
+    for (i, remote) in [allocated, owned.addr()].into_iter().enumerate() {
+        let data = pattern(20 + i as u64, LEN);
+        fill(&p.target, remote, &data);
+        let r = p
+            .initiator
+            .transfer(vec![TransferRequest::read(&seg, remote, local, LEN as u64)])
+            .await;
+        r[0].as_ref().expect("read from a late buffer");
+        assert!(read(&p.initiator, local, LEN) == data);
+        let back = pattern(30 + i as u64, LEN);
+        fill(&p.initiator, local, &back);
+        let r = p
+            .initiator
+            .transfer(vec![TransferRequest::write(
+                &seg, remote, local, LEN as u64,
+            )])
+            .await;
+        r[0].as_ref().expect("write into a late buffer");
+        assert!(read(&p.target, remote, LEN) == back);
+    }
+    tokio::time::timeout(
+        h.failure_bound(),
+        p.target.unregister_memory_async(owned.addr()).unwrap(),
+    )
+    .await
+    .expect("nothing holds the buffer");
+    drop(owned);
+    p.initiator.shutdown().await;
+    p.target.shutdown().await;
+}
+
+/// Unregistering a buffer while a transfer uses it, on either side: the transfer completes
+/// entirely or fails cleanly, the unregistration's future completes only once the transfer has
+/// let go of the buffer (so a caller may free it then), and later requests into it fail.
+/// Repeated with the unregistration at several points of the transfer.
+pub async fn unregistration_during_transfer(h: &dyn Harness) {
+    let p = pair(h).await;
+    const LEN: usize = 8 << 20;
+    let name = p.target.segment_name().to_owned();
+    let bound = h.failure_bound();
+    let data = pattern(11, LEN);
+    for delay in [0, 200, 1000, 3000].map(Duration::from_micros) {
+        // The initiator's source (caller-owned) is unregistered under a WRITE.
+        let remote = p.target.allocate_buffer(LEN, Location::cpu(0)).unwrap();
+        let src = AlignedBuffer::new(LEN).unwrap();
+        // SAFETY: `src` is freed only after its unregistration's future completed.
+        unsafe {
+            p.initiator
+                .register_memory(src.addr(), LEN as u64, Location::cpu(0))
+                .unwrap();
+        }
+        fill(&p.initiator, src.addr(), &data);
+        let seg = p.initiator.refresh_segment(&name).await.unwrap();
+        let batch = p.initiator.submit(vec![TransferRequest::write(
+            &seg,
+            remote,
+            src.addr(),
+            LEN as u64,
+        )]);
+        tokio::time::sleep(delay).await;
+        let released = p.initiator.unregister_memory_async(src.addr()).unwrap();
+        tokio::time::timeout(bound, released)
+            .await
+            .expect("the unregistration completes once the transfer is done");
+        let done_when_released = batch.is_done();
+        let src_addr = src.addr();
+        drop(src);
+        let r = tokio::time::timeout(bound, batch.wait())
+            .await
+            .expect("the transfer finishes");
+        match &r[0] {
+            Ok(()) => {
+                assert!(done_when_released, "released before the WRITE completed");
+                assert!(
+                    read(&p.target, remote, LEN) == data,
+                    "a WRITE reported complete moved every byte ({delay:?})"
+                );
+            }
+            // Unregistered before the batch resolved its local range: nothing was sent.
+            Err(Error::LocalRangeNotRegistered { .. }) => {}
+            Err(e) => assert!(done_when_released, "released before the WRITE failed ({e})"),
+        }
+        let r = p
+            .initiator
+            .transfer(vec![TransferRequest::write(&seg, remote, src_addr, 1)])
+            .await;
+        assert!(r[0].is_err(), "the unregistered source is refused");
+
+        // The target's buffer is unregistered under a READ from it.
+        let dst = p.initiator.allocate_buffer(LEN, Location::cpu(0)).unwrap();
+        fill(&p.target, remote, &data);
+        let batch = p
+            .initiator
+            .submit(vec![TransferRequest::read(&seg, remote, dst, LEN as u64)]);
+        tokio::time::sleep(delay).await;
+        let released = p.target.unregister_memory_async(remote).unwrap();
+        tokio::time::timeout(bound, released)
+            .await
+            .expect("the target's unregistration completes");
+        let r = tokio::time::timeout(bound, batch.wait())
+            .await
+            .expect("the transfer finishes");
+        if r[0].is_ok() {
+            assert!(
+                read(&p.initiator, dst, LEN) == data,
+                "a READ reported complete moved every byte ({delay:?})"
+            );
+        }
+        let r = p
+            .initiator
+            .transfer(vec![TransferRequest::read(&seg, remote, dst, 4096)])
+            .await;
+        assert!(r[0].is_err(), "the unregistered target buffer is refused");
+        p.initiator.unregister_memory_async(dst).unwrap().await;
+    }
     p.initiator.shutdown().await;
     p.target.shutdown().await;
 }

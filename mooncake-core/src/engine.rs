@@ -10,6 +10,11 @@
 //! goes to the first installed transport that offers an endpoint of its target and reaches its
 //! range ([`Transport::reaches`]), so a same-host shared-memory transport placed first carries
 //! what it can and TCP the rest.
+//!
+//! Every transport hears of every buffer of the segment, whenever it is registered
+//! ([`Transport::on_register`], [`Transport::on_unregister`]), and buffers the engine allocates
+//! come from the first transport that offers a [`MemoryProvider`] in its
+//! [`Capabilities`](crate::transport::Capabilities).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
-use crate::memory::{AlignedBuffer, Location, MemoryRegistry};
+use crate::memory::{
+    AlignedBuffer, Location, MemoryProvider, MemoryRegistry, RegisteredBuffer, Registration,
+    RegistrationHook, Unregistering,
+};
 use crate::metadata::{segment_key, MetadataStore};
 use crate::transport::{
     BatchState, LocalSegment, OpCode, SegmentDesc, TransferOp, TransferStatus, Transport,
@@ -138,8 +146,25 @@ pub struct TransferEngine {
     discovery: Discovery,
     remote: RwLock<HashMap<String, SegmentHandle>>,
     closed: AtomicBool,
-    /// A transport maps this process's buffers from other processes: allocate them shared.
-    share_memory: bool,
+    /// Where allocated buffers come from, when a transport needs a kind of memory
+    /// ([`Capabilities::memory`](crate::transport::Capabilities)).
+    memory_provider: Option<Arc<dyn MemoryProvider>>,
+}
+
+/// Tells one transport of the segment's registrations.
+#[derive(Debug)]
+struct TransportHook(Arc<dyn Transport>);
+
+impl RegistrationHook for TransportHook {
+    fn protocol(&self) -> &str {
+        self.0.protocol()
+    }
+    fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+        self.0.on_register(buffer)
+    }
+    fn on_unregister(&self, buffer: &RegisteredBuffer) {
+        self.0.on_unregister(buffer)
+    }
 }
 
 impl fmt::Debug for TransferEngine {
@@ -161,7 +186,12 @@ impl TransferEngine {
         if config.local_hostname.is_empty() {
             return Err(Error::InvalidArgument("local_hostname is empty".into()));
         }
-        let segment = LocalSegment::new(Arc::new(MemoryRegistry::new()));
+        // Every transport hears of every registration, including those after `serve`.
+        let hooks = transports
+            .iter()
+            .map(|t| Arc::new(TransportHook(t.clone())) as Arc<dyn RegistrationHook>)
+            .collect();
+        let segment = LocalSegment::new(Arc::new(MemoryRegistry::with_hooks(hooks)));
         let mut endpoints = Vec::new();
         for t in &transports {
             let ep = t.serve(segment.clone()).await?;
@@ -181,14 +211,14 @@ impl TransferEngine {
             _ => config.local_hostname.clone(),
         };
         segment.set_name(name)?;
-        let share_memory = transports.iter().any(|t| t.shares_memory());
+        let memory_provider = transports.iter().find_map(|t| t.capabilities().memory);
         let engine = Arc::new(TransferEngine {
             segment,
             transports,
             discovery: config.discovery,
             remote: RwLock::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            share_memory,
+            memory_provider,
         });
         engine.publish().await?;
         Ok(engine)
@@ -236,24 +266,34 @@ impl TransferEngine {
     /// Allocates and registers a zeroed buffer of `len` bytes owned by the engine; returns its
     /// address.
     ///
-    /// When a transport lets peers of this host map this process's memory
-    /// ([`Transport::shares_memory`]), the buffer is shared memory (a memfd).
+    /// When a transport needs buffers of a particular kind
+    /// ([`Capabilities::memory`](crate::transport::Capabilities), shared memory that peers of
+    /// this host map), the buffer comes from it, or from ordinary memory if that fails.
     pub fn allocate_buffer(&self, len: usize, location: Location) -> Result<u64> {
-        let buffer = if self.share_memory {
-            AlignedBuffer::new_shared(len).or_else(|e| {
+        let buffer = match &self.memory_provider {
+            Some(provider) => provider.allocate(len).or_else(|e| {
                 if len > 0 {
-                    tracing::warn!("shared buffer of {len} bytes failed ({e}); using private");
+                    tracing::warn!(
+                        "buffer of {len} bytes from {provider:?} failed ({e}); using private"
+                    );
                 }
                 AlignedBuffer::new(len)
-            })?
-        } else {
-            AlignedBuffer::new(len)?
+            })?,
+            None => AlignedBuffer::new(len)?,
         };
         self.segment.memory().register_owned(buffer, location)
     }
 
-    /// Unregisters the buffer at `addr`, waiting for transfers that use it.
+    /// Unregisters the buffer at `addr` and blocks the calling thread until no transfer uses it
+    /// (for at most [`UNREGISTER_WAIT`](crate::memory::UNREGISTER_WAIT)). For synchronous
+    /// callers; async code awaits [`unregister_memory_async`](Self::unregister_memory_async).
     pub fn unregister_memory(&self, addr: u64) -> Result<()> {
+        self.segment.memory().unregister_blocking(addr)
+    }
+
+    /// Unregisters the buffer at `addr` at once; the returned future completes when no transfer
+    /// uses it any more (see [`MemoryRegistry::unregister`]).
+    pub fn unregister_memory_async(&self, addr: u64) -> Result<Unregistering> {
         self.segment.memory().unregister(addr)
     }
 
@@ -503,6 +543,117 @@ mod tests {
         assert!(!has_port("localhost"));
         assert!(!has_port("::1"));
         assert!(!has_port("host:"));
+    }
+
+    /// Memory from [`Provider`]: an ordinary buffer, marked as provided.
+    struct Provided(AlignedBuffer);
+
+    // SAFETY: the wrapped buffer's memory is not inside the value (it stays put when moved),
+    // is page-aligned and non-empty, and lives until the buffer drops with this value.
+    unsafe impl crate::memory::ProvidedMemory for Provided {
+        fn addr(&self) -> u64 {
+            self.0.addr()
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    /// Hands out [`Provided`] memory, and fails for 12 KiB.
+    #[derive(Debug)]
+    struct Provider;
+
+    impl MemoryProvider for Provider {
+        fn allocate(&self, len: usize) -> Result<AlignedBuffer> {
+            if len == 12 << 10 {
+                return Err(Error::NotSupported("not that size".into()));
+            }
+            AlignedBuffer::from_provided(Provided(AlignedBuffer::new(len)?))
+        }
+    }
+
+    /// A transport that only records what it hears of registrations.
+    #[derive(Debug, Default)]
+    struct Hooked {
+        log: std::sync::Mutex<Vec<(&'static str, u64, bool)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Hooked {
+        fn protocol(&self) -> &'static str {
+            "hooked"
+        }
+        fn capabilities(&self) -> crate::transport::Capabilities {
+            crate::transport::Capabilities {
+                one_sided: false,
+                memory: Some(Arc::new(Provider)),
+            }
+        }
+        fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+            let provided = buffer.provided::<Provided>().is_some();
+            let entry = ("register", buffer.addr(), provided);
+            self.log.lock().unwrap().push(entry);
+            Ok(Registration {
+                keys: Some(vec![buffer.len()]),
+                attachment: None,
+            })
+        }
+        fn on_unregister(&self, buffer: &RegisteredBuffer) {
+            let entry = ("unregister", buffer.addr(), false);
+            self.log.lock().unwrap().push(entry);
+        }
+        async fn serve(&self, _: Arc<LocalSegment>) -> Result<crate::transport::Endpoint> {
+            Ok(crate::transport::Endpoint {
+                protocol: "hooked".into(),
+                address: "nowhere".into(),
+            })
+        }
+        async fn transfer(&self, _: &SegmentDesc, ops: Vec<TransferOp>, batch: &Arc<BatchState>) {
+            for op in ops {
+                batch.complete(op.index, Err(Error::NotSupported("records only".into())));
+            }
+        }
+        async fn shutdown(&self) {}
+    }
+
+    #[tokio::test]
+    async fn transports_hear_of_registrations_after_start_and_provide_memory() {
+        let hooked = Arc::new(Hooked::default());
+        let e = TransferEngine::start(EngineConfig::new("local:1"), vec![hooked.clone()])
+            .await
+            .unwrap();
+        let a = e.allocate_buffer(8192, Location::cpu(0)).unwrap();
+        // The provider fails for this size: ordinary memory, still announced.
+        let b = e.allocate_buffer(12 << 10, Location::cpu(0)).unwrap();
+        let owned = AlignedBuffer::new(4096).unwrap();
+        let o = owned.addr();
+        // SAFETY: `owned` outlives its registration (unregistered and waited for below).
+        unsafe { e.register_memory(o, 4096, Location::cpu(0)) }.unwrap();
+        let desc = e.local_descriptor();
+        let key = |addr| {
+            desc.buffers
+                .iter()
+                .find(|d| d.addr == addr)
+                .unwrap()
+                .key("hooked")
+        };
+        assert_eq!(key(a), Some(&[8192][..]));
+        assert_eq!(key(b), Some(&[12 << 10][..]));
+        assert_eq!(key(o), Some(&[4096][..]));
+        e.unregister_memory_async(o).unwrap().await;
+        e.unregister_memory(a).unwrap();
+        drop(owned);
+        assert_eq!(
+            *hooked.log.lock().unwrap(),
+            vec![
+                ("register", a, true),
+                ("register", b, false),
+                ("register", o, false),
+                ("unregister", o, false),
+                ("unregister", a, false),
+            ]
+        );
+        e.shutdown().await;
     }
 
     #[tokio::test]

@@ -1,5 +1,9 @@
 //! An in-memory [`Transport`] for deterministic tests: engines in one process "connect" through a
 //! shared [`MemNetwork`], and a peer's death is its removal from the network.
+//!
+//! Like RDMA, it publishes a key for every registered buffer ([`Transport::on_register`]) and an
+//! access must present the key of the buffer as the initiator's descriptor has it: a stale
+//! descriptor (the buffer unregistered, or registered again) is refused.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+use crate::memory::{range_within, RegisteredBuffer, Registration};
 use crate::transport::{
     BatchState, Endpoint, LocalSegment, OpCode, SegmentDesc, TransferOp, Transport,
 };
@@ -17,6 +22,22 @@ use crate::transport::{
 pub struct MemNetwork {
     segments: Mutex<HashMap<String, Weak<LocalSegment>>>,
     next: AtomicU64,
+    /// The last key handed out (keys are unique on the network).
+    keys: AtomicU64,
+}
+
+/// Kept with each registered buffer: the key published for it.
+#[derive(Debug)]
+struct MemKey(u64);
+
+/// The key `target`'s descriptor gives for the buffer holding `[addr, addr + len)`.
+fn key_of(target: &SegmentDesc, addr: u64, len: u64) -> Option<u64> {
+    let i = target.buffers.partition_point(|b| b.addr <= addr);
+    let b = &target.buffers[i.checked_sub(1)?];
+    if !range_within(b.addr, b.len, addr, len) {
+        return None;
+    }
+    b.key("mem")?.first().copied()
 }
 
 impl MemNetwork {
@@ -57,6 +78,15 @@ impl Transport for MemTransport {
         "mem"
     }
 
+    fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+        let _ = buffer;
+        let key = self.network.keys.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Registration {
+            keys: Some(vec![key]),
+            attachment: Some(Box::new(MemKey(key))),
+        })
+    }
+
     async fn serve(&self, segment: Arc<LocalSegment>) -> Result<Endpoint> {
         let port = 10_000 + self.network.next.fetch_add(1, Ordering::Relaxed);
         let address = format!("mem:{port}");
@@ -89,13 +119,14 @@ impl Transport for MemTransport {
             return;
         };
         for op in ops {
+            let (addr, len) = (op.target_addr, op.local.len());
+            let key = key_of(target, addr, len);
             let result = peer
                 .memory()
-                .resolve(op.target_addr, op.local.len())
-                .map_err(|_| Error::RemoteRangeInvalid {
-                    addr: op.target_addr,
-                    len: op.local.len(),
-                })
+                .resolve(addr, len)
+                .ok()
+                .filter(|r| key.is_some() && r.buffer().attachment::<MemKey>().map(|k| k.0) == key)
+                .ok_or(Error::RemoteRangeInvalid { addr, len })
                 .and_then(|remote| match op.opcode {
                     OpCode::Read => remote.copy_to(&op.local),
                     OpCode::Write => op.local.copy_to(&remote),
@@ -152,9 +183,54 @@ mod tests {
         fn hostname(&self) -> String {
             "127.0.0.1".into()
         }
+        fn keyed_protocols(&self) -> Vec<&'static str> {
+            vec!["mem"]
+        }
     }
 
     crate::conformance_tests!(MemHarness(MemNetwork::new()));
+
+    #[tokio::test]
+    async fn a_stale_key_is_refused() {
+        use crate::engine::{EngineConfig, TransferEngine, TransferRequest};
+        use crate::memory::{AlignedBuffer, Location};
+
+        let net = MemNetwork::new();
+        let start = || {
+            TransferEngine::start(
+                EngineConfig::new("127.0.0.1"),
+                vec![MemTransport::new(net.clone()) as Arc<dyn Transport>],
+            )
+        };
+        let (target, initiator) = (start().await.unwrap(), start().await.unwrap());
+        let local = initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+        let owned = AlignedBuffer::new(4096).unwrap();
+        let register = || {
+            // SAFETY: `owned` outlives every registration (unregistered before it drops).
+            unsafe { target.register_memory(owned.addr(), 4096, Location::cpu(0)) }.unwrap()
+        };
+        register();
+        let old = initiator.open_segment(target.segment_name()).await.unwrap();
+        let read = |seg| TransferRequest::read(seg, owned.addr(), local, 64);
+        assert!(initiator.transfer(vec![read(&old)]).await[0].is_ok());
+        // Registered again at the same address: a new key, which the old descriptor lacks.
+        target.unregister_memory_async(owned.addr()).unwrap().await;
+        register();
+        let r = initiator.transfer(vec![read(&old)]).await;
+        assert!(
+            matches!(r[0], Err(Error::RemoteRangeInvalid { .. })),
+            "{r:?}"
+        );
+        let new = initiator
+            .refresh_segment(target.segment_name())
+            .await
+            .unwrap();
+        assert_ne!(old.buffers[0].keys, new.buffers[0].keys);
+        assert!(initiator.transfer(vec![read(&new)]).await[0].is_ok());
+        target.unregister_memory_async(owned.addr()).unwrap().await;
+        target.shutdown().await;
+        initiator.shutdown().await;
+    }
 
     #[tokio::test]
     async fn segments_are_found_through_a_metadata_store() {

@@ -3,23 +3,38 @@
 //! A process registers buffers (address, length, location such as `cpu:0`) in a
 //! [`MemoryRegistry`]. Every access made on behalf of a transfer, local or remote, first resolves
 //! the requested range to a [`MemRegion`], which succeeds only when the whole range lies inside
-//! one registered buffer. A `MemRegion` holds its buffer registered: unregistering waits until no
-//! region of that buffer is alive, so no transfer touches memory after its owner took it back.
+//! one registered buffer. A `MemRegion` holds its buffer registered: unregistering returns an
+//! [`Unregistering`] future that completes once no region of that buffer is alive, so no transfer
+//! touches memory after its owner took it back.
+//!
+//! Transports learn of every registration through [`RegistrationHook`]s installed with the
+//! registry ([`MemoryRegistry::with_hooks`]; the engine installs one per transport): a hook may
+//! publish keys in the buffer's descriptor ([`BufferDesc::keys`], RDMA's remote keys) and keep an
+//! attachment with the buffer for its own use ([`RegisteredBuffer::attachment`]). Buffers the
+//! engine allocates may come from a transport's [`MemoryProvider`] (shared memory that peers of
+//! this host can map); the registry does not know what kind of memory that is.
 //!
 //! This is the one module that turns addresses into memory accesses; its `unsafe` blocks are
 //! small and each states why it is sound.
 
 use std::alloc::{self, Layout};
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::shm::{SharedInfo, SlotTable};
+
+mod hooks;
+mod release;
+
+pub use hooks::{MemoryProvider, ProvidedMemory, Registration, RegistrationHook};
+use release::Release;
+pub use release::Unregistering;
 
 /// Where a buffer lives, as upstream names it: `cpu:0`, `cuda:1`, ... (`*` for "anywhere").
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -44,20 +59,29 @@ impl fmt::Display for Location {
     }
 }
 
-/// A page-aligned, zero-initialised heap buffer that can be registered and handed to peers.
+/// What backs an [`AlignedBuffer`].
+enum Backing {
+    /// `alloc_zeroed` with the buffer's layout.
+    Heap,
+    /// An anonymous private mapping of the buffer's length.
+    Mapped,
+    /// A [`ProvidedMemory`] value, kept here as `Any` so its owner can find it again.
+    Provided(Box<dyn Any + Send + Sync>),
+}
+
+/// A page-aligned, zero-initialised buffer that can be registered and handed to peers: heap or
+/// anonymous mapping ([`AlignedBuffer::new`]), or memory from a [`MemoryProvider`].
 ///
 /// The buffer is never exposed as a Rust slice once registered: peers may write it at any time,
 /// so all access goes through raw copies ([`MemRegion::read_into`], [`MemRegion::write_from`]).
 pub struct AlignedBuffer {
     ptr: std::ptr::NonNull<u8>,
     layout: Layout,
-    /// Mapped with `mmap` (large buffers) rather than taken from the heap.
-    mapped: bool,
-    /// The memfd behind a shared buffer ([`AlignedBuffer::new_shared`]).
-    memfd: Option<std::os::fd::OwnedFd>,
+    backing: Backing,
 }
 
-// SAFETY: the buffer is plain bytes owned by this value; access is through raw copies.
+// SAFETY: the buffer is plain bytes owned by this value (provided memory is `Send + Sync`);
+// access is through raw copies.
 unsafe impl Send for AlignedBuffer {}
 // SAFETY: as above; no `&`-references to the contents are ever handed out.
 unsafe impl Sync for AlignedBuffer {}
@@ -73,13 +97,7 @@ impl AlignedBuffer {
 
     /// Allocates `len` zeroed bytes aligned to 4 KiB. `len` must be non-zero.
     pub fn new(len: usize) -> Result<Self> {
-        if len == 0 {
-            return Err(Error::InvalidArgument(
-                "buffer length must be non-zero".into(),
-            ));
-        }
-        let layout = Layout::from_size_align(len, Self::ALIGN)
-            .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;
+        let layout = Self::layout(len)?;
         let failed = || {
             Error::with_code(
                 crate::ErrorCode::NO_AVAILABLE_HANDLE,
@@ -105,8 +123,7 @@ impl AlignedBuffer {
             return Ok(AlignedBuffer {
                 ptr,
                 layout,
-                mapped: true,
-                memfd: None,
+                backing: Backing::Mapped,
             });
         }
         // SAFETY: layout has non-zero size.
@@ -115,39 +132,44 @@ impl AlignedBuffer {
         Ok(AlignedBuffer {
             ptr,
             layout,
-            mapped: false,
-            memfd: None,
+            backing: Backing::Heap,
         })
     }
 
-    /// Allocates `len` zeroed bytes in a sealed memfd, mapped shared, so that processes of this
-    /// host it is passed to can map it too (see [`crate::shm`]). Pages are allocated on first
-    /// touch, as for large [`AlignedBuffer::new`] buffers.
-    pub fn new_shared(len: usize) -> Result<Self> {
+    /// A buffer over memory from a [`MemoryProvider`], which it owns from now on.
+    pub fn from_provided<M: ProvidedMemory>(memory: M) -> Result<Self> {
+        let layout = Self::layout(memory.len())?;
+        let ptr = std::ptr::NonNull::new(memory.addr() as usize as *mut u8)
+            .filter(|p| p.as_ptr() as usize % Self::ALIGN == 0)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "provided memory at {:#x} is not page-aligned",
+                    memory.addr()
+                ))
+            })?;
+        Ok(AlignedBuffer {
+            ptr,
+            layout,
+            backing: Backing::Provided(Box::new(memory)),
+        })
+    }
+
+    fn layout(len: usize) -> Result<Layout> {
         if len == 0 {
             return Err(Error::InvalidArgument(
                 "buffer length must be non-zero".into(),
             ));
         }
-        let layout = Layout::from_size_align(len, Self::ALIGN)
-            .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))?;
-        let fd = crate::shm::create_memfd("mooncake-segment", len as u64)?;
-        let map = crate::shm::Mapping::map(&fd, len as u64)?;
-        let ptr = std::ptr::NonNull::new(map.addr() as *mut u8)
-            .ok_or_else(|| Error::Io("mmap returned address 0".into()))?;
-        // The mapping is now owned by this buffer and unmapped in its Drop.
-        std::mem::forget(map);
-        Ok(AlignedBuffer {
-            ptr,
-            layout,
-            mapped: true,
-            memfd: Some(fd),
-        })
+        Layout::from_size_align(len, Self::ALIGN)
+            .map_err(|e| Error::InvalidArgument(format!("buffer of {len} bytes: {e}")))
     }
 
-    /// The memfd behind a buffer from [`AlignedBuffer::new_shared`].
-    pub fn memfd(&self) -> Option<&std::os::fd::OwnedFd> {
-        self.memfd.as_ref()
+    /// The provided memory behind this buffer, when it came from a [`MemoryProvider`] as an `M`.
+    pub fn provided<M: ProvidedMemory>(&self) -> Option<&M> {
+        match &self.backing {
+            Backing::Provided(m) => m.downcast_ref(),
+            _ => None,
+        }
     }
 
     /// Start address.
@@ -168,12 +190,15 @@ impl AlignedBuffer {
 
 impl Drop for AlignedBuffer {
     fn drop(&mut self) {
-        if self.mapped {
+        match self.backing {
             // SAFETY: mapped in `new` with this length; nothing refers to it any more.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
-        } else {
+            Backing::Mapped => unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), self.layout.size());
+            },
             // SAFETY: allocated in `new` with this layout.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+            Backing::Heap => unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) },
+            // The provided value releases its memory when the backing drops.
+            Backing::Provided(_) => {}
         }
     }
 }
@@ -184,16 +209,32 @@ impl fmt::Debug for AlignedBuffer {
     }
 }
 
-/// One registered buffer.
-#[derive(Debug)]
+/// One registered buffer, as [`RegistrationHook`]s see it and as [`MemRegion`]s hold it.
 pub struct RegisteredBuffer {
     addr: u64,
     len: u64,
     location: Location,
+    /// Keys the hooks published, one entry per hook that published any.
+    keys: Vec<BufferKey>,
+    /// What the hooks keep with the buffer; dropped before the memory is released.
+    attachments: Vec<Box<dyn Any + Send + Sync>>,
     /// Keeps memory that the registry owns alive (none for caller-owned memory).
     owned: Option<AlignedBuffer>,
-    /// Slot and generation in the registry's [`SlotTable`] of a shared buffer.
-    share: Option<(u32, u64)>,
+    /// Told when this value drops: no region of the buffer is left.
+    release: Arc<Release>,
+}
+
+impl fmt::Debug for RegisteredBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisteredBuffer")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("location", &self.location)
+            .field("keys", &self.keys)
+            .field("attachments", &self.attachments.len())
+            .field("owned", &self.owned.is_some())
+            .finish()
+    }
 }
 
 impl RegisteredBuffer {
@@ -213,6 +254,40 @@ impl RegisteredBuffer {
     pub fn location(&self) -> &Location {
         &self.location
     }
+    /// The provided memory behind the buffer, when the registry owns it and it came from a
+    /// [`MemoryProvider`] as an `M` (see [`AlignedBuffer::provided`]).
+    pub fn provided<M: ProvidedMemory>(&self) -> Option<&M> {
+        self.owned.as_ref()?.provided()
+    }
+    /// The first attachment of type `T` a hook keeps with this buffer
+    /// ([`Registration::attachment`]). Lock-free: fit for per-request lookups.
+    pub fn attachment<T: Any>(&self) -> Option<&T> {
+        self.attachments.iter().find_map(|a| a.downcast_ref())
+    }
+    /// The keys published for this buffer.
+    pub fn keys(&self) -> &[BufferKey] {
+        &self.keys
+    }
+}
+
+impl Drop for RegisteredBuffer {
+    fn drop(&mut self) {
+        // Attachments (RDMA memory regions, shared-memory slots) go before the memory they
+        // describe.
+        self.attachments.clear();
+        self.owned = None;
+        self.release.complete();
+    }
+}
+
+/// Keys one transport published for a buffer, for peers to present when they access it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferKey {
+    /// Protocol of the transport that published them ([`Endpoint::protocol`](crate::Endpoint)).
+    pub protocol: String,
+    /// Meaningful to that transport only: RDMA's remote keys, one per device; none for a
+    /// shared-memory buffer (the entry itself says peers of the host can map it).
+    pub values: Vec<u64>,
 }
 
 /// A buffer as peers see it in a segment descriptor.
@@ -224,10 +299,19 @@ pub struct BufferDesc {
     pub len: u64,
     /// Location (`cpu:0`).
     pub location: Location,
-    /// Transport-specific access keys (RDMA remote keys, one per device); empty for TCP.
-    pub keys: Vec<u32>,
-    /// Backed by shared memory that processes of the owner's host can map (see [`crate::shm`]).
-    pub shared: bool,
+    /// Transport-specific access keys, at most one entry per protocol; empty when no transport
+    /// published any (TCP publishes none).
+    pub keys: Vec<BufferKey>,
+}
+
+impl BufferDesc {
+    /// The keys the transport of `protocol` published for this buffer, if it published any.
+    pub fn key(&self, protocol: &str) -> Option<&[u64]> {
+        self.keys
+            .iter()
+            .find(|k| k.protocol == protocol)
+            .map(|k| k.values.as_slice())
+    }
 }
 
 /// A validated byte range inside one registered buffer, which stays registered while this
@@ -238,7 +322,6 @@ pub struct MemRegion {
     addr: u64,
     len: u64,
 }
-
 impl fmt::Debug for MemRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MemRegion({:#x}+{})", self.addr, self.len)
@@ -358,174 +441,134 @@ impl MemRegion {
 pub struct MemoryRegistry {
     buffers: RwLock<BTreeMap<u64, Arc<RegisteredBuffer>>>,
     version: AtomicU64,
-    /// Revocation table of the shared buffers, made with the first one (`None` inside when the
-    /// table could not be made: buffers are then registered unshared).
-    slots: OnceLock<Option<SlotTable>>,
+    /// Told of every registration and unregistration, in order.
+    hooks: Vec<Arc<dyn RegistrationHook>>,
 }
 
 impl fmt::Debug for MemoryRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryRegistry")
             .field("buffers", &self.descriptors().len())
+            .field("hooks", &self.hooks)
             .finish()
     }
 }
 
-/// How long [`MemoryRegistry::unregister`] waits for in-flight transfers to release a buffer.
+/// How long [`MemoryRegistry::unregister_blocking`] waits for in-flight transfers to release a
+/// buffer.
 pub const UNREGISTER_WAIT: Duration = Duration::from_secs(60);
 
 impl MemoryRegistry {
-    /// An empty registry.
+    /// An empty registry without hooks.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry whose registrations and unregistrations `hooks` are told of, in order.
+    pub fn with_hooks(hooks: Vec<Arc<dyn RegistrationHook>>) -> Self {
+        MemoryRegistry {
+            hooks,
+            ..Self::default()
+        }
     }
 
     /// Registers caller-owned memory.
     ///
     /// # Safety
-    /// `[addr, addr + len)` must be valid for reads and writes by any thread until
-    /// [`unregister`](Self::unregister) for `addr` has returned, and must not be accessed through
-    /// Rust references while peers may write it.
+    /// `[addr, addr + len)` must be valid for reads and writes by any thread until the
+    /// [`Unregistering`] that [`unregister`](Self::unregister) returns for `addr` has completed
+    /// (or [`unregister_blocking`](Self::unregister_blocking) has returned `Ok`), and must not be
+    /// accessed through Rust references while peers may write it.
     pub unsafe fn register(&self, addr: u64, len: u64, location: Location) -> Result<()> {
-        self.insert(RegisteredBuffer {
-            addr,
-            len,
-            location,
-            owned: None,
-            share: None,
-        })
-        .map(|_| ())
+        self.insert(addr, len, location, None).map(|_| ())
     }
 
     /// Registers a buffer whose memory the registry takes over; it is freed when unregistered
     /// and every region of it is gone. Returns the buffer's start address.
     pub fn register_owned(&self, buffer: AlignedBuffer, location: Location) -> Result<u64> {
-        let addr = buffer.addr();
-        let share = match buffer.memfd() {
-            Some(_) => self.slot_table().and_then(SlotTable::take),
-            None => None,
-        };
-        let inserted = self.insert(RegisteredBuffer {
-            addr,
-            len: buffer.len() as u64,
-            location,
-            owned: Some(buffer),
-            share,
-        });
-        if let (Err(_), Some((slot, table))) = (&inserted, self.table_of(share)) {
-            table.release(slot);
-        }
-        inserted.map(|_| addr)
+        let (addr, len) = (buffer.addr(), buffer.len() as u64);
+        self.insert(addr, len, location, Some(buffer))
     }
 
-    /// The slot of a buffer registered shared (`share`), with the table holding it.
-    fn table_of(&self, share: Option<(u32, u64)>) -> Option<(u32, &SlotTable)> {
-        let (slot, _) = share?;
-        Some((slot, self.slot_table()?))
-    }
-
-    /// The table of shared buffers' generations, made on first use; `None` when it cannot be
-    /// made (no memfd support).
-    pub fn slot_table(&self) -> Option<&SlotTable> {
-        self.slots
-            .get_or_init(|| match SlotTable::new() {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    tracing::warn!("shared buffers cannot be revoked, so none are shared: {e}");
-                    None
-                }
-            })
-            .as_ref()
-    }
-
-    /// The shared buffer containing `[addr, addr + len)`, with a new descriptor of its memfd,
-    /// for a peer of this host to map. Fails with [`Error::RemoteRangeInvalid`] when no
-    /// registered buffer contains the range, [`Error::NotSupported`] when the one that does is
-    /// not shared.
-    pub fn export(&self, addr: u64, len: u64) -> Result<(SharedInfo, std::os::fd::OwnedFd)> {
-        let region = self
-            .resolve(addr, len)
-            .map_err(|_| Error::RemoteRangeInvalid { addr, len })?;
-        let b = region.buffer();
-        match (b.share, b.owned.as_ref().and_then(AlignedBuffer::memfd)) {
-            (Some((slot, generation)), Some(fd)) => Ok((
-                SharedInfo {
-                    addr: b.addr,
-                    len: b.len,
-                    slot,
-                    generation,
-                },
-                fd.try_clone()?,
-            )),
-            _ => Err(Error::NotSupported(format!(
-                "buffer {:#x}+{} is not shared memory",
-                b.addr, b.len
-            ))),
-        }
-    }
-
-    fn insert(&self, buf: RegisteredBuffer) -> Result<Arc<RegisteredBuffer>> {
-        if buf.len == 0 {
+    fn insert(
+        &self,
+        addr: u64,
+        len: u64,
+        location: Location,
+        owned: Option<AlignedBuffer>,
+    ) -> Result<u64> {
+        if len == 0 {
             return Err(Error::InvalidArgument(
                 "cannot register a zero-length buffer".into(),
             ));
         }
-        if buf.addr == 0 {
+        if addr == 0 {
             return Err(Error::InvalidArgument("cannot register address 0".into()));
         }
-        let end = buf
-            .addr
-            .checked_add(buf.len)
+        let end = addr
+            .checked_add(len)
             .ok_or_else(|| Error::InvalidArgument("buffer wraps the address space".into()))?;
-        let mut map = self.buffers.write().expect("registry lock");
-        let before = map.range(..end).next_back();
-        if let Some((_, prev)) = before {
-            if prev.addr + prev.len > buf.addr {
-                return Err(Error::AddressOverlapped {
-                    addr: buf.addr,
-                    len: buf.len,
-                });
+        // Refuse an overlap before the hooks do any work (checked again when inserting).
+        check_free(&self.buffers.read().expect("registry lock"), addr, len, end)?;
+        let mut buf = RegisteredBuffer {
+            addr,
+            len,
+            location,
+            keys: Vec::new(),
+            attachments: Vec::new(),
+            owned,
+            release: Arc::default(),
+        };
+        // Outside the registry's lock: a hook may take long (an RDMA registration pins pages).
+        for (i, hook) in self.hooks.iter().enumerate() {
+            match hook.on_register(&buf) {
+                Ok(reg) => {
+                    if let Some(values) = reg.keys {
+                        buf.keys.push(BufferKey {
+                            protocol: hook.protocol().to_owned(),
+                            values,
+                        });
+                    }
+                    buf.attachments.extend(reg.attachment);
+                }
+                Err(e) => {
+                    self.hooks[..i].iter().for_each(|h| h.on_unregister(&buf));
+                    return Err(e);
+                }
             }
         }
-        let buf = Arc::new(buf);
-        map.insert(buf.addr, buf.clone());
+        let mut map = self.buffers.write().expect("registry lock");
+        if let Err(e) = check_free(&map, addr, len, end) {
+            drop(map);
+            self.hooks.iter().for_each(|h| h.on_unregister(&buf));
+            return Err(e);
+        }
+        map.insert(addr, Arc::new(buf));
         self.version.fetch_add(1, Ordering::Release);
-        Ok(buf)
+        Ok(addr)
     }
 
-    /// Unregisters the buffer starting at `addr`, waiting (up to [`UNREGISTER_WAIT`]) until no
-    /// transfer holds a region of it. After it returns no peer can touch that memory.
-    pub fn unregister(&self, addr: u64) -> Result<()> {
+    /// Unregisters the buffer starting at `addr`: from now on no range of it resolves and the
+    /// hooks have been told. Returns a future that completes once no transfer holds a region of
+    /// it; it never blocks the thread, so async code awaits it (or drops it, not waiting).
+    pub fn unregister(&self, addr: u64) -> Result<Unregistering> {
         let buf = {
             let mut map = self.buffers.write().expect("registry lock");
             let buf = map.remove(&addr).ok_or(Error::NotRegistered(addr))?;
             self.version.fetch_add(1, Ordering::Release);
             buf
         };
-        // Peers that mapped the buffer stop using it now (their copies check the slot).
-        let shared = self.table_of(buf.share);
-        if let Some((slot, table)) = shared {
-            table.revoke(slot);
-        }
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(20);
-        while Arc::strong_count(&buf) > 1 {
-            if start.elapsed() > UNREGISTER_WAIT {
-                // Leaking the Arc keeps owned memory alive; caller-owned memory is the caller's
-                // to keep until transfers time out, which the error says.
-                std::mem::forget(buf);
-                return Err(Error::with_code(
-                    crate::ErrorCode::OBJECT_REPLICA_BUSY,
-                    format!("buffer {addr:#x} still in use by transfers after {UNREGISTER_WAIT:?}"),
-                ));
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
-        if let Some((slot, table)) = shared {
-            table.release(slot);
-        }
-        Ok(())
+        // Peers stop reaching it (revoked keys, shared-memory slots) before local users end.
+        self.hooks.iter().for_each(|h| h.on_unregister(&buf));
+        Ok(Unregistering::new(addr, buf.release.clone()))
+        // `buf` drops here: when no region is left, that releases the buffer at once.
+    }
+
+    /// [`unregister`](Self::unregister), then blocks the calling thread until no transfer holds
+    /// a region of the buffer, for at most [`UNREGISTER_WAIT`]. For callers outside async code
+    /// (the Python binding, synchronous APIs); async code awaits [`unregister`](Self::unregister).
+    pub fn unregister_blocking(&self, addr: u64) -> Result<()> {
+        self.unregister(addr)?.wait_blocking(UNREGISTER_WAIT)
     }
 
     /// Validates `[addr, addr + len)` against the registered buffers. Succeeds only when the whole
@@ -555,8 +598,7 @@ impl MemoryRegistry {
                 addr: b.addr,
                 len: b.len,
                 location: b.location.clone(),
-                keys: Vec::new(),
-                shared: b.share.is_some(),
+                keys: b.keys.clone(),
             })
             .collect()
     }
@@ -564,6 +606,21 @@ impl MemoryRegistry {
     /// A counter bumped by every registration change.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
+    }
+}
+
+/// Refuses `[addr, end)` when it overlaps a buffer of `map`.
+fn check_free(
+    map: &BTreeMap<u64, Arc<RegisteredBuffer>>,
+    addr: u64,
+    len: u64,
+    end: u64,
+) -> Result<()> {
+    match map.range(..end).next_back() {
+        Some((_, prev)) if prev.addr + prev.len > addr => {
+            Err(Error::AddressOverlapped { addr, len })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -579,104 +636,4 @@ pub fn range_within(base: u64, size: u64, addr: u64, len: u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn register_resolve_unregister() {
-        let reg = MemoryRegistry::new();
-        let a = reg
-            .register_owned(AlignedBuffer::new(8192).unwrap(), Location::cpu(0))
-            .unwrap();
-        let r = reg.resolve(a + 100, 200).unwrap();
-        r.write_from(&[7u8; 200]).unwrap();
-        assert_eq!(reg.resolve(a + 100, 200).unwrap().to_vec(), vec![7u8; 200]);
-        assert!(reg.resolve(a + 8000, 200).is_err());
-        assert!(reg.resolve(a - 1, 2).is_err());
-        assert!(reg.resolve(a, u64::MAX).is_err());
-        assert!(reg.resolve(u64::MAX - 2, 10).is_err());
-        assert!(reg.resolve(a + 8192, 0).is_ok());
-        drop(r);
-        reg.unregister(a).unwrap();
-        assert!(reg.resolve(a, 1).is_err());
-        assert!(matches!(reg.unregister(a), Err(Error::NotRegistered(_))));
-    }
-
-    #[test]
-    fn large_buffers_are_mapped_zeroed_and_aligned() {
-        for len in [
-            AlignedBuffer::MAP_THRESHOLD - 1,
-            AlignedBuffer::MAP_THRESHOLD,
-            64 << 20,
-        ] {
-            let b = AlignedBuffer::new(len).unwrap();
-            assert_eq!(b.addr() % AlignedBuffer::ALIGN as u64, 0);
-            let reg = MemoryRegistry::new();
-            let a = reg.register_owned(b, Location::cpu(0)).unwrap();
-            let tail = reg.resolve(a + len as u64 - 4096, 4096).unwrap();
-            assert!(tail.to_vec().iter().all(|&x| x == 0));
-            tail.write_from(&[9u8; 4096]).unwrap();
-            assert_eq!(tail.to_vec(), vec![9u8; 4096]);
-            drop(tail);
-            reg.unregister(a).unwrap();
-        }
-    }
-
-    #[test]
-    fn overlapping_and_empty_registrations_are_refused() {
-        let reg = MemoryRegistry::new();
-        let buf = AlignedBuffer::new(4096).unwrap();
-        let a = buf.addr();
-        // SAFETY: `buf` outlives the registration (unregistered below before drop).
-        unsafe {
-            reg.register(a, 4096, Location::cpu(0)).unwrap();
-            assert!(matches!(
-                reg.register(a + 10, 10, Location::cpu(0)),
-                Err(Error::AddressOverlapped { .. })
-            ));
-            assert!(reg.register(a + 4096, 0, Location::cpu(0)).is_err());
-        }
-        reg.unregister(a).unwrap();
-        drop(buf);
-    }
-
-    #[test]
-    fn unregister_waits_for_regions() {
-        let reg = Arc::new(MemoryRegistry::new());
-        let a = reg
-            .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
-            .unwrap();
-        let region = reg.resolve(a, 16).unwrap();
-        let t = std::thread::spawn(move || reg.unregister(a));
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(!t.is_finished(), "unregister must wait for the live region");
-        region.write_from(&[1u8; 16]).unwrap();
-        drop(region);
-        t.join().unwrap().unwrap();
-    }
-
-    proptest! {
-        #[test]
-        fn resolve_agrees_with_naive_check(
-            sizes in proptest::collection::vec(1u64..10_000, 1..6),
-            probes in proptest::collection::vec((any::<u64>(), any::<u64>(), 0usize..6, 0u64..12_000, 0u64..12_000), 1..64),
-        ) {
-            let reg = MemoryRegistry::new();
-            let mut bufs = Vec::new();
-            for s in &sizes {
-                let a = reg.register_owned(AlignedBuffer::new(*s as usize).unwrap(), Location::cpu(0)).unwrap();
-                bufs.push((a, *s));
-            }
-            for (raw_addr, raw_len, which, off, len) in probes {
-                // Mix wild probes with probes near real buffers.
-                for (addr, len) in [(raw_addr, raw_len), (bufs[which % bufs.len()].0.wrapping_add(off), len)] {
-                    let naive = bufs.iter().any(|&(b, s)| {
-                        (addr as u128) >= b as u128 && (addr as u128 + len as u128) <= (b as u128 + s as u128)
-                    });
-                    prop_assert_eq!(reg.resolve(addr, len).is_ok(), naive, "addr {:#x} len {}", addr, len);
-                }
-            }
-        }
-    }
-}
+mod tests;

@@ -13,6 +13,11 @@
 //!   been completed. When an op times out the transport tears down whatever could still deliver
 //!   data for it (a connection, a queue pair) before completing it as timed out.
 //! - A range outside the target's registered buffers is an error for that op, never an access.
+//! - Every buffer of the served segment is announced with [`Transport::on_register`], whenever it
+//!   is registered (before or after [`Transport::serve`]), and [`Transport::on_unregister`] when
+//!   it goes: after that, peers must not reach it through this transport. What a transport
+//!   attaches to a buffer is found lock-free from any [`MemRegion`] of it
+//!   ([`RegisteredBuffer::attachment`]), fit for per-request use.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -22,7 +27,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::memory::{BufferDesc, MemRegion, MemoryRegistry};
+use crate::memory::{
+    BufferDesc, MemRegion, MemoryProvider, MemoryRegistry, RegisteredBuffer, Registration,
+};
 
 /// Direction of a request, seen from the initiator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -306,6 +313,21 @@ pub struct TransferOp {
     pub notify: bool,
 }
 
+/// What a transport can do ([`Transport::capabilities`]). Whether it carries a given request is
+/// [`Transport::reaches`], which depends on the target and the range.
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    /// The initiator alone moves the bytes, so that a completed WRITE is in the target's memory
+    /// without the target taking part (shared memory, RDMA). A landing notice then costs an
+    /// extra message to the target and tells the initiator nothing new. Default: no.
+    pub one_sided: bool,
+    /// Where buffers the engine allocates should come from, because this transport can expose
+    /// only memory of that kind to peers (shared memory: memfds that processes of this host can
+    /// map). The engine uses the provider of the first installed transport that offers one.
+    /// Default: none, ordinary memory.
+    pub memory: Option<Arc<dyn MemoryProvider>>,
+}
+
 /// A way to move bytes to and from other processes' registered memory.
 #[async_trait]
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
@@ -321,17 +343,30 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         true
     }
 
-    /// Whether the initiator alone moves the bytes, so that a completed WRITE is in the target's
-    /// memory without the target taking part (shared memory, RDMA). A landing notice then costs
-    /// an extra message to the target and tells the initiator nothing new. Default: no.
-    fn one_sided(&self) -> bool {
-        false
+    /// What this transport can do, for the engine and the store to plan around. Default:
+    /// nothing special ([`Capabilities::default`]).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
-    /// Whether buffers the engine allocates should be shared memory, because this transport
-    /// lets peers of the same host map them. Default: no.
-    fn shares_memory(&self) -> bool {
-        false
+    /// A buffer is being registered in the segment this transport serves (or will serve), at
+    /// any time in the engine's life, before or after [`serve`](Self::serve). The transport may
+    /// publish keys in the buffer's descriptor and keep an attachment with it (see
+    /// [`Registration`]); an RDMA transport registers the buffer with each device here and
+    /// publishes the remote keys. An error fails the registration. Default: nothing.
+    fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+        let _ = buffer;
+        Ok(Registration::default())
+    }
+
+    /// A buffer this transport accepted in [`on_register`](Self::on_register) is being
+    /// unregistered: from now on peers must not reach it through this transport (revoke its
+    /// keys). Local transfers may still hold regions of it; its memory and the attachment stay
+    /// until they are gone, and the attachment is dropped just before the memory is released.
+    /// Called on the unregistering thread, which may be an async worker: do not block.
+    /// Default: nothing.
+    fn on_unregister(&self, buffer: &RegisteredBuffer) {
+        let _ = buffer;
     }
 
     /// Starts serving `segment` to peers and returns the endpoint to publish.

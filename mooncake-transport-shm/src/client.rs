@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use mooncake_core::shm::{recv_exact_with_fds, SharedInfo, SharedRange, SlotView};
+use mooncake_core::memfd::recv_exact_with_fds;
 use mooncake_core::{Error, OpCode, Result, TransferOp};
 
 use crate::proto::{self, Reply, Request};
+use crate::table::{SharedInfo, SharedRange, SlotView};
 
 /// A connected target process.
 #[derive(Debug)]

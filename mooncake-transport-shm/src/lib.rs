@@ -4,25 +4,45 @@
 //! round trip; mapping the target's memory costs one memcpy. This transport does that, one-sided
 //! like RDMA:
 //!
-//! - **Target.** Buffers the engine allocates are sealed memfds
-//!   ([`Transport::shares_memory`]). The transport listens on an abstract Unix socket and
+//! - **Target.** Buffers the engine allocates are sealed memfds: the transport supplies them as
+//!   its [`MemoryProvider`](mooncake_core::MemoryProvider) ([`Capabilities::memory`]). When such
+//!   a buffer is registered ([`Transport::on_register`]) it takes a slot in the transport's
+//!   revocation table, keeps it with the buffer and publishes an empty `shm` key in the buffer's
+//!   descriptor, which tells peers it can be mapped; unregistering revokes the slot
+//!   ([`Transport::on_unregister`]). The transport listens on an abstract Unix socket and
 //!   publishes an `shm` endpoint naming this host (boot id and network namespace) and that
-//!   socket. A connecting peer receives the segment's revocation table; asked for the buffer
-//!   holding a range, the target passes that buffer's memfd (`SCM_RIGHTS`).
-//! - **Initiator.** A request whose target offers `shm` from this same host, into a buffer the
-//!   descriptor marks shared, goes here ([`Transport::reaches`]); everything else goes to the
-//!   next transport (TCP). The initiator maps each target buffer once and then copies with
-//!   memcpy, checking the target's revocation table before and after each copy
-//!   ([`mooncake_core::shm`]), and after each batch whether the target process is still there
-//!   (its socket hangs up when it dies). WRITEs that ask for a landing notice are reported to the
-//!   target over the socket, and acknowledged, before they complete.
+//!   socket. A connecting peer receives the revocation table; asked for the buffer holding a
+//!   range, the target passes that buffer's memfd (`SCM_RIGHTS`).
+//! - **Initiator.** A request whose target offers `shm` from this same host, into a buffer with
+//!   an `shm` key, goes here ([`Transport::reaches`]); everything else goes to the next
+//!   transport (TCP). The initiator maps each target buffer once and then copies with memcpy,
+//!   checking the target's revocation table before and after each copy, and after each batch
+//!   whether the target process is still there (its socket hangs up when it dies). WRITEs that
+//!   ask for a landing notice are reported to the target over the socket, and acknowledged,
+//!   before they complete.
 //!
 //! Memory is never at risk: the initiator touches only its mappings, whose pages live as long
-//! as the mappings do, and its own registered memory through validated regions.
+//! as the mappings do, and its own registered memory through validated regions. What this crate
+//! does not do: share caller-owned memory (only buffers the engine allocates are memfds), or
+//! reach peers of another host.
+//!
+//! ```no_run
+//! # async fn demo() -> mooncake_core::Result<()> {
+//! use std::sync::Arc;
+//! use mooncake_core::{EngineConfig, Location, TransferEngine, Transport};
+//! use mooncake_transport_shm::{ShmConfig, ShmTransport};
+//! let shm: Arc<dyn Transport> = ShmTransport::new(ShmConfig::default())?;
+//! // Put it first, with TCP (say) after it for other hosts and caller-owned memory.
+//! let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![shm]).await?;
+//! let buf = engine.allocate_buffer(1 << 20, Location::cpu(0))?; // a memfd peers can map
+//! # let _ = buf; Ok(()) }
+//! ```
 
 mod client;
+mod memory;
 mod proto;
 mod server;
+mod table;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,11 +51,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use mooncake_core::{
-    BatchState, Endpoint, Error, LocalSegment, Result, SegmentDesc, TransferOp, Transport,
+    BatchState, Capabilities, Endpoint, Error, LocalSegment, RegisteredBuffer, Registration,
+    Result, SegmentDesc, TransferOp, Transport,
 };
 
 use client::Peer;
+use memory::{Share, ShmMemory, ShmProvider};
 use server::Server;
+use table::SlotTable;
 
 /// Protocol name in endpoints.
 pub const PROTOCOL: &str = "shm";
@@ -75,6 +98,10 @@ pub struct ShmStats {
 pub struct ShmTransport {
     config: ShmConfig,
     host: String,
+    /// Revocation table of the buffers this transport shares.
+    table: Arc<SlotTable>,
+    /// One-sided, and buffers from [`ShmProvider`].
+    capabilities: Capabilities,
     server: Mutex<Option<Server>>,
     peers: RwLock<HashMap<String, Arc<Peer>>>,
     unreachable: RwLock<HashMap<String, Instant>>,
@@ -88,12 +115,18 @@ impl ShmTransport {
     /// identified (no `/proc`) or has no memfd support.
     pub fn new(config: ShmConfig) -> Result<Arc<ShmTransport>> {
         let host = host_identity()?;
-        // Shared buffers need memfds; find out now rather than at the first allocation.
-        mooncake_core::shm::create_memfd("mooncake-shm-probe", 4096)
-            .map_err(|e| Error::NotSupported(format!("shared memory: {e}")))?;
+        // Shared buffers need memfds, as the table does: find out now rather than at the first
+        // allocation.
+        let table =
+            SlotTable::new().map_err(|e| Error::NotSupported(format!("shared memory: {e}")))?;
         Ok(Arc::new(ShmTransport {
             config,
             host,
+            table: Arc::new(table),
+            capabilities: Capabilities {
+                one_sided: true,
+                memory: Some(Arc::new(ShmProvider)),
+            },
             server: Mutex::new(None),
             peers: RwLock::new(HashMap::new()),
             unreachable: RwLock::new(HashMap::new()),
@@ -189,17 +222,45 @@ impl Transport for ShmTransport {
         let i = target.buffers.partition_point(|b| b.addr <= addr);
         let shared = i > 0 && {
             let b = &target.buffers[i - 1];
-            b.shared && mooncake_core::memory::range_within(b.addr, b.len, addr, len)
+            b.key(PROTOCOL).is_some()
+                && mooncake_core::memory::range_within(b.addr, b.len, addr, len)
         };
         shared && !self.recently_unreachable(socket)
     }
 
-    fn one_sided(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
     }
 
-    fn shares_memory(&self) -> bool {
-        true
+    fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
+        // Only memfds this transport's provider made can be passed to peers; the rest (caller
+        // memory, private fallbacks) is served by the other transports.
+        if buffer.provided::<ShmMemory>().is_none() {
+            return Ok(Registration::default());
+        }
+        let Some((slot, generation)) = self.table.take() else {
+            tracing::warn!(
+                "all {} shared-memory slots are in use; buffer {:#x} is not shared",
+                table::SLOTS,
+                buffer.addr()
+            );
+            return Ok(Registration::default());
+        };
+        Ok(Registration {
+            keys: Some(Vec::new()),
+            attachment: Some(Box::new(Share {
+                slot,
+                generation,
+                table: self.table.clone(),
+            })),
+        })
+    }
+
+    fn on_unregister(&self, buffer: &RegisteredBuffer) {
+        // Peers that mapped the buffer stop using it now (their copies check the slot).
+        if let Some(share) = buffer.attachment::<Share>() {
+            share.table.revoke(share.slot);
+        }
     }
 
     async fn serve(&self, segment: Arc<LocalSegment>) -> Result<Endpoint> {
@@ -209,7 +270,7 @@ impl Transport for ShmTransport {
                 "the shm transport serves one segment".into(),
             ));
         }
-        let s = Server::start(segment, self.config.timeout)?;
+        let s = Server::start(segment, self.table.clone(), self.config.timeout)?;
         let endpoint = Endpoint {
             protocol: PROTOCOL.into(),
             address: format!("{}/{}", self.host, s.socket_name()),

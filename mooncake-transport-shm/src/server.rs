@@ -3,17 +3,19 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mooncake_core::shm::send_with_fds;
+use mooncake_core::memfd::send_with_fds;
 use mooncake_core::{Error, LocalSegment, Result};
 
+use crate::memory::{Share, ShmMemory};
 use crate::proto::{self, Reply, Request};
+use crate::table::SlotTable;
 
 /// A running target; [`Server::stop`] ends it.
 #[derive(Debug)]
@@ -26,6 +28,8 @@ pub(crate) struct Server {
 #[derive(Debug)]
 struct Shared {
     segment: Arc<LocalSegment>,
+    /// The transport's revocation table: peers get it on connecting.
+    table: Arc<SlotTable>,
     stopped: AtomicBool,
     /// Connections by id, so that stopping can hang them up.
     conns: Mutex<HashMap<u64, UnixStream>>,
@@ -34,16 +38,18 @@ struct Shared {
 
 impl Server {
     /// Listens on a fresh abstract socket and serves `segment` from it.
-    pub(crate) fn start(segment: Arc<LocalSegment>, timeout: Duration) -> Result<Server> {
-        let table = segment.memory().slot_table().ok_or_else(|| {
-            Error::NotSupported("no revocation table, so no shared memory".into())
-        })?;
+    pub(crate) fn start(
+        segment: Arc<LocalSegment>,
+        table: Arc<SlotTable>,
+        timeout: Duration,
+    ) -> Result<Server> {
         table.open();
         let name = format!("mooncake-shm.{}.{:016x}", std::process::id(), random());
         let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
         let listener = Arc::new(UnixListener::bind_addr(&addr)?);
         let shared = Arc::new(Shared {
             segment,
+            table,
             stopped: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             timeout,
@@ -67,9 +73,7 @@ impl Server {
     /// Closes the segment to peers (their mappings fail from now on) and hangs up.
     pub(crate) fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Release);
-        if let Some(t) = self.shared.segment.memory().slot_table() {
-            t.close();
-        }
+        self.shared.table.close();
         // SAFETY: shutdown(2) on a socket we own; wakes the thread blocked in accept.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         for (_, c) in self.shared.conns.lock().expect("conns").drain() {
@@ -135,13 +139,8 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
 }
 
 fn serve_conn(stream: &UnixStream, shared: &Shared) -> Result<()> {
-    let table = shared
-        .segment
-        .memory()
-        .slot_table()
-        .ok_or_else(|| Error::NotSupported("no revocation table".into()))?;
     stream.set_write_timeout(Some(shared.timeout))?;
-    send_with_fds(stream, &proto::hello(), &[table.fd().as_raw_fd()])?;
+    send_with_fds(stream, &proto::hello(), &[shared.table.fd().as_raw_fd()])?;
     let mut reader = stream;
     let mut header = [0u8; proto::REQUEST_LEN];
     let mut ranges = Vec::new();
@@ -149,22 +148,11 @@ fn serve_conn(stream: &UnixStream, shared: &Shared) -> Result<()> {
         reader.read_exact(&mut header)?;
         let req = Request::decode(&header);
         match req.op {
-            proto::OP_MAP => match shared.segment.memory().export(req.a, req.b) {
-                Ok((info, fd)) => {
-                    let reply = Reply {
-                        status: proto::OK,
-                        slot: info.slot,
-                        addr: info.addr,
-                        len: info.len,
-                        generation: info.generation,
-                    };
+            proto::OP_MAP => match export(shared, req.a, req.b) {
+                Ok((reply, fd)) => {
                     send_with_fds(stream, &reply.encode(), &[fd.as_raw_fd()])?;
                 }
-                Err(e) => {
-                    let status = match e {
-                        Error::RemoteRangeInvalid { .. } => proto::NOT_REGISTERED,
-                        _ => proto::NOT_SHARED,
-                    };
+                Err(status) => {
                     (&*stream).write_all(&Reply::status(status).encode())?;
                 }
             },
@@ -193,4 +181,31 @@ fn serve_conn(stream: &UnixStream, shared: &Shared) -> Result<()> {
             }
         }
     }
+}
+
+/// The reply to `MAP addr len` and the memfd to pass with it: the shared buffer of this segment
+/// containing the range, or the status saying why there is none.
+fn export(shared: &Shared, addr: u64, len: u64) -> std::result::Result<(Reply, OwnedFd), u32> {
+    let region = shared
+        .segment
+        .memory()
+        .resolve(addr, len)
+        .map_err(|_| proto::NOT_REGISTERED)?;
+    let b = region.buffer();
+    let (share, memory) = match (b.attachment::<Share>(), b.provided::<ShmMemory>()) {
+        (Some(s), Some(m)) if Arc::ptr_eq(&s.table, &shared.table) => (s, m),
+        _ => return Err(proto::NOT_SHARED),
+    };
+    let fd = memory.fd().try_clone().map_err(|e| {
+        tracing::warn!("passing shared buffer {:#x}: {e}", b.addr());
+        proto::NOT_SHARED
+    })?;
+    let reply = Reply {
+        status: proto::OK,
+        slot: share.slot,
+        addr: b.addr(),
+        len: b.len(),
+        generation: share.generation,
+    };
+    Ok((reply, fd))
 }

@@ -27,6 +27,9 @@ impl Harness for ShmThenTcp {
     fn hostname(&self) -> String {
         "127.0.0.1".into()
     }
+    fn keyed_protocols(&self) -> Vec<&'static str> {
+        vec!["shm"]
+    }
 }
 
 mooncake_core::conformance_tests!(ShmThenTcp);

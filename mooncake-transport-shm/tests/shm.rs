@@ -54,11 +54,14 @@ async fn shared_buffers_by_memcpy_private_ones_over_tcp() {
             .unwrap();
     }
     let desc = target.local_descriptor();
-    assert!(desc.buffers.iter().any(|b| b.addr == shared && b.shared));
     assert!(desc
         .buffers
         .iter()
-        .any(|b| b.addr == private.addr() && !b.shared));
+        .any(|b| b.addr == shared && b.key("shm") == Some(&[])));
+    assert!(desc
+        .buffers
+        .iter()
+        .any(|b| b.addr == private.addr() && b.keys.is_empty()));
     let local = initiator
         .allocate_buffer(2 << 20, Location::cpu(0))
         .unwrap();
@@ -335,7 +338,7 @@ async fn malformed_requests_close_only_their_connection() {
 /// transport's timeout, and meanwhile requests to another target go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_target_fails_within_the_timeout_and_holds_up_no_one_else() {
-    use mooncake_core::{BatchState, BufferDesc, OpCode, SegmentDesc, TransferOp};
+    use mooncake_core::{BatchState, BufferDesc, BufferKey, OpCode, SegmentDesc, TransferOp};
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener};
 
@@ -372,8 +375,10 @@ async fn a_silent_target_fails_within_the_timeout_and_holds_up_no_one_else() {
             addr: 0x10_0000,
             len: 4096,
             location: Location::cpu(0),
-            keys: Vec::new(),
-            shared: true,
+            keys: vec![BufferKey {
+                protocol: "shm".into(),
+                values: Vec::new(),
+            }],
         }],
     };
     assert!(shm.reaches(&silent, 0x10_0000, 64));

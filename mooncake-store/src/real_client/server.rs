@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mooncake_core::{Error, ErrorCode, Result};
+use mooncake_core::{AlignedBuffer, Error, ErrorCode, Location, ProvidedMemory, Result};
 use tokio::io::AsyncReadExt;
 
 use super::shm::{check_memfd, recv_with_fds, Mapping};
@@ -45,11 +45,14 @@ impl Default for RealClientConfig {
     }
 }
 
-/// A dummy's pool as mapped here; unregistered from the transfer engine, then unmapped, when the
-/// last call using it ends after the session closed.
+/// A dummy's pool as mapped here, registered with the transfer engine, which owns the mapping:
+/// unregistered when the session's last call ends, and unmapped by the engine once no transfer
+/// uses it any more.
 struct Pool {
     dummy_base: u64,
-    map: Mapping,
+    /// Start and length of the mapping here.
+    addr: u64,
+    len: u64,
     store: Arc<Store>,
 }
 
@@ -57,7 +60,22 @@ impl Pool {
     /// This process's address of the dummy range `[addr, addr + len)`, or `INVALID_PARAMS` when
     /// the range is not wholly inside the pool.
     fn translate(&self, addr: u64, len: u64) -> Result<u64> {
-        translate(self.dummy_base, self.map.addr(), self.map.len(), addr, len)
+        translate(self.dummy_base, self.addr, self.len, addr, len)
+    }
+}
+
+/// A mapping of a dummy's pool memfd, checked to be sealed against shrinking.
+struct PoolMemory(Mapping);
+
+// SAFETY: a fresh `MAP_SHARED` read-write mapping (page-aligned, non-empty) of a memfd that
+// `check_memfd` found sealed against shrinking, so every page stays backed; it never moves and is
+// unmapped only when this value drops.
+unsafe impl ProvidedMemory for PoolMemory {
+    fn addr(&self) -> u64 {
+        self.0.addr()
+    }
+    fn len(&self) -> usize {
+        self.0.len() as usize
     }
 }
 
@@ -82,10 +100,11 @@ fn translate(dummy_base: u64, map_addr: u64, map_len: u64, addr: u64, len: u64) 
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if let Err(e) = self.store.unregister_buffer(self.map.addr()) {
+        // Not waiting for transfers that still use the pool (this may run on an async worker):
+        // the engine owns the mapping and unmaps it after the last of them.
+        if let Err(e) = self.store.engine().unregister_memory_async(self.addr) {
             tracing::debug!("unregistering a dummy pool: {e}");
         }
-        // `map` unmaps after this.
     }
 }
 
@@ -138,15 +157,18 @@ impl State {
         let fd =
             fd.ok_or_else(|| Error::Protocol("pool registration without a descriptor".into()))?;
         check_memfd(&fd, len)?;
-        let map = Mapping::map(&fd, len)?;
+        let map = PoolMemory(Mapping::map(&fd, len)?);
         drop(fd);
-        // SAFETY: the mapping stays until `Pool::drop` has unregistered it; the memfd is sealed
-        // against shrinking, so every page of it stays backed.
-        unsafe { self.store.register_buffer(map.addr(), map.len())? };
+        let addr = self
+            .store
+            .engine()
+            .memory()
+            .register_owned(AlignedBuffer::from_provided(map)?, Location::cpu(0))?;
         let id = self.new_session_id();
         let pool = Arc::new(Pool {
             dummy_base,
-            map,
+            addr,
+            len,
             store: self.store.clone(),
         });
         self.sessions.lock().expect("sessions").insert(id, pool);

@@ -1,11 +1,11 @@
 //! Shared memory between a dummy client and the real client: a sealed memfd mapped by both
-//! (see [`mooncake_core::shm`]), its descriptor passed with `SCM_RIGHTS`, and a small range
+//! (see [`mooncake_core::memfd`]), its descriptor passed with `SCM_RIGHTS`, and a small range
 //! allocator for the dummy's side.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-pub(crate) use mooncake_core::shm::{
+pub(crate) use mooncake_core::memfd::{
     check_memfd, create_memfd, recv_with_fds, send_with_fds, Mapping,
 };
 

@@ -440,7 +440,7 @@ impl Store {
                 (Ok((segment, addr)), Some(mem)) => self
                     .engine
                     .carrier(&segment, addr, mem.size)
-                    .is_some_and(|t| t.one_sided()),
+                    .is_some_and(|t| t.capabilities().one_sided),
                 _ => false,
             };
             if !one_sided {
