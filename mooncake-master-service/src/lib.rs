@@ -5,9 +5,10 @@
 //!   through the command log (in memory, or a Raft group's with feature `raft`), answers reads
 //!   from the applied state and serves store clients in-process or over RPC;
 //! - [`landing`]: landing reports of storage nodes, for commits that wait on them;
-//! - [`admin`]: membership changes of a Raft master group, served by its leader, and the
-//!   `mooncake_master admin` command line;
-//! - [`master_cli`]: the `mooncake_master` program and its upstream-compatible flags.
+//! - [`master_cli`]: the `mooncake_master` program and its upstream-compatible flags;
+//! - [`admin_cli`]: `mooncake_master admin`, which changes the members of a Raft master group
+//!   (the leader serves those requests in the service);
+//! - [`cli`]: what the programs share (exit codes, shutdown signals, `--raft_peers`).
 //!
 //! The master role can run inside any process: a [`MasterService`] is a value, and the store's
 //! embedded mode makes one next to its client.
@@ -24,7 +25,8 @@
 
 #![deny(unsafe_code)]
 
-pub mod admin;
+pub mod admin_cli;
+pub mod cli;
 pub mod landing;
 pub mod master_cli;
 pub mod master_group;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use mooncake_core::{Error, Result};
 use mooncake_master::MasterConfig;
 
+use crate::cli::{parse_raft_peers, run_program, shutdown_signal};
 use crate::service::{MasterService, ServiceConfig};
 use mooncake_meta_http::{serve_http, HttpEndpoints};
 
@@ -60,34 +61,6 @@ pub struct RaftOptions {
     /// empty and waits until the leader adds it (`mooncake_master admin add-learner`).
     /// `--raft_peers` then lists the current members, as an address book, plus this one.
     pub join: bool,
-}
-
-/// Parses `--raft_peers`: `id=raft_host:port/rpc_host:port`, comma-separated.
-pub fn parse_raft_peers(value: &str) -> Result<Vec<(u64, String, String)>> {
-    let bad = |m: String| Error::InvalidArgument(format!("--raft_peers: {m}"));
-    let mut peers: Vec<(u64, String, String)> = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (id, addrs) = item
-            .split_once('=')
-            .ok_or_else(|| bad(format!("{item:?} is not id=raft_addr/rpc_addr")))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|&i| i > 0)
-            .ok_or_else(|| bad(format!("{id:?} is not a non-zero id")))?;
-        let (raft, rpc) = addrs
-            .split_once('/')
-            .ok_or_else(|| bad(format!("{item:?} lacks the /rpc_addr part")))?;
-        if peers.iter().any(|p| p.0 == id) {
-            return Err(bad(format!("id {id} appears twice")));
-        }
-        peers.push((id, raft.trim().to_owned(), rpc.trim().to_owned()));
-    }
-    if peers.is_empty() {
-        return Err(bad("no members".into()));
-    }
-    Ok(peers)
 }
 
 impl Default for MasterOptions {
@@ -603,7 +576,7 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
     let mut args = args.into_iter().peekable();
     if args.peek().map(String::as_str) == Some("admin") {
         args.next();
-        return crate::admin::main_with_args(args);
+        return crate::admin_cli::main_with_args(args);
     }
     let options = match parse_args(args) {
         Ok(Parsed::Run(o)) => *o,
@@ -617,47 +590,6 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
         }
     };
     run_program("mooncake_master", run(options, shutdown_signal()))
-}
-
-/// Runs a program's future on a two-worker runtime and turns its outcome into an exit code (0,
-/// or 1 with the error on stderr, prefixed with `program`).
-pub fn run_program(program: &str, main: impl Future<Output = Result<()>>) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{program}: starting the runtime: {e}");
-            return 1;
-        }
-    };
-    match runtime.block_on(main) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            1
-        }
-    }
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //! before it serves. The service knows nothing else of how the log is replicated: a Raft member
 //! is put together by [`crate::master_cli`], and tests run groups over a simulated log.
 
+mod admin;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -371,7 +373,7 @@ impl MasterService {
             }
             MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
             MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
-            MasterRequest::Admin(request) => crate::admin::serve(self, request).await,
+            MasterRequest::Admin(request) => admin::serve(self, request).await,
             MasterRequest::Landed { segment, ranges } => {
                 self.landings.record(&segment, &ranges);
                 MasterReply::Noted

@@ -170,12 +170,9 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             return 2;
         }
     };
-    mooncake_master_service::master_cli::run_program(
+    mooncake_master_service::cli::run_program(
         "mooncake_client",
-        run(
-            options,
-            mooncake_master_service::master_cli::shutdown_signal(),
-        ),
+        run(options, mooncake_master_service::cli::shutdown_signal()),
     )
 }
 

@@ -20,7 +20,7 @@ static LIVE: Mutex<(Vec<u32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new(
 /// exits with status 130.
 pub(crate) fn kill_on_signal() {
     tokio::spawn(async {
-        mooncake_master_service::master_cli::shutdown_signal().await;
+        mooncake_master_service::cli::shutdown_signal().await;
         let (pids, dirs) = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
         for pid in pids {
             // SAFETY: kill(2) on a pid this process started and has not reaped yet.

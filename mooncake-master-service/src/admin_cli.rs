@@ -1,6 +1,5 @@
-//! Changing the members of a Raft master group at run time: the admin requests a group's leader
-//! serves ([`AdminRequest`], answered with the resulting [`Members`]) and the
-//! `mooncake_master admin ...` command line that sends them.
+//! `mooncake_master admin ...`: the command line that changes the members of a Raft master group
+//! at run time, by sending [`AdminRequest`]s (answered with the resulting [`Members`](mooncake_rpc::admin::Members)).
 //!
 //! A request goes to any member: followers answer `NotLeader` like for every other request, and
 //! [`RemoteMaster`] follows the hint to the leader. Changes are applied one at a time through the
@@ -15,64 +14,9 @@
 
 use mooncake_core::{Error, Result};
 
-use mooncake_rpc::admin::{AdminRequest, Member, MemberRole, Members};
-use mooncake_rpc::MasterReply;
+use mooncake_rpc::admin::AdminRequest;
 
-use crate::service::MasterService;
-
-/// Serves an admin request on `service` (the caller has checked that it leads).
-pub(crate) async fn serve(service: &MasterService, request: AdminRequest) -> MasterReply {
-    match serve_group(service, request).await {
-        Ok(members) => MasterReply::Members(members),
-        // Not (or no longer) the leader, and nothing was proposed: safe to redirect.
-        Err(e) => service.failure_reply(&e),
-    }
-}
-
-/// Applies `request` to the group of the service's command log, when it has one.
-async fn serve_group(service: &MasterService, request: AdminRequest) -> Result<Members> {
-    let Some(group) = service.command_log().group() else {
-        return Err(not_a_group());
-    };
-    match request {
-        AdminRequest::Members => {}
-        AdminRequest::AddLearner {
-            id,
-            raft_addr,
-            rpc_addr,
-        } => group.add_learner(id, raft_addr, rpc_addr).await?,
-        AdminRequest::Promote { id } => group.promote(id).await?,
-        AdminRequest::Remove { id } => group.remove(id).await?,
-    }
-    let m = group.members().await?;
-    Ok(Members {
-        answered_by: m.answered_by,
-        leader: m.leader,
-        term: m.term,
-        commit_index: m.commit_index,
-        members: m
-            .members
-            .into_iter()
-            .map(|g| Member {
-                id: g.id,
-                role: if g.voter {
-                    MemberRole::Voter
-                } else {
-                    MemberRole::Learner
-                },
-                raft_addr: g.log_addr,
-                rpc_addr: g.service_addr,
-                matched: g.matched,
-            })
-            .collect(),
-    })
-}
-
-fn not_a_group() -> Error {
-    Error::NotSupported(
-        "this master is not a member of a Raft group (started without --raft_id)".into(),
-    )
-}
+use crate::cli::{parse_raft_peers, run_program};
 
 /// Usage of `mooncake_master admin`.
 pub const USAGE: &str = "\
@@ -178,7 +122,7 @@ pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<Admin
         }
         "add-learner" => {
             let spec = one_argument("ID=RAFT_ADDR/RPC_ADDR")?;
-            let peers = crate::master_cli::parse_raft_peers(spec)?;
+            let peers = parse_raft_peers(spec)?;
             let [(id, raft_addr, rpc_addr)] = &peers[..] else {
                 return Err(Error::InvalidArgument(format!(
                     "add-learner adds one member at a time, got {spec:?}"
@@ -231,7 +175,7 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             return 2;
         }
     };
-    crate::master_cli::run_program("mooncake_master admin", async move {
+    run_program("mooncake_master admin", async move {
         let members = mooncake_rpc::call_admin(&masters, request).await?;
         print!("{}", members.render());
         Ok(())

@@ -1,0 +1,75 @@
+//! What the command-line programs share: running a program's future to an exit code, waiting
+//! for a shutdown signal, and the `--raft_peers` syntax.
+
+use std::future::Future;
+
+use mooncake_core::{Error, Result};
+
+/// Runs a program's future on a two-worker runtime and turns its outcome into an exit code (0,
+/// or 1 with the error on stderr, prefixed with `program`).
+pub fn run_program(program: &str, main: impl Future<Output = Result<()>>) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            1
+        }
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Parses `--raft_peers`: `id=raft_host:port/rpc_host:port`, comma-separated.
+pub fn parse_raft_peers(value: &str) -> Result<Vec<(u64, String, String)>> {
+    let bad = |m: String| Error::InvalidArgument(format!("--raft_peers: {m}"));
+    let mut peers: Vec<(u64, String, String)> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addrs) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{item:?} is not id=raft_addr/rpc_addr")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or_else(|| bad(format!("{id:?} is not a non-zero id")))?;
+        let (raft, rpc) = addrs
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{item:?} lacks the /rpc_addr part")))?;
+        if peers.iter().any(|p| p.0 == id) {
+            return Err(bad(format!("id {id} appears twice")));
+        }
+        peers.push((id, raft.trim().to_owned(), rpc.trim().to_owned()));
+    }
+    if peers.is_empty() {
+        return Err(bad("no members".into()));
+    }
+    Ok(peers)
+}
