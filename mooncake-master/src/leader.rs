@@ -306,7 +306,6 @@ impl LeaderView {
 /// readable value's ranges, or refuse because of a lease.
 fn touched(master: &Master, command: &Command) -> Touch {
     let key = |k: &String| Touch::Keys(vec![k.clone()]);
-    let has_value = |k: &String| master.is_readable(k);
     match command {
         Command::Remove { key: k, .. }
         | Command::UpsertStart { key: k, .. }
@@ -318,16 +317,12 @@ fn touched(master: &Master, command: &Command) -> Touch {
         Command::BatchUpsertStart { items, .. } => {
             Touch::Keys(items.iter().map(|i| i.key.clone()).collect())
         }
-        // Committing a write replaces (and retires) a readable value, if there is one.
-        Command::PutEnd { key: k, .. } if has_value(k) => key(k),
-        Command::BatchPutEnd { keys, .. } => {
-            let keys: Vec<String> = keys.iter().filter(|k| has_value(k)).cloned().collect();
-            if keys.is_empty() {
-                Touch::None
-            } else {
-                Touch::Keys(keys)
-            }
-        }
+        // Committing a write replaces (and retires) a readable value, if there is one when it
+        // is applied. Whether there is cannot be told from the applied state: entries still in
+        // the log ahead of it (the first value's PutEnd) may commit one, which reads served
+        // meanwhile would lease without the PutEnd carrying them. So its keys are always barred.
+        Command::PutEnd { key: k, .. } => key(k),
+        Command::BatchPutEnd { keys, .. } => Touch::Keys(keys.clone()),
         // A finished move frees its source replica.
         Command::FinishTask { task_id, .. } | Command::TaskTimeout { task_id } => {
             match master.tasks.get(task_id) {

@@ -348,3 +348,106 @@ fn heartbeats_stay_out_of_the_log_and_keep_clients_alive() {
     );
     assert!(next.timeouts(&h.m, t).is_empty());
 }
+
+/// The proptest's regression, spelled out: a put and then an upsert of the same key are routed
+/// before either is applied, so when the upsert's PutEnd is routed the key has no value yet.
+/// A read served once the first value is applied leases the old range; the upsert's PutEnd
+/// must not free it (it retires it until the lease ends), so the next put gets other bytes.
+#[test]
+fn an_upsert_routed_before_the_first_value_applies_keeps_a_later_read_safe() {
+    let mut h = H::new();
+    h.mount(1, "a:1", 4096);
+    let mut view = LeaderView::default();
+    let t = h.t();
+    let write = |kind: WriteKind| {
+        let (key, config) = ("k".to_owned(), ReplicateConfig::default());
+        match kind {
+            WriteKind::Put => Command::PutStart {
+                client_id: c(1),
+                key,
+                size: 1,
+                config,
+            },
+            WriteKind::Upsert => Command::UpsertStart {
+                client_id: c(1),
+                key,
+                size: 1,
+                config,
+            },
+        }
+    };
+    let end = || Command::PutEnd {
+        client_id: c(1),
+        key: "k".into(),
+    };
+    // Put, PutEnd, Upsert, PutEnd: all in the log, none applied.
+    let mut queue = VecDeque::new();
+    for cmd in [
+        write(WriteKind::Put),
+        end(),
+        write(WriteKind::Upsert),
+        end(),
+    ] {
+        let Route::Log(p) = view.route(&h.m, t, cmd) else {
+            panic!("a write answered locally")
+        };
+        queue.push_back(p);
+    }
+    let apply = |h: &mut H, view: &mut LeaderView, p: Proposal| {
+        let r = StateMachine::apply(&mut h.m, &p.entry.encode());
+        view.finish(p.ticket);
+        h.m.check_invariants().unwrap();
+        decode_response(&r).unwrap()
+    };
+    // The first value commits and the upsert starts; its PutEnd is still in the log.
+    for _ in 0..3 {
+        let p = queue.pop_front().unwrap();
+        apply(&mut h, &mut view, p);
+    }
+    // A reader asks for "k": served here (the old value) or ordered after the PutEnd.
+    let read = match view.route(&h.m, t, Command::GetReplicaList { key: "k".into() }) {
+        Route::Local(r) => r,
+        Route::Log(p) => {
+            queue.push_back(p);
+            let mut last = None;
+            while let Some(p) = queue.pop_front() {
+                last = Some(apply(&mut h, &mut view, p));
+            }
+            last.unwrap()
+        }
+    };
+    let Response::Replicas(Ok(list)) = read else {
+        panic!("read failed: {read:?}")
+    };
+    assert!(list.lease.is_active(t));
+    let held = ranges(&list);
+    while let Some(p) = queue.pop_front() {
+        apply(&mut h, &mut view, p);
+    }
+    // Another key is written while the reader's lease is active.
+    let Route::Log(p) = view.route(
+        &h.m,
+        t,
+        Command::PutStart {
+            client_id: c(1),
+            key: "other".into(),
+            size: 1,
+            config: ReplicateConfig::default(),
+        },
+    ) else {
+        panic!("a put answered locally")
+    };
+    let Response::PutStart(Ok(put)) = apply(&mut h, &mut view, p) else {
+        panic!("put failed")
+    };
+    for m in put.replicas.iter().filter_map(|d| d.memory()) {
+        let fresh = (m.segment_name.clone(), m.buffer_address, m.size.max(1));
+        for r in &held {
+            assert!(
+                !overlaps(&fresh, r),
+                "{fresh:?} handed out while a reader holds {r:?} until {:?}",
+                list.lease
+            );
+        }
+    }
+}
