@@ -1,7 +1,7 @@
 //! Which piece to ask of which peer, and when to give up on a request: a sans-IO state machine.
 //!
 //! No sockets, no tokio, no clock: time (`now`) and randomness (a seed) are inputs, so the pull
-//! loop in [`store`](crate::store), the unit tests and the property tests drive the same object.
+//! loop of [`P2PStore::get_replica`](crate::P2PStore::get_replica), the unit tests and the property tests drive the same object.
 //!
 //! The policy is BitTorrent's (BEP 3; Legout et al., IMC 2006), with Kraken's timeouts and
 //! blacklisting:

@@ -1,0 +1,338 @@
+//! Performance-critical: the pull loop, which moves every byte of a replica.
+//!
+//! It drives a [`Scheduler`] with the clock and the transfer engine: each request is a one-sided
+//! READ of a piece from the chosen peer into a scratch buffer (one per request in flight); the
+//! piece's hash is checked there, and only a verified piece is copied into the destination and
+//! marked available. So the destination never holds unverified bytes that a peer could be told
+//! about, and endgame duplicates (two READs of one piece) never write the same memory. The cost
+//! is one extra copy per byte, far below network speed.
+//!
+//! Availability is published (at most once per `publish_interval`) as pieces verify; the
+//! catalog is read again every `refresh_interval` for new holders and pieces.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use mooncake_core::{Location, SegmentHandle, TransferRequest};
+
+use crate::catalog::{HaveRecord, PayloadRecord};
+use crate::error::{Error, Result};
+use crate::piece::{fragments, hash_piece, layout, Bitmap, Buffer, PieceRange};
+use crate::scheduler::{Completion, Failure, PeerId, Request, Scheduler};
+use crate::store::{random_u64, Shared};
+
+/// What a completed pull did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PullReport {
+    /// Pieces in the payload.
+    pub pieces: usize,
+    /// Bytes of the payload.
+    pub bytes: u64,
+    /// Time from the start of the pull to the last verified piece.
+    pub elapsed: Duration,
+    /// Verified pieces, by the segment they came from.
+    pub pieces_from: BTreeMap<String, usize>,
+    /// Pieces that arrived with a wrong hash (dropped and fetched again elsewhere).
+    pub corrupt: usize,
+    /// Requests that failed or timed out.
+    pub failed_requests: usize,
+    /// Endgame duplicates that arrived after their piece was complete (wasted transfers).
+    pub duplicates: usize,
+}
+
+/// A known holder of the payload.
+#[derive(Debug)]
+struct Holder {
+    record: HaveRecord,
+    segment: Option<SegmentHandle>,
+}
+
+/// Scratch buffers where pieces land, unregistered when the pull ends (a transfer still using
+/// one keeps it alive until it finishes).
+struct Scratch {
+    shared: Arc<Shared>,
+    slots: Vec<u64>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for &addr in &self.slots {
+            // The returned future only tells when the last transfer let go: not needed.
+            let _ = self.shared.engine.unregister_memory_async(addr);
+        }
+    }
+}
+
+type Outcome = (Request, usize, mooncake_core::Result<()>);
+
+/// Pulls `record` into `dest` (already checked: registered, of the payload's size).
+pub(crate) async fn pull(
+    shared: &Arc<Shared>,
+    record: &PayloadRecord,
+    dest: &[Buffer],
+) -> Result<PullReport> {
+    let config = &shared.config;
+    let engine = &shared.engine;
+    let catalog = &shared.catalog;
+    let me = engine.segment_name().to_owned();
+    let started = Instant::now();
+    let deadline = started + config.pull_timeout;
+    let pieces = layout(record.total_size, record.max_shard_size, record.piece_size);
+    let n = pieces.len();
+    let mut sched_config = config.scheduler.clone();
+    if sched_config.seed == 0 {
+        sched_config.seed = random_u64(&me);
+    }
+    let mut sched = Scheduler::new(n, Bitmap::new(n), sched_config);
+
+    let slot_count = config.max_in_flight.min(n).max(1);
+    let mut scratch = Scratch {
+        shared: shared.clone(),
+        slots: Vec::with_capacity(slot_count),
+    };
+    for _ in 0..slot_count {
+        let addr = engine.allocate_buffer(record.piece_size as usize, Location::default())?;
+        scratch.slots.push(addr);
+    }
+    // Peers read our verified pieces from `dest`: they must see it in our descriptor.
+    engine.publish().await?;
+    let mut free: Vec<usize> = (0..slot_count).collect();
+    let mut in_flight: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
+        FuturesUnordered::new();
+    let mut holders: HashMap<PeerId, Holder> = HashMap::new();
+    let mut ids: HashMap<String, PeerId> = HashMap::new();
+    let mut report = PullReport {
+        pieces: n,
+        bytes: record.total_size,
+        ..PullReport::default()
+    };
+    let mut staging = vec![0u8; record.piece_size as usize];
+    let mut dirty = false;
+    let mut last_publish = started;
+    let mut next_refresh = started;
+
+    while !sched.is_complete() {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::Timeout {
+                name: record.name.clone(),
+                elapsed: now - started,
+                verified: sched.have().count_ones(),
+                total: n,
+                unavailable: sched.unavailable().len(),
+            });
+        }
+        if now >= next_refresh {
+            let found = catalog
+                .holders(&record.name, record.generation, n, record.total_size)
+                .await?;
+            let mut seen = Vec::new();
+            for h in found.into_iter().filter(|h| h.segment != me) {
+                let next = PeerId(ids.len() as u32);
+                let id = *ids.entry(h.segment.clone()).or_insert(next);
+                sched.set_peer(id, h.have.clone());
+                seen.push(id);
+                match holders.get_mut(&id) {
+                    Some(known) => known.record = h,
+                    None => {
+                        holders.insert(
+                            id,
+                            Holder {
+                                record: h,
+                                segment: None,
+                            },
+                        );
+                    }
+                }
+            }
+            let gone: Vec<PeerId> = holders
+                .keys()
+                .filter(|id| !seen.contains(id))
+                .copied()
+                .collect();
+            for id in gone {
+                // Its outstanding requests fail now; only missing pieces are asked again.
+                sched.remove_peer(id);
+                holders.remove(&id);
+            }
+            next_refresh = now + config.refresh_interval;
+        }
+        report.failed_requests += sched.handle_timeouts(now).len();
+        for r in sched.poll_requests(now, free.len()) {
+            let slot = free.pop().expect("budget is the free slots");
+            match start_read(shared, &mut holders, &pieces, r, scratch.slots[slot]).await {
+                Ok(fut) => in_flight.push(Box::pin(async move { (r, slot, fut.await) })),
+                Err(e) => {
+                    tracing::debug!("request for piece {} to {:?}: {e}", r.piece, r.peer);
+                    sched.on_failure(r, Failure::Transfer, now);
+                    report.failed_requests += 1;
+                    free.push(slot);
+                }
+            }
+        }
+        if dirty && now >= last_publish + config.publish_interval {
+            publish(shared, record, dest, sched.have()).await?;
+            dirty = false;
+            last_publish = now;
+        }
+        let mut wake = next_refresh.min(deadline);
+        if let Some(t) = sched.next_deadline() {
+            wake = wake.min(t);
+        }
+        if dirty {
+            wake = wake.min(last_publish + config.publish_interval);
+        }
+        tokio::select! {
+            Some((r, slot, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let now = Instant::now();
+                let outcome = match result {
+                    Err(e) => {
+                        tracing::debug!("piece {} from {:?} failed: {e}", r.piece, r.peer);
+                        if let Some(h) = holders.get_mut(&r.peer) {
+                            // Look the descriptor up again next time (the peer may have moved).
+                            h.segment = None;
+                            engine.close_segment(&h.record.segment);
+                        }
+                        Err(Failure::Transfer)
+                    }
+                    Ok(()) => verify_and_store(
+                        shared,
+                        record,
+                        dest,
+                        pieces[r.piece],
+                        r.piece,
+                        scratch.slots[slot],
+                        &mut staging,
+                        sched.have().get(r.piece),
+                    ),
+                };
+                free.push(slot);
+                match outcome {
+                    Ok(()) => match sched.on_success(r) {
+                        Completion::Completed { .. } => {
+                            dirty = true;
+                            let from = holders
+                                .get(&r.peer)
+                                .map_or_else(|| format!("{:?}", r.peer), |h| h.record.segment.clone());
+                            *report.pieces_from.entry(from).or_default() += 1;
+                        }
+                        Completion::Duplicate => report.duplicates += 1,
+                    },
+                    Err(f) => {
+                        if f == Failure::Corrupt {
+                            report.corrupt += 1;
+                            tracing::warn!(
+                                "piece {} of {:?} from {:?} failed verification; fetching it elsewhere",
+                                r.piece, record.name, r.peer
+                            );
+                        }
+                        report.failed_requests += 1;
+                        sched.on_failure(r, f, now);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+    report.elapsed = started.elapsed();
+    publish(shared, record, dest, sched.have()).await?;
+    Ok(report)
+}
+
+/// Starts the READ of `r`'s piece into the scratch buffer at `slot`.
+async fn start_read(
+    shared: &Arc<Shared>,
+    holders: &mut HashMap<PeerId, Holder>,
+    pieces: &[PieceRange],
+    r: Request,
+    slot: u64,
+) -> Result<futures::future::BoxFuture<'static, mooncake_core::Result<()>>> {
+    let engine = &shared.engine;
+    let holder = holders
+        .get_mut(&r.peer)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown peer {:?}", r.peer)))?;
+    let segment = match &holder.segment {
+        Some(s) => s.clone(),
+        None => {
+            // A fresh look: the holder may have registered buffers since we last opened it.
+            let s = engine.refresh_segment(&holder.record.segment).await?;
+            holder.segment = Some(s.clone());
+            s
+        }
+    };
+    let piece = pieces[r.piece];
+    let frags = fragments(&holder.record.buffers, piece.offset, piece.len).ok_or_else(|| {
+        Error::InvalidArgument(format!("piece {} outside the holder's buffers", r.piece))
+    })?;
+    let requests = frags
+        .into_iter()
+        .map(|(addr, len, at)| TransferRequest::read(&segment, addr, slot + at, len))
+        .collect();
+    let batch = engine.submit(requests);
+    Ok(Box::pin(async move {
+        batch
+            .wait()
+            .await
+            .into_iter()
+            .collect::<mooncake_core::Result<()>>()
+    }))
+}
+
+/// Checks the piece in the scratch buffer against its hash and, if it is good and still
+/// missing, copies it into the destination.
+#[allow(clippy::too_many_arguments)]
+fn verify_and_store(
+    shared: &Shared,
+    record: &PayloadRecord,
+    dest: &[Buffer],
+    piece: PieceRange,
+    index: usize,
+    slot: u64,
+    staging: &mut [u8],
+    already_have: bool,
+) -> std::result::Result<(), Failure> {
+    let memory = shared.engine.memory();
+    let bytes = &mut staging[..piece.len as usize];
+    let copied = memory
+        .resolve(slot, piece.len)
+        .and_then(|r| r.read_into(bytes));
+    if copied.is_err() {
+        return Err(Failure::Transfer);
+    }
+    if hash_piece(bytes) != record.hashes[index] {
+        return Err(Failure::Corrupt);
+    }
+    if already_have {
+        return Ok(());
+    }
+    let frags = fragments(dest, piece.offset, piece.len).expect("destination was checked");
+    for (addr, len, at) in frags {
+        let written = memory
+            .resolve(addr, len)
+            .and_then(|r| r.write_from(&bytes[at as usize..(at + len) as usize]));
+        if let Err(e) = written {
+            // The caller unregistered the destination under us: nothing sensible to serve.
+            tracing::warn!("writing piece {index} of {:?}: {e}", record.name);
+            return Err(Failure::Transfer);
+        }
+    }
+    Ok(())
+}
+
+/// Publishes this peer's verified pieces of `record`.
+async fn publish(
+    shared: &Shared,
+    record: &PayloadRecord,
+    dest: &[Buffer],
+    have: &Bitmap,
+) -> Result<()> {
+    let rec = HaveRecord {
+        generation: record.generation,
+        segment: shared.engine.segment_name().to_owned(),
+        buffers: dest.to_vec(),
+        have: have.clone(),
+    };
+    shared.catalog.publish_have(&record.name, &rec).await
+}
