@@ -36,6 +36,10 @@ pub struct PullReport {
     pub pieces_from: BTreeMap<String, usize>,
     /// Pieces that arrived with a wrong hash (dropped and fetched again elsewhere).
     pub corrupt: usize,
+    /// Pieces whose READs completed (verified or not, late duplicates included). Barring local
+    /// errors (the destination unregistered mid-pull) it is `pieces + corrupt + duplicates`: a
+    /// piece is fetched again only after it arrived corrupted, or as an endgame duplicate.
+    pub fetched: usize,
     /// Requests that failed or timed out.
     pub failed_requests: usize,
     /// Endgame duplicates that arrived after their piece was complete (wasted transfers).
@@ -184,56 +188,60 @@ pub(crate) async fn pull(
         if dirty {
             wake = wake.min(last_publish + config.publish_interval);
         }
-        tokio::select! {
-            Some((r, slot, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let now = Instant::now();
-                let outcome = match result {
-                    Err(e) => {
-                        tracing::debug!("piece {} from {:?} failed: {e}", r.piece, r.peer);
-                        if let Some(h) = holders.get_mut(&r.peer) {
-                            // Look the descriptor up again next time (the peer may have moved).
-                            h.segment = None;
-                            engine.close_segment(&h.record.segment);
-                        }
-                        Err(Failure::Transfer)
-                    }
-                    Ok(()) => verify_and_store(
-                        shared,
-                        record,
-                        dest,
-                        pieces[r.piece],
-                        r.piece,
-                        scratch.slots[slot],
-                        &mut staging,
-                        sched.have().get(r.piece),
-                    ),
-                };
-                free.push(slot);
-                match outcome {
-                    Ok(()) => match sched.on_success(r) {
-                        Completion::Completed { .. } => {
-                            dirty = true;
-                            let from = holders
-                                .get(&r.peer)
-                                .map_or_else(|| format!("{:?}", r.peer), |h| h.record.segment.clone());
-                            *report.pieces_from.entry(from).or_default() += 1;
-                        }
-                        Completion::Duplicate => report.duplicates += 1,
-                    },
-                    Err(f) => {
-                        if f == Failure::Corrupt {
-                            report.corrupt += 1;
-                            tracing::warn!(
-                                "piece {} of {:?} from {:?} failed verification; fetching it elsewhere",
-                                r.piece, record.name, r.peer
-                            );
-                        }
-                        report.failed_requests += 1;
-                        sched.on_failure(r, f, now);
-                    }
+        let landed = tokio::select! {
+            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Some(outcome),
+            _ = tokio::time::sleep_until(wake.into()) => None,
+        };
+        let Some((r, slot, result)) = landed else {
+            continue;
+        };
+        let now = Instant::now();
+        let outcome = match result {
+            Err(e) => {
+                tracing::debug!("piece {} from {:?} failed: {e}", r.piece, r.peer);
+                if let Some(h) = holders.get_mut(&r.peer) {
+                    // Look the descriptor up again next time (the peer may have moved).
+                    h.segment = None;
+                    engine.close_segment(&h.record.segment);
                 }
+                Err(Failure::Transfer)
             }
-            _ = tokio::time::sleep_until(wake.into()) => {}
+            Ok(()) => {
+                report.fetched += 1;
+                let landing = Landing {
+                    piece: pieces[r.piece],
+                    index: r.piece,
+                    slot: scratch.slots[slot],
+                    already_have: sched.have().get(r.piece),
+                };
+                verify_and_store(shared, record, dest, landing, &mut staging)
+            }
+        };
+        free.push(slot);
+        match outcome {
+            Ok(()) => match sched.on_success(r) {
+                Completion::Completed { .. } => {
+                    dirty = true;
+                    let from = holders
+                        .get(&r.peer)
+                        .map_or_else(|| format!("{:?}", r.peer), |h| h.record.segment.clone());
+                    *report.pieces_from.entry(from).or_default() += 1;
+                }
+                Completion::Duplicate => report.duplicates += 1,
+            },
+            Err(f) => {
+                if f == Failure::Corrupt {
+                    report.corrupt += 1;
+                    tracing::warn!(
+                        "piece {} of {:?} from {:?} failed verification; fetching it elsewhere",
+                        r.piece,
+                        record.name,
+                        r.peer
+                    );
+                }
+                report.failed_requests += 1;
+                sched.on_failure(r, f, now);
+            }
         }
     }
     report.elapsed = started.elapsed();
@@ -280,19 +288,31 @@ async fn start_read(
     }))
 }
 
+/// A piece that landed in a scratch buffer.
+struct Landing {
+    piece: PieceRange,
+    index: usize,
+    /// Address of the scratch buffer.
+    slot: u64,
+    /// The piece is complete already (a late endgame duplicate): verify, do not store.
+    already_have: bool,
+}
+
 /// Checks the piece in the scratch buffer against its hash and, if it is good and still
 /// missing, copies it into the destination.
-#[allow(clippy::too_many_arguments)]
 fn verify_and_store(
     shared: &Shared,
     record: &PayloadRecord,
     dest: &[Buffer],
-    piece: PieceRange,
-    index: usize,
-    slot: u64,
+    landing: Landing,
     staging: &mut [u8],
-    already_have: bool,
 ) -> std::result::Result<(), Failure> {
+    let Landing {
+        piece,
+        index,
+        slot,
+        already_have,
+    } = landing;
     let memory = shared.engine.memory();
     let bytes = &mut staging[..piece.len as usize];
     let copied = memory

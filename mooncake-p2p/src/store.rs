@@ -511,3 +511,45 @@ impl Drop for PullGuard {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_rejects_nonsense() {
+        assert!(P2PConfig::default().validate().is_ok());
+        let cases: [fn(&mut P2PConfig); 6] = [
+            |c| c.piece_size = 0,
+            |c| c.max_in_flight = 0,
+            |c| c.scheduler.pipeline_per_peer = 0,
+            |c| c.scheduler.endgame_copies = 0,
+            |c| c.pull_timeout = Duration::ZERO,
+            |c| c.refresh_interval = Duration::ZERO,
+        ];
+        for edit in cases {
+            let mut c = P2PConfig::default();
+            edit(&mut c);
+            assert!(
+                matches!(c.validate(), Err(Error::InvalidArgument(_))),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(bind_address("127.0.0.1").unwrap().port(), 0);
+        assert_eq!(bind_address("127.0.0.1:4567").unwrap().port(), 4567);
+        assert!(bind_address("localhost").unwrap().ip().is_loopback());
+        assert!(bind_address("localhost:x").is_err());
+    }
+
+    #[test]
+    fn random_numbers_differ_and_are_never_zero() {
+        let a = random_u64("x");
+        let b = random_u64("x");
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+    }
+}
