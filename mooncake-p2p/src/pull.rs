@@ -8,7 +8,8 @@
 //! is one extra copy per byte, far below network speed.
 //!
 //! Availability is published (at most once per `publish_interval`) as pieces verify; the
-//! catalog is read again every `refresh_interval` for new holders and pieces.
+//! catalog is read again every `refresh_interval` for new holders and pieces. Both run as
+//! background tasks, so a slow metadata service never stalls the data path.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use mooncake_core::{Location, SegmentHandle, TransferRequest};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::catalog::{HaveRecord, PayloadRecord};
 use crate::error::{Error, Result};
@@ -58,6 +61,32 @@ struct Holder {
 struct Scratch {
     shared: Arc<Shared>,
     slots: Vec<u64>,
+    free: Vec<usize>,
+    len: usize,
+    max: usize,
+}
+
+impl Scratch {
+    /// A free slot, allocated if none is free and fewer than `max` exist.
+    fn take(&mut self) -> Result<Option<usize>> {
+        if let Some(slot) = self.free.pop() {
+            return Ok(Some(slot));
+        }
+        if self.slots.len() >= self.max {
+            return Ok(None);
+        }
+        let addr = self
+            .shared
+            .engine
+            .allocate_buffer(self.len, Location::default())?;
+        self.slots.push(addr);
+        Ok(Some(self.slots.len() - 1))
+    }
+
+    /// Slots free or allocatable.
+    fn available(&self) -> usize {
+        self.free.len() + (self.max - self.slots.len())
+    }
 }
 
 impl Drop for Scratch {
@@ -69,9 +98,23 @@ impl Drop for Scratch {
     }
 }
 
+/// Aborts a background task when the pull ends, however it ends.
+struct Background(Option<JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
 type Outcome = (Request, usize, mooncake_core::Result<()>);
 
 /// Pulls `record` into `dest` (already checked: registered, of the payload's size).
+///
+/// The catalog is read and written by two background tasks, so a slow metadata service
+/// delays availability updates but never the data path.
 pub(crate) async fn pull(
     shared: &Arc<Shared>,
     record: &PayloadRecord,
@@ -79,7 +122,6 @@ pub(crate) async fn pull(
 ) -> Result<PullReport> {
     let config = &shared.config;
     let engine = &shared.engine;
-    let catalog = &shared.catalog;
     let me = engine.segment_name().to_owned();
     let started = Instant::now();
     let deadline = started + config.pull_timeout;
@@ -90,19 +132,38 @@ pub(crate) async fn pull(
         sched_config.seed = random_u64(&me);
     }
     let mut sched = Scheduler::new(n, Bitmap::new(n), sched_config);
-
-    let slot_count = config.max_in_flight.min(n).max(1);
+    let live_max = config.max_in_flight.min(n).max(1);
+    // Requests that timed out keep their slot until the transport gives up on them; spare
+    // slots let new requests go on meanwhile.
     let mut scratch = Scratch {
         shared: shared.clone(),
-        slots: Vec::with_capacity(slot_count),
+        slots: Vec::new(),
+        free: Vec::new(),
+        len: record.piece_size as usize,
+        max: 2 * live_max,
     };
-    for _ in 0..slot_count {
-        let addr = engine.allocate_buffer(record.piece_size as usize, Location::default())?;
-        scratch.slots.push(addr);
-    }
     // Peers read our verified pieces from `dest`: they must see it in our descriptor.
     engine.publish().await?;
-    let mut free: Vec<usize> = (0..slot_count).collect();
+
+    let (have_tx, have_rx) = watch::channel(Bitmap::new(n));
+    let mut publisher = Background(Some(tokio::spawn(publish_loop(
+        shared.clone(),
+        HaveRecord {
+            generation: record.generation,
+            segment: me.clone(),
+            buffers: dest.to_vec(),
+            have: Bitmap::new(n),
+        },
+        record.name.clone(),
+        have_rx,
+    ))));
+    let (holders_tx, mut holders_rx) = mpsc::channel(1);
+    let _refresher = Background(Some(tokio::spawn(refresh_loop(
+        shared.clone(),
+        record.clone(),
+        holders_tx,
+    ))));
+
     let mut in_flight: FuturesUnordered<futures::future::BoxFuture<'static, Outcome>> =
         FuturesUnordered::new();
     let mut holders: HashMap<PeerId, Holder> = HashMap::new();
@@ -113,9 +174,6 @@ pub(crate) async fn pull(
         ..PullReport::default()
     };
     let mut staging = vec![0u8; record.piece_size as usize];
-    let mut dirty = false;
-    let mut last_publish = started;
-    let mut next_refresh = started;
 
     while !sched.is_complete() {
         let now = Instant::now();
@@ -128,72 +186,34 @@ pub(crate) async fn pull(
                 unavailable: sched.unavailable().len(),
             });
         }
-        if now >= next_refresh {
-            let found = catalog
-                .holders(&record.name, record.generation, n, record.total_size)
-                .await?;
-            let mut seen = Vec::new();
-            for h in found.into_iter().filter(|h| h.segment != me) {
-                let next = PeerId(ids.len() as u32);
-                let id = *ids.entry(h.segment.clone()).or_insert(next);
-                sched.set_peer(id, h.have.clone());
-                seen.push(id);
-                match holders.get_mut(&id) {
-                    Some(known) => known.record = h,
-                    None => {
-                        holders.insert(
-                            id,
-                            Holder {
-                                record: h,
-                                segment: None,
-                            },
-                        );
-                    }
-                }
-            }
-            let gone: Vec<PeerId> = holders
-                .keys()
-                .filter(|id| !seen.contains(id))
-                .copied()
-                .collect();
-            for id in gone {
-                // Its outstanding requests fail now; only missing pieces are asked again.
-                sched.remove_peer(id);
-                holders.remove(&id);
-            }
-            next_refresh = now + config.refresh_interval;
-        }
         report.failed_requests += sched.handle_timeouts(now).len();
-        for r in sched.poll_requests(now, free.len()) {
-            let slot = free.pop().expect("budget is the free slots");
+        let live = sched.outstanding().count();
+        let budget = live_max.saturating_sub(live).min(scratch.available());
+        for r in sched.poll_requests(now, budget) {
+            let slot = scratch.take()?.expect("budget is the available slots");
             match start_read(shared, &mut holders, &pieces, r, scratch.slots[slot]).await {
                 Ok(fut) => in_flight.push(Box::pin(async move { (r, slot, fut.await) })),
                 Err(e) => {
                     tracing::debug!("request for piece {} to {:?}: {e}", r.piece, r.peer);
                     sched.on_failure(r, Failure::Transfer, now);
                     report.failed_requests += 1;
-                    free.push(slot);
+                    scratch.free.push(slot);
                 }
             }
         }
-        if dirty && now >= last_publish + config.publish_interval {
-            publish(shared, record, dest, sched.have()).await?;
-            dirty = false;
-            last_publish = now;
-        }
-        let mut wake = next_refresh.min(deadline);
-        if let Some(t) = sched.next_deadline() {
-            wake = wake.min(t);
-        }
-        if dirty {
-            wake = wake.min(last_publish + config.publish_interval);
-        }
-        let landed = tokio::select! {
-            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Some(outcome),
-            _ = tokio::time::sleep_until(wake.into()) => None,
+        let wake = sched.next_deadline().map_or(deadline, |t| t.min(deadline));
+        let event = tokio::select! {
+            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Event::Landed(outcome),
+            Some(found) = holders_rx.recv() => Event::Holders(found),
+            _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
         };
-        let Some((r, slot, result)) = landed else {
-            continue;
+        let (r, slot, result) = match event {
+            Event::Landed(outcome) => outcome,
+            Event::Holders(found) => {
+                update_holders(&mut sched, &mut holders, &mut ids, &me, found);
+                continue;
+            }
+            Event::Tick => continue,
         };
         let now = Instant::now();
         let outcome = match result {
@@ -217,11 +237,11 @@ pub(crate) async fn pull(
                 verify_and_store(shared, record, dest, landing, &mut staging)
             }
         };
-        free.push(slot);
+        scratch.free.push(slot);
         match outcome {
             Ok(()) => match sched.on_success(r) {
                 Completion::Completed { .. } => {
-                    dirty = true;
+                    have_tx.send_modify(|have| have.set(r.piece));
                     let from = holders
                         .get(&r.peer)
                         .map_or_else(|| format!("{:?}", r.peer), |h| h.record.segment.clone());
@@ -245,8 +265,119 @@ pub(crate) async fn pull(
         }
     }
     report.elapsed = started.elapsed();
-    publish(shared, record, dest, sched.have()).await?;
+    // The publisher writes the last bitmap and ends once the sender is gone. Its writes are
+    // best effort; this last one is awaited, after it, so that the pull returns only once the
+    // catalog says the copy is complete.
+    drop(have_tx);
+    if let Some(h) = publisher.0.take() {
+        let _ = h.await;
+    }
+    let full = HaveRecord {
+        generation: record.generation,
+        segment: me,
+        buffers: dest.to_vec(),
+        have: sched.have().clone(),
+    };
+    shared.catalog.publish_have(&record.name, &full).await?;
     Ok(report)
+}
+
+/// What woke the pull loop.
+enum Event {
+    Landed(Outcome),
+    Holders(Result<Vec<HaveRecord>>),
+    Tick,
+}
+
+/// Applies a fresh look at the catalog's holders to the scheduler.
+fn update_holders(
+    sched: &mut Scheduler,
+    holders: &mut HashMap<PeerId, Holder>,
+    ids: &mut HashMap<String, PeerId>,
+    me: &str,
+    found: Result<Vec<HaveRecord>>,
+) {
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => {
+            // The metadata service hiccuped: keep what we knew; the pull's deadline bounds it.
+            tracing::warn!("reading the catalog's holders: {e}");
+            return;
+        }
+    };
+    let mut seen = Vec::new();
+    for h in found.into_iter().filter(|h| h.segment != me) {
+        let next = PeerId(ids.len() as u32);
+        let id = *ids.entry(h.segment.clone()).or_insert(next);
+        sched.set_peer(id, h.have.clone());
+        seen.push(id);
+        match holders.get_mut(&id) {
+            Some(known) => known.record = h,
+            None => {
+                holders.insert(
+                    id,
+                    Holder {
+                        record: h,
+                        segment: None,
+                    },
+                );
+            }
+        }
+    }
+    let gone: Vec<PeerId> = holders
+        .keys()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
+    for id in gone {
+        // Its outstanding requests fail now; only missing pieces are asked again.
+        sched.remove_peer(id);
+        holders.remove(&id);
+    }
+}
+
+/// Publishes this peer's verified pieces as they change, at most once per publish interval,
+/// and the last state once the pull drops its sender.
+async fn publish_loop(
+    shared: Arc<Shared>,
+    mut record: HaveRecord,
+    name: String,
+    mut have: watch::Receiver<Bitmap>,
+) {
+    let interval = shared.config.publish_interval;
+    loop {
+        let ended = have.changed().await.is_err();
+        let latest = have.borrow_and_update().clone();
+        if latest != record.have {
+            record.have = latest;
+            if let Err(e) = shared.catalog.publish_have(&name, &record).await {
+                tracing::warn!("publishing availability of {name:?}: {e}");
+            }
+        }
+        if ended {
+            return;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Reads the payload's holders from the catalog every refresh interval.
+async fn refresh_loop(
+    shared: Arc<Shared>,
+    record: PayloadRecord,
+    found: mpsc::Sender<Result<Vec<HaveRecord>>>,
+) {
+    let (n, size) = (record.pieces(), record.total_size);
+    loop {
+        let holders = shared
+            .catalog
+            .holders(&record.name, record.generation, n, size)
+            .await;
+        if found.send(holders).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(shared.config.refresh_interval).await;
+    }
 }
 
 /// Starts the READ of `r`'s piece into the scratch buffer at `slot`.
@@ -339,20 +470,4 @@ fn verify_and_store(
         }
     }
     Ok(())
-}
-
-/// Publishes this peer's verified pieces of `record`.
-async fn publish(
-    shared: &Shared,
-    record: &PayloadRecord,
-    dest: &[Buffer],
-    have: &Bitmap,
-) -> Result<()> {
-    let rec = HaveRecord {
-        generation: record.generation,
-        segment: shared.engine.segment_name().to_owned(),
-        buffers: dest.to_vec(),
-        have: have.clone(),
-    };
-    shared.catalog.publish_have(&record.name, &rec).await
 }
