@@ -8,7 +8,8 @@
 //!                                generation, origin segment. Created by compare-and-swap from
 //!                                revision 0 (unique names); force_create overwrites.
 //! p2p/v1/have/{name}/{segment}   HaveRecord: the generation it belongs to, the holder's segment
-//!                                and buffers, and a bitmap of its verified pieces.
+//!                                and buffers, a bitmap of its verified pieces, and how many
+//!                                uploads it admits at once.
 //! ```
 //!
 //! Availability is one key per (payload, peer), written only by that peer: many peers finishing
@@ -92,6 +93,9 @@ pub struct HaveRecord {
     pub buffers: Vec<Buffer>,
     /// The holder's verified pieces.
     pub have: Bitmap,
+    /// Uploads the holder admits at once, shared among the readers pulling at the time (see
+    /// [`fair_share`](crate::scheduler::fair_share)).
+    pub upload_slots: u32,
 }
 
 /// What a [`PayloadInfo`](crate::PayloadInfo) lists and a pull needs, read from any
@@ -324,6 +328,7 @@ mod tests {
             segment: segment.into(),
             buffers: vec![Buffer::new(4096, 10)],
             have: Bitmap::full(3),
+            upload_slots: 8,
         }
     }
 

@@ -14,16 +14,16 @@
 //!   backoff for failing peers, only missing pieces fetched again when a source leaves. Pieces are
 //!   one-sided READs from any peer that holds them; each is verified against its hash before it
 //!   is written to the destination and published, so nothing unverified is ever offered to
-//!   others, and a corrupted piece is fetched again from another peer.
+//!   others, and a corrupted piece is fetched again from another peer;
+//! - a bound on each holder's concurrent uploads, by cooperation: READs are one-sided, so a
+//!   holder cannot refuse one; it publishes how many uploads it admits
+//!   ([`P2PConfig::upload_slots`]) and each reader keeps to its share
+//!   ([`scheduler::fair_share`]). A reader that ignores the share is not stopped.
 //!
 //! What it does not do (yet): the Python binding, a command-line tool, upstream's whole-file
-//! mode for comparison, and admission control on the serving side (READs are one-sided: a
-//! holder cannot refuse them; the bound is per reader, [`SchedulerConfig::pipeline_per_peer`]).
-//! The HTTP metadata protocol has no
+//! mode for comparison, and the network-namespace benchmark. The HTTP metadata protocol has no
 //! compare-and-swap or listing, so the catalog needs another metadata store (in-memory for one
-//! process, or a store that implements both).
-//!
-//! [`SchedulerConfig::pipeline_per_peer`]: scheduler::SchedulerConfig::pipeline_per_peer
+//! process, or any store that implements both).
 //!
 //! ```
 //! use std::sync::Arc;

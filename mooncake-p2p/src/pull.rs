@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::{HaveRecord, PayloadRecord};
 use crate::error::{Error, Result};
 use crate::piece::{fragments, hash_piece, layout, Bitmap, Buffer, PieceRange};
-use crate::scheduler::{Completion, Failure, PeerId, Request, Scheduler};
+use crate::scheduler::{fair_share, Completion, Failure, PeerId, Request, Scheduler};
 use crate::store::{random_u64, Shared};
 
 /// What a completed pull did.
@@ -153,6 +153,7 @@ pub(crate) async fn pull(
             segment: me.clone(),
             buffers: dest.to_vec(),
             have: Bitmap::new(n),
+            upload_slots: config.upload_slots,
         },
         record.name.clone(),
         have_rx,
@@ -277,6 +278,7 @@ pub(crate) async fn pull(
         segment: me,
         buffers: dest.to_vec(),
         have: sched.have().clone(),
+        upload_slots: config.upload_slots,
     };
     shared.catalog.publish_have(&record.name, &full).await?;
     Ok(report)
@@ -305,11 +307,15 @@ fn update_holders(
             return;
         }
     };
+    let found: Vec<HaveRecord> = found.into_iter().filter(|h| h.segment != me).collect();
+    // Readers pulling now, this one included, share each holder's upload slots.
+    let pullers = 1 + found.iter().filter(|h| !h.have.is_full()).count();
     let mut seen = Vec::new();
-    for h in found.into_iter().filter(|h| h.segment != me) {
+    for h in found {
         let next = PeerId(ids.len() as u32);
         let id = *ids.entry(h.segment.clone()).or_insert(next);
         sched.set_peer(id, h.have.clone());
+        sched.set_peer_limit(id, fair_share(h.upload_slots as usize, pullers, usize::MAX));
         seen.push(id);
         match holders.get_mut(&id) {
             Some(known) => known.record = h,

@@ -13,7 +13,8 @@
 //!   [`endgame_copies`](SchedulerConfig::endgame_copies) peers at once, and the duplicates are
 //!   cancelled when one lands. Outside endgame no piece is ever outstanding twice;
 //! - **pipelining**: at most [`pipeline_per_peer`](SchedulerConfig::pipeline_per_peer) requests
-//!   outstanding per peer;
+//!   outstanding per peer, or fewer where the peer's upload admission says so
+//!   ([`set_peer_limit`](Scheduler::set_peer_limit), [`fair_share`]);
 //! - **timeouts and backoff**: a request not answered within
 //!   [`request_timeout`](SchedulerConfig::request_timeout) fails; a failing peer is avoided for a
 //!   backoff that doubles with each consecutive failure (up to
@@ -99,6 +100,8 @@ impl Default for SchedulerConfig {
 struct PeerState {
     have: Bitmap,
     outstanding: usize,
+    /// This reader's share of the peer's upload slots (at most `pipeline_per_peer`).
+    limit: usize,
     consecutive_failures: u32,
     avoid_until: Option<Instant>,
 }
@@ -218,6 +221,7 @@ impl Scheduler {
         let state = self.peers.entry(peer).or_insert_with(|| PeerState {
             have: Bitmap::new(have.len()),
             outstanding: 0,
+            limit: usize::MAX,
             consecutive_failures: 0,
             avoid_until: None,
         });
@@ -229,6 +233,23 @@ impl Scheduler {
             }
         }
         state.have = have;
+    }
+
+    /// Caps the requests outstanding at `peer` to `limit` (at least 1), below
+    /// [`pipeline_per_peer`](SchedulerConfig::pipeline_per_peer): this reader's share of the
+    /// peer's upload slots. Requests already outstanding stay; new ones wait until fewer are.
+    /// A peer not known yet is ignored.
+    pub fn set_peer_limit(&mut self, peer: PeerId, limit: usize) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.limit = limit.max(1);
+        }
+    }
+
+    /// The most requests this reader keeps outstanding at `peer` now.
+    pub fn peer_limit(&self, peer: PeerId) -> usize {
+        self.peers
+            .get(&peer)
+            .map_or(0, |p| p.limit.min(self.config.pipeline_per_peer))
     }
 
     /// Forgets `peer` (it left the swarm): its outstanding requests fail and their pieces go
@@ -294,7 +315,7 @@ impl Scheduler {
 
     /// Whether `peer` may be asked for `piece` now.
     fn can_ask(&self, id: PeerId, p: &PeerState, piece: usize, now: Instant) -> bool {
-        p.outstanding < self.config.pipeline_per_peer
+        p.outstanding < self.config.pipeline_per_peer.min(p.limit)
             && p.avoid_until.is_none_or(|t| t <= now)
             && p.have.get(piece)
             && !self.corrupt.contains(&(piece, id))
@@ -465,6 +486,18 @@ impl Scheduler {
             .map(|(&id, p)| (id, p.outstanding))
             .collect()
     }
+}
+
+/// One reader's share of a holder's `upload_slots` when `pullers` readers (this one included)
+/// pull at once: the slots split evenly, rounded up, at least 1 and at most `pipeline`.
+///
+/// READs are one-sided, so a holder cannot refuse them; instead each holder publishes how many
+/// uploads it admits and every reader keeps to its share, which bounds the holder's concurrent
+/// uploads to about `upload_slots` (plus one per reader when there are more readers than slots).
+pub fn fair_share(upload_slots: usize, pullers: usize, pipeline: usize) -> usize {
+    upload_slots
+        .div_ceil(pullers.max(1))
+        .clamp(1, pipeline.max(1))
 }
 
 /// SplitMix64: a small seeded generator, enough for tie-breaking.

@@ -69,6 +69,31 @@ fn pipeline_bound_per_peer() {
 }
 
 #[test]
+fn peer_limit_caps_the_pipeline() {
+    let mut s = Scheduler::new(10, Bitmap::new(10), config());
+    s.set_peer(PeerId(0), Bitmap::full(10));
+    s.set_peer_limit(PeerId(0), 1);
+    s.set_peer_limit(PeerId(9), 1); // unknown: ignored
+    assert_eq!(s.peer_limit(PeerId(0)), 1);
+    assert_eq!(s.poll_requests(Instant::now(), 10).len(), 1);
+    // A larger share is still capped by the pipeline.
+    s.set_peer_limit(PeerId(0), 50);
+    assert_eq!(s.peer_limit(PeerId(0)), 2);
+    assert_eq!(s.poll_requests(Instant::now(), 10).len(), 1);
+    assert!(s.poll_requests(Instant::now(), 10).is_empty());
+}
+
+#[test]
+fn fair_share_splits_upload_slots() {
+    assert_eq!(fair_share(8, 1, 3), 3);
+    assert_eq!(fair_share(8, 4, 3), 2);
+    assert_eq!(fair_share(8, 8, 3), 1);
+    assert_eq!(fair_share(8, 100, 3), 1);
+    assert_eq!(fair_share(0, 0, 3), 1);
+    assert_eq!(fair_share(9, 4, 5), 3);
+}
+
+#[test]
 fn endgame_duplicates_then_cancels() {
     let mut s = Scheduler::new(2, Bitmap::new(2), config());
     s.set_peer(PeerId(0), Bitmap::full(2));
@@ -205,6 +230,7 @@ enum Op {
     Advance(u64),
     Remove(u32),
     Readd(u32),
+    Limit(u32, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -216,6 +242,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..1500).prop_map(Op::Advance),
         1 => (0u32..5).prop_map(Op::Remove),
         1 => (0u32..5).prop_map(Op::Readd),
+        1 => (0u32..5, 1usize..4).prop_map(|(p, l)| Op::Limit(p, l)),
     ]
 }
 
@@ -236,6 +263,7 @@ fn checked_poll(s: &mut Scheduler, now: Instant, budget: usize, cfg: &SchedulerC
     for r in s.outstanding() {
         *per_piece.entry(r.piece).or_default() += 1;
     }
+    let mut at_peer: HashMap<PeerId, usize> = s.load();
     let issued = s.poll_requests(now, budget);
     assert!(issued.len() <= budget);
     for r in issued {
@@ -253,6 +281,9 @@ fn checked_poll(s: &mut Scheduler, now: Instant, budget: usize, cfg: &SchedulerC
             assert!(already < cfg.endgame_copies);
         }
         *per_piece.entry(r.piece).or_default() += 1;
+        let n = at_peer.entry(r.peer).or_default();
+        *n += 1;
+        assert!(*n <= s.peer_limit(r.peer), "{r:?} past the peer's limit");
     }
     for (peer, n) in s.load() {
         assert!(n <= cfg.pipeline_per_peer, "{peer:?} has {n} outstanding");
@@ -320,6 +351,7 @@ proptest! {
                 Op::Readd(p) if (p as usize) < maps.len() => {
                     s.set_peer(PeerId(p), maps[p as usize].clone());
                 }
+                Op::Limit(p, l) => s.set_peer_limit(PeerId(p), l),
                 _ => {}
             }
         }

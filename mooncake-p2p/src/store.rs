@@ -27,6 +27,11 @@ pub struct P2PConfig {
     /// Piece choice, pipelining, timeouts and backoff. A `seed` of 0 is replaced by a random
     /// one per pull.
     pub scheduler: SchedulerConfig,
+    /// Uploads this instance admits at once, from every payload it serves; readers split them
+    /// among themselves (see [`fair_share`](crate::scheduler::fair_share)). Default 8 (a few
+    /// more than BitTorrent's 4 unchoked peers, as pieces here are READs with no choking
+    /// round trip).
+    pub upload_slots: u32,
     /// Pieces in flight at once per pull, over all peers; each has a scratch buffer of a piece
     /// where it lands and is verified before it is copied into the destination. Default 16.
     pub max_in_flight: usize,
@@ -44,6 +49,7 @@ impl Default for P2PConfig {
         P2PConfig {
             piece_size: DEFAULT_PIECE_SIZE,
             scheduler: SchedulerConfig::default(),
+            upload_slots: 8,
             max_in_flight: 16,
             publish_interval: Duration::from_millis(50),
             refresh_interval: Duration::from_millis(200),
@@ -61,6 +67,9 @@ impl P2PConfig {
         }
         if self.max_in_flight == 0 || self.scheduler.pipeline_per_peer == 0 {
             return bad("max_in_flight and pipeline_per_peer must be at least 1");
+        }
+        if self.upload_slots == 0 {
+            return bad("upload_slots must be at least 1");
         }
         if self.scheduler.endgame_copies == 0 {
             return bad("endgame_copies must be at least 1");
@@ -276,6 +285,7 @@ impl P2PStore {
             segment,
             buffers: buffers.to_vec(),
             have: Bitmap::full(pieces.len()),
+            upload_slots: self.shared.config.upload_slots,
         };
         self.shared.catalog.publish_have(name, &have).await?;
         self.local().registered.insert(name.to_owned(), generation);
@@ -519,8 +529,9 @@ mod tests {
     #[test]
     fn config_validation_rejects_nonsense() {
         assert!(P2PConfig::default().validate().is_ok());
-        let cases: [fn(&mut P2PConfig); 6] = [
+        let cases: [fn(&mut P2PConfig); 7] = [
             |c| c.piece_size = 0,
+            |c| c.upload_slots = 0,
             |c| c.max_in_flight = 0,
             |c| c.scheduler.pipeline_per_peer = 0,
             |c| c.scheduler.endgame_copies = 0,

@@ -26,6 +26,7 @@ fn config() -> P2PConfig {
         publish_interval: Duration::from_millis(5),
         refresh_interval: Duration::from_millis(20),
         pull_timeout: Duration::from_secs(20),
+        ..P2PConfig::default()
     }
 }
 

@@ -36,6 +36,7 @@ fn config() -> P2PConfig {
         publish_interval: Duration::from_millis(5),
         refresh_interval: Duration::from_millis(50),
         pull_timeout: DEADLINE,
+        ..P2PConfig::default()
     }
 }
 
