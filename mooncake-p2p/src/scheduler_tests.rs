@@ -4,6 +4,13 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// The tests' fixed origin of time: the scheduler only ever sees instants derived from it.
+fn t0() -> Instant {
+    #[allow(clippy::disallowed_methods)] // the one clock read, to get an `Instant` at all
+    static T0: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    *T0
+}
+
 fn bits(len: usize, set: &[usize]) -> Bitmap {
     let mut b = Bitmap::new(len);
     for &i in set {
@@ -30,7 +37,7 @@ fn rarest_piece_first() {
     s.set_peer(PeerId(0), Bitmap::full(4));
     s.set_peer(PeerId(1), bits(4, &[0, 1, 2]));
     s.set_peer(PeerId(2), bits(4, &[0, 1]));
-    let now = Instant::now();
+    let now = t0();
     // Piece 3 is held by one peer only, piece 2 by two: those go first.
     let r = s.poll_requests(now, 1);
     assert_eq!((r[0].piece, r[0].peer), (3, PeerId(0)));
@@ -49,7 +56,7 @@ fn random_first_then_rarest() {
         let mut s = Scheduler::new(8, Bitmap::new(8), c);
         s.set_peer(PeerId(0), Bitmap::full(8));
         s.set_peer(PeerId(1), bits(8, &[0, 1, 2, 3, 4, 5, 6]));
-        let r = s.poll_requests(Instant::now(), 1)[0];
+        let r = s.poll_requests(t0(), 1)[0];
         seen.insert(r.piece);
     }
     // Rarest-first would always pick piece 7; random-first spreads the first pick.
@@ -60,12 +67,12 @@ fn random_first_then_rarest() {
 fn pipeline_bound_per_peer() {
     let mut s = Scheduler::new(10, Bitmap::new(10), config());
     s.set_peer(PeerId(0), Bitmap::full(10));
-    let r = s.poll_requests(Instant::now(), 10);
+    let r = s.poll_requests(t0(), 10);
     assert_eq!(r.len(), 2);
     assert_eq!(s.outstanding_at(PeerId(0)), 2);
     s.set_peer(PeerId(1), Bitmap::full(10));
-    assert_eq!(s.poll_requests(Instant::now(), 10).len(), 2);
-    assert!(s.poll_requests(Instant::now(), 10).is_empty());
+    assert_eq!(s.poll_requests(t0(), 10).len(), 2);
+    assert!(s.poll_requests(t0(), 10).is_empty());
 }
 
 #[test]
@@ -75,12 +82,12 @@ fn peer_limit_caps_the_pipeline() {
     s.set_peer_limit(PeerId(0), 1);
     s.set_peer_limit(PeerId(9), 1); // unknown: ignored
     assert_eq!(s.peer_limit(PeerId(0)), 1);
-    assert_eq!(s.poll_requests(Instant::now(), 10).len(), 1);
+    assert_eq!(s.poll_requests(t0(), 10).len(), 1);
     // A larger share is still capped by the pipeline.
     s.set_peer_limit(PeerId(0), 50);
     assert_eq!(s.peer_limit(PeerId(0)), 2);
-    assert_eq!(s.poll_requests(Instant::now(), 10).len(), 1);
-    assert!(s.poll_requests(Instant::now(), 10).is_empty());
+    assert_eq!(s.poll_requests(t0(), 10).len(), 1);
+    assert!(s.poll_requests(t0(), 10).is_empty());
 }
 
 #[test]
@@ -97,7 +104,7 @@ fn fair_share_splits_upload_slots() {
 fn endgame_duplicates_then_cancels() {
     let mut s = Scheduler::new(2, Bitmap::new(2), config());
     s.set_peer(PeerId(0), Bitmap::full(2));
-    let now = Instant::now();
+    let now = t0();
     let first = s.poll_requests(now, 2);
     assert_eq!(first.len(), 2);
     assert!(s.in_endgame());
@@ -129,7 +136,7 @@ fn no_endgame_while_pieces_are_unrequested() {
     let mut s = Scheduler::new(3, Bitmap::new(3), config());
     s.set_peer(PeerId(0), bits(3, &[0]));
     s.set_peer(PeerId(1), bits(3, &[0]));
-    let now = Instant::now();
+    let now = t0();
     assert_eq!(s.poll_requests(now, 10).len(), 1);
     // Pieces 1 and 2 are missing and unrequested (nobody has them): no duplicate of 0.
     assert!(s.poll_requests(now, 10).is_empty());
@@ -140,7 +147,7 @@ fn no_endgame_while_pieces_are_unrequested() {
 fn timeout_backs_off_and_moves_to_another_peer() {
     let mut s = Scheduler::new(1, Bitmap::new(1), config());
     s.set_peer(PeerId(0), Bitmap::full(1));
-    let t0 = Instant::now();
+    let t0 = t0();
     let r = s.poll_requests(t0, 1)[0];
     assert_eq!(r.peer, PeerId(0));
     s.set_peer(PeerId(1), Bitmap::full(1));
@@ -177,7 +184,7 @@ fn timeout_backs_off_and_moves_to_another_peer() {
 fn lost_source_refetches_only_missing_pieces() {
     let mut s = Scheduler::new(4, Bitmap::new(4), config());
     s.set_peer(PeerId(0), Bitmap::full(4));
-    let now = Instant::now();
+    let now = t0();
     let r = s.poll_requests(now, 2);
     s.on_success(r[0]);
     let lost = s.remove_peer(PeerId(0));
@@ -201,7 +208,7 @@ fn lost_source_refetches_only_missing_pieces() {
 fn corrupt_piece_never_asked_of_that_peer_again() {
     let mut s = Scheduler::new(1, Bitmap::new(1), config());
     s.set_peer(PeerId(0), Bitmap::full(1));
-    let t = Instant::now();
+    let t = t0();
     let r = s.poll_requests(t, 1)[0];
     s.on_failure(r, Failure::Corrupt, t);
     let later = t + Duration::from_secs(60);
@@ -215,7 +222,7 @@ fn corrupt_piece_never_asked_of_that_peer_again() {
 fn starts_from_pieces_already_held() {
     let mut s = Scheduler::new(3, bits(3, &[0, 2]), config());
     s.set_peer(PeerId(0), Bitmap::full(3));
-    let r = s.poll_requests(Instant::now(), 10);
+    let r = s.poll_requests(t0(), 10);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].piece, 1);
 }
@@ -313,7 +320,7 @@ proptest! {
         for (i, m) in maps.iter().enumerate() {
             s.set_peer(PeerId(i as u32), m.clone());
         }
-        let start = Instant::now();
+        let start = t0();
         let mut now = start;
         let mut completed_once = vec![false; pieces];
         let mut complete = |s: &mut Scheduler, r: Request| {

@@ -128,6 +128,7 @@ pub struct P2PStore {
 }
 
 /// A random number (a payload generation, a scheduler seed).
+#[allow(clippy::disallowed_methods)] // the time of day salts the randomness
 pub(crate) fn random_u64(salt: &str) -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write(salt.as_bytes());

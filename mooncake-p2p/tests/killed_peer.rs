@@ -1,6 +1,8 @@
 //! A serving peer is SIGKILLed halfway through its own pull: the other receivers, each in its
 //! own process, complete, verify, and fetch again only what they lacked. The processes share a
 //! catalog served by this test process over loopback (see `support/net_meta.rs`).
+// Real processes, real deadlines: this harness reads the clock.
+#![allow(clippy::disallowed_methods)]
 
 mod support;
 
