@@ -178,8 +178,12 @@ pub(crate) async fn pull(
         ..PullReport::default()
     };
     let mut staging = vec![0u8; record.piece_size as usize];
+    let mut closed = shared.closed.subscribe();
 
     while !sched.is_complete() {
+        if *closed.borrow_and_update() {
+            return Err(Error::Closed);
+        }
         let now = Instant::now();
         if now >= deadline {
             return Err(Error::Timeout {
@@ -209,6 +213,7 @@ pub(crate) async fn pull(
         let event = tokio::select! {
             Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Event::Landed(outcome),
             Some(found) = holders_rx.recv() => Event::Holders(found),
+            _ = closed.changed() => Event::Tick,
             _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
         };
         let (r, slot, result) = match event {

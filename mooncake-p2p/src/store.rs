@@ -5,12 +5,12 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use mooncake_core::{Discovery, EngineConfig, MetadataStore, TransferEngine, Transport};
 use mooncake_transport_tcp::{TcpConfig, TcpTransport};
+use tokio::sync::watch;
 
 use crate::catalog::{Catalog, HaveRecord, PayloadRecord};
 use crate::error::{Error, Result};
@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub(crate) catalog: Catalog,
     pub(crate) config: P2PConfig,
     local: Mutex<Local>,
+    /// `true` once [`P2PStore::close`] began: pulls in progress end with [`Error::Closed`].
+    pub(crate) closed: watch::Sender<bool>,
 }
 
 /// See the [crate docs](crate).
@@ -124,7 +126,6 @@ pub(crate) struct Shared {
 pub struct P2PStore {
     shared: Arc<Shared>,
     owns_engine: bool,
-    closed: AtomicBool,
 }
 
 /// A random number (a payload generation, a scheduler seed).
@@ -199,9 +200,9 @@ impl P2PStore {
                 catalog: Catalog::new(metadata),
                 config,
                 local: Mutex::new(Local::default()),
+                closed: watch::channel(false).0,
             }),
             owns_engine: false,
-            closed: AtomicBool::new(false),
         })
     }
 
@@ -216,7 +217,7 @@ impl P2PStore {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        if *self.shared.closed.borrow() {
             Err(Error::Closed)
         } else {
             Ok(())
@@ -445,10 +446,11 @@ impl P2PStore {
         catalog.remove_if_orphaned(name, generation).await
     }
 
-    /// Withdraws every payload and replica of this instance from the catalog and, if this store
-    /// started its engine, shuts the engine down. Idempotent.
+    /// Ends pulls in progress (they fail with [`Error::Closed`]), withdraws every payload and
+    /// replica of this instance from the catalog and, if this store started its engine, shuts
+    /// the engine down. Idempotent.
     pub async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if self.shared.closed.send_replace(true) {
             return Ok(());
         }
         let (registered, replicas) = {

@@ -352,3 +352,26 @@ async fn a_cancelled_pull_withdraws_and_can_be_retried() {
     o.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_a_pull_in_progress() {
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let (o, obufs) = origin(&meta, "m", 9).await;
+    // A source that serves only bad pieces: the pull cannot finish by itself.
+    write(&o, &obufs, &content(10));
+    let b = Arc::new(peer(&meta).await);
+    let bbufs = buffers(&b);
+    let pulling = {
+        let b = b.clone();
+        tokio::spawn(async move { b.get_replica("m", &bbufs).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.close().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), pulling)
+        .await
+        .expect("the pull ends promptly")
+        .unwrap();
+    assert!(matches!(ended, Err(Error::Closed)), "{ended:?}");
+    assert!(matches!(b.list("").await, Err(Error::Closed)));
+    o.close().await.unwrap();
+}
