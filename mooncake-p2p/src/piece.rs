@@ -129,6 +129,27 @@ impl Bitmap {
         self.words[i / 64] |= 1 << (i % 64);
     }
 
+    /// Clears bit `i`.
+    pub fn clear(&mut self, i: usize) {
+        assert!(i < self.len, "bit {i} of {}", self.len);
+        self.words[i / 64] &= !(1 << (i % 64));
+    }
+
+    /// The bits, 64 to a word, bit `i` at `words()[i / 64] >> (i % 64)`; none set past the end.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Whether no bit is set.
+    pub fn is_clear(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// Indexes of the set bits, in order.
+    pub fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        ones(&self.words)
+    }
+
     /// Number of set bits.
     pub fn count_ones(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -145,6 +166,21 @@ impl Bitmap {
         self.words.len() == self.len.div_ceil(64)
             && (self.len % 64 == 0 || self.words.last().is_none_or(|w| w >> (self.len % 64) == 0))
     }
+}
+
+/// Indexes of the set bits of `words`, in order.
+pub(crate) fn ones(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    words.iter().enumerate().flat_map(|(i, &w)| {
+        let mut w = w;
+        std::iter::from_fn(move || {
+            if w == 0 {
+                return None;
+            }
+            let bit = w.trailing_zeros() as usize;
+            w &= w - 1;
+            Some(i * 64 + bit)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -185,6 +221,14 @@ mod tests {
         b.set(69);
         b.set(0);
         assert_eq!(b.count_ones(), 2);
+        assert_eq!(b.ones().collect::<Vec<_>>(), vec![0, 69]);
+        b.clear(0);
+        assert_eq!(b.ones().collect::<Vec<_>>(), vec![69]);
+        assert!(!b.is_clear());
+        b.clear(69);
+        assert!(b.is_clear());
+        b.set(0);
+        b.set(69);
         assert!(b.is_valid() && !b.is_full());
         assert!(Bitmap::full(70).is_full());
         let bad = Bitmap {

@@ -227,6 +227,36 @@ fn starts_from_pieces_already_held() {
     assert_eq!(r[0].piece, 1);
 }
 
+#[test]
+fn thousands_of_pieces_each_fetched_once_and_spread_over_peers() {
+    let n = 4096;
+    let mut c = config();
+    c.pipeline_per_peer = 3;
+    let mut s = Scheduler::new(n, Bitmap::new(n), c);
+    s.set_peer(PeerId(0), Bitmap::full(n));
+    // Fifteen peers with disjoint slices of half the file, the origin with all of it.
+    for i in 1..16u32 {
+        let set: Vec<usize> = (0..n).filter(|p| p % 30 == i as usize).collect();
+        s.set_peer(PeerId(i), bits(n, &set));
+    }
+    let mut asked = vec![0u8; n];
+    let mut from = HashMap::<PeerId, usize>::new();
+    while !s.is_complete() {
+        let issued = s.poll_requests(t0(), 64);
+        assert!(!issued.is_empty());
+        for r in issued {
+            asked[r.piece] += 1;
+            *from.entry(r.peer).or_default() += 1;
+            s.on_success(r);
+        }
+    }
+    // No endgame needed without failures: every piece once, none twice.
+    assert!(asked.iter().all(|&a| a == 1));
+    // Rarest first keeps the origin on the pieces only it holds; the others serve theirs.
+    let held_by_others = (0..n).filter(|p| (1..16).contains(&(p % 30))).count();
+    assert_eq!(from[&PeerId(0)], n - held_by_others);
+}
+
 /// One step of a random swarm.
 #[derive(Clone, Debug)]
 enum Op {
@@ -361,6 +391,9 @@ proptest! {
                 Op::Limit(p, l) => s.set_peer_limit(PeerId(p), l),
                 _ => {}
             }
+            let endgame = !s.is_complete()
+                && (0..pieces).all(|p| s.have().get(p) || s.outstanding_for(p) > 0);
+            prop_assert_eq!(s.in_endgame(), endgame);
         }
         // Then a calm swarm: everyone back, every request answered. It must finish, and every
         // missing piece must be asked of a peer that has it.
