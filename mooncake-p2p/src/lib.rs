@@ -20,8 +20,11 @@
 //!   ([`P2PConfig::upload_slots`]) and each reader keeps to its share
 //!   ([`scheduler::fair_share`]). A reader that ignores the share is not stopped.
 //!
-//! What it does not do (yet): the Python binding, a command-line tool, upstream's whole-file
-//! mode for comparison, and the network-namespace benchmark. The HTTP metadata protocol has no
+//! - upstream Mooncake's pull behaviour as a switch ([`PullMode::Upstream`]), for benchmarks
+//!   that show the difference on the same network.
+//!
+//! What it does not do (yet): the Python binding, a command-line tool and the
+//! network-namespace benchmark. The HTTP metadata protocol has no
 //! compare-and-swap or listing, so the catalog needs another metadata store (in-memory for one
 //! process, or any store that implements both).
 //!
@@ -60,4 +63,4 @@ mod store;
 pub use error::{Error, Result};
 pub use piece::Buffer;
 pub use pull::PullReport;
-pub use store::{P2PConfig, P2PStore, PayloadInfo};
+pub use store::{P2PConfig, P2PStore, PayloadInfo, PullMode};

@@ -27,7 +27,7 @@ use crate::catalog::{HaveRecord, PayloadRecord};
 use crate::error::{Error, Result};
 use crate::piece::{fragments, hash_piece, layout, Bitmap, Buffer, PieceRange};
 use crate::scheduler::{fair_share, Completion, Failure, PeerId, Request, Scheduler};
-use crate::store::{random_u64, Shared};
+use crate::store::{random_u64, PullMode, Shared};
 
 /// What a completed pull did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -134,6 +134,12 @@ pub(crate) async fn pull(
     if sched_config.seed == 0 {
         sched_config.seed = random_u64(&me);
     }
+    let upstream = config.mode == PullMode::Upstream;
+    if upstream {
+        // Random order throughout, never a duplicate request.
+        sched_config.random_first = usize::MAX;
+        sched_config.endgame_copies = 1;
+    }
     let mut sched = Scheduler::new(n, Bitmap::new(n), sched_config);
     let live_max = config.max_in_flight.min(n).max(1);
     // Requests that timed out keep their slot until the transport gives up on them; spare
@@ -219,6 +225,13 @@ pub(crate) async fn pull(
         let (r, slot, result) = match event {
             Event::Landed(outcome) => outcome,
             Event::Holders(found) => {
+                let found = found.map(|mut found| {
+                    if upstream {
+                        // Only complete copies are sources.
+                        found.retain(|h| h.have.is_full());
+                    }
+                    found
+                });
                 update_holders(&mut sched, &mut holders, &mut ids, &me, found);
                 continue;
             }
@@ -250,7 +263,9 @@ pub(crate) async fn pull(
         match outcome {
             Ok(()) => match sched.on_success(r) {
                 Completion::Completed { .. } => {
-                    have_tx.send_modify(|have| have.set(r.piece));
+                    if !upstream {
+                        have_tx.send_modify(|have| have.set(r.piece));
+                    }
                     let from = holders
                         .get(&r.peer)
                         .map_or_else(|| format!("{:?}", r.peer), |h| h.record.segment.clone());

@@ -42,6 +42,23 @@ pub struct P2PConfig {
     pub refresh_interval: Duration,
     /// A pull not complete by then fails with [`Error::Timeout`]. Default 10 minutes.
     pub pull_timeout: Duration,
+    /// How pulls behave. Default [`PullMode::Swarm`]; [`PullMode::Upstream`] is for
+    /// comparisons only.
+    pub mode: PullMode,
+}
+
+/// How a pull chooses sources and publishes what it has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullMode {
+    /// Pieces published as soon as they verify, any holder a source, random-first then
+    /// rarest-first then endgame.
+    #[default]
+    Swarm,
+    /// Upstream Mooncake's behaviour, for side-by-side benchmarks: a copy is published only
+    /// once complete, only complete copies (and the origin) are sources, pieces are taken in
+    /// random order with no endgame. Pieces are still verified. (Upstream also fetches a whole
+    /// shard per READ and retries the whole file when a source leaves; neither is copied.)
+    Upstream,
 }
 
 impl Default for P2PConfig {
@@ -54,6 +71,7 @@ impl Default for P2PConfig {
             publish_interval: Duration::from_millis(50),
             refresh_interval: Duration::from_millis(200),
             pull_timeout: Duration::from_secs(600),
+            mode: PullMode::Swarm,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mooncake_core::{Location, MemoryMetadataStore, MetadataStore};
 use mooncake_p2p::scheduler::SchedulerConfig;
-use mooncake_p2p::{Buffer, Error, P2PConfig, P2PStore, PayloadInfo};
+use mooncake_p2p::{Buffer, Error, P2PConfig, P2PStore, PayloadInfo, PullMode};
 
 /// Two buffers, so that pieces straddle them, and shards that are not a multiple of pieces.
 const SIZES: [u64; 2] = [700_001, 400_000];
@@ -374,4 +374,71 @@ async fn close_ends_a_pull_in_progress() {
     assert!(matches!(ended, Err(Error::Closed)), "{ended:?}");
     assert!(matches!(b.list("").await, Err(Error::Closed)));
     o.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_mode_publishes_only_complete_copies() {
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let (o, obufs) = origin(&meta, "m", 11).await;
+    // Half the origin's pieces are bad: pulls verify the other half, then stall.
+    let mut bytes = content(11);
+    let half = bytes.len() / 2;
+    bytes[half..].iter_mut().for_each(|b| *b = !*b);
+    write(&o, &obufs, &bytes);
+    let mut cfg = config();
+    cfg.mode = PullMode::Upstream;
+    let upstream = Arc::new(peer_with(&meta, cfg).await);
+    let swarm = Arc::new(peer(&meta).await);
+    let pulls: Vec<_> = [upstream.clone(), swarm.clone()]
+        .into_iter()
+        .map(|s| {
+            let bufs = buffers(&s);
+            tokio::spawn(async move { s.get_replica("m", &bufs).await })
+        })
+        .collect();
+    let published = |s: &P2PStore| {
+        let key = mooncake_p2p::catalog::have_key("m", s.segment_name());
+        let meta = meta.clone();
+        async move { meta.get(&key).await.unwrap().is_some() }
+    };
+    let mut swarm_published = false;
+    for _ in 0..200 {
+        swarm_published = published(&swarm).await;
+        if swarm_published {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        swarm_published,
+        "the swarm puller publishes verified pieces at once"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !published(&upstream).await,
+        "upstream mode publishes nothing partial"
+    );
+    // End the upstream pull by dropping it.
+    let mut pulls = pulls.into_iter();
+    pulls.next().unwrap().abort();
+    // With sound bytes again, a new upstream-mode puller takes complete copies only: the
+    // origin's, not the swarm puller's published part.
+    write(&o, &obufs, &content(11));
+    let mut cfg = config();
+    cfg.mode = PullMode::Upstream;
+    let late = peer_with(&meta, cfg).await;
+    let (_, report) = pull_ok(&late, "m", 11).await;
+    assert_eq!(
+        report.pieces_from.keys().collect::<Vec<_>>(),
+        vec![o.segment_name()]
+    );
+    assert!(published(&late).await);
+    // The swarm puller never asks the origin again for the pieces it corrupted, but the new
+    // complete copy lets it finish.
+    let swarm_report = pulls.next().unwrap().await.unwrap().unwrap();
+    assert!(swarm_report.corrupt > 0);
+    assert!(swarm_report.pieces_from.contains_key(late.segment_name()));
+    for s in [&upstream, &swarm, &late, &o] {
+        s.close().await.unwrap();
+    }
 }
