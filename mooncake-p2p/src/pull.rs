@@ -224,6 +224,7 @@ pub(crate) async fn pull(
         };
         let (r, slot, result) = match event {
             Event::Landed(outcome) => outcome,
+            Event::Holders(Err(Error::Changed(name))) => return Err(Error::Changed(name)),
             Event::Holders(found) => {
                 let found = found.map(|mut found| {
                     if upstream {
@@ -390,7 +391,8 @@ async fn publish_loop(
     }
 }
 
-/// Reads the payload's holders from the catalog every refresh interval.
+/// Reads the payload's holders from the catalog every refresh interval; sends
+/// [`Error::Changed`] if the payload was replaced or removed.
 async fn refresh_loop(
     shared: Arc<Shared>,
     record: PayloadRecord,
@@ -398,10 +400,17 @@ async fn refresh_loop(
 ) {
     let (n, size) = (record.pieces(), record.total_size);
     loop {
-        let holders = shared
-            .catalog
-            .holders(&record.name, record.generation, n, size)
-            .await;
+        let catalog = &shared.catalog;
+        // The payload must still be the one being pulled (not replaced or removed).
+        let holders = match catalog.payload(&record.name).await {
+            Ok(Some((now, _))) if now.generation == record.generation => {
+                catalog
+                    .holders(&record.name, record.generation, n, size)
+                    .await
+            }
+            Ok(_) => Err(Error::Changed(record.name.clone())),
+            Err(e) => Err(e),
+        };
         if found.send(holders).await.is_err() {
             return;
         }

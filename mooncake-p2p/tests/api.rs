@@ -442,3 +442,28 @@ async fn upstream_mode_publishes_only_complete_copies() {
         s.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_replaced_while_pulling_ends_the_pull() {
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let (o, obufs) = origin(&meta, "m", 12).await;
+    // Only bad pieces: the pull cannot finish by itself.
+    write(&o, &obufs, &content(13));
+    let b = Arc::new(peer(&meta).await);
+    let pulling = {
+        let b = b.clone();
+        let bufs = buffers(&b);
+        tokio::spawn(async move { b.get_replica("m", &bufs).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    o.register("m", &obufs, SHARD, "", true).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), pulling)
+        .await
+        .expect("the pull ends promptly")
+        .unwrap();
+    assert!(matches!(ended, Err(Error::Changed(_))), "{ended:?}");
+    // The new payload (the origin's current bytes) pulls fine.
+    pull_ok(&b, "m", 13).await;
+    b.close().await.unwrap();
+    o.close().await.unwrap();
+}
