@@ -249,7 +249,7 @@ impl P2PStore {
     /// Publishes the file made of `buffers` (concatenated in order) under `name`, so that others
     /// can pull it. The buffers must lie in memory registered with this store's engine, and
     /// stay unchanged until [`unregister`](Self::unregister). Hashes every piece (reads the
-    /// whole file once). `location` must be empty or the buffers' registered location.
+    /// whole file once, on a blocking thread). `location` must be empty or the buffers' registered location.
     /// Fails with [`Error::AlreadyExists`] if the name is taken, unless `force_create`.
     pub async fn register(
         &self,
@@ -272,19 +272,32 @@ impl P2PStore {
         }
         let piece_size = self.shared.config.piece_size.min(max_shard_size);
         let pieces = layout(total_size, max_shard_size, piece_size);
-        let memory = self.shared.engine.memory();
-        let mut bytes = Vec::new();
-        let mut hashes = Vec::with_capacity(pieces.len());
-        for p in &pieces {
-            bytes.resize(p.len as usize, 0);
-            let frags = fragments(buffers, p.offset, p.len).expect("pieces lie in the file");
-            for (addr, len, at) in frags {
-                memory
-                    .resolve(addr, len)?
-                    .read_into(&mut bytes[at as usize..(at + len) as usize])?;
+        // Hashing reads the whole file: off the async threads.
+        let memory = self.shared.engine.memory().clone();
+        let layout_buffers = buffers.to_vec();
+        let hashes = tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
+            let mut bytes = Vec::new();
+            let mut hashes = Vec::with_capacity(pieces.len());
+            for p in &pieces {
+                bytes.resize(p.len as usize, 0);
+                let frags =
+                    fragments(&layout_buffers, p.offset, p.len).expect("pieces lie in the file");
+                for (addr, len, at) in frags {
+                    memory
+                        .resolve(addr, len)?
+                        .read_into(&mut bytes[at as usize..(at + len) as usize])?;
+                }
+                hashes.push(hash_piece(&bytes));
             }
-            hashes.push(hash_piece(&bytes));
-        }
+            Ok(hashes)
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is shutting down.
+            Err(_) => Error::Closed,
+        })??;
+        let pieces = hashes.len();
         let generation = random_u64(name);
         let segment = self.segment_name().to_owned();
         let record = PayloadRecord {
@@ -304,7 +317,7 @@ impl P2PStore {
             generation,
             segment,
             buffers: buffers.to_vec(),
-            have: Bitmap::full(pieces.len()),
+            have: Bitmap::full(pieces),
             upload_slots: self.shared.config.upload_slots,
         };
         self.shared.catalog.publish_have(name, &have).await?;
