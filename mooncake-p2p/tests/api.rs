@@ -467,3 +467,44 @@ async fn a_payload_replaced_while_pulling_ends_the_pull() {
     b.close().await.unwrap();
     o.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_on_caller_engines_find_peers_by_handshake() {
+    use mooncake_core::{EngineConfig, TransferEngine, Transport};
+    use mooncake_transport_tcp::{TcpConfig, TcpTransport};
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpTransport::new(TcpConfig::default()).unwrap();
+        // Peers' descriptors come from the peers themselves, not from the catalog's store.
+        let engine = TransferEngine::start(
+            EngineConfig::new("127.0.0.1"),
+            vec![tcp as Arc<dyn Transport>],
+        )
+        .await
+        .unwrap();
+        let m: Arc<dyn MetadataStore> = meta.clone();
+        stores.push(P2PStore::with_engine(m, engine, config()).unwrap());
+    }
+    let bufs = buffers(&stores[0]);
+    write(&stores[0], &bufs, &content(14));
+    stores[0]
+        .register("m", &bufs, SHARD, "", false)
+        .await
+        .unwrap();
+    pull_ok(&stores[1], "m", 14).await;
+    // close leaves a caller's engine running.
+    let engine = stores[1].engine().clone();
+    for s in &stores {
+        s.close().await.unwrap();
+    }
+    let a = engine.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let me = engine.open_segment(engine.segment_name()).await.unwrap();
+    let r = engine
+        .transfer(vec![mooncake_core::TransferRequest::read(&me, a, a, 16)])
+        .await;
+    assert!(r[0].is_ok(), "{r:?}");
+    for s in &stores {
+        s.engine().shutdown().await;
+    }
+}
