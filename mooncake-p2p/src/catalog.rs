@@ -429,4 +429,162 @@ mod tests {
         c.remove_if_orphaned("a", 1).await.unwrap();
         assert!(c.payload("a").await.unwrap().is_none());
     }
+
+    /// One catalog operation of a random history.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create {
+            name: usize,
+            origin: usize,
+            force: bool,
+        },
+        Publish {
+            name: usize,
+            peer: usize,
+            stale: bool,
+        },
+        Withdraw {
+            name: usize,
+            peer: usize,
+        },
+        Unregister {
+            name: usize,
+            peer: usize,
+        },
+        Orphan {
+            name: usize,
+        },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..2usize, 0..3usize, any::<bool>()).prop_map(|(name, origin, force)| Op::Create {
+                name,
+                origin,
+                force
+            }),
+            (0..2usize, 0..3usize, any::<bool>()).prop_map(|(name, peer, stale)| Op::Publish {
+                name,
+                peer,
+                stale
+            }),
+            (0..2usize, 0..3usize).prop_map(|(name, peer)| Op::Withdraw { name, peer }),
+            (0..2usize, 0..3usize).prop_map(|(name, peer)| Op::Unregister { name, peer }),
+            (0..2usize).prop_map(|name| Op::Orphan { name }),
+        ]
+    }
+
+    /// What the catalog should hold for one name.
+    #[derive(Default, Clone, Debug)]
+    struct Model {
+        /// (generation, origin peer) of the payload, if any.
+        record: Option<(u64, Option<usize>)>,
+        /// Availability records: peer -> generation.
+        have: std::collections::BTreeMap<usize, u64>,
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn random_histories_match_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let c = catalog();
+                let names = ["a", "a/b"];
+                let seg = |p: usize| format!("p:{p}");
+                let mut model = [Model::default(), Model::default()];
+                let mut next_gen = 1;
+                for op in ops {
+                    match op {
+                        Op::Create { name, origin, force } => {
+                            let mut r = record(names[name], next_gen);
+                            r.origin = Some(seg(origin));
+                            let got = c.create(&r, force).await;
+                            let m = &mut model[name];
+                            if m.record.is_some() && !force {
+                                assert!(matches!(got, Err(Error::AlreadyExists(_))));
+                            } else {
+                                got.unwrap();
+                                m.record = Some((next_gen, Some(origin)));
+                                if force {
+                                    m.have.clear();
+                                }
+                            }
+                            next_gen += 1;
+                        }
+                        Op::Publish { name, peer, stale } => {
+                            let m = &mut model[name];
+                            let generation = match (m.record, stale) {
+                                (Some((g, _)), false) => g,
+                                _ => 0,
+                            };
+                            c.publish_have(names[name], &have(&seg(peer), generation))
+                                .await
+                                .unwrap();
+                            m.have.insert(peer, generation);
+                        }
+                        Op::Withdraw { name, peer } => {
+                            c.withdraw_have(names[name], &seg(peer)).await.unwrap();
+                            model[name].have.remove(&peer);
+                        }
+                        Op::Unregister { name, peer } => {
+                            let m = &mut model[name];
+                            let generation = m.record.map_or(0, |(g, _)| g);
+                            let got = c.unregister(names[name], &seg(peer), generation).await;
+                            match m.record {
+                                Some((g, Some(o))) if o == peer => {
+                                    got.unwrap();
+                                    m.have.remove(&peer);
+                                    m.record = Some((g, None));
+                                    if !m.have.values().any(|&h| h == g) {
+                                        m.record = None;
+                                    }
+                                }
+                                _ => assert!(matches!(got, Err(Error::NotRegisteredHere(_)))),
+                            }
+                        }
+                        Op::Orphan { name } => {
+                            let m = &mut model[name];
+                            let generation = m.record.map_or(0, |(g, _)| g);
+                            c.remove_if_orphaned(names[name], generation).await.unwrap();
+                            if let Some((g, None)) = m.record {
+                                if !m.have.values().any(|&h| h == g) {
+                                    m.record = None;
+                                }
+                            }
+                        }
+                    }
+                    // The catalog agrees with the model after every step.
+                    for (i, m) in model.iter().enumerate() {
+                        let got = c.payload(names[i]).await.unwrap();
+                        let got = got.map(|(r, _)| {
+                            let origin = r.origin.map(|o| o[2..].parse::<usize>().unwrap());
+                            (r.generation, origin)
+                        });
+                        assert_eq!(got, m.record, "{}", names[i]);
+                        if let Some((g, _)) = m.record {
+                            let holders: Vec<String> = c
+                                .holders(names[i], g, 3, 10)
+                                .await
+                                .unwrap()
+                                .into_iter()
+                                .map(|h| h.segment)
+                                .collect();
+                            let expected: Vec<String> = m
+                                .have
+                                .iter()
+                                .filter(|(_, &h)| h == g)
+                                .map(|(&p, _)| seg(p))
+                                .collect();
+                            assert_eq!(holders, expected, "{}", names[i]);
+                        }
+                    }
+                    let listed = c.list("").await.unwrap().len();
+                    assert_eq!(listed, model.iter().filter(|m| m.record.is_some()).count());
+                }
+            });
+        }
+    }
 }
