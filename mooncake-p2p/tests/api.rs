@@ -337,7 +337,7 @@ async fn a_cancelled_pull_withdraws_and_can_be_retried() {
     // The dropped pull withdraws its partial availability (in the background).
     let key = mooncake_p2p::catalog::have_key("m", b.segment_name());
     let mut withdrawn = false;
-    for _ in 0..100 {
+    for _ in 0..500 {
         if meta.get(&key).await.unwrap().is_none() {
             withdrawn = true;
             break;
@@ -367,7 +367,7 @@ async fn close_ends_a_pull_in_progress() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     b.close().await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(2), pulling)
+    let ended = tokio::time::timeout(Duration::from_secs(5), pulling)
         .await
         .expect("the pull ends promptly")
         .unwrap();
@@ -402,7 +402,7 @@ async fn upstream_mode_publishes_only_complete_copies() {
         async move { meta.get(&key).await.unwrap().is_some() }
     };
     let mut swarm_published = false;
-    for _ in 0..200 {
+    for _ in 0..500 {
         swarm_published = published(&swarm).await;
         if swarm_published {
             break;
@@ -457,7 +457,7 @@ async fn a_payload_replaced_while_pulling_ends_the_pull() {
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     o.register("m", &obufs, SHARD, "", true).await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(2), pulling)
+    let ended = tokio::time::timeout(Duration::from_secs(5), pulling)
         .await
         .expect("the pull ends promptly")
         .unwrap();
