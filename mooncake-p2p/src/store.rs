@@ -33,7 +33,10 @@ pub struct P2PConfig {
     /// round trip).
     pub upload_slots: u32,
     /// Pieces in flight at once per pull, over all peers; each has a scratch buffer of a piece
-    /// where it lands and is verified before it is copied into the destination. Default 16.
+    /// where it lands and is verified before it is copied into the destination, so a pull
+    /// holds `max_in_flight × piece_size` of scratch memory (64 MiB by default), up to twice
+    /// that while requests that timed out still wait for the transport. Default 16 (Dragonfly
+    /// keeps 10 pieces in flight; a few more cover several slow peers).
     pub max_in_flight: usize,
     /// Longest wait before newly verified pieces are published (updates are batched). Default
     /// 50 ms.
