@@ -1,0 +1,66 @@
+//! P2P store: distributes a file (a checkpoint, typically) from the instance that registered it
+//! to many others, as a swarm over the mooncake-rs transfer engine.
+//!
+//! What it does:
+//! - the seed's API ([`P2PStore`]): `register` a file made of registered buffers under a unique
+//!   name, `unregister`, `list` by prefix, `get_replica` (pull a copy into local buffers, then
+//!   serve it), `delete_replica`, `close`;
+//! - a catalog in any [`MetadataStore`](mooncake_core::MetadataStore) that supports
+//!   compare-and-swap and listing ([`catalog`] documents the keys): the payload record with a
+//!   BLAKE3 hash per piece, and one availability bitmap per (payload, peer), written only by that
+//!   peer and batched, so the metadata service sees no contention;
+//! - pulls as a swarm ([`scheduler`], sans-IO): pieces of a few MiB subdividing the shards,
+//!   random-first then rarest-first then endgame, requests pipelined per peer, timeouts and
+//!   backoff for failing peers, only missing pieces fetched again when a source leaves. Pieces are
+//!   one-sided READs from any peer that holds them; each is verified against its hash before it
+//!   is written to the destination and published, so nothing unverified is ever offered to
+//!   others, and a corrupted piece is fetched again from another peer;
+//! - a bound on each holder's concurrent uploads, by cooperation: READs are one-sided, so a
+//!   holder cannot refuse one; it publishes how many uploads it admits
+//!   ([`P2PConfig::upload_slots`]) and each reader keeps to its share
+//!   ([`scheduler::fair_share`]). A reader that ignores the share is not stopped.
+//!
+//! - upstream Mooncake's pull behaviour as a switch ([`PullMode::Upstream`]), for benchmarks
+//!   that show the difference on the same network.
+//!
+//! What it does not do (yet): the Python binding, a command-line tool and the
+//! network-namespace benchmark. The HTTP metadata protocol has no
+//! compare-and-swap or listing, so the catalog needs another metadata store (in-memory for one
+//! process, or any store that implements both).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use mooncake_core::{Location, MemoryMetadataStore, MetadataStore};
+//! use mooncake_p2p::{Buffer, P2PConfig, P2PStore};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let catalog: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::new());
+//! // The trainer publishes 1 MiB (buffers registered with its store's engine).
+//! let trainer = P2PStore::new(catalog.clone(), "127.0.0.1", P2PConfig::default()).await?;
+//! let addr = trainer.engine().allocate_buffer(1 << 20, Location::cpu(0))?;
+//! let weights = [Buffer::new(addr, 1 << 20)];
+//! trainer.register("ckpt/step-100", &weights, 64 << 20, "cpu:0", false).await?;
+//!
+//! // An inference host pulls a verified copy, and serves it to others from then on.
+//! let host = P2PStore::new(catalog, "127.0.0.1", P2PConfig::default()).await?;
+//! let addr = host.engine().allocate_buffer(1 << 20, Location::cpu(0))?;
+//! let report = host.get_replica("ckpt/step-100", &[Buffer::new(addr, 1 << 20)]).await?;
+//! assert_eq!(report.bytes, 1 << 20);
+//! assert_eq!(host.list("ckpt/").await?[0].total_size, 1 << 20);
+//! host.close().await?;
+//! trainer.close().await?;
+//! # Ok::<(), mooncake_p2p::Error>(())
+//! # }).unwrap();
+//! ```
+#![deny(unsafe_code)]
+
+pub mod catalog;
+pub mod error;
+pub mod piece;
+mod pull;
+pub mod scheduler;
+mod store;
+
+pub use error::{Error, Result};
+pub use piece::Buffer;
+pub use pull::PullReport;
+pub use store::{P2PConfig, P2PStore, PayloadInfo, PullMode};
