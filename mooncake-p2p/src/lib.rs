@@ -23,7 +23,9 @@
 //! - upstream Mooncake's pull behaviour as a switch ([`PullMode::Upstream`]), for benchmarks
 //!   that show the difference on the same network.
 //!
-//! What it does not do (yet): the Python binding, a command-line tool and the
+//! The Python binding is `mooncake.p2p` in `mooncake-py`.
+//!
+//! What it does not do (yet): a command-line tool and the
 //! network-namespace benchmark. The HTTP metadata protocol has no
 //! compare-and-swap or listing, so the catalog needs another metadata store (in-memory for one
 //! process, or any store that implements both).

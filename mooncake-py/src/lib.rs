@@ -1,5 +1,6 @@
 //! `mooncake._store`: Python bindings of the Rust store client, re-exported by the pure-Python
-//! package as `mooncake.store` (a drop-in for upstream Mooncake's `mooncake.store`).
+//! package as `mooncake.store` (a drop-in for upstream Mooncake's `mooncake.store`), and of the
+//! P2P store (`mooncake-p2p`), re-exported as `mooncake.p2p`.
 //!
 //! This crate holds conversions only: arguments in, results out, errors mapped to upstream's
 //! integer codes, the GIL released around every wait. The logic lives in the `mooncake` and
@@ -12,6 +13,7 @@
 mod buffer;
 mod host;
 mod master;
+mod p2p;
 mod runtime;
 mod setup_args;
 mod store;
@@ -51,6 +53,7 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::QueryTaskResponse>()?;
     m.add_class::<host::MooncakeHostMemAllocator>()?;
     m.add_function(wrap_pyfunction!(host::bind_to_numa_node, m)?)?;
+    p2p::add(m)?;
     m.add_function(wrap_pyfunction!(master::run_master, m)?)?;
     m.add_function(wrap_pyfunction!(master::run_client, m)?)?;
     // Upstream exports the enum values at module level (ReplicaStatus, then TaskType, then

@@ -1,0 +1,66 @@
+"""``mooncake.p2p``: the P2P store, for distributing checkpoints from one process to many.
+
+``P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="")`` starts a transfer engine
+(TCP) on ``local_segment_name`` (``"host"`` or ``"host:port"``) and keeps its catalog in the
+metadata service at ``metadata_uri``:
+
+- ``"http://host:port/metadata"``: the HTTP metadata server of ``mooncake_master
+  --enable_http_metadata_server`` (the catalog needs compare-and-swap and listing from it);
+- ``"memory"`` (or ``"local"``): one in-process catalog shared by every ``P2PStore`` of this
+  process, for single-process use and tests. Other processes cannot see it.
+
+The methods are the seed's: ``register(name, buffers, max_shard_size=64 MiB, location="cpu:0",
+force_create=False)``, ``unregister(name)``, ``list(prefix="")`` (``PayloadInfo`` objects with
+``name``, ``max_shard_size``, ``total_size``, ``size_list``), ``get_replica(name, buffers)``,
+``delete_replica(name)`` and ``close()``. A file is the concatenation of its buffers, in order.
+
+Buffers are a list of ``(ptr, size)`` pairs, numpy arrays (or other contiguous bytes-like
+objects) or contiguous CPU torch tensors. The store registers their memory with its engine and
+serves it to peers until ``unregister`` / ``delete_replica`` / ``close``: the data must not
+change before then. Arrays and tensors are kept alive by the store meanwhile; for ``(ptr, size)``
+pairs the caller keeps the memory valid (a pair that is not mapped memory of this process
+raises ``ValueError``).
+
+Every call waits with the GIL released. Misuse raises ``TypeError``/``ValueError``; any other
+failure raises :class:`P2PError` with the reason, and ``kind`` naming it: ``"already_exists"``
+(register of a taken name without ``force_create``), ``"not_found"``, ``"already_pulled"`` (a
+name is pulled at most once per instance), ``"no_replica"``, ``"not_registered_here"``,
+``"timeout"``, ``"changed"``, ``"closed"``, ``"not_supported"``, ``"metadata"``, ``"engine"``,
+``"bad_catalog_entry"``, ``"internal"``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from typing import Any
+
+from mooncake import _store
+from mooncake._store import P2PError, PayloadInfo
+
+__all__ = ["P2PStore", "PayloadInfo", "P2PError"]
+
+_live: "weakref.WeakSet[P2PStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for s in list(_live):
+        try:
+            s.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class P2PStore(_store.P2PStore):
+    """A P2P store instance; see the module docs. Usable as a context manager (closes on exit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        _live.add(self)
+
+    def __enter__(self) -> "P2PStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
