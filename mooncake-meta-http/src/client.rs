@@ -12,6 +12,8 @@ use tokio::time::timeout;
 
 use mooncake_core::{Error, ErrorCode, MetadataStore, Result, Versioned};
 
+use crate::server::{MORE_HEADER, REVISION_HEADER};
+
 use super::*;
 
 /// Settings of an [`HttpMetadataStore`].
@@ -21,7 +23,8 @@ pub struct HttpClientConfig {
     pub connect_timeout: Duration,
     /// Time for one request, from sending it to having read the whole response. Default 5 s.
     pub request_timeout: Duration,
-    /// Largest response body accepted, in bytes. Default 64 MiB, as the server's request limit.
+    /// Largest response body accepted, in bytes. Default 65 MiB: the server's request limit
+    /// (64 MiB) plus room for the key and framing of a listing page's single largest entry.
     pub max_body: usize,
 }
 
@@ -30,7 +33,7 @@ impl Default for HttpClientConfig {
         Self {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
-            max_body: 64 << 20,
+            max_body: (64 << 20) + (1 << 20),
         }
     }
 }
@@ -39,10 +42,12 @@ impl Default for HttpClientConfig {
 /// (`http://host:port/metadata`), e.g. by [`serve_http`] or by `mooncake_master
 /// --enable_http_metadata_server`.
 ///
-/// The protocol has no revisions: reads and writes report revision 1, and `compare_and_swap` and
-/// `list` fail with [`Error::NotSupported`]. Requests share one keep-alive connection, opened
-/// again when it breaks. Servers that answer every `DELETE` with `200` (upstream's Go example
-/// server) make [`MetadataStore::delete`] report `true` for missing keys.
+/// With this crate's server every operation is supported, with real revisions (the crate docs
+/// describe the protocol extension). With upstream's servers, reads and writes report
+/// revision 1, and `compare_and_swap` and `list` fail with [`Error::NotSupported`]. Requests
+/// share one keep-alive connection, opened again when it breaks. Servers that answer every
+/// `DELETE` with `200` (upstream's Go example server) make [`MetadataStore::delete`] report
+/// `true` for missing keys.
 #[derive(Debug)]
 pub struct HttpMetadataStore {
     pub(super) url: String,
@@ -128,15 +133,22 @@ impl HttpMetadataStore {
         }
     }
 
-    /// Sends one request and returns the response's status and body.
-    async fn request(&self, method: &str, key: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+    /// Sends one request about `key` and returns the response; `params` are appended to the
+    /// query (already escaped).
+    async fn request(&self, method: &str, key: &str, body: &[u8], params: &str) -> Result<Answer> {
         if key.is_empty() {
             return Err(Error::InvalidArgument("empty metadata key".into()));
         }
+        let query = format!("key={}{params}", percent_encode(key));
+        self.send(method, key, &query, body).await
+    }
+
+    /// Sends one request with `query` and returns the response; `what` names it in errors.
+    async fn send(&self, method: &str, what: &str, query: &str, body: &[u8]) -> Result<Answer> {
+        let key = what;
         let sep = if self.path.contains('?') { '&' } else { '?' };
-        let (path, host, key_escaped) = (&self.path, &self.authority, percent_encode(key));
-        let mut head =
-            format!("{method} {path}{sep}key={key_escaped} HTTP/1.1\r\nHost: {host}\r\n");
+        let (path, host) = (&self.path, &self.authority);
+        let mut head = format!("{method} {path}{sep}{query} HTTP/1.1\r\nHost: {host}\r\n");
         if method == "PUT" {
             head += &format!("Content-Length: {}\r\n", body.len());
         }
@@ -147,7 +159,9 @@ impl HttpMetadataStore {
         loop {
             // A reused connection may have been closed by the server while idle: when it fails
             // before any byte of a response arrives, retry once on a new one (all our requests
-            // are idempotent). `slot` stays empty, so the retry cannot loop.
+            // are idempotent, and a conditional write is retried only when the server closed
+            // the connection without answering, which our server does only for requests it did
+            // not read). `slot` stays empty, so the retry cannot loop.
             let reused = slot.is_some();
             let mut conn = match slot.take() {
                 Some(conn) => conn,
@@ -155,11 +169,11 @@ impl HttpMetadataStore {
             };
             let exchange = exchange(&mut conn, &request, self.config.max_body);
             match timeout(limit, exchange).await {
-                Ok(Ok((status, body, keep_alive))) => {
-                    if keep_alive {
+                Ok(Ok(answer)) => {
+                    if answer.keep_alive {
                         *slot = Some(conn);
                     }
-                    return Ok((status, body));
+                    return Ok(answer);
                 }
                 Ok(Err((_, true))) if reused => continue,
                 Ok(Err((why, _))) => {
@@ -190,13 +204,25 @@ impl HttpMetadataStore {
     }
 }
 
-/// Sends `request` and reads the response: `(status, body, keep_alive)`. An error's flag says no
-/// byte of a response arrived, so a retry on a fresh connection is safe.
+/// A response as the client sees it.
+#[derive(Debug, Default)]
+pub(super) struct Answer {
+    pub(super) status: u16,
+    pub(super) body: Vec<u8>,
+    keep_alive: bool,
+    /// [`REVISION_HEADER`](crate::server::REVISION_HEADER), if sent.
+    pub(super) revision: Option<u64>,
+    /// Whether [`MORE_HEADER`](crate::server::MORE_HEADER) said more listing pages follow.
+    pub(super) more: bool,
+}
+
+/// Sends `request` and reads the response. An error's flag says no byte of a response arrived,
+/// so a retry on a fresh connection is safe.
 async fn exchange<S: AsyncBufRead + AsyncWrite + Unpin>(
     conn: &mut S,
     request: &[u8],
     max_body: usize,
-) -> std::result::Result<(u16, Vec<u8>, bool), (String, bool)> {
+) -> std::result::Result<Answer, (String, bool)> {
     let sent = conn.write_all(request).await;
     if let Err(e) = sent.and(conn.flush().await) {
         return Err((format!("sending: {e}"), true));
@@ -226,7 +252,7 @@ async fn head_line<R: AsyncBufRead + Unpin>(
 async fn read_response<R: AsyncBufRead + Unpin>(
     conn: &mut R,
     max_body: usize,
-) -> std::result::Result<(u16, Vec<u8>, bool), String> {
+) -> std::result::Result<Answer, String> {
     loop {
         let mut budget = 64 << 10;
         let line = head_line(conn, &mut budget).await?;
@@ -238,6 +264,7 @@ async fn read_response<R: AsyncBufRead + Unpin>(
             _ => return Err(format!("bad status line {line:?}")),
         };
         let (mut keep_alive, mut length, mut chunked) = (version == "HTTP/1.1", None, false);
+        let (mut revision, mut more) = (None, false);
         loop {
             let line = head_line(conn, &mut budget).await?;
             if line.is_empty() {
@@ -248,6 +275,10 @@ async fn read_response<R: AsyncBufRead + Unpin>(
                 length = Some(parse_length(value).ok_or("bad Content-Length")?);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 chunked = value.to_ascii_lowercase().ends_with(b"chunked");
+            } else if name.eq_ignore_ascii_case(REVISION_HEADER.as_bytes()) {
+                revision = Some(parse_length(value).ok_or("bad revision header")?);
+            } else if name.eq_ignore_ascii_case(MORE_HEADER.as_bytes()) {
+                more = value == b"1";
             } else if name.eq_ignore_ascii_case(b"connection") {
                 let value = value.to_ascii_lowercase();
                 keep_alive = !value.windows(5).any(|w| w == b"close")
@@ -291,7 +322,13 @@ async fn read_response<R: AsyncBufRead + Unpin>(
                 return Err(format!("response body over {max_body} bytes"));
             }
         }
-        return Ok((status, body, keep_alive));
+        return Ok(Answer {
+            status,
+            body,
+            keep_alive,
+            revision,
+            more,
+        });
     }
 }
 
@@ -313,40 +350,127 @@ async fn read_body<R: AsyncBufRead + Unpin>(
     }
 }
 
+impl HttpMetadataStore {
+    /// The revision a write answered with; its absence means a server without revisions (such
+    /// as upstream's), which ignored the condition.
+    fn conditional(&self, method: &str, key: &str, answer: Answer) -> Result<Option<u64>> {
+        match answer {
+            Answer {
+                status: 200..=299,
+                revision: Some(revision),
+                ..
+            } => Ok(Some(revision)),
+            Answer { status: 412, .. } => Ok(None),
+            Answer {
+                status: 501, body, ..
+            } => Err(Error::NotSupported(format!(
+                "{method} {} key {key:?}: {}",
+                self.url,
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))),
+            Answer {
+                status: 200..=299, ..
+            } => Err(Error::NotSupported(format!(
+                "{method} {} key {key:?}: the server has no revisions, so the write was \
+                 unconditional",
+                self.url
+            ))),
+            Answer { status, body, .. } => Err(self.unexpected(method, key, status, &body)),
+        }
+    }
+}
+
 #[async_trait]
 impl MetadataStore for HttpMetadataStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>> {
-        match self.request("GET", key, &[]).await? {
-            (200, value) => Ok(Some(Versioned { value, revision: 1 })),
-            (404, _) => Ok(None),
-            (status, body) => Err(self.unexpected("GET", key, status, &body)),
+        match self.request("GET", key, &[], "").await? {
+            Answer {
+                status: 200,
+                body,
+                revision,
+                ..
+            } => Ok(Some(Versioned {
+                value: body,
+                revision: revision.unwrap_or(1), // upstream's servers have no revisions
+            })),
+            Answer { status: 404, .. } => Ok(None),
+            Answer { status, body, .. } => Err(self.unexpected("GET", key, status, &body)),
         }
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
-        match self.request("PUT", key, &value).await? {
-            (200..=299, _) => Ok(1),
-            (status, body) => Err(self.unexpected("PUT", key, status, &body)),
+        match self.request("PUT", key, &value, "").await? {
+            Answer {
+                status: 200..=299,
+                revision,
+                ..
+            } => Ok(revision.unwrap_or(1)),
+            Answer { status, body, .. } => Err(self.unexpected("PUT", key, status, &body)),
         }
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        match self.request("DELETE", key, &[]).await? {
-            (200..=299, _) => Ok(true),
-            (404, _) => Ok(false),
-            (status, body) => Err(self.unexpected("DELETE", key, status, &body)),
+        match self.request("DELETE", key, &[], "").await? {
+            Answer {
+                status: 200..=299, ..
+            } => Ok(true),
+            Answer { status: 404, .. } => Ok(false),
+            Answer { status, body, .. } => Err(self.unexpected("DELETE", key, status, &body)),
         }
     }
 
-    async fn compare_and_swap(&self, _: &str, _: u64, _: Option<Vec<u8>>) -> Result<Option<u64>> {
-        Err(Error::NotSupported(
-            "compare-and-swap over the HTTP metadata protocol".into(),
-        ))
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Option<Vec<u8>>,
+    ) -> Result<Option<u64>> {
+        let condition = format!("&expected_revision={expected}");
+        let (method, body) = match &value {
+            Some(value) => ("PUT", value.as_slice()),
+            None => ("DELETE", &[][..]),
+        };
+        let answer = self.request(method, key, body, &condition).await?;
+        self.conditional(method, key, answer)
     }
 
-    async fn list(&self, _: &str) -> Result<Vec<(String, Versioned)>> {
-        Err(Error::NotSupported(
-            "listing keys over the HTTP metadata protocol".into(),
-        ))
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>> {
+        let mut out: Vec<(String, Versioned)> = Vec::new();
+        loop {
+            let mut query = format!("prefix={}", percent_encode(prefix));
+            if let Some((last, _)) = out.last() {
+                query += &format!("&after={}", percent_encode(last));
+            }
+            let what = format!("{prefix}*");
+            let answer = self.send("GET", &what, &query, &[]).await?;
+            match answer.status {
+                200 => {}
+                // Upstream's servers want a key: no listing there.
+                400 | 404 | 405 | 501 => {
+                    return Err(Error::NotSupported(format!(
+                        "listing {} (HTTP {}): the server does not list keys",
+                        self.url, answer.status
+                    )))
+                }
+                status => return Err(self.unexpected("GET", &what, status, &answer.body)),
+            }
+            let bad =
+                |why: &str| Error::Metadata(format!("listing {} {prefix:?}: {why}", self.url));
+            let entries = decode_entries(&answer.body).map_err(bad)?;
+            if answer.more && entries.is_empty() {
+                return Err(bad("an empty page that says more follow"));
+            }
+            for (key, revision, value) in entries {
+                // Keys must be ours and strictly ascending across pages, so paging ends.
+                let ascending = out.last().is_none_or(|(last, _)| *last < key);
+                if !key.starts_with(prefix) || !ascending {
+                    return Err(bad("keys out of order or outside the prefix"));
+                }
+                out.push((key, Versioned { value, revision }));
+            }
+            if !answer.more {
+                return Ok(out);
+            }
+        }
     }
 }

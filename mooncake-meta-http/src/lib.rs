@@ -3,11 +3,45 @@
 //! [`serve_http`] speaks upstream Mooncake's HTTP metadata protocol (`GET`/`PUT`/`DELETE
 //! /metadata?key=K`, with which transfer engines publish segment descriptors) and serves
 //! `/metrics` (Prometheus text) and `/health`. [`HttpMetadataStore`] is the other side: a
-//! [`MetadataStore`] over that protocol, for `http://host:port/metadata` metadata URLs.
+//! complete [`MetadataStore`](mooncake_core::MetadataStore) over that protocol, for
+//! `http://host:port/metadata` metadata URLs, so that the P2P store's catalog can live in the
+//! HTTP metadata server (or in `mooncake_master --enable_http_metadata_server`).
+//!
+//! # The protocol and its extension
+//!
+//! Upstream's requests get upstream's answers (status, body, content type), with one header
+//! added; the extension is only new headers and query parameters, which upstream's clients
+//! neither send nor read:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /metadata?key=K` | `200` with the value (`application/octet-stream`) and `X-Mooncake-Revision: R`; `404 metadata not found` |
+//! | `PUT /metadata?key=K` (body: the value) | `200 metadata updated` and `X-Mooncake-Revision: R` (the new revision) |
+//! | `DELETE /metadata?key=K` | `200 metadata deleted`; `404 metadata not found` |
+//! | `PUT /metadata?key=K&expected_revision=E` | written only if the key's revision is `E` (`0`: the key must not exist): `200 metadata updated` and the new revision; otherwise `412 revision mismatch` and nothing written |
+//! | `DELETE /metadata?key=K&expected_revision=E` | the same for a delete: `200 metadata deleted` and the revision of the delete, or `412` |
+//! | `GET /metadata?prefix=P[&after=A]` | `200`, one page of the keys starting with `P` (and after `A`), in key order; `X-Mooncake-More: 1` when more pages follow |
+//!
+//! Revisions are the backing store's: store-wide, growing, never 0. A listing body is a
+//! sequence of entries, each `key_len: u32 | key (UTF-8) | revision: u64 | value_len: u64 |
+//! value`, integers big-endian, nothing else (values are binary). A page stops before the entry
+//! that would take it past [`HttpServerConfig::max_list_page`] (16 MiB by default) but always
+//! holds at least one entry; [`HttpMetadataStore`]'s `list` asks for the next page with
+//! `after=` the last key it got, until no `X-Mooncake-More` comes. Each page is read at one
+//! moment; a listing of several pages is not one snapshot (keys written meanwhile may or may not
+//! appear). `key` with `prefix`, `after` without `prefix`, `expected_revision` on a `GET`, or a
+//! malformed number get `400`; a backing store that cannot compare-and-swap or list gets `501`.
+//!
+//! Against upstream's servers (no revisions) the client reports revision 1 on reads and writes,
+//! and fails `compare_and_swap` with [`NotSupported`](mooncake_core::Error::NotSupported) when
+//! the answer carries no revision: such a server ignored the condition and wrote anyway.
+//! Listing there fails with `NotSupported` too.
 //!
 //! Hand-rolled on tokio, and defensive: request heads and bodies are bounded, each request must
-//! arrive within a timeout, malformed input gets `400` and a closed connection. Not supported:
-//! TLS, chunked request bodies (`411`), revisions (the protocol has none).
+//! arrive within a timeout, malformed input gets `400` and a closed connection, and the client
+//! checks every listing entry (bounds, UTF-8 keys inside the prefix, strictly ascending across
+//! pages). Not supported: TLS, chunked request bodies (`411`), revisions on plain `DELETE`
+//! answers (the store's delete does not report one), watches.
 
 #![deny(unsafe_code)]
 
@@ -115,4 +149,48 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// Bytes [`encode_entry`] appends for one entry.
+fn entry_len(key: &str, value: &[u8]) -> usize {
+    4 + key.len() + 8 + 8 + value.len()
+}
+
+/// Appends one listing entry: `key_len: u32 | key (UTF-8) | revision: u64 | value_len: u64 |
+/// value`, integers big-endian. A listing body is a sequence of entries, nothing else.
+fn encode_entry(out: &mut Vec<u8>, key: &str, revision: u64, value: &[u8]) {
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&revision.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u64).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// One decoded listing entry: key, revision, value.
+type Entry = (String, u64, Vec<u8>);
+
+/// Decodes a listing body into entries; fails on anything that is not exactly a sequence of
+/// well-formed entries.
+fn decode_entries(mut body: &[u8]) -> Result<Vec<Entry>, &'static str> {
+    fn take<'a>(body: &mut &'a [u8], n: u64) -> Result<&'a [u8], &'static str> {
+        let n = usize::try_from(n).map_err(|_| "entry length overflows")?;
+        if body.len() < n {
+            return Err("truncated listing entry");
+        }
+        let (head, rest) = body.split_at(n);
+        *body = rest;
+        Ok(head)
+    }
+    let number = |b: &[u8]| b.iter().fold(0u64, |n, &d| n << 8 | u64::from(d));
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let key_len = number(take(&mut body, 4)?);
+        let key = std::str::from_utf8(take(&mut body, key_len)?)
+            .map_err(|_| "listing key is not UTF-8")?;
+        let revision = number(take(&mut body, 8)?);
+        let value_len = number(take(&mut body, 8)?);
+        let value = take(&mut body, value_len)?;
+        out.push((key.to_owned(), revision, value.to_vec()));
+    }
+    Ok(out)
 }

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use mooncake_core::MetadataStore;
+use mooncake_core::{Error, MetadataStore};
 
 use super::*;
 
@@ -39,6 +39,10 @@ pub struct HttpServerConfig {
     pub request_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog. Default 1024.
     pub max_connections: usize,
+    /// Bytes of entries in one page of a prefix listing (`GET /metadata?prefix=P`); a page
+    /// holds at least one entry whatever its size, and the client asks for the next page with
+    /// `after=`. Default 16 MiB.
+    pub max_list_page: usize,
 }
 
 impl Default for HttpServerConfig {
@@ -48,6 +52,7 @@ impl Default for HttpServerConfig {
             max_body: 64 << 20,
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_list_page: 16 << 20,
         }
     }
 }
@@ -106,6 +111,10 @@ struct Response {
     content_type: &'static str,
     body: Vec<u8>,
     allow: Option<&'static str>,
+    /// Sent as [`REVISION_HEADER`].
+    revision: Option<u64>,
+    /// Sends [`MORE_HEADER`]`: 1` (a listing page that is not the last).
+    more: bool,
 }
 
 fn text(status: u16, body: impl Into<String>) -> Response {
@@ -114,6 +123,8 @@ fn text(status: u16, body: impl Into<String>) -> Response {
         content_type: "text/plain; charset=utf-8",
         body: body.into().into_bytes(),
         allow: None,
+        revision: None,
+        more: false,
     }
 }
 
@@ -143,7 +154,7 @@ async fn serve_connection(stream: TcpStream, endpoints: &HttpEndpoints, cfg: &Ht
         };
         let head_only = request.method == "HEAD";
         let close = request.close;
-        let response = route(request, endpoints).await;
+        let response = route(request, endpoints, cfg).await;
         if write_response(&mut conn, response, close, head_only, cfg)
             .await
             .is_err()
@@ -274,7 +285,7 @@ async fn read_request<S: AsyncBufRead + AsyncWrite + Unpin>(
     }))
 }
 
-async fn route(request: Request, endpoints: &HttpEndpoints) -> Response {
+async fn route(request: Request, endpoints: &HttpEndpoints, cfg: &HttpServerConfig) -> Response {
     let target = match request.target.strip_prefix("http://") {
         Some(absolute) => absolute.find('/').map_or("/", |i| &absolute[i..]),
         None => &request.target,
@@ -283,7 +294,7 @@ async fn route(request: Request, endpoints: &HttpEndpoints) -> Response {
     let read = matches!(request.method.as_str(), "GET" | "HEAD");
     match path {
         "/metadata" => match &endpoints.metadata {
-            Some(store) => metadata(&**store, &request.method, query, request.body).await,
+            Some(store) => metadata(&**store, &request.method, query, request.body, cfg).await,
             None => text(404, "no metadata store here"),
         },
         "/metrics" if read => Response {
@@ -300,34 +311,124 @@ async fn route(request: Request, endpoints: &HttpEndpoints) -> Response {
     }
 }
 
-async fn metadata(store: &dyn MetadataStore, method: &str, query: &str, body: Vec<u8>) -> Response {
+/// Headers of the protocol extension (see the crate docs).
+pub(crate) const REVISION_HEADER: &str = "X-Mooncake-Revision";
+pub(crate) const MORE_HEADER: &str = "X-Mooncake-More";
+
+async fn metadata(
+    store: &dyn MetadataStore,
+    method: &str,
+    query: &str,
+    body: Vec<u8>,
+    cfg: &HttpServerConfig,
+) -> Response {
     if !matches!(method, "GET" | "HEAD" | "PUT" | "DELETE") {
         return not_allowed("GET, HEAD, PUT, DELETE");
     }
-    let key = match query_param(query, "key") {
-        Ok(Some(key)) if !key.is_empty() => key,
-        Ok(_) => return text(400, "missing key parameter"),
-        Err(why) => return text(400, why),
+    let param = |name| query_param(query, name);
+    let (key, prefix, expected, after) = match (
+        param("key"),
+        param("prefix"),
+        param("expected_revision"),
+        param("after"),
+    ) {
+        (Ok(k), Ok(p), Ok(e), Ok(a)) => (k, p, e, a),
+        (Err(why), ..) | (_, Err(why), ..) | (_, _, Err(why), _) | (.., Err(why)) => {
+            return text(400, why)
+        }
     };
-    let result = match method {
-        "PUT" => store
-            .put(&key, body)
-            .await
-            .map(|_| text(200, "metadata updated")),
-        "DELETE" => store.delete(&key).await.map(|existed| match existed {
+    let expected = match expected.map(|e| parse_length(e.as_bytes())) {
+        None => None,
+        Some(Some(e)) => Some(e),
+        Some(None) => return text(400, "bad expected_revision"),
+    };
+    let read = matches!(method, "GET" | "HEAD");
+    let result = match (key, prefix) {
+        (Some(_), Some(_)) => return text(400, "key and prefix exclude each other"),
+        (None, Some(prefix)) if read && expected.is_none() => {
+            list_page(store, &prefix, after.as_deref(), cfg.max_list_page).await
+        }
+        (None, Some(_)) => return text(400, "prefix listing is GET only"),
+        (Some(key), None) if !key.is_empty() && after.is_none() => {
+            if read && expected.is_some() {
+                return text(400, "expected_revision applies to PUT and DELETE");
+            }
+            one_key(store, method, &key, expected, body).await
+        }
+        _ => return text(400, "missing key parameter"),
+    };
+    result.unwrap_or_else(|e| match e {
+        Error::NotSupported(why) => text(501, why),
+        e => text(500, e.to_string()),
+    })
+}
+
+/// A read or write of one key; plain requests answer exactly as upstream's server does, plus
+/// the revision header where the store reports one.
+async fn one_key(
+    store: &dyn MetadataStore,
+    method: &str,
+    key: &str,
+    expected: Option<u64>,
+    body: Vec<u8>,
+) -> mooncake_core::Result<Response> {
+    let with_revision = |mut r: Response, revision: u64| {
+        r.revision = Some(revision);
+        r
+    };
+    let mismatch = || text(412, "revision mismatch");
+    Ok(match (method, expected) {
+        ("PUT", None) => with_revision(text(200, "metadata updated"), store.put(key, body).await?),
+        ("PUT", Some(e)) => match store.compare_and_swap(key, e, Some(body)).await? {
+            Some(revision) => with_revision(text(200, "metadata updated"), revision),
+            None => mismatch(),
+        },
+        ("DELETE", None) => match store.delete(key).await? {
             true => text(200, "metadata deleted"),
             false => text(404, "metadata not found"),
-        }),
-        _ => store.get(&key).await.map(|found| match found {
+        },
+        ("DELETE", Some(e)) => match store.compare_and_swap(key, e, None).await? {
+            Some(revision) => with_revision(text(200, "metadata deleted"), revision),
+            None => mismatch(),
+        },
+        _ => match store.get(key).await? {
             Some(v) => Response {
                 content_type: "application/octet-stream",
                 body: v.value,
+                revision: Some(v.revision),
                 ..text(200, "")
             },
             None => text(404, "metadata not found"),
-        }),
-    };
-    result.unwrap_or_else(|e| text(500, e.to_string()))
+        },
+    })
+}
+
+/// One page of the keys under `prefix` after `after` (see [`encode_entry`] for the body). The
+/// page holds at least one entry and stops before the one that would take it past `max_page`
+/// bytes; [`MORE_HEADER`] says more follow.
+async fn list_page(
+    store: &dyn MetadataStore,
+    prefix: &str,
+    after: Option<&str>,
+    max_page: usize,
+) -> mooncake_core::Result<Response> {
+    let entries = store.list(prefix).await?;
+    let start = after.map_or(0, |a| entries.partition_point(|(k, _)| k.as_str() <= a));
+    let mut body = Vec::new();
+    let mut more = false;
+    for (i, (key, v)) in entries[start..].iter().enumerate() {
+        if i > 0 && body.len() + entry_len(key, &v.value) > max_page {
+            more = true;
+            break;
+        }
+        encode_entry(&mut body, key, v.revision, &v.value);
+    }
+    Ok(Response {
+        content_type: "application/octet-stream",
+        body,
+        more,
+        ..text(200, "")
+    })
 }
 
 fn reason(status: u16) -> &'static str {
@@ -336,11 +437,13 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        412 => "Precondition Failed",
         408 => "Request Timeout",
         411 => "Length Required",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
         _ => "",
@@ -363,6 +466,12 @@ async fn write_response<S: AsyncWrite + Unpin>(
     );
     if let Some(allow) = response.allow {
         head += &format!("Allow: {allow}\r\n");
+    }
+    if let Some(revision) = response.revision {
+        head += &format!("{REVISION_HEADER}: {revision}\r\n");
+    }
+    if response.more {
+        head += &format!("{MORE_HEADER}: 1\r\n");
     }
     head += if close {
         "Connection: close\r\n\r\n"

@@ -1,6 +1,6 @@
 //! Tests of the HTTP server and client over loopback sockets.
 
-use mooncake_core::{Error, ErrorCode, MetadataStore};
+use mooncake_core::{Error, ErrorCode, MetadataStore, Versioned};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +44,16 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     read_all(&mut s).await
 }
 
+/// [`raw`] without the lossy conversion, for binary answers.
+async fn raw_bytes(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let read = timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    read.expect("server did not close").expect("read");
+    out
+}
+
 async fn read_all(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let read = timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
@@ -63,9 +73,13 @@ async fn metadata_round_trip() {
     ];
     for key in keys {
         assert_eq!(c.get(key).await.unwrap(), None);
-        assert_eq!(c.put(key, binary.clone()).await.unwrap(), 1);
+        let revision = c.put(key, binary.clone()).await.unwrap();
         let got = c.get(key).await.unwrap().unwrap();
-        assert_eq!((got.value == binary, got.revision), (true, 1));
+        assert_eq!((got.value == binary, got.revision), (true, revision));
+        assert_eq!(
+            server_store.get(key).await.unwrap().unwrap().revision,
+            revision
+        );
         // The server decoded the key to exactly what the client meant.
         assert_eq!(server_store.get(key).await.unwrap().unwrap().value, binary);
     }
@@ -75,9 +89,339 @@ async fn metadata_round_trip() {
     assert!(!c.delete("x").await.unwrap());
     assert_eq!(c.get("x").await.unwrap(), None);
     assert!(matches!(c.get("").await, Err(Error::InvalidArgument(_))));
-    let cas = c.compare_and_swap("k", 0, Some(vec![1])).await;
-    assert!(matches!(cas, Err(Error::NotSupported(_))));
+}
+
+#[tokio::test]
+async fn revisions_compare_and_swap_and_listing() {
+    let (addr, server_store, _) = start(HttpServerConfig::default()).await;
+    let c = client(addr);
+    let key = "p2p/v1/payload/a b%2Fc\u{1F980}";
+    // 0: the key must not exist.
+    let r1 = c
+        .compare_and_swap(key, 0, Some(vec![1]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        c.compare_and_swap(key, 0, Some(vec![2])).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        c.compare_and_swap(key, r1 + 7, Some(vec![2]))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        c.get(key).await.unwrap().unwrap(),
+        Versioned {
+            value: vec![1],
+            revision: r1
+        }
+    );
+    let r2 = c
+        .compare_and_swap(key, r1, Some(vec![]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r2 > r1);
+    assert_eq!(
+        c.get(key).await.unwrap().unwrap(),
+        Versioned {
+            value: vec![],
+            revision: r2
+        }
+    );
+    // Conditional deletes.
+    assert_eq!(c.compare_and_swap(key, r1, None).await.unwrap(), None);
+    assert!(c.get(key).await.unwrap().is_some());
+    assert!(c.compare_and_swap(key, r2, None).await.unwrap().unwrap() > r2);
+    assert_eq!(c.get(key).await.unwrap(), None);
+
+    // Listing: binary values, escaped keys, prefixes that are not path components.
+    let mut expected = Vec::new();
+    for (i, k) in ["a/1", "a/2", "a/2/x", "a b&c=d", "a\u{e9}", "b/1", "ab"]
+        .iter()
+        .enumerate()
+    {
+        let value: Vec<u8> = (0..=255u8).cycle().skip(i).take(i * 100).collect();
+        let revision = c.put(k, value.clone()).await.unwrap();
+        expected.push((k.to_string(), Versioned { value, revision }));
+    }
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(c.list("").await.unwrap(), expected);
+    assert_eq!(
+        c.list("").await.unwrap(),
+        server_store.list("").await.unwrap()
+    );
+    let under_a: Vec<_> = expected
+        .iter()
+        .filter(|(k, _)| k.starts_with("a/"))
+        .cloned()
+        .collect();
+    assert_eq!(c.list("a/").await.unwrap(), under_a);
+    assert_eq!(c.list("a/2/").await.unwrap().len(), 1);
+    assert_eq!(c.list("zzz").await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn listings_come_in_bounded_pages() {
+    let cfg = HttpServerConfig {
+        max_list_page: 1000,
+        ..Default::default()
+    };
+    let (addr, store, _) = start(cfg).await;
+    let c = client(addr);
+    for i in 0..50u32 {
+        store
+            .put(&format!("k/{i:03}"), vec![i as u8; 100])
+            .await
+            .unwrap();
+    }
+    // One entry larger than a page still comes, alone in its page.
+    store.put("k/big", vec![7; 5000]).await.unwrap();
+    let got = c.list("k/").await.unwrap();
+    assert_eq!(got, store.list("k/").await.unwrap());
+    assert_eq!(got.len(), 51);
+    // Each page is within the bound (or a single entry) and says whether more follow.
+    let page = raw(
+        addr,
+        b"GET /metadata?prefix=k%2F HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(page.contains("X-Mooncake-More: 1\r\n"), "{page}");
+    let body = page.split_once("\r\n\r\n").unwrap().1;
+    assert!(body.len() <= 1000);
+    assert_eq!(
+        decode_entries(body.as_bytes()).unwrap().len(),
+        1000 / entry_len("k/000", &[0; 100])
+    );
+    let last = raw_bytes(
+        addr,
+        b"GET /metadata?prefix=k%2F&after=k%2F049 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let split = last.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let (head, body) = (String::from_utf8_lossy(&last[..split]), &last[split + 4..]);
+    assert!(!head.contains("X-Mooncake-More"), "{head}");
+    let entries = decode_entries(body).unwrap();
+    assert_eq!(
+        (entries.len(), entries[0].0.as_str(), entries[0].2.len()),
+        (1, "k/big", 5000)
+    );
+}
+
+#[tokio::test]
+async fn racing_compare_and_swaps_have_one_winner() {
+    let (addr, store, _) = start(HttpServerConfig::default()).await;
+    for round in 0..20u64 {
+        let key = format!("race/{round}");
+        let expected = match round % 2 {
+            0 => 0, // create
+            _ => store.put(&key, vec![0]).await.unwrap(),
+        };
+        // Eight clients on their own connections, released together.
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (c, barrier, key) = (client(addr), barrier.clone(), key.clone());
+                tokio::spawn(async move {
+                    c.get("warm-up").await.unwrap(); // connect before the race
+                    barrier.wait().await;
+                    let value = (i % 3 != 0).then(|| vec![i]); // some deletes too
+                    (i, c.compare_and_swap(&key, expected, value).await.unwrap())
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let (i, Some(revision)) = t.await.unwrap() {
+                winners.push((i, revision));
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let (i, revision) = winners[0];
+        match (i % 3 != 0, store.get(&key).await.unwrap()) {
+            (true, Some(v)) => assert_eq!(
+                v,
+                Versioned {
+                    value: vec![i],
+                    revision
+                }
+            ),
+            (false, None) => {}
+            (_, got) => panic!("round {round}: winner {i} but the store holds {got:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn plain_requests_answer_as_upstream_with_a_revision_header_added() {
+    let (addr, store, _) = start(HttpServerConfig::default()).await;
+    let put = raw(
+        addr,
+        b"PUT /metadata?key=seg HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    .await;
+    let revision = store.get("seg").await.unwrap().unwrap().revision;
+    assert_eq!(
+        put,
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 16\r\n\
+             X-Mooncake-Revision: {revision}\r\nConnection: close\r\n\r\nmetadata updated"
+        )
+    );
+    let get = raw(
+        addr,
+        b"GET /metadata?key=seg HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        get,
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 2\r\n\
+             X-Mooncake-Revision: {revision}\r\nConnection: close\r\n\r\nhi"
+        )
+    );
+    let del = b"DELETE /metadata?key=seg HTTP/1.1\r\nConnection: close\r\n\r\n";
+    assert_eq!(
+        raw(addr, del).await,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 16\r\n\
+         Connection: close\r\n\r\nmetadata deleted"
+    );
+    for request in [
+        &del[..],
+        b"GET /metadata?key=seg HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ] {
+        assert_eq!(
+            raw(addr, request).await,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: 18\r\nConnection: close\r\n\r\nmetadata not found"
+        );
+    }
+    // A conditional write that loses: 412, nothing written.
+    store.put("seg", b"v".to_vec()).await.unwrap();
+    let stale = raw(addr, b"PUT /metadata?key=seg&expected_revision=0 HTTP/1.1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").await;
+    assert!(
+        stale.starts_with("HTTP/1.1 412 Precondition Failed\r\n"),
+        "{stale}"
+    );
+    assert!(stale.ends_with("\r\n\r\nrevision mismatch"), "{stale}");
+    assert_eq!(store.get("seg").await.unwrap().unwrap().value, b"v");
+}
+
+/// A store that cannot compare-and-swap or list.
+#[derive(Debug, Default)]
+struct PlainStore(MemoryMetadataStore);
+
+#[async_trait::async_trait]
+impl MetadataStore for PlainStore {
+    async fn get(&self, key: &str) -> mooncake_core::Result<Option<Versioned>> {
+        self.0.get(key).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>) -> mooncake_core::Result<u64> {
+        self.0.put(key, value).await
+    }
+    async fn delete(&self, key: &str) -> mooncake_core::Result<bool> {
+        self.0.delete(key).await
+    }
+    async fn compare_and_swap(
+        &self,
+        _: &str,
+        _: u64,
+        _: Option<Vec<u8>>,
+    ) -> mooncake_core::Result<Option<u64>> {
+        Err(Error::NotSupported("no CAS here".into()))
+    }
+    async fn list(&self, _: &str) -> mooncake_core::Result<Vec<(String, Versioned)>> {
+        Err(Error::NotSupported("no listing here".into()))
+    }
+}
+
+#[tokio::test]
+async fn stores_without_cas_or_listing_answer_not_implemented() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let endpoints = HttpEndpoints {
+        metadata: Some(Arc::new(PlainStore::default())),
+        metrics: Arc::new(String::new),
+        health: Arc::new(|| true),
+    };
+    serve_http(listener, endpoints);
+    let c = client(addr);
+    c.put("k", vec![1]).await.unwrap();
+    let cas = c.compare_and_swap("k", 0, Some(vec![2])).await;
+    assert!(matches!(cas, Err(Error::NotSupported(_))), "{cas:?}");
     assert!(matches!(c.list("").await, Err(Error::NotSupported(_))));
+    assert_eq!(c.get("k").await.unwrap().unwrap().value, [1]);
+}
+
+/// An upstream-style server (no revisions, no listing): reads report revision 1, and the
+/// client refuses to take an unconditional write for a successful compare-and-swap.
+#[tokio::test]
+async fn client_against_a_server_without_revisions() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = BufReader::new(stream);
+        let answers: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nv",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\nmetadata updated",
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nmissing key",
+        ];
+        for answer in answers {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                stream.read_line(&mut line).await.unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            stream.write_all(answer).await.unwrap();
+        }
+    });
+    let c = client(addr);
+    assert_eq!(c.get("k").await.unwrap().unwrap().revision, 1);
+    let cas = c.compare_and_swap("k", 0, None).await;
+    assert!(matches!(cas, Err(Error::NotSupported(_))), "{cas:?}");
+    assert!(matches!(c.list("").await, Err(Error::NotSupported(_))));
+}
+
+#[test]
+fn listing_encoding_round_trips_and_rejects_garbage() {
+    let mut body = Vec::new();
+    encode_entry(&mut body, "k\u{e9}", 7, b"\0\xffv");
+    encode_entry(&mut body, "", u64::MAX, b"");
+    assert_eq!(
+        body.len(),
+        entry_len("k\u{e9}", b"\0\xffv") + entry_len("", b"")
+    );
+    assert_eq!(
+        decode_entries(&body).unwrap(),
+        vec![
+            ("k\u{e9}".into(), 7, b"\0\xffv".to_vec()),
+            (String::new(), u64::MAX, vec![])
+        ]
+    );
+    for cut in 1..body.len() {
+        // Every strict prefix that is not an entry boundary fails.
+        if cut != entry_len("k\u{e9}", b"\0\xffv") {
+            assert!(decode_entries(&body[..cut]).is_err(), "{cut}");
+        }
+    }
+    let mut huge = u32::MAX.to_be_bytes().to_vec();
+    huge.push(b'a');
+    assert!(decode_entries(&huge).is_err());
+    let mut bad_utf8 = 1u32.to_be_bytes().to_vec();
+    bad_utf8.push(0xff);
+    bad_utf8.extend_from_slice(&[0; 16]);
+    assert!(decode_entries(&bad_utf8).is_err());
+    let mut huge_value = 0u32.to_be_bytes().to_vec();
+    huge_value.extend_from_slice(&[0; 8]);
+    huge_value.extend_from_slice(&u64::MAX.to_be_bytes());
+    assert!(decode_entries(&huge_value).is_err());
 }
 
 #[tokio::test]
@@ -256,6 +600,17 @@ async fn hostile_requests_get_errors_and_a_closed_connection() {
         (b"GET /metadata HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
         (b"GET /metadata?key=%zz HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
         (b"GET /metadata?key=%C3 HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"PUT /metadata?key=k&expected_revision=x HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", "400"),
+        (b"PUT /metadata?key=k&expected_revision=-1 HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", "400"),
+        (b"PUT /metadata?key=k&expected_revision=99999999999999999999999 HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET /metadata?key=k&expected_revision=0 HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET /metadata?key=k&prefix=k HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"PUT /metadata?prefix=k HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", "400"),
+        (b"DELETE /metadata?prefix= HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET /metadata?prefix=%zz HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET /metadata?prefix=a&after=%C3 HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET /metadata?key=k&after=a HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (b"GET /metadata?after=a HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
     ];
     for (i, (request, status)) in cases.iter().enumerate() {
         let mut s = TcpStream::connect(addr).await.unwrap();

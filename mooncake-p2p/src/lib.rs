@@ -23,12 +23,14 @@
 //! - upstream Mooncake's pull behaviour as a switch ([`PullMode::Upstream`]), for benchmarks
 //!   that show the difference on the same network.
 //!
+//! The catalog can live in the HTTP metadata server (`serve_http` of `mooncake-meta-http`, or
+//! `mooncake_master --enable_http_metadata_server`) through `mooncake_meta_http::HttpMetadataStore`,
+//! whose protocol extension carries revisions, conditional writes and prefix listing; upstream's
+//! own HTTP metadata servers have neither, so they cannot hold it.
+//!
 //! The Python binding is `mooncake.p2p` in `mooncake-py`.
 //!
-//! What it does not do (yet): a command-line tool and the
-//! network-namespace benchmark. The HTTP metadata protocol has no
-//! compare-and-swap or listing, so the catalog needs another metadata store (in-memory for one
-//! process, or any store that implements both).
+//! What it does not do (yet): a command-line tool and the network-namespace benchmark.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! A [`MetadataStore`] shared by several test processes: a [`MemoryMetadataStore`] served over
-//! loopback TCP (length-prefixed postcard frames). The HTTP metadata protocol has no
-//! compare-and-swap or listing, which the catalog needs; this stands in for a real shared store.
+//! loopback TCP (length-prefixed postcard frames). It predates compare-and-swap and listing in
+//! the HTTP metadata protocol (`tests/http_catalog.rs` covers that one); it stays as a second,
+//! independent store implementation.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
