@@ -258,6 +258,24 @@ def test_close(name):
         assert c.list(name) == []
 
 
+def test_pull_timeout(trio, name):
+    origin = trio[0]
+    src = payload(64 << 20, 12)
+    origin.register(name, [src], max_shard_size=4 << 20)
+    with P2PStore("memory", HOST, pull_timeout=0.001) as hasty:
+        dst = np.zeros_like(src)
+        with pytest.raises(P2PError, match="timed out") as e:
+            hasty.get_replica(name, [dst])
+        assert e.value.kind == "timeout"
+    # The failed pull left nothing behind: another store pulls the whole file from the origin.
+    patient = trio[1]
+    patient.get_replica(name, [dst])
+    assert np.array_equal(dst, src)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="pull_timeout"):
+            P2PStore("memory", HOST, pull_timeout=bad)
+
+
 def test_constructor_arguments():
     with pytest.raises(ValueError, match="not supported"):
         P2PStore("etcd://127.0.0.1:2379", HOST)

@@ -1,7 +1,7 @@
 """mooncake.p2p across processes: an origin process registers a payload in the catalog of a
 `mooncake_master --enable_http_metadata_server` (on free ports of 127.0.0.1) and this process
-pulls it. Skipped, with the reason, while the HTTP metadata protocol lacks the compare-and-swap
-and listing the catalog needs."""
+pulls it; when the origin leaves, a second reader pulls from the first. Skipped, with the
+reason, if the metadata server lacks the compare-and-swap and listing the catalog needs."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """``mooncake.p2p``: the P2P store, for distributing checkpoints from one process to many.
 
-``P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="")`` starts a transfer engine
-(TCP) on ``local_segment_name`` (``"host"`` or ``"host:port"``) and keeps its catalog in the
-metadata service at ``metadata_uri``:
+``P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="", *, pull_timeout=600.0)``
+starts a transfer engine (TCP) on ``local_segment_name`` (``"host"`` or ``"host:port"``) and
+keeps its catalog in the metadata service at ``metadata_uri``:
 
 - ``"http://host:port/metadata"``: the HTTP metadata server of ``mooncake_master
   --enable_http_metadata_server`` (the catalog needs compare-and-swap and listing from it);
@@ -13,6 +13,9 @@ The methods are the seed's: ``register(name, buffers, max_shard_size=64 MiB, loc
 force_create=False)``, ``unregister(name)``, ``list(prefix="")`` (``PayloadInfo`` objects with
 ``name``, ``max_shard_size``, ``total_size``, ``size_list``), ``get_replica(name, buffers)``,
 ``delete_replica(name)`` and ``close()``. A file is the concatenation of its buffers, in order.
+A ``get_replica`` not done after ``pull_timeout`` seconds raises ``P2PError`` (kind
+``"timeout"``, with how many pieces were verified) and withdraws what it published; it may be
+tried again. ``nic_priority_matrix`` is accepted and ignored (the transport is TCP).
 
 Buffers are a list of ``(ptr, size)`` pairs, numpy arrays (or other contiguous bytes-like
 objects) or contiguous CPU torch tensors. The store registers their memory with its engine and

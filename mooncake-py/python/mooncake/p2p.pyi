@@ -24,7 +24,12 @@ class PayloadInfo:
 
 class P2PStore:
     def __init__(
-        self, metadata_uri: str, local_segment_name: str, nic_priority_matrix: str = ""
+        self,
+        metadata_uri: str,
+        local_segment_name: str,
+        nic_priority_matrix: str = "",
+        *,
+        pull_timeout: float = 600.0,
     ) -> None: ...
     @property
     def segment_name(self) -> str: ...

@@ -183,24 +183,40 @@ impl Drop for PyP2PStore {
 
 #[pymethods]
 impl PyP2PStore {
-    /// `P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="")`: starts a transfer
-    /// engine (TCP) on `local_segment_name` (`host` or `host:port`).
+    /// `P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="", *,
+    /// pull_timeout=600.0)`: starts a transfer engine (TCP) on `local_segment_name` (`host` or
+    /// `host:port`). A `get_replica` not done after `pull_timeout` seconds fails (kind
+    /// `"timeout"`) and withdraws its partial replica.
     #[new]
-    #[pyo3(signature = (metadata_uri, local_segment_name, nic_priority_matrix=""))]
+    #[pyo3(signature = (metadata_uri, local_segment_name, nic_priority_matrix="", *, pull_timeout=600.0))]
     fn new(
         py: Python<'_>,
         metadata_uri: &str,
         local_segment_name: &str,
         nic_priority_matrix: &str,
+        pull_timeout: f64,
     ) -> PyResult<Self> {
         if !nic_priority_matrix.is_empty() {
             tracing::info!("P2PStore: nic_priority_matrix ignored (TCP transport)");
         }
+        let pull_timeout = std::time::Duration::try_from_secs_f64(pull_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "pull_timeout must be a positive number of seconds, not {pull_timeout}"
+                ))
+            })?;
+        let config = P2PConfig {
+            pull_timeout,
+            ..P2PConfig::default()
+        };
         let metadata = metadata_store(metadata_uri)?;
         let local = local_segment_name.to_owned();
-        let store = Self::wait(py, async move {
-            P2PStore::new(metadata, &local, P2PConfig::default()).await
-        })?;
+        let store = Self::wait(
+            py,
+            async move { P2PStore::new(metadata, &local, config).await },
+        )?;
         Ok(PyP2PStore {
             store: Mutex::new(Some((std::process::id(), Arc::new(store)))),
             state: Mutex::new(State::default()),
