@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import gc
+import os
 import pathlib
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -226,6 +229,56 @@ def test_pulls_from_threads_release_the_gil(name):
     finally:
         for s in [origin, *readers]:
             s.close()
+
+
+def test_gil_released_while_pulling(trio, name):
+    origin, a, _ = trio
+    src = payload(64 << 20, 13)
+    origin.register(name, [src], max_shard_size=8 << 20)
+    dst = np.zeros_like(src)
+    t = threading.Thread(target=a.get_replica, args=(name, [dst]))
+    spins = 0
+    t.start()
+    while t.is_alive():
+        spins += 1
+    t.join()
+    assert np.array_equal(dst, src)
+    # Holding the GIL for the whole pull would leave this thread a few switch intervals.
+    assert spins > 10_000, spins
+
+
+def test_dropped_store_is_closed_in_the_background(name):
+    s = P2PStore("memory", HOST)
+    s.register(name, [payload(1 << 16, 14)])
+    del s
+    gc.collect()
+    with P2PStore("memory", HOST) as other:
+        deadline = time.monotonic() + 10
+        while other.list(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert other.list(name) == []
+
+
+def test_forked_child_cannot_use_the_parents_store(trio, name):
+    origin = trio[0]
+    origin.register(name, [payload(4096, 15)])
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            origin.list()
+        except P2PError as e:
+            code = 0 if (e.kind == "closed" and "fork" in str(e)) else 2
+        except BaseException:  # noqa: BLE001
+            code = 3
+        try:
+            origin.close()  # forgets the parent's store, touches nothing
+        except BaseException:  # noqa: BLE001
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [p.name for p in origin.list(name)] == [name]
 
 
 def test_close(name):
