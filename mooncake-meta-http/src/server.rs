@@ -348,7 +348,7 @@ async fn metadata(
         (None, Some(prefix)) if read && expected.is_none() => {
             list_page(store, &prefix, after.as_deref(), cfg.max_list_page).await
         }
-        (None, Some(_)) => return text(400, "prefix listing is GET only"),
+        (None, Some(_)) => return text(400, "a prefix listing is a GET without expected_revision"),
         (Some(key), None) if !key.is_empty() && after.is_none() => {
             if read && expected.is_some() {
                 return text(400, "expected_revision applies to PUT and DELETE");

@@ -28,9 +28,14 @@
 //! whose protocol extension carries revisions, conditional writes and prefix listing; upstream's
 //! own HTTP metadata servers have neither, so they cannot hold it.
 //!
+//! The `mooncake_p2p` binary is the command-line tool: `publish NAME PATH` (a file or a
+//! directory, memory-mapped, with a manifest as the payload's first buffer), `fetch NAME DEST`
+//! (progress bar, then bytes, time and the verification result) and `list [PREFIX]`, with the
+//! catalog in an HTTP metadata server (`--metadata http://host:port/metadata`).
+//!
 //! The Python binding is `mooncake.p2p` in `mooncake-py`.
 //!
-//! What it does not do (yet): a command-line tool and the network-namespace benchmark.
+//! What it does not do (yet): the network-namespace benchmark.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -15,6 +15,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,7 @@ pub(crate) async fn pull(
     shared: &Arc<Shared>,
     record: &PayloadRecord,
     dest: &[Buffer],
+    verified_bytes: &AtomicU64,
 ) -> Result<PullReport> {
     let config = &shared.config;
     let engine = &shared.engine;
@@ -264,6 +266,7 @@ pub(crate) async fn pull(
         match outcome {
             Ok(()) => match sched.on_success(r) {
                 Completion::Completed { .. } => {
+                    verified_bytes.fetch_add(pieces[r.piece].len, Ordering::Relaxed);
                     if !upstream {
                         have_tx.send_modify(|have| have.set(r.piece));
                     }

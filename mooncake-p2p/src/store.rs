@@ -5,6 +5,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -414,6 +415,18 @@ impl P2PStore {
     /// pull. A pull that fails or is cancelled withdraws what it published, and may be tried
     /// again.
     pub async fn get_replica(&self, name: &str, buffers: &[Buffer]) -> Result<PullReport> {
+        self.get_replica_with_progress(name, buffers, &AtomicU64::new(0))
+            .await
+    }
+
+    /// [`get_replica`](Self::get_replica) that adds the size of each piece to `verified_bytes`
+    /// as soon as it is verified and stored, for a progress display (the command-line tool's).
+    pub async fn get_replica_with_progress(
+        &self,
+        name: &str,
+        buffers: &[Buffer],
+        verified_bytes: &AtomicU64,
+    ) -> Result<PullReport> {
         self.check_open()?;
         let total_size = self.check_buffers(buffers, None)?;
         {
@@ -442,7 +455,7 @@ impl P2PStore {
             )));
         }
         guard.generation = Some(record.generation);
-        match pull(&self.shared, &record, buffers).await {
+        match pull(&self.shared, &record, buffers, verified_bytes).await {
             Ok(report) => {
                 self.local().replicas.insert(
                     name.to_owned(),

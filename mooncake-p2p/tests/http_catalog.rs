@@ -137,8 +137,13 @@ async fn stores_share_a_catalog_over_the_http_metadata_protocol() {
     origin.unregister("ckpt/step-1").await.unwrap();
     let late = peer(&url).await;
     let late_bufs = buffers(&late);
-    let report = late.get_replica("ckpt/step-1", &late_bufs).await.unwrap();
+    let progress = std::sync::atomic::AtomicU64::new(0);
+    let report = late
+        .get_replica_with_progress("ckpt/step-1", &late_bufs, &progress)
+        .await
+        .unwrap();
     assert!(read(&late, &late_bufs) == content(1));
+    assert_eq!(progress.into_inner(), SIZES.iter().sum::<u64>());
     assert!(!report.pieces_from.contains_key(origin.segment_name()));
     let report = late.get_replica("ckpt/step-2", &buffers(&late)).await;
     assert!(report.is_ok(), "{report:?}");
