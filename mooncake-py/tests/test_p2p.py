@@ -166,10 +166,21 @@ def test_bad_buffers_raise(trio, name):
             a.get_replica(name, buffers)
     assert origin.list(name) == []
 
+    # Peers may write registered memory: read-only buffers and mappings are refused.
+    readonly_map = next(
+        int(line.split("-")[0], 16)
+        for line in open("/proc/self/maps")
+        if line.split()[1].startswith("r-")
+    )
+    for store in (origin, a):
+        for call in (store.register, store.get_replica):
+            with pytest.raises(ValueError, match="read-only"):
+                call(name, [bytes(4096)])
+            with pytest.raises(ValueError, match="not readable and writable"):
+                call(name, [(readonly_map, 4096)])
+
     origin.register(name, [good])
-    # Read-only memory cannot receive a replica; the wrong size is refused, not overrun.
-    with pytest.raises(ValueError, match="read-only"):
-        a.get_replica(name, [bytes(4096)])
+    # The wrong size is refused, not overrun.
     with pytest.raises(ValueError, match="4096"):
         a.get_replica(name, [np.zeros(100, dtype=np.uint8)])
     with pytest.raises(ValueError):

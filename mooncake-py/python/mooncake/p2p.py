@@ -22,7 +22,8 @@ objects) or contiguous CPU torch tensors. The store registers their memory with 
 serves it to peers until ``unregister`` / ``delete_replica`` / ``close``: the data must not
 change before then. Arrays and tensors are kept alive by the store meanwhile; for ``(ptr, size)``
 pairs the caller keeps the memory valid (a pair that is not mapped memory of this process
-raises ``ValueError``).
+raises ``ValueError``). Buffers must be writable, for ``register`` too: the engine lets peers
+write registered memory, so read-only objects (``bytes``) and mappings are refused.
 
 Every call waits with the GIL released. Misuse raises ``TypeError``/``ValueError``; any other
 failure raises :class:`P2PError` with the reason, and ``kind`` naming it: ``"already_exists"``

@@ -6,6 +6,11 @@
 //! the object (and its buffer export) alive while the store may touch its memory; raw pairs are
 //! the caller's promise, checked against this process's mappings so that a wrong address raises
 //! instead of crashing.
+//!
+//! Every buffer must be writable memory, for `register` too: the engine lets peers WRITE into
+//! registered memory as well as read it (as RDMA registrations with remote write do), and a
+//! write into a read-only mapping would crash this process, into `bytes` corrupt an immutable
+//! object.
 
 use std::collections::HashMap;
 
@@ -33,8 +38,7 @@ pub(crate) struct ArgBuffer {
 }
 
 /// Converts the `buffers` argument: a list or tuple of buffers, or one buffer object.
-/// `writable`: the store writes into them (`get_replica`).
-pub(crate) fn parse(arg: &Bound<'_, PyAny>, writable: bool) -> PyResult<Vec<ArgBuffer>> {
+pub(crate) fn parse(arg: &Bound<'_, PyAny>) -> PyResult<Vec<ArgBuffer>> {
     let items: Vec<Bound<'_, PyAny>> = if let Ok(l) = arg.cast::<PyList>() {
         l.iter().collect()
     } else if let Ok(t) = arg.cast::<PyTuple>() {
@@ -58,7 +62,7 @@ pub(crate) fn parse(arg: &Bound<'_, PyAny>, writable: bool) -> PyResult<Vec<ArgB
     items
         .iter()
         .enumerate()
-        .map(|(i, o)| one(o, writable).map_err(|e| prefix(o.py(), e, i)))
+        .map(|(i, o)| one(o).map_err(|e| prefix(o.py(), e, i)))
         .collect()
 }
 
@@ -98,7 +102,7 @@ fn checked_len(addr: u64, len: u64) -> PyResult<()> {
     Ok(())
 }
 
-fn one(o: &Bound<'_, PyAny>, writable: bool) -> PyResult<ArgBuffer> {
+fn one(o: &Bound<'_, PyAny>) -> PyResult<ArgBuffer> {
     let two = o.cast::<PyTuple>().is_ok_and(|t| t.len() == 2)
         || o.cast::<PyList>().is_ok_and(|l| l.len() == 2);
     if two {
@@ -111,7 +115,7 @@ fn one(o: &Bound<'_, PyAny>, writable: bool) -> PyResult<ArgBuffer> {
             )));
         };
         checked_len(addr, len)?;
-        check_mapped(&proc_maps()?, addr, len, writable).map_err(PyValueError::new_err)?;
+        check_mapped(&proc_maps()?, addr, len).map_err(PyValueError::new_err)?;
         return Ok(ArgBuffer {
             addr,
             len,
@@ -133,9 +137,9 @@ fn one(o: &Bound<'_, PyAny>, writable: bool) -> PyResult<ArgBuffer> {
             type_name(o)
         )));
     }
-    if writable && view.readonly() {
+    if view.readonly() {
         return Err(PyValueError::new_err(format!(
-            "{} is read-only; get_replica writes into its buffers",
+            "{} is read-only: peers may write registered memory, so buffers must be writable",
             type_name(o)
         )));
     }
@@ -205,13 +209,8 @@ fn parse_maps(text: &str) -> Vec<(u64, u64, bool, bool)> {
     out
 }
 
-/// Checks that `[addr, addr + len)` is mapped readable (and writable, when `write`) in `maps`.
-fn check_mapped(
-    maps: &[(u64, u64, bool, bool)],
-    addr: u64,
-    len: u64,
-    write: bool,
-) -> Result<(), String> {
+/// Checks that `[addr, addr + len)` is mapped readable and writable in `maps`.
+fn check_mapped(maps: &[(u64, u64, bool, bool)], addr: u64, len: u64) -> Result<(), String> {
     let end = addr + len;
     let mut at = addr;
     for &(s, e, r, w) in maps {
@@ -221,10 +220,10 @@ fn check_mapped(
         if s > at {
             break;
         }
-        if !r || (write && !w) {
+        if !r || !w {
             return Err(format!(
-                "{addr:#x}+{len} includes memory at {at:#x} that is not {}",
-                if write { "writable" } else { "readable" }
+                "{addr:#x}+{len} includes memory at {at:#x} that is not readable and writable \
+                 (peers may write registered memory)"
             ));
         }
         at = e;

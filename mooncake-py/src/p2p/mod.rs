@@ -128,10 +128,9 @@ impl PyP2PStore {
         &self,
         store: &P2PStore,
         buffers: &Bound<'_, PyAny>,
-        writable: bool,
         location: &str,
     ) -> PyResult<(Vec<mooncake_p2p::Buffer>, Held)> {
-        let args = buffers::parse(buffers, writable)?;
+        let args = buffers::parse(buffers)?;
         let r = lock(&self.state).pins.pin(store.engine(), args, location);
         match r {
             Ok(v) => Ok(v),
@@ -246,7 +245,7 @@ impl PyP2PStore {
         } else {
             location
         };
-        let (bufs, held) = self.pin(&store, buffers, false, loc)?;
+        let (bufs, held) = self.pin(&store, buffers, loc)?;
         let s = store.clone();
         let n = name.to_owned();
         let l = location.to_owned();
@@ -297,7 +296,7 @@ impl PyP2PStore {
     /// to others until `delete_replica`.
     fn get_replica(&self, py: Python<'_>, name: &str, buffers: &Bound<'_, PyAny>) -> PyResult<()> {
         let store = self.live(py)?;
-        let (bufs, held) = self.pin(&store, buffers, true, "cpu:0")?;
+        let (bufs, held) = self.pin(&store, buffers, "cpu:0")?;
         let s = store.clone();
         let n = name.to_owned();
         let r = Self::wait(py, async move { s.get_replica(&n, &bufs).await });
