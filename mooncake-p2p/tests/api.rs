@@ -1,9 +1,12 @@
 //! The P2P store's API semantics with several instances in one process: separate transfer
 //! engines over real TCP loopback, one in-memory catalog.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{read, write};
 use mooncake_core::{Location, MemoryMetadataStore, MetadataStore};
 use mooncake_p2p::scheduler::SchedulerConfig;
 use mooncake_p2p::{Buffer, Error, P2PConfig, P2PStore, PayloadInfo, PullMode};
@@ -62,28 +65,6 @@ fn content(seed: u64) -> Vec<u8> {
             x ^= x >> 7;
             x ^= x << 17;
             x as u8
-        })
-        .collect()
-}
-
-fn write(store: &P2PStore, bufs: &[Buffer], bytes: &[u8]) {
-    let mut at = 0;
-    for b in bufs {
-        let region = store.engine().memory().resolve(b.addr, b.len).unwrap();
-        region.write_from(&bytes[at..at + b.len as usize]).unwrap();
-        at += b.len as usize;
-    }
-}
-
-fn read(store: &P2PStore, bufs: &[Buffer]) -> Vec<u8> {
-    bufs.iter()
-        .flat_map(|b| {
-            store
-                .engine()
-                .memory()
-                .resolve(b.addr, b.len)
-                .unwrap()
-                .to_vec()
         })
         .collect()
 }

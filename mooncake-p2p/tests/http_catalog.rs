@@ -1,9 +1,12 @@
 //! The P2P store with its catalog in the HTTP metadata protocol: several stores in one process,
 //! each with its own `HttpMetadataStore` client of one real `serve_http` server on loopback.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{read, write};
 use mooncake_core::{Location, MemoryMetadataStore, MetadataStore};
 use mooncake_meta_http::{serve_http, HttpEndpoints, HttpMetadataStore};
 use mooncake_p2p::scheduler::SchedulerConfig;
@@ -68,22 +71,6 @@ fn content(seed: u8) -> Vec<u8> {
     let total = SIZES.iter().sum::<u64>() as usize;
     (0..total)
         .map(|i| (i * 31 + i / 977) as u8 ^ seed)
-        .collect()
-}
-
-fn write(store: &P2PStore, bufs: &[Buffer], bytes: &[u8]) {
-    let mut at = 0;
-    for b in bufs {
-        let region = store.engine().memory().resolve(b.addr, b.len).unwrap();
-        region.write_from(&bytes[at..at + b.len as usize]).unwrap();
-        at += b.len as usize;
-    }
-}
-
-fn read(store: &P2PStore, bufs: &[Buffer]) -> Vec<u8> {
-    let memory = store.engine().memory();
-    bufs.iter()
-        .flat_map(|b| memory.resolve(b.addr, b.len).unwrap().to_vec())
         .collect()
 }
 
