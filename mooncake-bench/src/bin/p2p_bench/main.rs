@@ -755,14 +755,19 @@ fn run_once(net: &Net, shape: &Shape, upstream: bool, rep: usize) -> Fallible<Ru
     })
 }
 
-/// Median and min-max of a metric over runs.
-fn spread(v: &mut [f64]) -> String {
+/// Median of a metric over runs (sorts `v`).
+fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    let med = if v.len() % 2 == 1 {
+    if v.len() % 2 == 1 {
         v[v.len() / 2]
     } else {
         (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
+    }
+}
+
+/// Median and min-max of a metric over runs.
+fn spread(v: &mut [f64]) -> String {
+    let med = median(v);
     format!("{med:.2} [{:.2}-{:.2}]", v[0], v[v.len() - 1])
 }
 
@@ -800,10 +805,6 @@ fn summarize(shape: &Shape, results: &[(bool, RunResult)]) {
             let mut t: Vec<f64> = runs.iter().map(|r| r.t_all / shape.t_lb()).collect();
             let mut e: Vec<f64> = runs.iter().map(|r| r.egress).collect();
             let mut rc: Vec<f64> = runs.iter().map(|r| r.received).collect();
-            let med = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             let verdict = |x: f64, target: f64| {
                 if x <= target {
                     "met".to_owned()
@@ -811,7 +812,7 @@ fn summarize(shape: &Shape, results: &[(bool, RunResult)]) {
                     format!("MISSED by {:.0}%", (x / target - 1.0) * 100.0)
                 }
             };
-            let (t, e, rc) = (med(&mut t), med(&mut e), med(&mut rc));
+            let (t, e, rc) = (median(&mut t), median(&mut e), median(&mut rc));
             println!(
                 "targets (swarm, median): T_all <= 1.3 x T_lb: {:.2} x, {}; origin egress <= \
                  1.5 x S: {:.2} x, {}; received <= 1.1 x N·S: {:.3} x, {}",
