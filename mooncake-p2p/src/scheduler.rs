@@ -284,7 +284,9 @@ impl Scheduler {
     }
 
     /// The earliest instant at which [`poll_requests`](Self::poll_requests) may do something
-    /// new on its own (a request times out or a backoff ends).
+    /// new on its own (a request times out or a backoff ends). Backoffs that ended by the last
+    /// [`handle_timeouts`](Self::handle_timeouts) (or poll) no longer count, so a caller that
+    /// polls and then sleeps until this instant never wakes for nothing.
     pub fn next_deadline(&self) -> Option<Instant> {
         let timeouts = self.outstanding.values().map(|o| o.deadline);
         let backoffs = self.peers.values().filter_map(|p| p.avoid_until);
@@ -293,6 +295,12 @@ impl Scheduler {
 
     /// Fails requests whose deadline passed (their peers back off) and returns them.
     pub fn handle_timeouts(&mut self, now: Instant) -> Vec<Request> {
+        // Backoffs that ended are over: they no longer bound the caller's sleep.
+        for p in self.peers.values_mut() {
+            if p.avoid_until.is_some_and(|t| t <= now) {
+                p.avoid_until = None;
+            }
+        }
         let expired: Vec<RequestId> = self
             .outstanding
             .iter()

@@ -181,6 +181,45 @@ fn timeout_backs_off_and_moves_to_another_peer() {
 }
 
 #[test]
+fn ended_backoffs_do_not_hold_the_next_deadline_in_the_past() {
+    // One failure, then another peer serves: the failed peer's backoff ends long before the
+    // new request's timeout, and once it ended it must not be the next deadline (a caller
+    // sleeping until then would wake at once, again and again: a busy loop).
+    let mut s = Scheduler::new(1, Bitmap::new(1), config());
+    s.set_peer(PeerId(0), Bitmap::full(1));
+    s.set_peer(PeerId(1), Bitmap::full(1));
+    let t0 = t0();
+    let r = s.poll_requests(t0, 1)[0];
+    s.on_failure(r, Failure::Transfer, t0);
+    let t1 = t0 + Duration::from_millis(50);
+    let r2 = s.poll_requests(t1, 1)[0];
+    assert_ne!(r2.peer, r.peer);
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(100)));
+    let t2 = t0 + Duration::from_millis(300);
+    assert!(s.handle_timeouts(t2).is_empty());
+    let next = s.next_deadline().expect("a request is outstanding");
+    assert!(next > t2, "next deadline {next:?} already passed at {t2:?}");
+    assert_eq!(next, t1 + Duration::from_secs(1));
+    assert_eq!(s.avoided_until(r.peer), None);
+}
+
+#[test]
+fn nothing_pending_after_a_backoff_ends_means_no_deadline() {
+    // Piece 1 is held by nobody: after the one request fails and its backoff passes, there is
+    // nothing to wait for but the catalog.
+    let mut s = Scheduler::new(2, Bitmap::new(2), config());
+    s.set_peer(PeerId(0), bits(2, &[0]));
+    let t0 = t0();
+    let r = s.poll_requests(t0, 1)[0];
+    s.on_failure(r, Failure::Transfer, t0);
+    s.set_peer(PeerId(0), Bitmap::new(2));
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(100)));
+    let t1 = t0 + Duration::from_millis(150);
+    assert!(s.poll_requests(t1, 4).is_empty());
+    assert_eq!(s.next_deadline(), None);
+}
+
+#[test]
 fn lost_source_refetches_only_missing_pieces() {
     let mut s = Scheduler::new(4, Bitmap::new(4), config());
     s.set_peer(PeerId(0), Bitmap::full(4));
