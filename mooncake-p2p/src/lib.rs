@@ -39,12 +39,11 @@
 //! receivers as processes in network namespaces shaped by `tbf`, with upstream's mode on the
 //! same network in the same run (the README has how to run it). Measured on a 2-core machine,
 //! 256 MiB to 8 receivers at 200 Mbit/s per link each way (lower bound T_lb 10.7 s,
-//! client-server 85.9 s), median of 5: all 8 copies verified in 38.0 s (3.5x T_lb; the target
-//! is 1.3x), origin egress 3.3x the payload (target 1.5x), bytes received 1.03x N·S; upstream's
-//! mode 51.5 s with origin egress 4.5x. The time is the origin's link sending each piece about
-//! three times while peers' uplinks run at about 17% of their rate; most likely because readers
-//! ask the least-loaded holder, the origin included, for pieces peers already hold, and do not
-//! see what other readers have in flight from it.
+//! client-server 85.9 s), median of 4: all 8 copies verified in 16.9 s (1.58x T_lb; the target
+//! is 1.3x), origin egress 1.52x the payload (target 1.5x), bytes received 1.05x N·S. Four
+//! runs of the code before the origin became the source of last resort: 33.7 s (3.14x T_lb),
+//! origin egress 3.02x, the origin's link sending each piece about three times; upstream's mode
+//! (measured before that change, which it does not use) 51.5 s with origin egress 4.5x.
 //!
 //! What it does not do (yet): meet the swarm targets above.
 //!

@@ -235,7 +235,19 @@ pub(crate) async fn pull(
                     }
                     found
                 });
-                update_holders(&mut sched, &mut holders, &mut ids, &me, found);
+                update_holders(
+                    &mut sched,
+                    &mut holders,
+                    &mut ids,
+                    &me,
+                    // Upstream's mode keeps asking the least-loaded holder, origin included.
+                    if upstream {
+                        None
+                    } else {
+                        record.origin.as_deref()
+                    },
+                    found,
+                );
                 continue;
             }
             Event::Tick => continue,
@@ -324,6 +336,7 @@ fn update_holders(
     holders: &mut HashMap<PeerId, Holder>,
     ids: &mut HashMap<String, PeerId>,
     me: &str,
+    origin: Option<&str>,
     found: Result<Vec<HaveRecord>>,
 ) {
     let found = match found {
@@ -342,6 +355,10 @@ fn update_holders(
         let next = PeerId(ids.len() as u32);
         let id = *ids.entry(h.segment.clone()).or_insert(next);
         sched.set_peer(id, h.have.clone());
+        if origin == Some(h.segment.as_str()) {
+            // The payload's registering peer serves only what no other peer can.
+            sched.set_origin(id);
+        }
         sched.set_peer_limit(id, fair_share(h.upload_slots as usize, pullers, usize::MAX));
         seen.push(id);
         match holders.get_mut(&id) {

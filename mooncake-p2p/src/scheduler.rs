@@ -9,6 +9,10 @@
 //!   picked at random, so a fresh peer soon has something to offer others;
 //! - **rarest first**: then the piece the fewest known peers hold, ties broken at random, which
 //!   keeps piece diversity high in the swarm;
+//! - **origin last**: the payload's origin ([`set_origin`](Scheduler::set_origin)) is asked
+//!   only when no other usable peer can serve a piece, and then for the rarest piece (one
+//!   only the origin holds, if any) drawn at random among equally rare ones, so that concurrent
+//!   readers spread over different origin-only pieces and the peers' uplinks carry the rest;
 //! - **endgame**: once every missing piece is outstanding, the last ones are asked of up to
 //!   [`endgame_copies`](SchedulerConfig::endgame_copies) peers at once, and the duplicates are
 //!   cancelled when one lands. Outside endgame no piece is ever outstanding twice;
@@ -144,6 +148,8 @@ pub struct Scheduler {
     corrupt: HashSet<(usize, PeerId)>,
     next_id: u64,
     rng: SplitMix64,
+    /// The payload's registering peer: asked only for what no other usable peer can serve.
+    origin: Option<PeerId>,
 }
 
 impl Scheduler {
@@ -168,6 +174,7 @@ impl Scheduler {
             corrupt: HashSet::new(),
             next_id: 0,
             rng,
+            origin: None,
         }
     }
 
@@ -246,6 +253,14 @@ impl Scheduler {
         state.have = have;
     }
 
+    /// Marks `peer` as the payload's origin: the source of last resort. A piece goes to the
+    /// origin only when no other usable peer (holding it, with a free pipeline slot, not
+    /// backing off) can serve one, and the origin is asked first for the pieces no other
+    /// known peer holds, at random among them, so concurrent readers spread over them.
+    pub fn set_origin(&mut self, peer: PeerId) {
+        self.origin = Some(peer);
+    }
+
     /// Caps the requests outstanding at `peer` to `limit` (at least 1), below
     /// [`pipeline_per_peer`](SchedulerConfig::pipeline_per_peer): this reader's share of the
     /// peer's upload slots. Requests already outstanding stay; new ones wait until fewer are.
@@ -284,7 +299,9 @@ impl Scheduler {
     }
 
     /// The earliest instant at which [`poll_requests`](Self::poll_requests) may do something
-    /// new on its own (a request times out or a backoff ends).
+    /// new on its own (a request times out or a backoff ends). Backoffs that ended by the last
+    /// [`handle_timeouts`](Self::handle_timeouts) (or poll) no longer count, so a caller that
+    /// polls and then sleeps until this instant never wakes for nothing.
     pub fn next_deadline(&self) -> Option<Instant> {
         let timeouts = self.outstanding.values().map(|o| o.deadline);
         let backoffs = self.peers.values().filter_map(|p| p.avoid_until);
@@ -293,6 +310,12 @@ impl Scheduler {
 
     /// Fails requests whose deadline passed (their peers back off) and returns them.
     pub fn handle_timeouts(&mut self, now: Instant) -> Vec<Request> {
+        // Backoffs that ended are over: they no longer bound the caller's sleep.
+        for p in self.peers.values_mut() {
+            if p.avoid_until.is_some_and(|t| t <= now) {
+                p.avoid_until = None;
+            }
+        }
         let expired: Vec<RequestId> = self
             .outstanding
             .iter()
@@ -342,6 +365,10 @@ impl Scheduler {
     /// Word-parallel: the candidates are the union of the usable peers' bitmaps masked by the
     /// pieces still unrequested (or, in endgame, still missing), so one call costs
     /// O(usable peers × pieces / 64) plus a pass over the candidates.
+    ///
+    /// The origin is the source of last resort: the other usable peers are tried first, and
+    /// only when none of them can serve a piece is the origin asked, for the rarest piece (one
+    /// only it holds, if any), chosen at random among equally rare ones.
     fn pick(&mut self, now: Instant) -> Option<(usize, PeerId)> {
         if self.is_complete() {
             return None;
@@ -350,13 +377,24 @@ impl Scheduler {
             .filter(|(_, p)| self.has_room(p, now))
             .map(|(&id, _)| id)
             .collect();
+        let Some(origin) = self.origin.filter(|o| usable.contains(o)) else {
+            return self.pick_among(&usable, false);
+        };
+        let others: Vec<PeerId> = usable.into_iter().filter(|&id| id != origin).collect();
+        self.pick_among(&others, false)
+            .or_else(|| self.pick_among(&[origin], true))
+    }
+
+    /// [`pick`](Self::pick) among `usable` peers; `shuffle` draws among equally rare pieces
+    /// uniformly (a pass over all candidates) rather than taking the first from a random word.
+    fn pick_among(&mut self, usable: &[PeerId], shuffle: bool) -> Option<(usize, PeerId)> {
         if usable.is_empty() {
             return None;
         }
         let endgame = self.in_endgame();
         let words = self.have.words().len();
         let mut mask = vec![0u64; words];
-        for id in &usable {
+        for id in usable {
             for (m, w) in mask.iter_mut().zip(self.peers[id].have.words()) {
                 *m |= w;
             }
@@ -396,24 +434,29 @@ impl Scheduler {
                     (false, false) => (0, self.availability[p]),
                     (false, true) => (self.in_flight[p].len(), self.availability[p]),
                 };
-                if random {
-                    // Reservoir sampling: every candidate equally likely (a few picks only).
-                    ties += 1;
-                    if self.rng.next() % ties == 0 {
+                if random || shuffle {
+                    // Reservoir sampling among the best keys: every one equally likely.
+                    if best.is_none_or(|(b, _)| key < b) {
                         best = Some((key, p));
+                        ties = 1;
+                    } else if best.is_some_and(|(b, _)| key == b) {
+                        ties += 1;
+                        if self.rng.next() % ties == 0 {
+                            best = Some((key, p));
+                        }
                     }
                 } else if best.is_none_or(|(b, _)| key < b) {
                     best = Some((key, p));
                 }
             }
-            if !random && best.is_some_and(|(b, _)| b <= floor) {
+            if !random && !shuffle && best.is_some_and(|(b, _)| b <= floor) {
                 break;
             }
         }
         let (_, piece) = best?;
         // The least loaded usable peer that may be asked, ties at random.
         let mut chosen: Option<(usize, u64, PeerId)> = None;
-        for id in usable {
+        for &id in usable {
             if !self.may_ask(id, piece, endgame) {
                 continue;
             }

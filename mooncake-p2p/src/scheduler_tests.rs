@@ -181,6 +181,115 @@ fn timeout_backs_off_and_moves_to_another_peer() {
 }
 
 #[test]
+fn ended_backoffs_do_not_hold_the_next_deadline_in_the_past() {
+    // One failure, then another peer serves: the failed peer's backoff ends long before the
+    // new request's timeout, and once it ended it must not be the next deadline (a caller
+    // sleeping until then would wake at once, again and again: a busy loop).
+    let mut s = Scheduler::new(1, Bitmap::new(1), config());
+    s.set_peer(PeerId(0), Bitmap::full(1));
+    s.set_peer(PeerId(1), Bitmap::full(1));
+    let t0 = t0();
+    let r = s.poll_requests(t0, 1)[0];
+    s.on_failure(r, Failure::Transfer, t0);
+    let t1 = t0 + Duration::from_millis(50);
+    let r2 = s.poll_requests(t1, 1)[0];
+    assert_ne!(r2.peer, r.peer);
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(100)));
+    let t2 = t0 + Duration::from_millis(300);
+    assert!(s.handle_timeouts(t2).is_empty());
+    let next = s.next_deadline().expect("a request is outstanding");
+    assert!(next > t2, "next deadline {next:?} already passed at {t2:?}");
+    assert_eq!(next, t1 + Duration::from_secs(1));
+    assert_eq!(s.avoided_until(r.peer), None);
+}
+
+#[test]
+fn nothing_pending_after_a_backoff_ends_means_no_deadline() {
+    // Piece 1 is held by nobody: after the one request fails and its backoff passes, there is
+    // nothing to wait for but the catalog.
+    let mut s = Scheduler::new(2, Bitmap::new(2), config());
+    s.set_peer(PeerId(0), bits(2, &[0]));
+    let t0 = t0();
+    let r = s.poll_requests(t0, 1)[0];
+    s.on_failure(r, Failure::Transfer, t0);
+    s.set_peer(PeerId(0), Bitmap::new(2));
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(100)));
+    let t1 = t0 + Duration::from_millis(150);
+    assert!(s.poll_requests(t1, 4).is_empty());
+    assert_eq!(s.next_deadline(), None);
+}
+
+#[test]
+fn origin_is_the_source_of_last_resort() {
+    let mut s = Scheduler::new(4, Bitmap::new(4), config());
+    s.set_peer(PeerId(0), Bitmap::full(4));
+    s.set_origin(PeerId(0));
+    s.set_peer(PeerId(1), bits(4, &[0, 1]));
+    let now = t0();
+    // Peer 1's pipeline (2) fills first with the pieces it holds, although pieces 2 and 3
+    // (only the origin's) are rarer; then the origin serves what only it has.
+    let first: Vec<Request> = s.poll_requests(now, 2);
+    assert!(first.iter().all(|r| r.peer == PeerId(1)), "{first:?}");
+    let mut pieces: Vec<usize> = first.iter().map(|r| r.piece).collect();
+    pieces.sort();
+    assert_eq!(pieces, vec![0, 1]);
+    let then: Vec<Request> = s.poll_requests(now, 2);
+    assert!(then.iter().all(|r| r.peer == PeerId(0)), "{then:?}");
+    let mut pieces: Vec<usize> = then.iter().map(|r| r.piece).collect();
+    pieces.sort();
+    assert_eq!(pieces, vec![2, 3]);
+}
+
+#[test]
+fn origin_asked_for_pieces_only_it_holds_first() {
+    let mut s = Scheduler::new(8, Bitmap::new(8), config());
+    s.set_peer(PeerId(0), Bitmap::full(8));
+    s.set_origin(PeerId(0));
+    s.set_peer(PeerId(1), bits(8, &[0, 1, 2, 3]));
+    s.set_peer_limit(PeerId(1), 1);
+    let now = t0();
+    let r = s.poll_requests(now, 3);
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0].peer, PeerId(1));
+    assert!(r[0].piece < 4);
+    // Peer 1 is busy: the origin gets pieces 4..8, which nobody else holds.
+    for q in &r[1..] {
+        assert_eq!(q.peer, PeerId(0));
+        assert!(q.piece >= 4, "{q:?}: peer 1 holds that piece too");
+    }
+    // Once peer 1 is free again, it serves the pieces it holds, not the origin.
+    s.on_success(r[0]);
+    s.on_success(r[1]);
+    let q = s.poll_requests(now, 1)[0];
+    assert_eq!(q.peer, PeerId(1));
+}
+
+#[test]
+fn readers_spread_over_origin_only_pieces() {
+    // Readers with different seeds asking the origin alone pick different pieces first, even
+    // within one 64-piece word, so concurrent readers do not fetch the same pieces.
+    let n = 100;
+    let mut first = HashSet::new();
+    for seed in 1..=16 {
+        let mut c = config();
+        c.seed = seed;
+        let mut s = Scheduler::new(n, Bitmap::new(n), c);
+        s.set_peer(PeerId(0), Bitmap::full(n));
+        s.set_origin(PeerId(0));
+        // Another peer holds a few pieces but is busy: the origin must still prefer the
+        // pieces only it holds.
+        s.set_peer(PeerId(1), bits(n, &[0, 1, 2, 3, 4, 5]));
+        s.set_peer_limit(PeerId(1), 1);
+        let r = s.poll_requests(t0(), 2);
+        assert_eq!(r[0].peer, PeerId(1));
+        assert_eq!(r[1].peer, PeerId(0));
+        assert!(r[1].piece > 5);
+        first.insert(r[1].piece);
+    }
+    assert!(first.len() >= 10, "16 readers started on only {first:?}");
+}
+
+#[test]
 fn lost_source_refetches_only_missing_pieces() {
     let mut s = Scheduler::new(4, Bitmap::new(4), config());
     s.set_peer(PeerId(0), Bitmap::full(4));
@@ -339,6 +448,7 @@ proptest! {
         (pieces, others) in swarm(),
         ops in proptest::collection::vec(op(), 0..80),
         seed in any::<u64>(),
+        with_origin in any::<bool>(),
     ) {
         let cfg = SchedulerConfig { seed, random_first: 2, ..config() };
         let mut s = Scheduler::new(pieces, Bitmap::new(pieces), cfg.clone());
@@ -349,6 +459,9 @@ proptest! {
         }
         for (i, m) in maps.iter().enumerate() {
             s.set_peer(PeerId(i as u32), m.clone());
+        }
+        if with_origin {
+            s.set_origin(PeerId(0));
         }
         let start = t0();
         let mut now = start;
