@@ -211,7 +211,9 @@ impl TransferEngine {
             _ => config.local_hostname.clone(),
         };
         segment.set_name(name)?;
-        let memory_provider = transports.iter().find_map(|t| t.capabilities().memory);
+        let memory_provider = transports
+            .iter()
+            .find_map(|t| t.capabilities().memory.clone());
         let engine = Arc::new(TransferEngine {
             segment,
             transports,
@@ -573,9 +575,22 @@ mod tests {
     }
 
     /// A transport that only records what it hears of registrations.
-    #[derive(Debug, Default)]
+    #[derive(Debug)]
     struct Hooked {
         log: std::sync::Mutex<Vec<(&'static str, u64, bool)>>,
+        capabilities: crate::transport::Capabilities,
+    }
+
+    impl Default for Hooked {
+        fn default() -> Self {
+            Hooked {
+                log: Default::default(),
+                capabilities: crate::transport::Capabilities {
+                    one_sided: false,
+                    memory: Some(Arc::new(Provider)),
+                },
+            }
+        }
     }
 
     #[async_trait::async_trait]
@@ -583,11 +598,8 @@ mod tests {
         fn protocol(&self) -> &'static str {
             "hooked"
         }
-        fn capabilities(&self) -> crate::transport::Capabilities {
-            crate::transport::Capabilities {
-                one_sided: false,
-                memory: Some(Arc::new(Provider)),
-            }
+        fn capabilities(&self) -> &crate::transport::Capabilities {
+            &self.capabilities
         }
         fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
             let provided = buffer.provided::<Provided>().is_some();

@@ -328,6 +328,12 @@ pub struct Capabilities {
     pub memory: Option<Arc<dyn MemoryProvider>>,
 }
 
+/// [`Capabilities::default`], for transports that declare none.
+static NO_CAPABILITIES: Capabilities = Capabilities {
+    one_sided: false,
+    memory: None,
+};
+
 /// A way to move bytes to and from other processes' registered memory.
 #[async_trait]
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
@@ -343,10 +349,11 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         true
     }
 
-    /// What this transport can do, for the engine and the store to plan around. Default:
-    /// nothing special ([`Capabilities::default`]).
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+    /// What this transport can do, for the engine and the store to plan around (read per
+    /// request by the store, so it is borrowed, not built). Default: nothing special
+    /// ([`Capabilities::default`]).
+    fn capabilities(&self) -> &Capabilities {
+        &NO_CAPABILITIES
     }
 
     /// A buffer is being registered in the segment this transport serves (or will serve), at

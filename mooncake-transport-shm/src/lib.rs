@@ -228,8 +228,8 @@ impl Transport for ShmTransport {
         shared && !self.recently_unreachable(socket)
     }
 
-    fn capabilities(&self) -> Capabilities {
-        self.capabilities.clone()
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
     }
 
     fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
