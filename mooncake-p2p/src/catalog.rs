@@ -93,6 +93,9 @@ pub struct HaveRecord {
     pub buffers: Vec<Buffer>,
     /// The holder's verified pieces.
     pub have: Bitmap,
+    /// Pieces the holder is fetching from the payload's origin right now, so that other
+    /// readers ask the origin for other ones (empty for complete copies).
+    pub fetching: Vec<u32>,
     /// Uploads the holder admits at once, shared among the readers pulling at the time (see
     /// [`fair_share`](crate::scheduler::fair_share)).
     pub upload_slots: u32,
@@ -328,6 +331,7 @@ mod tests {
             segment: segment.into(),
             buffers: vec![Buffer::new(4096, 10)],
             have: Bitmap::full(3),
+            fetching: Vec::new(),
             upload_slots: 8,
         }
     }

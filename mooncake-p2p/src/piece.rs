@@ -3,8 +3,29 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Default piece size: 4 MiB (Kraken's; Dragonfly clamps to 4-64 MiB).
-pub const DEFAULT_PIECE_SIZE: u64 = 4 << 20;
+/// Pieces [`auto_piece_size`] aims at per payload.
+pub const AUTO_PIECES: u64 = 512;
+/// Smallest piece [`auto_piece_size`] picks: per piece there is one request, one hash and one
+/// bit in every availability record.
+pub const AUTO_PIECE_MIN: u64 = 512 << 10;
+/// Largest piece [`auto_piece_size`] picks: a pull holds `max_in_flight` pieces of scratch.
+pub const AUTO_PIECE_MAX: u64 = 8 << 20;
+
+/// The piece size for a payload of `total_size` bytes when none is configured: about
+/// [`AUTO_PIECES`] pieces (the size rounded up to a power of two), within
+/// [`AUTO_PIECE_MIN`]..=[`AUTO_PIECE_MAX`].
+///
+/// Why so many pieces: when readers start together, the last pieces the origin sends still have
+/// to be relayed to every reader after it is done, which takes about (readers - 1) x piece /
+/// bandwidth, i.e. (readers - 1) / pieces of the ideal time. Measured on 256 MiB to 8 readers
+/// at 200 Mbit/s (README): 4 MiB pieces (64) took 1.6x the lower bound, 1 MiB (256) 1.14-1.17x,
+/// 512 KiB (512) 1.11-1.12x.
+pub fn auto_piece_size(total_size: u64) -> u64 {
+    total_size
+        .div_ceil(AUTO_PIECES)
+        .next_power_of_two()
+        .clamp(AUTO_PIECE_MIN, AUTO_PIECE_MAX)
+}
 
 /// A piece's BLAKE3 hash.
 pub type PieceHash = [u8; 32];

@@ -58,6 +58,8 @@ pub struct PullReport {
 struct Holder {
     record: HaveRecord,
     segment: Option<SegmentHandle>,
+    /// When its record was last seen to change.
+    changed: Instant,
 }
 
 /// Scratch buffers where pieces land, unregistered when the pull ends (a transfer still using
@@ -115,6 +117,12 @@ impl Drop for Background {
 
 type Outcome = (Request, usize, mooncake_core::Result<()>);
 
+/// How long a pull waits after announcing itself before its first look at the catalog, so that
+/// readers started together (within this) all count each other from their first requests and
+/// split the origin's pieces the same way. Readers arriving later learn what the others fetch
+/// from the origin from their records instead.
+const SETTLE: Duration = Duration::from_millis(25);
+
 /// Pulls `record` into `dest` (already checked: registered, of the payload's size).
 ///
 /// The catalog is read and written by two background tasks, so a slow metadata service
@@ -156,16 +164,26 @@ pub(crate) async fn pull(
     // Peers read our verified pieces from `dest`: they must see it in our descriptor.
     engine.publish().await?;
 
-    let (have_tx, have_rx) = watch::channel(Bitmap::new(n));
+    // Announce the pull (in swarm mode) before any piece lands, so that readers starting together count each
+    // other (upload shares, stripes of the origin's pieces) from their first look.
+    let announce = HaveRecord {
+        generation: record.generation,
+        segment: me.clone(),
+        buffers: dest.to_vec(),
+        have: Bitmap::new(n),
+        fetching: Vec::new(),
+        upload_slots: config.upload_slots,
+    };
+    if !upstream {
+        shared.catalog.publish_have(&record.name, &announce).await?;
+    }
+    let (have_tx, have_rx) = watch::channel(Progress {
+        have: Bitmap::new(n),
+        fetching: Vec::new(),
+    });
     let mut publisher = Background(Some(tokio::spawn(publish_loop(
         shared.clone(),
-        HaveRecord {
-            generation: record.generation,
-            segment: me.clone(),
-            buffers: dest.to_vec(),
-            have: Bitmap::new(n),
-            upload_slots: config.upload_slots,
-        },
+        announce,
         record.name.clone(),
         have_rx,
     ))));
@@ -173,6 +191,7 @@ pub(crate) async fn pull(
     let _refresher = Background(Some(tokio::spawn(refresh_loop(
         shared.clone(),
         record.clone(),
+        if upstream { Duration::ZERO } else { SETTLE },
         holders_tx,
     ))));
 
@@ -217,6 +236,15 @@ pub(crate) async fn pull(
                 }
             }
         }
+        if !upstream {
+            // Tell the other readers which pieces this one is fetching from the origin.
+            let fetching = fetching_from_origin(&sched);
+            have_tx.send_if_modified(|p| {
+                let changed = p.fetching != fetching;
+                p.fetching = fetching;
+                changed
+            });
+        }
         let wake = sched.next_deadline().map_or(deadline, |t| t.min(deadline));
         let event = tokio::select! {
             Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Event::Landed(outcome),
@@ -235,17 +263,22 @@ pub(crate) async fn pull(
                     }
                     found
                 });
-                update_holders(
-                    &mut sched,
-                    &mut holders,
-                    &mut ids,
-                    &me,
+                let roles = Roles {
+                    me: &me,
                     // Upstream's mode keeps asking the least-loaded holder, origin included.
-                    if upstream {
+                    origin: if upstream {
                         None
                     } else {
                         record.origin.as_deref()
                     },
+                    claim_ttl: config.scheduler.request_timeout,
+                };
+                update_holders(
+                    &mut sched,
+                    &mut holders,
+                    &mut ids,
+                    Instant::now(),
+                    &roles,
                     found,
                 );
                 continue;
@@ -276,11 +309,11 @@ pub(crate) async fn pull(
         };
         scratch.free.push(slot);
         match outcome {
-            Ok(()) => match sched.on_success(r) {
+            Ok(()) => match sched.on_success(r, now) {
                 Completion::Completed { .. } => {
                     verified_bytes.fetch_add(pieces[r.piece].len, Ordering::Relaxed);
                     if !upstream {
-                        have_tx.send_modify(|have| have.set(r.piece));
+                        have_tx.send_modify(|p| p.have.set(r.piece));
                     }
                     let from = holders
                         .get(&r.peer)
@@ -317,6 +350,7 @@ pub(crate) async fn pull(
         segment: me,
         buffers: dest.to_vec(),
         have: sched.have().clone(),
+        fetching: Vec::new(),
         upload_slots: config.upload_slots,
     };
     shared.catalog.publish_have(&record.name, &full).await?;
@@ -330,15 +364,31 @@ enum Event {
     Tick,
 }
 
+/// Who is who in a pull, for [`update_holders`].
+struct Roles<'a> {
+    /// This reader's segment.
+    me: &'a str,
+    /// The origin's segment, where it is the source of last resort.
+    origin: Option<&'a str>,
+    /// How long another reader's record may stay unchanged before its claims on the origin's
+    /// pieces lapse.
+    claim_ttl: Duration,
+}
+
 /// Applies a fresh look at the catalog's holders to the scheduler.
 fn update_holders(
     sched: &mut Scheduler,
     holders: &mut HashMap<PeerId, Holder>,
     ids: &mut HashMap<String, PeerId>,
-    me: &str,
-    origin: Option<&str>,
+    now: Instant,
+    roles: &Roles<'_>,
     found: Result<Vec<HaveRecord>>,
 ) {
+    let Roles {
+        me,
+        origin,
+        claim_ttl,
+    } = *roles;
     let found = match found {
         Ok(found) => found,
         Err(e) => {
@@ -348,8 +398,19 @@ fn update_holders(
         }
     };
     let found: Vec<HaveRecord> = found.into_iter().filter(|h| h.segment != me).collect();
-    // Readers pulling now, this one included, share each holder's upload slots.
-    let pullers = 1 + found.iter().filter(|h| !h.have.is_full()).count();
+    // Readers pulling now, this one included, share each holder's upload slots, and split the
+    // pieces only the origin holds into stripes, numbered by segment name.
+    let mut pullers: Vec<&str> = (found.iter())
+        .filter(|h| !h.have.is_full() && Some(h.segment.as_str()) != origin)
+        .map(|h| h.segment.as_str())
+        .chain([me])
+        .collect();
+    pullers.sort_unstable();
+    if origin.is_some() {
+        let rank = pullers.binary_search(&me).expect("this reader is listed");
+        sched.set_stripe(rank, pullers.len());
+    }
+    let pullers = pullers.len();
     let mut seen = Vec::new();
     for h in found {
         let next = PeerId(ids.len() as u32);
@@ -362,13 +423,19 @@ fn update_holders(
         sched.set_peer_limit(id, fair_share(h.upload_slots as usize, pullers, usize::MAX));
         seen.push(id);
         match holders.get_mut(&id) {
-            Some(known) => known.record = h,
+            Some(known) => {
+                if known.record != h {
+                    known.changed = now;
+                }
+                known.record = h;
+            }
             None => {
                 holders.insert(
                     id,
                     Holder {
                         record: h,
                         segment: None,
+                        changed: now,
                     },
                 );
             }
@@ -384,22 +451,52 @@ fn update_holders(
         sched.remove_peer(id);
         holders.remove(&id);
     }
+    // What the others fetch from the origin. A live reader's fetch ends (and its record
+    // changes) within a request timeout; a record silent for longer is a reader that died
+    // mid-pull, whose claims would otherwise hold those pieces back forever.
+    let claimed = (holders.values())
+        .filter(|h| now.saturating_duration_since(h.changed) < claim_ttl)
+        .flat_map(|h| h.record.fetching.iter().map(|&p| p as usize));
+    sched.set_claimed(claimed);
 }
 
-/// Publishes this peer's verified pieces as they change, at most once per publish interval,
-/// and the last state once the pull drops its sender.
+/// The pieces this reader is fetching from the origin now, in order.
+fn fetching_from_origin(sched: &Scheduler) -> Vec<u32> {
+    let Some(origin) = sched.origin() else {
+        return Vec::new();
+    };
+    let mut pieces: Vec<u32> = (sched.outstanding())
+        .filter(|r| r.peer == origin)
+        .map(|r| r.piece as u32)
+        .collect();
+    pieces.sort_unstable();
+    pieces
+}
+
+/// What the publisher tells the catalog about this reader.
+#[derive(Clone, Debug, PartialEq)]
+struct Progress {
+    /// Verified pieces.
+    have: Bitmap,
+    /// Pieces being fetched from the origin.
+    fetching: Vec<u32>,
+}
+
+/// Publishes this peer's verified pieces (and what it fetches from the origin) as they change,
+/// at most once per publish interval, and the last state once the pull drops its sender.
 async fn publish_loop(
     shared: Arc<Shared>,
     mut record: HaveRecord,
     name: String,
-    mut have: watch::Receiver<Bitmap>,
+    mut progress: watch::Receiver<Progress>,
 ) {
     let interval = shared.config.publish_interval;
     loop {
-        let ended = have.changed().await.is_err();
-        let latest = have.borrow_and_update().clone();
-        if latest != record.have {
-            record.have = latest;
+        let ended = progress.changed().await.is_err();
+        let latest = progress.borrow_and_update().clone();
+        if latest.have != record.have || latest.fetching != record.fetching {
+            record.have = latest.have;
+            record.fetching = latest.fetching;
             if let Err(e) = shared.catalog.publish_have(&name, &record).await {
                 tracing::warn!("publishing availability of {name:?}: {e}");
             }
@@ -416,9 +513,11 @@ async fn publish_loop(
 async fn refresh_loop(
     shared: Arc<Shared>,
     record: PayloadRecord,
+    settle: Duration,
     found: mpsc::Sender<Result<Vec<HaveRecord>>>,
 ) {
     let (n, size) = (record.pieces(), record.total_size);
+    tokio::time::sleep(settle).await;
     loop {
         let catalog = &shared.catalog;
         // The payload must still be the one being pulled (not replaced or removed).

@@ -9,13 +9,23 @@
 //!   picked at random, so a fresh peer soon has something to offer others;
 //! - **rarest first**: then the piece the fewest known peers hold, ties broken at random, which
 //!   keeps piece diversity high in the swarm;
-//! - **origin last**: the payload's origin ([`set_origin`](Scheduler::set_origin)) is asked
-//!   only when no other usable peer can serve a piece, and then for the rarest piece (one
-//!   only the origin holds, if any) drawn at random among equally rare ones, so that concurrent
-//!   readers spread over different origin-only pieces and the peers' uplinks carry the rest;
-//! - **endgame**: once every missing piece is outstanding, the last ones are asked of up to
-//!   [`endgame_copies`](SchedulerConfig::endgame_copies) peers at once, and the duplicates are
-//!   cancelled when one lands. Outside endgame no piece is ever outstanding twice;
+//! - **origin last, each piece out of it once**: the payload's origin
+//!   ([`set_origin`](Scheduler::set_origin)) is asked only when no other usable peer can serve
+//!   a piece, and then only for a piece no other peer holds: its uplink is the swarm's scarcest
+//!   resource, and every byte it sends twice costs every reader time. Readers pulling at once
+//!   split those pieces into stripes ([`set_stripe`](Scheduler::set_stripe)): each asks the
+//!   origin for its own stripe in ascending order and, once that is exhausted, takes from the
+//!   far end of the others' stripes, skipping the pieces other readers said they are fetching
+//!   from the origin ([`set_claimed`](Scheduler::set_claimed)), so two readers ask the origin
+//!   for one piece only when that news has not reached them yet. Once every piece is
+//!   somewhere else, the origin serves like any peer, rarest first;
+//! - **endgame**: once every missing piece is outstanding, a piece whose request is late (out
+//!   for [`endgame_patience`](SchedulerConfig::endgame_patience) times as long as pieces
+//!   typically take) is asked of up to [`endgame_copies`](SchedulerConfig::endgame_copies)
+//!   peers at once, and the duplicates are cancelled when one lands. With pieces of megabytes
+//!   and many in flight, duplicating every outstanding piece would spend a large share of the
+//!   swarm's uplinks twice; only a straggler is worth it. The origin gets a duplicate only once
+//!   it has sent every piece once. Outside endgame no piece is ever outstanding twice;
 //! - **pipelining**: at most [`pipeline_per_peer`](SchedulerConfig::pipeline_per_peer) requests
 //!   outstanding per peer, or fewer where the peer's upload admission says so
 //!   ([`set_peer_limit`](Scheduler::set_peer_limit), [`fair_share`]);
@@ -74,6 +84,11 @@ pub struct SchedulerConfig {
     pub random_first: usize,
     /// Peers asked at once for one piece in endgame. Default 2.
     pub endgame_copies: usize,
+    /// In endgame a piece is asked of another peer once its request has been outstanding this
+    /// many times the typical time a piece takes (a moving average of the requests that
+    /// succeeded; before any did, a quarter of [`request_timeout`](Self::request_timeout)).
+    /// 0 duplicates every outstanding piece at once, as BitTorrent does. Default 1.5.
+    pub endgame_patience: f64,
     /// A request not answered by then fails. Default 20 s (Kraken: max(4 s, 4 s per MB), for
     /// 4 MiB pieces about 17 s).
     pub request_timeout: Duration,
@@ -92,6 +107,7 @@ impl Default for SchedulerConfig {
             pipeline_per_peer: 3,
             random_first: 4,
             endgame_copies: 2,
+            endgame_patience: 1.5,
             request_timeout: Duration::from_secs(20),
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(10),
@@ -114,6 +130,7 @@ struct PeerState {
 struct Outstanding {
     piece: usize,
     peer: PeerId,
+    issued: Instant,
     deadline: Instant,
 }
 
@@ -150,6 +167,12 @@ pub struct Scheduler {
     rng: SplitMix64,
     /// The payload's registering peer: asked only for what no other usable peer can serve.
     origin: Option<PeerId>,
+    /// This reader's stripe of the origin-only pieces: (rank, readers).
+    stripe: Option<(usize, usize)>,
+    /// Pieces other readers are fetching from the origin.
+    claimed: Bitmap,
+    /// Moving average of the time successful requests took.
+    piece_time: Option<Duration>,
 }
 
 impl Scheduler {
@@ -175,6 +198,9 @@ impl Scheduler {
             next_id: 0,
             rng,
             origin: None,
+            stripe: None,
+            claimed: Bitmap::new(pieces),
+            piece_time: None,
         }
     }
 
@@ -259,6 +285,31 @@ impl Scheduler {
     /// known peer holds, at random among them, so concurrent readers spread over them.
     pub fn set_origin(&mut self, peer: PeerId) {
         self.origin = Some(peer);
+    }
+
+    /// Makes this reader number `rank` of `readers` pulling at once (every reader must number
+    /// the same set the same way, e.g. by sorted segment name): piece `p` is in stripe
+    /// `p % readers`, and of the pieces only the origin holds this reader asks it for its own
+    /// stripe first. Without a stripe (or with `readers` 0 or `rank` out of range), origin-only
+    /// pieces are drawn at random.
+    pub fn set_stripe(&mut self, rank: usize, readers: usize) {
+        self.stripe = (rank < readers).then_some((rank, readers));
+    }
+
+    /// Records the pieces other readers are fetching from the origin now: this reader asks
+    /// the origin for them only once nothing else is left to ask it for. Out-of-range
+    /// pieces are ignored.
+    pub fn set_claimed(&mut self, pieces: impl IntoIterator<Item = usize>) {
+        let n = self.pieces();
+        self.claimed = Bitmap::new(n);
+        for p in pieces.into_iter().filter(|&p| p < n) {
+            self.claimed.set(p);
+        }
+    }
+
+    /// The origin, if one was set and is still known.
+    pub fn origin(&self) -> Option<PeerId> {
+        self.origin.filter(|o| self.peers.contains_key(o))
     }
 
     /// Caps the requests outstanding at `peer` to `limit` (at least 1), below
@@ -367,8 +418,8 @@ impl Scheduler {
     /// O(usable peers × pieces / 64) plus a pass over the candidates.
     ///
     /// The origin is the source of last resort: the other usable peers are tried first, and
-    /// only when none of them can serve a piece is the origin asked, for the rarest piece (one
-    /// only it holds, if any), chosen at random among equally rare ones.
+    /// only when none of them can serve a piece is the origin asked (see
+    /// [`pick_from_origin`](Self::pick_from_origin)).
     fn pick(&mut self, now: Instant) -> Option<(usize, PeerId)> {
         if self.is_complete() {
             return None;
@@ -377,17 +428,114 @@ impl Scheduler {
             .filter(|(_, p)| self.has_room(p, now))
             .map(|(&id, _)| id)
             .collect();
-        let Some(origin) = self.origin.filter(|o| usable.contains(o)) else {
-            return self.pick_among(&usable, false);
+        let Some(origin) = self.origin.filter(|o| self.peers.contains_key(o)) else {
+            return self.pick_among(&usable, false, now);
         };
-        let others: Vec<PeerId> = usable.into_iter().filter(|&id| id != origin).collect();
-        self.pick_among(&others, false)
-            .or_else(|| self.pick_among(&[origin], true))
+        let others: Vec<PeerId> = usable.iter().copied().filter(|&id| id != origin).collect();
+        if let Some(choice) = self.pick_among(&others, false, now) {
+            return Some(choice);
+        }
+        if !usable.contains(&origin) {
+            return None;
+        }
+        self.pick_from_origin(origin, now)
+    }
+
+    /// A piece to ask the origin for, if it should be asked at all: one that no other peer
+    /// (not backing off, not known to corrupt it) holds, from this reader's stripe first, then
+    /// from the far end of the others'; or, once every missing piece is held elsewhere (the
+    /// origin has sent everything once), the rarest, like any peer; in endgame, like any peer.
+    fn pick_from_origin(&mut self, origin: PeerId, now: Instant) -> Option<(usize, PeerId)> {
+        let words = self.have.words().len();
+        // Pieces another usable-soon peer holds.
+        let mut elsewhere = vec![0u64; words];
+        for (id, p) in &self.peers {
+            if *id != origin && p.avoid_until.is_none_or(|t| t <= now) {
+                for (e, w) in elsewhere.iter_mut().zip(p.have.words()) {
+                    *e |= w;
+                }
+            }
+        }
+        // A peer that corrupted a piece does not count as holding it.
+        for &(piece, bad) in &self.corrupt {
+            if bad == origin || !bit(&elsewhere, piece) {
+                continue;
+            }
+            let another = self.peers.iter().any(|(id, p)| {
+                *id != origin
+                    && *id != bad
+                    && p.have.get(piece)
+                    && p.avoid_until.is_none_or(|t| t <= now)
+                    && !self.corrupt.contains(&(piece, *id))
+            });
+            if !another {
+                elsewhere[piece / 64] &= !(1 << (piece % 64));
+            }
+        }
+        let origin_have = self.peers[&origin].have.words();
+        // Is any missing piece only at the origin? Then the origin is busy sending pieces
+        // once, and asking it for what others hold would delay that.
+        let pending =
+            (0..words).any(|i| origin_have[i] & !self.have.words()[i] & !elsewhere[i] != 0);
+        if self.in_endgame() {
+            if pending && self.stripe.is_some() {
+                return None;
+            }
+            return self.pick_among(&[origin], true, now);
+        }
+        let only_origin: Vec<u64> = (0..words)
+            .map(|i| {
+                origin_have[i] & self.unrequested.words()[i] & !elsewhere[i] & !self.have.words()[i]
+            })
+            .collect();
+        let ok = |p: usize| !self.corrupt.contains(&(p, origin));
+        let mut candidates: Vec<usize> = crate::piece::ones(&only_origin)
+            .filter(|&p| ok(p))
+            .collect();
+        // Leave to others what they are fetching, unless nothing else is left.
+        let unclaimed: Vec<usize> = (candidates.iter().copied())
+            .filter(|&p| !self.claimed.get(p))
+            .collect();
+        if !unclaimed.is_empty() || self.stripe.is_some() {
+            candidates = unclaimed;
+        }
+        if candidates.is_empty() {
+            if pending && self.stripe.is_some() {
+                return None;
+            }
+            return self.pick_among(&[origin], true, now);
+        }
+        let piece = match self.stripe {
+            Some((rank, readers)) => {
+                let own = candidates.iter().copied().find(|p| p % readers == rank);
+                own.or_else(|| {
+                    // Help the others from the far end of their stripes, nearest rank first;
+                    // helpers of one stripe start at different depths from its end (the
+                    // helper at distance k at the k-th last piece), so that helpers who
+                    // do not know of each other's fetches yet still ask for different pieces.
+                    (1..readers).find_map(|k| {
+                        let s = (rank + k) % readers;
+                        let tail: Vec<usize> = (candidates.iter().rev().copied())
+                            .filter(|p| p % readers == s)
+                            .collect();
+                        let depth = (k - 1) % tail.len().max(1);
+                        tail.get(depth).copied()
+                    })
+                })?
+            }
+            None => candidates[(self.rng.next() % candidates.len() as u64) as usize],
+        };
+        Some((piece, origin))
     }
 
     /// [`pick`](Self::pick) among `usable` peers; `shuffle` draws among equally rare pieces
     /// uniformly (a pass over all candidates) rather than taking the first from a random word.
-    fn pick_among(&mut self, usable: &[PeerId], shuffle: bool) -> Option<(usize, PeerId)> {
+    fn pick_among(
+        &mut self,
+        usable: &[PeerId],
+        shuffle: bool,
+        now: Instant,
+    ) -> Option<(usize, PeerId)> {
         if usable.is_empty() {
             return None;
         }
@@ -421,7 +569,9 @@ impl Scheduler {
             let base = ((start + k) % words) * 64;
             for bit in crate::piece::ones(&[word]) {
                 let p = base + bit;
-                if endgame && self.in_flight[p].len() >= self.config.endgame_copies {
+                if endgame
+                    && (self.in_flight[p].len() >= self.config.endgame_copies || !self.late(p, now))
+                {
                     continue;
                 }
                 if check_peers && !usable.iter().any(|&id| self.may_ask(id, p, endgame)) {
@@ -468,6 +618,16 @@ impl Scheduler {
         chosen.map(|(_, _, id)| (piece, id))
     }
 
+    /// Whether the oldest request for `piece` is late enough for an endgame duplicate.
+    fn late(&self, piece: usize, now: Instant) -> bool {
+        let typical = (self.piece_time).unwrap_or(self.config.request_timeout / 4);
+        let patience = typical.mul_f64(self.config.endgame_patience.max(0.0));
+        self.in_flight[piece]
+            .iter()
+            .filter_map(|id| self.outstanding.get(id))
+            .any(|o| now.saturating_duration_since(o.issued) >= patience)
+    }
+
     /// Whether `piece` is outstanding at `peer`.
     fn asked(&self, piece: usize, peer: PeerId) -> bool {
         self.in_flight[piece]
@@ -483,6 +643,7 @@ impl Scheduler {
             Outstanding {
                 piece,
                 peer,
+                issued: now,
                 deadline: now + self.config.request_timeout,
             },
         );
@@ -521,9 +682,16 @@ impl Scheduler {
         }
     }
 
-    /// `piece` arrived from `peer` and its hash matched (a request that already timed out or
-    /// was cancelled still counts: the bytes are good).
-    pub fn on_success(&mut self, request: Request) -> Completion {
+    /// `piece` arrived from `peer` at `now` and its hash matched (a request that already timed
+    /// out or was cancelled still counts: the bytes are good).
+    pub fn on_success(&mut self, request: Request, now: Instant) -> Completion {
+        if let Some(o) = self.outstanding.get(&request.id) {
+            let took = now.saturating_duration_since(o.issued);
+            self.piece_time = Some(match self.piece_time {
+                None => took,
+                Some(t) => t.mul_f64(0.8) + took.mul_f64(0.2),
+            });
+        }
         self.forget(request.id);
         if let Some(p) = self.peers.get_mut(&request.peer) {
             p.consecutive_failures = 0;
@@ -598,6 +766,11 @@ pub fn fair_share(upload_slots: usize, pullers: usize, pipeline: usize) -> usize
     upload_slots
         .div_ceil(pullers.max(1))
         .clamp(1, pipeline.max(1))
+}
+
+/// Bit `i` of a word-packed bitmap.
+fn bit(words: &[u64], i: usize) -> bool {
+    words[i / 64] >> (i % 64) & 1 == 1
 }
 
 /// SplitMix64: a small seeded generator, enough for tie-breaking.

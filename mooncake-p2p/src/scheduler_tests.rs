@@ -24,6 +24,7 @@ fn config() -> SchedulerConfig {
         pipeline_per_peer: 2,
         random_first: 0,
         endgame_copies: 2,
+        endgame_patience: 0.0,
         request_timeout: Duration::from_secs(1),
         backoff_base: Duration::from_millis(100),
         backoff_max: Duration::from_millis(800),
@@ -120,14 +121,14 @@ fn endgame_duplicates_then_cancels() {
     let d0 = *dups.iter().find(|r| r.piece == 0).unwrap();
     let f0 = *first.iter().find(|r| r.piece == 0).unwrap();
     assert_eq!(
-        s.on_success(d0),
+        s.on_success(d0, t0()),
         Completion::Completed {
             cancelled: vec![f0]
         }
     );
     assert_eq!(s.outstanding_for(0), 0);
     // The cancelled request's late success is a duplicate, not a second completion.
-    assert_eq!(s.on_success(f0), Completion::Duplicate);
+    assert_eq!(s.on_success(f0, t0()), Completion::Duplicate);
     assert!(!s.is_complete());
 }
 
@@ -175,7 +176,7 @@ fn timeout_backs_off_and_moves_to_another_peer() {
     );
     let r4 = s.poll_requests(t2 + Duration::from_millis(50), 1)[0];
     assert_ne!(r4.peer, r3.peer);
-    assert!(matches!(s.on_success(r4), Completion::Completed { .. }));
+    assert!(matches!(s.on_success(r4, t0), Completion::Completed { .. }));
     assert_eq!(s.avoided_until(r4.peer), None);
     assert!(s.is_complete());
 }
@@ -258,8 +259,8 @@ fn origin_asked_for_pieces_only_it_holds_first() {
         assert!(q.piece >= 4, "{q:?}: peer 1 holds that piece too");
     }
     // Once peer 1 is free again, it serves the pieces it holds, not the origin.
-    s.on_success(r[0]);
-    s.on_success(r[1]);
+    s.on_success(r[0], t0());
+    s.on_success(r[1], t0());
     let q = s.poll_requests(now, 1)[0];
     assert_eq!(q.peer, PeerId(1));
 }
@@ -295,7 +296,7 @@ fn lost_source_refetches_only_missing_pieces() {
     s.set_peer(PeerId(0), Bitmap::full(4));
     let now = t0();
     let r = s.poll_requests(now, 2);
-    s.on_success(r[0]);
+    s.on_success(r[0], t0());
     let lost = s.remove_peer(PeerId(0));
     assert_eq!(lost, vec![r[1]]);
     s.set_peer(PeerId(1), Bitmap::full(4));
@@ -304,7 +305,7 @@ fn lost_source_refetches_only_missing_pieces() {
         for q in s.poll_requests(now, 10) {
             assert_eq!(q.peer, PeerId(1));
             asked.push(q.piece);
-            s.on_success(q);
+            s.on_success(q, t0());
         }
     }
     asked.sort();
@@ -356,7 +357,7 @@ fn thousands_of_pieces_each_fetched_once_and_spread_over_peers() {
         for r in issued {
             asked[r.piece] += 1;
             *from.entry(r.peer).or_default() += 1;
-            s.on_success(r);
+            s.on_success(r, t0());
         }
     }
     // No endgame needed without failures: every piece once, none twice.
@@ -364,6 +365,121 @@ fn thousands_of_pieces_each_fetched_once_and_spread_over_peers() {
     // Rarest first keeps the origin on the pieces only it holds; the others serve theirs.
     let held_by_others = (0..n).filter(|p| (1..16).contains(&(p % 30))).count();
     assert_eq!(from[&PeerId(0)], n - held_by_others);
+}
+
+/// A reader `rank` of `readers` with the origin (peer 0, holding all `n` pieces) only.
+fn striped_reader(n: usize, rank: usize, readers: usize, have: &[usize]) -> Scheduler {
+    let mut c = config();
+    c.pipeline_per_peer = 8;
+    let mut s = Scheduler::new(n, bits(n, have), c);
+    s.set_peer(PeerId(0), Bitmap::full(n));
+    s.set_origin(PeerId(0));
+    s.set_stripe(rank, readers);
+    s
+}
+
+#[test]
+fn readers_split_origin_only_pieces_into_stripes() {
+    let (n, readers) = (32, 4);
+    let mut all = Vec::new();
+    for rank in 0..readers {
+        let mut s = striped_reader(n, rank, readers, &[]);
+        let asked: Vec<usize> = s.poll_requests(t0(), 3).iter().map(|r| r.piece).collect();
+        // Its own stripe, in order.
+        assert_eq!(asked, vec![rank, rank + readers, rank + 2 * readers]);
+        all.extend(asked);
+    }
+    let distinct: HashSet<usize> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "two readers asked the origin for one piece"
+    );
+}
+
+#[test]
+fn helpers_take_from_the_far_end_at_different_depths() {
+    // Every stripe but 2 is done everywhere; its owner and three helpers ask the origin for
+    // different pieces of it without knowing what the others fetch.
+    let (n, readers) = (16, 4);
+    let rest: Vec<usize> = (0..n).filter(|p| p % readers != 2).collect();
+    let first = |rank: usize| {
+        let mut s = striped_reader(n, rank, readers, &rest);
+        let r = s.poll_requests(t0(), 1)[0];
+        assert_eq!(r.peer, PeerId(0));
+        r.piece
+    };
+    assert_eq!(first(2), 2, "the owner starts at the front");
+    assert_eq!(first(1), 14, "the nearest helper at the last piece");
+    assert_eq!(first(0), 10);
+    assert_eq!(first(3), 6);
+}
+
+#[test]
+fn claimed_pieces_are_left_to_their_reader() {
+    let n = 8;
+    let mut s = striped_reader(n, 0, 2, &[]);
+    s.set_claimed([0, 9999]);
+    let r = s.poll_requests(t0(), 1)[0];
+    assert_eq!(r.piece, 2, "piece 0 is another reader's");
+    s.set_claimed([0, 4, 6]);
+    let r = s.poll_requests(t0(), 1)[0];
+    assert_eq!(r.piece, 7, "own stripe claimed: help stripe 1 from its end");
+    s.set_claimed([0, 1, 3, 4, 5, 6]);
+    assert!(
+        s.poll_requests(t0(), 4).is_empty(),
+        "what is left at the origin is being fetched by others"
+    );
+}
+
+#[test]
+fn origin_keeps_to_unique_pieces_while_any_remain() {
+    let n = 8;
+    let mut s = striped_reader(n, 0, 2, &[]);
+    // Peer 1 holds half the file and serves one request at a time.
+    s.set_peer(PeerId(1), bits(n, &[0, 1, 2, 3]));
+    s.set_peer_limit(PeerId(1), 1);
+    s.set_claimed([4, 5, 6, 7]);
+    let r = s.poll_requests(t0(), 4);
+    assert_eq!(
+        r.len(),
+        1,
+        "{r:?}: the origin must not send what peer 1 holds"
+    );
+    assert_eq!(r[0].peer, PeerId(1));
+    // Once the others' fetches landed, everything is elsewhere: the origin helps like a peer.
+    s.set_peer(PeerId(2), bits(n, &[4, 5, 6, 7]));
+    s.set_peer_limit(PeerId(2), 1);
+    s.set_claimed([]);
+    let r = s.poll_requests(t0(), 4);
+    assert_eq!(r.len(), 4, "{r:?}");
+    assert_eq!(r.iter().filter(|q| q.peer == PeerId(2)).count(), 1);
+    assert_eq!(r.iter().filter(|q| q.peer == PeerId(0)).count(), 3);
+}
+
+#[test]
+fn endgame_duplicates_only_late_requests() {
+    let mut c = config();
+    c.endgame_patience = 1.5;
+    let mut s = Scheduler::new(3, Bitmap::new(3), c);
+    s.set_peer(PeerId(0), Bitmap::full(3));
+    s.set_peer(PeerId(1), Bitmap::full(3));
+    let t = t0();
+    let first = s.poll_requests(t, 3);
+    assert_eq!(first.len(), 3);
+    assert!(s.in_endgame());
+    // One lands after 100 ms: pieces typically take 100 ms.
+    s.on_success(first[0], t + Duration::from_millis(100));
+    assert!(s
+        .poll_requests(t + Duration::from_millis(140), 4)
+        .is_empty());
+    // At 150 ms the other two are late: each is asked of the peer not yet asked.
+    let dups = s.poll_requests(t + Duration::from_millis(150), 4);
+    assert_eq!(dups.len(), 2, "{dups:?}");
+    for d in &dups {
+        let orig = first.iter().find(|r| r.piece == d.piece).unwrap();
+        assert_ne!(orig.peer, d.peer);
+    }
 }
 
 /// One step of a random swarm.
@@ -449,6 +565,8 @@ proptest! {
         ops in proptest::collection::vec(op(), 0..80),
         seed in any::<u64>(),
         with_origin in any::<bool>(),
+        stripe in proptest::option::of((0usize..4, 1usize..5)),
+        claims in proptest::collection::vec(0usize..30, 0..6),
     ) {
         let cfg = SchedulerConfig { seed, random_first: 2, ..config() };
         let mut s = Scheduler::new(pieces, Bitmap::new(pieces), cfg.clone());
@@ -463,11 +581,15 @@ proptest! {
         if with_origin {
             s.set_origin(PeerId(0));
         }
+        if let Some((rank, readers)) = stripe {
+            s.set_stripe(rank, readers);
+        }
+        s.set_claimed(claims);
         let start = t0();
         let mut now = start;
         let mut completed_once = vec![false; pieces];
         let mut complete = |s: &mut Scheduler, r: Request| {
-            if let Completion::Completed { cancelled } = s.on_success(r) {
+            if let Completion::Completed { cancelled } = s.on_success(r, t0()) {
                 prop_assert!(!completed_once[r.piece], "piece {} completed twice", r.piece);
                 completed_once[r.piece] = true;
                 prop_assert!(cancelled.iter().all(|c| c.piece == r.piece));
@@ -508,8 +630,10 @@ proptest! {
                 && (0..pieces).all(|p| s.have().get(p) || s.outstanding_for(p) > 0);
             prop_assert_eq!(s.in_endgame(), endgame);
         }
-        // Then a calm swarm: everyone back, every request answered. It must finish, and every
-        // missing piece must be asked of a peer that has it.
+        // Then a calm swarm: everyone back, every request answered, the other readers' fetches
+        // from the origin done. It must finish, and every missing piece must be asked of a
+        // peer that has it.
+        s.set_claimed([]);
         for (i, m) in maps.iter().enumerate() {
             s.set_peer(PeerId(i as u32), m.clone());
         }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::catalog::{Catalog, HaveRecord, PayloadRecord};
 use crate::error::{Error, Result};
-use crate::piece::{fragments, hash_piece, layout, Bitmap, Buffer, DEFAULT_PIECE_SIZE};
+use crate::piece::{auto_piece_size, fragments, hash_piece, layout, Bitmap, Buffer};
 use crate::pull::{pull, PullReport};
 use crate::scheduler::SchedulerConfig;
 
@@ -23,8 +23,10 @@ use crate::scheduler::SchedulerConfig;
 #[derive(Clone, Debug)]
 pub struct P2PConfig {
     /// Piece size for payloads this instance registers (capped at the shard size). Default
-    /// 4 MiB (Kraken's; Dragonfly uses 4-64 MiB).
-    pub piece_size: u64,
+    /// `None`: [`auto_piece_size`](crate::piece::auto_piece_size) of each payload, about 512
+    /// pieces of 512 KiB to 8 MiB (Kraken uses 4 MiB, Dragonfly 4-64 MiB; smaller pieces here
+    /// shorten the tail of a swarm, see that function).
+    pub piece_size: Option<u64>,
     /// Piece choice, pipelining, timeouts and backoff. A `seed` of 0 is replaced by a random
     /// one per pull.
     pub scheduler: SchedulerConfig,
@@ -35,7 +37,7 @@ pub struct P2PConfig {
     pub upload_slots: u32,
     /// Pieces in flight at once per pull, over all peers; each has a scratch buffer of a piece
     /// where it lands and is verified before it is copied into the destination, so a pull
-    /// holds `max_in_flight × piece_size` of scratch memory (64 MiB by default), up to twice
+    /// holds `max_in_flight × piece size` of scratch memory (8-128 MiB by default), up to twice
     /// that while requests that timed out still wait for the transport. Default 16 (Dragonfly
     /// keeps 10 pieces in flight; a few more cover several slow peers).
     pub max_in_flight: usize,
@@ -68,7 +70,7 @@ pub enum PullMode {
 impl Default for P2PConfig {
     fn default() -> Self {
         P2PConfig {
-            piece_size: DEFAULT_PIECE_SIZE,
+            piece_size: None,
             scheduler: SchedulerConfig::default(),
             upload_slots: 8,
             max_in_flight: 16,
@@ -84,7 +86,7 @@ impl P2PConfig {
     /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidArgument(m.to_owned()));
-        if self.piece_size == 0 || self.piece_size > 1 << 30 {
+        if self.piece_size.is_some_and(|p| p == 0 || p > 1 << 30) {
             return bad("piece_size must be between 1 byte and 1 GiB");
         }
         if self.max_in_flight == 0 || self.scheduler.pipeline_per_peer == 0 {
@@ -274,7 +276,9 @@ impl P2PStore {
         if self.local().replicas.contains_key(name) {
             return Err(Error::AlreadyPulled(name.to_owned()));
         }
-        let piece_size = self.shared.config.piece_size.min(max_shard_size);
+        let piece_size = (self.shared.config.piece_size)
+            .unwrap_or_else(|| auto_piece_size(total_size))
+            .min(max_shard_size);
         let pieces = layout(total_size, max_shard_size, piece_size);
         // Hashing reads the whole file: off the async threads.
         let memory = self.shared.engine.memory().clone();
@@ -322,6 +326,7 @@ impl P2PStore {
             segment,
             buffers: buffers.to_vec(),
             have: Bitmap::full(pieces),
+            fetching: Vec::new(),
             upload_slots: self.shared.config.upload_slots,
         };
         self.shared.catalog.publish_have(name, &have).await?;
@@ -580,7 +585,7 @@ mod tests {
     fn config_validation_rejects_nonsense() {
         assert!(P2PConfig::default().validate().is_ok());
         let cases: [fn(&mut P2PConfig); 7] = [
-            |c| c.piece_size = 0,
+            |c| c.piece_size = Some(0),
             |c| c.upload_slots = 0,
             |c| c.max_in_flight = 0,
             |c| c.scheduler.pipeline_per_peer = 0,

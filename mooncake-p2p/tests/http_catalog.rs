@@ -18,7 +18,7 @@ const SIZES: [u64; 2] = [300_001, 200_000];
 
 fn config() -> P2PConfig {
     P2PConfig {
-        piece_size: 64 << 10,
+        piece_size: Some(64 << 10),
         scheduler: SchedulerConfig {
             request_timeout: Duration::from_secs(3),
             backoff_base: Duration::from_millis(20),

@@ -26,7 +26,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn config() -> P2PConfig {
     P2PConfig {
-        piece_size: PIECE,
+        piece_size: Some(PIECE),
         scheduler: SchedulerConfig {
             pipeline_per_peer: 1,
             request_timeout: Duration::from_secs(5),

@@ -72,6 +72,9 @@ struct Cli {
     /// Shard size of the payload (pieces subdivide it).
     #[arg(long, default_value = "64MiB")]
     shard_size: String,
+    /// Piece size (default: the store's automatic choice, about 512 pieces per payload).
+    #[arg(long)]
+    piece_size: Option<String>,
     /// Set up the network, calibrate it and stop.
     #[arg(long)]
     calibrate_only: bool,
@@ -94,6 +97,8 @@ enum Role {
         name: String,
         size: u64,
         shard: u64,
+        /// 0: automatic.
+        piece_size: u64,
         seed: u64,
     },
     #[command(hide = true)]
@@ -155,8 +160,11 @@ fn run_role(role: Role) -> ExitCode {
                             name,
                             size,
                             shard,
+                            piece_size,
                             seed,
-                        } => worker::origin(&url, &local, &name, size, shard, seed).await,
+                        } => {
+                            worker::origin(&url, &local, &name, size, shard, piece_size, seed).await
+                        }
                         Role::Receiver {
                             url,
                             local,
@@ -337,6 +345,8 @@ impl Drop for Procs {
 struct Shape {
     size: u64,
     shard: u64,
+    /// 0: the store's automatic choice.
+    piece: u64,
     n: usize,
     /// bit/s
     rate: f64,
@@ -377,6 +387,12 @@ fn drive(cli: &Cli) -> Fallible<bool> {
     let mut shape = Shape {
         size: parse_size(&cli.size).map_err(|e| format!("--size: {e}"))?,
         shard: parse_size(&cli.shard_size).map_err(|e| format!("--shard-size: {e}"))?,
+        piece: match &cli.piece_size {
+            Some(p) => parse_size(p)
+                .map_err(|e| format!("--piece-size: {e}"))?
+                .max(1),
+            None => 0,
+        },
         n: cli.receivers,
         rate: cli.rate * 1e6,
         origin_rate: cli.origin_rate.unwrap_or(cli.rate) * 1e6,
@@ -431,9 +447,16 @@ fn drive(cli: &Cli) -> Fallible<bool> {
     net.add_node(shape.n + 1, 250, None)?;
     let mbit = |r: f64| r / 1e6;
     println!(
-        "p2p_bench: S = {} MiB, origin + {} receivers, origin {} Mbit/s, peers {} Mbit/s each \
-         way (tbf on both ends of each veth, namespaces {prefix}_*); T_lb = {:.2} s, T_cs = {:.2} s",
+        "p2p_bench: S = {} MiB in pieces of {} KiB, origin + {} receivers, origin {} Mbit/s, \
+         peers {} Mbit/s each way (tbf on both ends of each veth, namespaces {prefix}_*); \
+         T_lb = {:.2} s, T_cs = {:.2} s",
         shape.size >> 20,
+        match shape.piece {
+            0 => mooncake_p2p::piece::auto_piece_size(shape.size),
+            p => p,
+        }
+        .min(shape.shard)
+            >> 10,
         shape.n,
         mbit(shape.origin_rate),
         mbit(shape.rate),
@@ -633,6 +656,7 @@ fn run_once(net: &Net, shape: &Shape, upstream: bool, rep: usize) -> Fallible<Ru
             name.clone(),
             shape.size.to_string(),
             shape.shard.to_string(),
+            shape.piece.to_string(),
             (rep as u64 * 2 + u64::from(upstream) + 1).to_string(),
         ],
     )?;

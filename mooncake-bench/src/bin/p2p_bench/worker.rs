@@ -129,9 +129,14 @@ pub(crate) async fn origin(
     name: &str,
     size: u64,
     shard: u64,
+    piece_size: u64,
     seed: u64,
 ) -> Fallible {
-    let store = P2PStore::new(catalog(url)?, local, P2PConfig::default())
+    let config = P2PConfig {
+        piece_size: (piece_size > 0).then_some(piece_size),
+        ..P2PConfig::default()
+    };
+    let store = P2PStore::new(catalog(url)?, local, config)
         .await
         .map_err(|e| e.to_string())?;
     let addr = store
