@@ -16,8 +16,9 @@
 //!   split those pieces into stripes ([`set_stripe`](Scheduler::set_stripe)): each asks the
 //!   origin for its own stripe in ascending order and, once that is exhausted, takes from the
 //!   far end of the others' stripes, skipping the pieces other readers said they are fetching
-//!   from the origin ([`set_claimed`](Scheduler::set_claimed)), so two readers ask the origin
-//!   for one piece only when that news has not reached them yet. Once every piece is
+//!   from the origin ([`set_claims`](Scheduler::set_claims)), so two readers ask the origin
+//!   for one piece only when that news has not reached them yet. The claims of a reader whose
+//!   last request failed are void (it may have died holding them). Once every piece is
 //!   somewhere else, the origin serves like any peer, rarest first;
 //! - **endgame**: once every missing piece is outstanding, a piece whose request is late (out
 //!   for [`endgame_patience`](SchedulerConfig::endgame_patience) times as long as pieces
@@ -124,6 +125,8 @@ struct PeerState {
     limit: usize,
     consecutive_failures: u32,
     avoid_until: Option<Instant>,
+    /// Pieces this peer (another reader) says it is fetching from the origin.
+    claims: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -169,8 +172,6 @@ pub struct Scheduler {
     origin: Option<PeerId>,
     /// This reader's stripe of the origin-only pieces: (rank, readers).
     stripe: Option<(usize, usize)>,
-    /// Pieces other readers are fetching from the origin.
-    claimed: Bitmap,
     /// Moving average of the time successful requests took.
     piece_time: Option<Duration>,
 }
@@ -199,7 +200,6 @@ impl Scheduler {
             rng,
             origin: None,
             stripe: None,
-            claimed: Bitmap::new(pieces),
             piece_time: None,
         }
     }
@@ -263,6 +263,7 @@ impl Scheduler {
             limit: usize::MAX,
             consecutive_failures: 0,
             avoid_until: None,
+            claims: Vec::new(),
         });
         // Only the bits that changed move the counts.
         let changed: Vec<u64> = (state.have.words().iter())
@@ -296,15 +297,20 @@ impl Scheduler {
         self.stripe = (rank < readers).then_some((rank, readers));
     }
 
-    /// Records the pieces other readers are fetching from the origin now: this reader asks
-    /// the origin for them only once nothing else is left to ask it for. Out-of-range
-    /// pieces are ignored.
-    pub fn set_claimed(&mut self, pieces: impl IntoIterator<Item = usize>) {
+    /// Records the pieces `peer` (another reader) says it is fetching from the origin now:
+    /// while it is not failing, this reader leaves them to it. Out-of-range pieces and
+    /// unknown peers are ignored.
+    pub fn set_claims(&mut self, peer: PeerId, pieces: impl IntoIterator<Item = usize>) {
         let n = self.pieces();
-        self.claimed = Bitmap::new(n);
-        for p in pieces.into_iter().filter(|&p| p < n) {
-            self.claimed.set(p);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.claims = pieces.into_iter().filter(|&p| p < n).collect();
         }
+    }
+
+    /// The typical time a request took (a moving average of the successful ones), once one
+    /// succeeded.
+    pub fn typical_piece_time(&self) -> Option<Duration> {
+        self.piece_time
     }
 
     /// The origin, if one was set and is still known.
@@ -492,9 +498,16 @@ impl Scheduler {
         let mut candidates: Vec<usize> = crate::piece::ones(&only_origin)
             .filter(|&p| ok(p))
             .collect();
-        // Leave to others what they are fetching, unless nothing else is left.
+        // Leave to others what they are fetching (those not failing), unless nothing else is
+        // left.
+        let mut claimed = Bitmap::new(self.pieces());
+        for p in self.peers.values().filter(|p| p.consecutive_failures == 0) {
+            for &c in &p.claims {
+                claimed.set(c);
+            }
+        }
         let unclaimed: Vec<usize> = (candidates.iter().copied())
-            .filter(|&p| !self.claimed.get(p))
+            .filter(|&p| !claimed.get(p))
             .collect();
         if !unclaimed.is_empty() || self.stripe.is_some() {
             candidates = unclaimed;

@@ -419,17 +419,40 @@ fn helpers_take_from_the_far_end_at_different_depths() {
 fn claimed_pieces_are_left_to_their_reader() {
     let n = 8;
     let mut s = striped_reader(n, 0, 2, &[]);
-    s.set_claimed([0, 9999]);
+    // Another reader, holding nothing yet.
+    let other = PeerId(1);
+    s.set_peer(other, Bitmap::new(n));
+    s.set_claims(other, [0, 9999]);
     let r = s.poll_requests(t0(), 1)[0];
     assert_eq!(r.piece, 2, "piece 0 is another reader's");
-    s.set_claimed([0, 4, 6]);
+    s.set_claims(other, [0, 4, 6]);
     let r = s.poll_requests(t0(), 1)[0];
     assert_eq!(r.piece, 7, "own stripe claimed: help stripe 1 from its end");
-    s.set_claimed([0, 1, 3, 4, 5, 6]);
+    s.set_claims(other, [0, 1, 3, 4, 5, 6]);
     assert!(
         s.poll_requests(t0(), 4).is_empty(),
         "what is left at the origin is being fetched by others"
     );
+}
+
+#[test]
+fn a_failing_readers_claims_are_void() {
+    let n = 8;
+    let mut s = striped_reader(n, 0, 2, &[]);
+    // Another reader holds piece 1 and claims the rest of what the origin alone holds.
+    let other = PeerId(1);
+    s.set_peer(other, bits(n, &[1]));
+    s.set_claims(other, [0, 2, 3, 4, 5, 6, 7]);
+    let t = t0();
+    let r = s.poll_requests(t, 4);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!((r[0].piece, r[0].peer), (1, other));
+    // It died: its request fails, and what it claimed is fair game again.
+    s.on_failure(r[0], Failure::Transfer, t);
+    let r = s.poll_requests(t, 2);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(r.iter().all(|q| q.peer == PeerId(0)));
+    assert_eq!(r[0].piece, 0, "own stripe first");
 }
 
 #[test]
@@ -439,7 +462,7 @@ fn origin_keeps_to_unique_pieces_while_any_remain() {
     // Peer 1 holds half the file and serves one request at a time.
     s.set_peer(PeerId(1), bits(n, &[0, 1, 2, 3]));
     s.set_peer_limit(PeerId(1), 1);
-    s.set_claimed([4, 5, 6, 7]);
+    s.set_claims(PeerId(1), [4, 5, 6, 7]);
     let r = s.poll_requests(t0(), 4);
     assert_eq!(
         r.len(),
@@ -450,7 +473,7 @@ fn origin_keeps_to_unique_pieces_while_any_remain() {
     // Once the others' fetches landed, everything is elsewhere: the origin helps like a peer.
     s.set_peer(PeerId(2), bits(n, &[4, 5, 6, 7]));
     s.set_peer_limit(PeerId(2), 1);
-    s.set_claimed([]);
+    s.set_claims(PeerId(1), []);
     let r = s.poll_requests(t0(), 4);
     assert_eq!(r.len(), 4, "{r:?}");
     assert_eq!(r.iter().filter(|q| q.peer == PeerId(2)).count(), 1);
@@ -584,7 +607,7 @@ proptest! {
         if let Some((rank, readers)) = stripe {
             s.set_stripe(rank, readers);
         }
-        s.set_claimed(claims);
+        s.set_claims(PeerId(1), claims.clone());
         let start = t0();
         let mut now = start;
         let mut completed_once = vec![false; pieces];
@@ -633,7 +656,7 @@ proptest! {
         // Then a calm swarm: everyone back, every request answered, the other readers' fetches
         // from the origin done. It must finish, and every missing piece must be asked of a
         // peer that has it.
-        s.set_claimed([]);
+        s.set_claims(PeerId(1), []);
         for (i, m) in maps.iter().enumerate() {
             s.set_peer(PeerId(i as u32), m.clone());
         }
