@@ -47,6 +47,17 @@ pub enum Error {
         /// Missing pieces no known peer held (apart from peers that served them corrupted).
         unavailable: usize,
     },
+    /// `get_replica` was cancelled through its [`CancelToken`](crate::CancelToken). Its partial
+    /// replica is withdrawn; the name may be pulled again.
+    #[error("pull of {name:?} cancelled: {verified}/{total} pieces were verified")]
+    Cancelled {
+        /// The payload.
+        name: String,
+        /// Pieces verified when it stopped.
+        verified: usize,
+        /// Pieces in the payload.
+        total: usize,
+    },
     /// A catalog entry that does not decode or is inconsistent (written by another version?).
     #[error("catalog entry {key}: {reason}")]
     BadCatalogEntry {

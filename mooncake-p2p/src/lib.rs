@@ -81,5 +81,5 @@ mod store;
 
 pub use error::{Error, Result};
 pub use piece::Buffer;
-pub use pull::PullReport;
+pub use pull::{CancelToken, PullOptions, PullReport};
 pub use store::{P2PConfig, P2PStore, PayloadInfo, PullMode};

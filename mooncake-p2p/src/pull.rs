@@ -53,6 +53,49 @@ pub struct PullReport {
     pub duplicates: usize,
 }
 
+/// Per-call settings of [`P2PStore::get_replica_with`](crate::P2PStore::get_replica_with): the
+/// Go API's `ctx` (a deadline and a cancellation), and a progress counter.
+#[derive(Clone, Debug, Default)]
+pub struct PullOptions {
+    /// The pull fails with [`Error::Timeout`] after this long. Default: the store's
+    /// [`pull_timeout`](crate::P2PConfig::pull_timeout).
+    pub timeout: Option<Duration>,
+    /// The pull fails with [`Error::Cancelled`] once this is cancelled (from any thread).
+    pub cancel: Option<CancelToken>,
+    /// Each piece's size is added here as soon as it is verified and stored, for a progress
+    /// display.
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+/// Cancels the pulls it is given to ([`PullOptions::cancel`]); clones share the state, and a
+/// cancelled token stays cancelled. Dropping a pull's future cancels it too; this is for
+/// cancelling from elsewhere (another thread, a signal handler, a Python binding).
+#[derive(Clone, Debug)]
+pub struct CancelToken(Arc<watch::Sender<bool>>);
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        CancelToken(Arc::new(watch::Sender::new(false)))
+    }
+}
+
+impl CancelToken {
+    /// A token not cancelled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels every pull given this token (or a clone), now and later.
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
 /// A known holder of the payload.
 #[derive(Debug)]
 struct Holder {
@@ -131,13 +174,17 @@ pub(crate) async fn pull(
     shared: &Arc<Shared>,
     record: &PayloadRecord,
     dest: &[Buffer],
-    verified_bytes: &AtomicU64,
+    options: &PullOptions,
 ) -> Result<PullReport> {
     let config = &shared.config;
     let engine = &shared.engine;
     let me = engine.segment_name().to_owned();
     let started = Instant::now();
-    let deadline = started + config.pull_timeout;
+    let deadline = started + options.timeout.unwrap_or(config.pull_timeout);
+    let no_progress = AtomicU64::new(0);
+    let verified_bytes = options.progress.as_deref().unwrap_or(&no_progress);
+    let token = options.cancel.clone().unwrap_or_default();
+    let mut cancelled = token.0.subscribe();
     let pieces = layout(record.total_size, record.max_shard_size, record.piece_size);
     let n = pieces.len();
     let mut sched_config = config.scheduler.clone();
@@ -211,6 +258,13 @@ pub(crate) async fn pull(
         if *closed.borrow_and_update() {
             return Err(Error::Closed);
         }
+        if *cancelled.borrow_and_update() {
+            return Err(Error::Cancelled {
+                name: record.name.clone(),
+                verified: sched.have().count_ones(),
+                total: n,
+            });
+        }
         let now = Instant::now();
         if now >= deadline {
             return Err(Error::Timeout {
@@ -250,6 +304,7 @@ pub(crate) async fn pull(
             Some(outcome) = in_flight.next(), if !in_flight.is_empty() => Event::Landed(outcome),
             Some(found) = holders_rx.recv() => Event::Holders(found),
             _ = closed.changed() => Event::Tick,
+            _ = cancelled.changed() => Event::Tick,
             _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
         };
         let (r, slot, result) = match event {
@@ -370,8 +425,8 @@ struct Roles<'a> {
     me: &'a str,
     /// The origin's segment, where it is the source of last resort.
     origin: Option<&'a str>,
-    /// How long another reader's record may stay unchanged before its claims on the origin's
-    /// pieces lapse.
+    /// The longest another reader's record may stay unchanged before its claims on the
+    /// origin's pieces lapse.
     claim_ttl: Duration,
 }
 
@@ -451,14 +506,25 @@ fn update_holders(
         sched.remove_peer(id);
         holders.remove(&id);
     }
-    // What the others fetch from the origin. A live reader's fetch ends (and its record
-    // changes) within a request timeout; a record silent for longer is a reader that died
-    // mid-pull, whose claims would otherwise hold those pieces back forever.
-    let claimed = (holders.values())
-        .filter(|h| now.saturating_duration_since(h.changed) < claim_ttl)
-        .flat_map(|h| h.record.fetching.iter().map(|&p| p as usize));
-    sched.set_claimed(claimed);
+    // What the others fetch from the origin. A live reader's record changes with every piece
+    // it verifies; one silent for several piece times is a reader that stalled or died
+    // mid-pull, whose claims would otherwise hold those pieces back (the scheduler also voids
+    // the claims of a reader whose last request failed).
+    let claim_ttl = sched.typical_piece_time().map_or(claim_ttl, |t| {
+        (t * CLAIM_PIECE_TIMES).clamp(CLAIM_TTL_MIN, claim_ttl)
+    });
+    for (&id, h) in holders.iter() {
+        let fresh = now.saturating_duration_since(h.changed) < claim_ttl;
+        let claims = h.record.fetching.iter().map(|&p| p as usize);
+        sched.set_claims(id, claims.filter(|_| fresh));
+    }
 }
+
+/// Another reader's claims on the origin's pieces lapse once its record has been silent for
+/// this many typical piece times (at least [`CLAIM_TTL_MIN`], at most a request timeout).
+const CLAIM_PIECE_TIMES: u32 = 4;
+/// See [`CLAIM_PIECE_TIMES`].
+const CLAIM_TTL_MIN: Duration = Duration::from_secs(1);
 
 /// The pieces this reader is fetching from the origin now, in order.
 fn fetching_from_origin(sched: &Scheduler) -> Vec<u32> {

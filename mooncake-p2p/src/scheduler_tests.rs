@@ -607,7 +607,7 @@ proptest! {
         if let Some((rank, readers)) = stripe {
             s.set_stripe(rank, readers);
         }
-        s.set_claims(PeerId(1), claims.clone());
+        s.set_claims(PeerId(1), claims);
         let start = t0();
         let mut now = start;
         let mut completed_once = vec![false; pieces];

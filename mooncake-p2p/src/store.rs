@@ -5,7 +5,6 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 use crate::catalog::{Catalog, HaveRecord, PayloadRecord};
 use crate::error::{Error, Result};
 use crate::piece::{auto_piece_size, fragments, hash_piece, layout, Bitmap, Buffer};
-use crate::pull::{pull, PullReport};
+use crate::pull::{pull, PullOptions, PullReport};
 use crate::scheduler::SchedulerConfig;
 
 /// P2P store settings. Each field's default says where it comes from.
@@ -417,20 +416,21 @@ impl P2PStore {
     ///
     /// A name is pulled at most once per instance ([`Error::AlreadyPulled`]). Fails with
     /// [`Error::Timeout`] after [`P2PConfig::pull_timeout`]; dropping the future cancels the
-    /// pull. A pull that fails or is cancelled withdraws what it published, and may be tried
-    /// again.
+    /// pull (see [`get_replica_with`](Self::get_replica_with) for a per-call deadline and
+    /// cancellation from elsewhere). A pull that fails or is cancelled withdraws what it
+    /// published, and may be tried again.
     pub async fn get_replica(&self, name: &str, buffers: &[Buffer]) -> Result<PullReport> {
-        self.get_replica_with_progress(name, buffers, &AtomicU64::new(0))
+        self.get_replica_with(name, buffers, &PullOptions::default())
             .await
     }
 
-    /// [`get_replica`](Self::get_replica) that adds the size of each piece to `verified_bytes`
-    /// as soon as it is verified and stored, for a progress display (the command-line tool's).
-    pub async fn get_replica_with_progress(
+    /// [`get_replica`](Self::get_replica) with a per-call timeout, a [`CancelToken`](crate::CancelToken)
+    /// and a progress counter ([`PullOptions`]).
+    pub async fn get_replica_with(
         &self,
         name: &str,
         buffers: &[Buffer],
-        verified_bytes: &AtomicU64,
+        options: &PullOptions,
     ) -> Result<PullReport> {
         self.check_open()?;
         let total_size = self.check_buffers(buffers, None)?;
@@ -460,7 +460,7 @@ impl P2PStore {
             )));
         }
         guard.generation = Some(record.generation);
-        match pull(&self.shared, &record, buffers, verified_bytes).await {
+        match pull(&self.shared, &record, buffers, options).await {
             Ok(report) => {
                 self.local().replicas.insert(
                     name.to_owned(),

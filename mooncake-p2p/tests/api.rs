@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::{read, write};
 use mooncake_core::{Location, MemoryMetadataStore, MetadataStore};
 use mooncake_p2p::scheduler::SchedulerConfig;
-use mooncake_p2p::{Buffer, Error, P2PConfig, P2PStore, PayloadInfo, PullMode};
+use mooncake_p2p::{
+    Buffer, CancelToken, Error, P2PConfig, P2PStore, PayloadInfo, PullMode, PullOptions,
+};
 
 /// Two buffers, so that pieces straddle them, and shards that are not a multiple of pieces.
 const SIZES: [u64; 2] = [700_001, 400_000];
@@ -330,6 +332,80 @@ async fn a_cancelled_pull_withdraws_and_can_be_retried() {
     let report = b.get_replica("m", &bbufs).await.unwrap();
     assert_eq!(report.pieces, 17);
     assert!(read(&b, &bbufs) == content(8));
+    o.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cancels_a_pull_from_elsewhere_and_a_call_timeout_ends_another() {
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let (o, obufs) = origin(&meta, "m", 12).await;
+    // Half the pieces are bad at the origin: pulls verify some, then stall.
+    let mut bytes = content(12);
+    let half = bytes.len() / 2;
+    bytes[half..].iter_mut().for_each(|b| *b = !*b);
+    write(&o, &obufs, &bytes);
+    let b = Arc::new(peer(&meta).await);
+    let bbufs = buffers(&b);
+    let token = CancelToken::new();
+    let pulling = {
+        let (b, bbufs) = (b.clone(), bbufs.clone());
+        let options = PullOptions {
+            cancel: Some(token.clone()),
+            ..PullOptions::default()
+        };
+        tokio::spawn(async move { b.get_replica_with("m", &bbufs, &options).await })
+    };
+    // Cancelled once it verified something.
+    let key = mooncake_p2p::catalog::have_key("m", b.segment_name());
+    let verified_some = || async {
+        meta.get(&key).await.unwrap().is_some_and(|v| {
+            let h: mooncake_p2p::catalog::HaveRecord = postcard::from_bytes(&v.value).unwrap();
+            h.have.count_ones() > 0
+        })
+    };
+    for _ in 0..500 {
+        if verified_some().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(verified_some().await);
+    token.cancel();
+    assert!(token.is_cancelled());
+    let ended = tokio::time::timeout(Duration::from_secs(5), pulling)
+        .await
+        .expect("the pull ends promptly")
+        .unwrap();
+    match ended {
+        Err(Error::Cancelled {
+            verified, total, ..
+        }) => {
+            assert!(verified > 0 && verified < total, "{verified}/{total}");
+        }
+        other => panic!("expected a cancellation, got {other:?}"),
+    }
+    // Withdrawn before the call returned: no partial copy is left to others.
+    assert!(meta.get(&key).await.unwrap().is_none());
+    // A per-call timeout, far below the store's: a clear timeout, withdrawn too.
+    let options = PullOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..PullOptions::default()
+    };
+    let err = b.get_replica_with("m", &bbufs, &options).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(meta.get(&key).await.unwrap().is_none());
+    // A token cancelled before the call: it ends at once.
+    let options = PullOptions {
+        cancel: Some(token),
+        ..PullOptions::default()
+    };
+    let err = b.get_replica_with("m", &bbufs, &options).await.unwrap_err();
+    assert!(matches!(err, Error::Cancelled { .. }), "{err:?}");
+    // With sound bytes, the same instance pulls it.
+    write(&o, &obufs, &content(12));
+    b.get_replica("m", &bbufs).await.unwrap();
+    assert!(read(&b, &bbufs) == content(12));
     o.close().await.unwrap();
     b.close().await.unwrap();
 }

@@ -124,13 +124,20 @@ async fn stores_share_a_catalog_over_the_http_metadata_protocol() {
     origin.unregister("ckpt/step-1").await.unwrap();
     let late = peer(&url).await;
     let late_bufs = buffers(&late);
-    let progress = std::sync::atomic::AtomicU64::new(0);
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let options = mooncake_p2p::PullOptions {
+        progress: Some(progress.clone()),
+        ..Default::default()
+    };
     let report = late
-        .get_replica_with_progress("ckpt/step-1", &late_bufs, &progress)
+        .get_replica_with("ckpt/step-1", &late_bufs, &options)
         .await
         .unwrap();
     assert!(read(&late, &late_bufs) == content(1));
-    assert_eq!(progress.into_inner(), SIZES.iter().sum::<u64>());
+    assert_eq!(
+        progress.load(std::sync::atomic::Ordering::Relaxed),
+        SIZES.iter().sum::<u64>()
+    );
     assert!(!report.pieces_from.contains_key(origin.segment_name()));
     let report = late.get_replica("ckpt/step-2", &buffers(&late)).await;
     assert!(report.is_ok(), "{report:?}");

@@ -8,6 +8,7 @@ import ctypes
 import gc
 import os
 import pathlib
+import signal
 import threading
 import time
 import uuid
@@ -338,6 +339,55 @@ def test_pull_timeout(trio, name):
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="pull_timeout"):
             P2PStore("memory", HOST, pull_timeout=bad)
+
+
+def test_call_timeout_cancel_and_ctrl_c_end_a_pull_cleanly(trio, name):
+    origin, a, _ = trio
+    src = payload(8 << 20, 16)
+    origin.register(name, [src], max_shard_size=1 << 20)
+    src ^= 0xFF  # every piece now fails verification: pulls stall until ended
+    dst = np.zeros_like(src)
+    started = time.monotonic()
+    with pytest.raises(P2PError, match="timed out") as e:
+        a.get_replica(name, [dst], timeout=0.3)
+    assert e.value.kind == "timeout"
+    assert time.monotonic() - started < 10
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            a.get_replica(name, [dst], timeout=bad)
+
+    # cancel() from another thread.
+    assert not a.cancel(name), "nothing is being pulled"
+    errors = []
+
+    def pull():
+        try:
+            a.get_replica(name, [dst])
+        except P2PError as err:
+            errors.append(err)
+
+    t = threading.Thread(target=pull)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not a.cancel(name) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t.join(10)
+    assert not t.is_alive()
+    assert [err.kind for err in errors] == ["cancelled"]
+
+    # Ctrl-C while the main thread waits: KeyboardInterrupt, after the pull withdrew.
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            a.get_replica(name, [dst], timeout=30)
+    finally:
+        timer.cancel()
+
+    # Nothing was left half-done: with sound bytes again, the same store pulls the file.
+    src ^= 0xFF
+    a.get_replica(name, [dst])
+    assert np.array_equal(dst, src)
 
 
 def test_constructor_arguments():

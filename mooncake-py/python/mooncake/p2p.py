@@ -11,11 +11,13 @@ keeps its catalog in the metadata service at ``metadata_uri``:
 
 The methods are the seed's: ``register(name, buffers, max_shard_size=64 MiB, location="cpu:0",
 force_create=False)``, ``unregister(name)``, ``list(prefix="")`` (``PayloadInfo`` objects with
-``name``, ``max_shard_size``, ``total_size``, ``size_list``), ``get_replica(name, buffers)``,
-``delete_replica(name)`` and ``close()``. A file is the concatenation of its buffers, in order.
-A ``get_replica`` not done after ``pull_timeout`` seconds raises ``P2PError`` (kind
-``"timeout"``, with how many pieces were verified) and withdraws what it published; it may be
-tried again. ``nic_priority_matrix`` is accepted and ignored (the transport is TCP).
+``name``, ``max_shard_size``, ``total_size``, ``size_list``), ``get_replica(name, buffers,
+timeout=None)``, ``delete_replica(name)`` and ``close()``, plus ``cancel(name)``. A file is the
+concatenation of its buffers, in order. A ``get_replica`` not done after ``timeout`` seconds
+(default: the store's ``pull_timeout``) raises ``P2PError`` (kind ``"timeout"``, with how many
+pieces were verified); ``cancel(name)`` from another thread ends it with kind ``"cancelled"``,
+and Ctrl-C with ``KeyboardInterrupt``. Each first withdraws what the pull published; the name
+may be pulled again. ``nic_priority_matrix`` is accepted and ignored (the transport is TCP).
 
 Buffers are a list of ``(ptr, size)`` pairs, numpy arrays (or other contiguous bytes-like
 objects) or contiguous CPU torch tensors. The store registers their memory with its engine and
@@ -29,7 +31,7 @@ Every call waits with the GIL released. Misuse raises ``TypeError``/``ValueError
 failure raises :class:`P2PError` with the reason, and ``kind`` naming it: ``"already_exists"``
 (register of a taken name without ``force_create``), ``"not_found"``, ``"already_pulled"`` (a
 name is pulled at most once per instance), ``"no_replica"``, ``"not_registered_here"``,
-``"timeout"``, ``"changed"``, ``"closed"``, ``"not_supported"``, ``"metadata"``, ``"engine"``,
+``"timeout"``, ``"cancelled"``, ``"changed"``, ``"closed"``, ``"not_supported"``, ``"metadata"``, ``"engine"``,
 ``"bad_catalog_entry"``, ``"internal"``.
 """
 

@@ -41,6 +41,7 @@ pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::AlreadyPulled(_) => "already_pulled",
         Error::NoReplica(_) => "no_replica",
         Error::Timeout { .. } => "timeout",
+        Error::Cancelled { .. } => "cancelled",
         Error::BadCatalogEntry { .. } => "bad_catalog_entry",
         Error::Changed(_) => "changed",
         Error::Closed => "closed",

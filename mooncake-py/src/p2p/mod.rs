@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use mooncake::{MemoryMetadataStore, MetadataStore};
-use mooncake_p2p::{P2PConfig, P2PStore, PayloadInfo};
+use mooncake_p2p::{CancelToken, P2PConfig, P2PStore, PayloadInfo, PullOptions};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -42,12 +42,17 @@ fn metadata_store(uri: &str) -> PyResult<Arc<dyn MetadataStore>> {
     }
 }
 
+/// How often a waiting `get_replica` looks for signals (Ctrl-C).
+const SIGNAL_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What this binding registered with the engine, per payload and replica.
 #[derive(Default)]
 struct State {
     pins: Pins,
     registered: HashMap<String, Held>,
     replicas: HashMap<String, Held>,
+    /// The pulls in progress, for `cancel`.
+    pulling: HashMap<String, CancelToken>,
 }
 
 /// A P2P store instance (see `mooncake.p2p`).
@@ -171,6 +176,7 @@ impl Drop for PyP2PStore {
                     pins,
                     registered,
                     replicas,
+                    pulling: _,
                 } = state;
                 let regions: Vec<u64> = pins.regions().collect();
                 buffers::release(store.engine(), regions).await;
@@ -292,14 +298,75 @@ impl PyP2PStore {
         Ok(list.into_iter().map(PyPayloadInfo::from).collect())
     }
 
-    /// Pulls `name` into `buffers` (their concatenation receives it, verified), then serves it
-    /// to others until `delete_replica`.
-    fn get_replica(&self, py: Python<'_>, name: &str, buffers: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// `get_replica(name, buffers, timeout=None)`: pulls `name` into `buffers` (their
+    /// concatenation receives it, verified), then serves it to others until `delete_replica`.
+    /// Fails with kind `"timeout"` after `timeout` seconds (default: the store's
+    /// `pull_timeout`), with kind `"cancelled"` once `cancel(name)` is called from another
+    /// thread, and with `KeyboardInterrupt` on Ctrl-C; each withdraws the partial replica first.
+    #[pyo3(signature = (name, buffers, timeout=None))]
+    fn get_replica(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        buffers: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let timeout = timeout
+            .map(|t| {
+                std::time::Duration::try_from_secs_f64(t)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        PyValueError::new_err(format!(
+                            "timeout must be a positive number of seconds, not {t}"
+                        ))
+                    })
+            })
+            .transpose()?;
         let store = self.live(py)?;
         let (bufs, held) = self.pin(&store, buffers, "cpu:0")?;
+        let token = CancelToken::new();
+        // A second pull of the name fails in the store; it must not take the first's token.
+        let mine = {
+            let mut state = lock(&self.state);
+            let free = !state.pulling.contains_key(name);
+            if free {
+                state.pulling.insert(name.to_owned(), token.clone());
+            }
+            free
+        };
         let s = store.clone();
         let n = name.to_owned();
-        let r = Self::wait(py, async move { s.get_replica(&n, &bufs).await });
+        let options = PullOptions {
+            timeout,
+            cancel: Some(token.clone()),
+            progress: None,
+        };
+        // A signal (Ctrl-C) seen while waiting cancels the pull, which then withdraws cleanly;
+        // its exception is raised once the pull has ended.
+        let interrupt: Mutex<Option<PyErr>> = Mutex::new(None);
+        let r = Self::wait(py, async {
+            let pull = s.get_replica_with(&n, &bufs, &options);
+            tokio::pin!(pull);
+            loop {
+                tokio::select! {
+                    r = &mut pull => return r,
+                    _ = tokio::time::sleep(SIGNAL_CHECK), if !token.is_cancelled() => {
+                        if let Err(e) = Python::attach(|py| py.check_signals()) {
+                            *lock(&interrupt) = Some(e);
+                            token.cancel();
+                        }
+                    }
+                }
+            }
+        });
+        if mine {
+            lock(&self.state).pulling.remove(name);
+        }
+        let r = match interrupt.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => r,
+        };
         match r {
             Ok(_) => {
                 let old = lock(&self.state).replicas.insert(name.to_owned(), held);
@@ -312,6 +379,18 @@ impl PyP2PStore {
                 self.unpin(py, &store, held);
                 Err(e)
             }
+        }
+    }
+
+    /// Cancels the `get_replica` of `name` in progress (in another thread): it fails with kind
+    /// `"cancelled"` once its partial replica is withdrawn. Returns whether one was in progress.
+    fn cancel(&self, name: &str) -> bool {
+        match lock(&self.state).pulling.get(name) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
         }
     }
 
@@ -341,10 +420,12 @@ impl PyP2PStore {
         }
         let s = store.clone();
         let r = Self::wait(py, async move { s.close().await });
+        // Pulls still waiting end with "closed" as the store closes.
         let State {
             pins,
             registered,
             replicas,
+            pulling: _,
         } = std::mem::take(&mut *lock(&self.state));
         let regions: Vec<u64> = pins.regions().collect();
         let engine = store.engine().clone();

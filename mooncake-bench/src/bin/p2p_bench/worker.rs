@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mooncake_core::{Location, MemoryMetadataStore, MetadataStore};
 use mooncake_meta_http::{serve_http, HttpEndpoints, HttpMetadataStore};
-use mooncake_p2p::{Buffer, P2PConfig, P2PStore, PullMode};
+use mooncake_p2p::{Buffer, P2PConfig, P2PStore, PullMode, PullOptions};
 use tokio::sync::mpsc;
 
 pub(crate) type Fallible<T = ()> = Result<T, String>;
@@ -220,7 +220,14 @@ pub(crate) async fn receiver(
         })
     });
     let pulled = store
-        .get_replica_with_progress(name, &[Buffer::new(addr, size)], &verified)
+        .get_replica_with(
+            name,
+            &[Buffer::new(addr, size)],
+            &PullOptions {
+                progress: Some(verified.clone()),
+                ..PullOptions::default()
+            },
+        )
         .await;
     let end = now_ns();
     if let Some(w) = watcher {

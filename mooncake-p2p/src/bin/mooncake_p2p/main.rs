@@ -30,7 +30,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mooncake_core::memory::AlignedBuffer;
 use mooncake_core::{parse_size, Location, MetadataStore};
 use mooncake_meta_http::HttpMetadataStore;
-use mooncake_p2p::{Buffer, P2PConfig, P2PStore};
+use mooncake_p2p::{Buffer, CancelToken, P2PConfig, P2PStore, PullOptions};
 
 use manifest::Manifest;
 use mapped::MappedFile;
@@ -220,10 +220,29 @@ async fn fetch(store: &P2PStore, name: &str, dest: &Path) -> Fallible {
             }
         })
     };
+    // Ctrl-C or SIGTERM cancels the pull, which withdraws the partial copy from the catalog
+    // (a killed process would leave it for the others to find dead).
+    let cancel = CancelToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            interrupted().await;
+            cancel.cancel();
+        })
+    };
     let started = Instant::now();
     let pulled = store
-        .get_replica_with_progress(name, &buffers, &verified)
+        .get_replica_with(
+            name,
+            &buffers,
+            &PullOptions {
+                progress: Some(verified.clone()),
+                cancel: Some(cancel),
+                ..PullOptions::default()
+            },
+        )
         .await;
+    watcher.abort();
     ticker.abort();
     bar.set_position(verified.load(Ordering::Relaxed));
     bar.finish_and_clear();
