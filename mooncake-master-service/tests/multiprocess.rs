@@ -4,30 +4,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{eventually, spawn_storage, store_config, wait_line, Proc};
+use common::{eventually, spawn_master, spawn_storage, store_config};
 use mooncake_core::ErrorCode;
 use mooncake_store::{ReplicateConfig, Store};
-
-fn spawn_master(port: u16, client_ttl_s: u64) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
-        .args([
-            "--rpc_address=127.0.0.1".to_string(),
-            format!("--rpc_port={port}"),
-            "--metrics_port=0".to_string(),
-            format!("--client_ttl={client_ttl_s}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mooncake_master");
-    let rest = wait_line(&mut child, "mooncake_master listening: rpc=");
-    let addr = rest.split_whitespace().next().expect("address").to_owned();
-    (Proc(child), addr)
-}
 
 /// Not a test on its own: the body of the storage processes of the tests below.
 #[test]

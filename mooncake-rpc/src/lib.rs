@@ -29,4 +29,6 @@ pub mod rpc;
 
 pub use addr::bind_address;
 pub use master::{apply_via, call_admin, MasterApi, MasterReply, MasterRequest, RemoteMaster};
-pub use rpc::{bind, serve, Handler, RpcClient, RpcClientConfig, MAX_FRAME};
+pub use rpc::{
+    bind, serve, serve_with, Handler, RpcClient, RpcClientConfig, ServeLimits, MAX_FRAME,
+};

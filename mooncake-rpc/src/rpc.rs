@@ -11,6 +11,12 @@
 //! are bounded ([`MAX_FRAME`]); an oversized or undecodable frame closes that connection only. A
 //! call that gets no answer within the client's timeout fails with `RPC_TIMEOUT`, a lost connection
 //! fails its calls with `RPC_FAIL`, and the next call reconnects.
+//!
+//! What a client of a server can hold ([`ServeLimits`]): a body is read as it arrives, so memory
+//! follows the bytes received, not the length a header announces; a frame, once begun, must
+//! arrive whole within a timeout, as must a connection's first frame; connections are capped per
+//! listener and per peer address. An idle connection that has spoken costs one small buffer and
+//! is kept (clients hold their connection for their lifetime), within those caps.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -91,17 +97,47 @@ pub fn decode_header(h: &[u8; 14]) -> Result<FrameHeader> {
     })
 }
 
+/// A body buffer that grew past this is given back after its frame.
+const KEEP_BODY: usize = 256 * 1024;
+
+/// Reads one frame into `body`. Waits for its first byte as long as it takes (an idle
+/// connection); from then on, when `within` is set, the whole frame must arrive within it. The
+/// body grows as bytes arrive, never to the announced length ahead of them.
 async fn read_frame(
     r: &mut tokio::io::BufReader<OwnedReadHalf>,
     body: &mut Vec<u8>,
+    within: Option<Duration>,
 ) -> Result<FrameHeader> {
-    let mut h = [0u8; HEADER];
-    r.read_exact(&mut h).await?;
-    let header = decode_header(&h)?;
-    body.clear();
-    body.resize(header.body_len, 0);
-    r.read_exact(body).await?;
-    Ok(header)
+    use tokio::io::AsyncBufReadExt;
+    if r.fill_buf().await?.is_empty() {
+        return Err(Error::Io("connection closed".into()));
+    }
+    let rest = async {
+        let mut h = [0u8; HEADER];
+        r.read_exact(&mut h).await?;
+        let header = decode_header(&h)?;
+        body.clear();
+        if body.capacity() > KEEP_BODY {
+            body.shrink_to(KEEP_BODY);
+        }
+        let got = (&mut *r)
+            .take(header.body_len as u64)
+            .read_to_end(body)
+            .await?;
+        if got != header.body_len {
+            return Err(Error::Io(format!(
+                "connection closed {got} bytes into a {}-byte body",
+                header.body_len
+            )));
+        }
+        Ok(header)
+    };
+    match within {
+        None => rest.await,
+        Some(t) => tokio::time::timeout(t, rest)
+            .await
+            .map_err(|_| Error::Protocol(format!("a frame did not arrive whole within {t:?}")))?,
+    }
 }
 
 /// What a server does with requests.
@@ -111,23 +147,133 @@ pub trait Handler<Req, Resp>: Send + Sync + 'static {
     async fn handle(&self, request: Req) -> Resp;
 }
 
-/// Serves `handler` on `listener` until the returned task is aborted.
+/// What the clients of one listener may hold (see the module docs).
+#[derive(Clone, Debug)]
+pub struct ServeLimits {
+    /// Connections open at once; more are closed as they are accepted. Default 4096.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address. Default 512.
+    pub max_per_address: usize,
+    /// A connection's first frame must arrive whole within this of the connection. Default 10 s.
+    pub first_frame_timeout: Duration,
+    /// Any later frame must arrive whole within this of its first byte. Default 10 s.
+    pub frame_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 4096,
+            max_per_address: 512,
+            first_frame_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Open connections of one listener, in all and per address.
+#[derive(Default)]
+struct Admission {
+    total: usize,
+    per_address: HashMap<std::net::IpAddr, usize>,
+    /// When a refusal was last logged (one line per second at most).
+    last_warning: Option<std::time::Instant>,
+}
+
+/// Releases a connection's place in its listener's [`Admission`].
+struct Admitted {
+    admission: Arc<Mutex<Admission>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        a.total -= 1;
+        if let Some(n) = a.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                a.per_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Admits a connection from `ip` within `limits`, or says why not.
+fn admit(
+    admission: &Arc<Mutex<Admission>>,
+    ip: std::net::IpAddr,
+    limits: &ServeLimits,
+) -> std::result::Result<Admitted, String> {
+    let mut a = admission.lock().unwrap_or_else(|p| p.into_inner());
+    let from_ip = a.per_address.get(&ip).copied().unwrap_or(0);
+    let refusal = if a.total >= limits.max_connections {
+        Some(format!("{} connections open", a.total))
+    } else if from_ip >= limits.max_per_address {
+        Some(format!("{from_ip} connections open from {ip}"))
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        #[allow(clippy::disallowed_methods)] // rate-limiting a log line, not protocol time
+        let now = std::time::Instant::now();
+        if a.last_warning
+            .is_none_or(|t| now - t >= Duration::from_secs(1))
+        {
+            a.last_warning = Some(now);
+            tracing::warn!("rpc: refusing a connection from {ip}: {why} (limits: {limits:?})");
+        }
+        return Err(why);
+    }
+    a.total += 1;
+    *a.per_address.entry(ip).or_default() += 1;
+    Ok(Admitted {
+        admission: admission.clone(),
+        ip,
+    })
+}
+
+/// Serves `handler` on `listener` with the default [`ServeLimits`] until the returned task is
+/// aborted.
 pub fn serve<Req, Resp, H>(listener: TcpListener, handler: Arc<H>) -> tokio::task::JoinHandle<()>
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
     H: Handler<Req, Resp>,
 {
+    serve_with(listener, handler, ServeLimits::default())
+}
+
+/// Serves `handler` on `listener` within `limits` until the returned task is aborted.
+pub fn serve_with<Req, Resp, H>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: ServeLimits,
+) -> tokio::task::JoinHandle<()>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
+    let admission: Arc<Mutex<Admission>> = Arc::default();
     tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(admitted) = admit(&admission, peer.ip(), &limits) else {
+                            drop(stream);
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
                         let handler = handler.clone();
+                        let limits = limits.clone();
                         conns.spawn(async move {
-                            if let Err(e) = serve_connection::<Req, Resp, H>(stream, handler).await {
+                            let _admitted = admitted;
+                            let served =
+                                serve_connection::<Req, Resp, H>(stream, handler, &limits).await;
+                            if let Err(e) = served {
                                 match &e {
                                     Error::Io(_) => tracing::debug!(%peer, "rpc connection ended: {e}"),
                                     _ => tracing::warn!(%peer, "closing rpc connection: {e}"),
@@ -154,7 +300,11 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// answered in line, replies batched while more requests are buffered; one that has to wait (a
 /// Raft commit) runs as its own task, so the requests behind it on the same connection are not
 /// held up, and its reply goes out when ready: replies carry their request's id, in any order.
-async fn serve_connection<Req, Resp, H>(stream: TcpStream, handler: Arc<H>) -> Result<()>
+async fn serve_connection<Req, Resp, H>(
+    stream: TcpStream,
+    handler: Arc<H>,
+    limits: &ServeLimits,
+) -> Result<()>
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -162,16 +312,33 @@ where
 {
     let (r, w) = stream.into_split();
     let w = Arc::new(tokio::sync::Mutex::new(w));
-    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
+    // Small buffers for connections that stay idle; they grow with what a busy one sends.
+    let mut r = tokio::io::BufReader::with_capacity(16 * 1024, r);
     let mut body = Vec::new();
-    let mut out = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::new();
     let mut waiting = tokio::task::JoinSet::new();
+    // The first frame, from the moment of the connection.
+    let first = tokio::time::timeout(
+        limits.first_frame_timeout,
+        read_frame(&mut r, &mut body, None),
+    )
+    .await
+    .map_err(|_| {
+        Error::Protocol(format!(
+            "no whole request within {:?} of connecting",
+            limits.first_frame_timeout
+        ))
+    })??;
+    let mut pending = Some(first);
     loop {
         while waiting.try_join_next().is_some() {}
         if waiting.len() >= MAX_IN_FLIGHT {
             waiting.join_next().await;
         }
-        let header = read_frame(&mut r, &mut body).await?;
+        let header = match pending.take() {
+            Some(h) => h,
+            None => read_frame(&mut r, &mut body, Some(limits.frame_timeout)).await?,
+        };
         if header.kind != KIND_REQUEST {
             return Err(Error::Protocol("a response sent to the server".into()));
         }
@@ -439,7 +606,7 @@ async fn read_responses(
     let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
     let mut body = Vec::new();
     let reason = loop {
-        match read_frame(&mut r, &mut body).await {
+        match read_frame(&mut r, &mut body, None).await {
             Ok(h) if h.kind == KIND_RESPONSE => {
                 let waiter = waiters.lock().expect("waiters").remove(&h.id);
                 if let Some(tx) = waiter {
@@ -588,6 +755,69 @@ mod tests {
             .chain(std::iter::once("last".to_string()))
             .collect();
         assert_eq!(seen, want);
+        server.abort();
+    }
+
+    /// A request header announcing a `MAX_FRAME` body, and nothing of the body.
+    fn announce_huge_body() -> Vec<u8> {
+        let mut h = vec![0u8; HEADER];
+        h[..4].copy_from_slice(&(MAX_FRAME as u32).to_le_bytes());
+        h[4] = RPC_VERSION;
+        h[5] = KIND_REQUEST;
+        h
+    }
+
+    /// Whether the server closed `s` (reads EOF or an error) within `within`.
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_and_surplus_connections_are_closed_and_others_served() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServeLimits {
+            max_connections: 64,
+            max_per_address: 6,
+            first_frame_timeout: Duration::from_millis(400),
+            frame_timeout: Duration::from_millis(400),
+        };
+        let server = serve_with(listener, Arc::new(Echo), limits);
+        let client = RpcClient::new(addr.to_string(), RpcClientConfig::default());
+        let ok: Option<String> = client.call(&(2u32, "a".to_string())).await.unwrap();
+        assert_eq!(ok.as_deref(), Some("aa"));
+        // Four connections announce huge bodies and send none; one sends nothing at all.
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&announce_huge_body()).await.unwrap();
+            stalled.push(s);
+        }
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Six from this address are open: the seventh is closed at once.
+        let mut surplus = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut surplus, Duration::from_millis(300)).await);
+        // The client's own connection is served throughout.
+        let ok: Option<String> = client.call(&(3u32, "b".to_string())).await.unwrap();
+        assert_eq!(ok.as_deref(), Some("bbb"));
+        // The stalled frames and the silent connection time out and are closed...
+        for s in stalled.iter_mut() {
+            assert!(closed_within(s, Duration::from_secs(3)).await);
+        }
+        assert!(closed_within(&mut silent, Duration::from_secs(3)).await);
+        // ... which frees their places.
+        let second = RpcClient::new(addr.to_string(), RpcClientConfig::default());
+        let ok: Option<String> = second.call(&(1u32, "c".to_string())).await.unwrap();
+        assert_eq!(ok.as_deref(), Some("c"));
+        // A connection that spoke may stay idle past the timeouts and still be served.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let ok: Option<String> = client.call(&(1u32, "d".to_string())).await.unwrap();
+        assert_eq!(ok.as_deref(), Some("d"));
         server.abort();
     }
 
