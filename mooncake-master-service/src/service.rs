@@ -364,6 +364,18 @@ impl MasterService {
             return MasterReply::NotLeader { leader };
         }
         match request {
+            MasterRequest::Apply(command) if command.is_maintenance() => {
+                // Only this master's own timers issue these (expiries, eviction, lease grants
+                // at a takeover): from a client they would expire others or lease forever.
+                let shown: String = format!("{command:?}").chars().take(120).collect();
+                tracing::warn!("refused a maintenance command from a client: {shown}");
+                MasterReply::Failed {
+                    code: ErrorCode::INVALID_PARAMS,
+                    message: "maintenance commands are issued by the master itself, not by \
+                              clients"
+                        .into(),
+                }
+            }
             MasterRequest::Apply(command) => match self.apply(command).await {
                 Ok((now, response)) => MasterReply::Applied { now, response },
                 Err(e) => self.failure_reply(&e),

@@ -50,8 +50,6 @@ pub struct SegmentInfo {
     pub id: SegmentId,
     /// Name, `host:port`.
     pub name: String,
-    /// Owning client.
-    pub client: ClientId,
     /// Base address.
     pub base: u64,
     /// Usable capacity in bytes.
@@ -94,7 +92,6 @@ impl Segment {
         SegmentInfo {
             id: self.id,
             name: self.name.clone(),
-            client: self.client,
             base: self.base,
             capacity: self.allocator.capacity(),
             used: self.allocator.used(),
@@ -179,6 +176,31 @@ impl Master {
             self.touch_client(now, client);
             return Ok(());
         }
+        // Another mount of the same memory under another name would have the master hand out
+        // its bytes twice (and let one node's objects land in another's segment).
+        let endpoint_of = |s: &SegmentSpec| -> String {
+            if s.transport_endpoint.is_empty() {
+                s.name.clone()
+            } else {
+                s.transport_endpoint.clone()
+            }
+        };
+        let new_endpoint = endpoint_of(&spec);
+        let end = spec.base + spec.size;
+        if let Some(other) = self
+            .segments
+            .values()
+            .find(|s| s.endpoint == new_endpoint && s.base < end && spec.base < s.base + s.size)
+        {
+            tracing::warn!(
+                segment = %spec.name,
+                %client,
+                endpoint = %new_endpoint,
+                overlaps = %other.name,
+                "refused a mount overlapping a mounted segment"
+            );
+            return Err(ErrorCode::INVALID_PARAMS);
+        }
         let allocator = RangeAllocator::new(spec.size, self.config.allocation_granularity)
             .map_err(|_| ErrorCode::INVALID_PARAMS)?;
         if allocator.capacity() == 0 {
@@ -186,11 +208,7 @@ impl Master {
         }
         let id = SegmentId(self.next_segment_id);
         self.next_segment_id += 1;
-        let endpoint = if spec.transport_endpoint.is_empty() {
-            spec.name.clone()
-        } else {
-            spec.transport_endpoint
-        };
+        let endpoint = new_endpoint;
         tracing::debug!(segment = %spec.name, %client, size = spec.size, "segment mounted");
         self.segment_names.insert(spec.name.clone(), id);
         self.segments.insert(

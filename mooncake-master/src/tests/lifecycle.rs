@@ -3,6 +3,44 @@
 use super::*;
 
 #[test]
+fn a_mount_aliasing_mounted_memory_is_refused() {
+    let mut h = H::new();
+    let at = |name: &str, base: u64| {
+        let mut spec = SegmentSpec::new(name, base, MIB);
+        spec.transport_endpoint = "10.0.0.1:7000".into();
+        spec
+    };
+    let mount = |h: &mut H, client, spec: SegmentSpec| {
+        h.apply(Command::MountSegment {
+            client_id: c(client),
+            segment: spec,
+        })
+        .code()
+    };
+    assert_eq!(mount(&mut h, 1, at("node-a", 0x10_0000)), ErrorCode::OK);
+    // Another name for the same memory of the same endpoint, by anyone: refused.
+    for (client, base) in [
+        (2, 0x10_0000),
+        (2, 0x18_0000),
+        (1, 0x8_0001),
+        (3, 0x10_0000 + MIB - 1),
+    ] {
+        assert_eq!(
+            mount(&mut h, client, at("alias", base)),
+            ErrorCode::INVALID_PARAMS,
+            "client {client} at {base:#x}"
+        );
+    }
+    assert_eq!(h.m.segments().len(), 1);
+    // Memory next to it, or the same addresses of another endpoint, is fine.
+    assert_eq!(mount(&mut h, 2, at("next", 0x10_0000 + MIB)), ErrorCode::OK);
+    let mut elsewhere = at("other-host", 0x10_0000);
+    elsewhere.transport_endpoint = "10.0.0.2:7000".into();
+    assert_eq!(mount(&mut h, 3, elsewhere), ErrorCode::OK);
+    assert_eq!(h.m.segments().len(), 3);
+}
+
+#[test]
 fn mount_is_validated_and_idempotent() {
     let mut h = H::new();
     assert_eq!(h.try_mount(1, "", MIB), Err(ErrorCode::INVALID_PARAMS));

@@ -1,0 +1,142 @@
+//! Hostile clients of a real `mooncake_master` process, over loopback.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{spawn_master, store_config};
+use mooncake_rpc::rpc::RPC_VERSION;
+use mooncake_rpc::MAX_FRAME;
+use mooncake_store::{ReplicateConfig, Store};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Resident memory of process `pid`, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The median of `samples`.
+fn p50(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// 4 KiB puts and gets of fresh keys, each timed: (put p50, get p50).
+async fn timed_calls(store: &Store, tag: &str, n: usize) -> (Duration, Duration) {
+    let value = vec![7u8; 4096];
+    let (mut puts, mut gets) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let key = format!("{tag}-{i}");
+        let t = Instant::now();
+        store
+            .put(&key, &value, &ReplicateConfig::default())
+            .await
+            .unwrap();
+        puts.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(store.get(&key).await.unwrap(), value);
+        gets.push(t.elapsed());
+    }
+    (p50(puts), p50(gets))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_announced_bodies_costs_the_master_little_and_clients_are_served() {
+    let (master, addr) = spawn_master(0, 10);
+    let pid = master.0.id();
+    let store = Store::setup(store_config(&addr, 64 << 20)).await.unwrap();
+    let (put_before, get_before) = timed_calls(&store, "before", 200).await;
+    let rss_before = resident_kib(pid);
+
+    // 1,000 connections, each announcing a 64 MiB request body and sending 1 KiB of it.
+    let mut header = vec![0u8; 14];
+    header[..4].copy_from_slice(&(MAX_FRAME as u32).to_le_bytes());
+    header[4] = RPC_VERSION;
+    header[5] = 1; // a request
+    let mut flood = Vec::new();
+    let mut refused = 0;
+    for _ in 0..1000 {
+        let Ok(mut s) = TcpStream::connect(&addr).await else {
+            refused += 1;
+            continue;
+        };
+        if s.write_all(&header).await.is_err() || s.write_all(&[0u8; 1024]).await.is_err() {
+            refused += 1;
+        }
+        flood.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_flood = resident_kib(pid);
+    let (put_during, get_during) = timed_calls(&store, "during", 200).await;
+    let rss_after_calls = resident_kib(pid);
+    println!(
+        "master resident memory: {rss_before} KiB before, {rss_flood} KiB with 1,000 announced \
+         64 MiB bodies, {rss_after_calls} KiB after 200 more calls; 4 KiB put p50 {put_before:?} \
+         -> {put_during:?}, get p50 {get_before:?} -> {get_during:?} during the flood \
+         ({refused} flood connections failed to send)"
+    );
+    assert!(
+        rss_flood.max(rss_after_calls) < 100 * 1024,
+        "the master holds {rss_flood} KiB under the flood"
+    );
+    drop(flood);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_only_the_master_issues_are_refused_from_clients() {
+    use mooncake_core::ErrorCode;
+    use mooncake_master::{Command, Timestamp};
+    use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster, RpcClientConfig};
+
+    let (_master, addr) = spawn_master(0, 10);
+    let store = Store::setup(store_config(&addr, 64 << 20)).await.unwrap();
+    store
+        .put("kept", b"value", &ReplicateConfig::default())
+        .await
+        .unwrap();
+    let hostile = RemoteMaster::new(addr.clone(), RpcClientConfig::default());
+    let segments = || async {
+        match hostile.call(MasterRequest::Segments).await.unwrap() {
+            MasterReply::Segments(s) => s.len(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(segments().await, 1);
+    for command in [
+        Command::ExpireClient {
+            client_id: store.client_id(),
+        },
+        Command::LeaseAll {
+            read_at: Timestamp(u64::MAX / 2),
+        },
+        Command::Evict,
+        Command::PurgeTasks,
+        Command::ExpireReservations,
+    ] {
+        let shown = format!("{command:?}");
+        match hostile.call(MasterRequest::Apply(command)).await.unwrap() {
+            MasterReply::Failed { code, message } => {
+                assert_eq!(code, ErrorCode::INVALID_PARAMS, "{shown}");
+                assert!(message.contains("maintenance"), "{message}");
+            }
+            other => panic!("{shown} was not refused: {other:?}"),
+        }
+    }
+    // Nothing changed: the storage node is still mounted and its object, never read, is
+    // removable at once (no lease was granted until the end of time); it still serves.
+    assert_eq!(segments().await, 1);
+    store.remove("kept", false).await.unwrap();
+    store
+        .put("again", b"value", &ReplicateConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(store.get("again").await.unwrap(), b"value");
+    store.close().await.unwrap();
+}
