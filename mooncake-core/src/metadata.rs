@@ -171,6 +171,13 @@ pub trait LogGroup: Send + Sync {
 
     /// Resolves once the group has removed this member (never while it is a member).
     async fn removed(&self);
+
+    /// Resolves, with the reason, once this member's log stopped on an error it cannot recover
+    /// from in this process (a snapshot it cannot install, a log it cannot write); a process
+    /// should then exit so that its supervisor restarts it. Never for a healthy member.
+    async fn failed(&self) -> String {
+        std::future::pending().await
+    }
 }
 
 /// The key under which a segment's descriptor is published.

@@ -551,15 +551,32 @@ pub async fn run(options: MasterOptions, stop: impl Future<Output = ()>) -> Resu
         l.http_metadata.map_or("off".into(), |a| a.to_string()),
         l.metrics.map_or("off".into(), |a| a.to_string()),
     );
-    tokio::select! {
-        () = stop => {}
+    let failure = tokio::select! {
+        () = stop => None,
         () = removed_from_group(&service) => {
             println!("mooncake_master: this member was removed from its group; stopping");
+            None
         }
-    }
+        reason = log_failed(&service) => Some(reason),
+    };
     service.shutdown_raft().await;
+    if let Some(reason) = failure {
+        // A supervisor restarts it from its data directory; the group carries on meanwhile.
+        return Err(Error::Io(format!(
+            "this member's replicated log stopped and it cannot serve: {reason}"
+        )));
+    }
     println!("mooncake_master stopped");
     Ok(())
+}
+
+/// Resolves with the reason once this master's replicated log stopped on a fatal error; never
+/// for a single master.
+async fn log_failed(service: &MasterService) -> String {
+    match service.command_log().group() {
+        Some(group) => group.failed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once the group this master belongs to has removed it; never for a single master.

@@ -140,3 +140,54 @@ async fn commands_only_the_master_issues_are_refused_from_clients() {
     assert_eq!(store.get("again").await.unwrap(), b"value");
     store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_cannot_install_a_snapshot_exits_and_the_group_carries_on() {
+    use common::masters::Group;
+    use mooncake_master::{ClientId, Command, SegmentSpec};
+    use mooncake_meta_raft::network::frame_message;
+    use mooncake_meta_raft::raft::prelude::{ConfState, Message, MessageType, Snapshot};
+    use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster, RpcClientConfig};
+
+    let mut g = Group::new("badsnap", 3);
+    let mut leader = None;
+    for _ in 0..200 {
+        leader = g.leader().await;
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l = leader.expect("a leader");
+    let f = (0..3).find(|&i| i != l).unwrap();
+    // A snapshot "from the leader" at a later term whose data is not a snapshot.
+    let mut snap = Snapshot::default();
+    snap.mut_metadata().index = 1_000_000;
+    snap.mut_metadata().term = 1_000;
+    snap.mut_metadata().set_conf_state(ConfState {
+        voters: g.members.iter().map(|m| m.id).collect(),
+        ..ConfState::default()
+    });
+    snap.data = b"not a snapshot".to_vec().into();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgSnapshot);
+    m.from = g.members[l].id;
+    m.to = g.members[f].id;
+    m.term = 1_000;
+    m.set_snapshot(snap);
+    let mut stream = TcpStream::connect(&g.members[f].raft).await.unwrap();
+    stream.write_all(&frame_message(&m).unwrap()).await.unwrap();
+    let status = tokio::task::block_in_place(|| g.wait_exit(f, Duration::from_secs(15)))
+        .expect("the member exits");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    // The two others still commit through the log.
+    let client = RemoteMaster::new(g.addresses(), RpcClientConfig::default());
+    let mount = Command::MountSegment {
+        client_id: ClientId(7),
+        segment: SegmentSpec::new("127.0.0.1:9", 0x10_0000, 64 << 20),
+    };
+    match client.call(MasterRequest::Apply(mount)).await.unwrap() {
+        MasterReply::Applied { .. } => {}
+        other => panic!("the group did not commit: {other:?}"),
+    }
+}

@@ -8,12 +8,22 @@ use std::io;
 /// Bytes of a record header (length and CRC).
 pub(crate) const HEADER_LEN: usize = 8;
 
-/// Appends one framed record to `out`.
-pub(crate) fn frame_into(out: &mut Vec<u8>, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).expect("records are capped far below 4 GiB");
+/// Appends one framed record to `out`; a payload of 4 GiB or more cannot be framed (an error,
+/// not a panic: a state that large is refused, the node keeps its older snapshot).
+pub(crate) fn frame_into(out: &mut Vec<u8>, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a record of {} bytes is too large to frame (at most 4 GiB)",
+                payload.len()
+            ),
+        )
+    })?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
+    Ok(())
 }
 
 /// What [`parse_record`] found at an offset of a buffer.
@@ -86,8 +96,8 @@ mod tests {
     #[test]
     fn records_round_trip_and_damage_is_detected() {
         let mut buf = Vec::new();
-        frame_into(&mut buf, b"hello");
-        frame_into(&mut buf, b"");
+        frame_into(&mut buf, b"hello").unwrap();
+        frame_into(&mut buf, b"").unwrap();
         let Parsed::Record { payload, next } = parse_record(&buf, 0, 100) else {
             panic!("first record")
         };

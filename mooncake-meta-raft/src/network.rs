@@ -7,6 +7,7 @@
 //! see unbounded input, RUSTSEC-2024-0437) and hands messages to the raft loop.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -24,8 +25,9 @@ use crate::codec;
 /// Events the transport reports to the raft loop.
 #[derive(Debug)]
 pub(crate) enum NetEvent {
-    /// A message from a peer.
-    Message(Message),
+    /// A message from a peer, with the address its connection came from (the raft loop admits
+    /// it only from a member at that member's configured address).
+    Message(Box<Message>, SocketAddr),
     /// A snapshot message to `to` was written (`true`) or lost (`false`).
     SnapshotStatus { to: u64, delivered: bool },
     /// The connection to `to` failed.
@@ -63,7 +65,7 @@ impl<T> Clone for Inbox<T> {
 impl<T> Inbox<T> {
     /// Delivers a message unless too many wait already; returns whether it was queued.
     fn deliver(&self, ev: NetEvent, cap: usize) -> bool {
-        if matches!(ev, NetEvent::Message(_)) {
+        if matches!(ev, NetEvent::Message(..)) {
             if self.queued.load(Ordering::Relaxed) >= cap {
                 return false;
             }
@@ -142,9 +144,37 @@ impl<T: Send + 'static> Transport<T> {
     }
 }
 
-fn encode(m: &Message, out: &mut Vec<u8>) {
-    let payload = m.write_to_bytes().expect("raft messages always encode");
-    codec::frame_into(out, &payload);
+/// `m` as one frame of the peer protocol (`[len u32 LE][crc32 u32 LE][protobuf]`), for tools
+/// and tests that speak to a member's raft port.
+pub fn frame_message(m: &Message) -> std::io::Result<Vec<u8>> {
+    let payload = m
+        .write_to_bytes()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut out = Vec::with_capacity(payload.len() + codec::HEADER_LEN);
+    codec::frame_into(&mut out, &payload)?;
+    Ok(out)
+}
+
+/// Frames `m` onto `out`; a message larger than peers accept (`max_frame`) is dropped with a
+/// warning (raft sends smaller ones again: entries in smaller batches, or a snapshot).
+fn encode(m: &Message, out: &mut Vec<u8>, max_frame: usize) -> bool {
+    let payload = match m.write_to_bytes() {
+        Ok(p) if p.len() <= max_frame => p,
+        Ok(p) => {
+            tracing::warn!(
+                to = m.to,
+                bytes = p.len(),
+                max_frame,
+                "raft message larger than peers accept; dropped"
+            );
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(to = m.to, error = %e, "raft message does not encode; dropped");
+            return false;
+        }
+    };
+    codec::frame_into(out, &payload).is_ok()
 }
 
 async fn connect(
@@ -210,13 +240,15 @@ async fn writer<T: Send>(
                 }
             }
             buf.clear();
-            for m in &batch {
-                encode(m, &mut buf);
-            }
+            let encoded: Vec<bool> = batch
+                .iter()
+                .map(|m| encode(m, &mut buf, cfg.max_frame))
+                .collect();
             let ok = stream.write_all(&buf).await.is_ok();
-            for m in batch.drain(..) {
+            for (m, framed) in batch.drain(..).zip(encoded) {
                 if m.get_msg_type() == MessageType::MsgSnapshot {
-                    inbox.deliver(NetEvent::SnapshotStatus { to, delivered: ok }, usize::MAX);
+                    let delivered = ok && framed;
+                    inbox.deliver(NetEvent::SnapshotStatus { to, delivered }, usize::MAX);
                 }
             }
             if !ok {
@@ -240,7 +272,7 @@ pub(crate) async fn listen<T: Send + 'static>(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(reader(stream, peer.to_string(), cfg.clone(), inbox.clone(), shutdown.clone()));
+                    tokio::spawn(reader(stream, peer, cfg.clone(), inbox.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "raft listener accept failed");
@@ -276,7 +308,7 @@ async fn read_one(
 /// Reads frames from one inbound connection into the raft loop.
 async fn reader<T: Send>(
     stream: TcpStream,
-    peer: String,
+    peer: SocketAddr,
     cfg: NetConfig,
     inbox: Inbox<T>,
     mut shutdown: watch::Receiver<bool>,
@@ -290,13 +322,15 @@ async fn reader<T: Send>(
         match m {
             Ok(Some(m)) => {
                 // Dropped when the raft loop is behind: raft retransmits.
-                if !inbox.deliver(NetEvent::Message(m), cfg.inbound_queue) && *shutdown.borrow() {
+                if !inbox.deliver(NetEvent::Message(Box::new(m), peer), cfg.inbound_queue)
+                    && *shutdown.borrow()
+                {
                     return;
                 }
             }
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(peer, error = %e, "closing raft connection after a bad frame");
+                tracing::warn!(%peer, error = %e, "closing raft connection after a bad frame");
                 return;
             }
         }

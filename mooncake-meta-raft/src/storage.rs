@@ -228,8 +228,9 @@ impl DiskStorage {
     pub(crate) fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
         if let Some(first) = entries.first().map(|e| e.index) {
             let mut buf = Vec::new();
-            codec::frame_into(&mut buf, &wal::encode_entries(entries));
             let path = || self.dir.join(WAL_FILE);
+            codec::frame_into(&mut buf, &wal::encode_entries(entries))
+                .map_err(|e| Error::io(path(), e))?;
             self.wal.write_all(&buf).map_err(|e| Error::io(path(), e))?;
             self.wal.sync_data().map_err(|e| Error::io(path(), e))?;
             assert!(

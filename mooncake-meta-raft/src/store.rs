@@ -10,7 +10,7 @@
 //! changes).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -45,8 +45,12 @@ pub struct RaftStatus {
     pub leader: Option<LeaderInfo>,
     /// The group removed this node (it applied a configuration without it).
     pub removed: bool,
-    /// `false` once the loop stopped (shutdown or a fatal storage error).
+    /// `false` once the loop stopped (shutdown or a fatal error).
     pub running: bool,
+    /// Why the loop stopped, when it stopped on a fatal error (a snapshot it cannot install, a
+    /// log it cannot write): this member can no longer take part, and its process should end
+    /// so that a supervisor restarts it from its data directory.
+    pub fatal: Option<String>,
 }
 
 type Reply = oneshot::Sender<Result<Vec<u8>>>;
@@ -107,6 +111,7 @@ impl RaftMetadataStore {
             leader: node.leader_info(),
             removed: node.is_removed(),
             running: true,
+            fatal: None,
         });
         let net = NetConfig {
             max_frame: config.node.max_record_bytes,
@@ -149,6 +154,8 @@ impl RaftMetadataStore {
             address_book,
             tick: config.tick_interval,
             on_role: config.on_role.clone(),
+            resolved: HashMap::new(),
+            warned: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -490,6 +497,18 @@ impl LogGroup for RaftMetadataStore {
             std::future::pending::<()>().await
         }
     }
+
+    async fn failed(&self) -> String {
+        let mut status = self.subscribe();
+        let reason = match status.wait_for(|s| s.fatal.is_some()).await {
+            Ok(s) => s.fatal.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 fn unexpected(r: KvResult) -> mooncake_core::Error {
@@ -508,9 +527,62 @@ struct Driver {
     address_book: HashMap<u64, String>,
     tick: Duration,
     on_role: Option<RoleObserver>,
+    /// The IP addresses each raft address resolved to (resolved once).
+    resolved: HashMap<String, Vec<IpAddr>>,
+    /// When a refusal from a source address was last logged.
+    warned: HashMap<IpAddr, Instant>,
 }
 
 impl Driver {
+    /// Whether a message that came over a connection from `source` may be stepped: it must be
+    /// for this node, from a member (or, while joining, a node of the address book), over a
+    /// connection from an IP address that member's configured raft address resolves to.
+    fn admissible(
+        &mut self,
+        m: &raft::prelude::Message,
+        source: SocketAddr,
+    ) -> std::result::Result<(), String> {
+        let me = self.node.id();
+        if m.to != me {
+            return Err(format!("addressed to node {}, this is node {me}", m.to));
+        }
+        let addr = self
+            .node
+            .peers()
+            .get(&m.from)
+            .map(|p| p.raft_addr.clone())
+            .or_else(|| self.address_book.get(&m.from).cloned())
+            .ok_or_else(|| format!("from node {}, which is not a member", m.from))?;
+        let ips = self.resolved.entry(addr.clone()).or_insert_with(|| {
+            use std::net::ToSocketAddrs;
+            addr.to_socket_addrs()
+                .map(|a| a.map(|s| s.ip()).collect())
+                .unwrap_or_default()
+        });
+        if ips.contains(&source.ip()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "from node {}, whose raft address is {addr}, over a connection from {}",
+                m.from,
+                source.ip()
+            ))
+        }
+    }
+
+    /// Logs a refused message (once per source address every 10 s).
+    fn refused(&mut self, source: SocketAddr, why: &str) {
+        let now = Instant::now();
+        let last = self.warned.insert(source.ip(), now);
+        if last.is_none_or(|t| now - t >= Duration::from_secs(10)) {
+            tracing::warn!(node = self.node.id(), %source, "refused a raft message: {why}");
+        }
+        if self.warned.len() > 1024 {
+            self.warned
+                .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(10));
+        }
+    }
+
     fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick;
         let result = loop {
@@ -553,15 +625,22 @@ impl Driver {
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(Error::Shutdown));
         }
-        self.status.send_modify(|s| s.running = false);
+        self.status.send_modify(|s| {
+            s.running = false;
+            s.fatal = result.err().map(|e| e.to_string());
+        });
     }
 
     /// Handles one input; returns `true` to stop.
     fn handle(&mut self, input: Input) -> bool {
         let proposed = match input {
-            Input::Net(NetEvent::Message(m)) => {
+            Input::Net(NetEvent::Message(m, source)) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                if let Err(e) = self.node.step(m) {
+                if let Err(why) = self.admissible(&m, source) {
+                    self.refused(source, &why);
+                    return false;
+                }
+                if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft step failed");
                 }
                 return false;
@@ -661,6 +740,7 @@ impl Driver {
                 leader: self.node.leader_info(),
                 removed,
                 running: true,
+                fatal: None,
             };
             self.status.send_if_modified(|s| {
                 let modified = *s != status;

@@ -231,9 +231,12 @@ pub(crate) fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<()
 /// Writes a WAL holding only `base` and `entries` (compaction or snapshot install).
 pub(crate) fn rewrite_wal(dir: &Path, base: (u64, u64), entries: &[Entry]) -> Result<()> {
     let mut buf = Vec::new();
-    codec::frame_into(&mut buf, &encode_base(base.0, base.1));
+    let frame = |buf: &mut Vec<u8>, payload: &[u8]| {
+        codec::frame_into(buf, payload).map_err(|e| Error::io(dir.join(WAL_FILE), e))
+    };
+    frame(&mut buf, &encode_base(base.0, base.1))?;
     if !entries.is_empty() {
-        codec::frame_into(&mut buf, &encode_entries(entries));
+        frame(&mut buf, &encode_entries(entries))?;
     }
     replace_file(dir, WAL_FILE, &buf)
 }
@@ -267,7 +270,7 @@ pub(crate) fn write_snapshot(dir: &Path, snap: &Snapshot) -> Result<()> {
         .write_to_bytes()
         .map_err(|e| Error::Codec(e.to_string()))?;
     let mut buf = Vec::with_capacity(payload.len() + codec::HEADER_LEN);
-    codec::frame_into(&mut buf, &payload);
+    codec::frame_into(&mut buf, &payload).map_err(|e| Error::io(dir.join(SNAPSHOT_FILE), e))?;
     replace_file(dir, SNAPSHOT_FILE, &buf)
 }
 

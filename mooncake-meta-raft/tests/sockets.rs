@@ -5,45 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ListMachine, TempDir};
+use common::{config, free_port, leader_of, ListMachine, TempDir};
 use mooncake_core::{CommandLog, ErrorCode, Leadership, MetadataStore};
-use mooncake_meta_raft::{
-    leader_hint, Error, NodeConfig, PeerInfo, RaftMetadataStore, StateRole, StoreConfig,
-};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn config(dir: &TempDir, id: u64, voters: &[PeerInfo]) -> StoreConfig {
-    let node = NodeConfig::new(id, dir.path().join(format!("n{id}")), voters.to_vec());
-    let me = &voters[(id - 1) as usize];
-    let mut c = StoreConfig::new(node, me.raft_addr.clone());
-    c.tick_interval = Duration::from_millis(20);
-    c.min_backoff = Duration::from_millis(10);
-    c.max_backoff = Duration::from_millis(100);
-    c
-}
-
-async fn leader_of(stores: &[Option<RaftMetadataStore>]) -> usize {
-    for _ in 0..500 {
-        let leaders: Vec<usize> = stores
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.is_leader()))
-            .map(|(i, _)| i)
-            .collect();
-        if let [i] = leaders[..] {
-            return i;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no single leader");
-}
+use mooncake_meta_raft::{leader_hint, Error, PeerInfo, RaftMetadataStore, StateRole};
 
 async fn wait_len(m: &ListMachine, n: usize) {
     for _ in 0..500 {

@@ -6,11 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mooncake_core::StateMachine;
 use mooncake_meta_raft::raft::prelude::MessageType;
 use mooncake_meta_raft::{
-    Applied, Message, NodeConfig, PeerInfo, ProposalError, ProposalId, RaftNode, RoleEvent,
+    Applied, Message, NodeConfig, PeerInfo, ProposalError, ProposalId, RaftMetadataStore, RaftNode,
+    RoleEvent, StoreConfig,
 };
 
 /// An append-only list of commands; the response to a command is its position (u64 LE).
@@ -353,4 +355,41 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The store config of node `id` of `voters`, with fast ticks and backoff.
+pub fn config(dir: &TempDir, id: u64, voters: &[PeerInfo]) -> StoreConfig {
+    let node = NodeConfig::new(id, dir.path().join(format!("n{id}")), voters.to_vec());
+    let me = &voters[(id - 1) as usize];
+    let mut c = StoreConfig::new(node, me.raft_addr.clone());
+    c.tick_interval = Duration::from_millis(20);
+    c.min_backoff = Duration::from_millis(10);
+    c.max_backoff = Duration::from_millis(100);
+    c
+}
+
+/// The index of the single leader among `stores`, once there is one.
+pub async fn leader_of(stores: &[Option<RaftMetadataStore>]) -> usize {
+    for _ in 0..500 {
+        let leaders: Vec<usize> = stores
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.is_leader()))
+            .map(|(i, _)| i)
+            .collect();
+        if let [i] = leaders[..] {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no single leader");
 }

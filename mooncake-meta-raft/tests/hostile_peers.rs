@@ -1,0 +1,150 @@
+//! Raft messages that must not move a group: from outside it, from a member's id over another
+//! address, for another node, and a snapshot a member cannot install (which stops that member
+//! with the reason, while the group carries on).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{config, free_port, leader_of, ListMachine, TempDir};
+use mooncake_core::{LogGroup, MetadataStore};
+use mooncake_meta_raft::network::frame_message;
+use mooncake_meta_raft::raft::prelude::{ConfState, Message, MessageType, Snapshot};
+use mooncake_meta_raft::{PeerInfo, RaftMetadataStore};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpSocket;
+
+/// Three members on loopback, a leader elected; returns them, the leader's index and a
+/// follower's.
+async fn group(dir: &TempDir) -> (Vec<PeerInfo>, Vec<Option<RaftMetadataStore>>, usize, usize) {
+    let voters: Vec<PeerInfo> = (1..=3)
+        .map(|id| PeerInfo {
+            id,
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            service_addr: format!("127.0.0.1:{}", 50_000 + id),
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for id in 1..=3u64 {
+        let m = ListMachine::default();
+        let store = RaftMetadataStore::start(config(dir, id, &voters), Box::new(m))
+            .await
+            .unwrap();
+        stores.push(Some(store));
+    }
+    let l = leader_of(&stores).await;
+    let leader = stores[l].as_ref().unwrap();
+    leader.put("k", b"v".to_vec()).await.unwrap();
+    let f = (0..3).find(|&i| i != l).unwrap();
+    // The follower has heard of the leader (so its term is settled).
+    for _ in 0..200 {
+        if stores[f].as_ref().unwrap().leader().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (voters, stores, l, f)
+}
+
+/// Sends `m`, framed as peers frame it, to `to` over a connection from `from_ip`.
+async fn send_from(from_ip: &str, to: &str, m: &Message) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from_ip.parse().unwrap(), 0))
+        .unwrap();
+    let mut stream = socket.connect(to.parse().unwrap()).await.unwrap();
+    stream.write_all(&frame_message(m).unwrap()).await.unwrap();
+    stream.flush().await.unwrap();
+    // Give the member time to read and step (or refuse) it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// A leader's heartbeat at a far higher term: stepped, it makes the receiver take that term
+/// (and that sender as its leader).
+fn heartbeat(from: u64, to: u64, term: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgHeartbeat);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_outside_the_group_are_refused() {
+    let dir = TempDir::new("hostile-msgs");
+    let (voters, stores, l, f) = group(&dir).await;
+    let follower = stores[f].as_ref().unwrap();
+    let (me, to) = (voters[f].id, voters[f].raft_addr.as_str());
+    let leader_id = voters[l].id;
+    let term = follower.status().term;
+    // From an id that is not a member.
+    send_from("127.0.0.1", to, &heartbeat(99, me, term + 100)).await;
+    // From a member's id, over a connection from an address that member does not have.
+    send_from("127.0.0.2", to, &heartbeat(leader_id, me, term + 100)).await;
+    // Addressed to another node.
+    let other = voters[3 - l - f].id;
+    send_from("127.0.0.1", to, &heartbeat(leader_id, other, term + 100)).await;
+    // (An election of the group's own, on a loaded machine, may move the term by a little.)
+    let now = follower.status().term;
+    assert!(
+        now < term + 100,
+        "a refused message moved the term to {now}"
+    );
+    // The same message from the member's own address is stepped: the refusals above were the
+    // checks, not a malformed message.
+    send_from("127.0.0.1", to, &heartbeat(leader_id, me, term + 100)).await;
+    let mut adopted = follower.status().term;
+    for _ in 0..100 {
+        if adopted >= term + 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        adopted = follower.status().term;
+    }
+    assert!(adopted >= term + 100, "term {adopted}");
+    for s in stores.into_iter().flatten() {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_be_installed_stops_the_member_and_the_group_carries_on() {
+    let dir = TempDir::new("hostile-snap");
+    let (voters, stores, l, f) = group(&dir).await;
+    let follower = stores[f].as_ref().unwrap();
+    let term = follower.status().term;
+    // A snapshot "from the leader" at a later term and index whose data is garbage.
+    let mut snap = Snapshot::default();
+    snap.mut_metadata().index = 1_000;
+    snap.mut_metadata().term = term;
+    let conf = ConfState {
+        voters: voters.iter().map(|p| p.id).collect(),
+        ..ConfState::default()
+    };
+    snap.mut_metadata().set_conf_state(conf);
+    snap.data = b"not a snapshot".to_vec().into();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgSnapshot);
+    m.from = voters[l].id;
+    m.to = voters[f].id;
+    m.term = term;
+    m.set_snapshot(snap);
+    send_from("127.0.0.1", &voters[f].raft_addr, &m).await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), follower.failed())
+        .await
+        .expect("the member reports its failure");
+    assert!(reason.contains("snapshot"), "{reason}");
+    assert!(!follower.status().running);
+    // The other two carry on.
+    let leader = stores[l].as_ref().unwrap();
+    leader.put("after", b"still".to_vec()).await.unwrap();
+    assert_eq!(
+        leader.get("after").await.unwrap().unwrap().value,
+        b"still".to_vec()
+    );
+    for s in stores.into_iter().flatten() {
+        s.shutdown().await;
+    }
+}
