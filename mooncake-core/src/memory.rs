@@ -22,7 +22,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -222,6 +222,33 @@ pub struct RegisteredBuffer {
     owned: Option<AlignedBuffer>,
     /// Told when this value drops: no region of the buffer is left.
     release: Arc<Release>,
+    /// Set once the buffer is unregistered (see [`MemRegion::revoked`]).
+    revoked: Revocation,
+}
+
+/// Whether a buffer was unregistered, as a flag and as a future that many may await.
+#[derive(Debug)]
+struct Revocation {
+    /// Dropped at unregistration, which completes `done` for every waiter.
+    signal: Mutex<Option<futures::channel::oneshot::Sender<()>>>,
+    done: futures::future::Shared<futures::channel::oneshot::Receiver<()>>,
+}
+
+impl Default for Revocation {
+    fn default() -> Self {
+        use futures::FutureExt;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        Revocation {
+            signal: Mutex::new(Some(tx)),
+            done: rx.shared(),
+        }
+    }
+}
+
+impl Revocation {
+    fn revoke(&self) {
+        self.signal.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
 }
 
 impl fmt::Debug for RegisteredBuffer {
@@ -366,6 +393,27 @@ impl MemRegion {
     /// The registered buffer this region lies in.
     pub fn buffer(&self) -> &RegisteredBuffer {
         &self.buffer
+    }
+
+    /// Completes once the buffer has been unregistered. A transport that holds a region for as
+    /// long as a peer takes (receiving a WRITE, sending a READ) must stop at this point and drop
+    /// the region, so that `unregister` completes and the caller may free the memory: no byte
+    /// may land in it afterwards.
+    pub fn revoked(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        use futures::FutureExt;
+        self.buffer.revoked.done.clone().map(|_| ())
+    }
+
+    /// Whether the buffer has been unregistered.
+    pub fn is_revoked(&self) -> bool {
+        self.buffer.revoked.done.peek().is_some()
+            || self
+                .buffer
+                .revoked
+                .signal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
     }
 
     /// Has the kernel back every page of this region now (one byte per 4 KiB page is read and
@@ -518,6 +566,7 @@ impl MemoryRegistry {
             attachments: Vec::new(),
             owned,
             release: Arc::default(),
+            revoked: Revocation::default(),
         };
         // Outside the registry's lock: a hook may take long (an RDMA registration pins pages).
         for (i, hook) in self.hooks.iter().enumerate() {
@@ -560,6 +609,8 @@ impl MemoryRegistry {
         };
         // Peers stop reaching it (revoked keys, shared-memory slots) before local users end.
         self.hooks.iter().for_each(|h| h.on_unregister(&buf));
+        // Transfers that hold regions of it and may take long (a peer's stalled WRITE) end now.
+        buf.revoked.revoke();
         Ok(Unregistering::new(addr, buf.release.clone()))
         // `buf` drops here: when no region is left, that releases the buffer at once.
     }

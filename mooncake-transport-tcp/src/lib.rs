@@ -70,6 +70,12 @@ pub struct TcpConfig {
     /// A refused WRITE carrying at most this many payload bytes is skipped and the connection
     /// kept; a larger one closes the connection. Default 64 MiB.
     pub max_discard: u64,
+    /// Connections the server keeps open at once; more are closed as they are accepted.
+    /// Default 4096.
+    pub max_connections: usize,
+    /// Connections the server keeps open at once from one IP address. Default 256 (a host runs
+    /// a few processes, each with `lanes` connections per peer).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for TcpConfig {
@@ -83,6 +89,8 @@ impl Default for TcpConfig {
             inline_payload: 64 * 1024,
             split_threshold: 1 << 20,
             max_discard: 64 << 20,
+            max_connections: 4096,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -102,6 +110,9 @@ impl TcpConfig {
         }
         if self.split_threshold < 64 * 1024 {
             return bad("split_threshold below 64 KiB");
+        }
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            return bad("connection limits must be at least 1");
         }
         Ok(())
     }

@@ -7,6 +7,12 @@
 //! pipelined burst of requests costs few syscalls; large READ payloads are sent straight from
 //! registered memory and large WRITE payloads received straight into it. Every range is checked
 //! against the registered buffers first. A malformed frame closes only its connection.
+//!
+//! What a peer can hold: connections are capped per listener and per address; the preamble must
+//! arrive within the connect timeout; moving a payload (or flushing answers) must finish within
+//! the request timeout, and a WRITE into (or READ from) a buffer that is being unregistered ends
+//! at once, closing the connection: a stalled peer never keeps `unregister` waiting, and no byte
+//! lands in memory after its unregistration returned.
 
 use std::sync::Arc;
 
@@ -29,6 +35,10 @@ enum Close {
     Frame(#[from] FrameError),
     #[error("refused WRITE of {0} bytes is too large to skip")]
     Unskippable(u64),
+    #[error("{0} did not finish within {1:?}")]
+    Stalled(&'static str, std::time::Duration),
+    #[error("the buffer of a transfer in progress was unregistered")]
+    Revoked,
 }
 
 impl From<std::io::Error> for Close {
@@ -48,14 +58,20 @@ pub(crate) async fn accept_loop(
     config: Arc<TcpConfig>,
 ) {
     let mut connections = JoinSet::new();
+    let open: Arc<std::sync::Mutex<Open>> = Arc::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(admitted) = Open::admit(&open, peer.ip(), &config) else {
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let segment = segment.clone();
                     let config = config.clone();
                     connections.spawn(async move {
+                        let _admitted = admitted;
                         match serve_connection(&stream, &segment, &config).await {
                             Ok(()) | Err(Close::Eof) => {
                                 tracing::debug!(%peer, "connection closed by peer")
@@ -76,13 +92,105 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// Connections open on one listener, in all and per address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_address: std::collections::HashMap<std::net::IpAddr, usize>,
+    last_warning: Option<std::time::Instant>,
+}
+
+/// A connection's place in its listener's [`Open`], given back when dropped.
+struct Admitted {
+    open: Arc<std::sync::Mutex<Open>>,
+    ip: std::net::IpAddr,
+}
+
+impl Open {
+    fn admit(
+        open: &Arc<std::sync::Mutex<Open>>,
+        ip: std::net::IpAddr,
+        config: &TcpConfig,
+    ) -> Option<Admitted> {
+        let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+        let from_ip = o.per_address.get(&ip).copied().unwrap_or(0);
+        if o.total >= config.max_connections || from_ip >= config.max_connections_per_address {
+            let now = std::time::Instant::now();
+            if o.last_warning
+                .is_none_or(|t| now - t >= std::time::Duration::from_secs(1))
+            {
+                o.last_warning = Some(now);
+                tracing::warn!(
+                    %ip,
+                    open = o.total,
+                    from_address = from_ip,
+                    "refusing a transfer connection: too many open"
+                );
+            }
+            return None;
+        }
+        o.total += 1;
+        *o.per_address.entry(ip).or_default() += 1;
+        Some(Admitted {
+            open: open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        o.total -= 1;
+        if let Some(n) = o.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                o.per_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Runs `io` within the request timeout, and (given a region) only while the region's buffer
+/// stays registered.
+async fn bounded<T>(
+    what: &'static str,
+    config: &TcpConfig,
+    region: Option<&mooncake_core::MemRegion>,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, Close> {
+    // Most moves finish without waiting (the socket has room, the bytes are there): no timer
+    // for those.
+    let mut io = std::pin::pin!(io);
+    if let std::task::Poll::Ready(r) = futures::poll!(io.as_mut()) {
+        return Ok(r?);
+    }
+    let revoked = async {
+        match region {
+            Some(r) => r.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(config.request_timeout, io) => match r {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Close::Stalled(what, config.request_timeout)),
+        },
+        () = revoked => Err(Close::Revoked),
+    }
+}
+
 async fn serve_connection(
     stream: &TcpStream,
     segment: &LocalSegment,
     config: &TcpConfig,
 ) -> Result<(), Close> {
     let mut input = ReadBuf::new(256 * 1024);
-    input.fill_to(stream, frame::PREAMBLE_LEN).await?;
+    let preamble = input.fill_to(stream, frame::PREAMBLE_LEN);
+    match tokio::time::timeout(config.connect_timeout, preamble).await {
+        Ok(r) => r?,
+        Err(_) => return Err(Close::Stalled("the preamble", config.connect_timeout)),
+    }
     let preamble: [u8; frame::PREAMBLE_LEN] = input.data()[..frame::PREAMBLE_LEN]
         .try_into()
         .expect("8 bytes");
@@ -100,9 +208,10 @@ async fn serve_connection(
             // Nothing complete buffered: answer what we have before waiting for more.
             if !out.is_empty() {
                 segment.flush_landings();
-                sys::send_all(stream, &out).await?;
+                bounded("sending answers", config, None, sys::send_all(stream, &out)).await?;
                 out.clear();
             }
+            // Waiting for the next request: an idle connection may wait as long as it likes.
             input.fill(stream).await?;
         };
         match req.op {
@@ -115,30 +224,32 @@ async fn serve_connection(
                         region.read_into(&mut out[at..]).expect("lengths match");
                     } else {
                         segment.flush_landings();
-                        sys::send_all(stream, &out).await?;
+                        bounded("sending answers", config, None, sys::send_all(stream, &out))
+                            .await?;
                         out.clear();
                         // SAFETY: `region` is a validated range of a registered buffer, kept
-                        // registered while `region` lives.
-                        unsafe {
+                        // alive while `region` lives (the future is dropped before it).
+                        let send = unsafe {
                             sys::send_raw(stream, region.as_ptr() as usize, region.len() as usize)
-                                .await?
                         };
+                        bounded("a READ payload", config, Some(&region), send).await?;
                     }
                 }
                 Err(_) => respond(&mut out, &req, ErrorCode::INVALID_PARAMS, 0),
             },
             Op::Write => match memory.resolve(req.addr, req.len) {
                 Ok(region) => {
-                    // SAFETY: as above; the range is writable registered memory.
-                    unsafe {
-                        input
-                            .read_payload_into(
-                                stream,
-                                region.as_ptr() as usize,
-                                region.len() as usize,
-                            )
-                            .await?
+                    // SAFETY: as above; the range is writable registered memory. If the buffer
+                    // is unregistered meanwhile, the receive stops (and the connection closes)
+                    // before the region is dropped, so nothing lands after that.
+                    let recv = unsafe {
+                        input.read_payload_into(
+                            stream,
+                            region.as_ptr() as usize,
+                            region.len() as usize,
+                        )
                     };
+                    bounded("a WRITE payload", config, Some(&region), recv).await?;
                     if req.notify {
                         segment.landed(req.addr, req.len);
                     }
@@ -148,10 +259,17 @@ async fn serve_connection(
                     respond(&mut out, &req, ErrorCode::INVALID_PARAMS, 0);
                     if req.len > config.max_discard {
                         segment.flush_landings();
-                        sys::send_all(stream, &out).await?;
+                        bounded("sending answers", config, None, sys::send_all(stream, &out))
+                            .await?;
                         return Err(Close::Unskippable(req.len));
                     }
-                    input.discard(stream, req.len).await?;
+                    bounded(
+                        "a refused payload",
+                        config,
+                        None,
+                        input.discard(stream, req.len),
+                    )
+                    .await?;
                 }
             },
             Op::Describe => match segment.descriptor().encode() {
@@ -167,7 +285,7 @@ async fn serve_connection(
         }
         if out.len() >= 256 * 1024 {
             segment.flush_landings();
-            sys::send_all(stream, &out).await?;
+            bounded("sending answers", config, None, sys::send_all(stream, &out)).await?;
             out.clear();
         }
     }

@@ -327,3 +327,77 @@ async fn killed_target_fails_transfers() {
     }
     e.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_write_ends_when_its_buffer_is_unregistered() {
+    let (engine, buf, addr) = target().await;
+    let preamble = frame::encode_preamble();
+    // A WRITE of the whole 64 KiB buffer, of which only 1 KiB is ever sent.
+    let mut s = raw(&addr);
+    s.write_all(&preamble).unwrap();
+    let mut w = request(Op::Write, 1, buf, 1 << 16);
+    w.extend_from_slice(&[0xAB; 1024]);
+    s.write_all(&w).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Unregistering does not wait for the stalled peer (it used to, for a minute, then gave up
+    // with the peer still able to write).
+    let started = Instant::now();
+    let unregistering = engine.unregister_memory_async(buf).unwrap();
+    tokio::time::timeout(Duration::from_secs(2), unregistering)
+        .await
+        .expect("unregister waited for a stalled WRITE");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The stalled connection was closed: the rest of its payload lands nowhere.
+    let _ = s.write_all(&[0xCD; 4096]);
+    assert!(tokio::task::block_in_place(|| closed(&mut s)));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_surplus_connections_are_closed() {
+    let e = TransferEngine::start(
+        EngineConfig::new("127.0.0.1"),
+        vec![TcpTransport::new(TcpConfig {
+            connect_timeout: Duration::from_millis(300),
+            max_connections_per_address: 4,
+            ..TcpConfig::default()
+        })
+        .unwrap()],
+    )
+    .await
+    .unwrap();
+    let buf = e.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let addr = e
+        .local_descriptor()
+        .endpoint("tcp")
+        .unwrap()
+        .address
+        .clone();
+    let preamble = frame::encode_preamble();
+    // One well-behaved connection, then three that never send their preamble.
+    let mut good = raw(&addr);
+    good.write_all(&preamble).unwrap();
+    // A READ of 8 bytes: its answer, then its payload.
+    let read8 = |s: &mut TcpStream, id: u32| {
+        s.write_all(&request(Op::Read, id, buf, 8)).unwrap();
+        let r = read_response(s);
+        assert_eq!((r.id, r.status, r.len), (id, 0, 8));
+        let mut payload = [0u8; 8];
+        s.read_exact(&mut payload).unwrap();
+    };
+    read8(&mut good, 1);
+    let mut silent: Vec<TcpStream> = (0..3).map(|_| raw(&addr)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    // A fifth from this address is refused at once.
+    let mut surplus = raw(&addr);
+    assert!(tokio::task::block_in_place(|| closed(&mut surplus)));
+    // The silent ones are closed after the connect timeout; the good one is still served.
+    for s in &mut silent {
+        assert!(tokio::task::block_in_place(|| closed(s)));
+    }
+    let mut fresh = raw(&addr);
+    fresh.write_all(&preamble).unwrap();
+    read8(&mut fresh, 2);
+    read8(&mut good, 3);
+    e.shutdown().await;
+}

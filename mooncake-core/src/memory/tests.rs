@@ -94,6 +94,33 @@ fn unregister_blocking_gives_up_after_its_bound() {
 }
 
 #[tokio::test]
+async fn regions_hear_that_their_buffer_was_unregistered() {
+    let reg = MemoryRegistry::new();
+    let a = reg
+        .register_owned(AlignedBuffer::new(4096).unwrap(), Location::cpu(0))
+        .unwrap();
+    let region = reg.resolve(a, 16).unwrap();
+    let sub = region.slice(4, 4).unwrap();
+    assert!(!region.is_revoked());
+    // A transfer holding the region waits on it alongside its I/O.
+    let waiter = tokio::spawn(region.revoked());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiter.is_finished());
+    let unregistering = reg.unregister(a).unwrap();
+    tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("told at once")
+        .unwrap();
+    assert!(region.is_revoked() && sub.is_revoked());
+    sub.revoked().await;
+    // The transfer lets go: the unregistration completes.
+    drop((region, sub));
+    tokio::time::timeout(Duration::from_secs(1), unregistering)
+        .await
+        .expect("released");
+}
+
+#[tokio::test]
 async fn unregister_future_completes_when_the_last_region_goes() {
     let reg = MemoryRegistry::new();
     let a = reg
