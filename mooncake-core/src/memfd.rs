@@ -143,6 +143,22 @@ pub fn check_memfd(fd: &OwnedFd, len: u64) -> Result<()> {
             libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS),
         )
     };
+    // Only ordinary shared memory (tmpfs/shmem): a hugetlb memfd can fault with SIGBUS when the
+    // huge-page pool runs dry, and device memory is not ours to map.
+    // SAFETY: fstatfs on a descriptor we own, with a zeroed out-parameter.
+    let fs_type = unsafe {
+        let mut sfs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd.as_raw_fd(), &mut sfs) != 0 {
+            return Err(os_error("fstatfs of shared memory"));
+        }
+        sfs.f_type
+    };
+    if fs_type != libc::TMPFS_MAGIC {
+        return Err(Error::with_code(
+            ErrorCode::INVALID_PARAMS,
+            format!("shared memory must be an ordinary memfd (file system type {fs_type:#x})"),
+        ));
+    }
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
         return Err(Error::with_code(
             ErrorCode::INVALID_PARAMS,
@@ -153,6 +169,43 @@ pub fn check_memfd(fd: &OwnedFd, len: u64) -> Result<()> {
         return Err(Error::with_code(
             ErrorCode::INVALID_PARAMS,
             format!("shared memory holds {size} bytes, not {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a Unix-socket peer running as another user than this process: same-host sockets
+/// hand out mappings of this process's memory, which only the same user may have.
+pub fn check_same_user(sock: &impl AsRawFd) -> Result<()> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_PEERCRED) on a socket the caller owns, into a `ucred` of the size
+    // given.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(os_error("reading the peer's credentials"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != me {
+        return Err(Error::with_code(
+            ErrorCode::INVALID_PARAMS,
+            format!(
+                "a process of uid {} (pid {}) is not this process's user (uid {me})",
+                cred.uid, cred.pid
+            ),
         ));
     }
     Ok(())
@@ -263,6 +316,39 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<Ow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ordinary_memfds_pass_the_check() {
+        // A hugetlb memfd, sealed like a good one: refused (it could SIGBUS its mapper).
+        // SAFETY: memfd_create with a valid C string; the result is owned at once.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"mooncake-huge".as_ptr(),
+                libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            println!(
+                "skipped: no hugetlb memfds here ({})",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let huge = unsafe { OwnedFd::from_raw_fd(raw) };
+        let len = 2 << 20;
+        // SAFETY: ftruncate/fcntl on the descriptor we own.
+        let ready = unsafe {
+            libc::ftruncate(huge.as_raw_fd(), len) == 0
+                && libc::fcntl(huge.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) == 0
+        };
+        if !ready {
+            println!("skipped: cannot size or seal a hugetlb memfd here");
+            return;
+        }
+        let e = check_memfd(&huge, len as u64).unwrap_err();
+        assert!(e.to_string().contains("ordinary memfd"), "{e}");
+    }
 
     #[test]
     fn memfd_round_trip_over_a_socket() {

@@ -99,6 +99,10 @@ fn random() -> u64 {
     h.finish()
 }
 
+/// Connections (each with its thread) a target serves at once: one per local process that
+/// reaches it, so far more than a host runs.
+const MAX_CONNECTIONS: usize = 256;
+
 fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
     for id in 0u64.. {
         let stream = match listener.accept() {
@@ -114,6 +118,16 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         };
         if shared.stopped.load(Ordering::Acquire) {
             return;
+        }
+        // Same-host sockets hand out mappings of this process's memory: only its own user.
+        if let Err(e) = mooncake_core::memfd::check_same_user(&stream) {
+            tracing::warn!("refused an shm connection: {e}");
+            continue;
+        }
+        // One thread per connection (the protocol is blocking, for latency): at most this many.
+        if shared.conns.lock().expect("conns").len() >= MAX_CONNECTIONS {
+            tracing::warn!("refused an shm connection: {MAX_CONNECTIONS} are open");
+            continue;
         }
         match stream.try_clone() {
             Ok(keep) => shared.conns.lock().expect("conns").insert(id, keep),

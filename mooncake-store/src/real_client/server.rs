@@ -495,6 +495,9 @@ impl Drop for RealClient {
     }
 }
 
+/// Dummy sessions a real client serves at once (one per local process using it).
+const MAX_SESSIONS: usize = 1024;
+
 async fn accept_sessions(ipc: tokio::net::UnixListener, state: std::sync::Weak<State>) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -502,6 +505,15 @@ async fn accept_sessions(ipc: tokio::net::UnixListener, state: std::sync::Weak<S
             accepted = ipc.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Some(state) = state.upgrade() else { return };
+                    // A dummy's pool is mapped into this process: only its own user's.
+                    if let Err(e) = mooncake_core::memfd::check_same_user(&stream) {
+                        tracing::warn!("refused a dummy session: {e}");
+                        continue;
+                    }
+                    if conns.len() >= MAX_SESSIONS {
+                        tracing::warn!("refused a dummy session: {MAX_SESSIONS} are open");
+                        continue;
+                    }
                     conns.spawn(session(stream, state));
                 }
                 Err(e) => {
