@@ -31,6 +31,11 @@ pub const KEEP: Duration = Duration::from_secs(5);
 /// Most reported pieces kept per segment; past this, the stale ones go, then all of them.
 const MAX_PIECES: usize = 16_384;
 
+/// Most segments with reports kept at once (reports name their segment, and any client may
+/// send one); past this, segments with nothing fresh go, and then new segments' reports are
+/// dropped (their commits wait, then commit the ordinary way).
+const MAX_SEGMENTS: usize = 4_096;
+
 /// Longest a commit may wait for its writes to be reported.
 pub const MAX_WAIT: Duration = Duration::from_secs(2);
 
@@ -109,6 +114,13 @@ impl Landings {
         let now = self.clock.monotonic();
         {
             let mut segments = self.lock();
+            if !segments.contains_key(segment) && segments.len() >= MAX_SEGMENTS {
+                segments.retain(|_, m| m.values().any(|p| now.duration_since(p.at) < KEEP));
+                if segments.len() >= MAX_SEGMENTS {
+                    tracing::warn!(segment, "landing reports of too many segments; dropped");
+                    return;
+                }
+            }
             let map = match segments.get_mut(segment) {
                 Some(m) => m,
                 None => segments.entry(segment.to_owned()).or_default(),
@@ -236,6 +248,24 @@ mod tests {
         assert!(l.take_if_landed("s", &[]));
         l.record("s", &[(u64::MAX - 1, 5), (7, 0)]);
         assert_eq!(l.pieces(), 0, "overflowing and empty reports are ignored");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_naming_many_segments_stay_bounded() {
+        let l = Landings::with_clock(Arc::new(mooncake_core::VirtualClock::new(0)));
+        for i in 0..MAX_SEGMENTS + 10 {
+            l.record(&format!("junk-{i}"), &[(0, 8)]);
+        }
+        assert_eq!(l.lock().len(), MAX_SEGMENTS);
+        // While every kept report is fresh, a new segment's reports are dropped (its commit
+        // then goes the ordinary way)...
+        l.record("real", &[(0, 8)]);
+        assert!(!l.take_if_landed("real", &[(0, 8)]));
+        // ... and once they are stale, they make room.
+        tokio::time::advance(KEEP).await;
+        l.record("real", &[(0, 8)]);
+        assert!(l.take_if_landed("real", &[(0, 8)]));
+        assert!(l.lock().len() <= 1);
     }
 
     #[tokio::test]
