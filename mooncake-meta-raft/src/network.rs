@@ -260,6 +260,10 @@ async fn writer<T: Send>(
     }
 }
 
+/// Inbound connections a member keeps open at once: members reconnect after failures, so a
+/// few per member, far below this.
+const MAX_INBOUND: usize = 256;
+
 /// Accepts peer connections until shutdown.
 pub(crate) async fn listen<T: Send + 'static>(
     listener: TcpListener,
@@ -267,12 +271,28 @@ pub(crate) async fn listen<T: Send + 'static>(
     inbox: Inbox<T>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    if open.load(Ordering::Relaxed) >= MAX_INBOUND {
+                        let now = std::time::Instant::now();
+                        if last_warning.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                            last_warning = Some(now);
+                            tracing::warn!(%peer, "refusing a raft connection: {MAX_INBOUND} are open");
+                        }
+                        continue;
+                    }
+                    open.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(reader(stream, peer, cfg.clone(), inbox.clone(), shutdown.clone()));
+                    let (cfg, inbox, shutdown, open) =
+                        (cfg.clone(), inbox.clone(), shutdown.clone(), open.clone());
+                    tokio::spawn(async move {
+                        reader(stream, peer, cfg, inbox, shutdown).await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "raft listener accept failed");
@@ -297,8 +317,12 @@ async fn read_one(
     let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
     codec::check_len(len, max_frame)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
+    // Grown as the bytes arrive, not to the announced length ahead of them.
+    let mut payload = Vec::new();
+    let got = (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if got != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     codec::check_crc(&payload, crc)?;
     Message::parse_from_bytes(&payload)
         .map(Some)
@@ -313,7 +337,7 @@ async fn reader<T: Send>(
     inbox: Inbox<T>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let mut r = BufReader::with_capacity(64 << 10, stream);
     loop {
         let m = tokio::select! {
             m = read_one(&mut r, cfg.max_frame) => m,
