@@ -12,6 +12,7 @@
 
 mod buffer;
 mod host;
+mod mapped;
 mod master;
 mod p2p;
 mod runtime;

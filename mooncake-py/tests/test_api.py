@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -166,6 +168,22 @@ def test_zero_copy(store, uniq):
         assert store.unregister_buffer(src.ctypes.data) == 0
         assert store.unregister_buffer(dst.ctypes.data) == 0
     assert store.unregister_buffer(src.ctypes.data) != 0
+
+
+def test_unmapped_or_read_only_buffers_are_refused(store, uniq):
+    import mmap
+
+    # Not memory of this process: refused with -600, and nothing later can touch it (upstream
+    # returns 0 and the next get_into kills the interpreter).
+    assert store.register_buffer(0x10000, 4096) == -600
+    assert store.put(uniq + "x", b"v" * 4096) == 0
+    assert store.get_into(uniq + "x", 0x10000, 4096) == -600
+    # Read-only memory: peers may write registered memory, so refused too.
+    ro = mmap.mmap(-1, 4096, prot=mmap.PROT_READ)
+    view = np.frombuffer(ro, dtype=np.uint8)
+    assert store.register_buffer(view.ctypes.data, 4096) == -600
+    del view
+    ro.close()
 
 
 def test_no_space_is_minus_200(store, uniq):

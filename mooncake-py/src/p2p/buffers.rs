@@ -115,7 +115,7 @@ fn one(o: &Bound<'_, PyAny>) -> PyResult<ArgBuffer> {
             )));
         };
         checked_len(addr, len)?;
-        check_mapped(&proc_maps()?, addr, len).map_err(PyValueError::new_err)?;
+        crate::mapped::check_mapped(addr, len).map_err(PyValueError::new_err)?;
         return Ok(ArgBuffer {
             addr,
             len,
@@ -178,62 +178,6 @@ fn tensor(o: &Bound<'_, PyAny>) -> PyResult<ArgBuffer> {
         len,
         keep: Keep::Object(o.clone().unbind()),
     })
-}
-
-/// This process's mappings: `(start, end, readable, writable)`, sorted.
-fn proc_maps() -> PyResult<Vec<(u64, u64, bool, bool)>> {
-    let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
-        PyValueError::new_err(format!(
-            "cannot check a raw pointer: reading /proc/self/maps: {e}"
-        ))
-    })?;
-    Ok(parse_maps(&text))
-}
-
-fn parse_maps(text: &str) -> Vec<(u64, u64, bool, bool)> {
-    let mut out: Vec<_> = text
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.split_ascii_whitespace();
-            let (s, e) = f.next()?.split_once('-')?;
-            let perms = f.next()?.as_bytes();
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-                perms.first() == Some(&b'r'),
-                perms.get(1) == Some(&b'w'),
-            ))
-        })
-        .collect();
-    out.sort_unstable();
-    out
-}
-
-/// Checks that `[addr, addr + len)` is mapped readable and writable in `maps`.
-fn check_mapped(maps: &[(u64, u64, bool, bool)], addr: u64, len: u64) -> Result<(), String> {
-    let end = addr + len;
-    let mut at = addr;
-    for &(s, e, r, w) in maps {
-        if e <= at {
-            continue;
-        }
-        if s > at {
-            break;
-        }
-        if !r || !w {
-            return Err(format!(
-                "{addr:#x}+{len} includes memory at {at:#x} that is not readable and writable \
-                 (peers may write registered memory)"
-            ));
-        }
-        at = e;
-        if at >= end {
-            return Ok(());
-        }
-    }
-    Err(format!(
-        "{addr:#x}+{len} is not mapped memory of this process (at {at:#x})"
-    ))
 }
 
 /// The ranges this binding registered with the engine, by start address, with how many

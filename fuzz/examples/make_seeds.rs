@@ -1,0 +1,139 @@
+//! Writes the seed corpus of the fuzz targets whose inputs are structured (postcard-encoded
+//! commands and frames), with the encoders the code itself uses, so the seeds stay valid as the
+//! types change. Run from the fuzz directory: `cargo run --example make_seeds`. Deterministic;
+//! rewrites the files it owns.
+
+use std::path::Path;
+
+use mooncake_core::{BufferDesc, Endpoint, Location, SegmentDesc};
+use mooncake_master::{ClientId, Command, ReplicateConfig, SegmentSpec};
+use mooncake_rpc::rpc::RPC_VERSION;
+use mooncake_rpc::MasterRequest;
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    std::fs::write(dir.join(name), bytes).expect("seed");
+}
+
+/// One RPC request frame: `len | version | kind | id | body`.
+fn frame(id: u64, request: &MasterRequest) -> Vec<u8> {
+    let body = postcard::to_stdvec(request).expect("encodes");
+    let mut f = Vec::new();
+    f.extend_from_slice(&((body.len() + 10) as u32).to_le_bytes());
+    f.push(RPC_VERSION);
+    f.push(1);
+    f.extend_from_slice(&id.to_le_bytes());
+    f.extend_from_slice(&body);
+    f
+}
+
+/// A master-commands step: `delay | len | command`.
+fn step(delay: u8, command: &Command) -> Vec<u8> {
+    let body = postcard::to_stdvec(command).expect("encodes");
+    assert!(body.len() <= 255, "seed command too long: {command:?}");
+    let mut s = vec![delay, body.len() as u8];
+    s.extend_from_slice(&body);
+    s
+}
+
+fn main() {
+    let c = ClientId;
+    let one = ReplicateConfig::default();
+    let two = ReplicateConfig::with_replicas(2);
+    let life = vec![
+        Command::MountSegment {
+            client_id: c(1),
+            segment: SegmentSpec::new("10.0.0.1:1", 0x10_0000, 64 << 20),
+        },
+        Command::MountSegment {
+            client_id: c(2),
+            segment: SegmentSpec::new("10.0.0.2:1", 0x10_0000, 64 << 20),
+        },
+        Command::PutStart {
+            client_id: c(1),
+            key: "a".into(),
+            size: 4096,
+            config: one.clone(),
+        },
+        Command::PutEnd {
+            client_id: c(1),
+            key: "a".into(),
+        },
+        Command::PutStart {
+            client_id: c(2),
+            key: "b".into(),
+            size: 1 << 20,
+            config: two,
+        },
+        Command::GetReplicaList { key: "a".into() },
+        Command::Heartbeat { client_id: c(1) },
+        Command::Remove {
+            key: "a".into(),
+            force: false,
+        },
+        Command::Reserve {
+            client_id: c(1),
+            size: 1 << 20,
+            min_size: 4096,
+        },
+        Command::ExpireClient { client_id: c(2) },
+        Command::Evict,
+        Command::UnmountSegment {
+            client_id: c(1),
+            name: "10.0.0.1:1".into(),
+        },
+    ];
+    let mut seq = Vec::new();
+    for (i, command) in life.iter().enumerate() {
+        seq.extend(step((i * 37 % 200) as u8, command));
+    }
+    write("master_commands", "lifecycle", &seq);
+    for (i, command) in life.iter().enumerate() {
+        write("master_commands", &format!("one-{i:02}"), &step(1, command));
+    }
+
+    let requests = vec![
+        MasterRequest::Apply(life[0].clone()),
+        MasterRequest::Apply(life[2].clone()),
+        MasterRequest::Segments,
+        MasterRequest::Metrics,
+        MasterRequest::Landed {
+            segment: "10.0.0.1:1".into(),
+            ranges: vec![(0x10_0000, 4096)],
+        },
+    ];
+    let mut stream = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let f = frame(i as u64 + 1, r);
+        write("rpc_stream", &format!("request-{i}"), &f);
+        stream.extend(f);
+    }
+    write("rpc_stream", "stream", &stream);
+
+    let desc = SegmentDesc {
+        name: "10.0.0.1:7000".into(),
+        endpoints: vec![
+            Endpoint {
+                protocol: "tcp".into(),
+                address: "10.0.0.1:7000".into(),
+            },
+            Endpoint {
+                protocol: "shm".into(),
+                address: "10.0.0.1/mooncake-shm-1".into(),
+            },
+        ],
+        buffers: vec![BufferDesc {
+            addr: 0x10_0000,
+            len: 64 << 20,
+            location: Location::cpu(0),
+            keys: Vec::new(),
+        }],
+    };
+    write("segment_desc", "two-endpoints", &desc.encode().expect("encodes"));
+
+    write("raft_wal", "empty", b"");
+    // A record header announcing 8 bytes with a wrong CRC, and a torn one.
+    write("raft_wal", "bad-crc", &[8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9]);
+    write("raft_wal", "torn", &[200, 0, 0, 0, 0, 0, 0, 0, 1]);
+}
