@@ -3,8 +3,7 @@
 //!
 //! The input is a sequence of `[delay_ms: u8][len: u8][postcard Command; len]`; each command that
 //! decodes is applied at the current master time, every few steps the timeout handler's own
-//! commands too. After each, the master's invariants must hold, and a snapshot must restore
-//! to a master with the same state. Never a panic.
+//! commands too. After each, the master's invariants must hold. Never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
