@@ -117,7 +117,15 @@ async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
         let leader = group.leader().await.expect("a leader serves");
         killed_leaders.push(group.members[leader].id);
         group.kill(leader);
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        // The others elect a leader among themselves (on a loaded machine this can take longer
+        // than the usual 1-2 s), then the killed member comes back.
+        eventually(
+            "a new leader among the survivors",
+            Duration::from_secs(15),
+            || async { group.leader().await.is_some_and(|i| i != leader) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         group.start(leader);
         let acked = log.lock().unwrap().acked.len();
         assert!(acked > 0, "round {round}: writes are acknowledged");
@@ -125,6 +133,7 @@ async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // The whole group dies at once under load and comes back.
+    let last_term = group.leaders_by_term().keys().max().copied().unwrap_or(0);
     measuring.store(false, std::sync::atomic::Ordering::Relaxed);
     for i in 0..3 {
         group.kill(i);
@@ -138,6 +147,14 @@ async fn leader_kills_and_a_whole_group_restart_lose_no_acknowledged_write() {
         Duration::from_secs(15),
         || async { group.leader().await.is_some() },
     )
+    .await;
+    eventually("the new leader's line", Duration::from_secs(5), || async {
+        group
+            .leaders_by_term()
+            .keys()
+            .max()
+            .is_some_and(|&t| t > last_term)
+    })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
