@@ -141,17 +141,17 @@ def driver_main(args: argparse.Namespace) -> None:
         print(f"{'case':<28}{'size':>8}{'calls':>9}{'GB/s':>9}{'p50 us':>10}{'p99 us':>10}")
         for size in sizes:
             # Check first: a read brings the target's pattern, a write lands our bytes.
+            assert ask(proc, "reset") == ["OK"]
             if e.transfer_sync_read(target, local, remote, size) != 0:
                 raise RuntimeError("check read failed")
             if e.read_bytes_from_buffer(local, size) != want_remote[:size].tobytes():
                 raise RuntimeError(f"read of {size} bytes brought wrong bytes")
-            ours = np.frombuffer(e.read_bytes_from_buffer(local, size), dtype=np.uint8)
+            ours = want_remote[:size][::-1].tobytes()
+            e.write_bytes_to_buffer(local, ours, size)
             if e.transfer_sync_write(target, local, remote, size) != 0:
                 raise RuntimeError("check write failed")
-            digest = hashlib.sha256(ours.tobytes()).hexdigest()
-            if ask(proc, f"digest {size}") != ["DIGEST", digest]:
+            if ask(proc, f"digest {size}") != ["DIGEST", hashlib.sha256(ours).hexdigest()]:
                 raise RuntimeError(f"write of {size} bytes did not land")
-            assert ask(proc, "reset") == ["OK"]
             n = args.batch
             cases = [
                 ("transfer_sync_write", size, lambda: e.transfer_sync_write(target, local, remote, size)),
@@ -175,8 +175,7 @@ def driver_main(args: argparse.Namespace) -> None:
                 label = f"{size >> 10}K" if size < (1 << 20) else f"{size >> 20}M"
                 print(f"{name:<28}{label:>8}{len(times):>9}{gbps:>9.2f}{p50:>10.1f}{p99:>10.1f}", flush=True)
         del keep
-        ask_quit = "quit\n"
-        proc.stdin.write(ask_quit)
+        proc.stdin.write("quit\n")
         proc.stdin.flush()
         proc.wait(30)
     finally:
