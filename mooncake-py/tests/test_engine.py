@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import pathlib
 import selectors
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -328,6 +330,109 @@ def test_opcode_enum_and_module_names():
     with pytest.raises(ValueError):
         TransferOpcode(2)
     assert not (engine_mod.SUPPORT_CUDA or engine_mod.SUPPORT_EFA or engine_mod.SUPPORT_MNNVL)
+
+
+def test_disaggregation_style_flow():
+    """As vLLM's and SGLang's connectors drive it: protocol "rdma" (TCP here), the session id
+    `host:rpc_port`, per-layer KV buffers registered in one call, pushed in one batch."""
+    prefill, decode = TransferEngine(), TransferEngine()
+    for e in (prefill, decode):
+        assert e.initialize(HOST, "P2PHANDSHAKE", "rdma", "") == 0
+    session = f"{HOST}:{decode.get_rpc_port()}"
+    layers = 6
+    kv_src = [pattern(96 << 10, 100 + i) for i in range(layers)]
+    kv_dst = [np.zeros(96 << 10, dtype=np.uint8) for _ in range(layers)]
+    assert prefill.batch_register_memory([addr(k) for k in kv_src], [k.nbytes for k in kv_src]) == 0
+    assert decode.batch_register_memory([addr(k) for k in kv_dst], [k.nbytes for k in kv_dst]) == 0
+    # Blocks 1 and 2 (of three 32 KiB blocks) of every layer.
+    block = 32 << 10
+    src, dst, lens = [], [], []
+    for s_, d_ in zip(kv_src, kv_dst):
+        for b in (1, 2):
+            src.append(addr(s_) + b * block)
+            dst.append(addr(d_) + b * block)
+            lens.append(block)
+    assert prefill.batch_transfer_sync_write(session, src, dst, lens) == 0
+    for s_, d_ in zip(kv_src, kv_dst):
+        assert np.array_equal(d_[block:], s_[block:]) and not d_[:block].any()
+    assert decode.batch_unregister_memory([addr(k) for k in kv_dst]) == 0
+    assert prefill.batch_transfer_sync_write(session, src, dst, lens) == -1
+    assert prefill.batch_unregister_memory([addr(k) for k in kv_src]) == 0
+
+
+def test_threads_share_an_engine(pair):
+    a, b = pair
+    n, piece, rounds = 6, 256 << 10, 10
+    src = pattern(n * piece, 12)
+    dst = np.zeros(n * piece, dtype=np.uint8)
+    back = np.zeros(n * piece, dtype=np.uint8)
+    assert a.batch_register_memory([addr(src), addr(back)], [src.nbytes, back.nbytes]) == 0
+    assert b.register_memory(addr(dst), dst.nbytes) == 0
+    target = name_of(b)
+    codes = [[] for _ in range(n)]
+
+    def work(i):
+        off = i * piece
+        for _ in range(rounds):
+            codes[i].append(a.transfer_sync_write(target, addr(src) + off, addr(dst) + off, piece))
+            codes[i].append(a.transfer_sync_read(target, addr(back) + off, addr(dst) + off, piece))
+            bid = a.batch_transfer_async_write(target, [addr(src) + off], [addr(dst) + off], [piece])
+            codes[i].append(a.get_batch_transfer_status([bid]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert all(c == [0] * (3 * rounds) for c in codes), codes
+    assert np.array_equal(dst, src) and np.array_equal(back, src)
+
+
+def _wait(pid, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung")
+
+
+def test_a_forked_child_gets_errors_from_the_parents_engine(pair):
+    a, b = pair
+    src, dst = pattern(4096, 13), np.zeros(4096, dtype=np.uint8)
+    assert a.register_memory(addr(src), 4096) == 0
+    assert b.register_memory(addr(dst), 4096) == 0
+    target = name_of(b)
+    pid = os.fork()
+    if pid == 0:
+        # The child reports through its exit code only, never returning into pytest.
+        code = 0
+        try:
+            if a.get_rpc_port() != -1:
+                code = 10
+            elif b.get_rpc_port() != -1 or b.register_memory(addr(src), 16) != -1:
+                code = 11
+            elif a.transfer_sync_write(target, addr(src), addr(dst), 16) != -1:
+                code = 11
+            else:
+                mine = started()
+                buf = pattern(64, 14)
+                if mine.register_memory(addr(buf), 64) != 0:
+                    code = 12
+                # Into the parent's engine `b`, which serves from the parent process.
+                elif mine.transfer_sync_write(target, addr(buf), addr(dst) + 64, 64) != 0:
+                    code = 13
+        except BaseException:  # noqa: BLE001 - any failure becomes an exit code
+            code = 14
+        os._exit(code)
+    assert _wait(pid) == 0
+    assert np.array_equal(dst[64:128], pattern(64, 14))
+    assert a.transfer_sync_write(target, addr(src), addr(dst), 16) == 0
+    assert np.array_equal(dst[:16], src[:16])
 
 
 CHILD = textwrap.dedent(
