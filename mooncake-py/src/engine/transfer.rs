@@ -135,10 +135,13 @@ impl PyTransferEngine {
             return ERR_INVALID_ARGUMENT;
         }
         let name = target.to_owned();
-        let work = items.clone();
-        match block_on(py, async move { run(&engine, &name, op, &work).await }) {
-            Ok(Ok(())) => 0,
-            Ok(Err((Some(i), e))) => {
+        let done = block_on(py, async move {
+            let r = run(&engine, &name, op, &items).await;
+            (r, items)
+        });
+        match done {
+            Ok((Ok(()), _)) => 0,
+            Ok((Err((Some(i), e)), items)) => {
                 let it = items[i];
                 tracing::error!(
                     "{call} to {target}: request {i} of {} ({:?} local {:#x}, peer {:#x}, {} \
@@ -151,7 +154,7 @@ impl PyTransferEngine {
                 );
                 ERR_INVALID_ARGUMENT
             }
-            Ok(Err((None, e))) => {
+            Ok((Err((None, e)), _)) => {
                 tracing::error!("{call}: cannot open segment {target}: {e}");
                 ERR_INVALID_ARGUMENT
             }
