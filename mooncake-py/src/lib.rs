@@ -1,6 +1,7 @@
 //! `mooncake._store`: Python bindings of the Rust store client, re-exported by the pure-Python
 //! package as `mooncake.store` (a drop-in for upstream Mooncake's `mooncake.store`), and of the
-//! P2P store (`mooncake-p2p`), re-exported as `mooncake.p2p`.
+//! P2P store (`mooncake-p2p`), re-exported as `mooncake.p2p`, and of the transfer engine alone
+//! (`mooncake_core::TransferEngine`), re-exported as `mooncake.engine`.
 //!
 //! This crate holds conversions only: arguments in, results out, errors mapped to upstream's
 //! integer codes, the GIL released around every wait. The logic lives in the `mooncake` and
@@ -11,6 +12,7 @@
 //! catches panics at the boundary: a Rust panic becomes an error code, never a Python crash.
 
 mod buffer;
+mod engine;
 mod host;
 mod mapped;
 mod master;
@@ -55,6 +57,7 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<host::MooncakeHostMemAllocator>()?;
     m.add_function(wrap_pyfunction!(host::bind_to_numa_node, m)?)?;
     p2p::add(m)?;
+    engine::add(m)?;
     m.add_function(wrap_pyfunction!(master::run_master, m)?)?;
     m.add_function(wrap_pyfunction!(master::run_client, m)?)?;
     // Upstream exports the enum values at module level (ReplicaStatus, then TaskType, then

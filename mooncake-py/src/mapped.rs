@@ -4,9 +4,17 @@
 
 /// Checks that `[addr, addr + len)` is mapped readable and writable in this process.
 pub(crate) fn check_mapped(addr: u64, len: u64) -> Result<(), String> {
-    let text = std::fs::read_to_string("/proc/self/maps")
-        .map_err(|e| format!("cannot check a raw pointer: reading /proc/self/maps: {e}"))?;
-    check_in(&parse_maps(&text), addr, len)
+    check_in(&parse_maps(&read_maps()?), addr, len, true)
+}
+
+/// Checks that `[addr, addr + len)` is mapped readable in this process (for copying out of it).
+pub(crate) fn check_readable(addr: u64, len: u64) -> Result<(), String> {
+    check_in(&parse_maps(&read_maps()?), addr, len, false)
+}
+
+fn read_maps() -> Result<String, String> {
+    std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| format!("cannot check a raw pointer: reading /proc/self/maps: {e}"))
 }
 
 /// This process's mappings from `/proc/self/maps`: `(start, end, readable, writable)`, sorted.
@@ -29,8 +37,13 @@ fn parse_maps(text: &str) -> Vec<(u64, u64, bool, bool)> {
     out
 }
 
-/// Checks that `[addr, addr + len)` is mapped readable and writable in `maps`.
-fn check_in(maps: &[(u64, u64, bool, bool)], addr: u64, len: u64) -> Result<(), String> {
+/// Checks that `[addr, addr + len)` is mapped readable (and writable, with `write`) in `maps`.
+fn check_in(
+    maps: &[(u64, u64, bool, bool)],
+    addr: u64,
+    len: u64,
+    write: bool,
+) -> Result<(), String> {
     let end = addr.saturating_add(len);
     let mut at = addr;
     for &(s, e, r, w) in maps {
@@ -40,11 +53,15 @@ fn check_in(maps: &[(u64, u64, bool, bool)], addr: u64, len: u64) -> Result<(), 
         if s > at {
             break;
         }
-        if !r || !w {
-            return Err(format!(
-                "{addr:#x}+{len} includes memory at {at:#x} that is not readable and writable \
-                 (peers may write registered memory)"
-            ));
+        if !r || (write && !w) {
+            return Err(if write {
+                format!(
+                    "{addr:#x}+{len} includes memory at {at:#x} that is not readable and \
+                     writable (peers may write registered memory)"
+                )
+            } else {
+                format!("{addr:#x}+{len} includes memory at {at:#x} that is not readable")
+            });
         }
         at = e;
         if at >= end {
