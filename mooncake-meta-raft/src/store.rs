@@ -625,8 +625,12 @@ impl Driver {
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(Error::Shutdown));
         }
+        // A stopped member leads nothing: whoever asks (the master service deciding whether it
+        // may answer from its state) is told so, instead of seeing the role it last had.
         self.status.send_modify(|s| {
             s.running = false;
+            s.role = StateRole::Follower;
+            s.leader = None;
             s.fatal = result.err().map(|e| e.to_string());
         });
     }

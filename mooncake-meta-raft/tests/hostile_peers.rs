@@ -110,6 +110,24 @@ async fn messages_from_outside_the_group_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_no_longer_claims_to_lead() {
+    use mooncake_core::{CommandLog, Leadership};
+    let dir = TempDir::new("stopped-leader");
+    let (_voters, mut stores, l, _f) = group(&dir).await;
+    let leader = stores[l].take().unwrap();
+    assert!(matches!(leader.leadership(), Leadership::Leader { .. }));
+    leader.shutdown().await;
+    assert!(!leader.is_leader());
+    assert_eq!(
+        leader.leadership(),
+        Leadership::Follower { leader_hint: None }
+    );
+    for s in stores.into_iter().flatten() {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_that_cannot_be_installed_stops_the_member_and_the_group_carries_on() {
     let dir = TempDir::new("hostile-snap");
     let (voters, stores, l, f) = group(&dir).await;
@@ -137,6 +155,8 @@ async fn a_snapshot_that_cannot_be_installed_stops_the_member_and_the_group_carr
         .expect("the member reports its failure");
     assert!(reason.contains("snapshot"), "{reason}");
     assert!(!follower.status().running);
+    // It leads nothing and names no leader: a service on it answers "not the leader".
+    assert!(!follower.is_leader() && follower.leader().is_none());
     // The other two carry on.
     let leader = stores[l].as_ref().unwrap();
     leader.put("after", b"still".to_vec()).await.unwrap();
