@@ -948,3 +948,59 @@ async fn a_failed_write_commits_nothing(same_host_shm: bool) {
         s.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_go_on_while_a_copy_task_stalls() {
+    use mooncake_master::{ClientId, SegmentSpec};
+    // Clients expire after 1.5 s of silence.
+    let (svc, addr) = serve_master(MasterConfig {
+        client_ttl_ms: 1_500,
+        ..MasterConfig::default()
+    })
+    .await;
+    let a = Store::setup(config(&addr, 16 << 20)).await.unwrap();
+    let rc = ReplicateConfig {
+        preferred_segment: a.hostname().to_owned(),
+        ..Default::default()
+    };
+    a.put("obj", &pattern(3, 4096), &rc).await.unwrap();
+    // A segment whose node accepts connections and never answers: a copy to it stalls for the
+    // transfer's whole timeout (tens of seconds).
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_name = hole.local_addr().unwrap().to_string();
+    let fake = ClientId(0xdead);
+    let apply = |command| {
+        let svc = svc.clone();
+        async move { svc.call(MasterRequest::Apply(command)).await.unwrap() }
+    };
+    apply(Command::MountSegment {
+        client_id: fake,
+        segment: SegmentSpec::new(hole_name.clone(), 0x10_0000, 16 << 20),
+    })
+    .await;
+    a.create_copy_task("obj", &[hole_name.clone()])
+        .await
+        .unwrap();
+    // For 4 s (well past the TTL, while the copy hangs) the storage node stays alive.
+    let mounted = |name: String| {
+        let svc = svc.clone();
+        async move {
+            match svc.call(MasterRequest::Segments).await.unwrap() {
+                MasterReply::Segments(s) => s.iter().any(|s| s.name == name),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The black hole's owner keeps itself alive by hand.
+        apply(Command::Heartbeat { client_id: fake }).await;
+        assert!(
+            mounted(a.hostname().to_owned()).await,
+            "a healthy storage node was expired while its copy task hung"
+        );
+    }
+    assert_eq!(a.get("obj").await.unwrap(), pattern(3, 4096));
+    drop(hole);
+    a.close().await.unwrap();
+}

@@ -367,15 +367,27 @@ impl Store {
         }
         let weak = Arc::downgrade(&store);
         let interval = store.config.heartbeat_interval;
+        // Heartbeats and copy/move tasks run side by side: a task may take as long as a
+        // transfer may (tens of seconds), and heartbeats waiting behind it would let the master
+        // expire a healthy node.
         let handle = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(store) = weak.upgrade() else { return };
-                store.background_round().await;
-            }
+            let each = |f: fn(Arc<Store>) -> futures::future::BoxFuture<'static, ()>| {
+                let weak = weak.clone();
+                async move {
+                    let mut tick = tokio::time::interval(interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        let Some(store) = weak.upgrade() else { return };
+                        f(store).await;
+                    }
+                }
+            };
+            tokio::join!(
+                each(|s| Box::pin(async move { s.heartbeat_round().await })),
+                each(|s| Box::pin(async move { s.task_round().await })),
+            );
         });
         *store.background.lock().expect("background slot") = Some(handle);
         Ok(store)
@@ -434,8 +446,8 @@ impl Store {
         }
     }
 
-    /// One round of the background task: heartbeat (remount if needed), then tasks.
-    async fn background_round(&self) {
+    /// One heartbeat (and a remount if the master asks for one).
+    async fn heartbeat_round(&self) {
         match self.heartbeat().await {
             Ok(HeartbeatStatus::Ok) => {}
             Ok(HeartbeatStatus::NeedRemount) => {
@@ -449,11 +461,12 @@ impl Store {
                     tracing::warn!("remount failed: {e}");
                 }
             }
-            Err(e) => {
-                tracing::debug!("heartbeat failed: {e}");
-                return;
-            }
+            Err(e) => tracing::debug!("heartbeat failed: {e}"),
         }
+    }
+
+    /// One round of copy/move tasks, for a client with a segment.
+    async fn task_round(&self) {
         if self.segment.is_some() {
             if let Err(e) = self.run_tasks().await {
                 tracing::debug!("task round failed: {e}");
