@@ -978,7 +978,7 @@ async fn heartbeats_go_on_while_a_copy_task_stalls() {
         segment: SegmentSpec::new(hole_name.clone(), 0x10_0000, 16 << 20),
     })
     .await;
-    a.create_copy_task("obj", &[hole_name.clone()])
+    a.create_copy_task("obj", std::slice::from_ref(&hole_name))
         .await
         .unwrap();
     // For 4 s (well past the TTL, while the copy hangs) the storage node stays alive.
