@@ -251,6 +251,14 @@ pub enum Command {
     },
     /// Free the unclaimed space of expired reservations (from the timeout handler).
     ExpireReservations,
+    /// Heartbeats a leader answered outside the log, recorded in the replicated state (from the
+    /// leader's timer, every half TTL or so): each client's last time, for known clients. A
+    /// later leader then knows who was alive, and a client that died is not given a new TTL by
+    /// every change of leader. Added last: earlier variants keep their wire tags.
+    ClientsHeard {
+        /// `(client, when last heard)`.
+        heard: Vec<(ClientId, Timestamp)>,
+    },
 }
 
 impl Command {
@@ -267,6 +275,7 @@ impl Command {
                 | Command::TaskTimeout { .. }
                 | Command::PurgeTasks
                 | Command::ExpireReservations
+                | Command::ClientsHeard { .. }
         )
     }
 }

@@ -29,12 +29,16 @@ use super::Master;
 ///   [`Command::EvictKeys`] with victims chosen knowing the recorded reads;
 /// - **heartbeats** of known clients are answered at once; the view keeps each client's last
 ///   time, and [`LeaderView::timeouts`] proposes `ExpireClient` only when both the replicated
-///   and the recorded time are past the TTL. Only expiry reaches the log;
-/// - a **new leader** knows nothing of its predecessor's reads and heartbeats.
-///   [`LeaderView::take_over`] starts every known client's TTL afresh and returns a
+///   and the recorded time are past the TTL. Each client's heard time reaches the log in a
+///   [`Command::ClientsHeard`] batch once the replicated one is half a TTL old, so the
+///   replicated state knows who is alive to within about half a TTL;
+/// - a **new leader** knows nothing of its predecessor's reads and of its heartbeats since the
+///   last batch. [`LeaderView::take_over`] gives every client until the later of its replicated
+///   deadline and half a TTL from the takeover (time to find the new leader), and returns a
 ///   [`Command::LeaseAll`] to append before anything else, leasing every object until
 ///   `now + extra + lease TTL`, where `extra` covers how long a deposed leader may go on serving
-///   reads before it notices (its election timeout, with check-quorum).
+///   reads before it notices (its election timeout, with check-quorum). A client that died is
+///   expired on schedule however often the leader changes.
 ///
 /// A read served by a deposed leader that has not noticed yet may miss writes committed by its
 /// successor; that window is bounded by check-quorum.
@@ -59,8 +63,12 @@ use super::Master;
 pub struct LeaderView {
     /// Last read served per key, not yet known to the replicated state.
     reads: HashMap<String, Timestamp>,
-    /// Last heartbeat per client.
+    /// Last heartbeat per client, served here.
     heard: HashMap<ClientId, Timestamp>,
+    /// The heard times last proposed in a [`Command::ClientsHeard`], per client.
+    reported: HashMap<ClientId, Timestamp>,
+    /// When this view began leading (see [`LeaderView::take_over`]).
+    took_over_at: Option<Timestamp>,
     /// Keys of commands between `route` and `finish`, with how many.
     barred: HashMap<String, u32>,
     /// Commands in flight that bar every key.
@@ -174,15 +182,33 @@ impl LeaderView {
 
     /// The maintenance commands due at `now` ([`Master::handle_timeout`]), without expiring a
     /// client heard from here within its TTL.
-    pub fn timeouts(&self, master: &Master, now: Timestamp) -> Vec<Command> {
+    pub fn timeouts(&mut self, master: &Master, now: Timestamp) -> Vec<Command> {
         let ttl = master.config().client_ttl_ms;
+        let grace_over = self.took_over_at.is_none_or(|t| t.plus(ttl / 2) <= now);
         let mut due = master.handle_timeout(now);
         due.retain(|c| match c {
             Command::ExpireClient { client_id } => {
-                self.heard.get(client_id).is_none_or(|t| t.plus(ttl) <= now)
+                grace_over && self.heard.get(client_id).is_none_or(|t| t.plus(ttl) <= now)
             }
             _ => true,
         });
+        // Heartbeats the replicated state should learn of: a client heard here since it last
+        // did, whose replicated time is half a TTL old.
+        let mut heard: Vec<(ClientId, Timestamp)> = (self.heard.iter())
+            .filter(|(c, t)| {
+                let replicated = master
+                    .client_deadline(**c)
+                    .map(|d| Timestamp(d.0.saturating_sub(ttl)));
+                replicated.is_some_and(|r| **t > r && r.plus(ttl / 2) <= now)
+                    && self.reported.get(*c).is_none_or(|r| **t > *r)
+            })
+            .map(|(c, t)| (*c, *t))
+            .collect();
+        if !heard.is_empty() {
+            heard.sort_unstable();
+            self.reported.extend(heard.iter().copied());
+            due.push(Command::ClientsHeard { heard });
+        }
         due
     }
 
@@ -192,18 +218,19 @@ impl LeaderView {
         self.reads.retain(|_, t| t.plus(ttl) > now);
         self.heard
             .retain(|c, _| master.client_deadline(*c).is_some());
+        self.reported
+            .retain(|c, _| master.client_deadline(*c).is_some());
     }
 
     /// Starts leading at `now` over `master` (the state applied so far): forgets what an
-    /// earlier term recorded, gives every known client a fresh TTL, and returns the command to
-    /// append first, which leases every object until `now + extra_ms` plus the lease TTL.
-    pub fn take_over(&mut self, master: &Master, now: Timestamp, extra_ms: u64) -> Command {
+    /// earlier term recorded, gives every known client until the later of its replicated
+    /// deadline and half a TTL from now, and returns the command to append first, which leases
+    /// every object until `now + extra_ms` plus the lease TTL.
+    pub fn take_over(&mut self, _master: &Master, now: Timestamp, extra_ms: u64) -> Command {
         self.reads.clear();
-        self.heard = master
-            .clients()
-            .into_iter()
-            .map(|(c, _)| (c, now))
-            .collect();
+        self.heard.clear();
+        self.reported.clear();
+        self.took_over_at = Some(now);
         Command::LeaseAll {
             read_at: now.plus(extra_ms),
         }

@@ -247,6 +247,16 @@ impl Master {
                 &config,
             )),
             Command::ExpireReservations => Response::Count(Ok(self.expire_reservations(now))),
+            Command::ClientsHeard { heard } => {
+                for (client, at) in heard {
+                    if let Some(c) = self.clients.get_mut(&client) {
+                        // Never later than the entry's own time: a record cannot vouch for
+                        // the future.
+                        c.last_seen = c.last_seen.max(at.min(now));
+                    }
+                }
+                Response::Unit(Ok(()))
+            }
             Command::UnmountSegment { client_id, name } => {
                 Response::Unit(self.unmount_segment(now, client_id, &name))
             }
