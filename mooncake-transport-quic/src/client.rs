@@ -52,6 +52,15 @@ fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
     }
 }
 
+/// Who refused a TLS handshake that failed with `e`: this side, or the peer.
+pub(crate) fn refused_by(e: &quinn::ConnectionError) -> &'static str {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::ApplicationClosed(_) => "refused by the peer",
+        _ => "refused by this side",
+    }
+}
+
 /// Splits `host:port` (host may be `[v6]`).
 pub(crate) fn split_address(address: &str) -> Result<(&str, u16)> {
     let bad = || Error::InvalidArgument(format!("segment address {address:?} is not host:port"));
@@ -164,7 +173,8 @@ impl PeerPool {
             }
             Err(e) => {
                 if is_tls_refusal(&e) {
-                    tracing::warn!(peer = %self.address, "refused QUIC handshake: {e}");
+                    tracing::warn!(peer = %self.address, "QUIC handshake failed ({}): {e}",
+                        refused_by(&e));
                 }
                 endpoint.close(VarInt::from_u32(code::DONE), b"");
                 Err(self.unreachable(format!("QUIC handshake: {e}")))

@@ -106,7 +106,7 @@ async fn serve_incoming(
     let conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            tracing::warn!(%remote, "refused QUIC handshake: {e}");
+            tracing::warn!(%remote, "QUIC handshake failed ({}): {e}", crate::client::refused_by(&e));
             return;
         }
         Err(_) => {
