@@ -152,7 +152,8 @@ impl PeerPool {
         } else {
             std::net::Ipv6Addr::UNSPECIFIED.into()
         };
-        let endpoint = quinn::Endpoint::client(SocketAddr::new(local_ip, 0))
+        let endpoint = config
+            .endpoint(SocketAddr::new(local_ip, 0), None)
             .map_err(|e| self.unreachable(format!("binding a QUIC client socket: {e}")))?;
         let connecting = endpoint
             .connect_with(client.clone(), target, host)
@@ -163,6 +164,10 @@ impl PeerPool {
                 let watched = conn.clone();
                 tokio::spawn(async move {
                     let e = watched.closed().await;
+                    let stats = watched.stats();
+                    tracing::debug!(%peer, rtt = ?stats.path.rtt, cwnd = stats.path.cwnd,
+                        mtu = stats.path.current_mtu, lost = stats.path.lost_packets,
+                        sent = stats.path.sent_packets, "QUIC connection statistics");
                     if is_tls_refusal(&e) {
                         tracing::warn!(%peer, "QUIC peer refused our TLS handshake: {e}");
                     } else {
@@ -210,6 +215,19 @@ fn status_error(op: Op, addr: u64, len: u64, status: i32) -> Error {
     }
 }
 
+/// The sending half of a request's stream, reset when dropped before the target answered: a
+/// request abandoned midway (its call timed out) sends nothing more. (Dropping a plain
+/// `SendStream` would finish it, and quinn would go on sending what it buffered.)
+struct ResetOnDrop(quinn::SendStream, bool);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = self.0.reset(VarInt::from_u32(code::DONE));
+        }
+    }
+}
+
 /// Runs one request on its own stream of `conn`. `local` is the destination of a READ and the
 /// source of a WRITE; a DESCRIBE returns the descriptor's bytes.
 pub(crate) async fn request(
@@ -221,10 +239,12 @@ pub(crate) async fn request(
     notify: bool,
 ) -> Result<Vec<u8>> {
     let len = local.map_or(0, MemRegion::len);
-    let (mut send, mut recv) = conn
+    let (send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| stream_error(peer, "opening a stream", e))?;
+    let mut guard = ResetOnDrop(send, true);
+    let send = &mut guard.0;
     let header = frame::encode_request(&Request {
         op,
         addr,
@@ -233,7 +253,7 @@ pub(crate) async fn request(
     });
     let mut sent = send.write_all(&header).await;
     if sent.is_ok() && op == Op::Write {
-        sent = send_region(&mut send, local.expect("WRITE has local memory")).await;
+        sent = send_region(send, local.expect("WRITE has local memory")).await;
     }
     let _ = send.finish();
     // A target that refuses a WRITE stops the stream: its response still says why.
@@ -244,6 +264,8 @@ pub(crate) async fn request(
             Ok(()) => stream_error(peer, "receiving the response", e),
         });
     }
+    // The target has read the whole request: nothing is left to abandon.
+    guard.1 = false;
     let resp =
         frame::decode_response(&h).map_err(|e| Error::Protocol(format!("from {peer}: {e}")))?;
     if resp.status != 0 {

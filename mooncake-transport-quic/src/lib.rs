@@ -99,9 +99,21 @@ pub struct QuicConfig {
     pub receive_window: u64,
     /// Bytes sent and not yet acknowledged per connection. Default 32 MiB.
     pub send_window: u64,
-    /// Largest UDP payload path MTU discovery tries. Default 1452 (Ethernet); loopback and
-    /// jumbo-frame networks go faster with more (up to 65527).
+    /// Largest UDP payload path MTU discovery tries, and the largest this side accepts.
+    /// Default 1452 (Ethernet); loopback and jumbo-frame networks go faster with more, up to
+    /// [`MAX_UDP_PAYLOAD`].
     pub max_udp_payload: u16,
+    /// A UDP payload size every path to peers is known to carry: used from the first packet
+    /// and never gone below, even when losses look like a black hole to path MTU discovery.
+    /// Default 1200 (what QUIC requires of any path); on loopback or a known jumbo-frame
+    /// network a larger value cuts the per-packet cost several times (loopback: set both this
+    /// and [`QuicConfig::max_udp_payload`] to [`MAX_UDP_PAYLOAD`]). Must not exceed
+    /// [`QuicConfig::max_udp_payload`].
+    pub min_udp_payload: u16,
+    /// Requested size of each UDP socket's kernel send and receive buffers (the kernel caps it
+    /// at `net.core.rmem_max` / `wmem_max`). A burst larger than the receive buffer is dropped
+    /// and costs a congestion-window cut. Default 4 MiB.
+    pub udp_buffer: usize,
     /// Decides which verified peers are served. Default: every peer with a valid certificate.
     pub authorizer: Option<Arc<dyn PeerAuthorizer>>,
 }
@@ -125,6 +137,8 @@ impl QuicConfig {
             receive_window: 32 << 20,
             send_window: 32 << 20,
             max_udp_payload: 1452,
+            min_udp_payload: 1200,
+            udp_buffer: 4 << 20,
             authorizer: None,
         }
     }
@@ -158,10 +172,36 @@ impl QuicConfig {
         {
             return bad("windows must be at least 64 KiB, the connection's at least the stream's");
         }
-        if !(1200..=65527).contains(&self.max_udp_payload) {
-            return bad("max_udp_payload must be between 1200 and 65527");
+        if !(1200..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
+            return bad("max_udp_payload must be between 1200 and 6500");
+        }
+        if self.min_udp_payload < 1200 || self.min_udp_payload > self.max_udp_payload {
+            return bad("min_udp_payload must be between 1200 and max_udp_payload");
         }
         Ok(())
+    }
+
+    /// A QUIC endpoint on a new UDP socket bound to `addr`, with this config's socket buffers.
+    pub(crate) fn endpoint(
+        &self,
+        addr: SocketAddr,
+        server: Option<quinn::ServerConfig>,
+    ) -> std::io::Result<quinn::Endpoint> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        // Best effort: the kernel caps the sizes, and a smaller buffer only costs speed.
+        if let Err(e) = state.set_recv_buffer_size((&socket).into(), self.udp_buffer) {
+            tracing::debug!("setting the UDP receive buffer: {e}");
+        }
+        if let Err(e) = state.set_send_buffer_size((&socket).into(), self.udp_buffer) {
+            tracing::debug!("setting the UDP send buffer: {e}");
+        }
+        let mut endpoint = quinn::EndpointConfig::default();
+        // What this side accepts, announced to peers: it caps their path MTU discovery.
+        endpoint
+            .max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        quinn::Endpoint::new(endpoint, server, socket, Arc::new(quinn::TokioRuntime))
     }
 
     fn transport(&self) -> Result<Arc<TransportConfig>> {
@@ -178,6 +218,8 @@ impl QuicConfig {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(self.idle_timeout / 3))
             .datagram_receive_buffer_size(None)
+            .initial_mtu(self.min_udp_payload)
+            .min_mtu(self.min_udp_payload)
             .mtu_discovery_config(Some(mtu));
         Ok(Arc::new(t))
     }
@@ -193,6 +235,11 @@ pub struct QuicTransport {
     server: Mutex<Option<(JoinHandle<()>, quinn::Endpoint)>>,
     closed: AtomicBool,
 }
+
+/// Largest [`QuicConfig::max_udp_payload`]: quinn hands the kernel up to 10 packets per
+/// segmentation-offload (GSO) call and one call carries at most 64 KiB, so larger packets are
+/// lost whole batches at a time.
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
 
 /// Smallest piece a large request is split into.
 const MIN_PART: u64 = 256 * 1024;
@@ -263,7 +310,9 @@ impl Transport for QuicTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
-        let endpoint = quinn::Endpoint::server(self.server_config.clone(), self.config.bind)
+        let endpoint = self
+            .config
+            .endpoint(self.config.bind, Some(self.server_config.clone()))
             .map_err(|e| Error::Io(format!("binding QUIC on {}: {e}", self.config.bind)))?;
         let local = endpoint.local_addr()?;
         let host = match &self.config.advertise_host {

@@ -6,8 +6,8 @@
 //! handshakes in progress; per connection at most [`QuicConfig::max_streams_per_connection`]
 //! open streams, each served by one task; buffered data per connection bounded by the receive
 //! window. Every range is checked against the registered buffers before memory is touched, and
-//! payloads move in pieces of at most [`CHUNK`] bytes, so no length from the network sizes an
-//! allocation. A stream that does not finish within the request timeout is reset.
+//! payloads move between the stream and registered memory piece by piece, so no length from the
+//! network sizes an allocation. A stream that does not finish within the request timeout is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +22,10 @@ use crate::frame::{self, FrameError, Op, Request, Response};
 use crate::tls::PeerIdentity;
 use crate::QuicConfig;
 
-/// Largest piece a payload is copied in.
+/// Largest piece a received payload is copied in.
 pub(crate) const CHUNK: usize = 256 * 1024;
+/// Largest piece of registered memory handed to quinn at once.
+const SEND_PIECE: u64 = 1 << 20;
 
 /// Application error codes on streams and connections.
 pub(crate) mod code {
@@ -245,7 +247,21 @@ async fn handle(
     }
 }
 
-/// Sends the bytes of `region`, in pieces of at most [`CHUNK`] bytes.
+/// Registered memory lent to quinn's send buffer without a copy: it stays registered (and its
+/// bytes readable) until quinn drops the last piece, once the peer acknowledged it or the stream
+/// was reset.
+struct Lent(MemRegion);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: a `MemRegion` is a validated range of a registered buffer, which stays
+        // registered and mapped while the region lives; `Lent` owns the region.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), self.0.len() as usize) }
+    }
+}
+
+/// Sends the bytes of `region` straight from registered memory, in pieces of at most
+/// [`SEND_PIECE`] bytes.
 pub(crate) async fn send_region(
     send: &mut SendStream,
     region: &MemRegion,
@@ -253,13 +269,9 @@ pub(crate) async fn send_region(
     let len = region.len();
     let mut offset = 0;
     while offset < len {
-        let n = (len - offset).min(CHUNK as u64);
-        let mut piece = vec![0u8; n as usize];
-        region
-            .slice(offset, n)
-            .and_then(|r| r.read_into(&mut piece))
-            .expect("within the region");
-        send.write_chunk(Bytes::from(piece)).await?;
+        let n = (len - offset).min(SEND_PIECE);
+        let piece = region.slice(offset, n).expect("within the region");
+        send.write_chunk(Bytes::from_owner(Lent(piece))).await?;
         offset += n;
     }
     Ok(())

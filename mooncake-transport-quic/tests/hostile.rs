@@ -329,3 +329,88 @@ async fn connections_beyond_the_limit_are_refused() {
     endpoint.close(0u32.into(), b"");
     t.engine.shutdown().await;
 }
+
+/// A target that accepts connections and requests but never answers, and reads slowly: the
+/// initiator's requests fail as timed out within the request timeout, and the streams of the
+/// WRITE it could not finish sending are reset rather than finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_never_answers_times_out() {
+    common::init_logging();
+    // 64 KiB per stream: a 1 MiB WRITE piece cannot be sent before the target reads it.
+    let server = common::raw_server(&common::identity("silent"), 64 * 1024);
+    let address = server.local_addr().unwrap();
+    // Holds every stream, reads it to the end only after 2 s, answers nothing, and reports how
+    // each stream ended: its length, or the error (a reset).
+    let (fates_tx, mut fates) = tokio::sync::mpsc::unbounded_channel();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = server.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let fates_tx = fates_tx.clone();
+            held.push(tokio::spawn(async move {
+                let mut sends = Vec::new();
+                while let Ok((send, mut recv)) = conn.accept_bi().await {
+                    sends.push(send);
+                    let fates_tx = fates_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        let fate = recv.read_to_end(usize::MAX).await.map(|b| b.len());
+                        let _ = fates_tx.send(fate.map_err(|e| e.to_string()));
+                    });
+                }
+            }));
+        }
+    });
+    let initiator = QuicTransport::new(QuicConfig {
+        request_timeout: Duration::from_secs(1),
+        ..common::config(common::identity("initiator"))
+    })
+    .unwrap();
+    let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![initiator])
+        .await
+        .unwrap();
+    let local = engine.allocate_buffer(4 << 20, Location::cpu(0)).unwrap();
+    let seg = Arc::new(mooncake_core::SegmentDesc {
+        name: address.to_string(),
+        endpoints: vec![mooncake_core::Endpoint {
+            protocol: "quic".into(),
+            address: address.to_string(),
+        }],
+        buffers: Vec::new(),
+    });
+    let start = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.transfer(vec![
+            TransferRequest::read(&seg, 0x10000, local, 64),
+            TransferRequest::write(&seg, 0x10000, local, 4 << 20),
+        ]),
+    )
+    .await
+    .expect("bounded");
+    let took = start.elapsed();
+    for res in &r {
+        assert!(
+            matches!(res, Err(mooncake_core::Error::Timeout(_))),
+            "expected a timeout: {r:?}"
+        );
+    }
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    // One READ stream (its header, finished) and four WRITE pieces (reset).
+    let mut ended = Vec::new();
+    while ended.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(5), fates.recv()).await {
+            Ok(Some(fate)) => ended.push(fate),
+            _ => break,
+        }
+    }
+    let finished: Vec<_> = ended.iter().filter_map(|f| f.as_ref().ok()).collect();
+    assert_eq!(
+        finished,
+        vec![&frame::REQUEST_LEN],
+        "stream ends: {ended:?}"
+    );
+    assert_eq!(ended.len(), 5, "stream ends: {ended:?}");
+    engine.shutdown().await;
+    silent.abort();
+}

@@ -87,3 +87,38 @@ pub async fn eventually(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A raw QUIC server endpoint on loopback with `identity`, requiring client certificates of the
+/// test CA, granting `stream_window` bytes per stream: for tests that play a misbehaving target.
+#[allow(deprecated)] // the ring provider: see the crate's tls module
+pub fn raw_server(identity: &TlsIdentity, stream_window: u32) -> quinn::Endpoint {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(identity.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![mooncake_transport_quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(stream_window.into());
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap()
+}
