@@ -3,16 +3,18 @@
 //!
 //! Bounds on what a peer can make this side hold: at most [`QuicConfig::max_connections`]
 //! connections (more are refused before their handshake) and [`QuicConfig::max_incoming`]
-//! handshakes in progress; per connection at most [`QuicConfig::max_streams_per_connection`]
-//! open streams, each served by one task; buffered data per connection bounded by the receive
-//! window. Every range is checked against the registered buffers before memory is touched, and
-//! payloads move between the stream and registered memory piece by piece, so no length from the
-//! network sizes an allocation. A stream that does not finish within the request timeout is reset.
+//! handshakes in progress; per connection one task, serving at most
+//! [`QuicConfig::max_streams_per_connection`] open streams; buffered data per connection bounded
+//! by the receive window. Every range is checked against the registered buffers before memory is
+//! touched, and payloads move between the stream and registered memory piece by piece, so no
+//! length from the network sizes an allocation. A stream that does not finish within the request
+//! timeout is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use mooncake_core::{ErrorCode, LocalSegment, MemRegion};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::Semaphore;
@@ -133,21 +135,21 @@ async fn serve_incoming(
         }
     }
     tracing::debug!(%remote, peer = %peer.name(), "QUIC peer connected");
-    let mut streams = JoinSet::new();
+    // The connection's requests are served by this task: they share one connection state
+    // anyway, and a task per request costs more in wake-ups than it gains.
+    let mut streams = FuturesUnordered::new();
     let reason = loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    let segment = segment.clone();
-                    let config = config.clone();
-                    streams.spawn(async move {
-                        serve_stream(send, recv, &segment, &config).await
-                    });
+                    let segment = &segment;
+                    let config = &config;
+                    streams.push(async move { serve_stream(send, recv, segment, config).await });
                 }
                 Err(e) => break e,
             },
-            Some(done) = streams.join_next(), if !streams.is_empty() => {
-                if let Ok(Err(e)) = done {
+            Some(done) = streams.next(), if !streams.is_empty() => {
+                if let Err(e) = done {
                     tracing::debug!(%remote, peer = %peer.name(), "stream failed: {e}");
                 }
             }
