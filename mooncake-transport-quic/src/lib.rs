@@ -241,6 +241,14 @@ pub struct QuicTransport {
 /// lost whole batches at a time.
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
 
+/// One request on the wire: an op, or a piece of a split one.
+struct Piece {
+    op: Op,
+    addr: u64,
+    local: mooncake_core::MemRegion,
+    notify: bool,
+}
+
 /// Smallest piece a large request is split into.
 const MIN_PART: u64 = 256 * 1024;
 
@@ -285,7 +293,7 @@ impl QuicTransport {
             .clone()
     }
 
-    /// One piece of an op on connection `conn` of `pool`.
+    /// One request (the handshake's DESCRIBE) on connection `conn` of `pool`.
     async fn piece(
         &self,
         pool: &PeerPool,
@@ -358,21 +366,39 @@ impl Transport for QuicTransport {
                 },
             );
         };
-        let peer = endpoint.address.as_str();
-        let pool = self.pool(peer);
+        let pool = self.pool(&endpoint.address);
         let n = pool.len();
         let start = pool.rotate();
         let mut load = vec![0u64; n];
-        let mut pending: Vec<usize> = ops.iter().map(|op| op.index).collect();
-        let mut running = FuturesUnordered::new();
-        for op in ops {
+        // What each connection carries: (op position, piece) with the piece's target address
+        // and local memory.
+        let mut per_conn: Vec<Vec<(usize, Piece)>> = (0..n).map(|_| Vec::new()).collect();
+        // Per op: pieces outstanding and the first error.
+        let mut remaining = Vec::with_capacity(ops.len());
+        let mut failed: Vec<Option<Error>> = vec![None; ops.len()];
+        for (pos, op) in ops.iter().enumerate() {
             let code = match op.opcode {
                 OpCode::Read => Op::Read,
                 OpCode::Write => Op::Write,
             };
             let len = op.local.len();
-            // (connection, offset, length) of each piece.
-            let mut pieces = Vec::new();
+            // Least-loaded connection, ties to the rotating start.
+            let least = (0..n)
+                .map(|k| (start + k) % n)
+                .min_by_key(|&k| load[k])
+                .expect("at least one connection");
+            let mut piece = |conn: usize, offset: u64, len: u64| {
+                load[conn] += len.max(1);
+                per_conn[conn].push((
+                    pos,
+                    Piece {
+                        op: code,
+                        addr: op.target_addr + offset,
+                        local: op.local.slice(offset, len).expect("within the op"),
+                        notify: op.notify,
+                    },
+                ));
+            };
             if n > 1 && len >= self.config.split_threshold.max(2 * MIN_PART) {
                 let parts = (n as u64).min(len / MIN_PART);
                 let part_len = (len / parts) & !4095;
@@ -383,66 +409,104 @@ impl Transport for QuicTransport {
                     } else {
                         part_len
                     };
-                    let conn = (start + k as usize) % n;
-                    load[conn] += this;
-                    pieces.push((conn, offset, this));
+                    piece((start + k as usize) % n, offset, this);
                     offset += this;
                 }
+                remaining.push(parts as usize);
             } else {
-                // Least-loaded connection, ties to the rotating start.
-                let k = (0..n)
-                    .map(|k| (start + k) % n)
-                    .min_by_key(|&k| load[k])
-                    .expect("at least one connection");
-                load[k] += len.max(1);
-                pieces.push((k, 0, len));
+                piece(least, 0, len);
+                remaining.push(1);
             }
-            let pool = &pool;
-            running.push(async move {
-                let results =
-                    futures::future::join_all(pieces.into_iter().map(|(conn, offset, len)| {
-                        let local = op.local.slice(offset, len).expect("within the op");
-                        async move {
-                            self.piece(
-                                pool,
-                                conn,
-                                code,
-                                op.target_addr + offset,
-                                Some(&local),
-                                op.notify,
-                            )
-                            .await
+        }
+        // One task per connection used, so the connections' copies run on every core; each
+        // reports every piece as it finishes.
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (conn, pieces) in per_conn.into_iter().enumerate() {
+            if pieces.is_empty() {
+                continue;
+            }
+            let pool = pool.clone();
+            let config = self.config.clone();
+            let client = self.client.clone();
+            let done_tx = done_tx.clone();
+            tasks.spawn(async move {
+                let connection = match pool.connection(conn, &config, &client).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        for (pos, piece) in pieces {
+                            drop(piece);
+                            let _ = done_tx.send((pos, Err(e.clone())));
                         }
-                    }))
-                    .await;
-                let result = results
+                        return;
+                    }
+                };
+                let connection = &connection;
+                let pool = &pool;
+                let mut running: FuturesUnordered<_> = pieces
                     .into_iter()
-                    .find_map(Result::err)
-                    .map_or(Ok(()), Err);
-                // Completed while `op` still holds its memory: whoever waits for the memory to
-                // be released sees the op finished first.
-                batch.complete(op.index, result);
-                op.index
+                    .map(|(pos, piece)| async move {
+                        let r = client::request(
+                            connection,
+                            pool.address(),
+                            piece.op,
+                            piece.addr,
+                            Some(&piece.local),
+                            piece.notify,
+                        )
+                        .await;
+                        (pos, r.map(drop))
+                    })
+                    .collect();
+                while let Some(result) = running.next().await {
+                    let _ = done_tx.send(result);
+                }
             });
         }
+        drop(done_tx);
+        let mut outstanding = ops.len();
+        // Returns whether the op is now complete.
+        let mut finish = |pos: usize, result: Result<()>, ops: &[TransferOp]| {
+            if let Err(e) = result {
+                failed[pos].get_or_insert(e);
+            }
+            remaining[pos] -= 1;
+            if remaining[pos] == 0 {
+                // `ops` still holds the op's memory: whoever waits for it to be released sees
+                // the op finished first.
+                let result = failed[pos].take().map_or(Ok(()), Err);
+                batch.complete(ops[pos].index, result);
+                return true;
+            }
+            false
+        };
         let deadline = tokio::time::sleep(self.config.request_timeout);
         tokio::pin!(deadline);
-        loop {
+        while outstanding > 0 {
             tokio::select! {
-                next = running.next() => match next {
-                    Some(index) => pending.retain(|&i| i != index),
-                    None => return,
+                next = done.recv() => match next {
+                    Some((pos, result)) => {
+                        if finish(pos, result, &ops) {
+                            outstanding -= 1;
+                        }
+                    }
+                    None => break,
                 },
                 _ = &mut deadline => break,
             }
         }
-        // The pieces still running are never polled again: fail their ops, then drop them,
-        // which resets their streams and lets go of their memory.
-        let timeout = Error::Timeout(self.config.request_timeout);
-        for index in pending {
-            batch.complete(index, Err(timeout.clone()));
+        // Stop whatever still runs (its streams are reset) and wait until it let go of the
+        // memory; what finished meanwhile still counts.
+        tasks.shutdown().await;
+        while let Ok((pos, result)) = done.try_recv() {
+            finish(pos, result, &ops);
         }
-        drop(running);
+        let timeout = Error::Timeout(self.config.request_timeout);
+        for (pos, left) in remaining.iter().enumerate() {
+            if *left > 0 {
+                batch.complete(ops[pos].index, Err(timeout.clone()));
+            }
+        }
     }
 
     async fn handshake(&self, address: &str) -> Result<SegmentDesc> {
