@@ -31,6 +31,8 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(unsafe_code)]
+
 pub mod certs;
 mod client;
 pub mod frame;

@@ -26,8 +26,8 @@ use crate::QuicConfig;
 
 /// Largest piece a received payload is copied in.
 pub(crate) const CHUNK: usize = 256 * 1024;
-/// Largest piece of registered memory handed to quinn at once.
-const SEND_PIECE: u64 = 1 << 20;
+/// Largest piece of registered memory copied into one send buffer.
+const SEND_PIECE: u64 = 64 * 1024;
 
 /// Application error codes on streams and connections.
 pub(crate) mod code {
@@ -249,21 +249,10 @@ async fn handle(
     }
 }
 
-/// Registered memory lent to quinn's send buffer without a copy: it stays registered (and its
-/// bytes readable) until quinn drops the last piece, once the peer acknowledged it or the stream
-/// was reset.
-struct Lent(MemRegion);
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: a `MemRegion` is a validated range of a registered buffer, which stays
-        // registered and mapped while the region lives; `Lent` owns the region.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), self.0.len() as usize) }
-    }
-}
-
-/// Sends the bytes of `region` straight from registered memory, in pieces of at most
-/// [`SEND_PIECE`] bytes.
+/// Sends the bytes of `region`, copied out of registered memory in pieces of at most
+/// [`SEND_PIECE`] bytes (registered memory is never lent out as a slice: peers and the
+/// application may write it at any time). Pieces stay below the allocator's mmap threshold, so
+/// their buffers are reused rather than mapped, faulted in and unmapped each time.
 pub(crate) async fn send_region(
     send: &mut SendStream,
     region: &MemRegion,
@@ -272,8 +261,12 @@ pub(crate) async fn send_region(
     let mut offset = 0;
     while offset < len {
         let n = (len - offset).min(SEND_PIECE);
-        let piece = region.slice(offset, n).expect("within the region");
-        send.write_chunk(Bytes::from_owner(Lent(piece))).await?;
+        let mut piece = vec![0u8; n as usize];
+        region
+            .slice(offset, n)
+            .and_then(|r| r.read_into(&mut piece))
+            .expect("within the region");
+        send.write_chunk(Bytes::from(piece)).await?;
         offset += n;
     }
     Ok(())
