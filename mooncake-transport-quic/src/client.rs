@@ -228,8 +228,16 @@ impl Drop for ResetOnDrop {
     }
 }
 
-/// Runs one request on its own stream of `conn`. `local` is the destination of a READ and the
-/// source of a WRITE; a DESCRIBE returns the descriptor's bytes.
+/// One request of a stream: `local` is the destination of a READ and the source of a WRITE,
+/// `None` for a DESCRIBE.
+pub(crate) struct Req<'a> {
+    pub(crate) op: Op,
+    pub(crate) addr: u64,
+    pub(crate) local: Option<&'a MemRegion>,
+    pub(crate) notify: bool,
+}
+
+/// Runs one request on its own stream; a DESCRIBE returns the descriptor's bytes.
 pub(crate) async fn request(
     conn: &Connection,
     peer: &str,
@@ -238,76 +246,163 @@ pub(crate) async fn request(
     local: Option<&MemRegion>,
     notify: bool,
 ) -> Result<Vec<u8>> {
-    let len = local.map_or(0, MemRegion::len);
-    let (send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| stream_error(peer, "opening a stream", e))?;
-    let mut guard = ResetOnDrop(send, true);
-    let send = &mut guard.0;
-    let header = frame::encode_request(&Request {
+    let req = Req {
         op,
         addr,
-        len,
-        notify: notify && op == Op::Write,
-    });
-    let mut sent = send.write_all(&header).await;
-    if sent.is_ok() && op == Op::Write {
-        sent = send_region(send, local.expect("WRITE has local memory")).await;
+        local,
+        notify,
+    };
+    requests(conn, peer, std::slice::from_ref(&req))
+        .await
+        .pop()
+        .expect("one result per request")
+}
+
+/// Runs `reqs` on one stream of `conn`, sent back to back and answered in order: one result per
+/// request. Only the last may be a WRITE larger than what a target skips when it refuses one
+/// (`MAX_DISCARD`): a refused larger WRITE ends the stream.
+pub(crate) async fn requests(
+    conn: &Connection,
+    peer: &str,
+    reqs: &[Req<'_>],
+) -> Vec<Result<Vec<u8>>> {
+    let (send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            let e = stream_error(peer, "opening a stream", e);
+            return reqs.iter().map(|_| Err(e.clone())).collect();
+        }
+    };
+    let mut guard = ResetOnDrop(send, true);
+    let send = &mut guard.0;
+    // Requests go out while responses come in: a target answering READs fills this side's
+    // receive window and stops reading requests until this side reads.
+    let writer = async {
+        for r in reqs {
+            let header = frame::encode_request(&Request {
+                op: r.op,
+                addr: r.addr,
+                len: r.local.map_or(0, MemRegion::len),
+                notify: r.notify && r.op == Op::Write,
+            });
+            send.write_all(&header).await?;
+            if r.op == Op::Write {
+                send_region(send, r.local.expect("WRITE has local memory")).await?;
+            }
+        }
+        let _ = send.finish();
+        Ok::<_, quinn::WriteError>(())
+    };
+    let reader = async {
+        let mut responses = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            // A target that refuses a large WRITE stops the stream: its response still says why.
+            let response = response(&mut recv, peer, r).await;
+            let lost = matches!(&response, Err(Failure::Stream(_)));
+            responses.push(response);
+            if lost {
+                break;
+            }
+        }
+        responses
+    };
+    let mut writer = std::pin::pin!(writer);
+    let mut reader = std::pin::pin!(reader);
+    let mut sent = None;
+    let responses = loop {
+        tokio::select! {
+            biased;
+            responses = &mut reader => break responses,
+            w = &mut writer, if sent.is_none() => sent = Some(w),
+        }
+    };
+    let sent = sent.unwrap_or(Ok(()));
+    let mut results: Vec<Result<Vec<u8>>> = responses
+        .into_iter()
+        .map(|response| {
+            response.map_err(|f| match (f, &sent) {
+                (Failure::Stream(_), Err(w)) => stream_error(peer, "sending the request", w),
+                (Failure::Stream(e) | Failure::Request(e), _) => e,
+            })
+        })
+        .collect();
+    if results.len() == reqs.len() {
+        // The target has read every request: nothing is left to abandon.
+        guard.1 = false;
     }
-    let _ = send.finish();
-    // A target that refuses a WRITE stops the stream: its response still says why.
-    let mut h = [0u8; frame::RESPONSE_LEN];
-    if let Err(e) = recv.read_exact(&mut h).await {
-        return Err(match sent {
-            Err(w) => stream_error(peer, "sending the request", w),
-            Ok(()) => stream_error(peer, "receiving the response", e),
+    // Requests behind a broken stream fail with its error.
+    let last = results.last().cloned();
+    while results.len() < reqs.len() {
+        results.push(match &last {
+            Some(Err(e)) => Err(e.clone()),
+            _ => Err(Error::Protocol("stream ended early".into())),
         });
     }
-    // The target has read the whole request: nothing is left to abandon.
-    guard.1 = false;
-    let resp =
-        frame::decode_response(&h).map_err(|e| Error::Protocol(format!("from {peer}: {e}")))?;
+    results
+}
+
+/// Why a response was not had: the stream broke (later responses are lost too), or the
+/// request failed on its own.
+enum Failure {
+    Stream(Error),
+    Request(Error),
+}
+
+/// Reads the response to `r` and its payload.
+async fn response(
+    recv: &mut quinn::RecvStream,
+    peer: &str,
+    r: &Req<'_>,
+) -> std::result::Result<Vec<u8>, Failure> {
+    let len = r.local.map_or(0, MemRegion::len);
+    let mut h = [0u8; frame::RESPONSE_LEN];
+    recv.read_exact(&mut h)
+        .await
+        .map_err(|e| Failure::Stream(stream_error(peer, "receiving the response", e)))?;
+    let resp = frame::decode_response(&h)
+        .map_err(|e| Failure::Stream(Error::Protocol(format!("from {peer}: {e}"))))?;
     if resp.status != 0 {
-        return Err(status_error(op, addr, len, resp.status));
+        return Err(Failure::Request(status_error(
+            r.op,
+            r.addr,
+            len,
+            resp.status,
+        )));
     }
-    if let Err(w) = sent {
-        return Err(stream_error(peer, "sending the request", w));
-    }
-    match op {
+    match r.op {
         Op::Read => {
-            let region = local.expect("READ has local memory");
+            let region = r.local.expect("READ has local memory");
             if resp.len != region.len() {
-                return Err(Error::Protocol(format!(
+                return Err(Failure::Stream(Error::Protocol(format!(
                     "{peer} sent {} bytes for a READ of {}",
                     resp.len,
                     region.len()
-                )));
+                ))));
             }
-            receive_region(&mut recv, region)
+            receive_region(recv, region)
                 .await
-                .map_err(|e| stream_error(peer, "receiving READ data", e))?;
+                .map_err(|e| Failure::Stream(stream_error(peer, "receiving READ data", e)))?;
             Ok(Vec::new())
         }
         Op::Write => {
             if resp.len != 0 {
-                return Err(Error::Protocol(format!(
+                return Err(Failure::Stream(Error::Protocol(format!(
                     "{peer} sent a payload for a WRITE"
-                )));
+                ))));
             }
             Ok(Vec::new())
         }
         Op::Describe => {
             if resp.len > frame::MAX_DESCRIPTOR_LEN {
-                return Err(Error::Protocol(format!(
+                return Err(Failure::Stream(Error::Protocol(format!(
                     "{peer} sent a {}-byte descriptor",
                     resp.len
-                )));
+                ))));
             }
             let mut bytes = vec![0u8; resp.len as usize];
             recv.read_exact(&mut bytes)
                 .await
-                .map_err(|e| stream_error(peer, "receiving the descriptor", e))?;
+                .map_err(|e| Failure::Stream(stream_error(peer, "receiving the descriptor", e)))?;
             Ok(bytes)
         }
     }

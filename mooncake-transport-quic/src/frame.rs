@@ -1,10 +1,13 @@
 //! Wire format of the QUIC transport. Pure functions, no I/O.
 //!
-//! Every request travels on its own bidirectional QUIC stream, so there are no request ids and
-//! no ordering between requests: the initiator opens a stream, sends one request header
-//! (followed, for a WRITE, by exactly `len` payload bytes) and finishes its side; the target
-//! sends one response header (followed, for a READ or DESCRIBE, by exactly `len` payload bytes)
-//! and finishes its side. The protocol version is the ALPN name ([`crate::ALPN`]).
+//! Requests travel on bidirectional QUIC streams: the initiator opens a stream, sends one or more
+//! requests back to back, each a header followed, for a WRITE, by exactly `len` payload bytes,
+//! and finishes its side; the target answers each in order with a response header followed, for
+//! a READ or DESCRIBE, by exactly `len` payload bytes, and finishes its side after the last. So
+//! there are no request ids, and streams are independent of each other (large requests get a
+//! stream each; small ones share). A refused WRITE of at most 64 KiB is skipped and the stream
+//! goes on; a larger one is answered, then the target stops the stream. The protocol version is
+//! the ALPN name ([`crate::ALPN`]).
 //!
 //! ```text
 //! request  (24 bytes): opcode u8 | flags u8 | reserved u16 | reserved u32 | addr u64 | len u64

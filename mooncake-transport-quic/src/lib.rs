@@ -251,6 +251,37 @@ struct Piece {
     notify: bool,
 }
 
+/// Most requests sent back to back on one stream.
+const STREAM_REQUESTS: usize = 64;
+/// Most payload bytes of the requests sent back to back on one stream.
+const STREAM_BYTES: u64 = 1 << 20;
+
+/// The streams to carry `pieces` on one connection: each large piece alone, small ones (a
+/// refused payload of which the target skips) back to back, a few dozen per stream, so a batch
+/// of small requests costs a few streams rather than one each.
+fn streams(pieces: Vec<(usize, Piece)>) -> Vec<Vec<(usize, Piece)>> {
+    let mut out: Vec<Vec<(usize, Piece)>> = Vec::new();
+    let mut group: Vec<(usize, Piece)> = Vec::new();
+    let mut bytes = 0;
+    for (pos, piece) in pieces {
+        let len = piece.local.len();
+        if len > server::MAX_DISCARD {
+            out.push(vec![(pos, piece)]);
+            continue;
+        }
+        if group.len() == STREAM_REQUESTS || bytes + len > STREAM_BYTES {
+            out.push(std::mem::take(&mut group));
+            bytes = 0;
+        }
+        bytes += len;
+        group.push((pos, piece));
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
+}
+
 /// Smallest piece a large request is split into.
 const MIN_PART: u64 = 256 * 1024;
 
@@ -445,23 +476,32 @@ impl Transport for QuicTransport {
                 };
                 let connection = &connection;
                 let pool = &pool;
-                let mut running: FuturesUnordered<_> = pieces
+                let mut running: FuturesUnordered<_> = streams(pieces)
                     .into_iter()
-                    .map(|(pos, piece)| async move {
-                        let r = client::request(
-                            connection,
-                            pool.address(),
-                            piece.op,
-                            piece.addr,
-                            Some(&piece.local),
-                            piece.notify,
-                        )
-                        .await;
-                        (pos, r.map(drop))
+                    .map(|group| async move {
+                        let reqs: Vec<client::Req<'_>> = group
+                            .iter()
+                            .map(|(_, p)| client::Req {
+                                op: p.op,
+                                addr: p.addr,
+                                local: Some(&p.local),
+                                notify: p.notify,
+                            })
+                            .collect();
+                        let results = client::requests(connection, pool.address(), &reqs).await;
+                        drop(reqs);
+                        let positions: Vec<usize> = group.into_iter().map(|(pos, _)| pos).collect();
+                        positions
+                            .into_iter()
+                            .zip(results)
+                            .map(|(pos, r)| (pos, r.map(drop)))
+                            .collect::<Vec<_>>()
                     })
                     .collect();
-                while let Some(result) = running.next().await {
-                    let _ = done_tx.send(result);
+                while let Some(results) = running.next().await {
+                    for result in results {
+                        let _ = done_tx.send(result);
+                    }
                 }
             });
         }

@@ -1,5 +1,5 @@
-//! Target side: accepts authenticated connections and serves one request per stream against the
-//! local segment.
+//! Target side: accepts authenticated connections and serves the requests of each stream, one
+//! after the other, against the local segment.
 //!
 //! Bounds on what a peer can make this side hold: at most [`QuicConfig::max_connections`]
 //! connections (more are refused before their handshake) and [`QuicConfig::max_incoming`]
@@ -26,6 +26,9 @@ use crate::QuicConfig;
 
 /// Largest piece a received payload is copied in.
 pub(crate) const CHUNK: usize = 256 * 1024;
+/// Largest refused WRITE payload skipped to serve the requests behind it on its stream; a larger
+/// one ends the stream. Initiators put only requests up to this size on a shared stream.
+pub(crate) const MAX_DISCARD: u64 = 64 * 1024;
 /// Largest piece of registered memory copied into one send buffer.
 const SEND_PIECE: u64 = 64 * 1024;
 
@@ -158,21 +161,39 @@ async fn serve_incoming(
     tracing::debug!(%remote, peer = %peer.name(), "QUIC peer disconnected: {reason}");
 }
 
+/// What a stream does after a request.
+enum Flow {
+    /// Read the next request.
+    Next,
+    /// The peer finished the stream, or this side stopped it: no more requests.
+    End,
+}
+
 async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
     segment: &LocalSegment,
     config: &QuicConfig,
 ) -> Result<(), StreamError> {
-    let work = async {
-        let mut header = [0u8; frame::REQUEST_LEN];
-        recv.read_exact(&mut header).await?;
-        let req = frame::decode_request(&header)?;
-        handle(&req, &mut send, &mut recv, segment).await
-    };
-    let result = match tokio::time::timeout(config.request_timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(StreamError::Timeout(config.request_timeout)),
+    let mut header = [0u8; frame::REQUEST_LEN];
+    let mut first = true;
+    let result = loop {
+        let work = async {
+            match recv.read_exact(&mut header).await {
+                Ok(()) => {}
+                // A clean end between requests (not before the first) closes the stream.
+                Err(quinn::ReadExactError::FinishedEarly(0)) if !first => return Ok(Flow::End),
+                Err(e) => return Err(e.into()),
+            }
+            let req = frame::decode_request(&header)?;
+            handle(&req, &mut send, &mut recv, segment).await
+        };
+        match tokio::time::timeout(config.request_timeout, work).await {
+            Ok(Ok(Flow::Next)) => first = false,
+            Ok(Ok(Flow::End)) => break Ok(()),
+            Ok(Err(e)) => break Err(e),
+            Err(_) => break Err(StreamError::Timeout(config.request_timeout)),
+        }
     };
     match &result {
         Ok(()) => {
@@ -205,15 +226,15 @@ async fn handle(
     send: &mut SendStream,
     recv: &mut RecvStream,
     segment: &LocalSegment,
-) -> Result<(), StreamError> {
+) -> Result<Flow, StreamError> {
     let memory = segment.memory();
     match req.op {
         Op::Read => match memory.resolve(req.addr, req.len) {
             Ok(region) => {
                 respond(send, ErrorCode::OK, req.len).await?;
-                Ok(send_region(send, &region).await?)
+                send_region(send, &region).await?;
             }
-            Err(_) => respond(send, ErrorCode::INVALID_PARAMS, 0).await,
+            Err(_) => respond(send, ErrorCode::INVALID_PARAMS, 0).await?,
         },
         Op::Write => match memory.resolve(req.addr, req.len) {
             Ok(region) => {
@@ -223,30 +244,54 @@ async fn handle(
                     segment.landed(req.addr, req.len);
                     segment.flush_landings();
                 }
-                respond(send, ErrorCode::OK, 0).await
+                respond(send, ErrorCode::OK, 0).await?;
+            }
+            Err(_) if req.len <= MAX_DISCARD => {
+                // A small refused payload is skipped, so the requests behind it are served.
+                discard(recv, req.len).await?;
+                respond(send, ErrorCode::INVALID_PARAMS, 0).await?;
             }
             Err(_) => {
-                // Nothing of the payload is wanted: tell the peer to stop sending it.
+                // Nothing of a large payload is wanted: tell the peer to stop sending it. The
+                // requests behind it on this stream are lost with it.
                 let _ = recv.stop(VarInt::from_u32(code::REFUSED));
-                respond(send, ErrorCode::INVALID_PARAMS, 0).await
+                respond(send, ErrorCode::INVALID_PARAMS, 0).await?;
+                return Ok(Flow::End);
             }
         },
         Op::Describe => match segment.descriptor().encode() {
             Ok(bytes) if bytes.len() as u64 <= frame::MAX_DESCRIPTOR_LEN => {
                 respond(send, ErrorCode::OK, bytes.len() as u64).await?;
                 send.write_chunk(Bytes::from(bytes)).await?;
-                Ok(())
             }
             Ok(bytes) => {
                 tracing::warn!(len = bytes.len(), "segment descriptor too large to send");
-                respond(send, ErrorCode::SERIALIZE_FAIL, 0).await
+                respond(send, ErrorCode::SERIALIZE_FAIL, 0).await?;
             }
             Err(e) => {
                 tracing::warn!("encoding the segment descriptor failed: {e}");
-                respond(send, ErrorCode::SERIALIZE_FAIL, 0).await
+                respond(send, ErrorCode::SERIALIZE_FAIL, 0).await?;
             }
         },
     }
+    Ok(Flow::Next)
+}
+
+/// Reads and drops exactly `len` bytes.
+async fn discard(recv: &mut RecvStream, len: u64) -> Result<(), quinn::ReadExactError> {
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(CHUNK as u64) as usize;
+        match recv
+            .read_chunk(want, true)
+            .await
+            .map_err(quinn::ReadExactError::ReadError)?
+        {
+            Some(chunk) => left -= chunk.bytes.len() as u64,
+            None => return Err(quinn::ReadExactError::FinishedEarly((len - left) as usize)),
+        }
+    }
+    Ok(())
 }
 
 /// Sends the bytes of `region`, copied out of registered memory in pieces of at most

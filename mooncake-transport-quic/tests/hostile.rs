@@ -414,3 +414,66 @@ async fn a_target_that_never_answers_times_out() {
     engine.shutdown().await;
     silent.abort();
 }
+
+/// Several requests on one stream are answered in order; a small refused WRITE is skipped and the
+/// requests behind it are served; a large refused one ends the stream after its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sharing_a_stream() {
+    let t = target(|_| {}).await;
+    let endpoint = common::raw_client(common::ca(), Some(&common::identity("mallory")));
+    let conn = t.connect(&endpoint).await.expect("authenticated");
+    let b = t.buffer;
+    let data = pattern(1, LEN);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&header(Op::Read, b, 100)).await.unwrap();
+    send.write_all(&header(Op::Write, b + LEN as u64, 1000))
+        .await
+        .unwrap();
+    send.write_all(&[0xEE; 1000]).await.unwrap();
+    send.write_all(&header(Op::Read, b + 200, 50))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let ok = ErrorCode::OK.code();
+    let refused = ErrorCode::INVALID_PARAMS.code();
+    assert_eq!(
+        read_response(&mut recv).await.unwrap(),
+        (ok, data[..100].to_vec())
+    );
+    assert_eq!(read_response(&mut recv).await.unwrap(), (refused, vec![]));
+    assert_eq!(
+        read_response(&mut recv).await.unwrap(),
+        (ok, data[200..250].to_vec())
+    );
+    assert!(read_response(&mut recv).await.is_err(), "nothing more");
+
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&header(Op::Write, b + LEN as u64, 1 << 20))
+        .await
+        .unwrap();
+    let _ = send.write_all(&vec![0xEE; 1 << 20]).await;
+    let _ = send.write_all(&header(Op::Read, b, 100)).await;
+    let _ = send.finish();
+    assert_eq!(read_response(&mut recv).await.unwrap(), (refused, vec![]));
+    assert!(
+        read_response(&mut recv).await.is_err(),
+        "a large refused WRITE ends its stream"
+    );
+    assert!(t.memory() == data, "nothing was written");
+    t.still_serves().await;
+    conn.close(0u32.into(), b"");
+    endpoint.close(0u32.into(), b"");
+    t.engine.shutdown().await;
+}
+
+/// One response and its payload, read by hand.
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<(i32, Vec<u8>), String> {
+    let mut h = [0u8; frame::RESPONSE_LEN];
+    recv.read_exact(&mut h).await.map_err(|e| e.to_string())?;
+    let resp = frame::decode_response(&h).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; resp.len as usize];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((resp.status, body))
+}
