@@ -10,8 +10,9 @@
 //! - keeps [`QuicConfig::connections_per_peer`] connections to each peer, reused across
 //!   transfers, each with its own UDP socket; one connection is one serial state machine, so
 //!   large requests are split across all of them and small ones spread over them;
-//! - runs each request on its own bidirectional stream (opening one costs no round trip), so a
-//!   slow request never holds up the others;
+//! - gives each large request its own bidirectional stream (opening one costs no round trip), so
+//!   a large request never holds up the others, and sends small ones back to back on shared
+//!   streams, answered in order;
 //! - on the target, checks every range against the registered buffers before touching memory,
 //!   bounds connections, handshakes, streams and buffered data, and answers a refused request
 //!   with an error while the connection keeps serving;
