@@ -1,7 +1,8 @@
 //! mooncake-rs: a distributed KV-cache store and transfer engine, as one dependency.
 //!
 //! This facade re-exports the crates of the system under one name, with the transports and the
-//! master group chosen by Cargo features (`tcp`, same-host `shm` and `raft`, all on by default):
+//! master group chosen by Cargo features (`tcp`, same-host `shm` and `raft`, all on by default;
+//! `quic`, off by default):
 //!
 //! | module | crate | what it owns |
 //! |---|---|---|
@@ -13,6 +14,7 @@
 //! | [`http`] | `mooncake-meta-http` | the HTTP metadata server and client |
 //! | `raft` | `mooncake-meta-raft` | the command log replicated by a Raft group (feature `raft`) |
 //! | `tcp`, `shm` | `mooncake-transport-tcp`, `-shm` | transports (features `tcp`, `shm`) |
+//! | `quic` | `mooncake-transport-quic` | QUIC transport with mutual TLS (feature `quic`, off by default) |
 //!
 //! [`start_engine`] gives a running transfer engine with the transports enabled.
 //!
@@ -39,6 +41,8 @@ pub use mooncake_rpc::bind_address;
 pub use mooncake_store as store;
 pub use mooncake_store::real_client;
 pub use mooncake_store::{same_host_shm_allowed, start_engine, start_engine_with};
+#[cfg(feature = "quic")]
+pub use mooncake_transport_quic as quic;
 #[cfg(feature = "shm")]
 pub use mooncake_transport_shm as shm;
 #[cfg(feature = "tcp")]

@@ -1,6 +1,6 @@
 //! `transfer_engine_bench`: throughput and latency of the transfer engine over the TCP transport
-//! on loopback, next to a plain-socket baseline measured in the same run, between the same two
-//! processes.
+//! (and, with `--protocol quic`, the QUIC transport) on loopback, next to a plain-socket baseline
+//! measured in the same run, between the same two processes.
 //!
 //! With no arguments it runs everything: it starts itself again as a child in `--mode target`
 //! (a `TransferEngine` with a `TcpTransport` and one registered buffer filled with a known
@@ -16,14 +16,17 @@ mod baseline;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mooncake_core::Transport;
 use mooncake_core::{
     AlignedBuffer, EngineConfig, Location, SegmentHandle, TransferEngine, TransferRequest,
 };
+use mooncake_transport_quic::{certs, QuicConfig, QuicTransport, TlsIdentity};
 use mooncake_transport_tcp::{TcpConfig, TcpTransport};
 
 const USAGE: &str = "\
@@ -38,7 +41,16 @@ FLAGS:
     --sizes LIST      transfer sizes, e.g. 4K,64K,1M,16M (default; suffixes K, M, G = KiB, MiB, GiB)
     --batch N|LIST    requests per batch: one value for every size, or one per size
                       (default by size: <=4K: 256, <=64K: 32, <=1M: 16, larger: 4)
-    --lanes LIST      TcpConfig::lanes values; each case runs once per value (default 1,2)
+    --lanes LIST      TcpConfig::lanes (QUIC: QuicConfig::connections_per_peer) values; each
+                      case runs once per protocol and value (default 1,2)
+    --protocol LIST   transports to measure: tcp, quic or tcp,quic (default tcp); each gets its
+                      own initiator engine, the target serves them all
+    --quic-ca FILE    QUIC: the cluster CA certificate (PEM); with --quic-cert and --quic-key.
+    --quic-cert FILE  Without them, a full run makes a throwaway CA and one node certificate for
+    --quic-key FILE   127.0.0.1 in a temporary directory, used by both processes, removed after
+    --quic-mtu N      QUIC: the UDP payload size of a known path, used from the first packet
+                      (QuicConfig::min_udp_payload and max_udp_payload; 1200..=6500). Default:
+                      discover it, from 1200 up to 1452
     --seconds S       timed throughput phase per case, in seconds, over all rounds (default 2)
     --rounds N        split every case into N rounds, alternating baseline and engine
                       measurements so background load hits both alike (default 2)
@@ -66,6 +78,8 @@ Targets evaluated at the end (from this run's numbers):
     (1) transfers >= 1 MiB: >= 0.9x the single-connection baseline with 1 lane, >= 1.5x with 2
     (2) batched 4 KiB transfers: >= 200k requests/s
     (3) 64-byte READ round trip p50 <= 2x the baseline 64-byte ping-pong p50
+    (4) QUIC transfers >= 16 MiB with several connections: >= 1.5 GB/s
+Targets (1) to (3) are evaluated on TCP rows only.
 ";
 
 /// When set, human-readable output goes to stderr (stdout carries the JSON report).
@@ -105,9 +119,29 @@ impl Op {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Tcp,
+    Quic,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Quic => "quic",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
 struct Args {
     mode: Mode,
+    protocols: Vec<Protocol>,
+    quic_ca: Option<PathBuf>,
+    quic_cert: Option<PathBuf>,
+    quic_key: Option<PathBuf>,
+    quic_mtu: Option<u16>,
     sizes: Vec<u64>,
     batch: Option<Vec<usize>>,
     lanes: Vec<usize>,
@@ -124,6 +158,11 @@ impl Default for Args {
     fn default() -> Self {
         Args {
             mode: Mode::All,
+            protocols: vec![Protocol::Tcp],
+            quic_ca: None,
+            quic_cert: None,
+            quic_key: None,
+            quic_mtu: None,
             sizes: vec![4 << 10, 64 << 10, 1 << 20, 16 << 20],
             batch: None,
             lanes: vec![1, 2],
@@ -142,6 +181,8 @@ impl Default for Args {
 const SMALL: u64 = 64;
 /// Requests per second needed by target (2).
 const TARGET_SMALL_OPS: f64 = 200_000.0;
+/// GB/s needed by target (4) for QUIC transfers of at least 16 MiB.
+const TARGET_QUIC_GBPS: f64 = 1.5;
 
 impl Args {
     /// Requests per batch for size number `i`.
@@ -166,6 +207,31 @@ impl Args {
             .unwrap_or(0)
             .max(SMALL);
         most.div_ceil(1 << 20) << 20
+    }
+
+    fn uses(&self, p: Protocol) -> bool {
+        self.protocols.contains(&p)
+    }
+
+    /// The QUIC identity from the certificate files.
+    fn quic_identity(&self) -> Result<TlsIdentity, String> {
+        match (&self.quic_ca, &self.quic_cert, &self.quic_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                TlsIdentity::from_pem_files(ca, cert, key).map_err(|e| e.to_string())
+            }
+            _ => Err("QUIC needs --quic-ca, --quic-cert and --quic-key".into()),
+        }
+    }
+
+    /// A QUIC transport with `connections` per peer.
+    fn quic(&self, connections: usize) -> Result<Arc<QuicTransport>, String> {
+        let mut config = QuicConfig::new(self.quic_identity()?);
+        config.connections_per_peer = connections;
+        if let Some(mtu) = self.quic_mtu {
+            config.min_udp_payload = mtu;
+            config.max_udp_payload = mtu;
+        }
+        QuicTransport::new(config).map_err(|e| e.to_string())
     }
 
     /// Timed throughput phase of one round of a case.
@@ -247,6 +313,26 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--sizes" => a.sizes = parse_list(&value()?, positive_size)?,
             "--batch" => a.batch = Some(parse_list(&value()?, parse_count)?),
             "--lanes" => a.lanes = parse_list(&value()?, parse_count)?,
+            "--protocol" => {
+                a.protocols = parse_list(&value()?, |p| match p {
+                    "tcp" => Ok(Protocol::Tcp),
+                    "quic" => Ok(Protocol::Quic),
+                    other => Err(format!("unknown protocol {other:?} (tcp or quic)")),
+                })?;
+                a.protocols.dedup();
+            }
+            "--quic-ca" => a.quic_ca = Some(value()?.into()),
+            "--quic-cert" => a.quic_cert = Some(value()?.into()),
+            "--quic-key" => a.quic_key = Some(value()?.into()),
+            "--quic-mtu" => {
+                let v = value()?;
+                a.quic_mtu = Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|m| (1200..=mooncake_transport_quic::MAX_UDP_PAYLOAD).contains(m))
+                        .ok_or_else(|| format!("bad --quic-mtu {v:?} (1200..=6500)"))?,
+                );
+            }
             "--inflight" => a.inflight = parse_count(&value()?)?,
             "--rounds" => a.rounds = parse_count(&value()?)?,
             "--seconds" => {
@@ -278,6 +364,13 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
     }
     if a.lanes.iter().any(|&l| l > 64) {
         return Err("--lanes values must be 1..=64".into());
+    }
+    let cert_flags = [&a.quic_ca, &a.quic_cert, &a.quic_key]
+        .iter()
+        .filter(|f| f.is_some())
+        .count();
+    if cert_flags != 0 && cert_flags != 3 {
+        return Err("--quic-ca, --quic-cert and --quic-key go together".into());
     }
     Ok(a)
 }
@@ -327,8 +420,12 @@ fn run_target(args: &Args) -> Result<(), String> {
     let baseline_addr =
         baseline::start_server().map_err(|e| format!("starting the baseline server: {e}"))?;
     let (engine, addr) = rt.block_on(async {
-        let tcp = TcpTransport::new(TcpConfig::default()).map_err(|e| e.to_string())?;
-        let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![tcp])
+        let mut transports: Vec<Arc<dyn Transport>> =
+            vec![TcpTransport::new(TcpConfig::default()).map_err(|e| e.to_string())?];
+        if args.uses(Protocol::Quic) {
+            transports.push(args.quic(1)?);
+        }
+        let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), transports)
             .await
             .map_err(|e| format!("starting the target engine: {e}"))?;
         let addr = engine
@@ -409,11 +506,76 @@ struct TargetInfo {
     pid: Option<u32>,
 }
 
+/// A temporary directory of throwaway QUIC certificates, removed on drop.
+struct CertDir(PathBuf);
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes a throwaway CA and one node certificate for 127.0.0.1 (used by both processes) in a
+/// new temporary directory, and points `args` at them.
+fn throwaway_certs(args: &mut Args) -> Result<CertDir, String> {
+    let dir = std::env::temp_dir().join(format!("transfer_engine_bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let dir = CertDir(dir);
+    let ca = certs::new_ca("transfer_engine_bench throwaway CA").map_err(|e| e.to_string())?;
+    let node = certs::issue_node_cert(&ca, "transfer_engine_bench", &["127.0.0.1"])
+        .map_err(|e| e.to_string())?;
+    let write = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok::<_, String>(path)
+    };
+    args.quic_ca = Some(write("ca.pem", &ca.cert_pem)?);
+    args.quic_cert = Some(write("node.pem", &node.cert_pem)?);
+    args.quic_key = Some(write("node.key", &node.key_pem)?);
+    Ok(dir)
+}
+
 fn run_all(args: &Args) -> Result<(), String> {
+    let mut args = args.clone();
+    let _certs = if args.uses(Protocol::Quic) && args.quic_ca.is_none() {
+        Some(throwaway_certs(&mut args)?)
+    } else {
+        None
+    };
+    let args = &args;
     let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
     let len = args.buffer_needed();
+    let mut child_args: Vec<String> = [
+        "--mode",
+        "target",
+        "--buffer-bytes",
+        &len.to_string(),
+        "--protocol",
+        &args
+            .protocols
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(","),
+    ]
+    .map(String::from)
+    .to_vec();
+    if let (Some(ca), Some(cert), Some(key)) = (&args.quic_ca, &args.quic_cert, &args.quic_key) {
+        for (flag, path) in [
+            ("--quic-ca", ca),
+            ("--quic-cert", cert),
+            ("--quic-key", key),
+        ] {
+            child_args.push(flag.into());
+            child_args.push(path.display().to_string());
+        }
+    }
+    if let Some(mtu) = args.quic_mtu {
+        child_args.push("--quic-mtu".into());
+        child_args.push(mtu.to_string());
+    }
     let mut child = Command::new(&exe)
-        .args(["--mode", "target", "--buffer-bytes", &len.to_string()])
+        .args(&child_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -485,6 +647,7 @@ fn run_initiator_mode(args: &Args) -> Result<(), String> {
 /// One initiator engine (one `lanes` setting) and the opened target segment.
 #[derive(Clone)]
 struct Lanes {
+    protocol: Protocol,
     lanes: usize,
     engine: Arc<TransferEngine>,
     seg: SegmentHandle,
@@ -515,7 +678,8 @@ async fn transfer_batch(
     for (i, r) in l.engine.transfer(reqs).await.into_iter().enumerate() {
         if let Err(e) = r {
             return Err(format!(
-                "{} of {size} B failed (request {i} of a batch of {batch}, lanes {}): {e}",
+                "{} {} of {size} B failed (request {i} of a batch of {batch}, lanes {}): {e}",
+                l.protocol.name(),
                 op.name(),
                 l.lanes
             ));
@@ -550,9 +714,11 @@ async fn verify(
     let check = |seed: u64, what: &str| match baseline::first_mismatch(seed, off, &local.to_vec()) {
         None => Ok(()),
         Some(i) => Err(format!(
-            "data check failed: {what} {} x {size} B (lanes {}): byte {i} of the batch differs \
-             from the expected pattern",
-            batch, l.lanes
+            "data check failed: {} {what} {} x {size} B (lanes {}): byte {i} of the batch \
+             differs from the expected pattern",
+            l.protocol.name(),
+            batch,
+            l.lanes
         )),
     };
     match op {
@@ -701,6 +867,8 @@ async fn small_read_case(
 struct Row {
     /// false for the plain-socket baseline.
     engine: bool,
+    /// The engine's transport (`-` for the baseline).
+    protocol: &'static str,
     /// `READ`, `WRITE` or `PING`.
     op: &'static str,
     size: u64,
@@ -753,6 +921,7 @@ impl Acc {
     fn into_row(
         mut self,
         engine: bool,
+        protocol: &'static str,
         op: &'static str,
         size: u64,
         batch: usize,
@@ -762,6 +931,7 @@ impl Acc {
         let secs = self.elapsed.as_secs_f64();
         Row {
             engine,
+            protocol,
             op,
             size,
             batch,
@@ -802,8 +972,9 @@ fn fmt_ratio(r: Option<f64>) -> String {
 
 fn print_header() {
     say!(
-        "{:<11} {:>7} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8}",
+        "{:<11} {:>5} {:>7} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8}",
         "case",
+        "proto",
         "size",
         "batch",
         "lanes",
@@ -828,8 +999,9 @@ fn print_row(r: &Row) {
         "-".into()
     };
     say!(
-        "{:<11} {:>7} {:>5} {:>5} {:>7.3} {:>8} {:>9.1} {:>9.1} {:>8} {:>8}",
+        "{:<11} {:>5} {:>7} {:>5} {:>5} {:>7.3} {:>8} {:>9.1} {:>9.1} {:>8} {:>8}",
         case,
+        r.protocol,
         fmt_size(r.size),
         r.batch,
         lanes,
@@ -875,13 +1047,20 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
     let rt = runtime()?;
     let engines: Vec<Lanes> = rt.block_on(async {
         let mut v = Vec::new();
-        for &lanes in &args.lanes {
-            let tcp = TcpTransport::new(TcpConfig {
-                lanes,
-                ..TcpConfig::default()
-            })
-            .map_err(|e| e.to_string())?;
-            let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![tcp])
+        for (protocol, lanes) in args
+            .protocols
+            .iter()
+            .flat_map(|&p| args.lanes.iter().map(move |&l| (p, l)))
+        {
+            let transport: Arc<dyn Transport> = match protocol {
+                Protocol::Tcp => TcpTransport::new(TcpConfig {
+                    lanes,
+                    ..TcpConfig::default()
+                })
+                .map_err(|e| e.to_string())?,
+                Protocol::Quic => args.quic(lanes)?,
+            };
+            let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![transport])
                 .await
                 .map_err(|e| format!("starting an initiator engine: {e}"))?;
             // SAFETY: `local` outlives every access through this registration: the engines are
@@ -889,12 +1068,25 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
             // runtime (whose tasks are the only other users) is dropped first.
             unsafe { engine.register_memory(local_base, need, Location::cpu(0)) }
                 .map_err(|e| format!("registering the local buffer: {e}"))?;
-            let seg = engine
-                .open_segment(&target.segment)
-                .await
-                .map_err(|e| format!("opening segment {}: {e}", target.segment))?;
+            let seg = match protocol {
+                Protocol::Tcp => engine
+                    .open_segment(&target.segment)
+                    .await
+                    .map_err(|e| format!("opening segment {}: {e}", target.segment))?,
+                // The segment is named after its TCP endpoint (the target's first transport),
+                // which a QUIC-only engine cannot ask: take the descriptor over TCP.
+                Protocol::Quic => {
+                    let tcp = TcpTransport::new(TcpConfig::default()).map_err(|e| e.to_string())?;
+                    let desc = tcp.handshake(&target.segment).await;
+                    tcp.shutdown().await;
+                    Arc::new(desc.map_err(|e| {
+                        format!("asking segment {} for its descriptor: {e}", target.segment)
+                    })?)
+                }
+            };
             let remote = pick_remote(&seg, target.addr, need)?;
             v.push(Lanes {
+                protocol,
                 lanes,
                 engine,
                 seg,
@@ -908,7 +1100,12 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
     fill_registered(&first.engine, local_base, need, 0)?;
 
     say!(
-        "transfer_engine_bench: TCP transfer engine vs one plain TCP connection, loopback, {} cores",
+        "transfer_engine_bench: {} transfer engine vs one plain TCP connection, loopback, {} cores",
+        args.protocols
+            .iter()
+            .map(|p| p.name().to_uppercase())
+            .collect::<Vec<_>>()
+            .join(" and "),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     say!(
@@ -923,7 +1120,7 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
         .map(|i| args.batch_for(i).to_string())
         .collect();
     say!(
-        "sizes {}; batches {}; lanes {:?}; inflight {}; per case: {} rounds of {:.2} s timed \
+        "sizes {}; batches {}; protocols {:?}; lanes {:?}; inflight {}; per case: {} rounds of {:.2} s timed \
          (after {:.2} s warm-up) + {:.2} s of batch-1 latency; baseline and engine alternate",
         args.sizes
             .iter()
@@ -931,6 +1128,7 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
             .collect::<Vec<_>>()
             .join(","),
         batches.join(","),
+        args.protocols.iter().map(|p| p.name()).collect::<Vec<_>>(),
         args.lanes,
         args.inflight,
         args.rounds,
@@ -968,12 +1166,12 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
             acc.add(samples.len() as u64, elapsed, samples);
         }
     }
-    let ping = ping.into_row(false, "PING", SMALL, 1, 0);
+    let ping = ping.into_row(false, "-", "PING", SMALL, 1, 0);
     print_row(&ping);
     let ping_p50 = ping.p50_us;
     rows.push(ping);
     for (acc, l) in small.into_iter().zip(&engines) {
-        let mut row = acc.into_row(true, "READ", SMALL, 1, l.lanes);
+        let mut row = acc.into_row(true, l.protocol.name(), "READ", SMALL, 1, l.lanes);
         row.latency_case = true;
         row.p50_ratio = Some(row.p50_us / ping_p50);
         print_row(&row);
@@ -1021,14 +1219,15 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
         }
         let mut base_rows = Vec::new();
         for (acc, (op, _)) in base.into_iter().zip(OPS) {
-            let row = acc.into_row(false, op.name(), size, 1, 0);
+            let row = acc.into_row(false, "-", op.name(), size, 1, 0);
             print_row(&row);
             base_rows.push((row.gbps, row.p50_us));
             rows.push(row);
         }
         for ((accs, (op, _)), (base_gbps, base_p50)) in eng.into_iter().zip(OPS).zip(base_rows) {
             for (acc, l) in accs.into_iter().zip(&engines) {
-                let mut row = acc.into_row(true, op.name(), size, batch, l.lanes);
+                let mut row =
+                    acc.into_row(true, l.protocol.name(), op.name(), size, batch, l.lanes);
                 row.thr_ratio = Some(row.gbps / base_gbps);
                 row.p50_ratio = Some(row.p50_us / base_p50);
                 print_row(&row);
@@ -1094,7 +1293,10 @@ struct Check {
 
 fn evaluate_targets(rows: &[Row], ping_p50: f64) -> Vec<Check> {
     let mut checks = Vec::new();
-    let engine_rows = || rows.iter().filter(|r| r.engine && !r.latency_case);
+    let engine_rows = || {
+        rows.iter()
+            .filter(|r| r.engine && !r.latency_case && r.protocol == "tcp")
+    };
     // (1) large transfers against the single-connection baseline.
     for r in engine_rows().filter(|r| r.size >= 1 << 20) {
         let need = if r.lanes == 1 { 0.9 } else { 1.5 };
@@ -1147,7 +1349,10 @@ fn evaluate_targets(rows: &[Row], ping_p50: f64) -> Vec<Check> {
         });
     }
     // (3) 64-byte round trip.
-    for r in rows.iter().filter(|r| r.latency_case) {
+    for r in rows
+        .iter()
+        .filter(|r| r.latency_case && r.protocol == "tcp")
+    {
         let ratio = r.p50_us / ping_p50;
         checks.push(Check {
             id: 3,
@@ -1157,6 +1362,32 @@ fn evaluate_targets(rows: &[Row], ping_p50: f64) -> Vec<Check> {
                  p99 {:.1} us)",
                 r.lanes, r.p50_us, ratio, ping_p50, r.p99_us
             ),
+        });
+    }
+    // (4) large QUIC transfers over several connections.
+    let quic: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.engine && r.protocol == "quic" && r.size >= 16 << 20 && r.lanes > 1)
+        .collect();
+    for r in &quic {
+        checks.push(Check {
+            id: 4,
+            pass: Some(r.gbps >= TARGET_QUIC_GBPS),
+            detail: format!(
+                "QUIC {} {} x{} connections={}: {:.3} GB/s (need >= {TARGET_QUIC_GBPS} GB/s)",
+                r.op,
+                fmt_size(r.size),
+                r.batch,
+                r.lanes,
+                r.gbps
+            ),
+        });
+    }
+    if quic.is_empty() && rows.iter().any(|r| r.protocol == "quic") {
+        checks.push(Check {
+            id: 4,
+            pass: None,
+            detail: "not measured (no QUIC size >= 16 MiB with more than one connection)".into(),
         });
     }
     checks
@@ -1192,7 +1423,7 @@ fn json_opt(v: Option<f64>) -> String {
 fn json_report(args: &Args, target: &TargetInfo, rows: &[Row], checks: &[Check]) -> String {
     let list = |v: Vec<String>| format!("[{}]", v.join(","));
     let config = format!(
-        "{{\"sizes\":{},\"batches\":{},\"lanes\":{},\"seconds\":{},\"rounds\":{},\"inflight\":{},\
+        "{{\"sizes\":{},\"batches\":{},\"protocols\":{},\"lanes\":{},\"seconds\":{},\"rounds\":{},\"inflight\":{},\
          \"segment\":{},\"baseline\":{}}}",
         list(args.sizes.iter().map(u64::to_string).collect()),
         list(
@@ -1200,6 +1431,7 @@ fn json_report(args: &Args, target: &TargetInfo, rows: &[Row], checks: &[Check])
                 .map(|i| args.batch_for(i).to_string())
                 .collect()
         ),
+        list(args.protocols.iter().map(|p| json_str(p.name())).collect()),
         list(args.lanes.iter().map(usize::to_string).collect()),
         json_num(args.seconds),
         args.rounds,
@@ -1211,7 +1443,7 @@ fn json_report(args: &Args, target: &TargetInfo, rows: &[Row], checks: &[Check])
         rows.iter()
             .map(|r| {
                 format!(
-                    "{{\"kind\":{},\"op\":{},\"size\":{},\"batch\":{},\"lanes\":{},\
+                    "{{\"kind\":{},\"protocol\":{},\"op\":{},\"size\":{},\"batch\":{},\"lanes\":{},\
                      \"gb_per_s\":{},\"ops_per_s\":{},\"p50_us\":{},\"p99_us\":{},\
                      \"throughput_ratio\":{},\"p50_ratio\":{}}}",
                     json_str(match (r.engine, r.latency_case) {
@@ -1219,6 +1451,7 @@ fn json_report(args: &Args, target: &TargetInfo, rows: &[Row], checks: &[Check])
                         (true, true) => "engine_latency",
                         (true, false) => "engine",
                     }),
+                    json_str(r.protocol),
                     json_str(r.op),
                     r.size,
                     r.batch,

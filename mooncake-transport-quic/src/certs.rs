@@ -1,0 +1,153 @@
+//! Making the certificates the QUIC transport needs: a cluster CA and one certificate per node.
+//!
+//! Every node gets a certificate signed by the cluster's CA, valid both as a server certificate
+//! (peers check it against the node's address) and as a client certificate (targets check it
+//! before serving anything). Its subject alternative names must cover every address peers use
+//! to reach the node: IP addresses for IP endpoints, DNS names for named hosts.
+//!
+//! ```
+//! use mooncake_transport_quic::certs::{new_ca, issue_node_cert};
+//! let ca = new_ca("mooncake test CA").unwrap();
+//! let node = issue_node_cert(&ca, "node-a", &["127.0.0.1", "node-a.local"]).unwrap();
+//! let identity = node.identity(&ca);
+//! assert!(identity.cert_pem.contains("BEGIN CERTIFICATE"));
+//! ```
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use mooncake_core::{Error, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::TlsIdentity;
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertifiedPem {
+    /// The certificate (`BEGIN CERTIFICATE`).
+    pub cert_pem: String,
+    /// Its private key (PKCS#8, `BEGIN PRIVATE KEY`).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedPem")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl CertifiedPem {
+    /// The TLS identity of a node holding this certificate, trusting `ca`.
+    pub fn identity(&self, ca: &CertifiedPem) -> TlsIdentity {
+        TlsIdentity {
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+}
+
+fn cert_error(what: &str, e: rcgen::Error) -> Error {
+    Error::InvalidArgument(format!("{what}: {e}"))
+}
+
+/// How long certificates made here are valid by default: ten years.
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A new self-signed CA named `common_name`, valid from an hour ago for [`DEFAULT_VALIDITY`].
+pub fn new_ca(common_name: &str) -> Result<CertifiedPem> {
+    let key = KeyPair::generate().map_err(|e| cert_error("generating a CA key", e))?;
+    let cert = ca_params(common_name)
+        .self_signed(&key)
+        .map_err(|e| cert_error("self-signing the CA", e))?;
+    Ok(CertifiedPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = (now + DEFAULT_VALIDITY).into();
+    params
+}
+
+/// A node certificate for `common_name` signed by `ca`, valid for client and server use, with
+/// one subject alternative name per entry of `names` (an IP address becomes an IP SAN, anything
+/// else a DNS SAN). Valid from an hour ago for [`DEFAULT_VALIDITY`].
+pub fn issue_node_cert(
+    ca: &CertifiedPem,
+    common_name: &str,
+    names: &[&str],
+) -> Result<CertifiedPem> {
+    let now = SystemTime::now();
+    issue_node_cert_valid(
+        ca,
+        common_name,
+        names,
+        now - Duration::from_secs(3600),
+        now + DEFAULT_VALIDITY,
+    )
+}
+
+/// [`issue_node_cert`] with an explicit validity period (tests make expired certificates).
+pub fn issue_node_cert_valid(
+    ca: &CertifiedPem,
+    common_name: &str,
+    names: &[&str],
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertifiedPem> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|e| cert_error("reading the CA key", e))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
+        .map_err(|e| cert_error("reading the CA certificate", e))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.subject_alt_names = names
+        .iter()
+        .map(|name| match name.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => (*name)
+                .try_into()
+                .map(SanType::DnsName)
+                .map_err(|e| cert_error(&format!("subject name {name:?}"), e)),
+        })
+        .collect::<Result<_>>()?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let key = KeyPair::generate().map_err(|e| cert_error("generating a node key", e))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| cert_error("signing the node certificate", e))?;
+    Ok(CertifiedPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
