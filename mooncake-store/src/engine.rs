@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "quic")]
+use mooncake_transport_quic as quic;
 #[cfg(feature = "shm")]
 use mooncake_transport_shm as shm;
 #[cfg(feature = "tcp")]
@@ -38,6 +40,39 @@ pub async fn start_engine_with(
     discovery: Discovery,
     same_host_shm: bool,
 ) -> Result<Arc<TransferEngine>> {
+    start_engine_for(local_hostname, discovery, same_host_shm, "tcp").await
+}
+
+/// The protocols [`start_engine_for`] can start in this build.
+pub fn available_protocols() -> Vec<&'static str> {
+    let mut p = Vec::new();
+    #[cfg(feature = "tcp")]
+    p.push("tcp");
+    #[cfg(feature = "quic")]
+    p.push("quic");
+    p
+}
+
+/// Environment variables naming the PEM files of this node's TLS identity: the cluster CA's
+/// certificate, this node's certificate and its private key.
+pub const TLS_ENV: [&str; 3] = ["MC_TLS_CA", "MC_TLS_CERT", "MC_TLS_KEY"];
+
+/// [`start_engine_with`] for `protocol`: `tcp` (TCP, behind same-host shared memory) or `quic`
+/// (QUIC with mutual TLS, behind same-host shared memory: every transfer between hosts is
+/// encrypted and both ends show a certificate of the cluster's CA, read from the files named by
+/// [`TLS_ENV`]). Every node of a cluster uses the same protocol.
+pub async fn start_engine_for(
+    local_hostname: &str,
+    discovery: Discovery,
+    same_host_shm: bool,
+    protocol: &str,
+) -> Result<Arc<TransferEngine>> {
+    if !available_protocols().contains(&protocol) {
+        return Err(mooncake_core::Error::NotSupported(format!(
+            "protocol {protocol:?} is not available in this build (available: {})",
+            available_protocols().join(", ")
+        )));
+    }
     #[allow(unused_mut)]
     let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
     #[cfg(feature = "shm")]
@@ -50,7 +85,7 @@ pub async fn start_engine_with(
     #[cfg(not(feature = "shm"))]
     let _ = same_host_shm;
     #[cfg(feature = "tcp")]
-    {
+    if protocol == "tcp" {
         let bind = mooncake_rpc::bind_address(local_hostname)?;
         let tcp = tcp::TcpTransport::new(tcp::TcpConfig {
             bind,
@@ -58,7 +93,30 @@ pub async fn start_engine_with(
         })?;
         transports.push(tcp);
     }
+    #[cfg(feature = "quic")]
+    if protocol == "quic" {
+        let identity = tls_identity_from_env()?;
+        let mut config = quic::QuicConfig::new(identity);
+        config.bind = mooncake_rpc::bind_address(local_hostname)?;
+        transports.push(quic::QuicTransport::new(config)?);
+    }
     let mut config = EngineConfig::new(local_hostname);
     config.discovery = discovery;
     TransferEngine::start(config, transports).await
+}
+
+/// This node's TLS identity, from the PEM files the [`TLS_ENV`] variables name.
+#[cfg(feature = "quic")]
+pub fn tls_identity_from_env() -> Result<quic::TlsIdentity> {
+    let var = |name: &str| {
+        std::env::var_os(name).ok_or_else(|| {
+            mooncake_core::Error::InvalidArgument(format!(
+                "protocol \"quic\" needs a certificate: set {} to the PEM files of the \
+                 cluster CA, this node's certificate and its key ({name} is not set)",
+                TLS_ENV.join(", ")
+            ))
+        })
+    };
+    let (ca, cert, key) = (var(TLS_ENV[0])?, var(TLS_ENV[1])?, var(TLS_ENV[2])?);
+    quic::TlsIdentity::from_pem_files(ca, cert, key)
 }

@@ -28,5 +28,10 @@ mod engine;
 pub mod real_client;
 mod store;
 
-pub use engine::{same_host_shm_allowed, start_engine, start_engine_with};
+#[cfg(feature = "quic")]
+pub use engine::tls_identity_from_env;
+pub use engine::{
+    available_protocols, same_host_shm_allowed, start_engine, start_engine_for, start_engine_with,
+    TLS_ENV,
+};
 pub use store::*;

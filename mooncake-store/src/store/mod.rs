@@ -62,7 +62,8 @@ pub struct StoreConfig {
     /// Bytes of the staging buffer for byte-oriented calls; also the largest value such calls
     /// accept. Default 1 GiB, as upstream.
     pub local_buffer_size: u64,
-    /// Transport protocol. `tcp` today.
+    /// Transport protocol: `tcp` (default) or `quic` (mutual TLS; certificates from the files
+    /// the `MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY` variables name).
     pub protocol: String,
     /// Device names for the protocol (RDMA NICs); empty for TCP.
     pub device_name: String,
@@ -132,12 +133,14 @@ impl StoreConfig {
         if self.local_hostname.is_empty() {
             return bad("local_hostname is empty".into());
         }
-        if self.protocol != "tcp" {
+        let available = crate::engine::available_protocols();
+        if !available.contains(&self.protocol.as_str()) {
             return Err(Error::with_code(
                 ErrorCode::NOT_SUPPORTED,
                 format!(
-                    "protocol {:?} is not available in this build (available: tcp)",
-                    self.protocol
+                    "protocol {:?} is not available in this build (available: {})",
+                    self.protocol,
+                    available.join(", ")
                 ),
             ));
         }
@@ -300,10 +303,11 @@ impl Store {
                 &config.metadata_server,
             )?))
         };
-        let engine = crate::engine::start_engine_with(
+        let engine = crate::engine::start_engine_for(
             &config.local_hostname,
             discovery,
             config.same_host_shm,
+            &config.protocol,
         )
         .await?;
         Self::setup_with_engine(config, master, engine).await
