@@ -45,10 +45,13 @@ pub async fn start_engine_with(
 
 /// The protocols [`start_engine_for`] can start in this build.
 pub fn available_protocols() -> Vec<&'static str> {
-    [(cfg!(feature = "tcp"), "tcp"), (cfg!(feature = "quic"), "quic")]
-        .into_iter()
-        .filter_map(|(built, protocol)| built.then_some(protocol))
-        .collect()
+    [
+        (cfg!(feature = "tcp"), "tcp"),
+        (cfg!(feature = "quic"), "quic"),
+    ]
+    .into_iter()
+    .filter_map(|(built, protocol)| built.then_some(protocol))
+    .collect()
 }
 
 /// Environment variables naming the PEM files of this node's TLS identity: the cluster CA's

@@ -1,0 +1,102 @@
+"""protocol="quic": stores move bytes over QUIC with mutual TLS, with the certificates the
+MC_TLS_CA / MC_TLS_CERT / MC_TLS_KEY files hold (made here with the openssl command)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import MASTER
+from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(d, name):
+    openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", f"{name}-key.pem", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )
+
+
+def make_node(d, ca, name):
+    (d / f"{name}.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "keyUsage=critical,digitalSignature\n"
+        "basicConstraints=CA:FALSE\n"
+    )
+    openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+        cwd=d,
+    )
+    openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}-key.pem",
+        "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
+        cwd=d,
+    )
+
+
+def use(monkeypatch, d, ca, name):
+    monkeypatch.setenv("MC_TLS_CA", str(d / f"{ca}.pem"))
+    monkeypatch.setenv("MC_TLS_CERT", str(d / f"{name}.pem"))
+    monkeypatch.setenv("MC_TLS_KEY", str(d / f"{name}-key.pem"))
+
+
+def quic_store(segment):
+    s = MooncakeDistributedStore()
+    rc = s.setup("localhost", "P2PHANDSHAKE", segment, 16 << 20, "quic", "", MASTER)
+    return s, rc
+
+
+def test_quic_stores_within_one_ca(master, uniq, tmp_path, monkeypatch):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    # Between hosts, as it would be: not through same-host shared memory.
+    monkeypatch.setenv("MC_SAME_HOST_SHM", "0")
+    for var in ("MC_TLS_CA", "MC_TLS_CERT", "MC_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    s, rc = quic_store(32 << 20)
+    assert rc != 0, "quic without a certificate must be refused"
+    s.close()
+
+    make_ca(tmp_path, "ca")
+    for name in ("storage", "reader"):
+        make_node(tmp_path, "ca", name)
+    use(monkeypatch, tmp_path, "ca", "storage")
+    storage, rc = quic_store(32 << 20)
+    assert rc == 0
+    use(monkeypatch, tmp_path, "ca", "reader")
+    reader, rc = quic_store(0)
+    assert rc == 0
+    try:
+        config = ReplicateConfig()
+        config.preferred_segment = storage.get_hostname()
+        value = bytes(range(256)) * 4096  # 1 MiB
+        assert reader.put(uniq + "q", value, config) == 0
+        assert reader.get(uniq + "q") == value
+        assert storage.get(uniq + "q") == value
+
+        # A node whose certificate comes from another CA moves no byte.
+        make_ca(tmp_path, "other")
+        make_node(tmp_path, "other", "intruder")
+        use(monkeypatch, tmp_path, "other", "intruder")
+        intruder, rc = quic_store(0)
+        assert rc == 0  # the master's RPC is not authenticated yet
+        try:
+            assert intruder.get(uniq + "q") == b""
+            assert intruder.put(uniq + "x", b"z" * 4096, config) != 0
+        finally:
+            intruder.close()
+    finally:
+        reader.remove(uniq + "q")
+        reader.close()
+        storage.close()
