@@ -346,3 +346,55 @@ fn identities_are_checked_when_the_transport_is_made() {
     }
     assert!(QuicTransport::new(QuicConfig::new(good)).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_made_by_mooncake_certs_work_together() {
+    let dir = std::env::temp_dir().join(format!("mooncake-certs-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mooncake_certs"))
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .expect("run mooncake_certs")
+    };
+    assert!(certs(&["init"]).status.success());
+    for node in ["target", "initiator"] {
+        let out = certs(&["issue", node, "--name", "127.0.0.1", "--name", "localhost"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Nothing is ever overwritten: a second CA would orphan every certificate issued.
+    let again = certs(&["init"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+    let identity = |node: &str| {
+        TlsIdentity::from_pem_files(
+            dir.join("ca.pem"),
+            dir.join(format!("{node}.pem")),
+            dir.join(format!("{node}-key.pem")),
+        )
+        .unwrap()
+    };
+    let s = setup(
+        common::config(identity("target")),
+        common::config(identity("initiator")),
+    )
+    .await;
+    let seg = s
+        .initiator
+        .open_segment(s.target.segment_name())
+        .await
+        .expect("handshake between nodes the tool certified");
+    let r = s
+        .initiator
+        .transfer(vec![TransferRequest::read(
+            &seg, s.remote, s.local, LEN as u64,
+        )])
+        .await;
+    r[0].as_ref().expect("read");
+    assert!(bytes(&s.initiator, s.local) == pattern(1, LEN));
+    s.initiator.shutdown().await;
+    s.target.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
