@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin_cli;
+pub mod admin_http;
 pub mod cli;
 pub mod landing;
 pub mod master_cli;

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use mooncake_core::{Error, Result};
 use mooncake_master::MasterConfig;
 
+use crate::admin_http::{admin_routes, summary};
 use crate::cli::{parse_raft_peers, run_program, shutdown_signal};
 use crate::service::{MasterService, ServiceConfig};
-use mooncake_meta_http::{serve_http, HttpEndpoints};
+use mooncake_meta_http::{serve_http, serve_http_routes, HttpEndpoints, HttpServerConfig};
 
 /// Everything `mooncake_master` is told on its command line.
 #[derive(Clone, Debug)]
@@ -401,16 +402,38 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
         let listener =
             mooncake_rpc::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
         listening.metrics = Some(listener.local_addr()?);
-        service.keep(serve_http(
+        service.keep(serve_http_routes(
             listener,
             HttpEndpoints {
                 metadata: None,
                 metrics: metrics_fn,
                 health,
             },
+            Some(admin_routes(Arc::downgrade(&service))),
+            HttpServerConfig::default(),
         ));
+        service.keep(report_metrics(Arc::downgrade(&service)));
     }
     Ok((service, listening))
+}
+
+/// How often a master with metric reporting on logs its summary (upstream's period).
+const METRIC_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs the `/metrics/summary` line every [`METRIC_REPORT_INTERVAL`] while the service lives,
+/// as upstream's master does with `--enable_metric_reporting`.
+fn report_metrics(service: std::sync::Weak<MasterService>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(METRIC_REPORT_INTERVAL);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let Some(service) = service.upgrade() else {
+                return;
+            };
+            tracing::info!("Master Metrics: {}", summary(&service.metrics()));
+        }
+    })
 }
 
 #[cfg(feature = "raft")]
