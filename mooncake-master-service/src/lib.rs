@@ -30,6 +30,7 @@ pub mod admin_http;
 pub mod cli;
 pub mod landing;
 pub mod master_cli;
+pub mod master_flags;
 pub mod master_group;
 pub mod service;
 
