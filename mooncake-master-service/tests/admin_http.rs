@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{store_config, wait_line, Proc};
+use common::masters::Group;
+use common::{eventually, store_config, wait_line, Proc};
 use mooncake_store::{ReplicateConfig, Store};
 
 /// Starts `mooncake_master` on loopback with `extra` flags; returns it, its RPC address and its
@@ -172,4 +173,56 @@ async fn admin_endpoints_answer_with_upstream_formats() {
     assert_eq!(get(&http, "/no_such_path").0, 404);
 
     store.close().await.unwrap();
+}
+
+/// In a master group the leader serves the state endpoints; the other members answer `503` as
+/// upstream's standby masters do, naming the leader, and still serve the summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_that_do_not_lead_answer_unavailable() {
+    let group = Group::new("admin-http", 3);
+    eventually("a leader", Duration::from_secs(15), || async {
+        group.leader().await.is_some()
+    })
+    .await;
+    let leader = group.leader().await.unwrap();
+    let metrics_of = |id: u64| {
+        group
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| *m == id)
+            .find_map(|(_, line)| {
+                line.strip_prefix("mooncake_master listening: ")?
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("metrics="))
+                    .map(str::to_owned)
+            })
+            .expect("the member's metrics address")
+    };
+    for (i, m) in group.members.iter().enumerate() {
+        let http = metrics_of(m.id);
+        let (status, head, body) = get(&http, "/get_all_segments");
+        if i == leader {
+            assert_eq!((status, body.as_str()), (200, ""), "leader {}", m.id);
+        } else {
+            // A member names the leader once it has heard from it.
+            let leader_rpc = group.members[leader].rpc.clone();
+            eventually("the leader's name", Duration::from_secs(5), || {
+                let (http, leader_rpc) = (http.clone(), leader_rpc.clone());
+                async move { get(&http, "/get_all_segments").2.contains(&leader_rpc) }
+            })
+            .await;
+            assert_eq!(status, 503, "member {}: {body}", m.id);
+            assert!(head.contains("content-type: application/json"), "{head}");
+            assert!(
+                body.starts_with("{\"success\":false,\"error_code\":-1011,\"error_message\":\""),
+                "{body}"
+            );
+            assert_eq!(get(&http, "/query_key?key=k").0, 503);
+        }
+        let (status, _, body) = get(&http, "/metrics/summary");
+        assert_eq!(status, 200);
+        assert!(body.starts_with("Storage: "), "{body}");
+    }
 }
