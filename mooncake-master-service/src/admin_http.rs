@@ -4,6 +4,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /get_all_segments` | `200`, the name of every mounted segment, one a line (each `\n`-terminated), in name order |
+//! | `GET /get_segments_detail` | `200`, `{"total_segments":N,"segments":[{"segment_name","segment_id","client_id","base_address":"0x..","size_bytes","size_human":"X GiB","te_endpoint","status":"OK","allocator_used_bytes","allocator_capacity_bytes","allocator_usage_percent"}]}` (JSON); `segment_id` is this master's mount number, and `protocol` is left out as below |
 //! | `GET /query_segment?segment=NAME` | `200`, `NAME\nUsed(bytes): U\nCapacity(bytes) : C\n` (a name mounted more than once adds up its mounts); `404 SEGMENT_NOT_FOUND` |
 //! | `GET /get_all_keys` | `200`, every key, one a line (each `\n`-terminated), in key order; at most [`MAX_LISTED_KEYS`] a page (see below) |
 //! | `GET /query_key?key=K` | `200`, one JSON buffer descriptor a line, one line per in-memory replica; `404` with the error name (`OBJECT_NOT_FOUND`, `REPLICA_IS_NOT_READY`) |
@@ -35,7 +36,7 @@ use std::fmt::Write as _;
 use std::sync::Weak;
 
 use mooncake_core::ErrorCode;
-use mooncake_master::{MasterMetrics, ReplicaDescriptor};
+use mooncake_master::{MasterMetrics, ReplicaDescriptor, SegmentDetail};
 use mooncake_meta_http::{ExtraRoutes, RouteRequest, RouteResponse};
 
 use crate::service::MasterService;
@@ -68,6 +69,7 @@ fn is_admin_path(path: &str) -> bool {
     matches!(
         path,
         "/get_all_segments"
+            | "/get_segments_detail"
             | "/query_segment"
             | "/get_all_keys"
             | "/query_key"
@@ -95,6 +97,10 @@ fn answer(service: &MasterService, req: &RouteRequest<'_>) -> RouteResponse {
             names.sort_unstable();
             names.dedup();
             RouteResponse::new(200, TEXT, lines(names.iter().map(String::as_str)))
+        }
+        "/get_segments_detail" => {
+            let details = service.inspect(|m, _| m.segment_details());
+            RouteResponse::new(200, JSON, segments_detail_json(&details))
         }
         "/query_segment" => {
             let name = match param("segment") {
@@ -132,8 +138,7 @@ fn answer(service: &MasterService, req: &RouteRequest<'_>) -> RouteResponse {
             };
             let (keys, more) = service.inspect(|m, _| {
                 let mut keys = m
-                    .keys()
-                    .filter(|k| after.as_deref().is_none_or(|a| *k > a))
+                    .keys_after(after.as_deref())
                     .take(limit + 1)
                     .map(str::to_owned)
                     .collect::<Vec<_>>();
@@ -205,6 +210,35 @@ fn answer(service: &MasterService, req: &RouteRequest<'_>) -> RouteResponse {
         }
         _ => RouteResponse::new(404, TEXT, "not found"),
     }
+}
+
+/// The body of `/get_segments_detail` (see the module docs).
+fn segments_detail_json(details: &[SegmentDetail]) -> String {
+    let mut out = format!(r#"{{"total_segments":{},"segments":["#, details.len());
+    for (i, d) in details.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let (used, capacity) = (d.info.used, d.info.capacity);
+        let percent = if capacity > 0 {
+            used as f64 / capacity as f64 * 100.0
+        } else {
+            0.0
+        };
+        let _ = write!(
+            out,
+            r#"{{"segment_name":"{}","segment_id":"{}","client_id":"{}","base_address":"0x{:x}","size_bytes":{},"size_human":"{} GiB","te_endpoint":"{}","status":"OK","allocator_used_bytes":{used},"allocator_capacity_bytes":{capacity},"allocator_usage_percent":{percent}}}"#,
+            json_escape(&d.info.name),
+            d.info.id.0,
+            d.client,
+            d.info.base,
+            d.size,
+            d.size as f64 / (1u64 << 30) as f64,
+            json_escape(&d.endpoint),
+        );
+    }
+    out += "]}";
+    out
 }
 
 /// Upstream's answer of a master that cannot serve state: `503` with a JSON error.

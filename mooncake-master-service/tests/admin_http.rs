@@ -80,6 +80,30 @@ async fn admin_endpoints_answer_with_upstream_formats() {
     );
     assert_eq!(body, format!("{}\n", mem.segment_name));
 
+    // /get_segments_detail: one JSON entry per mount.
+    let (status, head, body) = get(&http, "/get_segments_detail");
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(
+        body.starts_with("{\"total_segments\":1,\"segments\":[{\"segment_name\":\""),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("\"segment_name\":\"{}\"", mem.segment_name)),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("\"te_endpoint\":\"{}\"", mem.transport_endpoint)),
+        "{body}"
+    );
+    assert!(body.contains("\"size_bytes\":16777216,"), "{body}");
+    assert!(
+        body.contains("\"allocator_capacity_bytes\":16777216,"),
+        "{body}"
+    );
+    assert!(body.contains("\"status\":\"OK\""), "{body}");
+    assert!(body.ends_with("}]}"), "{body}");
+
     // /query_segment: name, used and capacity.
     let (status, _, body) = get(
         &http,
