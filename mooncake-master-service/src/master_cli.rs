@@ -121,6 +121,7 @@ Flags (upstream names; --flag=value or --flag value):
   --put_start_release_timeout_sec=600    age after which an abandoned write's space is freed
   --max_total_pending_tasks=10000        most unfinished copy/move tasks
   --processing_task_timeout_sec=60       a task held longer counts as failed (0: never)
+  --max_retry_attempts=3                 retries of a failed or timed-out task
   --config_path=FILE                     upstream's master config (.json, or flat .yaml/.yml);
                                          command-line flags win over it
   --flagfile=FILE                        more flags, one a line (# comments)
@@ -136,12 +137,16 @@ Upstream flags accepted with no effect (they tune upstream's internals or featur
 off): --max_threads --rpc_thread_num --rpc_conn_timeout_seconds --rpc_enable_tcp_no_delay
   --etcd_endpoints --global_file_segment_size --memory_allocator=offset|cachelib
   --enable_disk_eviction --quota_bytes --max_total_finished_tasks --max_total_processing_tasks
-  --pending_task_timeout_sec --cxl_path --cxl_size, --enable_ha --enable_offload --enable_cxl
-  --enable_gc when false, an empty --root_fs_dir, and glog's --stderrthreshold
+  --pending_task_timeout_sec --cxl_path --cxl_size --ha_backend_type --ha_backend_connstring
+  --snapshot_* (backup_dir, interval_seconds, child_timeout_seconds, retention_count,
+  object/payload/catalog store and backend types and connstrings), --enable_ha --enable_offload
+  --enable_cxl --enable_gc --enable_snapshot --enable_snapshot_restore when false, an empty
+  --root_fs_dir or --rpc_interface, and glog's --stderrthreshold
   --colorlogtostderr --max_log_size --stop_logging_if_full_disk --logbuflevel --logbufsecs
   --log_prefix --log_link --logfile_mode --vmodule --timestamp_in_logfile_name --log_utc_time.
 Refused at start (features this master does not have): --enable_ha=true (etcd HA; use a Raft
-group), --enable_offload=true, --enable_cxl=true, --enable_gc=true, a non-empty --root_fs_dir,
+group), --enable_offload=true, --enable_cxl=true, --enable_gc=true, --enable_snapshot=true,
+--enable_snapshot_restore=true, a non-empty --root_fs_dir or --rpc_interface,
 --allocation_strategy=cxl.
 
 The metrics port also serves upstream's admin endpoints: /get_all_segments,
@@ -235,6 +240,7 @@ const VALUED: &[&str] = &[
     "put_start_release_timeout_sec",
     "max_total_pending_tasks",
     "processing_task_timeout_sec",
+    "max_retry_attempts",
     "config_path",
     "log_dir",
     "minloglevel",
@@ -285,12 +291,22 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from)
     });
+    // Upstream reads only the keys it knows from the config file; others are skipped here too.
+    let mut skipped = Vec::new();
     if let Some(path) = config_path {
-        let mut from_file = load_config_file(&path)?;
+        let (mut from_file, unknown): (Vec<String>, Vec<String>) =
+            load_config_file(&path)?.into_iter().partition(|f| {
+                let name = f.trim_start_matches('-');
+                is_known(name.split_once('=').map_or(name, |(n, _)| n))
+            });
+        skipped = unknown;
         from_file.append(&mut args);
         args = from_file;
     }
-    let mut o = MasterOptions::default();
+    let mut o = MasterOptions {
+        no_effect: skipped,
+        ..MasterOptions::default()
+    };
     let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
     let (mut raft_tick_ms, mut raft_election_ticks) = (100u64, 10usize);
     let mut raft_join = false;
@@ -359,6 +375,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
                     ms => ms,
                 }
             }
+            "max_retry_attempts" => m.task_max_retries = parse_num(&name, &value)?,
             "config_path" => {} // read before the flags
             "log_dir" => {
                 o.logging.dir = Some(value.into()).filter(|d: &PathBuf| !d.as_os_str().is_empty())
@@ -834,6 +851,7 @@ mod tests {
             "--put_start_release_timeout_sec=120",
             "--max_total_pending_tasks=50",
             "--processing_task_timeout_sec=0",
+            "--max_retry_attempts=7",
             "--log_dir=/var/log/mc",
             "--minloglevel=1",
             "--v=2",
@@ -846,6 +864,7 @@ mod tests {
         assert_eq!(o.master.put_reclaim_ms, 120_000);
         assert_eq!(o.master.max_active_tasks, 50);
         assert_eq!(o.master.task_timeout_ms, NO_TIMEOUT_MS);
+        assert_eq!(o.master.task_max_retries, 7);
         assert_eq!(o.logging.dir, Some(PathBuf::from("/var/log/mc")));
         assert_eq!((o.logging.min_level, o.logging.verbosity), (1, 2));
         assert!(o.logging.also_to_stderr && !o.logging.to_stderr);
@@ -884,6 +903,10 @@ mod tests {
             "--stderrthreshold=1",
             "--colorlogtostderr",
             "--max_log_size=100",
+            "--ha_backend_type=redis",
+            "--snapshot_interval_seconds=60",
+            "--enable_snapshot=false",
+            "--rpc_interface=",
         ];
         let o = parse(&given).unwrap();
         let d = MasterOptions::default();
@@ -915,6 +938,12 @@ mod tests {
             (&["--root_fs_dir=/mnt/3fs"], "--root_fs_dir"),
             (&["--allocation_strategy=cxl"], "--allocation_strategy"),
             (&["--memory_allocator=jemalloc"], "--memory_allocator"),
+            (&["--enable_snapshot"], "--enable_snapshot"),
+            (
+                &["--enable_snapshot_restore=true"],
+                "--enable_snapshot_restore",
+            ),
+            (&["--rpc_interface=eth0"], "--rpc_interface"),
         ] {
             let e = parse(args).unwrap_err();
             assert!(matches!(e, Error::NotSupported(_)), "{args:?}: {e:?}");
@@ -930,7 +959,7 @@ mod tests {
         std::fs::write(
             &config,
             r#"{"rpc_port": 50200, "metrics_port": 9200, "client_live_ttl_sec": 6,
-                "enable_http_metadata_server": true}"#,
+                "enable_http_metadata_server": true, "not_a_master_key": 1}"#,
         )
         .unwrap();
         let flags = dir.join("master.flags");
@@ -957,6 +986,8 @@ mod tests {
         assert!(o.enable_http_metadata_server);
         assert_eq!(o.metrics_port, 9300);
         assert_eq!(o.master.cluster_id, "last");
+        // A key upstream's master does not read is skipped, and said so.
+        assert_eq!(o.no_effect, ["--not_a_master_key=1"]);
         // A refused setting in the config file names its flag too.
         std::fs::write(&config, r#"{"enable_offload": true}"#).unwrap();
         let e = parse(&[&format!("--config_path={}", config.display())]).unwrap_err();

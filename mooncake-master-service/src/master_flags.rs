@@ -7,7 +7,7 @@
 //!   `--port` (the RPC port when `--rpc_port` is not given), `--put_start_discard_timeout_sec`,
 //!   `--put_start_release_timeout_sec`, `--max_total_pending_tasks` (the limit of unfinished
 //!   tasks), `--processing_task_timeout_sec` (0: no timeout), `--allow_evict_soft_pinned_objects`,
-//!   `--config_path`, `--flagfile`, and glog's `--log_dir`, `--minloglevel`, `--v`,
+//!   `--max_retry_attempts` (retries of a failed task), `--config_path`, `--flagfile`, and glog's `--log_dir`, `--minloglevel`, `--v`,
 //!   `--logtostderr`, `--alsologtostderr`.
 //! - **Accepted without effect** ([`NO_EFFECT`]): flags that tune upstream's internals (thread
 //!   counts, connection options, its allocator, glog's buffering), flags of features that are
@@ -16,7 +16,8 @@
 //!   features. Their values are still checked for their type.
 //! - **Refused** ([`refusal`]): a flag that turns on a feature this master does not have
 //!   (`--enable_ha=true`, which is etcd-based HA, `--enable_offload=true`, `--enable_cxl=true`,
-//!   `--enable_gc=true`, a non-empty `--root_fs_dir`, `--allocation_strategy=cxl`): the start
+//!   `--enable_gc=true`, `--enable_snapshot=true`, `--enable_snapshot_restore=true`, a
+//!   non-empty `--root_fs_dir` or `--rpc_interface`, `--allocation_strategy=cxl`): the start
 //!   fails with a message naming the flag.
 //!
 //! `--flagfile=FILE` reads flags from FILE as gflags does: one flag a line, `#` starts a comment
@@ -45,12 +46,29 @@ pub const NO_EFFECT: &[(&str, Kind)] = &[
     ("pending_task_timeout_sec", Kind::Int),
     ("cxl_path", Kind::Text),
     ("cxl_size", Kind::Int),
+    // Settings of features that stay off here (etcd/redis/k8s HA, snapshots).
+    ("ha_backend_type", Kind::Text),
+    ("ha_backend_connstring", Kind::Text),
+    ("snapshot_backup_dir", Kind::Text),
+    ("snapshot_interval_seconds", Kind::Int),
+    ("snapshot_child_timeout_seconds", Kind::Int),
+    ("snapshot_retention_count", Kind::Int),
+    ("snapshot_object_store_type", Kind::Text),
+    ("snapshot_payload_store_type", Kind::Text),
+    ("snapshot_payload_backend_type", Kind::Text),
+    ("snapshot_catalog_store_type", Kind::Text),
+    ("snapshot_catalog_backend_type", Kind::Text),
+    ("snapshot_catalog_store_connstring", Kind::Text),
+    ("snapshot_catalog_backend_connstring", Kind::Text),
     // Features off at upstream's default; turning them on is refused.
     ("enable_ha", Kind::Bool),
     ("enable_offload", Kind::Bool),
     ("enable_cxl", Kind::Bool),
     ("enable_gc", Kind::Bool),
+    ("enable_snapshot", Kind::Bool),
+    ("enable_snapshot_restore", Kind::Bool),
     ("root_fs_dir", Kind::Text),
+    ("rpc_interface", Kind::Text),
     // glog's tuning.
     ("stderrthreshold", Kind::Int),
     ("colorlogtostderr", Kind::Bool),
@@ -94,6 +112,15 @@ pub fn refusal(name: &str, value: &str) -> Option<String> {
         "enable_offload" if on => "offloading objects to storage is not supported",
         "enable_cxl" if on => "CXL memory segments are not supported",
         "enable_gc" if on => "garbage collection of read objects is not supported",
+        "enable_snapshot" if on => {
+            "periodic snapshots of the master are not supported; a Raft master group keeps its \
+             state on disk instead (--raft_data_dir)"
+        }
+        "enable_snapshot_restore" if on => "restoring the master from a snapshot is not supported",
+        "rpc_interface" if !value.is_empty() => {
+            "resolving the RPC address from a network interface is not supported; give \
+             --rpc_address"
+        }
         "root_fs_dir" if !value.is_empty() => {
             "a shared file system storage backend (root_fs_dir) is not supported"
         }
