@@ -375,16 +375,34 @@ pub fn init_logging(options: &LogOptions) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn temp(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mooncake-flags-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
+    /// A scratch directory of one test, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("mooncake-flags-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn flagfiles_expand_in_place_and_nest() {
+        let scratch = Scratch::new("flagfiles");
+        let temp = |name: &str, text: &str| scratch.file(name, text);
         let inner = temp("inner.flags", "--rpc_port=7000\n");
         let outer = temp(
             "outer.flags",
@@ -423,6 +441,8 @@ mod tests {
 
     #[test]
     fn config_files_in_json_and_yaml() {
+        let scratch = Scratch::new("config");
+        let temp = |name: &str, text: &str| scratch.file(name, text);
         let json = temp(
             "master.json",
             r#"{"rpc_port": 50100, "enable_http_metadata_server": true,
