@@ -26,9 +26,11 @@
 #![deny(unsafe_code)]
 
 pub mod admin_cli;
+pub mod admin_http;
 pub mod cli;
 pub mod landing;
 pub mod master_cli;
+pub mod master_flags;
 pub mod master_group;
 pub mod service;
 

@@ -7,14 +7,20 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use mooncake_core::{Error, Result};
 use mooncake_master::MasterConfig;
 
+use crate::admin_http::{admin_routes, summary};
 use crate::cli::{parse_raft_peers, run_program, shutdown_signal};
+use crate::master_flags::{
+    check_kind, expand_flagfiles, init_logging, load_config_file, no_effect_kind, refusal, Kind,
+    LogOptions,
+};
 use crate::service::{MasterService, ServiceConfig};
-use mooncake_meta_http::{serve_http, HttpEndpoints};
+use mooncake_meta_http::{serve_http, serve_http_routes, HttpEndpoints, HttpServerConfig};
 
 /// Everything `mooncake_master` is told on its command line.
 #[derive(Clone, Debug)]
@@ -35,6 +41,12 @@ pub struct MasterOptions {
     pub metrics_port: u16,
     /// Serve metrics at all (`--enable_metric_reporting`, default true).
     pub enable_metrics: bool,
+    /// Log output (glog's `--log_dir`, `--minloglevel`, `--v`, `--logtostderr`,
+    /// `--alsologtostderr`).
+    pub logging: LogOptions,
+    /// Flags given that upstream defines and that have no effect here, as given (logged at
+    /// start).
+    pub no_effect: Vec<String>,
     /// Membership in a Raft master group (`--raft_id`, `--raft_peers`, `--raft_data_dir`);
     /// `None` runs a single master with its state in memory.
     pub raft: Option<RaftOptions>,
@@ -50,7 +62,7 @@ pub struct RaftOptions {
     pub peers: Vec<(u64, String, String)>,
     /// Where the log, hard state and snapshots live (`--raft_data_dir`, default
     /// `mooncake-raft-<id>`).
-    pub data_dir: std::path::PathBuf,
+    pub data_dir: PathBuf,
     /// Length of one Raft tick (`--raft_tick_ms`, default 100 ms).
     pub tick_ms: u64,
     /// Ticks without a leader before a member campaigns, randomised up to twice this
@@ -74,6 +86,8 @@ impl Default for MasterOptions {
             http_metadata_server_port: 8080,
             metrics_port: 9003,
             enable_metrics: true,
+            logging: LogOptions::default(),
+            no_effect: Vec::new(),
             raft: None,
         }
     }
@@ -89,8 +103,8 @@ Flags (upstream names; --flag=value or --flag value):
   --enable_http_metadata_server=false    serve transfer-engine metadata at /metadata
   --http_metadata_server_host=0.0.0.0
   --http_metadata_server_port=8080
-  --metrics_port=9003                    /metrics (Prometheus) and /health
-  --enable_metric_reporting=true
+  --metrics_port=9003                    /metrics (Prometheus), /health and the admin endpoints
+  --enable_metric_reporting=true         serve the metrics port and log a summary every 10 s
   --default_kv_lease_ttl=10000           read lease, ms (or 500ms, 10s)
   --default_kv_soft_pin_ttl=1800000      soft pin lifetime, ms (or 30m)
   --client_ttl=10                        seconds of silence before a client's segments go
@@ -101,6 +115,43 @@ Flags (upstream names; --flag=value or --flag value):
   --enable_rereplication=true            restore replica_num after a segment is lost
   --reservation_ttl=500                  how long a client writes into space it reserved, ms
                                          (or 500ms); 0: every put asks the master first
+  --port=50051                           deprecated RPC port, used when --rpc_port is absent
+  --allow_evict_soft_pinned_objects=true
+  --put_start_discard_timeout_sec=30     age after which another put may take over a write
+  --put_start_release_timeout_sec=600    age after which an abandoned write's space is freed
+  --max_total_pending_tasks=10000        most unfinished copy/move tasks
+  --processing_task_timeout_sec=60       a task held longer counts as failed (0: never)
+  --max_retry_attempts=3                 retries of a failed or timed-out task
+  --config_path=FILE                     upstream's master config (.json, or flat .yaml/.yml);
+                                         command-line flags win over it
+  --flagfile=FILE                        more flags, one a line (# comments)
+
+Logging (glog's flags; RUST_LOG overrides the level):
+  --log_dir=DIR                          log to DIR/mooncake_master.INFO instead of stderr
+  --logtostderr=false                    stderr only, even with --log_dir
+  --alsologtostderr=false                with --log_dir, stderr as well
+  --minloglevel=0                        0 info, 1 warning, 2 error, 3 fatal
+  --v=0                                  1-2 debug, 3+ trace
+
+Upstream flags accepted with no effect (they tune upstream's internals or features that stay
+off): --max_threads --rpc_thread_num --rpc_conn_timeout_seconds --rpc_enable_tcp_no_delay
+  --etcd_endpoints --global_file_segment_size --memory_allocator=offset|cachelib
+  --enable_disk_eviction --quota_bytes --max_total_finished_tasks --max_total_processing_tasks
+  --pending_task_timeout_sec --cxl_path --cxl_size --ha_backend_type --ha_backend_connstring
+  --snapshot_* (backup_dir, interval_seconds, child_timeout_seconds, retention_count,
+  object/payload/catalog store and backend types and connstrings), --enable_ha --enable_offload
+  --enable_cxl --enable_gc --enable_snapshot --enable_snapshot_restore when false, an empty
+  --root_fs_dir or --rpc_interface, and glog's --stderrthreshold
+  --colorlogtostderr --max_log_size --stop_logging_if_full_disk --logbuflevel --logbufsecs
+  --log_prefix --log_link --logfile_mode --vmodule --timestamp_in_logfile_name --log_utc_time.
+Refused at start (features this master does not have): --enable_ha=true (etcd HA; use a Raft
+group), --enable_offload=true, --enable_cxl=true, --enable_gc=true, --enable_snapshot=true,
+--enable_snapshot_restore=true, a non-empty --root_fs_dir or --rpc_interface,
+--allocation_strategy=cxl.
+
+The metrics port also serves upstream's admin endpoints: /get_all_segments,
+/query_segment?segment=S, /get_all_keys (100000 keys a page; after=K, limit=N),
+/query_key?key=K, /batch_query_keys?keys=A,B, /metrics/summary.
 
 Master group (Raft; every member gets the same --raft_peers):
   --raft_id=0                            this member's id; 0 runs a single in-memory master
@@ -121,22 +172,6 @@ Changing a group's members at run time (see `mooncake_master admin --help`):
   mooncake_master admin members|add-learner ID=RAFT/RPC|promote ID|remove ID \\
       --master_server_addr=HOST:PORT,...
 ";
-
-/// Flags upstream accepts that this master has no use for; accepted with a notice.
-const IGNORED: &[&str] = &[
-    "max_threads",
-    "rpc_thread_num",
-    "rpc_conn_timeout_seconds",
-    "rpc_enable_tcp_no_delay",
-    "enable_gc",
-    "enable_ha",
-    "etcd_endpoints",
-    "memory_allocator",
-    "root_fs_dir",
-    "global_file_segment_size",
-    "v",
-    "logtostderr",
-];
 
 /// What the command line asked for.
 #[derive(Debug)]
@@ -200,6 +235,16 @@ const VALUED: &[&str] = &[
     "allocation_strategy",
     "cluster_id",
     "reservation_ttl",
+    "port",
+    "put_start_discard_timeout_sec",
+    "put_start_release_timeout_sec",
+    "max_total_pending_tasks",
+    "processing_task_timeout_sec",
+    "max_retry_attempts",
+    "config_path",
+    "log_dir",
+    "minloglevel",
+    "v",
     "raft_id",
     "raft_peers",
     "raft_data_dir",
@@ -212,39 +257,77 @@ const BOOLS: &[&str] = &[
     "enable_metric_reporting",
     "enable_rereplication",
     "raft_join",
-    "enable_gc",
-    "enable_ha",
-    "rpc_enable_tcp_no_delay",
+    "allow_evict_soft_pinned_objects",
     "logtostderr",
+    "alsologtostderr",
 ];
 
-/// Parses the arguments after the program name.
+fn is_bool(name: &str) -> bool {
+    BOOLS.contains(&name) || no_effect_kind(name) == Some(Kind::Bool)
+}
+
+fn is_known(name: &str) -> bool {
+    VALUED.contains(&name) || is_bool(name) || no_effect_kind(name).is_some()
+}
+
+/// Upstream's "0 = no timeout" for task timeouts: a century, in ms.
+const NO_TIMEOUT_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+/// Parses the arguments after the program name: `--flagfile`s are read in place, then the
+/// `--config_path` file's settings apply, then the command line's flags in order (a later one
+/// wins).
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
-    let mut o = MasterOptions::default();
+    let args: Vec<String> = args.into_iter().collect();
+    if args
+        .iter()
+        .any(|a| a == "-h" || a == "--help" || a == "-help")
+    {
+        return Ok(Parsed::Help);
+    }
+    let mut args = expand_flagfiles(args)?;
+    let config_path = args.iter().rev().find_map(|a| {
+        a.trim_start_matches('-')
+            .strip_prefix("config_path=")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    });
+    // Upstream reads only the keys it knows from the config file; others are skipped here too.
+    let mut skipped = Vec::new();
+    if let Some(path) = config_path {
+        let (mut from_file, unknown): (Vec<String>, Vec<String>) =
+            load_config_file(&path)?.into_iter().partition(|f| {
+                let name = f.trim_start_matches('-');
+                is_known(name.split_once('=').map_or(name, |(n, _)| n))
+            });
+        skipped = unknown;
+        from_file.append(&mut args);
+        args = from_file;
+    }
+    let mut o = MasterOptions {
+        no_effect: skipped,
+        ..MasterOptions::default()
+    };
     let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
     let (mut raft_tick_ms, mut raft_election_ticks) = (100u64, 10usize);
     let mut raft_join = false;
+    let (mut rpc_port, mut port) = (None::<u16>, None::<u16>);
     let mut args = args.into_iter().peekable();
     while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" || arg == "-help" {
-            return Ok(Parsed::Help);
-        }
         let Some(flag) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
             return Err(Error::InvalidArgument(format!(
                 "unexpected argument {arg:?} (flags start with --)"
             )));
         };
         let bare = flag.split_once('=').map_or(flag, |(n, _)| n);
-        let known = |n: &str| VALUED.contains(&n) || BOOLS.contains(&n) || IGNORED.contains(&n);
-        if !known(bare) && !bare.strip_prefix("no").is_some_and(|f| BOOLS.contains(&f)) {
+        if !is_known(bare) && !bare.strip_prefix("no").is_some_and(is_bool) {
             return Err(Error::InvalidArgument(format!(
                 "unknown flag --{bare} (see --help)"
             )));
         }
         let (name, value) = match flag.split_once('=') {
             Some((n, v)) => (n.to_owned(), v.to_owned()),
-            None if BOOLS.contains(&flag) => (flag.to_owned(), "true".to_owned()),
-            None if flag.strip_prefix("no").is_some_and(|f| BOOLS.contains(&f)) => {
+            None if is_bool(flag) => (flag.to_owned(), "true".to_owned()),
+            None if flag.strip_prefix("no").is_some_and(is_bool) => {
                 (flag[2..].to_owned(), "false".to_owned())
             }
             None => match args.next() {
@@ -252,10 +335,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
                 None => return Err(Error::InvalidArgument(format!("--{flag} needs a value"))),
             },
         };
+        if let Some(why) = refusal(&name, &value) {
+            return Err(Error::NotSupported(why));
+        }
         let m = &mut o.master;
         match name.as_str() {
             "rpc_address" => o.rpc_address = value,
-            "rpc_port" => o.rpc_port = parse_num(&name, &value)?,
+            "rpc_port" => rpc_port = Some(parse_num(&name, &value)?),
+            "port" => port = Some(parse_num(&name, &value)?),
             "enable_http_metadata_server" => {
                 o.enable_http_metadata_server = parse_bool(&name, &value)?
             }
@@ -276,14 +363,37 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "cluster_id" => m.cluster_id = value,
             "reservation_ttl" => m.reservation_ttl_ms = parse_duration_ms(&value, 1)?,
             "enable_rereplication" => m.enable_rereplication = parse_bool(&name, &value)?,
+            "allow_evict_soft_pinned_objects" => {
+                m.allow_evict_soft_pinned_objects = parse_bool(&name, &value)?
+            }
+            "put_start_discard_timeout_sec" => m.put_takeover_ms = parse_duration_ms(&value, 1000)?,
+            "put_start_release_timeout_sec" => m.put_reclaim_ms = parse_duration_ms(&value, 1000)?,
+            "max_total_pending_tasks" => m.max_active_tasks = parse_num(&name, &value)?,
+            "processing_task_timeout_sec" => {
+                m.task_timeout_ms = match parse_duration_ms(&value, 1000)? {
+                    0 => NO_TIMEOUT_MS,
+                    ms => ms,
+                }
+            }
+            "max_retry_attempts" => m.task_max_retries = parse_num(&name, &value)?,
+            "config_path" => {} // read before the flags
+            "log_dir" => {
+                o.logging.dir = Some(value.into()).filter(|d: &PathBuf| !d.as_os_str().is_empty())
+            }
+            "minloglevel" => o.logging.min_level = parse_num(&name, &value)?,
+            "v" => o.logging.verbosity = parse_num(&name, &value)?,
+            "logtostderr" => o.logging.to_stderr = parse_bool(&name, &value)?,
+            "alsologtostderr" => o.logging.also_to_stderr = parse_bool(&name, &value)?,
             "raft_id" => raft_id = parse_num(&name, &value)?,
             "raft_peers" => raft_peers = Some(parse_raft_peers(&value)?),
-            "raft_data_dir" => raft_dir = Some(std::path::PathBuf::from(value)),
+            "raft_data_dir" => raft_dir = Some(PathBuf::from(value)),
             "raft_tick_ms" => raft_tick_ms = parse_num(&name, &value)?,
             "raft_election_ticks" => raft_election_ticks = parse_num(&name, &value)?,
             "raft_join" => raft_join = parse_bool(&name, &value)?,
-            other if IGNORED.contains(&other) => {
-                tracing::info!("--{other} is accepted for compatibility and has no effect");
+            other if no_effect_kind(other).is_some() => {
+                let kind = no_effect_kind(other).unwrap_or(Kind::Text);
+                check_kind(other, kind, &value)?;
+                o.no_effect.push(format!("--{other}={value}"));
             }
             other => {
                 return Err(Error::InvalidArgument(format!(
@@ -292,6 +402,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             }
         }
     }
+    // --rpc_port wins; upstream's deprecated --port stands in when --rpc_port is absent (or 0,
+    // upstream's "use --port"); a lone --rpc_port=0 binds any free port.
+    o.rpc_port = match (rpc_port, port) {
+        (Some(p), _) if p != 0 => p,
+        (_, Some(p)) => p,
+        (Some(0), None) => 0,
+        _ => 50051,
+    };
     o.master.validate()?;
     o.raft = match (raft_id, raft_peers) {
         (0, None) if raft_join => {
@@ -401,16 +519,38 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
         let listener =
             mooncake_rpc::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
         listening.metrics = Some(listener.local_addr()?);
-        service.keep(serve_http(
+        service.keep(serve_http_routes(
             listener,
             HttpEndpoints {
                 metadata: None,
                 metrics: metrics_fn,
                 health,
             },
+            Some(admin_routes(Arc::downgrade(&service))),
+            HttpServerConfig::default(),
         ));
+        service.keep(report_metrics(Arc::downgrade(&service)));
     }
     Ok((service, listening))
+}
+
+/// How often a master with metric reporting on logs its summary (upstream's period).
+const METRIC_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs the `/metrics/summary` line every [`METRIC_REPORT_INTERVAL`] while the service lives,
+/// as upstream's master does with `--enable_metric_reporting`.
+fn report_metrics(service: std::sync::Weak<MasterService>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(METRIC_REPORT_INTERVAL);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let Some(service) = service.upgrade() else {
+                return;
+            };
+            tracing::info!("Master Metrics: {}", summary(&service.metrics()));
+        }
+    })
 }
 
 #[cfg(feature = "raft")]
@@ -593,6 +733,7 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
     let mut args = args.into_iter().peekable();
     if args.peek().map(String::as_str) == Some("admin") {
         args.next();
+        let _ = init_logging(&LogOptions::default());
         return crate::admin_cli::main_with_args(args);
     }
     let options = match parse_args(args) {
@@ -606,6 +747,13 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             return 2;
         }
     };
+    if let Err(e) = init_logging(&options.logging) {
+        eprintln!("mooncake_master: {e}");
+        return 2;
+    }
+    for flag in &options.no_effect {
+        tracing::info!("{flag} is accepted for compatibility with upstream and has no effect here");
+    }
     run_program("mooncake_master", run(options, shutdown_signal()))
 }
 
@@ -692,6 +840,159 @@ mod tests {
             parse_args(["--help".to_string()]).unwrap(),
             Parsed::Help
         ));
+    }
+
+    #[test]
+    fn upstream_flags_with_effect() {
+        let o = parse(&[
+            "--port=50060",
+            "--allow_evict_soft_pinned_objects=false",
+            "--put_start_discard_timeout_sec=20",
+            "--put_start_release_timeout_sec=120",
+            "--max_total_pending_tasks=50",
+            "--processing_task_timeout_sec=0",
+            "--max_retry_attempts=7",
+            "--log_dir=/var/log/mc",
+            "--minloglevel=1",
+            "--v=2",
+            "--alsologtostderr",
+        ])
+        .unwrap();
+        assert_eq!(o.rpc_port, 50060);
+        assert!(!o.master.allow_evict_soft_pinned_objects);
+        assert_eq!(o.master.put_takeover_ms, 20_000);
+        assert_eq!(o.master.put_reclaim_ms, 120_000);
+        assert_eq!(o.master.max_active_tasks, 50);
+        assert_eq!(o.master.task_timeout_ms, NO_TIMEOUT_MS);
+        assert_eq!(o.master.task_max_retries, 7);
+        assert_eq!(o.logging.dir, Some(PathBuf::from("/var/log/mc")));
+        assert_eq!((o.logging.min_level, o.logging.verbosity), (1, 2));
+        assert!(o.logging.also_to_stderr && !o.logging.to_stderr);
+        assert!(o.no_effect.is_empty());
+        // --rpc_port wins over --port; a lone --rpc_port=0 is any free port.
+        assert_eq!(parse(&["--port=1", "--rpc_port=2"]).unwrap().rpc_port, 2);
+        assert_eq!(parse(&["--port=1", "--rpc_port=0"]).unwrap().rpc_port, 1);
+        assert_eq!(parse(&["--rpc_port=0"]).unwrap().rpc_port, 0);
+        assert_eq!(parse(&[]).unwrap().rpc_port, 50051);
+        assert_eq!(
+            parse(&["--processing_task_timeout_sec=5"])
+                .unwrap()
+                .master
+                .task_timeout_ms,
+            5000
+        );
+    }
+
+    #[test]
+    fn upstream_flags_without_effect_change_nothing() {
+        let given = [
+            "--max_threads=8",
+            "--rpc_thread_num=4",
+            "--rpc_conn_timeout_seconds=30",
+            "--norpc_enable_tcp_no_delay",
+            "--memory_allocator=cachelib",
+            "--enable_ha=false",
+            "--etcd_endpoints=127.0.0.1:2379",
+            "--enable_offload=false",
+            "--enable_cxl=0",
+            "--root_fs_dir=",
+            "--cxl_size=1024",
+            "--quota_bytes=0",
+            "--enable_disk_eviction",
+            "--pending_task_timeout_sec=300",
+            "--stderrthreshold=1",
+            "--colorlogtostderr",
+            "--max_log_size=100",
+            "--ha_backend_type=redis",
+            "--snapshot_interval_seconds=60",
+            "--enable_snapshot=false",
+            "--rpc_interface=",
+        ];
+        let o = parse(&given).unwrap();
+        let d = MasterOptions::default();
+        assert_eq!(o.master, d.master);
+        assert_eq!(o.logging, d.logging);
+        assert_eq!((o.rpc_port, o.metrics_port), (d.rpc_port, d.metrics_port));
+        assert_eq!(o.no_effect.len(), given.len());
+        assert!(o
+            .no_effect
+            .contains(&"--rpc_enable_tcp_no_delay=false".to_owned()));
+        // Their values are still checked.
+        let e = parse(&["--max_threads=many"]).unwrap_err();
+        assert!(e.to_string().contains("--max_threads"), "{e}");
+        let e = parse(&["--enable_disk_eviction=maybe"]).unwrap_err();
+        assert!(e.to_string().contains("--enable_disk_eviction"), "{e}");
+    }
+
+    #[test]
+    fn flags_asking_for_missing_features_are_refused_by_name() {
+        for (args, flag) in [
+            (
+                &["--enable_ha=true", "--etcd_endpoints=a:1"][..],
+                "--enable_ha",
+            ),
+            (&["--enable_ha"], "--enable_ha"),
+            (&["--enable_offload"], "--enable_offload"),
+            (&["--enable_cxl=1"], "--enable_cxl"),
+            (&["--enable_gc=true"], "--enable_gc"),
+            (&["--root_fs_dir=/mnt/3fs"], "--root_fs_dir"),
+            (&["--allocation_strategy=cxl"], "--allocation_strategy"),
+            (&["--memory_allocator=jemalloc"], "--memory_allocator"),
+            (&["--enable_snapshot"], "--enable_snapshot"),
+            (
+                &["--enable_snapshot_restore=true"],
+                "--enable_snapshot_restore",
+            ),
+            (&["--rpc_interface=eth0"], "--rpc_interface"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(matches!(e, Error::NotSupported(_)), "{args:?}: {e:?}");
+            assert!(e.to_string().contains(flag), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn flagfile_and_config_path() {
+        let dir = std::env::temp_dir().join(format!("mooncake-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("master.json");
+        std::fs::write(
+            &config,
+            r#"{"rpc_port": 50200, "metrics_port": 9200, "client_live_ttl_sec": 6,
+                "enable_http_metadata_server": true, "not_a_master_key": 1}"#,
+        )
+        .unwrap();
+        let flags = dir.join("master.flags");
+        std::fs::write(
+            &flags,
+            format!(
+                "# deployment flags
+--config_path={}
+--metrics_port=9300
+--cluster_id=from_file
+",
+                config.display()
+            ),
+        )
+        .unwrap();
+        let o = parse(&[
+            &format!("--flagfile={}", flags.display()),
+            "--cluster_id=last",
+        ])
+        .unwrap();
+        // The config file's settings, under the flags given after it.
+        assert_eq!(o.rpc_port, 50200);
+        assert_eq!(o.master.client_ttl_ms, 6000);
+        assert!(o.enable_http_metadata_server);
+        assert_eq!(o.metrics_port, 9300);
+        assert_eq!(o.master.cluster_id, "last");
+        // A key upstream's master does not read is skipped, and said so.
+        assert_eq!(o.no_effect, ["--not_a_master_key=1"]);
+        // A refused setting in the config file names its flag too.
+        std::fs::write(&config, r#"{"enable_offload": true}"#).unwrap();
+        let e = parse(&[&format!("--config_path={}", config.display())]).unwrap_err();
+        assert!(e.to_string().contains("--enable_offload"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl MasterService {
 
     /// `None` when this master may serve requests (it is the leader, or not replicated);
     /// otherwise the leader's RPC address if known.
-    fn not_leader(&self) -> Option<Option<String>> {
+    pub(crate) fn not_leader(&self) -> Option<Option<String>> {
         match self.log.leadership() {
             Leadership::Follower { leader_hint } => Some(leader_hint),
             Leadership::Standalone | Leadership::Leader { .. } => None,
@@ -280,6 +280,14 @@ impl MasterService {
         );
         self.led_term.store(term, Ordering::Release);
         Ok(())
+    }
+
+    /// Runs `f` on the master's applied state at the current master time, under the state's
+    /// lock (keep it short): inspection that changes nothing, for the admin endpoints.
+    pub fn inspect<R>(&self, f: impl FnOnce(&Master, Timestamp) -> R) -> R {
+        let now = self.now();
+        let s = lock(&self.shared);
+        f(&s.master, now)
     }
 
     /// Current metrics (read counters include the reads served outside the log).

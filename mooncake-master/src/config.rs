@@ -113,6 +113,15 @@ pub struct MasterConfig {
     /// [`ReservationGrant`](super::ReservationGrant)). Default 500; 0 turns reservations off.
     #[serde(default)]
     pub reservation_ttl_ms: u64,
+    /// Whether eviction may remove soft-pinned objects (after every other evictable one).
+    /// Default `true`, upstream's `--allow_evict_soft_pinned_objects`; `false` keeps them until
+    /// their pin ends.
+    #[serde(default = "default_true")]
+    pub allow_evict_soft_pinned_objects: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for MasterConfig {
@@ -137,6 +146,7 @@ impl Default for MasterConfig {
             rng_seed: 0x6d6f_6f6e,
             cluster_id: "mooncake_cluster".to_owned(),
             reservation_ttl_ms: 500,
+            allow_evict_soft_pinned_objects: true,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! watermark), removing whole objects, oldest lease first (an object never read counts from its
 //! commit time). Never evicted: objects under a read lease, hard-pinned objects, objects with a
 //! write in progress or an unfinished copy/move task. Soft-pinned objects are evicted only after
-//! every other evictable object has been.
+//! every other evictable object has been, and never with `allow_evict_soft_pinned_objects` off.
 
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +96,9 @@ impl Master {
         }
         plain.sort_unstable();
         soft.sort_unstable();
+        if !self.config.allow_evict_soft_pinned_objects {
+            soft.clear();
+        }
         let mut victims = Vec::new();
         let mut bytes = 0;
         for list in [plain, soft] {
@@ -137,6 +140,7 @@ impl Master {
                 || obj.task.is_some()
                 || obj.is_leased(now)
                 || obj.pin.is_hard()
+                || (!self.config.allow_evict_soft_pinned_objects && obj.pin.is_soft_at(now))
             {
                 continue;
             }

@@ -103,7 +103,7 @@ pub use reserve::{
     ReservationGrant, ReservedPut, MAX_RESERVATIONS_PER_CLIENT, MAX_UNCLAIMED_GRANTS_PER_CLIENT,
     RESERVATION_SHARE_DIVISOR,
 };
-pub use segment::{SegmentInfo, SegmentSpec};
+pub use segment::{SegmentDetail, SegmentInfo, SegmentSpec};
 pub use task::{TaskAssignment, TaskInfo, TaskOrigin, TaskOutcome, TaskStatus, TaskType};
 pub use types::{
     host_of, ClientId, LeaseDeadline, ParseIdError, ReplicaId, SegmentId, SplitMix64, TaskId,
@@ -454,6 +454,19 @@ impl Master {
     /// Keys of all objects, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
         self.objects.keys().map(String::as_str)
+    }
+
+    /// Keys of all objects after `after` (all without it), in order: a page of a listing,
+    /// found without walking the keys before it.
+    pub fn keys_after<'a>(&'a self, after: Option<&str>) -> impl Iterator<Item = &'a str> + 'a {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(a.to_owned()),
+            None => Bound::Unbounded,
+        };
+        self.objects
+            .range::<String, _>((start, Bound::Unbounded))
+            .map(|(k, _)| k.as_str())
     }
 
     /// Known clients and when each was last heard from.

@@ -60,6 +60,19 @@ pub struct SegmentInfo {
     pub retired: u64,
 }
 
+/// A mounted segment with its owner and endpoint, for inspection (`/get_segments_detail`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentDetail {
+    /// Capacity, usage and identity, as [`Master::segments`] reports them.
+    pub info: SegmentInfo,
+    /// The client that mounted it.
+    pub client: ClientId,
+    /// What the transfer engine opens to reach it.
+    pub endpoint: String,
+    /// Bytes mounted (the allocator's capacity may be smaller, after alignment).
+    pub size: u64,
+}
+
 /// A range kept reserved until a lease ends.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Retired {
@@ -146,6 +159,19 @@ pub(crate) fn release(
 }
 
 impl Master {
+    /// The mounted segments with their owners and endpoints, by id.
+    pub fn segment_details(&self) -> Vec<SegmentDetail> {
+        self.segments
+            .values()
+            .map(|s| SegmentDetail {
+                info: s.info(),
+                client: s.client,
+                endpoint: s.endpoint.clone(),
+                size: s.size,
+            })
+            .collect()
+    }
+
     /// Descriptors of `replicas` holding `size` bytes each.
     pub(crate) fn descriptors(&self, replicas: &[Replica], size: u64) -> Vec<ReplicaDescriptor> {
         replicas

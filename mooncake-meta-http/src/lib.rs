@@ -2,7 +2,8 @@
 //!
 //! [`serve_http`] speaks upstream Mooncake's HTTP metadata protocol (`GET`/`PUT`/`DELETE
 //! /metadata?key=K`, with which transfer engines publish segment descriptors) and serves
-//! `/metrics` (Prometheus text) and `/health`. [`HttpMetadataStore`] is the other side: a
+//! `/metrics` (Prometheus text) and `/health`; [`serve_http_routes`] lets the program embedding it
+//! serve further paths on the same server (the master's admin endpoints). [`HttpMetadataStore`] is the other side: a
 //! complete [`MetadataStore`](mooncake_core::MetadataStore) over that protocol, for
 //! `http://host:port/metadata` metadata URLs, so that the P2P store's catalog can live in the
 //! HTTP metadata server (or in `mooncake_master --enable_http_metadata_server`).
@@ -51,7 +52,10 @@ mod server;
 mod tests;
 
 pub use client::{HttpClientConfig, HttpMetadataStore};
-pub use server::{serve_http, serve_http_with, HttpEndpoints, HttpServerConfig};
+pub use server::{
+    serve_http, serve_http_routes, serve_http_with, ExtraRoutes, HttpEndpoints, HttpServerConfig,
+    RouteRequest, RouteResponse,
+};
 
 use std::io;
 use std::result::Result;

@@ -1,4 +1,5 @@
-//! The HTTP server: `/metadata`, `/metrics`, `/health`.
+//! The HTTP server: `/metadata`, `/metrics`, `/health`, and whatever further paths an
+//! [`ExtraRoutes`] handler serves.
 
 use std::io;
 use std::sync::Arc;
@@ -26,6 +27,61 @@ pub struct HttpEndpoints {
     /// Whether `/health` answers `200 OK` (else `503`).
     pub health: Arc<dyn Fn() -> bool + Send + Sync>,
 }
+
+/// A request as an [`ExtraRoutes`] handler sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteRequest<'a> {
+    /// The method, as sent (`GET`, `HEAD`, ...). A `HEAD` is answered like a `GET` without the
+    /// body.
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The raw query (what follows `?`, empty without one).
+    pub query: &'a str,
+}
+
+impl RouteRequest<'_> {
+    /// The percent-decoded value of the first `name` parameter of the query (`+` stays `+`);
+    /// `Err` when the query holds a bad percent-escape.
+    pub fn param(&self, name: &str) -> Result<Option<String>, &'static str> {
+        query_param(self.query, name)
+    }
+
+    /// Whether the method only reads (`GET` or `HEAD`).
+    pub fn is_read(&self) -> bool {
+        matches!(self.method, "GET" | "HEAD")
+    }
+}
+
+/// What an [`ExtraRoutes`] handler answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteResponse {
+    /// The status code.
+    pub status: u16,
+    /// The `Content-Type` header.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Sends `X-Mooncake-More: 1`: the answer is one page of a longer listing.
+    pub more: bool,
+}
+
+impl RouteResponse {
+    /// A response with `body` as `content_type` and no paging header.
+    pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
+        RouteResponse {
+            status,
+            content_type,
+            body: body.into(),
+            more: false,
+        }
+    }
+}
+
+/// Serves paths beyond the built-in ones: called for every request whose path is not
+/// `/metadata`, `/metrics` or `/health`; `None` answers `404`. It runs on the connection's task,
+/// so it should answer quickly (read state, format, return).
+pub type ExtraRoutes = Arc<dyn Fn(&RouteRequest<'_>) -> Option<RouteResponse> + Send + Sync>;
 
 /// Limits of an HTTP server, for [`serve_http_with`].
 #[derive(Clone, Debug)]
@@ -72,7 +128,20 @@ pub fn serve_http_with(
     endpoints: HttpEndpoints,
     config: HttpServerConfig,
 ) -> JoinHandle<()> {
-    let (endpoints, config) = (Arc::new(endpoints), Arc::new(config));
+    serve_http_routes(listener, endpoints, None, config)
+}
+
+/// Serves `endpoints` on `listener` with the given limits (see [`serve_http`]), and hands every
+/// request for another path to `extra` (without it, such requests get `404`). The server's
+/// limits apply to those requests as to the built-in ones.
+pub fn serve_http_routes(
+    listener: TcpListener,
+    endpoints: HttpEndpoints,
+    extra: Option<ExtraRoutes>,
+    config: HttpServerConfig,
+) -> JoinHandle<()> {
+    let endpoints = Arc::new(Served { endpoints, extra });
+    let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     tokio::spawn(async move {
         loop {
@@ -95,6 +164,12 @@ pub fn serve_http_with(
             });
         }
     })
+}
+
+/// The built-in endpoints and the extra routes of one server.
+struct Served {
+    endpoints: HttpEndpoints,
+    extra: Option<ExtraRoutes>,
 }
 
 /// One parsed request.
@@ -135,7 +210,7 @@ fn not_allowed(allow: &'static str) -> Response {
     }
 }
 
-async fn serve_connection(stream: TcpStream, endpoints: &HttpEndpoints, cfg: &HttpServerConfig) {
+async fn serve_connection(stream: TcpStream, endpoints: &Served, cfg: &HttpServerConfig) {
     let _ = stream.set_nodelay(true);
     let mut conn = BufReader::new(stream);
     loop {
@@ -285,7 +360,8 @@ async fn read_request<S: AsyncBufRead + AsyncWrite + Unpin>(
     }))
 }
 
-async fn route(request: Request, endpoints: &HttpEndpoints, cfg: &HttpServerConfig) -> Response {
+async fn route(request: Request, served: &Served, cfg: &HttpServerConfig) -> Response {
+    let endpoints = &served.endpoints;
     let target = match request.target.strip_prefix("http://") {
         Some(absolute) => absolute.find('/').map_or("/", |i| &absolute[i..]),
         None => &request.target,
@@ -307,7 +383,23 @@ async fn route(request: Request, endpoints: &HttpEndpoints, cfg: &HttpServerConf
             false => text(503, "unhealthy"),
         },
         "/metrics" | "/health" => not_allowed("GET, HEAD"),
-        _ => text(404, "not found"),
+        _ => {
+            let view = RouteRequest {
+                method: &request.method,
+                path,
+                query,
+            };
+            match served.extra.as_ref().and_then(|extra| extra(&view)) {
+                Some(r) => Response {
+                    status: r.status,
+                    content_type: r.content_type,
+                    body: r.body,
+                    more: r.more,
+                    ..text(200, "")
+                },
+                None => text(404, "not found"),
+            }
+        }
     }
 }
 

@@ -659,3 +659,69 @@ async fn stalled_clients_time_out_without_blocking_others() {
     assert_eq!(read_all(&mut silent).await, "");
     assert_eq!(c.get("a").await.unwrap(), None);
 }
+
+/// Extra routes answer their paths, with the decoded query; the built-in paths stay the
+/// server's own, and a path no one serves is still `404`.
+#[tokio::test]
+async fn extra_routes_serve_further_paths() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let endpoints = HttpEndpoints {
+        metadata: None,
+        metrics: Arc::new(|| "mooncake_up 1\n".to_owned()),
+        health: Arc::new(|| true),
+    };
+    let extra: ExtraRoutes = Arc::new(|req: &RouteRequest<'_>| match req.path {
+        "/echo" if req.is_read() => Some(match req.param("key") {
+            Ok(Some(key)) => RouteResponse::new(200, "text/plain", format!("key={key}")),
+            Ok(None) => RouteResponse::new(400, "text/plain", "no key"),
+            Err(why) => RouteResponse::new(400, "text/plain", why),
+        }),
+        "/page" => Some(RouteResponse {
+            more: true,
+            ..RouteResponse::new(200, "text/plain", "a\n")
+        }),
+        // Never reached: the built-in endpoint answers first.
+        "/metrics" => Some(RouteResponse::new(500, "text/plain", "shadowed")),
+        _ => None,
+    });
+    serve_http_routes(
+        listener,
+        endpoints,
+        Some(extra),
+        HttpServerConfig::default(),
+    );
+    let get = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+    };
+    let echo = raw(addr, &get("/echo?key=a%2Fb%20c")).await;
+    assert!(echo.starts_with("HTTP/1.1 200 OK\r\n"), "{echo}");
+    assert!(echo.ends_with("\r\n\r\nkey=a/b c"), "{echo}");
+    let missing = raw(addr, &get("/echo")).await;
+    assert!(missing.starts_with("HTTP/1.1 400 "), "{missing}");
+    assert!(missing.ends_with("no key"), "{missing}");
+    let bad = raw(addr, &get("/echo?key=%zz")).await;
+    assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    let page = raw(addr, &get("/page")).await;
+    assert!(page.contains("\r\nX-Mooncake-More: 1\r\n"), "{page}");
+    let head = raw(
+        addr,
+        b"HEAD /echo?key=k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("Content-Length: 5\r\n") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    let metrics = raw(addr, &get("/metrics")).await;
+    assert!(metrics.ends_with("mooncake_up 1\n"), "{metrics}");
+    let post = raw(
+        addr,
+        b"POST /echo?key=k HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(post.starts_with("HTTP/1.1 404 "), "{post}");
+    let nothing = raw(addr, &get("/nothing")).await;
+    assert!(nothing.starts_with("HTTP/1.1 404 "), "{nothing}");
+}

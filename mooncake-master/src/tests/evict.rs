@@ -186,3 +186,39 @@ fn expired_soft_pin_is_plain_and_eviction_is_rate_limited() {
     h.at(1_200);
     assert!(h.m.handle_timeout(h.t()).contains(&Command::Evict));
 }
+
+#[test]
+fn soft_pinned_objects_stay_when_their_eviction_is_off() {
+    let mut h = H::with(MasterConfig {
+        allow_evict_soft_pinned_objects: false,
+        ..Default::default()
+    });
+    h.mount(1, "a:1", 8 * KIB);
+    let soft = ReplicateConfig {
+        with_soft_pin: true,
+        ..Default::default()
+    };
+    h.at(1).put_cfg(1, "soft", 4 * KIB, soft);
+    h.at(2).put(1, "plain", 4 * KIB, 1);
+    assert_eq!(
+        h.put_start(1, "x", 4 * KIB, 1),
+        Err(ErrorCode::NO_AVAILABLE_HANDLE)
+    );
+    h.at(10);
+    let r = evictions(&h.tick());
+    assert_eq!((r[0].objects, r[0].soft_pinned), (1, 0));
+    assert!(h.exists("soft") && !h.exists("plain"));
+    // Full again with only the soft-pinned object evictable ("x" is under a read lease): it
+    // stays, where with the default it would go.
+    h.put(1, "x", 4 * KIB, 1);
+    h.get("x").unwrap();
+    h.at(20);
+    assert_eq!(
+        h.put_start(1, "y", 4 * KIB, 1),
+        Err(ErrorCode::NO_AVAILABLE_HANDLE)
+    );
+    h.at(30);
+    let r = evictions(&h.tick());
+    assert_eq!((r[0].objects, r[0].soft_pinned), (0, 0));
+    assert!(h.exists("soft") && h.exists("x"));
+}
