@@ -39,7 +39,9 @@ pub struct MasterOptions {
     pub http_metadata_server_port: u16,
     /// Port of `/metrics` and `/health` (`--metrics_port`, default 9003); bound on `rpc_address`.
     pub metrics_port: u16,
-    /// Serve metrics at all (`--enable_metric_reporting`, default true).
+    /// Log the metrics summary every 10 s (`--enable_metric_reporting`, default true). The
+    /// metrics port (`/metrics`, `/health`, the admin endpoints) is served either way, as
+    /// upstream does: serving stacks poll it.
     pub enable_metrics: bool,
     /// Log output (glog's `--log_dir`, `--minloglevel`, `--v`, `--logtostderr`,
     /// `--alsologtostderr`).
@@ -104,7 +106,8 @@ Flags (upstream names; --flag=value or --flag value):
   --http_metadata_server_host=0.0.0.0
   --http_metadata_server_port=8080
   --metrics_port=9003                    /metrics (Prometheus), /health and the admin endpoints
-  --enable_metric_reporting=true         serve the metrics port and log a summary every 10 s
+  --enable_metric_reporting=true         log a metrics summary every 10 s (the metrics port is
+                                         served either way)
   --default_kv_lease_ttl=10000           read lease, ms (or 500ms, 10s)
   --default_kv_soft_pin_ttl=1800000      soft pin lifetime, ms (or 30m)
   --client_ttl=10                        seconds of silence before a client's segments go
@@ -515,7 +518,7 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
             },
         ));
     }
-    if options.enable_metrics {
+    {
         let listener =
             mooncake_rpc::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
         listening.metrics = Some(listener.local_addr()?);
@@ -529,7 +532,9 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
             Some(admin_routes(Arc::downgrade(&service))),
             HttpServerConfig::default(),
         ));
-        service.keep(report_metrics(Arc::downgrade(&service)));
+        if options.enable_metrics {
+            service.keep(report_metrics(Arc::downgrade(&service)));
+        }
     }
     Ok((service, listening))
 }

@@ -310,7 +310,8 @@ fn base_args(rpc_port: u16) -> Vec<String> {
     vec![
         "--rpc_address=127.0.0.1".into(),
         format!("--rpc_port={rpc_port}"),
-        "--noenable_metric_reporting".into(),
+        // Several members on one host: each its own metrics port.
+        "--metrics_port=0".into(),
     ]
 }
 
