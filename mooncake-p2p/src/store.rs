@@ -50,6 +50,11 @@ pub struct P2PConfig {
     /// How pulls behave. Default [`PullMode::Swarm`]; [`PullMode::Upstream`] is for
     /// comparisons only.
     pub mode: PullMode,
+    /// With an identity, the engine [`P2PStore::new`] starts moves pieces over QUIC with mutual
+    /// TLS (every peer must hold a certificate of the same CA; `TlsIdentity::from_env` reads
+    /// one from `MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY`); without, over TCP. Default: TCP.
+    #[cfg(feature = "quic")]
+    pub quic: Option<mooncake_transport_quic::TlsIdentity>,
 }
 
 /// How a pull chooses sources and publishes what it has.
@@ -77,6 +82,8 @@ impl Default for P2PConfig {
             refresh_interval: Duration::from_millis(200),
             pull_timeout: Duration::from_secs(600),
             mode: PullMode::Swarm,
+            #[cfg(feature = "quic")]
+            quic: None,
         }
     }
 }
@@ -186,7 +193,8 @@ fn bind_address(local: &str) -> Result<SocketAddr> {
 }
 
 impl P2PStore {
-    /// Starts a transfer engine with a TCP transport on `local_segment_name` (`host` or
+    /// Starts a transfer engine with a TCP (or, with [`P2PConfig::quic`], QUIC) transport on
+    /// `local_segment_name` (`host` or
     /// `host:port`; without a port a free one is picked), whose segment is published in
     /// `metadata`, and a store on it whose catalog is in `metadata` too. `close` shuts the
     /// engine down.
@@ -196,13 +204,25 @@ impl P2PStore {
         config: P2PConfig,
     ) -> Result<P2PStore> {
         config.validate()?;
-        let tcp = TcpTransport::new(TcpConfig {
-            bind: bind_address(local_segment_name)?,
-            ..TcpConfig::default()
-        })?;
+        let bind = bind_address(local_segment_name)?;
+        #[allow(unused_mut)]
+        let mut transport: Option<Arc<dyn Transport>> = None;
+        #[cfg(feature = "quic")]
+        if let Some(identity) = &config.quic {
+            let mut quic = mooncake_transport_quic::QuicConfig::new(identity.clone());
+            quic.bind = bind;
+            transport = Some(mooncake_transport_quic::QuicTransport::new(quic)?);
+        }
+        let transport = match transport {
+            Some(t) => t,
+            None => TcpTransport::new(TcpConfig {
+                bind,
+                ..TcpConfig::default()
+            })?,
+        };
         let mut engine_config = EngineConfig::new(local_segment_name);
         engine_config.discovery = Discovery::Metadata(metadata.clone());
-        let engine = TransferEngine::start(engine_config, vec![tcp as Arc<dyn Transport>]).await?;
+        let engine = TransferEngine::start(engine_config, vec![transport]).await?;
         let mut store = P2PStore::with_engine(metadata, engine, config)?;
         store.owns_engine = true;
         Ok(store)

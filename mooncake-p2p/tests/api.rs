@@ -572,3 +572,42 @@ async fn stores_on_caller_engines_find_peers_by_handshake() {
         s.engine().shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_over_quic_admits_only_its_ca() {
+    use mooncake_transport_quic::certs;
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let ca = certs::new_ca("p2p cluster").unwrap();
+    let quic = |ca: &certs::CertifiedPem, name: &str| P2PConfig {
+        quic: Some(
+            certs::issue_node_cert(ca, name, &["127.0.0.1"])
+                .unwrap()
+                .identity(ca),
+        ),
+        ..config()
+    };
+    let o = peer_with(&meta, quic(&ca, "origin")).await;
+    let obufs = buffers(&o);
+    write(&o, &obufs, &content(31));
+    o.register("q", &obufs, SHARD, "cpu:0", false)
+        .await
+        .unwrap();
+    let a = peer_with(&meta, quic(&ca, "a")).await;
+    let b = peer_with(&meta, quic(&ca, "b")).await;
+    let (ra, rb) = tokio::join!(pull_ok(&a, "q", 31), pull_ok(&b, "q", 31));
+    assert_eq!(ra.1.corrupt + rb.1.corrupt, 0);
+    // A peer certified by another CA reads no piece from the swarm.
+    let other = certs::new_ca("intruder").unwrap();
+    let mut cfg = quic(&other, "intruder");
+    cfg.pull_timeout = Duration::from_secs(2);
+    let intruder = peer_with(&meta, cfg).await;
+    let ibufs = buffers(&intruder);
+    let err = intruder.get_replica("q", &ibufs).await.unwrap_err();
+    match err {
+        Error::Timeout { verified, .. } => assert_eq!(verified, 0),
+        other => panic!("expected a timeout with nothing verified, got {other:?}"),
+    }
+    for s in [intruder, b, a, o] {
+        s.close().await.unwrap();
+    }
+}

@@ -400,6 +400,15 @@ def test_constructor_arguments():
     assert s.segment_name.startswith(HOST + ":")
     s.close()
     P2PStore("memory", HOST, "{}").close()
+    with pytest.raises(ValueError, match="protocol"):
+        P2PStore("memory", HOST, protocol="rdma")
+
+
+def test_quic_needs_a_certificate(monkeypatch):
+    for var in ("MC_TLS_CA", "MC_TLS_CERT", "MC_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="MC_TLS_CA"):
+        P2PStore("memory", HOST, protocol="quic")
 
 
 def test_torch_tensors(trio, name):

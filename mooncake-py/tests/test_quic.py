@@ -9,6 +9,9 @@ import subprocess
 import pytest
 
 from conftest import MASTER
+import numpy as np
+
+from mooncake.p2p import P2PStore
 from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
 
@@ -100,3 +103,24 @@ def test_quic_stores_within_one_ca(master, uniq, tmp_path, monkeypatch):
         reader.remove(uniq + "q")
         reader.close()
         storage.close()
+
+
+def test_p2p_over_quic(tmp_path, monkeypatch):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    make_ca(tmp_path, "ca")
+    for name in ("origin", "reader"):
+        make_node(tmp_path, "ca", name)
+    use(monkeypatch, tmp_path, "ca", "origin")
+    origin = P2PStore("memory", "127.0.0.1", protocol="quic")
+    use(monkeypatch, tmp_path, "ca", "reader")
+    reader = P2PStore("memory", "127.0.0.1", protocol="quic")
+    try:
+        src = np.random.default_rng(7).integers(0, 256, 3 << 20, dtype=np.uint8)
+        origin.register("quic/ckpt", [src], max_shard_size=1 << 20)
+        dst = np.zeros_like(src)
+        reader.get_replica("quic/ckpt", [dst], timeout=30)
+        assert np.array_equal(dst, src)
+    finally:
+        reader.close()
+        origin.close()

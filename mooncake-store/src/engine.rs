@@ -56,12 +56,14 @@ pub fn available_protocols() -> Vec<&'static str> {
 
 /// Environment variables naming the PEM files of this node's TLS identity: the cluster CA's
 /// certificate, this node's certificate and its private key.
-pub const TLS_ENV: [&str; 3] = ["MC_TLS_CA", "MC_TLS_CERT", "MC_TLS_KEY"];
+#[cfg(feature = "quic")]
+pub use quic::TLS_ENV;
 
 /// [`start_engine_with`] for `protocol`: `tcp` (TCP, behind same-host shared memory) or `quic`
 /// (QUIC with mutual TLS, behind same-host shared memory: every transfer between hosts is
 /// encrypted and both ends show a certificate of the cluster's CA, read from the files named by
-/// [`TLS_ENV`]). Every node of a cluster uses the same protocol.
+/// the `MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY` variables). Every node of a cluster uses the
+/// same protocol.
 pub async fn start_engine_for(
     local_hostname: &str,
     discovery: Discovery,
@@ -109,15 +111,5 @@ pub async fn start_engine_for(
 /// This node's TLS identity, from the PEM files the [`TLS_ENV`] variables name.
 #[cfg(feature = "quic")]
 pub fn tls_identity_from_env() -> Result<quic::TlsIdentity> {
-    let var = |name: &str| {
-        std::env::var_os(name).ok_or_else(|| {
-            mooncake_core::Error::InvalidArgument(format!(
-                "protocol \"quic\" needs a certificate: set {} to the PEM files of the \
-                 cluster CA, this node's certificate and its key ({name} is not set)",
-                TLS_ENV.join(", ")
-            ))
-        })
-    };
-    let (ca, cert, key) = (var(TLS_ENV[0])?, var(TLS_ENV[1])?, var(TLS_ENV[2])?);
-    quic::TlsIdentity::from_pem_files(ca, cert, key)
+    quic::TlsIdentity::from_env()
 }

@@ -57,7 +57,7 @@ use tokio::task::JoinHandle;
 
 use client::PeerPool;
 use frame::Op;
-pub use tls::{PeerAuthorizer, PeerIdentity, TlsIdentity};
+pub use tls::{PeerAuthorizer, PeerIdentity, TlsIdentity, TLS_ENV};
 
 /// The ALPN protocol name, which is also the wire protocol's version.
 pub const ALPN: &[u8] = b"mooncake-quic/1";

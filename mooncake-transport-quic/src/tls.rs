@@ -41,7 +41,27 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
+/// Environment variables naming the PEM files of a node's identity: the cluster CA's
+/// certificate, the node's certificate and its private key (see [`TlsIdentity::from_env`]).
+pub const TLS_ENV: [&str; 3] = ["MC_TLS_CA", "MC_TLS_CERT", "MC_TLS_KEY"];
+
 impl TlsIdentity {
+    /// Reads the PEM files the [`TLS_ENV`] variables name; an error names the variables when
+    /// one is not set.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| {
+            std::env::var_os(name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "QUIC needs a certificate: set {} to the PEM files of the cluster CA, this \
+                     node's certificate and its key ({name} is not set)",
+                    TLS_ENV.join(", ")
+                ))
+            })
+        };
+        let (ca, cert, key) = (var(TLS_ENV[0])?, var(TLS_ENV[1])?, var(TLS_ENV[2])?);
+        Self::from_pem_files(ca, cert, key)
+    }
+
     /// Reads the three PEM files.
     pub fn from_pem_files(
         ca: impl AsRef<Path>,

@@ -1,8 +1,10 @@
 """``mooncake.p2p``: the P2P store, for distributing checkpoints from one process to many.
 
-``P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="", *, pull_timeout=600.0)``
-starts a transfer engine (TCP) on ``local_segment_name`` (``"host"`` or ``"host:port"``) and
-keeps its catalog in the metadata service at ``metadata_uri``:
+``P2PStore(metadata_uri, local_segment_name, nic_priority_matrix="", *, pull_timeout=600.0,
+protocol="tcp")`` starts a transfer engine on ``local_segment_name`` (``"host"`` or
+``"host:port"``) and keeps its catalog in the metadata service at ``metadata_uri``. With
+``protocol="quic"`` pieces move over QUIC with mutual TLS: every peer needs a certificate of the
+same CA, from the PEM files ``MC_TLS_CA``, ``MC_TLS_CERT`` and ``MC_TLS_KEY`` name. The catalog:
 
 - ``"http://host:port/metadata"``: the HTTP metadata server of ``mooncake_master
   --enable_http_metadata_server`` (the catalog needs compare-and-swap and listing from it);

@@ -30,6 +30,7 @@ class P2PStore:
         nic_priority_matrix: str = "",
         *,
         pull_timeout: float = 600.0,
+        protocol: str = "tcp",
     ) -> None: ...
     @property
     def segment_name(self) -> str: ...

@@ -193,13 +193,14 @@ impl PyP2PStore {
     /// `host:port`). A `get_replica` not done after `pull_timeout` seconds fails (kind
     /// `"timeout"`) and withdraws its partial replica.
     #[new]
-    #[pyo3(signature = (metadata_uri, local_segment_name, nic_priority_matrix="", *, pull_timeout=600.0))]
+    #[pyo3(signature = (metadata_uri, local_segment_name, nic_priority_matrix="", *, pull_timeout=600.0, protocol="tcp"))]
     fn new(
         py: Python<'_>,
         metadata_uri: &str,
         local_segment_name: &str,
         nic_priority_matrix: &str,
         pull_timeout: f64,
+        protocol: &str,
     ) -> PyResult<Self> {
         if !nic_priority_matrix.is_empty() {
             tracing::info!("P2PStore: nic_priority_matrix ignored (TCP transport)");
@@ -212,8 +213,21 @@ impl PyP2PStore {
                     "pull_timeout must be a positive number of seconds, not {pull_timeout}"
                 ))
             })?;
+        let quic = match protocol {
+            "tcp" => None,
+            "quic" => Some(
+                mooncake_transport_quic::TlsIdentity::from_env()
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            ),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "protocol {other:?}: expected \"tcp\" or \"quic\""
+                )))
+            }
+        };
         let config = P2PConfig {
             pull_timeout,
+            quic,
             ..P2PConfig::default()
         };
         let metadata = metadata_store(metadata_uri)?;

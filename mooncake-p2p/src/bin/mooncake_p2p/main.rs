@@ -31,6 +31,7 @@ use mooncake_core::memory::AlignedBuffer;
 use mooncake_core::{parse_size, Location, MetadataStore};
 use mooncake_meta_http::HttpMetadataStore;
 use mooncake_p2p::{Buffer, CancelToken, P2PConfig, P2PStore, PullOptions};
+use mooncake_transport_quic::TlsIdentity;
 
 use manifest::Manifest;
 use mapped::MappedFile;
@@ -48,6 +49,10 @@ struct Cli {
     /// This host's address as peers reach it (`host` or `host:port`; a free port without one).
     #[arg(long, default_value = "127.0.0.1")]
     local: String,
+    /// How pieces move: `tcp`, or `quic` (mutual TLS; the certificate files come from
+    /// MC_TLS_CA, MC_TLS_CERT and MC_TLS_KEY, see `mooncake_certs`).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "quic"])]
+    protocol: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -103,6 +108,9 @@ async fn run(cli: Cli) -> Fallible {
     let catalog: Arc<dyn MetadataStore> =
         Arc::new(HttpMetadataStore::new(&cli.metadata).map_err(|e| e.to_string())?);
     let mut config = P2PConfig::default();
+    if cli.protocol == "quic" {
+        config.quic = Some(TlsIdentity::from_env().map_err(|e| e.to_string())?);
+    }
     if let Command::Fetch { timeout, .. } = &cli.command {
         config.pull_timeout = Duration::from_secs(*timeout);
     }
