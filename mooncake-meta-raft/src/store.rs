@@ -148,7 +148,7 @@ impl RaftMetadataStore {
             transport,
             rx,
             queued: inbox.queued,
-            status: status_tx,
+            status: status_tx.clone(),
             pending: HashMap::new(),
             gets: Vec::new(),
             address_book,
@@ -159,7 +159,25 @@ impl RaftMetadataStore {
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
-            .spawn(move || driver.run())
+            .spawn(move || {
+                // A panic in the loop (a state machine's bug, say) must not leave a status that
+                // still says "leader": report it as the fatal error it is.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run()));
+                if let Err(panic) = run {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    tracing::error!(node = id, "raft loop panicked: {what}");
+                    status_tx.send_modify(|s| {
+                        s.running = false;
+                        s.role = StateRole::Follower;
+                        s.leader = None;
+                        s.fatal = Some(format!("the raft loop panicked: {what}"));
+                    });
+                }
+            })
             .map_err(|e| Error::io("raft thread", e))?;
         Ok(RaftMetadataStore {
             id,

@@ -168,3 +168,53 @@ async fn a_snapshot_that_cannot_be_installed_stops_the_member_and_the_group_carr
         s.shutdown().await;
     }
 }
+
+/// A list machine that panics on the command `boom` (a state machine's bug).
+struct Panicky(ListMachine);
+
+impl mooncake_core::StateMachine for Panicky {
+    fn apply(&mut self, command: &[u8]) -> Vec<u8> {
+        assert!(command != b"boom", "the state machine hit its bug");
+        self.0.apply(command)
+    }
+    fn snapshot(&self) -> mooncake_core::Result<Vec<u8>> {
+        self.0.snapshot()
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> mooncake_core::Result<()> {
+        self.0.restore(snapshot)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_raft_loop_is_a_fatal_error_not_a_frozen_leader() {
+    use mooncake_core::{CommandLog, Leadership};
+    let dir = TempDir::new("panicky");
+    let voters = vec![PeerInfo {
+        id: 1,
+        raft_addr: format!("127.0.0.1:{}", free_port()),
+        service_addr: "127.0.0.1:50001".into(),
+    }];
+    let store = RaftMetadataStore::start(
+        config(&dir, 1, &voters),
+        Box::new(Panicky(ListMachine::default())),
+    )
+    .await
+    .unwrap();
+    let stores = vec![Some(store)];
+    leader_of(&stores).await;
+    let store = stores.into_iter().next().flatten().unwrap();
+    assert!(store.apply_command(b"fine".to_vec()).await.is_ok());
+    // The panic fails the call in flight and stops the loop with the reason.
+    assert!(store.apply_command(b"boom".to_vec()).await.is_err());
+    let reason = tokio::time::timeout(Duration::from_secs(5), store.failed())
+        .await
+        .expect("the failure is reported");
+    assert!(reason.contains("panicked"), "{reason}");
+    assert!(!store.is_leader());
+    assert_eq!(
+        store.leadership(),
+        Leadership::Follower { leader_hint: None }
+    );
+    assert!(store.apply_command(b"after".to_vec()).await.is_err());
+    store.shutdown().await;
+}
