@@ -371,6 +371,18 @@ impl MasterService {
         if let Some(leader) = self.not_leader() {
             return MasterReply::NotLeader { leader };
         }
+        if self.shared.is_poisoned() {
+            // A panic left the master's state half-changed: answering from it could hand out
+            // wrong locations. Every request fails until the process is restarted (a group
+            // member's log is stopped by the same panic, and the others serve).
+            tracing::error!("the master's state was left inconsistent by an internal error");
+            return MasterReply::Failed {
+                code: ErrorCode::INTERNAL_ERROR,
+                message: "the master's state was left inconsistent by an internal error; \
+                          restart it"
+                    .into(),
+            };
+        }
         match request {
             MasterRequest::Apply(command) if command.is_maintenance() => {
                 // Only this master's own timers issue these (expiries, eviction, lease grants
@@ -473,5 +485,37 @@ struct RpcFront(Arc<MasterService>);
 impl Handler<MasterRequest, MasterReply> for RpcFront {
     async fn handle(&self, request: MasterRequest) -> MasterReply {
         self.0.handle(request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_state_left_inconsistent_by_a_panic_fails_requests_instead_of_panicking() {
+        let svc = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
+        assert!(matches!(
+            svc.call(MasterRequest::Metrics).await.unwrap(),
+            MasterReply::Metrics(_)
+        ));
+        // A panic while the state is locked (what a bug in the state machine would do).
+        let shared = svc.shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = shared.lock();
+            panic!("a bug while changing the master's state");
+        })
+        .join();
+        assert!(panicked.is_err());
+        for request in [MasterRequest::Metrics, MasterRequest::Segments] {
+            match svc.call(request).await.unwrap() {
+                MasterReply::Failed { code, message } => {
+                    assert_eq!(code, ErrorCode::INTERNAL_ERROR);
+                    assert!(message.contains("restart"), "{message}");
+                }
+                other => panic!("answered from a poisoned state: {other:?}"),
+            }
+        }
+        svc.shutdown();
     }
 }
