@@ -39,6 +39,7 @@
 //! # });
 //! ```
 
+pub mod admission;
 pub mod allocator;
 #[cfg(feature = "engine")]
 pub mod clock;

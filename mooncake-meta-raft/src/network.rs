@@ -271,27 +271,19 @@ pub(crate) async fn listen<T: Send + 'static>(
     inbox: Inbox<T>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut last_warning: Option<std::time::Instant> = None;
+    let admission = mooncake_core::admission::Admission::new("raft", MAX_INBOUND, MAX_INBOUND);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    if open.load(Ordering::Relaxed) >= MAX_INBOUND {
-                        let now = std::time::Instant::now();
-                        if last_warning.is_none_or(|t| now - t >= Duration::from_secs(1)) {
-                            last_warning = Some(now);
-                            tracing::warn!(%peer, "refusing a raft connection: {MAX_INBOUND} are open");
-                        }
+                    let Ok(admitted) = admission.admit(peer.ip()) else {
                         continue;
-                    }
-                    open.fetch_add(1, Ordering::Relaxed);
+                    };
                     let _ = stream.set_nodelay(true);
-                    let (cfg, inbox, shutdown, open) =
-                        (cfg.clone(), inbox.clone(), shutdown.clone(), open.clone());
+                    let (cfg, inbox, shutdown) = (cfg.clone(), inbox.clone(), shutdown.clone());
                     tokio::spawn(async move {
+                        let _admitted = admitted;
                         reader(stream, peer, cfg, inbox, shutdown).await;
-                        open.fetch_sub(1, Ordering::Relaxed);
                     });
                 }
                 Err(e) => {

@@ -31,6 +31,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+use mooncake_core::admission::Admission;
 use mooncake_core::{Error, ErrorCode, Result};
 
 /// Protocol version in every frame.
@@ -171,68 +172,6 @@ impl Default for ServeLimits {
     }
 }
 
-/// Open connections of one listener, in all and per address.
-#[derive(Default)]
-struct Admission {
-    total: usize,
-    per_address: HashMap<std::net::IpAddr, usize>,
-    /// When a refusal was last logged (one line per second at most).
-    last_warning: Option<std::time::Instant>,
-}
-
-/// Releases a connection's place in its listener's [`Admission`].
-struct Admitted {
-    admission: Arc<Mutex<Admission>>,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        a.total -= 1;
-        if let Some(n) = a.per_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                a.per_address.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Admits a connection from `ip` within `limits`, or says why not.
-fn admit(
-    admission: &Arc<Mutex<Admission>>,
-    ip: std::net::IpAddr,
-    limits: &ServeLimits,
-) -> std::result::Result<Admitted, String> {
-    let mut a = admission.lock().unwrap_or_else(|p| p.into_inner());
-    let from_ip = a.per_address.get(&ip).copied().unwrap_or(0);
-    let refusal = if a.total >= limits.max_connections {
-        Some(format!("{} connections open", a.total))
-    } else if from_ip >= limits.max_per_address {
-        Some(format!("{from_ip} connections open from {ip}"))
-    } else {
-        None
-    };
-    if let Some(why) = refusal {
-        #[allow(clippy::disallowed_methods)] // rate-limiting a log line, not protocol time
-        let now = std::time::Instant::now();
-        if a.last_warning
-            .is_none_or(|t| now - t >= Duration::from_secs(1))
-        {
-            a.last_warning = Some(now);
-            tracing::warn!("rpc: refusing a connection from {ip}: {why} (limits: {limits:?})");
-        }
-        return Err(why);
-    }
-    a.total += 1;
-    *a.per_address.entry(ip).or_default() += 1;
-    Ok(Admitted {
-        admission: admission.clone(),
-        ip,
-    })
-}
-
 /// Serves `handler` on `listener` with the default [`ServeLimits`] until the returned task is
 /// aborted.
 pub fn serve<Req, Resp, H>(listener: TcpListener, handler: Arc<H>) -> tokio::task::JoinHandle<()>
@@ -255,14 +194,14 @@ where
     Resp: Serialize + Send + 'static,
     H: Handler<Req, Resp>,
 {
-    let admission: Arc<Mutex<Admission>> = Arc::default();
+    let admission = Admission::new("rpc", limits.max_connections, limits.max_per_address);
     tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let Ok(admitted) = admit(&admission, peer.ip(), &limits) else {
+                        let Ok(admitted) = admission.admit(peer.ip()) else {
                             drop(stream);
                             continue;
                         };

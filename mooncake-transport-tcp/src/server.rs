@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+use mooncake_core::admission::Admission;
 use mooncake_core::{ErrorCode, LocalSegment};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -59,12 +60,16 @@ pub(crate) async fn accept_loop(
     config: Arc<TcpConfig>,
 ) {
     let mut connections = JoinSet::new();
-    let open: Arc<std::sync::Mutex<Open>> = Arc::default();
+    let admission = Admission::new(
+        "transfer server",
+        config.max_connections,
+        config.max_connections_per_address,
+    );
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(admitted) = Open::admit(&open, peer.ip(), &config) else {
+                    let Ok(admitted) = admission.admit(peer.ip()) else {
                         drop(stream);
                         continue;
                     };
@@ -89,65 +94,6 @@ pub(crate) async fn accept_loop(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
-/// Connections open on one listener, in all and per address.
-#[derive(Default)]
-struct Open {
-    total: usize,
-    per_address: std::collections::HashMap<std::net::IpAddr, usize>,
-    last_warning: Option<std::time::Instant>,
-}
-
-/// A connection's place in its listener's [`Open`], given back when dropped.
-struct Admitted {
-    open: Arc<std::sync::Mutex<Open>>,
-    ip: std::net::IpAddr,
-}
-
-impl Open {
-    fn admit(
-        open: &Arc<std::sync::Mutex<Open>>,
-        ip: std::net::IpAddr,
-        config: &TcpConfig,
-    ) -> Option<Admitted> {
-        let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
-        let from_ip = o.per_address.get(&ip).copied().unwrap_or(0);
-        if o.total >= config.max_connections || from_ip >= config.max_connections_per_address {
-            let now = std::time::Instant::now();
-            if o.last_warning
-                .is_none_or(|t| now - t >= std::time::Duration::from_secs(1))
-            {
-                o.last_warning = Some(now);
-                tracing::warn!(
-                    %ip,
-                    open = o.total,
-                    from_address = from_ip,
-                    "refusing a transfer connection: too many open"
-                );
-            }
-            return None;
-        }
-        o.total += 1;
-        *o.per_address.entry(ip).or_default() += 1;
-        Some(Admitted {
-            open: open.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        o.total -= 1;
-        if let Some(n) = o.per_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                o.per_address.remove(&self.ip);
-            }
         }
     }
 }

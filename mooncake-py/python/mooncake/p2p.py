@@ -39,33 +39,20 @@ name is pulled at most once per instance), ``"no_replica"``, ``"not_registered_h
 
 from __future__ import annotations
 
-import atexit
-import weakref
 from typing import Any
 
 from mooncake import _store
+from mooncake._closing import close_at_exit as _close_at_exit
 from mooncake._store import P2PError, PayloadInfo
 
 __all__ = ["P2PStore", "PayloadInfo", "P2PError"]
-
-_live: "weakref.WeakSet[P2PStore]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for s in list(_live):
-        try:
-            s.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
 
 class P2PStore(_store.P2PStore):
     """A P2P store instance; see the module docs. Usable as a context manager (closes on exit)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        _live.add(self)
+        _close_at_exit(self)
 
     def __enter__(self) -> "P2PStore":
         return self

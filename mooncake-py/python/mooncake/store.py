@@ -11,16 +11,15 @@ int64 shape[4]``, native byte order) followed by the raw bytes, so at most 4 dim
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import json
 import logging
 import os
 import struct
-import weakref
 from typing import Any, List, Optional, Sequence
 
 from mooncake import _store
+from mooncake._closing import close_at_exit as _close_at_exit
 from mooncake._store import (  # noqa: F401  (re-exported)
     BufferDescriptor,
     BufferHandle,
@@ -222,24 +221,12 @@ def _env_config() -> dict:
 
 # --- the store -----------------------------------------------------------------------------------
 
-_live = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for s in list(_live):
-        try:
-            s.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-
 class MooncakeDistributedStore(_store.MooncakeDistributedStore):
     """A Mooncake Store client. Call :meth:`setup` first; :meth:`close` when done."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        _live.add(self)
+        _close_at_exit(self)
 
     def setup(self, *args: Any, **kwargs: Any) -> int:
         """setup(local_hostname, metadata_server, global_segment_size, local_buffer_size,
