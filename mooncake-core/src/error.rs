@@ -214,6 +214,10 @@ pub enum Error {
     /// The operation is not supported by this component.
     #[error("not supported: {0}")]
     NotSupported(String),
+    /// The peer's certificate does not allow what it asked for (a missing role, a name that is
+    /// not its own).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The engine or transport is shut down.
     #[error("shut down")]
     Shutdown,
@@ -253,6 +257,7 @@ impl Error {
             Error::Timeout(_) => ErrorCode::RPC_TIMEOUT,
             Error::NotSupported(_) => ErrorCode::NOT_SUPPORTED,
             Error::Shutdown => ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+            Error::PermissionDenied(_) => ErrorCode::ILLEGAL_CLIENT,
             Error::Metadata(_) => ErrorCode::RPC_FAIL,
             Error::Codec(_) => ErrorCode::DESERIALIZE_FAIL,
             Error::Io(_) | Error::StaleMapping(_) => ErrorCode::TRANSFER_FAIL,

@@ -34,7 +34,6 @@
 
 #![deny(unsafe_code)]
 
-pub mod certs;
 mod client;
 pub mod frame;
 mod server;
@@ -57,7 +56,7 @@ use tokio::task::JoinHandle;
 
 use client::PeerPool;
 use frame::Op;
-pub use tls::{PeerAuthorizer, PeerIdentity, TlsIdentity, TLS_ENV};
+pub use mooncake_tls::{certs, PeerAuthorizer, PeerIdentity, Role, TlsIdentity, TLS_ENV};
 
 /// The ALPN protocol name, which is also the wire protocol's version.
 pub const ALPN: &[u8] = b"mooncake-quic/1";

@@ -21,7 +21,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::frame::{self, FrameError, Op, Request, Response};
-use crate::tls::PeerIdentity;
 use crate::QuicConfig;
 
 /// Largest piece a received payload is copied in.
@@ -122,7 +121,7 @@ async fn serve_incoming(
             return;
         }
     };
-    let peer = match PeerIdentity::of(&conn) {
+    let peer = match crate::tls::peer_of(&conn) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(%remote, "refused QUIC peer: {e}");

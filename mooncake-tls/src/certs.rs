@@ -1,16 +1,21 @@
-//! Making the certificates the QUIC transport needs: a cluster CA and one certificate per node.
+//! Making a cluster's certificates: a CA and one certificate per node.
 //!
 //! Every node gets a certificate signed by the cluster's CA, valid both as a server certificate
-//! (peers check it against the node's address) and as a client certificate (targets check it
+//! (peers check it against the node's address) and as a client certificate (listeners check it
 //! before serving anything). Its subject alternative names must cover every address peers use
-//! to reach the node: IP addresses for IP endpoints, DNS names for named hosts.
+//! to reach the node: IP addresses for IP endpoints, DNS names for named hosts. Its roles (see
+//! [`Role`]) are written in the subject's organizational unit.
 //!
 //! ```
-//! use mooncake_transport_quic::certs::{new_ca, issue_node_cert};
+//! use mooncake_tls::certs::{new_ca, issue_node_cert, issue_role_cert};
+//! use mooncake_tls::Role;
 //! let ca = new_ca("mooncake test CA").unwrap();
 //! let node = issue_node_cert(&ca, "node-a", &["127.0.0.1", "node-a.local"]).unwrap();
 //! let identity = node.identity(&ca);
 //! assert!(identity.cert_pem.contains("BEGIN CERTIFICATE"));
+//! assert_eq!(identity.own().unwrap().roles, vec![Role::Client]);
+//! let admin = issue_role_cert(&ca, "ops", &["127.0.0.1"], &[Role::Admin]).unwrap();
+//! assert!(admin.identity(&ca).own().unwrap().has_role(Role::Admin));
 //! ```
 
 use std::net::IpAddr;
@@ -22,7 +27,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::TlsIdentity;
+use crate::{Role, TlsIdentity};
 
 /// A certificate and its private key, PEM-encoded.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,19 +91,31 @@ fn ca_params(common_name: &str) -> CertificateParams {
     params
 }
 
-/// A node certificate for `common_name` signed by `ca`, valid for client and server use, with
-/// one subject alternative name per entry of `names` (an IP address becomes an IP SAN, anything
-/// else a DNS SAN). Valid from an hour ago for [`DEFAULT_VALIDITY`].
+/// A certificate of the `client` role (a storage node or client of the store) for
+/// `common_name` signed by `ca`, valid for client and server use, with one subject alternative
+/// name per entry of `names` (an IP address becomes an IP SAN, anything else a DNS SAN). Valid
+/// from an hour ago for [`DEFAULT_VALIDITY`].
 pub fn issue_node_cert(
     ca: &CertifiedPem,
     common_name: &str,
     names: &[&str],
 ) -> Result<CertifiedPem> {
+    issue_role_cert(ca, common_name, names, &[Role::Client])
+}
+
+/// [`issue_node_cert`] granting `roles` instead.
+pub fn issue_role_cert(
+    ca: &CertifiedPem,
+    common_name: &str,
+    names: &[&str],
+    roles: &[Role],
+) -> Result<CertifiedPem> {
     let now = SystemTime::now();
-    issue_node_cert_valid(
+    issue_cert(
         ca,
         common_name,
         names,
+        roles,
         now - Duration::from_secs(3600),
         now + DEFAULT_VALIDITY,
     )
@@ -112,6 +129,26 @@ pub fn issue_node_cert_valid(
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<CertifiedPem> {
+    issue_cert(
+        ca,
+        common_name,
+        names,
+        &[Role::Client],
+        not_before,
+        not_after,
+    )
+}
+
+/// A node certificate with every field chosen: name, subject alternative names, roles and
+/// validity period.
+pub fn issue_cert(
+    ca: &CertifiedPem,
+    common_name: &str,
+    names: &[&str],
+    roles: &[Role],
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertifiedPem> {
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|e| cert_error("reading the CA key", e))?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
         .map_err(|e| cert_error("reading the CA certificate", e))?;
@@ -120,6 +157,19 @@ pub fn issue_node_cert_valid(
     params
         .distinguished_name
         .push(DnType::CommonName, common_name);
+    if !roles.is_empty() {
+        let mut roles = roles.to_vec();
+        roles.sort();
+        roles.dedup();
+        let unit = roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, unit);
+    }
     params.subject_alt_names = names
         .iter()
         .map(|name| match name.parse::<IpAddr>() {

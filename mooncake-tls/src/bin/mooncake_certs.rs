@@ -1,17 +1,21 @@
-//! `mooncake_certs`: makes a cluster's CA and its nodes' certificates, as PEM files, for
-//! `protocol = "quic"` (and the `MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY` variables).
+//! `mooncake_certs`: makes a cluster's CA and its nodes' certificates, as PEM files, for the
+//! master group (`--tls_ca/--tls_cert/--tls_key`), storage nodes and clients (`MC_TLS_CA`,
+//! `MC_TLS_CERT`, `MC_TLS_KEY`) and operators.
 //!
 //! ```text
 //! mooncake_certs init --dir certs                       # certs/ca.pem, certs/ca-key.pem
 //! mooncake_certs issue node-a --dir certs --name 10.0.0.5 --name node-a.example
 //!                                                       # certs/node-a.pem, certs/node-a-key.pem
+//! mooncake_certs issue master-1 --dir certs --name 10.0.0.1 --role master
+//! mooncake_certs issue ops --dir certs --name 127.0.0.1 --role admin
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mooncake_transport_quic::certs::{issue_node_cert, new_ca, CertifiedPem};
+use mooncake_tls::certs::{issue_role_cert, new_ca, CertifiedPem};
+use mooncake_tls::Role;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +50,11 @@ enum Command {
         /// An address peers reach the node by: an IP address or a DNS name (repeat for each).
         #[arg(long = "name", required = true)]
         names: Vec<String>,
+        /// What the certificate allows: master (a member of the master group), client (or
+        /// storage: a storage node or client of the store), admin (membership changes and admin
+        /// endpoints). Repeat or separate with commas for several.
+        #[arg(long = "role", default_value = "client", value_delimiter = ',')]
+        roles: Vec<String>,
     },
 }
 
@@ -83,7 +92,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 dir.display()
             );
         }
-        Command::Issue { node, dir, names } => {
+        Command::Issue {
+            node,
+            dir,
+            names,
+            roles,
+        } => {
+            let roles = roles
+                .iter()
+                .map(|r| r.parse::<Role>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
             if node.is_empty() || node.contains('/') {
                 return Err(format!("{node:?} is not a usable node name"));
             }
@@ -92,7 +111,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 key_pem: read(&dir.join("ca-key.pem"))?,
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let cert = issue_node_cert(&ca, &node, &names).map_err(|e| e.to_string())?;
+            let cert = issue_role_cert(&ca, &node, &names, &roles).map_err(|e| e.to_string())?;
             let (cert_path, key_path) = (
                 dir.join(format!("{node}.pem")),
                 dir.join(format!("{node}-key.pem")),
@@ -100,11 +119,16 @@ fn run(cli: Cli) -> Result<(), String> {
             write(&cert_path, &cert.cert_pem, false)?;
             write(&key_path, &cert.key_pem, true)?;
             println!(
-                "wrote {} and {} for {}; on the node set MC_TLS_CA={}, MC_TLS_CERT={}, \
-                 MC_TLS_KEY={}",
+                "wrote {} and {} for {} (roles: {}); on the node set MC_TLS_CA={}, \
+                 MC_TLS_CERT={}, MC_TLS_KEY={}",
                 cert_path.display(),
                 key_path.display(),
                 names.join(", "),
+                roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 dir.join("ca.pem").display(),
                 cert_path.display(),
                 key_path.display()
