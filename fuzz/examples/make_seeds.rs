@@ -136,4 +136,18 @@ fn main() {
     // A record header announcing 8 bytes with a wrong CRC, and a torn one.
     write("raft_wal", "bad-crc", &[8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9]);
     write("raft_wal", "torn", &[200, 0, 0, 0, 0, 0, 0, 0, 1]);
+    // Logs in the current format: a base and three entries split over records, and the same
+    // with its last record cut short.
+    let entries: Vec<_> = (1..=3u64)
+        .map(|i| {
+            let mut e = mooncake_meta_raft::wal::Entry::default();
+            e.index = i;
+            e.term = 1;
+            e.data = vec![i as u8; 40].into();
+            e
+        })
+        .collect();
+    let log = mooncake_meta_raft::wal::encode_log((0, 0), &entries, 160).expect("encodes");
+    write("raft_wal", "current-format", &log);
+    write("raft_wal", "current-format-torn", &log[..log.len() - 7]);
 }

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-use crate::codec;
 use crate::error::{Error, Result};
 use crate::wal::{self, HardStateFile, WalRecord, WAL_FILE};
 
@@ -36,6 +35,8 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 pub struct DiskStorage {
     dir: PathBuf,
+    /// Largest log record read back; records written are at most half of it.
+    max_record: usize,
     wal: File,
     hs_file: HardStateFile,
     hard_state: HardState,
@@ -158,14 +159,16 @@ impl DiskStorage {
             last_index,
             commit: hard_state.commit,
         };
-        if base.is_none() && snap_idx > 0 {
-            // Snapshot written, log not yet: start the log at the snapshot.
-            wal::rewrite_wal(dir, (snap_idx, snap_term), &entries)?;
+        if base.is_none() || scan.earlier_format {
+            // A new log, a snapshot written before its log, or a log of the earlier format:
+            // start the log (again) at the snapshot, in the current format.
+            wal::rewrite_wal(dir, (snap_idx, snap_term), &entries, max_record)?;
         }
         let wal = wal::open_append(&wal_path)?;
         Ok((
             DiskStorage {
                 dir: dir.to_owned(),
+                max_record,
                 wal,
                 hs_file,
                 hard_state,
@@ -229,7 +232,7 @@ impl DiskStorage {
         if let Some(first) = entries.first().map(|e| e.index) {
             let mut buf = Vec::new();
             let path = || self.dir.join(WAL_FILE);
-            codec::frame_into(&mut buf, &wal::encode_entries(entries))
+            wal::frame_entries(&mut buf, entries, self.max_record)
                 .map_err(|e| Error::io(path(), e))?;
             self.wal.write_all(&buf).map_err(|e| Error::io(path(), e))?;
             self.wal.sync_data().map_err(|e| Error::io(path(), e))?;
@@ -268,7 +271,7 @@ impl DiskStorage {
         let meta = snap.get_metadata();
         let (index, term) = (meta.index, meta.term);
         wal::write_snapshot(&self.dir, &snap)?;
-        wal::rewrite_wal(&self.dir, (index, term), &[])?;
+        wal::rewrite_wal(&self.dir, (index, term), &[], self.max_record)?;
         self.wal = wal::open_append(&self.dir.join(WAL_FILE))?;
         self.entries.clear();
         self.conf_state = meta.get_conf_state().clone();
@@ -297,7 +300,7 @@ impl DiskStorage {
             .filter(|e| e.index > index)
             .cloned()
             .collect();
-        wal::rewrite_wal(&self.dir, (index, term), &keep)?;
+        wal::rewrite_wal(&self.dir, (index, term), &keep, self.max_record)?;
         self.wal = wal::open_append(&self.dir.join(WAL_FILE))?;
         self.entries = keep;
         self.snapshot = snap;
@@ -367,5 +370,145 @@ impl Storage for DiskStorage {
             ));
         }
         Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    /// A directory removed when the test ends.
+    struct Dir(PathBuf);
+    impl Dir {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn tempdir() -> Dir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "mooncake-wal-unit-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+
+    fn entry(index: u64, len: usize) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = 1;
+        e.data = vec![index as u8; len].into();
+        e
+    }
+
+    fn open(dir: &Path, max_record: usize) -> Result<(DiskStorage, RecoveryReport)> {
+        DiskStorage::open(dir, max_record)
+    }
+
+    fn committed(s: &mut DiskStorage, last: u64) {
+        let mut hs = s.hard_state.clone();
+        hs.term = 1;
+        hs.commit = last;
+        s.persist(&[], Some(&hs)).unwrap();
+    }
+
+    fn indexes(s: &DiskStorage) -> Vec<u64> {
+        s.entries.iter().map(|e| e.index).collect()
+    }
+
+    #[test]
+    fn a_ready_cycle_larger_than_a_record_is_split_and_read_back_whole() {
+        let dir = tempdir();
+        let cap = 64 << 10;
+        let (mut s, _) = open(dir.path(), cap).unwrap();
+        // 12 entries of 10 KiB: 120 KiB, more than the whole cap, in one persist.
+        let batch: Vec<Entry> = (1..=12).map(|i| entry(i, 10 << 10)).collect();
+        s.persist(&batch, None).unwrap();
+        committed(&mut s, 12);
+        drop(s);
+        let (s, report) = open(dir.path(), cap).unwrap();
+        assert_eq!(report.dropped_tail, None);
+        assert_eq!(indexes(&s), (1..=12).collect::<Vec<_>>());
+        assert!(s.entries.iter().all(|e| e.data.len() == 10 << 10));
+        // An entry that could not be read back is refused before anything is written.
+        let (mut s, _) = open(dir.path(), cap).unwrap();
+        let before = std::fs::read(dir.path().join(WAL_FILE)).unwrap();
+        let err = s.persist(&[entry(13, cap + 1)], None).unwrap_err();
+        assert!(err.to_string().contains("record cap"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join(WAL_FILE)).unwrap(), before);
+    }
+
+    #[test]
+    fn a_log_of_the_earlier_format_is_read_and_rewritten() {
+        let dir = tempdir();
+        let mut old = Vec::new();
+        codec::frame_into(&mut old, &wal::encode_base(0, 0)).unwrap();
+        codec::frame_into(
+            &mut old,
+            &wal::encode_entries(&[entry(1, 10), entry(2, 10)]),
+        )
+        .unwrap();
+        codec::frame_into(&mut old, &wal::encode_entries(&[entry(3, 10)])).unwrap();
+        std::fs::write(dir.path().join(WAL_FILE), &old).unwrap();
+        let (mut s, _) = open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&s), vec![1, 2, 3]);
+        let now = std::fs::read(dir.path().join(WAL_FILE)).unwrap();
+        assert!(now.starts_with(wal::WAL_MAGIC));
+        s.persist(&[entry(4, 10)], None).unwrap();
+        committed(&mut s, 4);
+        drop(s);
+        let (s, _) = open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&s), vec![1, 2, 3, 4]);
+    }
+
+    fn log_of_ten(dir: &Path) -> Vec<u8> {
+        let (mut s, _) = open(dir, 1 << 20).unwrap();
+        for i in 1..=10 {
+            s.persist(&[entry(i, 100)], None).unwrap();
+        }
+        committed(&mut s, 6);
+        drop(s);
+        std::fs::read(dir.join(WAL_FILE)).unwrap()
+    }
+
+    #[test]
+    fn a_damaged_length_in_the_middle_is_corruption_not_a_torn_tail() {
+        let dir = tempdir();
+        let bytes = log_of_ten(dir.path());
+        // The third entry record's length: magic, base record (12 + 17), two entry records.
+        let record = 12 + 5 + 25 + 100;
+        let at = wal::WAL_MAGIC.len() + 12 + 17 + 2 * record;
+        for damaged in [u32::MAX, 100_000, 2_000] {
+            let mut b = bytes.clone();
+            b[at..at + 4].copy_from_slice(&damaged.to_le_bytes());
+            std::fs::write(dir.path().join(WAL_FILE), &b).unwrap();
+            let err = open(dir.path(), 1 << 20).unwrap_err().to_string();
+            assert!(
+                err.contains("damaged") || err.contains("cap"),
+                "{damaged}: {err}"
+            );
+        }
+        // The last records cut short or zero-filled (a crash during the append) are a torn tail,
+        // and the committed entries before it survive.
+        let mut b = bytes.clone();
+        b.truncate(bytes.len() - 50);
+        b.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(dir.path().join(WAL_FILE), &b).unwrap();
+        let (s, report) = open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&s), (1..=9).collect::<Vec<_>>());
+        assert_eq!(
+            report.dropped_tail.map(|(_, len)| len),
+            Some(record as u64 - 50 + 4096)
+        );
     }
 }

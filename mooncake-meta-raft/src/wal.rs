@@ -1,10 +1,15 @@
 //! On-disk formats: the raft log (WAL), the hard-state file and the snapshot file.
 //!
 //! Files in the data directory:
-//! - `raft.wal`: framed records (see [`crate::codec`]). The first is a base record (index and
-//!   term of the compaction point); the others are entry batches, each of which first truncates
-//!   the log at its first index and then appends. Compaction rewrites the file through
-//!   `raft.wal.tmp` and a rename.
+//! - `raft.wal`: the magic [`WAL_MAGIC`], then records of `[len: u32][crc32(payload): u32]
+//!   [crc32(first 8 header bytes): u32][payload]`: the length is under a CRC of its own, so a
+//!   damaged length is told apart from a torn append. The first record is a base record (index
+//!   and term of the compaction point); the others are entry batches, each of which first
+//!   truncates the log at its first index and then appends. A record never exceeds half the
+//!   configured record cap: a large ready cycle is split over several records, so every record
+//!   written can be read back. Compaction rewrites the file through `raft.wal.tmp` and a rename.
+//!   A log of the earlier format (records with an 8-byte header whose CRC covers only the
+//!   payload, no magic) is read and rewritten in this format at start.
 //! - `hardstate`: two 40-byte slots `[seq][term][vote][commit][crc32][pad]`, written in turn, so
 //!   a torn write leaves the other slot intact; the valid slot with the larger `seq` wins.
 //! - `snapshot`: one framed record holding a protobuf `Snapshot` (metadata and data), replaced
@@ -16,7 +21,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
-use raft::prelude::{Entry, EntryType, HardState, Snapshot};
+pub use raft::prelude::Entry;
+use raft::prelude::{EntryType, HardState, Snapshot};
 
 use crate::codec::{self, Parsed};
 use crate::error::{Error, Result};
@@ -27,6 +33,11 @@ pub const WAL_FILE: &str = "raft.wal";
 pub const HARD_STATE_FILE: &str = "hardstate";
 /// Name of the snapshot file.
 pub const SNAPSHOT_FILE: &str = "snapshot";
+
+/// The first bytes of a log in the current format.
+pub const WAL_MAGIC: &[u8; 8] = b"mcwal/2\n";
+/// Bytes of a record header in the current format.
+const WAL_HEADER_LEN: usize = 12;
 
 const REC_BASE: u8 = 1;
 const REC_ENTRIES: u8 = 2;
@@ -81,6 +92,110 @@ pub(crate) fn encode_entries(entries: &[Entry]) -> Vec<u8> {
         p.extend_from_slice(&e.context);
     }
     p
+}
+
+/// Appends one record in the current format to `out`.
+pub(crate) fn frame_record(out: &mut Vec<u8>, payload: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a record of {} bytes cannot be framed", payload.len()),
+        )
+    })?;
+    let mut header = [0u8; WAL_HEADER_LEN];
+    header[0..4].copy_from_slice(&len.to_le_bytes());
+    header[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let header_crc = crc32fast::hash(&header[0..8]);
+    header[8..12].copy_from_slice(&header_crc.to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Frames `entries` as one or more entry records, each payload at most `max_record / 2` bytes
+/// (an entry larger than that gets a record of its own, which must still fit `max_record`).
+/// An entry that could not be read back is an error before anything is written.
+pub(crate) fn frame_entries(
+    out: &mut Vec<u8>,
+    entries: &[Entry],
+    max_record: usize,
+) -> std::io::Result<()> {
+    let cap = (max_record / 2).max(1);
+    let size = |e: &Entry| 25 + e.data.len() + e.context.len();
+    let mut start = 0;
+    while start < entries.len() {
+        let mut end = start;
+        let mut bytes = 5;
+        while end < entries.len() && (end == start || bytes + size(&entries[end]) <= cap) {
+            bytes += size(&entries[end]);
+            end += 1;
+        }
+        if bytes > max_record {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "entry {} of {bytes} bytes exceeds the log's record cap of {max_record} \
+                     bytes: it could not be read back, so it is not written",
+                    entries[start].index
+                ),
+            ));
+        }
+        frame_record(out, &encode_entries(&entries[start..end]))?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// What [`parse_wal_record`] found.
+enum WalParsed<'a> {
+    Record {
+        payload: &'a [u8],
+        next: usize,
+    },
+    /// The file ends inside a record, or only zeros follow (an append cut short).
+    Torn,
+    /// Damage that an append cut short cannot explain.
+    Corrupt(String),
+}
+
+fn parse_wal_record(buf: &[u8], offset: usize, max_len: usize) -> WalParsed<'_> {
+    let rest = &buf[offset..];
+    if rest.len() < WAL_HEADER_LEN || rest.iter().all(|b| *b == 0) {
+        return WalParsed::Torn;
+    }
+    let word = |i: usize| u32::from_le_bytes(rest[i..i + 4].try_into().expect("4 bytes"));
+    let (len, crc, header_crc) = (word(0) as usize, word(4), word(8));
+    if crc32fast::hash(&rest[0..8]) != header_crc {
+        return WalParsed::Corrupt(format!(
+            "record header at offset {offset} is damaged and {} bytes follow it",
+            rest.len()
+        ));
+    }
+    if len > max_len {
+        return WalParsed::Corrupt(format!(
+            "record at offset {offset} claims {len} bytes, above the cap of {max_len}"
+        ));
+    }
+    if rest.len() < WAL_HEADER_LEN + len {
+        return WalParsed::Torn;
+    }
+    let payload = &rest[WAL_HEADER_LEN..WAL_HEADER_LEN + len];
+    if crc32fast::hash(payload) != crc {
+        let after = &rest[WAL_HEADER_LEN + len..];
+        if after.iter().all(|b| *b == 0) {
+            // The last record (only zeros after it), whole in length but not in content: a
+            // write cut short.
+            return WalParsed::Torn;
+        }
+        return WalParsed::Corrupt(format!(
+            "record at offset {offset} fails its CRC and {} more bytes follow it",
+            after.len()
+        ));
+    }
+    WalParsed::Record {
+        payload,
+        next: offset + WAL_HEADER_LEN + len,
+    }
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -150,6 +265,8 @@ pub(crate) struct WalScan {
     pub(crate) dropped_tail: Option<(u64, u64)>,
     /// Offset just past the last good record.
     pub(crate) valid_len: u64,
+    /// The log is in the earlier format (to be rewritten in the current one).
+    pub(crate) earlier_format: bool,
 }
 
 /// Reads every good record of the WAL at `path`. A damaged last record (torn write) is
@@ -161,6 +278,45 @@ pub(crate) fn scan_wal(path: &Path, max_record: usize) -> Result<WalScan> {
         Err(e) => return Err(Error::io(path, e)),
     };
     let mut scan = WalScan::default();
+    if buf.is_empty() {
+        return Ok(scan);
+    }
+    if buf.starts_with(WAL_MAGIC) {
+        let mut offset = WAL_MAGIC.len();
+        while offset < buf.len() {
+            match parse_wal_record(&buf, offset, max_record) {
+                WalParsed::Record { payload, next } => {
+                    scan.records.push(decode_record(payload).ok_or_else(|| {
+                        Error::corrupt(
+                            path,
+                            format!(
+                                "record at offset {offset} has a valid CRC but does not decode"
+                            ),
+                        )
+                    })?);
+                    offset = next;
+                }
+                WalParsed::Torn => {
+                    scan.dropped_tail = Some((offset as u64, (buf.len() - offset) as u64));
+                    break;
+                }
+                WalParsed::Corrupt(reason) => {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("{reason}: the log is damaged, refusing to start"),
+                    ));
+                }
+            }
+        }
+        scan.valid_len = offset as u64;
+        return Ok(scan);
+    }
+    if WAL_MAGIC.starts_with(&buf[..buf.len().min(WAL_MAGIC.len())]) {
+        // The magic itself was cut short: a log created just before a crash.
+        scan.dropped_tail = Some((0, buf.len() as u64));
+        return Ok(scan);
+    }
+    scan.earlier_format = true;
     let mut offset = 0usize;
     while offset < buf.len() {
         match codec::parse_record(&buf, offset, max_record) {
@@ -228,17 +384,31 @@ pub(crate) fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<()
     sync_dir(dir)
 }
 
-/// Writes a WAL holding only `base` and `entries` (compaction or snapshot install).
-pub(crate) fn rewrite_wal(dir: &Path, base: (u64, u64), entries: &[Entry]) -> Result<()> {
-    let mut buf = Vec::new();
-    let frame = |buf: &mut Vec<u8>, payload: &[u8]| {
-        codec::frame_into(buf, payload).map_err(|e| Error::io(dir.join(WAL_FILE), e))
-    };
-    frame(&mut buf, &encode_base(base.0, base.1))?;
-    if !entries.is_empty() {
-        frame(&mut buf, &encode_entries(entries))?;
-    }
+/// Writes a WAL holding only `base` and `entries` (compaction, snapshot install, or a log of
+/// the earlier format brought to the current one), in records of at most `max_record` bytes.
+pub(crate) fn rewrite_wal(
+    dir: &Path,
+    base: (u64, u64),
+    entries: &[Entry],
+    max_record: usize,
+) -> Result<()> {
+    let buf =
+        encode_log(base, entries, max_record).map_err(|e| Error::io(dir.join(WAL_FILE), e))?;
     replace_file(dir, WAL_FILE, &buf)
+}
+
+/// The bytes of a log in the current format holding `base` (index and term) and `entries`, in
+/// records of at most `max_record` bytes; what [`rewrite_wal`] writes (also for tools and fuzz
+/// seeds).
+pub fn encode_log(
+    base: (u64, u64),
+    entries: &[Entry],
+    max_record: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut buf = WAL_MAGIC.to_vec();
+    frame_record(&mut buf, &encode_base(base.0, base.1))?;
+    frame_entries(&mut buf, entries, max_record)?;
+    Ok(buf)
 }
 
 /// Reads the snapshot file, if any.
