@@ -73,6 +73,21 @@ if [[ "$FUZZ_SECONDS" -gt 0 ]]; then
 fi
 
 if [[ ${#failed[@]} -gt 0 ]]; then
+    # The fuzzers' own output is long; repeat each crash's cause and input here, at the end,
+    # where a truncated log still shows them.
+    for dir in fuzz/artifacts/*/; do
+        t="$(basename "$dir")"
+        for f in "$dir"*; do
+            [[ -f "$f" ]] || continue
+            echo "== crashing input for $t: $f ($(wc -c <"$f") bytes), base64:" >&2
+            base64 -w 0 "$f" >&2
+            echo >&2
+            echo "== its failure, replayed:" >&2
+            cargo fuzz run "$t" --sanitizer none "$f" 2>&1 |
+                grep -E "panicked|invariant|overflow|out-of-memory|timeout|deadly|SUMMARY|allocation" |
+                head -n 12 >&2 || true
+        done
+    done
     echo "== FAILED: ${failed[*]}" >&2
     echo "   crashing inputs are in fuzz/artifacts/<target>/; reproduce with" >&2
     echo "   cargo fuzz run <target> --sanitizer none fuzz/artifacts/<target>/<file>" >&2
