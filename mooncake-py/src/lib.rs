@@ -60,6 +60,7 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
     engine::add(m)?;
     m.add_function(wrap_pyfunction!(master::run_master, m)?)?;
     m.add_function(wrap_pyfunction!(master::run_client, m)?)?;
+    m.add_function(wrap_pyfunction!(master::run_certs, m)?)?;
     // Upstream exports the enum values at module level (ReplicaStatus, then TaskType, then
     // TaskStatus, so FAILED and PROCESSING name the TaskStatus values).
     for v in types::ReplicaStatus::ALL {

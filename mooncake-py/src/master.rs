@@ -1,5 +1,5 @@
-//! The `mooncake_master` and `mooncake_client` console scripts: the Rust master and real client,
-//! run inside the Python process.
+//! The `mooncake_master`, `mooncake_client` and `mooncake_certs` console scripts: the Rust
+//! master, real client and certificate maker, run inside the Python process.
 
 use pyo3::prelude::*;
 
@@ -18,4 +18,15 @@ pub(crate) fn run_master(py: Python<'_>, args: Vec<String>) -> i32 {
 #[pyfunction]
 pub(crate) fn run_client(py: Python<'_>, args: Vec<String>) -> i32 {
     crate::runtime::detached(py, move || mooncake::real_client::main_with_args(args)).unwrap_or(1)
+}
+
+/// Runs `mooncake_certs` with `args` (without the program name): makes a cluster CA or a node
+/// certificate; returns the exit code.
+#[pyfunction]
+pub(crate) fn run_certs(py: Python<'_>, args: Vec<String>) -> i32 {
+    crate::runtime::detached(py, move || {
+        let argv = std::iter::once("mooncake_certs".to_owned()).chain(args);
+        mooncake_tls::cli::main_with_args(argv)
+    })
+    .unwrap_or(1)
 }

@@ -20,6 +20,8 @@
 #![deny(unsafe_code)]
 
 pub mod certs;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod identity;
 mod peer;
 mod stream;

@@ -1,5 +1,6 @@
-"""Console scripts: ``mooncake_master`` runs the Rust master and ``mooncake_client`` the real
-client (which ``setup_dummy`` clients forward to) inside this Python process."""
+"""Console scripts: ``mooncake_master`` runs the Rust master, ``mooncake_client`` the real
+client (which ``setup_dummy`` clients forward to) and ``mooncake_certs`` makes a cluster's
+certificates, inside this Python process."""
 
 import signal
 import sys
@@ -30,6 +31,17 @@ def mooncake_client(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = _store.run_client(args)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def mooncake_certs(argv=None) -> int:
+    """``mooncake_certs init|issue NAME ...``: makes the cluster CA (``init --dir DIR``) or a
+    node's certificate (``issue NAME --dir DIR --name ADDRESS [--role master,client,admin]``)
+    as PEM files; see ``--help``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = _store.run_certs(args)
     if argv is None:
         sys.exit(code)
     return code
