@@ -103,7 +103,7 @@ pub fn issue_node_cert(
     issue_role_cert(ca, common_name, names, &[Role::Client])
 }
 
-/// [`issue_node_cert`] granting `roles` instead.
+/// [`issue_node_cert`] granting `roles` instead (none at all reads as `client`).
 pub fn issue_role_cert(
     ca: &CertifiedPem,
     common_name: &str,

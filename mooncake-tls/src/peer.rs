@@ -9,6 +9,8 @@ use mooncake_core::{Error, Result};
 
 /// What a certificate allows its holder to do. A certificate lists its roles in its subject's
 /// organizational unit, comma-separated (`master,admin`); `mooncake_certs issue --role` writes it.
+/// A certificate of the cluster CA that lists no role (one made by another tool) is a `client`
+/// certificate: the master and admin roles are only ever granted explicitly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     /// A member of the master group: may join its Raft group and serve the master's RPC.
@@ -90,12 +92,15 @@ impl PeerIdentity {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_owned);
-        let roles = cert
+        let mut roles: Vec<Role> = cert
             .subject()
             .iter_organizational_unit()
             .filter_map(|ou| ou.as_str().ok())
             .flat_map(parse_roles)
             .collect();
+        if roles.is_empty() {
+            roles.push(Role::Client);
+        }
         let mut dns_names = Vec::new();
         let mut ip_addresses = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {

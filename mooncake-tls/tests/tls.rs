@@ -85,6 +85,10 @@ async fn members_of_one_ca_talk_and_learn_each_others_roles() {
         assert_eq!(s.unwrap(), "ops:hello");
         assert_eq!(c.unwrap(), "master-1:hello");
     }
+    // A certificate listing no role (made by another tool) is a client certificate; master
+    // and admin are only ever granted explicitly.
+    let plain = node(&ca, "made-elsewhere", &[]).own().unwrap();
+    assert_eq!(plain.roles, vec![Role::Client]);
     let own = client.own().unwrap();
     assert_eq!(own.roles, vec![Role::Client, Role::Admin]);
     own.require_any(&[Role::Admin], "change membership")
