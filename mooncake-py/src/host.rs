@@ -152,3 +152,100 @@ pub(crate) fn bind_to_numa_node(node: i64) -> i64 {
     }
     0
 }
+
+/// C entry point of the host allocator, with the signature of a pluggable allocator's `malloc`
+/// (`void* alloc(size_t size, int device, void* stream)`): page-aligned zeroed host memory, or
+/// null. The device and stream are ignored (host memory only).
+extern "C" fn host_alloc(
+    size: usize,
+    _device: std::ffi::c_int,
+    _stream: *mut std::ffi::c_void,
+) -> *mut std::ffi::c_void {
+    // No panic may unwind into the C caller.
+    std::panic::catch_unwind(|| match AlignedBuffer::new(size) {
+        Ok(buf) => {
+            let addr = buf.addr();
+            allocations()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(addr, buf);
+            addr as *mut std::ffi::c_void
+        }
+        Err(e) => {
+            tracing::warn!("host allocator: {size} bytes: {e}");
+            std::ptr::null_mut()
+        }
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+/// C entry point freeing memory of [`host_alloc`], with the signature of a pluggable
+/// allocator's `free` (`void free(void* ptr, size_t size, int device, void* stream)`); an
+/// address it did not hand out is logged and left alone.
+extern "C" fn host_free(
+    ptr: *mut std::ffi::c_void,
+    _size: usize,
+    _device: std::ffi::c_int,
+    _stream: *mut std::ffi::c_void,
+) {
+    let _ = std::panic::catch_unwind(|| {
+        let buf = allocations()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(ptr as u64));
+        if buf.is_none() && !ptr.is_null() {
+            tracing::warn!("host allocator: free({ptr:?}): not allocated here");
+        }
+    });
+}
+
+/// The address of the host allocator's C `alloc` function (for a pluggable allocator, e.g.
+/// `torch.cuda.memory.CUDAPluggableAllocator`).
+#[pyfunction]
+pub(crate) fn get_alloc_func_addr() -> u64 {
+    host_alloc as *const () as u64
+}
+
+/// The address of the host allocator's C `free` function (see `get_alloc_func_addr`).
+#[pyfunction]
+pub(crate) fn get_free_func_addr() -> u64 {
+    host_free as *const () as u64
+}
+
+/// A copy of `size` bytes of this process's memory at `ptr` (for the range calls of
+/// `mooncake.store`); `ValueError` when the range is not readable memory of this process.
+#[pyfunction]
+pub(crate) fn _copy_from_ptr<'py>(
+    py: Python<'py>,
+    ptr: u64,
+    size: u64,
+) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    if size == 0 {
+        return Ok(pyo3::types::PyBytes::new(py, b""));
+    }
+    crate::mapped::check_readable(ptr, size).map_err(pyo3::exceptions::PyValueError::new_err)?;
+    let len = usize::try_from(size)
+        .map_err(|_| pyo3::exceptions::PyValueError::new_err("size too large"))?;
+    // SAFETY: `[ptr, ptr + len)` was just checked to be readable memory of this process; the
+    // caller owns it (as for put_from) and keeps it alive during this call.
+    let src = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    Ok(pyo3::types::PyBytes::new(py, src))
+}
+
+/// Copies the bytes of `data` (any bytes-like object) to `ptr` in this process's memory (for the
+/// tensor calls of `mooncake.store` that fill a caller's buffer); `ValueError` when the
+/// destination is not writable memory of this process. The number of bytes copied.
+#[pyfunction]
+pub(crate) fn _copy_to_ptr(ptr: u64, data: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let view = crate::buffer::ByteView::new(data, "data")?;
+    let src = view.as_slice();
+    if src.is_empty() {
+        return Ok(0);
+    }
+    crate::mapped::check_mapped(ptr, src.len() as u64)
+        .map_err(pyo3::exceptions::PyValueError::new_err)?;
+    // SAFETY: the destination was just checked to be writable memory of this process, which the
+    // caller owns; `src` is a held buffer export that cannot overlap a range it did not give.
+    unsafe { std::ptr::copy(src.as_ptr(), ptr as *mut u8, src.len()) };
+    Ok(src.len() as u64)
+}

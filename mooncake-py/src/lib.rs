@@ -48,6 +48,7 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::TaskType>()?;
     m.add_class::<types::TaskStatus>()?;
     m.add_class::<types::SoftPinAction>()?;
+    m.add_class::<types::ObjectDataType>()?;
     m.add_class::<types::BufferDescriptor>()?;
     m.add("BufferDescriptor", m.getattr("Descriptor")?)?;
     m.add_class::<types::MemoryDescriptor>()?;
@@ -56,6 +57,10 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::QueryTaskResponse>()?;
     m.add_class::<host::MooncakeHostMemAllocator>()?;
     m.add_function(wrap_pyfunction!(host::bind_to_numa_node, m)?)?;
+    m.add_function(wrap_pyfunction!(host::get_alloc_func_addr, m)?)?;
+    m.add_function(wrap_pyfunction!(host::get_free_func_addr, m)?)?;
+    m.add_function(wrap_pyfunction!(host::_copy_from_ptr, m)?)?;
+    m.add_function(wrap_pyfunction!(host::_copy_to_ptr, m)?)?;
     p2p::add(m)?;
     engine::add(m)?;
     m.add_function(wrap_pyfunction!(master::run_master, m)?)?;
@@ -70,6 +75,9 @@ fn _store(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add(v.name(), *v)?;
     }
     for v in types::TaskStatus::ALL {
+        m.add(v.name(), *v)?;
+    }
+    for v in types::ObjectDataType::ALL {
         m.add(v.name(), *v)?;
     }
     Ok(())

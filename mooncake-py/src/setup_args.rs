@@ -55,7 +55,37 @@ pub(crate) struct SetupArgs<'py> {
     pub(crate) protocol: Option<Bound<'py, PyAny>>,
     pub(crate) rdma_devices: Option<Bound<'py, PyAny>>,
     pub(crate) master_server_addr: Option<Bound<'py, PyAny>>,
+    /// Upstream's SSD offload switch: accepted when off; this store has no SSD tier.
+    pub(crate) enable_ssd_offload: Option<Bound<'py, PyAny>>,
+    /// Upstream's tenant: accepted when `"default"`; this store has no tenant isolation.
+    pub(crate) tenant_id: Option<Bound<'py, PyAny>>,
+    /// Upstream's per-client HTTP server switch: accepted when off; this store has none.
+    pub(crate) enable_client_http_server: Option<Bound<'py, PyAny>>,
 }
+
+/// A boolean setting: a bool, an int, or a string such as "true"/"false" (config files and
+/// environment variables carry them as strings).
+fn bool_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Result<bool, String>> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(match s.to_str()?.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" | "" => Ok(false),
+            other => Err(format!("{name}: {other:?} is not a boolean")),
+        });
+    }
+    Ok(Ok(obj.is_truthy()?))
+}
+
+/// Keys of upstream's `setup(dict)` that configure something this store has no use for (the
+/// settings of upstream's SSD tier and client HTTP server when those are off, the real
+/// client's IPC socket): accepted with no effect.
+const NO_EFFECT_KEYS: &[&str] = &[
+    "ssd_offload_path",
+    "client_http_port",
+    "ipc_socket_path",
+    "mem_pool_size",
+    "cluster_id",
+];
 
 impl<'py> SetupArgs<'py> {
     /// The arguments of the dict form. Unknown keys are a `TypeError`.
@@ -76,15 +106,52 @@ impl<'py> SetupArgs<'py> {
                 "master_server_addr" | "master_server_address" | "master_address" => {
                     &mut a.master_server_addr
                 }
+                "enable_ssd_offload" => &mut a.enable_ssd_offload,
+                "tenant_id" => &mut a.tenant_id,
+                "enable_client_http_server" => &mut a.enable_client_http_server,
+                other if NO_EFFECT_KEYS.contains(&other) => {
+                    tracing::debug!("setup(): {other:?} has no effect in this store");
+                    continue;
+                }
                 other => {
-                    return Err(PyTypeError::new_err(format!(
-                        "setup(): unknown config key {other:?}"
-                    )))
+                    // As upstream: keys it does not know are ignored.
+                    tracing::warn!("setup(): unknown config key {other:?} ignored");
+                    continue;
                 }
             };
             *slot = Some(v);
         }
         Ok(a)
+    }
+
+    /// Refuses settings that turn on a feature this store does not have (upstream's SSD
+    /// offload, tenants, client HTTP server), naming it: `Ok(Err(..))`.
+    pub(crate) fn unsupported(&self) -> PyResult<Result<(), String>> {
+        for (value, name) in [
+            (&self.enable_ssd_offload, "enable_ssd_offload"),
+            (&self.enable_client_http_server, "enable_client_http_server"),
+        ] {
+            if let Some(v) = value {
+                match bool_arg(v, name)? {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Ok(Err(format!(
+                            "{name}=True: this store has no such feature (memory replicas only)"
+                        )))
+                    }
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+        }
+        if let Some(v) = &self.tenant_id {
+            let t = str_arg(v, "tenant_id")?;
+            if !t.is_empty() && t != "default" {
+                return Ok(Err(format!(
+                    "tenant_id={t:?}: this store has no tenants (only \"default\")"
+                )));
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// The store configuration. `Ok(Err(..))`: a bad value; `Err`: a wrong type.

@@ -30,14 +30,41 @@ pub(crate) struct PyReplicateConfig {
     /// Soft-pin handling on upsert.
     #[pyo3(get, set)]
     soft_pin_action: SoftPinAction,
-    /// Soft-pin lifetime in ms (0: the master's default).
+    /// Soft-pin lifetime in ms; `None` (the default): the master's default.
     #[pyo3(get, set)]
-    soft_pin_ttl_ms: u64,
+    soft_pin_ttl_ms: Option<u64>,
+    /// What the object holds (`ObjectDataType`, default `UNKNOWN`); kept with the config, it
+    /// does not change placement.
+    #[pyo3(get, set)]
+    data_type: ObjectDataType,
+    /// Groups the object belongs to (`None` by default); kept with the config, it does not
+    /// change placement.
+    #[pyo3(get, set)]
+    group_ids: Option<Vec<String>>,
+    /// Replicas on a DFS tier (default 0). This store has no DFS tier: a positive value is
+    /// logged and no such replica is made.
+    #[pyo3(get, set)]
+    dfs_replica_num: u32,
+    /// Replicas on NVMe-oF segments (default 0). This store has no NVMe-oF tier: a positive
+    /// value is logged and no such replica is made.
+    #[pyo3(get, set)]
+    nof_replica_num: u32,
+    /// NVMe-oF segments to try first (default empty; see `nof_replica_num`).
+    #[pyo3(get, set)]
+    preferred_nof_segments: Vec<String>,
 }
 
 impl PyReplicateConfig {
     /// The Rust config.
     pub(crate) fn to_core(&self) -> core::ReplicateConfig {
+        if self.dfs_replica_num > 0 || self.nof_replica_num > 0 {
+            tracing::warn!(
+                "ReplicateConfig: dfs_replica_num={} nof_replica_num={} ignored: this store has \
+                 no DFS or NVMe-oF tier (memory replicas only)",
+                self.dfs_replica_num,
+                self.nof_replica_num
+            );
+        }
         core::ReplicateConfig {
             replica_num: self.replica_num,
             with_soft_pin: self.with_soft_pin,
@@ -50,7 +77,7 @@ impl PyReplicateConfig {
                 SoftPinAction::ENABLE => core::SoftPinAction::Enable,
                 SoftPinAction::DISABLE => core::SoftPinAction::Disable,
             },
-            soft_pin_ttl_ms: self.soft_pin_ttl_ms,
+            soft_pin_ttl_ms: self.soft_pin_ttl_ms.unwrap_or(0),
         }
     }
 }
@@ -74,7 +101,12 @@ impl PyReplicateConfig {
             preferred_segments: d.preferred_segments,
             prefer_alloc_in_same_node: d.prefer_alloc_in_same_node,
             soft_pin_action: SoftPinAction::PRESERVE,
-            soft_pin_ttl_ms: d.soft_pin_ttl_ms,
+            soft_pin_ttl_ms: (d.soft_pin_ttl_ms > 0).then_some(d.soft_pin_ttl_ms),
+            data_type: ObjectDataType::UNKNOWN,
+            group_ids: None,
+            dfs_replica_num: 0,
+            nof_replica_num: 0,
+            preferred_nof_segments: Vec::new(),
         };
         if let Some(kwargs) = kwargs {
             let py = kwargs.py();
@@ -119,7 +151,7 @@ impl PyReplicateConfig {
 
     fn __repr__(&self) -> String {
         format!(
-            "ReplicateConfig(replica_num={}, with_soft_pin={}, with_hard_pin={}, preferred_segment={:?}, preferred_segments={:?}, prefer_alloc_in_same_node={}, soft_pin_action={}, soft_pin_ttl_ms={})",
+            "ReplicateConfig(replica_num={}, with_soft_pin={}, with_hard_pin={}, preferred_segment={:?}, preferred_segments={:?}, prefer_alloc_in_same_node={}, soft_pin_action={}, soft_pin_ttl_ms={}, data_type={})",
             self.replica_num,
             py_bool(self.with_soft_pin),
             py_bool(self.with_hard_pin),
@@ -128,6 +160,8 @@ impl PyReplicateConfig {
             py_bool(self.prefer_alloc_in_same_node),
             self.soft_pin_action.name(),
             self.soft_pin_ttl_ms
+                .map_or_else(|| "None".to_owned(), |v| v.to_string()),
+            self.data_type.name()
         )
     }
 
@@ -145,6 +179,11 @@ const FIELDS: &[&str] = &[
     "prefer_alloc_in_same_node",
     "soft_pin_action",
     "soft_pin_ttl_ms",
+    "data_type",
+    "group_ids",
+    "dfs_replica_num",
+    "nof_replica_num",
+    "preferred_nof_segments",
 ];
 
 fn py_bool(b: bool) -> &'static str {
@@ -215,6 +254,11 @@ py_enum! {
 py_enum! {
     /// Status of a copy/move task. `COMPLETED` is an alias of `SUCCESS`.
     TaskStatus { PENDING = 0, PROCESSING = 1, FAILED = 2, SUCCESS = 3 }
+}
+
+py_enum! {
+    /// What an object holds (`ReplicateConfig.data_type`), with upstream's values.
+    ObjectDataType { UNKNOWN = 0, KVCACHE = 1, TENSOR = 2, WEIGHT = 3, SAMPLE = 4, ACTIVATION = 5, GRADIENT = 6, OPTIMIZER_STATE = 7, METADATA = 8, GENERAL = 9 }
 }
 
 py_enum! {
@@ -376,6 +420,12 @@ impl ReplicaDescriptor {
 
     fn is_disk_replica(&self) -> bool {
         self.disk.is_some()
+    }
+
+    /// Whether this is a replica on this client's local disk (SSD offload). This store keeps
+    /// memory replicas only, so never.
+    fn is_local_disk_replica(&self) -> bool {
+        false
     }
 
     /// The memory descriptor; `ValueError` for a disk replica.

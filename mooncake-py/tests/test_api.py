@@ -299,7 +299,7 @@ def test_replicate_config_fields():
     c = ReplicateConfig()
     assert (c.replica_num, c.with_soft_pin, c.with_hard_pin, c.preferred_segment,
             c.preferred_segments, c.prefer_alloc_in_same_node, c.soft_pin_action,
-            c.soft_pin_ttl_ms) == (1, False, False, "", [], False, SoftPinAction.PRESERVE, 0)
+            c.soft_pin_ttl_ms) == (1, False, False, "", [], False, SoftPinAction.PRESERVE, None)
     c.replica_num = 3
     c.with_soft_pin = True
     c.with_hard_pin = True

@@ -98,9 +98,8 @@ def test_setup_value_errors_return_codes(master):
     assert s.setup("localhost", "P2PHANDSHAKE", -5, 1 << 20, "tcp", "", "localhost:50051") == -600
     assert s.setup("localhost", "P2PHANDSHAKE", "lots", 1 << 20, "tcp", "", "localhost:50051") == -600
     assert s.setup({"local_hostname": "localhost"}) == -600  # no metadata_server
-    with pytest.raises(TypeError):
-        s.setup({"bogus_key": 1})
-    assert s.setup("localhost", "P2PHANDSHAKE", 1 << 20, 0, "tcp", "", "localhost:50051") == -600
+    # As upstream: an unknown key is ignored (here: still no metadata_server, so -600).
+    assert s.setup({"bogus_key": 1, "local_hostname": "localhost"}) == -600
     cfg = ReplicateConfig()
     with pytest.raises(ValueError):
         cfg.prefer_alloc_in_same_node = "maybe"

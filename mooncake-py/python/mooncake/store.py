@@ -20,6 +20,21 @@ from typing import Any, List, Optional, Sequence
 
 from mooncake import _store
 from mooncake._closing import close_at_exit as _close_at_exit
+from mooncake._parallel import (  # noqa: F401  (re-exported)
+    ParallelAxis,
+    ParallelTensorCalls as _ParallelTensorCalls,
+    ReadTarget,
+    TensorParallelism,
+)
+from mooncake._pool import (  # noqa: F401  (re-exported)
+    BufferLease,
+    BufferLeaseView,
+    BufferPool,
+    RegisteredBufferLease,
+    RegisteredBufferLeaseView,
+    RegisteredBufferPool,
+)
+from mooncake._ranges import RangeCalls as _RangeCalls
 from mooncake._store import (  # noqa: F401  (re-exported)
     BufferDescriptor,
     BufferHandle,
@@ -27,6 +42,7 @@ from mooncake._store import (  # noqa: F401  (re-exported)
     DiskDescriptor,
     MemoryDescriptor,
     MooncakeHostMemAllocator,
+    ObjectDataType,
     QueryTaskResponse,
     ReplicaDescriptor,
     ReplicaStatus,
@@ -35,6 +51,8 @@ from mooncake._store import (  # noqa: F401  (re-exported)
     TaskStatus,
     TaskType,
     bind_to_numa_node,
+    get_alloc_func_addr,
+    get_free_func_addr,
 )
 
 # Enum values at module level, as upstream exports them (TaskStatus wins FAILED/PROCESSING).
@@ -48,6 +66,16 @@ PENDING = _store.PENDING
 PROCESSING = _store.PROCESSING
 FAILED = _store.FAILED
 SUCCESS = _store.SUCCESS
+UNKNOWN = ObjectDataType.UNKNOWN
+KVCACHE = ObjectDataType.KVCACHE
+TENSOR = ObjectDataType.TENSOR
+WEIGHT = ObjectDataType.WEIGHT
+SAMPLE = ObjectDataType.SAMPLE
+ACTIVATION = ObjectDataType.ACTIVATION
+GRADIENT = ObjectDataType.GRADIENT
+OPTIMIZER_STATE = ObjectDataType.OPTIMIZER_STATE
+METADATA = ObjectDataType.METADATA
+GENERAL = ObjectDataType.GENERAL
 
 __all__ = [
     "MooncakeDistributedStore",
@@ -75,6 +103,29 @@ __all__ = [
     "PROCESSING",
     "FAILED",
     "SUCCESS",
+    "ObjectDataType",
+    "UNKNOWN",
+    "KVCACHE",
+    "TENSOR",
+    "WEIGHT",
+    "SAMPLE",
+    "ACTIVATION",
+    "GRADIENT",
+    "OPTIMIZER_STATE",
+    "METADATA",
+    "GENERAL",
+    "ParallelAxis",
+    "TensorParallelism",
+    "ReadTarget",
+    "BufferPool",
+    "RegisteredBufferPool",
+    "BufferLease",
+    "BufferLeaseView",
+    "RegisteredBufferLease",
+    "RegisteredBufferLeaseView",
+    "MooncakeDistributedNoFRegister",
+    "get_alloc_func_addr",
+    "get_free_func_addr",
 ]
 
 _log = logging.getLogger("mooncake.store")
@@ -221,8 +272,26 @@ def _env_config() -> dict:
 
 # --- the store -----------------------------------------------------------------------------------
 
-class MooncakeDistributedStore(_store.MooncakeDistributedStore):
-    """A Mooncake Store client. Call :meth:`setup` first; :meth:`close` when done."""
+class MooncakeDistributedNoFRegister:
+    """Upstream's registration of NVMe-oF devices with the master. This store has no NVMe-oF
+    tier: every call logs why and returns -1012 (NOT_SUPPORTED)."""
+
+    def real_register(self, *args: Any) -> int:
+        """Registers an NVMe-oF target: -1012 (not supported here)."""
+        _log.error("MooncakeDistributedNoFRegister: this store has no NVMe-oF tier")
+        return -1012
+
+    def real_unregister_by_endpoint(self, *args: Any) -> int:
+        """Unregisters an NVMe-oF target: -1012 (not supported here)."""
+        _log.error("MooncakeDistributedNoFRegister: this store has no NVMe-oF tier")
+        return -1012
+
+
+class MooncakeDistributedStore(
+    _RangeCalls, _ParallelTensorCalls, _store.MooncakeDistributedStore
+):
+    """A Mooncake Store client. Call :meth:`setup` first; :meth:`close` when done. Subclasses
+    and instances may add attributes (upstream's async wrapper does)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()

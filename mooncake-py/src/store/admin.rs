@@ -35,6 +35,19 @@ impl PyStore {
 
 #[pymethods]
 impl PyStore {
+    /// 0 when set up and the master answers, 1 when not set up (or closed), 2 when the master
+    /// does not answer.
+    fn health_check(&self, py: Python<'_>) -> i64 {
+        let Ok(s) = self.live() else { return 1 };
+        match block_on(py, async move { s.master_metrics().await }) {
+            Ok(Ok(_)) => 0,
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!("health_check: the master does not answer: {e}");
+                2
+            }
+        }
+    }
+
     /// 1 when `key` has a readable value, 0 when not, a negative code on error.
     fn is_exist(&self, py: Python<'_>, key: String) -> i64 {
         let r = self

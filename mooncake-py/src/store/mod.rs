@@ -77,7 +77,10 @@ impl PyStore {
         }
     }
 
-    fn start(&self, py: Python<'_>, config: StoreConfig) -> i64 {
+    fn start(&self, py: Python<'_>, mut config: StoreConfig) -> i64 {
+        if let Some(named) = with_free_port(&config.local_hostname) {
+            config.local_hostname = named;
+        }
         if let Err(e) = config.validate() {
             tracing::error!("setup: {e}");
             return code_of(&e);
@@ -112,6 +115,31 @@ impl PyStore {
     }
 }
 
+/// Upstream's range for the port of a client named without one.
+const AUTO_PORTS: std::ops::RangeInclusive<u16> = 12300..=14300;
+
+/// `host:port` with a port of [`AUTO_PORTS`] free on `host` now, for a `local_hostname` without
+/// a port (as upstream names such a client); `None` when it has one (or is an IPv6 literal, or
+/// no port of the range can be bound).
+fn with_free_port(host: &str) -> Option<String> {
+    if host.is_empty() || host.contains(':') {
+        return None;
+    }
+    let span = u64::from(AUTO_PORTS.end() - AUTO_PORTS.start()) + 1;
+    let seed = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    (0..64u64).find_map(|i| {
+        let port = AUTO_PORTS.start() + u16::try_from((seed.wrapping_add(i * 97)) % span).ok()?;
+        std::net::TcpListener::bind((host, port))
+            .ok()
+            .map(|_| format!("{host}:{port}"))
+    })
+}
+
 impl Drop for PyStore {
     fn drop(&mut self) {
         // Unmount the segment of a store the program forgot to close, without blocking.
@@ -138,7 +166,13 @@ impl PyStore {
     /// Sets up the client: `setup(local_hostname, metadata_server, global_segment_size=16MiB,
     /// local_buffer_size=1GiB, protocol="tcp", rdma_devices="", master_server_addr=...)`, or
     /// `setup(config_dict)` whose sizes may be strings like "16MB". 0 on success.
-    #[pyo3(signature = (local_hostname=None, metadata_server=None, global_segment_size=None, local_buffer_size=None, protocol=None, rdma_devices=None, master_server_addr=None, engine=None))]
+    ///
+    /// Upstream's optional settings are accepted: `enable_ssd_offload`,
+    /// `enable_client_http_server` (when false), `tenant_id` (when "default"), and
+    /// `ssd_offload_path`, `client_http_port` (no effect). Turning on a feature this store does
+    /// not have returns -1012 (NOT_SUPPORTED) with a log line naming it. Without a port in
+    /// `local_hostname`, a free one in 12300-14300 is picked, as upstream does.
+    #[pyo3(signature = (local_hostname=None, metadata_server=None, global_segment_size=None, local_buffer_size=None, protocol=None, rdma_devices=None, master_server_addr=None, engine=None, enable_ssd_offload=None, ssd_offload_path=None, tenant_id=None, enable_client_http_server=None, client_http_port=None))]
     #[allow(clippy::too_many_arguments)]
     fn setup<'py>(
         &self,
@@ -151,7 +185,13 @@ impl PyStore {
         rdma_devices: Option<Bound<'py, PyAny>>,
         master_server_addr: Option<Bound<'py, PyAny>>,
         engine: Option<Bound<'py, PyAny>>,
+        enable_ssd_offload: Option<Bound<'py, PyAny>>,
+        ssd_offload_path: Option<Bound<'py, PyAny>>,
+        tenant_id: Option<Bound<'py, PyAny>>,
+        enable_client_http_server: Option<Bound<'py, PyAny>>,
+        client_http_port: Option<Bound<'py, PyAny>>,
     ) -> PyResult<i64> {
+        let _ = (ssd_offload_path, client_http_port);
         if engine.as_ref().is_some_and(|e| !e.is_none()) {
             tracing::warn!(
                 "setup: a shared transfer engine is not supported; using the store's own"
@@ -174,8 +214,15 @@ impl PyStore {
                 protocol,
                 rdma_devices,
                 master_server_addr,
+                enable_ssd_offload,
+                tenant_id,
+                enable_client_http_server,
             },
         };
+        if let Err(why) = args.unsupported()? {
+            tracing::error!("setup: {why}");
+            return Ok(i64::from(ErrorCode::NOT_SUPPORTED.code()));
+        }
         match args.into_config()? {
             Ok(config) => Ok(self.start(py, config)),
             Err(e) => {

@@ -198,6 +198,45 @@ impl PyStore {
         byte_counts(r, n)
     }
 
+    /// Copies byte ranges of `key`'s value into memory of this process: one
+    /// `(dst_address, src_offset, size)` per range; the bytes copied per range, or a negative
+    /// code (-704 missing key, -600 a range outside the value or a destination that is not
+    /// writable memory of this process). The value is read once for all its ranges.
+    fn _read_ranges(&self, py: Python<'_>, key: String, ranges: Vec<(u64, u64, u64)>) -> Vec<i64> {
+        let value = match self.get_vec(py, &key) {
+            Ok(v) => v,
+            Err(e) => return vec![code_of(&e); ranges.len()],
+        };
+        let invalid = i64::from(mooncake::ErrorCode::INVALID_PARAMS.code());
+        ranges
+            .iter()
+            .map(|&(dst, off, len)| {
+                let end = off.checked_add(len);
+                if end.is_none_or(|e| e > value.len() as u64) {
+                    tracing::warn!(
+                        "range [{off}, +{len}) is outside {key:?} ({} bytes)",
+                        value.len()
+                    );
+                    return invalid;
+                }
+                if len == 0 {
+                    return 0;
+                }
+                if let Err(why) = crate::mapped::check_mapped(dst, len) {
+                    tracing::warn!("destination {dst:#x} (+{len}): {why}");
+                    return invalid;
+                }
+                let src = &value[off as usize..(off + len) as usize];
+                // SAFETY: `[dst, dst + len)` was just checked to be writable memory of this
+                // process; the caller owns it (as for get_into), and `src` is our own vector.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
+                }
+                i64::try_from(len).unwrap_or(i64::MAX)
+            })
+            .collect()
+    }
+
     /// The size of `key`'s value, or a negative code (-704 when missing).
     fn get_size(&self, py: Python<'_>, key: String) -> i64 {
         let r = self

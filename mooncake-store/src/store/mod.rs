@@ -60,7 +60,7 @@ pub struct StoreConfig {
     /// only issues calls. Default 16 MiB, as upstream.
     pub global_segment_size: u64,
     /// Bytes of the staging buffer for byte-oriented calls; also the largest value such calls
-    /// accept. Default 1 GiB, as upstream.
+    /// accept. Default 1 GiB, as upstream; 0 is a client without one (zero-copy calls only).
     pub local_buffer_size: u64,
     /// Transport protocol: `tcp` (default) or `quic` (mutual TLS; certificates from the files
     /// the `MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY` variables name).
@@ -149,9 +149,6 @@ impl StoreConfig {
                 "metadata_server {:?}: expected P2PHANDSHAKE or http://host:port/metadata",
                 self.metadata_server
             ));
-        }
-        if self.local_buffer_size == 0 {
-            return bad("local_buffer_size must be non-zero".into());
         }
         if self.heartbeat_interval.is_zero() {
             return bad("heartbeat_interval must be non-zero".into());
@@ -326,8 +323,13 @@ impl Store {
             engine.shutdown().await;
             return Err(e);
         }
-        let staging_base =
-            engine.allocate_buffer(config.local_buffer_size as usize, Location::cpu(0))?;
+        // No staging buffer at all with local_buffer_size 0 (as upstream allows): zero-copy
+        // calls work, byte puts and gets of a non-empty value are INVALID_PARAMS.
+        let staging_base = if config.local_buffer_size == 0 {
+            0
+        } else {
+            engine.allocate_buffer(config.local_buffer_size as usize, Location::cpu(0))?
+        };
         let staging = Staging::new(staging_base, config.local_buffer_size)?;
         let segment = if config.global_segment_size > 0 {
             let base =

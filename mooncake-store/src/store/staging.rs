@@ -41,11 +41,14 @@ impl Drop for Slot {
 }
 
 impl Staging {
+    /// A staging buffer of `size` bytes at `base`; `size` 0 is a client without one (every
+    /// reservation is refused).
     pub(crate) fn new(base: u64, size: u64) -> Result<Arc<Self>> {
         Ok(Arc::new(Staging {
             base,
             size,
-            alloc: Mutex::new(RangeAllocator::new(size, 64)?),
+            // An allocator needs some space; with `size` 0, `reserve` refuses before using it.
+            alloc: Mutex::new(RangeAllocator::new(size.max(64), 64)?),
             freed: Notify::new(),
         }))
     }
@@ -57,6 +60,9 @@ impl Staging {
 
     /// Reserves `len` bytes if they are free now.
     pub(crate) fn try_reserve(self: &Arc<Self>, len: u64) -> Option<Slot> {
+        if len > self.size {
+            return None;
+        }
         let allocation = self.alloc.lock().expect("staging lock").allocate(len)?;
         Some(Slot {
             staging: self.clone(),
