@@ -57,6 +57,26 @@ pub struct NodeConfig {
     /// Largest log record or wire frame read, in bytes (caps allocations on untrusted lengths;
     /// RUSTSEC-2024-0437). Must hold the largest snapshot. Default 256 MiB.
     pub max_record_bytes: usize,
+    /// Mutual TLS between the members (default `None`: plain TCP, exactly as without it). With
+    /// it, every member-to-member connection runs TLS 1.3 with the ALPN protocol
+    /// [`RAFT_ALPN`](crate::network::RAFT_ALPN), both ends presenting a certificate of the
+    /// cluster CA, and:
+    /// - member N's certificate has the `master` role and the common name `master-N`
+    ///   ([`member_cert_name`](crate::network::member_cert_name)), and its subject alternative
+    ///   names cover the host of N's raft address (peers check it when they connect). Make it
+    ///   with `mooncake_certs issue master-N --role master --name <N's raft IP>`;
+    /// - an inbound connection is admitted only when its certificate has the `master` role and
+    ///   names a member of the group (else it is closed after the handshake, with a log line);
+    /// - every message read on it must come `from` the member its certificate names (others are
+    ///   dropped, with a rate-limited log line naming the certificate and the claimed id);
+    /// - an outbound connection is used only when the peer's certificate names the member
+    ///   dialled.
+    ///
+    /// The admission by member and source address, the connection caps and the frame limits
+    /// apply as without TLS. Every member of a group needs TLS, or none: a member without it
+    /// cannot talk to members with it. [`validate`](Self::validate) checks that this node's own
+    /// certificate follows the rule.
+    pub tls: Option<mooncake_tls::TlsIdentity>,
 }
 
 impl NodeConfig {
@@ -76,6 +96,7 @@ impl NodeConfig {
             max_inflight_msgs: 256,
             max_proposal_bytes: 4 << 20,
             max_record_bytes: 256 << 20,
+            tls: None,
         }
     }
 
@@ -108,6 +129,9 @@ impl NodeConfig {
                 "node {} is not among the initial voters {ids:?}; set join = true to add it later",
                 self.id
             ));
+        }
+        if let Some(tls) = &self.tls {
+            crate::network::check_own_certificate(self.id, tls).map_err(Error::Config)?;
         }
         Ok(())
     }

@@ -19,6 +19,11 @@
 //!   the [`MetadataStore`](mooncake_core::MetadataStore) and
 //!   [`CommandLog`](mooncake_core::CommandLog) implementations.
 //!
+//! Members accept raft messages only from members, over connections from their configured
+//! addresses. With [`NodeConfig::tls`] they also talk over mutual TLS: only a certificate of the
+//! cluster CA with the `master` role named `master-N` ([`network::member_cert_name`]) is
+//! admitted, and only for messages from member N.
+//!
 //! ```no_run
 //! use mooncake_meta_raft::{NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
 //! use mooncake_core::CommandLog;

@@ -5,17 +5,24 @@
 //! retransmits). Writers reconnect with exponential backoff. Inbound connections get a reader
 //! task that checks each frame's length against a cap before allocating (protobuf 2.x must not
 //! see unbounded input, RUSTSEC-2024-0437) and hands messages to the raft loop.
+//!
+//! With TLS ([`NodeConfig::tls`](crate::NodeConfig::tls)) both directions run TLS 1.3 with
+//! mutual certificates and the ALPN protocol [`RAFT_ALPN`]. An inbound connection is read only
+//! when its certificate has the `master` role and names a member ([`member_cert_name`]), and
+//! only messages `from` that member are handed on; an outbound connection is used only when the
+//! certificate of the peer dialled names the member it was dialled as.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsConnector, TlsIdentity};
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
@@ -42,6 +49,117 @@ pub(crate) struct NetConfig {
     pub(crate) inbound_queue: usize,
     pub(crate) min_backoff: Duration,
     pub(crate) max_backoff: Duration,
+    /// Mutual TLS on every connection; `None`: plain TCP.
+    pub(crate) tls: Option<NetTls>,
+}
+
+/// The ALPN protocol of a member's raft port under TLS (one name per kind of listener, so a
+/// connection meant for another listener is not taken for a raft peer).
+pub const RAFT_ALPN: &[u8] = b"mooncake-raft/1";
+
+/// How long a TLS handshake with a peer may take, either way. The raft port has no other
+/// deadline before a peer's first frame: a connection that never completes its handshake holds
+/// a place under the inbound caps for this long at most.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The common name of member `id`'s certificate: `master-<id>` (`master-1`, `master-2`, ...).
+pub fn member_cert_name(id: u64) -> String {
+    format!("master-{id}")
+}
+
+/// The member a certificate names: `N` for the common name `master-N` written as
+/// [`member_cert_name`] writes it (N non-zero, no sign or leading zero), else `None`.
+pub fn cert_member_id(cert: &PeerIdentity) -> Option<u64> {
+    let name = cert.common_name.as_deref()?;
+    let id: u64 = name.strip_prefix("master-")?.parse().ok()?;
+    (id != 0 && member_cert_name(id) == name).then_some(id)
+}
+
+/// Why `identity` cannot be member `id`'s: its certificate must parse, have the `master` role
+/// and the common name [`member_cert_name`]`(id)` (peers refuse it otherwise).
+pub(crate) fn check_own_certificate(id: u64, identity: &TlsIdentity) -> Result<(), String> {
+    identity
+        .configs(RAFT_ALPN)
+        .map_err(|e| format!("tls: {e}"))?;
+    let own = identity.own().map_err(|e| format!("tls: {e}"))?;
+    let want = member_cert_name(id);
+    if !own.has_role(Role::Master) || own.common_name.as_deref() != Some(want.as_str()) {
+        return Err(format!(
+            "tls: member {id} needs a certificate with the master role and the common name              {want:?} (mooncake_certs issue {want} --role master --name <its raft address>);              this one is {:?} with roles {:?}, which the other members would refuse",
+            own.name(),
+            own.roles
+        ));
+    }
+    Ok(())
+}
+
+/// The TLS side of the transport: how to accept and connect, and who may connect.
+#[derive(Clone, Debug)]
+pub(crate) struct NetTls {
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+    /// The ids of the group's members as this node knows them (its peer directory and its
+    /// address book), kept current by the raft loop: an inbound connection whose certificate
+    /// names another node is closed.
+    pub(crate) members: Arc<RwLock<BTreeSet<u64>>>,
+}
+
+impl NetTls {
+    pub(crate) fn new(identity: &TlsIdentity) -> Result<Self, String> {
+        let configs = identity
+            .configs(RAFT_ALPN)
+            .map_err(|e| format!("tls: {e}"))?;
+        Ok(NetTls {
+            acceptor: TlsAcceptor::from_configs(&configs).with_timeout(TLS_HANDSHAKE_TIMEOUT),
+            connector: TlsConnector::from_configs(&configs).with_timeout(TLS_HANDSHAKE_TIMEOUT),
+            members: Arc::default(),
+        })
+    }
+
+    fn is_member(&self, id: u64) -> bool {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+}
+
+/// Rate limits log lines about refused peers: one per source address and kind every
+/// [`LOG_EVERY`] (a hostile peer must not flood the log).
+#[derive(Clone, Debug, Default)]
+struct LogLimiter(Arc<Mutex<HashMap<(IpAddr, &'static str), Instant>>>);
+
+/// How often a refusal of one kind from one address is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl LogLimiter {
+    fn allow(&self, ip: IpAddr, kind: &'static str) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.len() > 1024 {
+            last.retain(|_, t| now.saturating_duration_since(*t) < LOG_EVERY);
+        }
+        match last.get(&(ip, kind)) {
+            Some(t) if now.saturating_duration_since(*t) < LOG_EVERY => false,
+            _ => {
+                last.insert((ip, kind), now);
+                true
+            }
+        }
+    }
+}
+
+/// The writing half of a connection to a peer (plain TCP or TLS).
+type PeerWriter = Box<dyn AsyncWrite + Unpin + Send>;
+/// The reading half of a connection from a peer (plain TCP or TLS).
+type PeerReader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// The member an inbound TLS connection's certificate names.
+#[derive(Debug)]
+struct CertMember {
+    id: u64,
+    /// The certificate's name, for logs.
+    name: String,
 }
 
 /// Where the transport delivers inbound traffic: the raft loop's input channel, with a counter
@@ -177,6 +295,49 @@ fn encode(m: &Message, out: &mut Vec<u8>, max_frame: usize) -> bool {
     codec::frame_into(out, &payload).is_ok()
 }
 
+/// The host part of a raft address (`host:port`, `[v6]:port`), which the peer's certificate
+/// must name.
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
+}
+
+/// Whether the certificate of the peer dialled as member `to` is that member's.
+fn check_dialled(to: u64, cert: &PeerIdentity) -> Result<(), String> {
+    if !cert.has_role(Role::Master) {
+        return Err(format!(
+            "its certificate {:?} lacks the master role",
+            cert.name()
+        ));
+    }
+    match cert_member_id(cert) {
+        Some(id) if id == to => Ok(()),
+        _ => Err(format!(
+            "its certificate is {:?}, not member {to}'s ({:?})",
+            cert.name(),
+            member_cert_name(to)
+        )),
+    }
+}
+
+/// Opens a connection to member `to` at `addr`; an error says whether the peer was refused
+/// (TLS) rather than unreachable.
+async fn open(to: u64, addr: &str, cfg: &NetConfig) -> Result<PeerWriter, (String, bool)> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| (e.to_string(), false))?;
+    let _ = s.set_nodelay(true);
+    let Some(tls) = &cfg.tls else {
+        return Ok(Box::new(s));
+    };
+    let (stream, cert) = tls
+        .connector
+        .connect(s, host_of(addr))
+        .await
+        .map_err(|e| (e.to_string(), true))?;
+    check_dialled(to, &cert).map_err(|why| (why, true))?;
+    Ok(Box::new(stream))
+}
+
 async fn connect(
     to: u64,
     addr: &str,
@@ -184,18 +345,26 @@ async fn connect(
     inbox: &Inbox<impl Send>,
     shutdown: &mut watch::Receiver<bool>,
     rx: &mpsc::Receiver<Message>,
-) -> Option<TcpStream> {
+) -> Option<PeerWriter> {
     let mut backoff = cfg.min_backoff;
+    let mut warned = false;
     loop {
         if *shutdown.borrow() || rx.is_closed() {
             return None;
         }
-        match TcpStream::connect(addr).await {
+        match open(to, addr, cfg).await {
             Ok(s) => {
-                let _ = s.set_nodelay(true);
+                if warned {
+                    tracing::info!(to, addr, "raft peer connected");
+                }
                 return Some(s);
             }
-            Err(e) => {
+            Err((e, true)) if !warned => {
+                warned = true;
+                tracing::warn!(to, addr, "not sending to raft peer {to} at {addr}: {e}");
+                inbox.deliver(NetEvent::Unreachable(to), usize::MAX);
+            }
+            Err((e, _)) => {
                 tracing::debug!(to, addr, error = %e, "raft peer connect failed");
                 inbox.deliver(NetEvent::Unreachable(to), usize::MAX);
             }
@@ -244,7 +413,8 @@ async fn writer<T: Send>(
                 .iter()
                 .map(|m| encode(m, &mut buf, cfg.max_frame))
                 .collect();
-            let ok = stream.write_all(&buf).await.is_ok();
+            // A TLS stream holds written data until flushed; a TCP stream's flush is free.
+            let ok = stream.write_all(&buf).await.is_ok() && stream.flush().await.is_ok();
             for (m, framed) in batch.drain(..).zip(encoded) {
                 if m.get_msg_type() == MessageType::MsgSnapshot {
                     let delivered = ok && framed;
@@ -272,6 +442,7 @@ pub(crate) async fn listen<T: Send + 'static>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let admission = mooncake_core::admission::Admission::new("raft", MAX_INBOUND, MAX_INBOUND);
+    let log = LogLimiter::default();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -280,10 +451,17 @@ pub(crate) async fn listen<T: Send + 'static>(
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    let (cfg, inbox, shutdown) = (cfg.clone(), inbox.clone(), shutdown.clone());
+                    let (cfg, inbox, mut shutdown) = (cfg.clone(), inbox.clone(), shutdown.clone());
+                    let log = log.clone();
                     tokio::spawn(async move {
+                        // The handshake runs under the connection's admission, like its reads.
                         let _admitted = admitted;
-                        reader(stream, peer, cfg, inbox, shutdown).await;
+                        let Some((stream, member)) =
+                            secure(stream, peer, &cfg, &log, &mut shutdown).await
+                        else {
+                            return;
+                        };
+                        reader(stream, peer, member, cfg, inbox, shutdown, log).await;
                     });
                 }
                 Err(e) => {
@@ -296,8 +474,78 @@ pub(crate) async fn listen<T: Send + 'static>(
     }
 }
 
-async fn read_one(
-    r: &mut BufReader<TcpStream>,
+/// Runs the TLS handshake of an inbound connection (when TLS is on) and admits it only from a
+/// member's certificate; `None` closes it (with a rate-limited log line).
+async fn secure(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: &NetConfig,
+    log: &LogLimiter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(PeerReader, Option<CertMember>)> {
+    let Some(tls) = &cfg.tls else {
+        return Some((Box::new(stream), None));
+    };
+    let accepted = tokio::select! {
+        r = tls.acceptor.accept(stream) => r,
+        _ = shutdown.changed() => return None,
+    };
+    let refuse = |kind: &'static str, why: String| {
+        if log.allow(peer.ip(), kind) {
+            tracing::warn!(%peer, "refused a raft connection from {peer}: {why}");
+        }
+        None
+    };
+    let (stream, cert) = match accepted {
+        Ok(accepted) => accepted,
+        Err(e) => return refuse("handshake", e.to_string()),
+    };
+    if stream.get_ref().1.alpn_protocol() != Some(RAFT_ALPN) {
+        return refuse(
+            "alpn",
+            format!(
+                "certificate {:?}: the connection did not negotiate the raft protocol",
+                cert.name()
+            ),
+        );
+    }
+    if !cert.has_role(Role::Master) {
+        return refuse(
+            "role",
+            format!(
+                "certificate {:?} (roles {:?}) lacks the master role",
+                cert.name(),
+                cert.roles
+            ),
+        );
+    }
+    match cert_member_id(&cert) {
+        Some(id) if tls.is_member(id) => Some((
+            Box::new(stream),
+            Some(CertMember {
+                id,
+                name: cert.name(),
+            }),
+        )),
+        Some(id) => refuse(
+            "member",
+            format!(
+                "certificate {:?} names node {id}, which is not a member of the group",
+                cert.name()
+            ),
+        ),
+        None => refuse(
+            "unnamed",
+            format!(
+                "certificate {:?} names no member (member N's certificate is named master-N)",
+                cert.name()
+            ),
+        ),
+    }
+}
+
+async fn read_one<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
     max_frame: usize,
 ) -> std::io::Result<Option<Message>> {
     let mut header = [0u8; codec::HEADER_LEN];
@@ -321,15 +569,19 @@ async fn read_one(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-/// Reads frames from one inbound connection into the raft loop.
+/// Reads frames from one inbound connection into the raft loop; on a TLS connection, only
+/// messages from the member its certificate names.
 async fn reader<T: Send>(
-    stream: TcpStream,
+    stream: PeerReader,
     peer: SocketAddr,
+    member: Option<CertMember>,
     cfg: NetConfig,
     inbox: Inbox<T>,
     mut shutdown: watch::Receiver<bool>,
+    log: LogLimiter,
 ) {
     let mut r = BufReader::with_capacity(64 << 10, stream);
+    let mut dropped = 0u64;
     loop {
         let m = tokio::select! {
             m = read_one(&mut r, cfg.max_frame) => m,
@@ -337,6 +589,24 @@ async fn reader<T: Send>(
         };
         match m {
             Ok(Some(m)) => {
+                if let Some(member) = member.as_ref().filter(|c| c.id != m.from) {
+                    dropped += 1;
+                    if log.allow(peer.ip(), "from") {
+                        tracing::warn!(
+                            %peer,
+                            certificate = %member.name,
+                            claimed = m.from,
+                            dropped,
+                            "dropped raft messages from {peer}: certificate {:?} is member {}'s, \
+                             the message claims to come from node {}",
+                            member.name,
+                            member.id,
+                            m.from
+                        );
+                        dropped = 0;
+                    }
+                    continue;
+                }
                 // Dropped when the raft loop is behind: raft retransmits.
                 if !inbox.deliver(NetEvent::Message(Box::new(m), peer), cfg.inbound_queue)
                     && *shutdown.borrow()

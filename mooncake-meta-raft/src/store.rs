@@ -9,11 +9,11 @@
 //! group's [`CommandLog`] (leadership from the node's status) and [`LogGroup`] (membership
 //! changes).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,7 +27,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
-use crate::network::{self, Inbox, NetConfig, NetEvent, Transport};
+use crate::network::{self, Inbox, NetConfig, NetEvent, NetTls, Transport};
 use crate::node::{Applied, Membership, MembershipChange, ProposalId, RaftNode, RoleEvent};
 use crate::state::{KvOp, KvResult, PeerInfo};
 use crate::LeaderInfo;
@@ -91,6 +91,10 @@ impl RaftMetadataStore {
     /// and starts the ready loop and the transport. Must be called inside a tokio runtime.
     pub async fn start(config: StoreConfig, machine: Box<dyn StateMachine>) -> Result<Self> {
         config.validate()?;
+        let tls = match &config.node.tls {
+            Some(identity) => Some(NetTls::new(identity).map_err(Error::Config)?),
+            None => None,
+        };
         let listener = TcpListener::bind(&config.raft_addr)
             .await
             .map_err(|e| Error::io(config.raft_addr.clone(), e))?;
@@ -119,12 +123,14 @@ impl RaftMetadataStore {
             inbound_queue: config.inbound_queue,
             min_backoff: config.min_backoff,
             max_backoff: config.max_backoff,
+            tls,
         };
         let inbox = Inbox {
             tx: inputs.clone(),
             queued: Arc::new(AtomicUsize::new(0)),
             wrap: Input::Net,
         };
+        let net_members = net.tls.as_ref().map(|t| t.members.clone());
         tokio::spawn(network::listen(
             listener,
             net.clone(),
@@ -143,7 +149,7 @@ impl RaftMetadataStore {
             .iter()
             .map(|p| (p.id, p.raft_addr.clone()))
             .collect();
-        let driver = Driver {
+        let mut driver = Driver {
             node,
             transport,
             rx,
@@ -156,7 +162,10 @@ impl RaftMetadataStore {
             on_role: config.on_role.clone(),
             resolved: HashMap::new(),
             warned: HashMap::new(),
+            members: net_members,
+            published_peers: None,
         };
+        driver.publish_members();
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
             .spawn(move || {
@@ -549,9 +558,38 @@ struct Driver {
     resolved: HashMap<String, Vec<IpAddr>>,
     /// When a refusal from a source address was last logged.
     warned: HashMap<IpAddr, Instant>,
+    /// With TLS: the member ids the transport admits certificates of (the peer directory and
+    /// the address book).
+    members: Option<Arc<RwLock<BTreeSet<u64>>>>,
+    /// The peer directory's ids when `members` was last written.
+    published_peers: Option<Vec<u64>>,
 }
 
 impl Driver {
+    /// Tells the transport (with TLS) which nodes' certificates to admit, when the peer
+    /// directory changed.
+    fn publish_members(&mut self) {
+        let Some(members) = &self.members else {
+            return;
+        };
+        let peers = self.node.peers();
+        if self
+            .published_peers
+            .as_ref()
+            .is_some_and(|p| p.iter().eq(peers.keys()))
+        {
+            return;
+        }
+        let ids: Vec<u64> = peers.keys().copied().collect();
+        let all: BTreeSet<u64> = ids
+            .iter()
+            .chain(self.address_book.keys())
+            .copied()
+            .collect();
+        *members.write().unwrap_or_else(|p| p.into_inner()) = all;
+        self.published_peers = Some(ids);
+    }
+
     /// Whether a message that came over a connection from `source` may be stepped: it must be
     /// for this node, from a member (or, while joining, a node of the address book), over a
     /// connection from an IP address that member's configured raft address resolves to.
@@ -726,6 +764,7 @@ impl Driver {
             transport.send(std::mem::take(&mut out.messages), &addr_of);
             out
         };
+        self.publish_members();
         reply_applied(&mut self.pending, out.applied.into_iter());
         for (id, e) in out.failed {
             if let Some(reply) = self.pending.remove(&id) {

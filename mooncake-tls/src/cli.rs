@@ -9,6 +9,10 @@
 //! mooncake_certs issue master-1 --dir certs --name 10.0.0.1 --role master
 //! mooncake_certs issue ops --dir certs --name 127.0.0.1 --role admin
 //! ```
+//!
+//! Members of the master group: member N's certificate is named `master-N` and has the `master`
+//! role, with the address of its raft port among its names; the other members refuse its
+//! connection otherwise, and drop any message on it that claims to come from another member.
 
 use std::path::{Path, PathBuf};
 
@@ -40,8 +44,13 @@ enum Command {
     },
     /// Issue a node's certificate (client and server use) signed by DIR's CA:
     /// DIR/NODE.pem and DIR/NODE-key.pem.
+    ///
+    /// A member of the master group with raft id N must be named master-N and have the master
+    /// role (e.g. `mooncake_certs issue master-1 --role master --name 10.0.0.1`): its peers
+    /// admit its raft connection only then, and only believe messages from member N on it.
     Issue {
-        /// The node's name (the certificate's common name and the files' name).
+        /// The node's name (the certificate's common name and the files' name); master-N for
+        /// the member of the master group whose raft id is N.
         node: String,
         /// Where the CA is and the files go.
         #[arg(long, default_value = ".")]
