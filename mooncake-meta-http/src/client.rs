@@ -1,10 +1,15 @@
 //! The HTTP client: [`HttpMetadataStore`].
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use mooncake_tls::tokio_rustls::client::TlsStream;
+use mooncake_tls::{TlsConnector, TlsIdentity};
 use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    ReadBuf,
 };
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -26,6 +31,12 @@ pub struct HttpClientConfig {
     /// Largest response body accepted, in bytes. Default 65 MiB: the server's request limit
     /// (64 MiB) plus room for the key and framing of a listing page's single largest entry.
     pub max_body: usize,
+    /// The certificate an `https://` URL connects with (the cluster CA, this node's
+    /// certificate and key). Default `None`: an `https://` URL then takes the files the
+    /// `MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY` environment variables name, and fails without
+    /// them. An `http://` URL never uses TLS, and is refused when this is set (a configured
+    /// certificate must not be silently unused).
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Default for HttpClientConfig {
@@ -34,13 +45,17 @@ impl Default for HttpClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             max_body: (64 << 20) + (1 << 20),
+            tls: None,
         }
     }
 }
 
 /// A [`MetadataStore`] served over upstream Mooncake's HTTP metadata protocol
 /// (`http://host:port/metadata`), e.g. by [`serve_http`] or by `mooncake_master
-/// --enable_http_metadata_server`.
+/// --enable_http_metadata_server`; over HTTPS with a client certificate for
+/// `https://host:port/metadata` (see [`HttpClientConfig::tls`] and
+/// [`HttpTls`](crate::HttpTls)). A request the server refuses for the certificate's roles
+/// fails with [`Error::PermissionDenied`] and the server's reason.
 ///
 /// With this crate's server every operation is supported, with real revisions (the crate docs
 /// describe the protocol extension). With upstream's servers, reads and writes report
@@ -56,23 +71,88 @@ pub struct HttpMetadataStore {
     pub(super) authority: String,
     pub(super) path: String,
     pub(super) config: HttpClientConfig,
-    pub(super) conn: Mutex<Option<BufReader<TcpStream>>>,
+    pub(super) tls: Option<TlsConnector>,
+    pub(super) conn: Mutex<Option<BufReader<Conn>>>,
+}
+
+/// A connection to the server: plain TCP or TLS.
+pub(super) enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conn::Plain(_) => "Conn::Plain",
+            Conn::Tls(_) => "Conn::Tls",
+        })
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl HttpMetadataStore {
-    /// A client for `url` (`http://host[:port]/path`) with default timeouts; connects lazily.
+    /// A client for `url` (`http://host[:port]/path`, or `https://host[:port]/path` with the
+    /// certificate `MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY` name) with default timeouts;
+    /// connects lazily.
     pub fn new(url: &str) -> Result<Self> {
         Self::with_config(url, HttpClientConfig::default())
     }
 
-    /// A client for `url` with the given settings.
+    /// A client for `url` with the given settings; an `https://` URL needs a certificate
+    /// ([`HttpClientConfig::tls`]).
     pub fn with_config(url: &str, config: HttpClientConfig) -> Result<Self> {
         let invalid = |why: &str| Error::InvalidArgument(format!("metadata URL {url:?}: {why}"));
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| invalid("expected http://host:port/path"))?;
-        if !scheme.eq_ignore_ascii_case("http") {
-            return Err(invalid("only http:// is supported"));
+        let https = scheme.eq_ignore_ascii_case("https");
+        if !https && !scheme.eq_ignore_ascii_case("http") {
+            return Err(invalid("only http:// and https:// are supported"));
+        }
+        if !https && config.tls.is_some() {
+            return Err(invalid(
+                "a TLS certificate is configured: use https:// to connect with it",
+            ));
         }
         let rest = rest.split('#').next().unwrap_or_default();
         let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
@@ -94,6 +174,7 @@ impl HttpMetadataStore {
             },
         };
         let port = match port.map(str::parse::<u16>) {
+            None if https => 443,
             None => 80,
             Some(Ok(port @ 1..)) => port,
             Some(_) => return Err(invalid("bad port")),
@@ -101,6 +182,17 @@ impl HttpMetadataStore {
         if host.is_empty() {
             return Err(invalid("missing host"));
         }
+        let tls = if https {
+            let identity = match &config.tls {
+                Some(identity) => identity.clone(),
+                None => TlsIdentity::from_env().map_err(|e| invalid(&e.to_string()))?,
+            };
+            let connector =
+                TlsConnector::new(&identity, HTTP_ALPN).map_err(|e| invalid(&e.to_string()))?;
+            Some(connector.with_timeout(config.connect_timeout))
+        } else {
+            None
+        };
         Ok(Self {
             url: url.to_owned(),
             host: host.to_owned(),
@@ -108,6 +200,7 @@ impl HttpMetadataStore {
             authority: authority.to_owned(),
             path: path.to_owned(),
             config,
+            tls,
             conn: Mutex::new(None),
         })
     }
@@ -117,13 +210,23 @@ impl HttpMetadataStore {
         &self.url
     }
 
-    async fn connect(&self) -> Result<BufReader<TcpStream>> {
+    async fn connect(&self) -> Result<BufReader<Conn>> {
         let limit = self.config.connect_timeout;
         let connect = TcpStream::connect((self.host.as_str(), self.port));
         match timeout(limit, connect).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                Ok(BufReader::new(stream))
+                let Some(tls) = &self.tls else {
+                    return Ok(BufReader::new(Conn::Plain(stream)));
+                };
+                match tls.connect(stream, &self.host).await {
+                    Ok((stream, _)) => Ok(BufReader::new(Conn::Tls(Box::new(stream)))),
+                    Err(Error::PermissionDenied(why)) => Err(Error::PermissionDenied(format!(
+                        "connecting to {}: {why}",
+                        self.url
+                    ))),
+                    Err(e) => Err(Error::Metadata(format!("connecting to {}: {e}", self.url))),
+                }
             }
             Ok(Err(e)) => Err(Error::Metadata(format!("connecting to {}: {e}", self.url))),
             Err(_) => Err(Error::with_code(
@@ -176,6 +279,16 @@ impl HttpMetadataStore {
                     return Ok(answer);
                 }
                 Ok(Err((_, true))) if reused => continue,
+                // Under TLS 1.3 the server checks this client's certificate after the client's
+                // side of the handshake is done: its refusal arrives as an alert on the first
+                // read.
+                Ok(Err((why, true))) if self.tls.is_some() && why.contains("alert") => {
+                    return Err(Error::PermissionDenied(format!(
+                        "{method} {} key {key:?}: the server refused this client's \
+                         certificate: {why}",
+                        self.url
+                    )))
+                }
                 Ok(Err((why, _))) => {
                     return Err(Error::Metadata(format!(
                         "{method} {} key {key:?}: {why}",
@@ -197,6 +310,12 @@ impl HttpMetadataStore {
 
     fn unexpected(&self, method: &str, key: &str, status: u16, body: &[u8]) -> Error {
         let body = String::from_utf8_lossy(&body[..body.len().min(200)]);
+        if status == 403 {
+            return Error::PermissionDenied(format!(
+                "{method} {} key {key:?}: HTTP 403: {body}",
+                self.url
+            ));
+        }
         Error::Metadata(format!(
             "{method} {} key {key:?}: HTTP {status}: {body}",
             self.url
@@ -230,6 +349,13 @@ async fn exchange<S: AsyncBufRead + AsyncWrite + Unpin>(
     match conn.fill_buf().await {
         Ok([]) => return Err(("connection closed before the response".into(), true)),
         Err(e) => return Err((format!("receiving: {e}"), true)),
+        // A TLS record (an alert, a handshake) where an HTTP answer should begin.
+        Ok([0x15 | 0x16, ..]) => {
+            return Err((
+                "the server answered with TLS: it serves https:// only".into(),
+                false,
+            ))
+        }
         Ok(_) => {}
     }
     read_response(conn, max_body)

@@ -41,8 +41,17 @@
 //! Hand-rolled on tokio, and defensive: request heads and bodies are bounded, each request must
 //! arrive within a timeout, malformed input gets `400` and a closed connection, and the client
 //! checks every listing entry (bounds, UTF-8 keys inside the prefix, strictly ascending across
-//! pages). Not supported: TLS, chunked request bodies (`411`), revisions on plain `DELETE`
+//! pages). Not supported: chunked request bodies (`411`), revisions on plain `DELETE`
 //! answers (the store's delete does not report one), watches.
+//!
+//! # TLS
+//!
+//! With [`HttpServerConfig::tls`] the server speaks HTTPS only and every connection must present
+//! a certificate of the cluster CA; [`HttpTls`] says which roles each request needs (reads:
+//! any; `PUT`/`DELETE` of metadata: `client` or `master`; other paths: `admin`), and a refusal
+//! is `403` with the reason. The client connects with TLS for `https://` URLs, with the
+//! certificate of [`HttpClientConfig::tls`] or else of the `MC_TLS_CA`, `MC_TLS_CERT` and
+//! `MC_TLS_KEY` environment variables. Without TLS both sides work exactly as described above.
 
 #![deny(unsafe_code)]
 
@@ -54,7 +63,7 @@ mod tests;
 pub use client::{HttpClientConfig, HttpMetadataStore};
 pub use server::{
     serve_http, serve_http_routes, serve_http_with, ExtraRoutes, HttpEndpoints, HttpServerConfig,
-    RouteRequest, RouteResponse,
+    HttpTls, RouteRequest, RouteResponse, HTTP_ALPN,
 };
 
 use std::io;

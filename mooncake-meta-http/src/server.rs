@@ -1,19 +1,22 @@
 //! The HTTP server: `/metadata`, `/metrics`, `/health`, and whatever further paths an
 //! [`ExtraRoutes`] handler serves.
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use mooncake_core::{Error, MetadataStore};
+use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsIdentity};
 
 use super::*;
 
@@ -38,6 +41,10 @@ pub struct RouteRequest<'a> {
     pub path: &'a str,
     /// The raw query (what follows `?`, empty without one).
     pub query: &'a str,
+    /// With TLS ([`HttpServerConfig::tls`]): what the client's verified certificate says (its
+    /// name and roles), for handlers that decide more finely than the server's rule for their
+    /// paths ([`HttpTls::extra_route_roles`]). `None` without TLS.
+    pub peer: Option<&'a PeerIdentity>,
 }
 
 impl RouteRequest<'_> {
@@ -99,6 +106,60 @@ pub struct HttpServerConfig {
     /// holds at least one entry whatever its size, and the client asks for the next page with
     /// `after=`. Default 16 MiB.
     pub max_list_page: usize,
+    /// HTTPS with client certificates (see [`HttpTls`]). Default `None`: plain HTTP, anyone
+    /// may read and write.
+    pub tls: Option<HttpTls>,
+}
+
+/// The ALPN protocol the server offers under TLS.
+pub const HTTP_ALPN: &[u8] = b"http/1.1";
+
+/// HTTPS with mutual certificates for an HTTP server ([`HttpServerConfig::tls`]).
+///
+/// Every connection must present a certificate of the cluster CA (TLS 1.3, ALPN `http/1.1`);
+/// one without, of another CA or expired is refused during the handshake, which counts against
+/// [`HttpServerConfig::request_timeout`]. Then every request is checked against the roles of
+/// the certificate ([`Role`]):
+///
+/// | request | needs |
+/// |---|---|
+/// | `GET`/`HEAD /metadata` (a key or a listing), `/metrics`, `/health` | any role |
+/// | `PUT`/`DELETE /metadata` (publishing or removing a segment descriptor) | `client` or `master` |
+/// | any other path (the embedding program's routes, e.g. the master's admin endpoints, which list every key and segment owner) | [`extra_route_roles`](Self::extra_route_roles): `admin` by default |
+///
+/// A refused request gets `403` with the reason in the body, and the server logs the client's
+/// address, its certificate's name and the reason (at most once per address every 10 s).
+#[derive(Clone, Debug)]
+pub struct HttpTls {
+    acceptor: TlsAcceptor,
+    /// Roles of which a certificate must hold one for paths other than `/metadata`,
+    /// `/metrics` and `/health`. Default `[Admin]`.
+    pub extra_route_roles: Vec<Role>,
+}
+
+impl HttpTls {
+    /// HTTPS for a server holding `identity` (the cluster CA, its certificate and key); fails
+    /// when the PEM texts do not make a usable configuration.
+    pub fn new(identity: &TlsIdentity) -> mooncake_core::Result<Self> {
+        Ok(HttpTls {
+            acceptor: TlsAcceptor::new(identity, HTTP_ALPN)?,
+            extra_route_roles: vec![Role::Admin],
+        })
+    }
+
+    /// Why `peer` may not send `method` to `path`, if it may not.
+    fn refusal(&self, peer: &PeerIdentity, method: &str, path: &str) -> Option<String> {
+        let read = matches!(method, "GET" | "HEAD");
+        let (roles, what): (&[Role], &str) = match path {
+            "/metadata" if !read => (&[Role::Client, Role::Master], "write metadata"),
+            "/metadata" | "/metrics" | "/health" => (&Role::ALL, "read"),
+            _ => (&self.extra_route_roles, "use this path"),
+        };
+        peer.require_any(roles, what).err().map(|e| match e {
+            Error::PermissionDenied(why) => why,
+            e => e.to_string(),
+        })
+    }
 }
 
 impl Default for HttpServerConfig {
@@ -109,6 +170,7 @@ impl Default for HttpServerConfig {
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_list_page: 16 << 20,
+            tls: None,
         }
     }
 }
@@ -140,7 +202,11 @@ pub fn serve_http_routes(
     extra: Option<ExtraRoutes>,
     config: HttpServerConfig,
 ) -> JoinHandle<()> {
-    let endpoints = Arc::new(Served { endpoints, extra });
+    let endpoints = Arc::new(Served {
+        endpoints,
+        extra,
+        log: LogLimiter::default(),
+    });
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     tokio::spawn(async move {
@@ -148,8 +214,8 @@ pub fn serve_http_routes(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!("http accept failed: {e}");
@@ -159,7 +225,28 @@ pub fn serve_http_routes(
             };
             let (endpoints, config) = (endpoints.clone(), config.clone());
             tokio::spawn(async move {
-                serve_connection(stream, &endpoints, &config).await;
+                let _ = stream.set_nodelay(true);
+                match &config.tls {
+                    None => serve_connection(stream, remote, None, &endpoints, &config).await,
+                    Some(tls) => {
+                        // The handshake counts against the time a request has to arrive.
+                        let acceptor = tls.acceptor.clone().with_timeout(config.request_timeout);
+                        match acceptor.accept(stream).await {
+                            Ok((stream, peer)) => {
+                                serve_connection(stream, remote, Some(&peer), &endpoints, &config)
+                                    .await
+                            }
+                            Err(e) => {
+                                if endpoints.log.allow(remote.ip(), &e.to_string()) {
+                                    tracing::warn!(
+                                        peer = %remote,
+                                        "refused an HTTPS connection from {remote}: {e}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
                 drop(permit);
             });
         }
@@ -170,6 +257,36 @@ pub fn serve_http_routes(
 struct Served {
     endpoints: HttpEndpoints,
     extra: Option<ExtraRoutes>,
+    log: LogLimiter,
+}
+
+/// Rate limits log lines about refused clients: one per address and reason (a handshake
+/// error, a certificate's name) every 10 s, so that a client refused again and again does not
+/// flood the log while every distinct refusal is still seen.
+#[derive(Default)]
+struct LogLimiter(Mutex<HashMap<(IpAddr, String), Instant>>);
+
+impl LogLimiter {
+    fn allow(&self, ip: IpAddr, reason: &str) -> bool {
+        const EVERY: Duration = Duration::from_secs(10);
+        const MOST: usize = 1024;
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.len() >= MOST {
+            last.retain(|_, t| now.saturating_duration_since(*t) < EVERY);
+            if last.len() >= MOST {
+                return false;
+            }
+        }
+        let key = (ip, reason.chars().take(80).collect::<String>());
+        match last.get(&key) {
+            Some(t) if now.saturating_duration_since(*t) < EVERY => false,
+            _ => {
+                last.insert(key, now);
+                true
+            }
+        }
+    }
 }
 
 /// One parsed request.
@@ -210,8 +327,21 @@ fn not_allowed(allow: &'static str) -> Response {
     }
 }
 
-async fn serve_connection(stream: TcpStream, endpoints: &Served, cfg: &HttpServerConfig) {
-    let _ = stream.set_nodelay(true);
+/// The client of one connection: its address and, with TLS, its certificate.
+#[derive(Clone, Copy)]
+struct Client<'a> {
+    remote: SocketAddr,
+    peer: Option<&'a PeerIdentity>,
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    remote: SocketAddr,
+    peer: Option<&PeerIdentity>,
+    endpoints: &Served,
+    cfg: &HttpServerConfig,
+) {
+    let client = Client { remote, peer };
     let mut conn = BufReader::new(stream);
     loop {
         let mut started = false;
@@ -229,7 +359,7 @@ async fn serve_connection(stream: TcpStream, endpoints: &Served, cfg: &HttpServe
         };
         let head_only = request.method == "HEAD";
         let close = request.close;
-        let response = route(request, endpoints, cfg).await;
+        let response = route(request, client, endpoints, cfg).await;
         if write_response(&mut conn, response, close, head_only, cfg)
             .await
             .is_err()
@@ -242,7 +372,11 @@ async fn serve_connection(stream: TcpStream, endpoints: &Served, cfg: &HttpServe
 
 /// Answers a broken request and closes, reading (a bounded amount of) what the client still
 /// sends so that the close does not reset the connection before it has read the answer.
-async fn close_with(conn: &mut BufReader<TcpStream>, response: Response, cfg: &HttpServerConfig) {
+async fn close_with<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut BufReader<S>,
+    response: Response,
+    cfg: &HttpServerConfig,
+) {
     if write_response(conn, response, true, false, cfg)
         .await
         .is_err()
@@ -360,13 +494,36 @@ async fn read_request<S: AsyncBufRead + AsyncWrite + Unpin>(
     }))
 }
 
-async fn route(request: Request, served: &Served, cfg: &HttpServerConfig) -> Response {
+async fn route(
+    request: Request,
+    client: Client<'_>,
+    served: &Served,
+    cfg: &HttpServerConfig,
+) -> Response {
     let endpoints = &served.endpoints;
-    let target = match request.target.strip_prefix("http://") {
+    let absolute = request
+        .target
+        .strip_prefix("http://")
+        .or_else(|| request.target.strip_prefix("https://"));
+    let target = match absolute {
         Some(absolute) => absolute.find('/').map_or("/", |i| &absolute[i..]),
         None => &request.target,
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if let (Some(tls), Some(peer)) = (&cfg.tls, client.peer) {
+        if let Some(why) = tls.refusal(peer, &request.method, path) {
+            if served.log.allow(client.remote.ip(), &peer.name()) {
+                tracing::warn!(
+                    peer = %client.remote,
+                    certificate = %peer.name(),
+                    "refused {} {path} from {}: {why}",
+                    request.method,
+                    client.remote
+                );
+            }
+            return text(403, why);
+        }
+    }
     let read = matches!(request.method.as_str(), "GET" | "HEAD");
     match path {
         "/metadata" => match &endpoints.metadata {
@@ -388,6 +545,7 @@ async fn route(request: Request, served: &Served, cfg: &HttpServerConfig) -> Res
                 method: &request.method,
                 path,
                 query,
+                peer: client.peer,
             };
             match served.extra.as_ref().and_then(|extra| extra(&view)) {
                 Some(r) => Response {
@@ -527,6 +685,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         412 => "Precondition Failed",
