@@ -85,7 +85,9 @@ pub(crate) fn check_own_certificate(id: u64, identity: &TlsIdentity) -> Result<(
     let want = member_cert_name(id);
     if !own.has_role(Role::Master) || own.common_name.as_deref() != Some(want.as_str()) {
         return Err(format!(
-            "tls: member {id} needs a certificate with the master role and the common name              {want:?} (mooncake_certs issue {want} --role master --name <its raft address>);              this one is {:?} with roles {:?}, which the other members would refuse",
+            "tls: member {id} needs a certificate with the master role and the common name \
+             {want:?} (mooncake_certs issue {want} --role master --name <its raft address>); \
+             this one is {:?} with roles {:?}, which the other members would refuse",
             own.name(),
             own.roles
         ));
