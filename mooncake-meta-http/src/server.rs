@@ -128,7 +128,21 @@ pub const HTTP_ALPN: &[u8] = b"http/1.1";
 /// | any other path (the embedding program's routes, e.g. the master's admin endpoints, which list every key and segment owner) | [`extra_route_roles`](Self::extra_route_roles): `admin` by default |
 ///
 /// A refused request gets `403` with the reason in the body, and the server logs the client's
-/// address, its certificate's name and the reason (at most once per address every 10 s).
+/// address, its certificate's name and the reason (at most once per address and certificate
+/// every 10 s; a refused handshake, once per address and error).
+///
+/// ```no_run
+/// # async fn demo(listener: tokio::net::TcpListener, endpoints: mooncake_meta_http::HttpEndpoints)
+/// # -> mooncake_core::Result<()> {
+/// use mooncake_meta_http::{serve_http_with, HttpServerConfig, HttpTls};
+/// let identity = mooncake_tls::TlsIdentity::from_pem_files("ca.pem", "master-1.pem", "master-1-key.pem")?;
+/// let config = HttpServerConfig {
+///     tls: Some(HttpTls::new(&identity)?),
+///     ..Default::default()
+/// };
+/// serve_http_with(listener, endpoints, config);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct HttpTls {
     acceptor: TlsAcceptor,
