@@ -190,6 +190,23 @@ async fn writes_without_the_right_certificate_are_refused_and_change_nothing() {
         Err(Error::PermissionDenied(why)) => assert!(why.contains("refused"), "{why}"),
         other => panic!("a foreign CA's certificate wrote: {other:?}"),
     }
+    // The owner's name and role, but expired.
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(24 * 3600);
+    let expired = certs::issue_cert(
+        &ca,
+        "node-a",
+        &["127.0.0.1"],
+        &[Role::Client],
+        now - 2 * day,
+        now - day,
+    )
+    .unwrap();
+    let expired = https_client(addr, expired.identity(&ca));
+    assert!(matches!(
+        expired.put("seg/node-a", b"evil".to_vec()).await,
+        Err(Error::PermissionDenied(_))
+    ));
     // The admin role alone reads but does not publish or remove descriptors.
     let admin = https_client(addr, cert(&ca, "ops", &[Role::Admin]));
     assert_eq!(
@@ -234,6 +251,7 @@ async fn writes_without_the_right_certificate_are_refused_and_change_nothing() {
     assert_eq!(now, original, "a refused request changed the descriptor");
     for words in [
         &["refused an HTTPS connection", "UnknownIssuer"][..],
+        &["refused an HTTPS connection", "certificate expired"],
         &["refused PUT /metadata", "ops", "client or master"],
         &["refused GET /metadata", "nobody"],
         &["refused GET /inspect", "node-b"],

@@ -126,25 +126,31 @@ impl NetTls {
     }
 }
 
-/// Rate limits log lines about refused peers: one per source address and kind every
-/// [`LOG_EVERY`] (a hostile peer must not flood the log).
+/// Rate limits log lines about refused peers: one per source address and reason (a handshake
+/// error, a certificate) every [`LOG_EVERY`], so that a peer refused again and again does not
+/// flood the log while every distinct refusal is still seen.
 #[derive(Clone, Debug, Default)]
-struct LogLimiter(Arc<Mutex<HashMap<(IpAddr, &'static str), Instant>>>);
+struct LogLimiter(Arc<Mutex<HashMap<(IpAddr, String), Instant>>>);
 
-/// How often a refusal of one kind from one address is logged.
+/// How often one refusal from one address is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl LogLimiter {
-    fn allow(&self, ip: IpAddr, kind: &'static str) -> bool {
+    fn allow(&self, ip: IpAddr, reason: &str) -> bool {
+        const MOST: usize = 1024;
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if last.len() > 1024 {
+        if last.len() >= MOST {
             last.retain(|_, t| now.saturating_duration_since(*t) < LOG_EVERY);
+            if last.len() >= MOST {
+                return false;
+            }
         }
-        match last.get(&(ip, kind)) {
+        let key = (ip, reason.chars().take(80).collect::<String>());
+        match last.get(&key) {
             Some(t) if now.saturating_duration_since(*t) < LOG_EVERY => false,
             _ => {
-                last.insert((ip, kind), now);
+                last.insert(key, now);
                 true
             }
         }
@@ -492,34 +498,28 @@ async fn secure(
         r = tls.acceptor.accept(stream) => r,
         _ = shutdown.changed() => return None,
     };
-    let refuse = |kind: &'static str, why: String| {
-        if log.allow(peer.ip(), kind) {
+    let refuse = |why: String| {
+        if log.allow(peer.ip(), &why) {
             tracing::warn!(%peer, "refused a raft connection from {peer}: {why}");
         }
         None
     };
     let (stream, cert) = match accepted {
         Ok(accepted) => accepted,
-        Err(e) => return refuse("handshake", e.to_string()),
+        Err(e) => return refuse(e.to_string()),
     };
     if stream.get_ref().1.alpn_protocol() != Some(RAFT_ALPN) {
-        return refuse(
-            "alpn",
-            format!(
-                "certificate {:?}: the connection did not negotiate the raft protocol",
-                cert.name()
-            ),
-        );
+        return refuse(format!(
+            "certificate {:?}: the connection did not negotiate the raft protocol",
+            cert.name()
+        ));
     }
     if !cert.has_role(Role::Master) {
-        return refuse(
-            "role",
-            format!(
-                "certificate {:?} (roles {:?}) lacks the master role",
-                cert.name(),
-                cert.roles
-            ),
-        );
+        return refuse(format!(
+            "certificate {:?} (roles {:?}) lacks the master role",
+            cert.name(),
+            cert.roles
+        ));
     }
     match cert_member_id(&cert) {
         Some(id) if tls.is_member(id) => Some((
@@ -529,20 +529,14 @@ async fn secure(
                 name: cert.name(),
             }),
         )),
-        Some(id) => refuse(
-            "member",
-            format!(
-                "certificate {:?} names node {id}, which is not a member of the group",
-                cert.name()
-            ),
-        ),
-        None => refuse(
-            "unnamed",
-            format!(
-                "certificate {:?} names no member (member N's certificate is named master-N)",
-                cert.name()
-            ),
-        ),
+        Some(id) => refuse(format!(
+            "certificate {:?} names node {id}, which is not a member of the group",
+            cert.name()
+        )),
+        None => refuse(format!(
+            "certificate {:?} names no member (member N's certificate is named master-N)",
+            cert.name()
+        )),
     }
 }
 
@@ -593,7 +587,7 @@ async fn reader<T: Send>(
             Ok(Some(m)) => {
                 if let Some(member) = member.as_ref().filter(|c| c.id != m.from) {
                     dropped += 1;
-                    if log.allow(peer.ip(), "from") {
+                    if log.allow(peer.ip(), &member.name) {
                         tracing::warn!(
                             %peer,
                             certificate = %member.name,

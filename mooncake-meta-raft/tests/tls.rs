@@ -320,6 +320,21 @@ async fn clients_other_cas_non_members_and_plain_peers_are_refused() {
                 ..member_cert(&foreign, 2)
             },
         ),
+        // Member 2's certificate, expired.
+        ("expired", {
+            let now = std::time::SystemTime::now();
+            let day = Duration::from_secs(24 * 3600);
+            certs::issue_cert(
+                &ca,
+                "master-2",
+                &["127.0.0.1"],
+                &[Role::Master],
+                now - 2 * day,
+                now - day,
+            )
+            .unwrap()
+            .identity(&ca)
+        }),
         // The master role, but no member's name.
         ("non-member", member_cert(&ca, 9)),
         ("unnamed", cert(&ca, "ops", &[Role::Master, Role::Admin])),
@@ -347,7 +362,16 @@ async fn clients_other_cas_non_members_and_plain_peers_are_refused() {
             "\"master-2\"",
             "lacks the master role",
         ][..],
-        &["refused a raft connection", "TLS handshake"],
+        &[
+            "refused a raft connection",
+            "TLS handshake",
+            "UnknownIssuer",
+        ],
+        &[
+            "refused a raft connection",
+            "TLS handshake",
+            "certificate expired",
+        ],
         &["refused a raft connection", "\"master-9\"", "not a member"],
         &["refused a raft connection", "\"ops\"", "names no member"],
     ] {
