@@ -123,7 +123,7 @@ pub const HTTP_ALPN: &[u8] = b"http/1.1";
 ///
 /// | request | needs |
 /// |---|---|
-/// | `GET`/`HEAD /metadata` (a key or a listing), `/metrics`, `/health` | any role |
+/// | `GET`/`HEAD /metadata` (a key or a listing), `/metrics`, `/health` | any role (a certificate that lists none counts as `client`) |
 /// | `PUT`/`DELETE /metadata` (publishing or removing a segment descriptor) | `client` or `master` |
 /// | any other path (the embedding program's routes, e.g. the master's admin endpoints, which list every key and segment owner) | [`extra_route_roles`](Self::extra_route_roles): `admin` by default |
 ///
