@@ -89,6 +89,57 @@ fn main() {
         seq.extend(step((i * 37 % 200) as u8, command));
     }
     write("master_commands", "lifecycle", &seq);
+    // The leader's view: each command routed (op 0), its entry applied (op 3), with a timer
+    // round (op 6) and a change of leader (op 7) between; and the same with entries applied
+    // late, after several routes.
+    let view_step = |op: u8, delay: u8, command: Option<&Command>| {
+        let body = command.map_or(Vec::new(), |c| postcard::to_stdvec(c).expect("encodes"));
+        let mut s = vec![op, delay, body.len() as u8];
+        s.extend_from_slice(&body);
+        s
+    };
+    let mut in_order = Vec::new();
+    let mut late = Vec::new();
+    for (i, command) in life.iter().enumerate() {
+        in_order.extend(view_step(0, (i * 37 % 200) as u8, Some(command)));
+        in_order.extend(view_step(3, 0, None));
+        late.extend(view_step(0, 3, Some(command)));
+        if i % 3 == 2 {
+            for _ in 0..3 {
+                late.extend(view_step(3, 1, None));
+            }
+        }
+    }
+    in_order.extend(view_step(6, 200, None));
+    in_order.extend(view_step(7, 10, None));
+    write("leader_view", "in-order", &in_order);
+    write("leader_view", "late", &late);
+
+    // The HTTP metadata server: each request kind, a pipelined pair, and a body cut short.
+    let http: [(&str, &[u8]); 6] = [
+        ("get", b"GET /metadata?key=a HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "put",
+            b"PUT /metadata?key=a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        ),
+        ("delete", b"DELETE /metadata?key=a HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "list-metrics-health",
+            b"GET /metadata?prefix=a&after=b HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n\
+              HEAD /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        ),
+        (
+            "cut-body",
+            b"PUT /metadata?key=b HTTP/1.1\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\nabc",
+        ),
+        (
+            "conditional",
+            b"PUT /metadata?key=c&if_revision=0 HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+        ),
+    ];
+    for (name, bytes) in http {
+        write("http_requests", name, bytes);
+    }
     for (i, command) in life.iter().enumerate() {
         write("master_commands", &format!("one-{i:02}"), &step(1, command));
     }
