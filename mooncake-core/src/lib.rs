@@ -48,6 +48,7 @@ pub mod conformance;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod error;
+pub mod mapped;
 #[cfg(all(feature = "engine", any(test, feature = "conformance")))]
 pub mod mem_transport;
 pub mod memfd;

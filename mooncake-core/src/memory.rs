@@ -527,7 +527,15 @@ impl MemoryRegistry {
     /// [`Unregistering`] that [`unregister`](Self::unregister) returns for `addr` has completed
     /// (or [`unregister_blocking`](Self::unregister_blocking) has returned `Ok`), and must not be
     /// accessed through Rust references while peers may write it.
+    ///
+    /// A range that is not mapped readable and writable in this process is refused
+    /// (`InvalidArgument`) before it is registered: a wrong pointer is an error here, not a
+    /// segfault in a later transfer or a peer's READ.
     pub unsafe fn register(&self, addr: u64, len: u64, location: Location) -> Result<()> {
+        if len > 0 {
+            crate::mapped::check_mapped(addr, len)
+                .map_err(|why| Error::InvalidArgument(format!("cannot register: {why}")))?;
+        }
         self.insert(addr, len, location, None).map(|_| ())
     }
 

@@ -14,7 +14,7 @@
 mod buffer;
 mod engine;
 mod host;
-mod mapped;
+use mooncake_core::mapped;
 mod master;
 mod p2p;
 mod runtime;

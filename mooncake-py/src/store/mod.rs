@@ -327,15 +327,10 @@ impl PyStore {
     /// Registers `[buffer_ptr, buffer_ptr + size)` for zero-copy calls. The memory must stay
     /// valid until `unregister_buffer`. 0 or an error code.
     fn register_buffer(&self, buffer_ptr: u64, size: u64) -> i64 {
-        // A range that is not this process's read-write memory would crash the process at its
-        // first transfer (or a peer's READ of it): refused here.
-        if let Err(why) = crate::mapped::check_mapped(buffer_ptr, size) {
-            tracing::warn!("register_buffer({buffer_ptr:#x}, {size}): {why}");
-            return i64::from(ErrorCode::INVALID_PARAMS.code());
-        }
         match self.live() {
             // SAFETY: the caller promises the range is valid memory until unregister_buffer, as
-            // upstream's API requires; ranges overlapping a registration are refused.
+            // upstream's API requires; ranges overlapping a registration, or not mapped read-write
+            // in this process, are refused (INVALID_PARAMS).
             Ok(s) => match unsafe { s.register_buffer(buffer_ptr, size) } {
                 Ok(()) => 0,
                 Err(e) => {

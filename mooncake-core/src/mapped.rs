@@ -1,14 +1,14 @@
-//! Whether a raw pointer from Python is memory of this process that peers may read and write:
-//! a bad `(ptr, size)` must be a clear error, not a segfault in a later transfer (or in a
-//! remote peer's READ of it).
+//! Whether a raw address range is memory of this process that peers may read and write: a bad
+//! `(addr, len)` handed to a registration (from Rust, Python or C) must be a clear error, not a
+//! segfault in a later transfer or in a remote peer's READ of it.
 
 /// Checks that `[addr, addr + len)` is mapped readable and writable in this process.
-pub(crate) fn check_mapped(addr: u64, len: u64) -> Result<(), String> {
+pub fn check_mapped(addr: u64, len: u64) -> Result<(), String> {
     check_in(&parse_maps(&read_maps()?), addr, len, true)
 }
 
 /// Checks that `[addr, addr + len)` is mapped readable in this process (for copying out of it).
-pub(crate) fn check_readable(addr: u64, len: u64) -> Result<(), String> {
+pub fn check_readable(addr: u64, len: u64) -> Result<(), String> {
     check_in(&parse_maps(&read_maps()?), addr, len, false)
 }
 
@@ -71,4 +71,38 @@ fn check_in(
     Err(format!(
         "{addr:#x}+{len} is not mapped memory of this process (at {at:#x})"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryRegistry;
+    use crate::Location;
+
+    static READ_ONLY: [u8; 4096] = [7; 4096];
+
+    #[test]
+    fn registration_refuses_memory_that_is_not_read_write_here() {
+        let registry = MemoryRegistry::new();
+        let mut heap = vec![0u8; 1 << 16];
+        let addr = heap.as_mut_ptr() as u64;
+        // Page zero is never mapped; a read-only static is not writable.
+        for (what, a, len) in [
+            ("unmapped", 0x1000u64, 4096u64),
+            ("read-only", READ_ONLY.as_ptr() as u64, 4096),
+            ("past the end of the address space", u64::MAX - 10, 100),
+        ] {
+            // SAFETY: the registry refuses these ranges before touching them.
+            let err = unsafe { registry.register(a, len, Location::default()) }.unwrap_err();
+            assert!(
+                matches!(err, crate::Error::InvalidArgument(_)),
+                "{what}: {err}"
+            );
+        }
+        assert!(check_readable(READ_ONLY.as_ptr() as u64, 4096).is_ok());
+        // SAFETY: `heap` outlives the registry's use of it; it is unregistered below.
+        unsafe { registry.register(addr, heap.len() as u64, Location::default()) }.unwrap();
+        registry.unregister_blocking(addr).unwrap();
+        drop(heap);
+    }
 }
