@@ -1,0 +1,1 @@
+//! The verbs on real devices, through `sideway` (rdma-core).
