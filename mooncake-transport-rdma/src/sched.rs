@@ -183,6 +183,8 @@ impl Drop for ServedConnection<'_> {
 
 /// Completions taken from a completion queue per poll call.
 const POLL_BATCH: usize = 64;
+/// Most completion-queue polls per queue per [`Core::poll`] call.
+const POLL_ROUNDS: usize = 16;
 
 impl Core {
     pub(crate) fn new(nics: Vec<Arc<dyn Device>>, limits: Limits) -> mooncake_core::Result<Self> {
@@ -371,24 +373,31 @@ impl Core {
         let s = &mut *guard;
         let mut routed = 0;
         for nic in 0..s.cqs.len() {
-            if s.nic_inflight[nic] == 0 {
-                continue;
-            }
-            let mut wcs = std::mem::take(&mut s.wcs);
-            wcs.clear();
-            if let Err(e) = s.cqs[nic].poll(&mut wcs, POLL_BATCH) {
-                tracing::warn!(
-                    nic = %self.nics[nic].attrs().name,
-                    "completion queue lost completions ({e}): resetting its queue pairs"
-                );
-                self.reset_nic(s, nic);
+            // Drain up to a bound per call, so one busy queue does not starve the caller.
+            for _ in 0..POLL_ROUNDS {
+                if s.nic_inflight[nic] == 0 {
+                    break;
+                }
+                let mut wcs = std::mem::take(&mut s.wcs);
+                wcs.clear();
+                if let Err(e) = s.cqs[nic].poll(&mut wcs, POLL_BATCH) {
+                    tracing::warn!(
+                        nic = %self.nics[nic].attrs().name,
+                        "completion queue lost completions ({e}): resetting its queue pairs"
+                    );
+                    self.reset_nic(s, nic);
+                    s.wcs = wcs;
+                    break;
+                }
+                for wc in &wcs {
+                    routed += route(s, wc);
+                }
+                let full = wcs.len() == POLL_BATCH;
                 s.wcs = wcs;
-                continue;
+                if !full {
+                    break;
+                }
             }
-            for wc in &wcs {
-                routed += route(s, wc);
-            }
-            s.wcs = wcs;
         }
         routed
     }
