@@ -15,7 +15,7 @@
 //! requests, all queue pairs into the error state, a completion queue overrun, a dead link.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use mooncake_core::{Error, Result};
@@ -150,6 +150,8 @@ impl FakeFabric {
                     faults: Mutex::new(Faults::default()),
                     fault_pending: AtomicBool::new(false),
                     link_down: AtomicBool::new(false),
+                    posted: AtomicU64::new(0),
+                    reached: AtomicU64::new(0),
                     qps: Mutex::new(Vec::new()),
                     cqs: Mutex::new(Vec::new()),
                 });
@@ -233,6 +235,9 @@ struct NicShared {
     /// Fast check for `faults` on the post path.
     fault_pending: AtomicBool,
     link_down: AtomicBool,
+    /// Work requests posted on this NIC, and ones that reached it from a peer.
+    posted: AtomicU64,
+    reached: AtomicU64,
     qps: Mutex<Vec<Weak<QpShared>>>,
     cqs: Mutex<Vec<Weak<FakeCq>>>,
 }
@@ -270,6 +275,17 @@ impl FakeNic {
     /// Brings the link back after [`Fault::LinkDown`].
     pub fn link_up(&self) {
         self.shared.link_down.store(false, Ordering::Release);
+    }
+
+    /// Work requests posted on this NIC so far (whatever their outcome).
+    pub fn posted(&self) -> u64 {
+        self.shared.posted.load(Ordering::Relaxed)
+    }
+
+    /// Work requests from peers that reached this NIC so far (checked against its regions,
+    /// whatever the outcome).
+    pub fn reached(&self) -> u64 {
+        self.shared.reached.load(Ordering::Relaxed)
     }
 
     /// Work requests still to fail from [`Fault::Completions`].
@@ -562,6 +578,7 @@ impl FakeQp {
         peer_nic: &NicShared,
         copy: bool,
     ) -> WcStatus {
+        self.nic.shared.posted.fetch_add(1, Ordering::Relaxed);
         if self.shared.state.load(Ordering::Acquire) != QP_RTS {
             return WcStatus::Flushed;
         }
@@ -577,6 +594,7 @@ impl FakeQp {
             Some(p) if p.state.load(Ordering::Acquire) == QP_RTS => {}
             _ => return WcStatus::RetryExceeded,
         }
+        peer_nic.reached.fetch_add(1, Ordering::Relaxed);
         let within = |e: &MrEntry, addr: u64| {
             addr >= e.addr
                 && addr
