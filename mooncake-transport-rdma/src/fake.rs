@@ -362,6 +362,10 @@ impl CompletionQueue for FakeCq {
         out.extend(e.drain(..n));
         Ok(())
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 const QP_RESET: u8 = 0;

@@ -161,9 +161,12 @@ pub struct PostError {
 
 /// A completion queue shared by many queue pairs of one device.
 pub trait CompletionQueue: Send + Sync + fmt::Debug {
-    /// Appends up to `max` completions to `out`. An error means the queue is broken (overrun):
-    /// completions were lost and the queue must be replaced.
+    /// Appends available completions to `out`, about `max` (a backend may return more rather
+    /// than lose some). An error means the queue is broken (overrun): completions were lost and
+    /// the queue must be replaced.
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<()>;
+    /// The backend's own type, for the device that made it.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// The error for a host without RDMA devices, or whose kernel has no RDMA support.
