@@ -23,10 +23,10 @@
 //!   queue pair, a lost completion) on another NIC pair, replacing the broken queue pair; a
 //!   refused key fails exactly the request it belongs to;
 //! - reports WRITEs that asked for a landing notice to the target with a follow-up message once
-//!   all their slices completed, and completes them when the target acknowledged.
-//!
-//! Not yet: moving a peer whose RDMA path died to TCP by itself (the engine's next transport
-//! carries what [`Transport::reaches`] declines, but this transport does not decline a peer yet).
+//!   all their slices completed, and completes them when the target acknowledged;
+//! - once a peer's slices failed on every NIC pair, declines the peer for a while
+//!   ([`RdmaConfig::failover_cooldown`]) so the engine's next transport (TCP) carries its later
+//!   requests; the requests that failed are not sent again by the transport.
 //!
 //! The verbs are behind a small trait family ([`verbs`]) with two implementations: `sideway`
 //! (feature `rdma`) and an in-process fake ([`fake`]) on which the conformance suite runs.
@@ -107,6 +107,11 @@ pub struct RdmaConfig {
     pub request_timeout: Duration,
     /// Bound on connecting the side channel. Default 5 s.
     pub connect_timeout: Duration,
+    /// After a peer's slices failed on every NIC pair they tried, this transport declines the
+    /// peer for this long ([`Transport::reaches`] says no when the peer offers another
+    /// protocol), so the engine's next transport that reaches it (TCP) carries its requests;
+    /// then RDMA is tried again. Default 10 s.
+    pub failover_cooldown: Duration,
 }
 
 impl Default for RdmaConfig {
@@ -127,6 +132,7 @@ impl Default for RdmaConfig {
             max_retries: 4,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            failover_cooldown: Duration::from_secs(10),
         }
     }
 }
@@ -179,6 +185,22 @@ impl BufferMrs {
 struct PeerLink {
     id: u32,
     client: tokio::sync::Mutex<Client>,
+    /// Declined until then (see [`RdmaConfig::failover_cooldown`]).
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl PeerLink {
+    fn is_down(&self) -> bool {
+        let mut d = self.down_until.lock().expect("down_until");
+        match *d {
+            Some(t) if t > Instant::now() => true,
+            Some(_) => {
+                *d = None;
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 static NEXT_TRANSPORT: AtomicU64 = AtomicU64::new(1);
@@ -324,6 +346,7 @@ impl RdmaTransport {
                 Arc::new(PeerLink {
                     id: self.core.add_peer(),
                     client: tokio::sync::Mutex::new(Client::new(address.to_owned())),
+                    down_until: Mutex::new(None),
                 })
             })
             .clone()
@@ -486,6 +509,8 @@ struct Run<'a> {
     open: usize,
     landed: Vec<(u64, u64)>,
     landed_ops: Vec<usize>,
+    /// A slice failed on every NIC pair it tried.
+    exhausted: bool,
 }
 
 impl RdmaTransport {
@@ -581,6 +606,7 @@ impl RdmaTransport {
                         op.pending -= 1;
                     } else if sl.attempt >= self.config.max_retries {
                         op.pending -= 1;
+                        run.exhausted = true;
                         tracing::warn!(peer, attempts = sl.attempt + 1, "slice failed: {other:?}");
                         op.failed = Some(Error::PeerUnreachable {
                             peer: peer.to_owned(),
@@ -617,12 +643,20 @@ impl RdmaTransport {
             return;
         }
         op.pending -= 1;
+        if op.failed.is_none() {
+            run.exhausted = true;
+        }
         op.failed.get_or_insert_with(|| e.clone());
         self.settle(run, i, batch);
     }
 
-    /// Fails every op still open with `e`, once nothing of the batch is in flight.
+    /// Fails every op still open with `e` (WRITEs waiting for their landing notice included),
+    /// once nothing of the batch is in flight.
     fn fail_open(&self, run: &mut Run<'_>, e: Error, batch: &BatchState) {
+        for i in run.landed_ops.drain(..) {
+            batch.complete(run.ops[i].op.index, Err(e.clone()));
+        }
+        run.landed.clear();
         for op in run.ops.iter_mut().filter(|o| !o.done) {
             op.done = true;
             batch.complete(op.op.index, Err(e.clone()));
@@ -645,6 +679,24 @@ impl Transport for RdmaTransport {
 
     fn capabilities(&self) -> &Capabilities {
         &self.capabilities
+    }
+
+    fn reaches(&self, target: &SegmentDesc, addr: u64, len: u64) -> bool {
+        let _ = (addr, len);
+        // A peer whose RDMA path died goes to the next transport, when it offers another.
+        if target.endpoints.len() < 2 {
+            return true;
+        }
+        let Some(endpoint) = target.endpoint("rdma") else {
+            return true;
+        };
+        let link = self
+            .links
+            .lock()
+            .expect("links")
+            .get(&endpoint.address)
+            .cloned();
+        !link.is_some_and(|l| l.is_down())
     }
 
     fn on_register(&self, buffer: &RegisteredBuffer) -> Result<Registration> {
@@ -759,6 +811,7 @@ impl Transport for RdmaTransport {
             open: 0,
             landed: Vec::new(),
             landed_ops: Vec::new(),
+            exhausted: false,
         };
         let mut n = 0u32;
         for op in ops {
@@ -953,6 +1006,15 @@ impl Transport for RdmaTransport {
             } else {
                 idle = 0;
             }
+        }
+        if run.exhausted {
+            let cooldown = self.config.failover_cooldown;
+            tracing::warn!(
+                peer,
+                "every NIC pair failed for some slices: declining the peer for {cooldown:?} so \
+                 another transport carries its requests"
+            );
+            *link.down_until.lock().expect("down_until") = Some(Instant::now() + cooldown);
         }
         if !run.landed.is_empty() {
             let landed = std::mem::take(&mut run.landed);
