@@ -43,6 +43,12 @@ pub enum Fault {
     /// The link is down: from now on every request fails with retry exceeded, until
     /// [`FakeNic::link_up`].
     LinkDown,
+    /// The next `count` work requests posted on the device hang: they move nothing and never
+    /// complete (until their queue pair is destroyed).
+    Stall {
+        /// How many requests.
+        count: usize,
+    },
 }
 
 /// Settings of one fake NIC.
@@ -223,7 +229,8 @@ impl Provider for FakeProvider {
 
 #[derive(Debug, Default)]
 struct Faults {
-    completions: VecDeque<WcStatus>,
+    /// `None`: a stall.
+    completions: VecDeque<Option<WcStatus>>,
 }
 
 #[derive(Debug)]
@@ -255,7 +262,8 @@ impl FakeNic {
         match fault {
             Fault::Completions { status, count } => {
                 let mut f = s.faults.lock().expect("faults");
-                f.completions.extend(std::iter::repeat_n(status, count));
+                f.completions
+                    .extend(std::iter::repeat_n(Some(status), count));
                 s.fault_pending.store(true, Ordering::Release);
             }
             Fault::QpsToError => {
@@ -269,6 +277,11 @@ impl FakeNic {
                 }
             }
             Fault::LinkDown => s.link_down.store(true, Ordering::Release),
+            Fault::Stall { count } => {
+                let mut f = s.faults.lock().expect("faults");
+                f.completions.extend(std::iter::repeat_n(None, count));
+                s.fault_pending.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -288,12 +301,12 @@ impl FakeNic {
         self.shared.reached.load(Ordering::Relaxed)
     }
 
-    /// Work requests still to fail from [`Fault::Completions`].
+    /// Work requests still to fail or stall from [`Fault::Completions`] and [`Fault::Stall`].
     pub fn pending_faults(&self) -> usize {
         self.shared.faults.lock().expect("faults").completions.len()
     }
 
-    fn take_fault(&self) -> Option<WcStatus> {
+    fn take_fault(&self) -> Option<Option<WcStatus>> {
         if !self.shared.fault_pending.load(Ordering::Acquire) {
             return None;
         }
@@ -559,7 +572,9 @@ impl QueuePair for FakeQp {
         };
         let tables = fabric.tables.read().expect("fabric");
         for wr in wrs {
-            let status = self.run(wr, &tables, peer, *peer_device, peer_nic, copy);
+            let Some(status) = self.run(wr, &tables, peer, *peer_device, peer_nic, copy) else {
+                continue; // stalled: never completes
+            };
             if status != WcStatus::Success {
                 self.shared.state.store(QP_ERROR, Ordering::Release);
             }
@@ -581,10 +596,10 @@ impl FakeQp {
         peer_device: u32,
         peer_nic: &NicShared,
         copy: bool,
-    ) -> WcStatus {
+    ) -> Option<WcStatus> {
         self.nic.shared.posted.fetch_add(1, Ordering::Relaxed);
         if self.shared.state.load(Ordering::Acquire) != QP_RTS {
-            return WcStatus::Flushed;
+            return Some(WcStatus::Flushed);
         }
         if let Some(s) = self.nic.take_fault() {
             return s;
@@ -592,11 +607,11 @@ impl FakeQp {
         if self.nic.shared.link_down.load(Ordering::Acquire)
             || peer_nic.link_down.load(Ordering::Acquire)
         {
-            return WcStatus::RetryExceeded;
+            return Some(WcStatus::RetryExceeded);
         }
         match peer.upgrade() {
             Some(p) if p.state.load(Ordering::Acquire) == QP_RTS => {}
-            _ => return WcStatus::RetryExceeded,
+            _ => return Some(WcStatus::RetryExceeded),
         }
         peer_nic.reached.fetch_add(1, Ordering::Relaxed);
         let within = |e: &MrEntry, addr: u64| {
@@ -605,15 +620,14 @@ impl FakeQp {
                     .checked_add(wr.len as u64)
                     .is_some_and(|end| end <= e.addr + e.len)
         };
-        let local = match tables.mrs.get(&wr.lkey) {
-            Some(e) if e.device == self.nic.shared.id && within(e, wr.local_addr) => e,
-            _ => return WcStatus::LocalProtection,
-        };
-        let remote = match tables.mrs.get(&wr.rkey) {
-            Some(e) if e.device == peer_device && within(e, wr.remote_addr) => e,
-            _ => return WcStatus::RemoteAccess,
-        };
-        let _ = (local, remote);
+        match tables.mrs.get(&wr.lkey) {
+            Some(e) if e.device == self.nic.shared.id && within(e, wr.local_addr) => {}
+            _ => return Some(WcStatus::LocalProtection),
+        }
+        match tables.mrs.get(&wr.rkey) {
+            Some(e) if e.device == peer_device && within(e, wr.remote_addr) => {}
+            _ => return Some(WcStatus::RemoteAccess),
+        }
         if copy {
             let (src, dst) = match wr.op {
                 WrOp::Write => (wr.local_addr, wr.remote_addr),
@@ -631,6 +645,6 @@ impl FakeQp {
                 )
             };
         }
-        WcStatus::Success
+        Some(WcStatus::Success)
     }
 }

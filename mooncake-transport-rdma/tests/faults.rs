@@ -428,3 +428,45 @@ fn no_devices_is_a_clear_error() {
         assert!(e.to_string().contains("no RDMA devices"), "{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_request_times_out_and_its_queue_pair_is_replaced() {
+    let p = pair_with(
+        nics(1),
+        nics(1),
+        RdmaConfig {
+            request_timeout: Duration::from_millis(300),
+            ..config()
+        },
+    )
+    .await;
+    assert!(p.round_trip(70).await.iter().all(|r| r.is_ok()));
+    let seg = p
+        .initiator
+        .open_segment(p.target.segment_name())
+        .await
+        .unwrap();
+    p.initiator_nics.nic(0).inject(Fault::Stall { count: 1 });
+    let started = std::time::Instant::now();
+    let r = p
+        .initiator
+        .transfer(vec![
+            TransferRequest::write(&seg, p.remote, p.local, 4096).with_landing_notice(),
+            TransferRequest::read(&seg, p.remote + 4096, p.local + 4096, 4096),
+        ])
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded");
+    assert!(matches!(r[0], Err(Error::Timeout(_))), "{:?}", r[0]);
+    // The other request was flushed with the torn-down queue pair: retried, or timed out too.
+    assert!(
+        matches!(r[1], Ok(()) | Err(Error::Timeout(_))),
+        "{:?}",
+        r[1]
+    );
+    assert_eq!(p.initiator_nics.nic(0).pending_faults(), 0);
+    assert!(
+        p.round_trip(71).await.iter().all(|r| r.is_ok()),
+        "works afterwards"
+    );
+    p.shutdown().await;
+}
