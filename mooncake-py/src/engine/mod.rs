@@ -204,14 +204,15 @@ fn discovery(conn: &str) -> Result<Discovery, String> {
     if conn == "P2PHANDSHAKE" {
         return Ok(Discovery::P2PHandshake);
     }
-    if conn.starts_with("http://") {
+    if conn.starts_with("http://") || conn.starts_with("https://") {
         return mooncake::http::HttpMetadataStore::new(conn)
             .map(|s| Discovery::Metadata(Arc::new(s) as Arc<dyn MetadataStore>))
             .map_err(|e| format!("metadata server {conn:?}: {e}"));
     }
     Err(format!(
         "metadata server {conn:?} is not supported: use \"P2PHANDSHAKE\" (peers ask each other) \
-         or \"http://host:port/metadata\" (mooncake_master --enable_http_metadata_server)"
+         or \"http(s)://host:port/metadata\" (mooncake_master --enable_http_metadata_server; \
+         https with the MC_TLS_* certificate)"
     ))
 }
 

@@ -31,11 +31,13 @@ fn process_catalog() -> Arc<dyn MetadataStore> {
 fn metadata_store(uri: &str) -> PyResult<Arc<dyn MetadataStore>> {
     match uri {
         "memory" | "local" => Ok(process_catalog()),
-        u if u.starts_with("http://") => mooncake::http::HttpMetadataStore::new(u)
-            .map(|s| Arc::new(s) as Arc<dyn MetadataStore>)
-            .map_err(|e| PyValueError::new_err(format!("metadata_uri {u:?}: {e}"))),
+        u if u.starts_with("http://") || u.starts_with("https://") => {
+            mooncake::http::HttpMetadataStore::new(u)
+                .map(|s| Arc::new(s) as Arc<dyn MetadataStore>)
+                .map_err(|e| PyValueError::new_err(format!("metadata_uri {u:?}: {e}")))
+        }
         u => Err(PyValueError::new_err(format!(
-            "metadata_uri {u:?} is not supported: use \"http://host:port/metadata\" (a \
+            "metadata_uri {u:?} is not supported: use \"http(s)://host:port/metadata\" (a \
              mooncake_master --enable_http_metadata_server) or \"memory\" (one catalog for the \
              stores of this process)"
         ))),
