@@ -56,7 +56,9 @@ use client::{Call, Completion, Kind, Outgoing, PeerPool, Split};
 use frame::Op;
 
 pub use auth::{ALPN, DEFAULT_ROLES};
-pub use mooncake_tls::{certs, PeerAuthorizer, PeerIdentity, Role, RoleAuthorizer, TlsIdentity};
+pub use mooncake_tls::{
+    certs, PeerAuthorizer, PeerIdentity, Role, RoleAuthorizer, TlsIdentity, TLS_ENV,
+};
 
 /// TCP transport settings. Every field has a default chosen for a 2-core host on a LAN.
 #[derive(Clone, Debug)]
