@@ -146,7 +146,8 @@ mod tests {
     const CHILD_VAR: &str = "MOONCAKE_TEST_TCP_NODE";
     const FILL: u8 = 0x42;
 
-    /// Not a test on its own: the node process of `tcp_transfers_authenticate_when_the_environment_names_certificates`.
+    /// Not a test on its own: the node process of
+    /// `tcp_transfers_authenticate_when_the_environment_names_certificates`.
     #[test]
     #[ignore = "runs only as a child process of the TCP authentication test"]
     fn tcp_node_child() {

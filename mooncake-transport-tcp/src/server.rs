@@ -10,11 +10,11 @@
 //!
 //! What a peer can hold: connections are capped per listener and per address (a connection
 //! holds its place from the moment it is accepted, authenticated or not); authentication (when
-//! configured) and the preamble must both be done within the connect timeout of the accept; moving a payload (or flushing answers) must finish within
-//! the request timeout, and a WRITE into a buffer that is being unregistered ends at once,
-//! closing the connection: a stalled writer never keeps `unregister` waiting, and no byte lands
-//! in memory after its unregistration returned (a READ from such a buffer may finish, within the
-//! timeout).
+//! configured) and the preamble must both be done within the connect timeout of the accept;
+//! moving a payload (or flushing answers) must finish within the request timeout, and a WRITE
+//! into a buffer that is being unregistered ends at once, closing the connection: a stalled
+//! writer never keeps `unregister` waiting, and no byte lands in memory after its
+//! unregistration returned (a READ from such a buffer may finish, within the timeout).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
