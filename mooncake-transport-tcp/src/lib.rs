@@ -15,7 +15,10 @@
 //!   certificate of the cluster CA before anything else (a full TLS 1.3 handshake, ALPN
 //!   [`ALPN`]), admits only peers whose certificate grants one of the required roles (default
 //!   [`DEFAULT_ROLES`]), then runs the same protocol unencrypted at full TCP speed: the
-//!   handshake happens once per pooled connection, the data path is unchanged.
+//!   handshake happens once per pooled connection, the data path is unchanged
+//!   (`transfer_engine_bench --protocol tcp,tcp-auth`, 2-core loopback host, two long runs in
+//!   both orders: authenticated over plain 0.97x to 1.04x from 4 KiB to 16 MiB, within the
+//!   run-to-run spread).
 //!
 //! What it does not do: encryption. Authenticated or not, payloads cross the network in the
 //! clear (anyone on the path can read them, and without [`TcpConfig::auth`] any peer that can
