@@ -64,6 +64,12 @@ pub use quic::TLS_ENV;
 /// encrypted and both ends show a certificate of the cluster's CA, read from the files named by
 /// the `MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY` variables). Every node of a cluster uses the
 /// same protocol.
+///
+/// With `tcp` and those variables set, every TCP transfer connection authenticates both ends
+/// with the same certificates (peers need the `client` or `master` role) and then runs
+/// unencrypted: a cluster started with certificates admits only its members on the transfer
+/// port too. Without them, TCP serves any peer, as before. Half of the variables set is an
+/// error.
 pub async fn start_engine_for(
     local_hostname: &str,
     discovery: Discovery,
@@ -90,10 +96,15 @@ pub async fn start_engine_for(
     #[cfg(feature = "tcp")]
     if protocol == "tcp" {
         let bind = mooncake_rpc::bind_address(local_hostname)?;
+        let auth = tcp::TlsIdentity::from_env_opt()?;
         let tcp = tcp::TcpTransport::new(tcp::TcpConfig {
             bind,
+            auth,
             ..tcp::TcpConfig::default()
         })?;
+        if tcp.authenticates() {
+            tracing::info!("TCP transfers authenticate both ends with this node's certificate");
+        }
         transports.push(tcp);
     }
     #[cfg(feature = "quic")]
@@ -112,4 +123,190 @@ pub async fn start_engine_for(
 #[cfg(feature = "quic")]
 pub fn tls_identity_from_env() -> Result<quic::TlsIdentity> {
     quic::TlsIdentity::from_env()
+}
+
+#[cfg(all(test, feature = "tcp"))]
+mod tests {
+    //! The environment's certificates and the TCP transport, in child processes (the
+    //! environment is the process's: setting it here would reach every test of this binary).
+
+    use std::io::{BufRead, BufReader, Read};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use mooncake_core::{Discovery, EngineConfig, Error, Location, TransferEngine};
+    use mooncake_core::{TransferRequest, Transport};
+
+    use super::tcp;
+    use tcp::certs::{self, CertifiedPem};
+    use tcp::Role;
+
+    const CHILD_VAR: &str = "MOONCAKE_TEST_TCP_NODE";
+    const FILL: u8 = 0x42;
+
+    /// Not a test on its own: the node process of
+    /// `tcp_transfers_authenticate_when_the_environment_names_certificates`.
+    #[test]
+    #[ignore = "runs only as a child process of the TCP authentication test"]
+    fn tcp_node_child() {
+        if std::env::var_os(CHILD_VAR).is_none() {
+            return;
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let e =
+                match super::start_engine_for("127.0.0.1", Discovery::P2PHandshake, false, "tcp")
+                    .await
+                {
+                    Ok(e) => e,
+                    Err(e) => {
+                        println!("ERROR {e}");
+                        return;
+                    }
+                };
+            let buf = e.allocate_buffer(4096, Location::cpu(0)).unwrap();
+            e.memory()
+                .resolve(buf, 4096)
+                .unwrap()
+                .write_from(&[FILL; 4096])
+                .unwrap();
+            println!("NODE {} {buf}", e.segment_name());
+            tokio::task::spawn_blocking(|| {
+                let mut b = [0u8; 1];
+                let _ = std::io::stdin().read(&mut b);
+            })
+            .await
+            .unwrap();
+            e.shutdown().await;
+        });
+    }
+
+    /// A node process with `env` (pairs of variable and value; every `MC_TLS_*` variable not
+    /// named is removed): the process and its first line of output.
+    fn spawn_node(env: &[(&str, &Path)]) -> (Child, String) {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "engine::tests::tcp_node_child",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env(CHILD_VAR, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        for var in tcp::TLS_ENV {
+            cmd.env_remove(var);
+        }
+        for (var, value) in env {
+            cmd.env(var, value);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in &mut lines {
+            let line = line.unwrap();
+            if line.starts_with("NODE ") || line.starts_with("ERROR ") {
+                // Keep reading, so the child's test harness never writes into a closed pipe.
+                std::thread::spawn(move || lines.for_each(drop));
+                return (child, line);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the node process printed nothing");
+    }
+
+    fn stop(mut child: Child) {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+
+    async fn initiator(auth: Option<tcp::TlsIdentity>) -> Arc<TransferEngine> {
+        let t: Arc<dyn Transport> = tcp::TcpTransport::new(tcp::TcpConfig {
+            connect_timeout: Duration::from_secs(2),
+            auth,
+            ..tcp::TcpConfig::default()
+        })
+        .unwrap();
+        TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![t])
+            .await
+            .unwrap()
+    }
+
+    /// Reads the node's 4 KiB buffer from `e`.
+    async fn read_node(e: &TransferEngine, node: &str) -> mooncake_core::Result<Vec<u8>> {
+        let (name, addr) = node
+            .strip_prefix("NODE ")
+            .and_then(|r| r.split_once(' '))
+            .expect("a NODE line");
+        let seg = e.open_segment(name).await?;
+        let local = e.allocate_buffer(4096, Location::cpu(0)).unwrap();
+        let remote: u64 = addr.parse().unwrap();
+        let r = e
+            .transfer(vec![TransferRequest::read(&seg, remote, local, 4096)])
+            .await;
+        r.into_iter().next().unwrap()?;
+        Ok(e.memory().resolve(local, 4096).unwrap().to_vec())
+    }
+
+    fn write_identity(dir: &Path, name: &str, ca: &CertifiedPem) -> [std::path::PathBuf; 3] {
+        let node = certs::issue_role_cert(ca, name, &["127.0.0.1"], &[Role::Client]).unwrap();
+        let files = [
+            (dir.join("ca.pem"), &ca.cert_pem),
+            (dir.join(format!("{name}.pem")), &node.cert_pem),
+            (dir.join(format!("{name}-key.pem")), &node.key_pem),
+        ];
+        for (path, pem) in &files {
+            std::fs::write(path, pem).unwrap();
+        }
+        files.map(|(p, _)| p)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_transfers_authenticate_when_the_environment_names_certificates() {
+        let dir =
+            std::env::temp_dir().join(format!("mooncake-store-tcp-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = certs::new_ca("cluster").unwrap();
+        let files = write_identity(&dir, "node", &ca);
+        let env: Vec<(&str, &Path)> = tcp::TLS_ENV
+            .iter()
+            .copied()
+            .zip(files.iter().map(|p| p.as_path()))
+            .collect();
+        let member = initiator(Some(
+            certs::issue_role_cert(&ca, "member", &["127.0.0.1"], &[Role::Client])
+                .unwrap()
+                .identity(&ca),
+        ))
+        .await;
+        let plain = initiator(None).await;
+
+        // Certificates in the environment: members only.
+        let (child, node) = spawn_node(&env);
+        assert_eq!(read_node(&member, &node).await.unwrap(), vec![FILL; 4096]);
+        match read_node(&plain, &node).await {
+            Err(Error::PermissionDenied(m)) => {
+                assert!(m.contains("requires a certificate"), "{m}")
+            }
+            other => panic!("a plain peer must be refused, got {other:?}"),
+        }
+        stop(child);
+
+        // None: any peer, as before.
+        let (child, node) = spawn_node(&[]);
+        assert_eq!(read_node(&plain, &node).await.unwrap(), vec![FILL; 4096]);
+        stop(child);
+
+        // Half of them: the node does not start (rather than silently serving anyone).
+        let (child, line) = spawn_node(&env[..2]);
+        assert!(line.contains("TLS is half configured"), "{line}");
+        stop(child);
+
+        member.shutdown().await;
+        plain.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

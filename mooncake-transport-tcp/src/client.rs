@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use crate::auth::Auth;
 use crate::frame::{self, Op, Request};
 use crate::sys::{self, ReadBuf};
 use crate::TcpConfig;
@@ -193,26 +194,47 @@ pub(crate) struct Lane {
     reader: Mutex<Option<JoinHandle<()>>>,
     dead: AtomicBool,
     inline_payload: usize,
+    /// This node's certificate when the lane authenticated (for the refusal's message).
+    authenticated_as: Option<String>,
 }
 
 impl Lane {
-    pub(crate) async fn connect(peer: &str, config: &TcpConfig) -> Result<Arc<Lane>> {
+    /// Connects to `peer`, authenticating both ends first when `auth` is given, all within the
+    /// connect timeout.
+    pub(crate) async fn connect(
+        peer: &str,
+        config: &TcpConfig,
+        auth: Option<&Auth>,
+    ) -> Result<Arc<Lane>> {
         let unreachable = |reason: String| Error::PeerUnreachable {
             peer: peer.to_owned(),
             reason,
         };
-        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(peer))
+        let open = async {
+            let stream = TcpStream::connect(peer)
+                .await
+                .map_err(|e| unreachable(format!("connect: {e}")))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| unreachable(format!("setting TCP_NODELAY: {e}")))?;
+            match auth {
+                Some(auth) => auth.connect(stream, peer).await,
+                None => Ok(stream),
+            }
+        };
+        let stream = tokio::time::timeout(config.connect_timeout, open)
             .await
             .map_err(|_| {
                 unreachable(format!(
-                    "connect timed out after {:?}",
+                    "connect{} timed out after {:?}",
+                    if auth.is_some() {
+                        " and authentication"
+                    } else {
+                        ""
+                    },
                     config.connect_timeout
                 ))
-            })?
-            .map_err(|e| unreachable(format!("connect: {e}")))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| unreachable(format!("setting TCP_NODELAY: {e}")))?;
+            })??;
         let stream = Arc::new(stream);
         sys::send_all(&stream, &frame::encode_preamble())
             .await
@@ -231,6 +253,7 @@ impl Lane {
             reader: Mutex::new(None),
             dead: AtomicBool::new(false),
             inline_payload: config.inline_payload,
+            authenticated_as: auth.map(|a| a.own().to_owned()),
         });
         let handle = tokio::spawn(read_loop(lane.clone()));
         *lane.reader.lock().expect("reader slot") = Some(handle);
@@ -239,6 +262,23 @@ impl Lane {
 
     pub(crate) fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
+    }
+
+    /// The error of a connection the target refused ([`frame::encode_refusal`]).
+    fn refused(&self) -> Error {
+        Error::PermissionDenied(match &self.authenticated_as {
+            None => format!(
+                "transfer target {} requires a certificate of its cluster CA and refused this \
+                 unauthenticated connection (configure TcpConfig::auth; a store node reads it \
+                 from MC_TLS_CA, MC_TLS_CERT and MC_TLS_KEY)",
+                self.peer
+            ),
+            Some(own) => format!(
+                "transfer target {} refused this node's certificate ({own}): its roles are not \
+                 admitted there",
+                self.peer
+            ),
+        })
     }
 
     fn peer_error(&self, what: &str, e: std::io::Error) -> Error {
@@ -386,6 +426,11 @@ async fn read_responses(lane: &Lane) -> Error {
             Err(e) => return Error::Protocol(format!("from {}: {e}", lane.peer)),
         };
         input.consume(frame::RESPONSE_LEN);
+        if frame::is_refusal(&resp) {
+            let e = lane.refused();
+            tracing::warn!(peer = %lane.peer, "{e}");
+            return e;
+        }
         let Some(p) = lane.queue.lock().expect("lane queue").pending.pop_front() else {
             return Error::Protocol(format!("{} answered a request never sent", lane.peer));
         };
@@ -490,14 +535,19 @@ impl PeerPool {
     }
 
     /// Lane `i`, connecting (again) if it is missing or dead.
-    pub(crate) async fn lane(&self, i: usize, config: &TcpConfig) -> Result<Arc<Lane>> {
+    pub(crate) async fn lane(
+        &self,
+        i: usize,
+        config: &TcpConfig,
+        auth: Option<&Auth>,
+    ) -> Result<Arc<Lane>> {
         let mut slot = self.lanes[i].lock().await;
         if let Some(l) = slot.as_ref() {
             if !l.is_dead() {
                 return Ok(l.clone());
             }
         }
-        let lane = Lane::connect(&self.address, config).await?;
+        let lane = Lane::connect(&self.address, config, auth).await?;
         *slot = Some(lane.clone());
         Ok(lane)
     }

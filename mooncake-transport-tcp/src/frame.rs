@@ -14,6 +14,12 @@
 //! ```
 //!
 //! All integers are little-endian. `status` is 0 or a value of the `ErrorCode` table.
+//!
+//! A target that authenticates its peers (see `TcpConfig::auth`) and refuses a connection (a
+//! peer without a certificate, or whose certificate's roles it does not admit) answers it with
+//! one response header whose status is `ILLEGAL_CLIENT` (request id 0, no payload) and closes
+//! it, serving none of its requests ([`encode_refusal`]). No request is ever answered with that
+//! status, so an initiator reads it as the refusal of the whole connection.
 
 use mooncake_core::ErrorCode;
 
@@ -133,6 +139,26 @@ pub fn decode_preamble(b: &[u8; PREAMBLE_LEN]) -> Result<(), FrameError> {
         });
     }
     Ok(())
+}
+
+/// The answer of an authenticating target to a connection it refuses: a response header with
+/// status `ILLEGAL_CLIENT`, id 0 and no payload (see the module's description).
+pub fn encode_refusal() -> [u8; RESPONSE_LEN] {
+    let mut out = Vec::with_capacity(RESPONSE_LEN);
+    encode_response(
+        &Response {
+            status: ErrorCode::ILLEGAL_CLIENT.code(),
+            id: 0,
+            len: 0,
+        },
+        &mut out,
+    );
+    out.try_into().expect("a response header")
+}
+
+/// True for a response whose status refuses the whole connection ([`encode_refusal`]).
+pub fn is_refusal(resp: &Response) -> bool {
+    resp.status == ErrorCode::ILLEGAL_CLIENT.code()
 }
 
 /// Appends an encoded request header to `out`.

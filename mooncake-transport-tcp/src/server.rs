@@ -8,13 +8,15 @@
 //! registered memory and large WRITE payloads received straight into it. Every range is checked
 //! against the registered buffers first. A malformed frame closes only its connection.
 //!
-//! What a peer can hold: connections are capped per listener and per address; the preamble must
-//! arrive within the connect timeout; moving a payload (or flushing answers) must finish within
-//! the request timeout, and a WRITE into a buffer that is being unregistered ends at once,
-//! closing the connection: a stalled writer never keeps `unregister` waiting, and no byte lands
-//! in memory after its unregistration returned (a READ from such a buffer may finish, within the
-//! timeout).
+//! What a peer can hold: connections are capped per listener and per address (a connection
+//! holds its place from the moment it is accepted, authenticated or not); authentication (when
+//! configured) and the preamble must both be done within the connect timeout of the accept;
+//! moving a payload (or flushing answers) must finish within the request timeout, and a WRITE
+//! into a buffer that is being unregistered ends at once, closing the connection: a stalled
+//! writer never keeps `unregister` waiting, and no byte lands in memory after its
+//! unregistration returned (a READ from such a buffer may finish, within the timeout).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mooncake_core::admission::Admission;
@@ -22,6 +24,7 @@ use mooncake_core::{ErrorCode, LocalSegment};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::auth::{self, Auth};
 use crate::frame::{self, FrameError, Op, Request, Response};
 use crate::sys::{self, ReadBuf};
 use crate::TcpConfig;
@@ -41,6 +44,11 @@ enum Close {
     Stalled(&'static str, std::time::Duration),
     #[error("the buffer of a transfer in progress was unregistered")]
     Revoked,
+    #[error(
+        "the peer opened with a TLS handshake, but this target serves transfers without \
+         authentication (it has no certificate: set TcpConfig::auth to authenticate peers)"
+    )]
+    TlsAtPlainTarget,
 }
 
 impl From<std::io::Error> for Close {
@@ -58,6 +66,7 @@ pub(crate) async fn accept_loop(
     listener: TcpListener,
     segment: Arc<LocalSegment>,
     config: Arc<TcpConfig>,
+    auth: Option<Arc<Auth>>,
 ) {
     let mut connections = JoinSet::new();
     let admission = Admission::new(
@@ -76,9 +85,18 @@ pub(crate) async fn accept_loop(
                     let _ = stream.set_nodelay(true);
                     let segment = segment.clone();
                     let config = config.clone();
+                    let auth = auth.clone();
                     connections.spawn(async move {
                         let _admitted = admitted;
-                        match serve_connection(&stream, &segment, &config).await {
+                        let opened = tokio::time::Instant::now() + config.connect_timeout;
+                        let stream = match &auth {
+                            None => stream,
+                            Some(auth) => match authenticate(stream, peer, auth, opened).await {
+                                Some(stream) => stream,
+                                None => return,
+                            },
+                        };
+                        match serve_connection(stream, &segment, &config, opened).await {
                             Ok(()) | Err(Close::Eof) => {
                                 tracing::debug!(%peer, "connection closed by peer")
                             }
@@ -94,6 +112,33 @@ pub(crate) async fn accept_loop(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Authenticates an accepted connection before `deadline`; `None` (after logging why) when the
+/// peer is refused.
+async fn authenticate(
+    stream: TcpStream,
+    peer: SocketAddr,
+    auth: &Auth,
+    deadline: tokio::time::Instant,
+) -> Option<TcpStream> {
+    match tokio::time::timeout_at(deadline, auth.accept(stream, peer)).await {
+        Ok(Ok((stream, identity))) => {
+            tracing::debug!(%peer, name = %identity.name(), "transfer peer authenticated");
+            Some(stream)
+        }
+        Ok(Err(auth::Refused { reason, answered })) => {
+            auth.log_refusal(peer, &reason);
+            if let Some(stream) = answered {
+                auth::linger(stream).await;
+            }
+            None
+        }
+        Err(_) => {
+            auth.log_refusal(peer, "it did not authenticate within the connect timeout");
+            None
         }
     }
 }
@@ -127,23 +172,48 @@ async fn bounded<T>(
     }
 }
 
+/// Serves one connection (authenticated already, when the transport authenticates), whose
+/// preamble must arrive before `deadline`.
 async fn serve_connection(
-    stream: &TcpStream,
+    stream: TcpStream,
     segment: &LocalSegment,
     config: &TcpConfig,
+    deadline: tokio::time::Instant,
 ) -> Result<(), Close> {
     let mut input = ReadBuf::new(256 * 1024);
-    let preamble = input.fill_to(stream, frame::PREAMBLE_LEN);
-    match tokio::time::timeout(config.connect_timeout, preamble).await {
+    let preamble = input.fill_to(&stream, frame::PREAMBLE_LEN);
+    match tokio::time::timeout_at(deadline, preamble).await {
         Ok(r) => r?,
         Err(_) => return Err(Close::Stalled("the preamble", config.connect_timeout)),
     }
     let preamble: [u8; frame::PREAMBLE_LEN] = input.data()[..frame::PREAMBLE_LEN]
         .try_into()
         .expect("8 bytes");
-    frame::decode_preamble(&preamble)?;
+    if let Err(e) = frame::decode_preamble(&preamble) {
+        if preamble[0] == auth::TLS_HANDSHAKE_RECORD {
+            // An authenticating initiator: tell it, in a way its TLS stack reports, that this
+            // target does not authenticate, rather than resetting the connection.
+            if sys::send_all(&stream, &auth::TLS_ALERT_NO_APPLICATION_PROTOCOL)
+                .await
+                .is_ok()
+            {
+                auth::linger(stream).await;
+            }
+            return Err(Close::TlsAtPlainTarget);
+        }
+        return Err(e.into());
+    }
     input.consume(frame::PREAMBLE_LEN);
+    serve_requests(&stream, input, segment, config).await
+}
 
+/// Answers requests in order until the connection fails or closes.
+async fn serve_requests(
+    stream: &TcpStream,
+    mut input: ReadBuf,
+    segment: &LocalSegment,
+    config: &TcpConfig,
+) -> Result<(), Close> {
     let mut out: Vec<u8> = Vec::with_capacity(256 * 1024);
     let memory = segment.memory();
     loop {

@@ -73,3 +73,43 @@ mod four_lanes {
 
     mooncake_core::conformance_tests!(Wide);
 }
+
+/// The same suite with both ends authenticating every connection (certificates of one CA).
+mod authenticated {
+    use super::*;
+    use std::sync::OnceLock;
+
+    use mooncake_transport_tcp::{certs, Role, TlsIdentity};
+
+    /// One CA and node certificate for the whole binary (making keys costs a few ms).
+    fn identity() -> TlsIdentity {
+        static IDENTITY: OnceLock<TlsIdentity> = OnceLock::new();
+        IDENTITY
+            .get_or_init(|| {
+                let ca = certs::new_ca("conformance CA").unwrap();
+                certs::issue_role_cert(&ca, "node", &["127.0.0.1"], &[Role::Client])
+                    .unwrap()
+                    .identity(&ca)
+            })
+            .clone()
+    }
+
+    struct Authenticated;
+
+    impl Harness for Authenticated {
+        fn transport(&self) -> Arc<dyn Transport> {
+            TcpTransport::new(TcpConfig {
+                request_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(2),
+                auth: Some(identity()),
+                ..TcpConfig::default()
+            })
+            .expect("valid config")
+        }
+        fn hostname(&self) -> String {
+            "127.0.0.1".into()
+        }
+    }
+
+    mooncake_core::conformance_tests!(Authenticated);
+}

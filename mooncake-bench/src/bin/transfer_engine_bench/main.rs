@@ -1,6 +1,6 @@
 //! `transfer_engine_bench`: throughput and latency of the transfer engine over the TCP transport
-//! (and, with `--protocol quic`, the QUIC transport) on loopback, next to a plain-socket baseline
-//! measured in the same run, between the same two processes.
+//! (and, with `--protocol`, authenticated TCP, QUIC and same-host shared memory) on loopback,
+//! next to a plain-socket baseline measured in the same run, between the same two processes.
 //!
 //! With no arguments it runs everything: it starts itself again as a child in `--mode target`
 //! (a `TransferEngine` with a `TcpTransport` and one registered buffer filled with a known
@@ -27,6 +27,7 @@ use mooncake_core::{
     AlignedBuffer, EngineConfig, Location, SegmentHandle, TransferEngine, TransferRequest,
 };
 use mooncake_transport_quic::{certs, QuicConfig, QuicTransport, TlsIdentity};
+use mooncake_transport_shm::{ShmConfig, ShmTransport};
 use mooncake_transport_tcp::{TcpConfig, TcpTransport};
 
 const USAGE: &str = "\
@@ -43,11 +44,17 @@ FLAGS:
                       (default by size: <=4K: 256, <=64K: 32, <=1M: 16, larger: 4)
     --lanes LIST      TcpConfig::lanes (QUIC: QuicConfig::connections_per_peer) values; each
                       case runs once per protocol and value (default 1,2)
-    --protocol LIST   transports to measure: tcp, quic or tcp,quic (default tcp); each gets its
-                      own initiator engine, the target serves them all
-    --quic-ca FILE    QUIC: the cluster CA certificate (PEM); with --quic-cert and --quic-key.
-    --quic-cert FILE  Without them, a full run makes a throwaway CA and one node certificate for
-    --quic-key FILE   127.0.0.1 in a temporary directory, used by both processes, removed after
+    --protocol LIST   transports to measure, any of tcp, tcp-auth, quic, shm (default tcp);
+                      each gets its own initiator engine, the target serves them all.
+                      tcp-auth: TCP with both ends authenticated by certificate at connection
+                      start (TcpConfig::auth), served by a second target engine over the same
+                      buffer; shm: same-host shared memory (the target's buffer becomes a
+                      memfd, for every protocol of the run). A comparison against plain TCP of
+                      the same run follows the table when tcp is measured
+    --quic-ca FILE    QUIC and tcp-auth: the cluster CA certificate (PEM); with --quic-cert and
+    --quic-cert FILE  --quic-key (also spelled --tls-ca, --tls-cert, --tls-key). Without them, a
+    --quic-key FILE   full run makes a throwaway CA and one node certificate for 127.0.0.1 in a
+                      temporary directory, used by both processes, removed after
     --quic-mtu N      QUIC: the UDP payload size of a known path, used from the first packet
                       (QuicConfig::min_udp_payload and max_udp_payload; 1200..=6500). Default:
                       discover it, from 1200 up to 1452
@@ -58,6 +65,7 @@ FLAGS:
     --json            print a JSON report on stdout (the human-readable report goes to stderr)
     --mode MODE       all (default) | target | initiator
     --segment NAME    initiator mode: the target's segment name (host:port)
+    --auth-segment NAME  initiator mode with tcp-auth: the target's authenticating segment
     --baseline ADDR   initiator mode: the target's baseline server address (host:port)
     --buffer-bytes N  target mode: size of the registered buffer (default: what the cases need)
     -h, --help        this text
@@ -79,7 +87,9 @@ Targets evaluated at the end (from this run's numbers):
     (2) batched 4 KiB transfers: >= 200k requests/s
     (3) 64-byte READ round trip p50 <= 2x the baseline 64-byte ping-pong p50
     (4) QUIC transfers >= 16 MiB with several connections: >= 1.5 GB/s
-Targets (1) to (3) are evaluated on TCP rows only.
+    (5) authenticated TCP against plain TCP (same op, size, lanes): >= 0.95x at >= 1 MiB,
+        >= 0.9x below
+Targets (1) to (3) are evaluated on plain TCP rows only.
 ";
 
 /// When set, human-readable output goes to stderr (stdout carries the JSON report).
@@ -122,15 +132,26 @@ impl Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Protocol {
     Tcp,
+    /// TCP with both ends authenticated at connection start.
+    TcpAuth,
     Quic,
+    /// Same-host shared memory (no lanes: measured once, with the first `--lanes` value).
+    Shm,
 }
 
 impl Protocol {
     fn name(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::TcpAuth => "tcp-auth",
             Protocol::Quic => "quic",
+            Protocol::Shm => "shm",
         }
+    }
+
+    /// True for protocols that need the certificate files.
+    fn needs_certificates(self) -> bool {
+        matches!(self, Protocol::TcpAuth | Protocol::Quic)
     }
 }
 
@@ -151,6 +172,7 @@ struct Args {
     json: bool,
     buffer_bytes: Option<u64>,
     segment: Option<String>,
+    auth_segment: Option<String>,
     baseline: Option<SocketAddr>,
 }
 
@@ -172,6 +194,7 @@ impl Default for Args {
             json: false,
             buffer_bytes: None,
             segment: None,
+            auth_segment: None,
             baseline: None,
         }
     }
@@ -213,19 +236,29 @@ impl Args {
         self.protocols.contains(&p)
     }
 
-    /// The QUIC identity from the certificate files.
-    fn quic_identity(&self) -> Result<TlsIdentity, String> {
+    /// The identity (of QUIC and authenticated TCP) from the certificate files.
+    fn identity(&self) -> Result<TlsIdentity, String> {
         match (&self.quic_ca, &self.quic_cert, &self.quic_key) {
             (Some(ca), Some(cert), Some(key)) => {
                 TlsIdentity::from_pem_files(ca, cert, key).map_err(|e| e.to_string())
             }
-            _ => Err("QUIC needs --quic-ca, --quic-cert and --quic-key".into()),
+            _ => Err("QUIC and tcp-auth need --quic-ca, --quic-cert and --quic-key".into()),
         }
+    }
+
+    /// A TCP transport with `lanes` lanes, authenticating both ends when `auth`.
+    fn tcp(&self, lanes: usize, auth: bool) -> Result<Arc<TcpTransport>, String> {
+        TcpTransport::new(TcpConfig {
+            lanes,
+            auth: if auth { Some(self.identity()?) } else { None },
+            ..TcpConfig::default()
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// A QUIC transport with `connections` per peer.
     fn quic(&self, connections: usize) -> Result<Arc<QuicTransport>, String> {
-        let mut config = QuicConfig::new(self.quic_identity()?);
+        let mut config = QuicConfig::new(self.identity()?);
         config.connections_per_peer = connections;
         if let Some(mtu) = self.quic_mtu {
             config.min_udp_payload = mtu;
@@ -314,16 +347,25 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--batch" => a.batch = Some(parse_list(&value()?, parse_count)?),
             "--lanes" => a.lanes = parse_list(&value()?, parse_count)?,
             "--protocol" => {
-                a.protocols = parse_list(&value()?, |p| match p {
+                let mut protocols = parse_list(&value()?, |p| match p {
                     "tcp" => Ok(Protocol::Tcp),
+                    "tcp-auth" => Ok(Protocol::TcpAuth),
                     "quic" => Ok(Protocol::Quic),
-                    other => Err(format!("unknown protocol {other:?} (tcp or quic)")),
+                    "shm" => Ok(Protocol::Shm),
+                    other => Err(format!(
+                        "unknown protocol {other:?} (tcp, tcp-auth, quic or shm)"
+                    )),
                 })?;
-                a.protocols.dedup();
+                a.protocols.clear();
+                for p in protocols.drain(..) {
+                    if !a.protocols.contains(&p) {
+                        a.protocols.push(p);
+                    }
+                }
             }
-            "--quic-ca" => a.quic_ca = Some(value()?.into()),
-            "--quic-cert" => a.quic_cert = Some(value()?.into()),
-            "--quic-key" => a.quic_key = Some(value()?.into()),
+            "--quic-ca" | "--tls-ca" => a.quic_ca = Some(value()?.into()),
+            "--quic-cert" | "--tls-cert" => a.quic_cert = Some(value()?.into()),
+            "--quic-key" | "--tls-key" => a.quic_key = Some(value()?.into()),
             "--quic-mtu" => {
                 let v = value()?;
                 a.quic_mtu = Some(
@@ -346,6 +388,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--json" => a.json = true,
             "--buffer-bytes" => a.buffer_bytes = Some(positive_size(&value()?)?),
             "--segment" => a.segment = Some(value()?),
+            "--auth-segment" => a.auth_segment = Some(value()?),
             "--baseline" => {
                 let v = value()?;
                 a.baseline = Some(v.parse().map_err(|_| format!("bad --baseline {v:?}"))?);
@@ -419,9 +462,13 @@ fn run_target(args: &Args) -> Result<(), String> {
     let rt = runtime()?;
     let baseline_addr =
         baseline::start_server().map_err(|e| format!("starting the baseline server: {e}"))?;
-    let (engine, addr) = rt.block_on(async {
-        let mut transports: Vec<Arc<dyn Transport>> =
-            vec![TcpTransport::new(TcpConfig::default()).map_err(|e| e.to_string())?];
+    let (engine, auth_engine, addr) = rt.block_on(async {
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        if args.uses(Protocol::Shm) {
+            // First, so that the engine's buffer is a memfd same-host peers can map.
+            transports.push(ShmTransport::new(ShmConfig::default()).map_err(|e| e.to_string())?);
+        }
+        transports.push(args.tcp(TcpConfig::default().lanes, false)?);
         if args.uses(Protocol::Quic) {
             transports.push(args.quic(1)?);
         }
@@ -431,16 +478,37 @@ fn run_target(args: &Args) -> Result<(), String> {
         let addr = engine
             .allocate_buffer(len as usize, Location::cpu(0))
             .map_err(|e| format!("allocating {len} bytes: {e}"))?;
-        Ok::<_, String>((engine, addr))
+        // Authenticated TCP: a second engine (an engine has one endpoint per protocol) serving
+        // the same buffer.
+        let auth_engine = if args.uses(Protocol::TcpAuth) {
+            let e = TransferEngine::start(
+                EngineConfig::new("127.0.0.1"),
+                vec![args.tcp(TcpConfig::default().lanes, true)?],
+            )
+            .await
+            .map_err(|e| format!("starting the authenticating target engine: {e}"))?;
+            // SAFETY: the buffer is registered (and kept alive) by `engine`, which outlives
+            // this registration: it is unregistered before `engine` shuts down.
+            unsafe { e.register_memory(addr, len, Location::cpu(0)) }
+                .map_err(|e| format!("registering the buffer for tcp-auth: {e}"))?;
+            Some(e)
+        } else {
+            None
+        };
+        Ok::<_, String>((engine, auth_engine, addr))
     })?;
     fill_registered(&engine, addr, len, 0)?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "READY segment={} addr={addr:#x} len={len} baseline={baseline_addr} pid={}",
+            "READY segment={} addr={addr:#x} len={len} baseline={baseline_addr} pid={}{}",
             engine.segment_name(),
-            std::process::id()
+            std::process::id(),
+            auth_engine.as_ref().map_or(String::new(), |e| format!(
+                " auth_segment={}",
+                e.segment_name()
+            ))
         )
         .and_then(|()| out.flush())
         .map_err(|e| format!("writing the ready line: {e}"))?;
@@ -449,6 +517,10 @@ fn run_target(args: &Args) -> Result<(), String> {
     let mut sink = [0u8; 64];
     let mut stdin = std::io::stdin().lock();
     while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+    if let Some(e) = auth_engine {
+        rt.block_on(e.shutdown());
+        let _ = e.unregister_memory(addr);
+    }
     rt.block_on(engine.shutdown());
     Ok(())
 }
@@ -501,6 +573,8 @@ impl Drop for TargetChild {
 /// What the initiator knows about the target.
 struct TargetInfo {
     segment: String,
+    /// The segment of the target's authenticating engine (tcp-auth).
+    auth_segment: Option<String>,
     addr: Option<u64>,
     baseline: SocketAddr,
     pid: Option<u32>,
@@ -537,7 +611,8 @@ fn throwaway_certs(args: &mut Args) -> Result<CertDir, String> {
 
 fn run_all(args: &Args) -> Result<(), String> {
     let mut args = args.clone();
-    let _certs = if args.uses(Protocol::Quic) && args.quic_ca.is_none() {
+    let _certs = if args.protocols.iter().any(|p| p.needs_certificates()) && args.quic_ca.is_none()
+    {
         Some(throwaway_certs(&mut args)?)
     } else {
         None
@@ -619,6 +694,7 @@ fn parse_ready(line: &str, pid: u32) -> Result<TargetInfo, String> {
         .map_err(|_| format!("bad baseline address in {line:?}"))?;
     Ok(TargetInfo {
         segment: field("segment")?.to_owned(),
+        auth_segment: field("auth_segment").ok().map(str::to_owned),
         addr: Some(addr),
         baseline,
         pid: Some(pid),
@@ -633,6 +709,7 @@ fn run_initiator_mode(args: &Args) -> Result<(), String> {
         args,
         &TargetInfo {
             segment,
+            auth_segment: args.auth_segment.clone(),
             addr: None,
             baseline,
             pid: None,
@@ -972,7 +1049,7 @@ fn fmt_ratio(r: Option<f64>) -> String {
 
 fn print_header() {
     say!(
-        "{:<11} {:>5} {:>7} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8}",
+        "{:<11} {:>8} {:>7} {:>5} {:>5} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8}",
         "case",
         "proto",
         "size",
@@ -999,7 +1076,7 @@ fn print_row(r: &Row) {
         "-".into()
     };
     say!(
-        "{:<11} {:>5} {:>7} {:>5} {:>5} {:>7.3} {:>8} {:>9.1} {:>9.1} {:>8} {:>8}",
+        "{:<11} {:>8} {:>7} {:>5} {:>5} {:>7.3} {:>8} {:>9.1} {:>9.1} {:>8} {:>8}",
         case,
         r.protocol,
         fmt_size(r.size),
@@ -1047,20 +1124,26 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
     let rt = runtime()?;
     let engines: Vec<Lanes> = rt.block_on(async {
         let mut v = Vec::new();
-        for (protocol, lanes) in args
-            .protocols
-            .iter()
-            .flat_map(|&p| args.lanes.iter().map(move |&l| (p, l)))
-        {
-            let transport: Arc<dyn Transport> = match protocol {
-                Protocol::Tcp => TcpTransport::new(TcpConfig {
-                    lanes,
-                    ..TcpConfig::default()
-                })
-                .map_err(|e| e.to_string())?,
-                Protocol::Quic => args.quic(lanes)?,
+        for (protocol, lanes) in args.protocols.iter().flat_map(|&p| {
+            // Shared memory has no lanes: once, with the first value.
+            let lanes = if p == Protocol::Shm {
+                &args.lanes[..1]
+            } else {
+                &args.lanes[..]
             };
-            let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), vec![transport])
+            lanes.iter().map(move |&l| (p, l))
+        }) {
+            let transports: Vec<Arc<dyn Transport>> = match protocol {
+                Protocol::Tcp => vec![args.tcp(lanes, false)?],
+                Protocol::TcpAuth => vec![args.tcp(lanes, true)?],
+                Protocol::Quic => vec![args.quic(lanes)?],
+                // TCP behind it for the descriptor (the handshake).
+                Protocol::Shm => vec![
+                    ShmTransport::new(ShmConfig::default()).map_err(|e| e.to_string())?,
+                    args.tcp(lanes, false)?,
+                ],
+            };
+            let engine = TransferEngine::start(EngineConfig::new("127.0.0.1"), transports)
                 .await
                 .map_err(|e| format!("starting an initiator engine: {e}"))?;
             // SAFETY: `local` outlives every access through this registration: the engines are
@@ -1069,10 +1152,19 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
             unsafe { engine.register_memory(local_base, need, Location::cpu(0)) }
                 .map_err(|e| format!("registering the local buffer: {e}"))?;
             let seg = match protocol {
-                Protocol::Tcp => engine
+                Protocol::Tcp | Protocol::Shm => engine
                     .open_segment(&target.segment)
                     .await
                     .map_err(|e| format!("opening segment {}: {e}", target.segment))?,
+                Protocol::TcpAuth => {
+                    let name = target.auth_segment.as_ref().ok_or(
+                        "tcp-auth needs the target's authenticating segment (--auth-segment)",
+                    )?;
+                    engine
+                        .open_segment(name)
+                        .await
+                        .map_err(|e| format!("opening segment {name}: {e}"))?
+                }
                 // The segment is named after its TCP endpoint (the target's first transport),
                 // which a QUIC-only engine cannot ask: take the descriptor over TCP.
                 Protocol::Quic => {
@@ -1236,6 +1328,7 @@ fn run_initiator(args: &Args, target: &TargetInfo) -> Result<(), String> {
         }
     }
 
+    print_comparisons(&rows);
     let checks = evaluate_targets(&rows, ping_p50);
     say!("");
     say!("targets (from this run's numbers):");
@@ -1282,6 +1375,55 @@ fn in_task<T: Send + 'static>(
 ) -> Result<T, String> {
     rt.block_on(rt.spawn(fut))
         .map_err(|e| format!("benchmark task: {e}"))?
+}
+
+/// Every engine row of another protocol with the plain TCP row of the same case (op, size,
+/// batch, lanes) from this run.
+fn against_tcp(rows: &[Row]) -> Vec<(&Row, &Row)> {
+    rows.iter()
+        .filter(|r| r.engine && r.protocol != "tcp")
+        .filter_map(|r| {
+            rows.iter()
+                .find(|t| {
+                    t.engine
+                        && t.protocol == "tcp"
+                        && t.latency_case == r.latency_case
+                        && (t.op, t.size, t.batch, t.lanes) == (r.op, r.size, r.batch, r.lanes)
+                })
+                .map(|t| (r, t))
+        })
+        .collect()
+}
+
+fn print_comparisons(rows: &[Row]) {
+    let pairs = against_tcp(rows);
+    if pairs.is_empty() {
+        return;
+    }
+    say!("");
+    say!(
+        "against plain TCP of this run (same op, size, batch and lanes): throughput and p50 ratios"
+    );
+    for (r, t) in pairs {
+        say!(
+            "  {:<8} {:<9} {:>7} x{:<4} lanes={}: {:>7.3} GB/s vs {:>7.3} = {:>5.2}x   p50 {:>8.1} us vs {:>8.1} = {:>5.2}x",
+            r.protocol,
+            if r.latency_case {
+                format!("{} lat", r.op)
+            } else {
+                r.op.to_owned()
+            },
+            fmt_size(r.size),
+            r.batch,
+            r.lanes,
+            r.gbps,
+            t.gbps,
+            r.gbps / t.gbps,
+            r.p50_us,
+            t.p50_us,
+            r.p50_us / t.p50_us
+        );
+    }
 }
 
 /// One evaluated target; `pass` is `None` when this run did not measure it.
@@ -1390,6 +1532,37 @@ fn evaluate_targets(rows: &[Row], ping_p50: f64) -> Vec<Check> {
             detail: "not measured (no QUIC size >= 16 MiB with more than one connection)".into(),
         });
     }
+    // (5) authenticated TCP against plain TCP of the same run.
+    let before = checks.len();
+    for (r, t) in against_tcp(rows)
+        .into_iter()
+        .filter(|(r, _)| r.protocol == "tcp-auth" && !r.latency_case)
+    {
+        let need = if r.size >= 1 << 20 { 0.95 } else { 0.9 };
+        let ratio = r.gbps / t.gbps;
+        checks.push(Check {
+            id: 5,
+            pass: Some(ratio >= need),
+            detail: format!(
+                "tcp-auth {} {} x{} lanes={}: {:.3} GB/s = {:.2}x plain TCP {:.3} GB/s (need >= \
+                 {need}x)",
+                r.op,
+                fmt_size(r.size),
+                r.batch,
+                r.lanes,
+                r.gbps,
+                ratio,
+                t.gbps
+            ),
+        });
+    }
+    if checks.len() == before && rows.iter().any(|r| r.protocol == "tcp-auth") {
+        checks.push(Check {
+            id: 5,
+            pass: None,
+            detail: "not measured (tcp-auth needs tcp in the same run)".into(),
+        });
+    }
     checks
 }
 
@@ -1484,4 +1657,81 @@ fn json_report(args: &Args, target: &TargetInfo, rows: &[Row], checks: &[Check])
             .collect(),
     );
     format!("{{\"config\":{config},\"rows\":{rows},\"targets\":{checks}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Args, String> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn protocols_parse_in_order_without_repeats() {
+        let a = args(&["--protocol", "tcp,tcp-auth,quic,shm,tcp"]).unwrap();
+        assert_eq!(
+            a.protocols,
+            vec![
+                Protocol::Tcp,
+                Protocol::TcpAuth,
+                Protocol::Quic,
+                Protocol::Shm
+            ]
+        );
+        assert!(
+            a.protocols
+                .iter()
+                .filter(|p| p.needs_certificates())
+                .count()
+                == 2
+        );
+        let e = args(&["--protocol", "udp"]).unwrap_err();
+        assert!(e.contains("tcp, tcp-auth, quic or shm"), "{e}");
+        let a = args(&["--tls-ca", "a", "--tls-cert", "b", "--tls-key", "c"]).unwrap();
+        assert!(a.quic_ca.is_some() && a.quic_cert.is_some() && a.quic_key.is_some());
+    }
+
+    fn row(protocol: &'static str, op: &'static str, size: u64, gbps: f64) -> Row {
+        Row {
+            engine: true,
+            protocol,
+            op,
+            size,
+            batch: 4,
+            lanes: 2,
+            gbps,
+            ops: gbps * 1e9 / size as f64,
+            p50_us: 10.0,
+            p99_us: 20.0,
+            thr_ratio: Some(1.0),
+            p50_ratio: Some(1.0),
+            latency_case: false,
+        }
+    }
+
+    #[test]
+    fn authenticated_tcp_is_judged_against_plain_tcp_of_the_same_case() {
+        let rows = vec![
+            row("tcp", "READ", 4 << 10, 2.0),
+            row("tcp", "WRITE", 4 << 10, 1.0),
+            row("tcp-auth", "READ", 4 << 10, 1.9),
+            row("tcp-auth", "WRITE", 4 << 10, 0.8),
+            row("tcp", "READ", 16 << 20, 1.0),
+            row("tcp-auth", "READ", 16 << 20, 0.96),
+            row("shm", "READ", 16 << 20, 5.0),
+        ];
+        let pairs = against_tcp(&rows);
+        assert_eq!(pairs.len(), 4);
+        assert!(pairs
+            .iter()
+            .all(|(r, t)| r.op == t.op && r.size == t.size && t.protocol == "tcp"));
+        let fifth: Vec<Option<bool>> = evaluate_targets(&rows, 10.0)
+            .into_iter()
+            .filter(|c| c.id == 5)
+            .map(|c| c.pass)
+            .collect();
+        // 0.95x at 4 KiB passes (>= 0.9x), 0.8x does not; 0.96x at 16 MiB passes (>= 0.95x).
+        assert_eq!(fifth, vec![Some(true), Some(false), Some(true)]);
+    }
 }
