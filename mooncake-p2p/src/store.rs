@@ -55,6 +55,10 @@ pub struct P2PConfig {
     /// one from `MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY`); without, over TCP. Default: TCP.
     #[cfg(feature = "quic")]
     pub quic: Option<mooncake_transport_quic::TlsIdentity>,
+    /// Over TCP, with an identity every connection authenticates both ends with the cluster's
+    /// certificates and then moves pieces unencrypted (`TlsIdentity::from_env_opt` reads one
+    /// from `MC_TLS_*`). Default: none (any peer may connect).
+    pub tcp_auth: Option<mooncake_tls::TlsIdentity>,
 }
 
 /// How a pull chooses sources and publishes what it has.
@@ -84,6 +88,7 @@ impl Default for P2PConfig {
             mode: PullMode::Swarm,
             #[cfg(feature = "quic")]
             quic: None,
+            tcp_auth: None,
         }
     }
 }
@@ -217,6 +222,7 @@ impl P2PStore {
             Some(t) => t,
             None => TcpTransport::new(TcpConfig {
                 bind,
+                auth: config.tcp_auth.clone(),
                 ..TcpConfig::default()
             })?,
         };

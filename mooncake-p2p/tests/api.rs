@@ -611,3 +611,47 @@ async fn a_swarm_over_quic_admits_only_its_ca() {
         s.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_over_authenticated_tcp_admits_only_its_ca() {
+    use mooncake_tls::certs;
+    let meta = Arc::new(MemoryMetadataStore::new());
+    let ca = certs::new_ca("p2p cluster").unwrap();
+    let auth = |ca: &certs::CertifiedPem, name: &str| P2PConfig {
+        tcp_auth: Some(
+            certs::issue_node_cert(ca, name, &["127.0.0.1"])
+                .unwrap()
+                .identity(ca),
+        ),
+        ..config()
+    };
+    let o = peer_with(&meta, auth(&ca, "origin")).await;
+    let obufs = buffers(&o);
+    write(&o, &obufs, &content(37));
+    o.register("t", &obufs, SHARD, "cpu:0", false)
+        .await
+        .unwrap();
+    let a = peer_with(&meta, auth(&ca, "a")).await;
+    let b = peer_with(&meta, auth(&ca, "b")).await;
+    let (ra, rb) = tokio::join!(pull_ok(&a, "t", 37), pull_ok(&b, "t", 37));
+    assert_eq!(ra.1.corrupt + rb.1.corrupt, 0);
+    // Peers without a certificate, or certified by another CA, read no piece.
+    let other = certs::new_ca("intruder").unwrap();
+    let mut foreign = auth(&other, "intruder");
+    foreign.pull_timeout = Duration::from_secs(2);
+    let mut plain = config();
+    plain.pull_timeout = Duration::from_secs(2);
+    for cfg in [foreign, plain] {
+        let intruder = peer_with(&meta, cfg).await;
+        let ibufs = buffers(&intruder);
+        let err = intruder.get_replica("t", &ibufs).await.unwrap_err();
+        match err {
+            Error::Timeout { verified, .. } => assert_eq!(verified, 0),
+            other => panic!("expected a timeout with nothing verified, got {other:?}"),
+        }
+        intruder.close().await.unwrap();
+    }
+    for s in [b, a, o] {
+        s.close().await.unwrap();
+    }
+}

@@ -227,9 +227,16 @@ impl PyP2PStore {
                 )))
             }
         };
+        // Over TCP, a node given certificates (MC_TLS_*) authenticates every connection.
+        let tcp_auth = match &quic {
+            Some(_) => None,
+            None => mooncake_tls::TlsIdentity::from_env_opt()
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
+        };
         let config = P2PConfig {
             pull_timeout,
             quic,
+            tcp_auth,
             ..P2PConfig::default()
         };
         let metadata = metadata_store(metadata_uri)?;

@@ -110,6 +110,9 @@ async fn run(cli: Cli) -> Fallible {
     let mut config = P2PConfig::default();
     if cli.protocol == "quic" {
         config.quic = Some(TlsIdentity::from_env().map_err(|e| e.to_string())?);
+    } else {
+        // With certificates in MC_TLS_*, TCP connections authenticate both ends.
+        config.tcp_auth = TlsIdentity::from_env_opt().map_err(|e| e.to_string())?;
     }
     if let Command::Fetch { timeout, .. } = &cli.command {
         config.pull_timeout = Duration::from_secs(*timeout);
