@@ -28,7 +28,12 @@ pub mod master;
 pub mod rpc;
 
 pub use addr::bind_address;
-pub use master::{apply_via, call_admin, MasterApi, MasterReply, MasterRequest, RemoteMaster};
+pub use master::{
+    apply_via, call_admin, call_admin_with, MasterApi, MasterReply, MasterRequest, RemoteMaster,
+};
+/// Re-exported: what a TLS server or client of this crate is configured with.
+pub use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsConnector, TlsIdentity};
 pub use rpc::{
-    bind, serve, serve_with, Handler, RpcClient, RpcClientConfig, ServeLimits, MAX_FRAME,
+    bind, serve, serve_tls, serve_with, tls_acceptor, tls_connector, Caller, Handler, RefusalLog,
+    RpcClient, RpcClientConfig, ServeLimits, MAX_FRAME, RPC_ALPN,
 };

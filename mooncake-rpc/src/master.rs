@@ -12,6 +12,7 @@ use mooncake_master::{Command, MasterMetrics, Response, SegmentInfo, TaskId, Tas
 
 use crate::admin::{AdminRequest, Members};
 use crate::rpc::{RpcClient, RpcClientConfig};
+use mooncake_tls::TlsConnector;
 
 /// A request to the master.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -125,15 +126,25 @@ impl RemoteMaster {
     /// A client for the master(s) at `addresses` (`host:port`, comma-separated for a group);
     /// connects lazily. An empty list gives a client whose calls fail with `RPC_FAIL`.
     pub fn new(addresses: impl Into<String>, config: RpcClientConfig) -> Self {
+        Self::with_tls(addresses, config, None)
+    }
+
+    /// [`RemoteMaster::new`], connecting to every master over mutual TLS with `tls` when given
+    /// (see [`crate::rpc::tls_connector`]).
+    pub fn with_tls(
+        addresses: impl Into<String>,
+        config: RpcClientConfig,
+        tls: Option<TlsConnector>,
+    ) -> Self {
         let addresses = addresses.into();
         let mut masters: Vec<RpcClient> = addresses
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-            .map(|a| RpcClient::new(a, config.clone()))
+            .map(|a| RpcClient::with_tls(a, config.clone(), tls.clone()))
             .collect();
         if masters.is_empty() {
-            masters.push(RpcClient::new(addresses, config));
+            masters.push(RpcClient::with_tls(addresses, config, tls));
         }
         RemoteMaster {
             masters,
@@ -230,9 +241,20 @@ pub async fn apply_via(master: &dyn MasterApi, command: Command) -> Result<(Time
 /// Sends `request` to the group at `masters` (`h1:p1,h2:p2,...`), following the leader (also
 /// from a single address, through the hint a follower answers with).
 pub async fn call_admin(masters: &str, request: AdminRequest) -> Result<Members> {
+    call_admin_with(masters, request, None).await
+}
+
+/// [`call_admin`] over mutual TLS with `tls` when given: a group that requires TLS answers
+/// membership changes only to a certificate with the `admin` role.
+pub async fn call_admin_with(
+    masters: &str,
+    request: AdminRequest,
+    tls: Option<TlsConnector>,
+) -> Result<Members> {
     let mut target = masters.to_owned();
     for _ in 0..4 {
-        let remote = RemoteMaster::new(target.as_str(), RpcClientConfig::default());
+        let remote =
+            RemoteMaster::with_tls(target.as_str(), RpcClientConfig::default(), tls.clone());
         match remote.call(MasterRequest::Admin(request.clone())).await? {
             MasterReply::Members(m) => return Ok(m),
             MasterReply::Failed { code, message } => return Err(Error::with_code(code, message)),

@@ -17,6 +17,17 @@
 //! arrive whole within a timeout, as must a connection's first frame; connections are capped per
 //! listener and per peer address. An idle connection that has spoken costs one small buffer and
 //! is kept (clients hold their connection for their lifetime), within those caps.
+//!
+//! # Mutual TLS
+//!
+//! A server started with a [`TlsAcceptor`] ([`serve_tls`]) runs a TLS 1.3 handshake (ALPN
+//! [`RPC_ALPN`]) on every connection before reading a frame: the peer must present a
+//! certificate of the cluster CA, the handshake counts against the first-frame timeout and the
+//! connection caps, and the handler learns the verified [`PeerIdentity`] with each request
+//! ([`Handler::handle_from`]) to authorize it. A client that speaks plain frames to such a server
+//! is answered with one refusal frame (kind 3, a text body) saying that the server requires TLS,
+//! and its calls fail with `ILLEGAL_CLIENT`. Clients connect over TLS with
+//! [`RpcClient::with_tls`]. Without TLS nothing changes on the wire.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,13 +37,18 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use mooncake_core::admission::Admission;
 use mooncake_core::{Error, ErrorCode, Result};
+use mooncake_tls::{PeerIdentity, TlsAcceptor, TlsConnector, TlsIdentity};
+
+/// The ALPN protocol name of the RPC over TLS: a connection meant for another listener of the
+/// cluster (Raft, transfers) cannot be replayed at an RPC port.
+pub const RPC_ALPN: &[u8] = b"mooncake-rpc/1";
 
 /// Protocol version in every frame.
 pub const RPC_VERSION: u8 = 1;
@@ -41,6 +57,9 @@ pub const MAX_FRAME: usize = 64 << 20;
 const HEADER: usize = 4 + 1 + 1 + 8;
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
+/// A TLS server's answer to a peer that spoke plain frames: the body (a postcard string) says
+/// why, and the server closes the connection.
+const KIND_REFUSED: u8 = 3;
 
 /// Encodes one frame into `out`.
 fn encode_frame<T: Serialize>(kind: u8, id: u64, body: &T, out: &mut Vec<u8>) -> Result<()> {
@@ -88,7 +107,7 @@ pub fn decode_header(h: &[u8; 14]) -> Result<FrameHeader> {
             h[4]
         )));
     }
-    if h[5] != KIND_REQUEST && h[5] != KIND_RESPONSE {
+    if !matches!(h[5], KIND_REQUEST | KIND_RESPONSE | KIND_REFUSED) {
         return Err(Error::Protocol(format!("unknown frame kind {}", h[5])));
     }
     Ok(FrameHeader {
@@ -104,8 +123,8 @@ const KEEP_BODY: usize = 256 * 1024;
 /// Reads one frame into `body`. Waits for its first byte as long as it takes (an idle
 /// connection); from then on, when `within` is set, the whole frame must arrive within it. The
 /// body grows as bytes arrive, never to the announced length ahead of them.
-async fn read_frame(
-    r: &mut tokio::io::BufReader<OwnedReadHalf>,
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut tokio::io::BufReader<R>,
     body: &mut Vec<u8>,
     within: Option<Duration>,
 ) -> Result<FrameHeader> {
@@ -141,11 +160,70 @@ async fn read_frame(
     }
 }
 
+/// Who sent a request: the peer's address, and over TLS what its verified certificate says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// The peer's verified identity: `Some` on a server started with TLS (every request of a
+    /// TLS connection carries it), `None` on a plain one.
+    pub identity: Option<Arc<PeerIdentity>>,
+}
+
+impl Caller {
+    /// A name for logs: the certificate's name and the address, or the address alone.
+    pub fn describe(&self) -> String {
+        match &self.identity {
+            Some(id) => format!("{} ({})", id.name(), self.addr),
+            None => self.addr.to_string(),
+        }
+    }
+}
+
 /// What a server does with requests.
 #[async_trait::async_trait]
-pub trait Handler<Req, Resp>: Send + Sync + 'static {
+pub trait Handler<Req: Send + 'static, Resp: Send + 'static>: Send + Sync + 'static {
     /// Answers one request.
     async fn handle(&self, request: Req) -> Resp;
+
+    /// Answers one request of `caller`; the server calls this one. A handler that authorizes
+    /// requests by who sent them overrides it; the default answers with [`Handler::handle`].
+    async fn handle_from(&self, caller: &Caller, request: Req) -> Resp {
+        let _ = caller;
+        self.handle(request).await
+    }
+}
+
+/// Logs refusals of one listener at most once a second, saying how many were not logged.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RefusalLog {
+    /// A log that has logged nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Logs (at warn) that `what` refused `peer` because of `reason`, unless a refusal was
+    /// logged less than a second ago (then it is only counted, and the next line says so).
+    pub fn refused(&self, what: &str, peer: &str, reason: &dyn std::fmt::Display) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if s.0.is_some_and(|t| now - t < Duration::from_secs(1)) {
+            s.1 += 1;
+            return;
+        }
+        let skipped = std::mem::take(&mut s.1);
+        s.0 = Some(now);
+        drop(s);
+        if skipped > 0 {
+            tracing::warn!("{what}: refused {peer}: {reason} ({skipped} more refusals not logged)");
+        } else {
+            tracing::warn!("{what}: refused {peer}: {reason}");
+        }
+    }
 }
 
 /// What the clients of one listener may hold (see the module docs).
@@ -194,7 +272,28 @@ where
     Resp: Serialize + Send + 'static,
     H: Handler<Req, Resp>,
 {
+    serve_tls(listener, handler, limits, None)
+}
+
+/// [`serve_with`], over mutual TLS when `tls` is given (see the module docs): every connection
+/// must complete a handshake with a certificate of the acceptor's CA within
+/// `limits.first_frame_timeout` (which also bounds the first frame after it), and the handler
+/// learns the peer's identity with each request. Refused peers are logged (at most once a
+/// second) with their address and the reason.
+pub fn serve_tls<Req, Resp, H>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: ServeLimits,
+    tls: Option<TlsAcceptor>,
+) -> tokio::task::JoinHandle<()>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+{
     let admission = Admission::new("rpc", limits.max_connections, limits.max_per_address);
+    let refusals = Arc::new(RefusalLog::new());
+    let tls = tls.map(|a| a.with_timeout(limits.first_frame_timeout));
     tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -208,13 +307,37 @@ where
                         let _ = stream.set_nodelay(true);
                         let handler = handler.clone();
                         let limits = limits.clone();
+                        let tls = tls.clone();
+                        let refusals = refusals.clone();
                         conns.spawn(async move {
                             let _admitted = admitted;
-                            let served =
-                                serve_connection::<Req, Resp, H>(stream, handler, &limits).await;
+                            let served = match tls {
+                                None => {
+                                    let caller = Caller { addr: peer, identity: None };
+                                    let (r, w) = stream.into_split();
+                                    serve_connection::<Req, Resp, H, _, _>(
+                                        r,
+                                        w,
+                                        caller,
+                                        handler,
+                                        &limits,
+                                        limits.first_frame_timeout,
+                                    )
+                                    .await
+                                }
+                                Some(acceptor) => {
+                                    serve_secure_connection::<Req, Resp, H>(
+                                        stream, peer, &acceptor, handler, &limits,
+                                    )
+                                    .await
+                                }
+                            };
                             if let Err(e) = served {
                                 match &e {
                                     Error::Io(_) => tracing::debug!(%peer, "rpc connection ended: {e}"),
+                                    Error::PermissionDenied(why) => {
+                                        refusals.refused("rpc", &peer.to_string(), why)
+                                    }
                                     _ => tracing::warn!(%peer, "closing rpc connection: {e}"),
                                 }
                             }
@@ -231,16 +354,21 @@ where
     })
 }
 
-/// Most requests of one connection whose handlers are still running; the connection reads no
-/// further request until one finishes.
-const MAX_IN_FLIGHT: usize = 1024;
+/// The first byte of a TLS ClientHello (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// Serves one connection. A request whose handler answers at once (a read, the in-memory log) is
-/// answered in line, replies batched while more requests are buffered; one that has to wait (a
-/// Raft commit) runs as its own task, so the requests behind it on the same connection are not
-/// held up, and its reply goes out when ready: replies carry their request's id, in any order.
-async fn serve_connection<Req, Resp, H>(
-    stream: TcpStream,
+/// What a TLS server tells a peer that speaks plain frames to it.
+const PLAIN_REFUSAL: &str = "this server requires mutual TLS: connect with a certificate of \
+                             the cluster CA (set MC_TLS_CA, MC_TLS_CERT and MC_TLS_KEY, or the \
+                             --tls_ca, --tls_cert and --tls_key flags)";
+
+/// Runs the TLS handshake on one connection, then serves it. A peer that speaks plain frames is
+/// sent a refusal frame; one whose handshake fails (no certificate, another CA's, an expired
+/// one, a timeout) is closed. Either way the error says why, for the log.
+async fn serve_secure_connection<Req, Resp, H>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: &TlsAcceptor,
     handler: Arc<H>,
     limits: &ServeLimits,
 ) -> Result<()>
@@ -249,25 +377,101 @@ where
     Resp: Serialize + Send + 'static,
     H: Handler<Req, Resp>,
 {
-    let (r, w) = stream.into_split();
+    let started = tokio::time::Instant::now();
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(limits.first_frame_timeout, stream.peek(&mut first))
+        .await
+        .map_err(|_| {
+            Error::PermissionDenied(format!(
+                "no TLS handshake within {:?} of connecting",
+                limits.first_frame_timeout
+            ))
+        })??;
+    if peeked == 0 {
+        return Err(Error::Io("connection closed before the handshake".into()));
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        refuse_plain(&mut stream).await;
+        return Err(Error::PermissionDenied(
+            "it spoke plain RPC to a server that requires mutual TLS".into(),
+        ));
+    }
+    let (tls, identity) = acceptor.accept(stream).await?;
+    let (r, w) = tokio::io::split(tls);
+    let caller = Caller {
+        addr: peer,
+        identity: Some(Arc::new(identity)),
+    };
+    let left = limits.first_frame_timeout.saturating_sub(started.elapsed());
+    serve_connection::<Req, Resp, H, _, _>(r, w, caller, handler, limits, left).await
+}
+
+/// Sends a plain peer the refusal frame, then reads (a bounded amount of) what it still sends
+/// for a moment, so that closing does not reset the connection before it read the refusal.
+async fn refuse_plain(stream: &mut TcpStream) {
+    let mut frame = Vec::new();
+    if encode_frame(KIND_REFUSED, 0, &PLAIN_REFUSAL, &mut frame).is_err() {
+        return;
+    }
+    let sent = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let (mut buf, mut left) = ([0u8; 4096], 1usize << 20);
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            left = left.saturating_sub(n);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Most requests of one connection whose handlers are still running; the connection reads no
+/// further request until one finishes.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Serves one connection. A request whose handler answers at once (a read, the in-memory log) is
+/// answered in line, replies batched while more requests are buffered; one that has to wait (a
+/// Raft commit) runs as its own task, so the requests behind it on the same connection are not
+/// held up, and its reply goes out when ready: replies carry their request's id, in any order.
+async fn serve_connection<Req, Resp, H, R, W>(
+    r: R,
+    w: W,
+    caller: Caller,
+    handler: Arc<H>,
+    limits: &ServeLimits,
+    first_frame_within: Duration,
+) -> Result<()>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Handler<Req, Resp>,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let w = Arc::new(tokio::sync::Mutex::new(w));
+    let caller = Arc::new(caller);
     // Small buffers for connections that stay idle; they grow with what a busy one sends.
     let mut r = tokio::io::BufReader::with_capacity(16 * 1024, r);
     let mut body = Vec::new();
     let mut out = Vec::new();
     let mut waiting = tokio::task::JoinSet::new();
     // The first frame, from the moment of the connection.
-    let first = tokio::time::timeout(
-        limits.first_frame_timeout,
-        read_frame(&mut r, &mut body, None),
-    )
-    .await
-    .map_err(|_| {
-        Error::Protocol(format!(
-            "no whole request within {:?} of connecting",
-            limits.first_frame_timeout
-        ))
-    })??;
+    let first = tokio::time::timeout(first_frame_within, read_frame(&mut r, &mut body, None))
+        .await
+        .map_err(|_| {
+            Error::Protocol(format!(
+                "no whole request within {:?} of connecting",
+                limits.first_frame_timeout
+            ))
+        })??;
     let mut pending = Some(first);
     loop {
         while waiting.try_join_next().is_some() {}
@@ -283,8 +487,8 @@ where
         }
         let request: Req = postcard::from_bytes(&body)
             .map_err(|e| Error::Protocol(format!("undecodable request: {e}")))?;
-        let h = handler.clone();
-        let mut answer = Box::pin(async move { h.handle(request).await });
+        let (h, caller) = (handler.clone(), caller.clone());
+        let mut answer = Box::pin(async move { h.handle_from(&caller, request).await });
         let polled = {
             let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
             std::future::Future::poll(answer.as_mut(), &mut cx)
@@ -301,7 +505,10 @@ where
                     let mut frame = Vec::new();
                     match encode_frame(KIND_RESPONSE, id, &response, &mut frame) {
                         Ok(()) => {
-                            let _ = w.lock().await.write_all(&frame).await;
+                            let mut w = w.lock().await;
+                            if w.write_all(&frame).await.is_ok() {
+                                let _ = w.flush().await;
+                            }
                         }
                         Err(e) => tracing::warn!("rpc reply not encodable: {e}"),
                     }
@@ -310,7 +517,10 @@ where
         }
         // Answer now unless another request is already buffered (then answer both at once).
         if !out.is_empty() && (r.buffer().len() < HEADER || out.len() > 256 * 1024) {
-            w.lock().await.write_all(&out).await?;
+            let mut w = w.lock().await;
+            w.write_all(&out).await?;
+            // Nothing for a TCP socket; sends what a TLS stream still holds.
+            w.flush().await?;
             out.clear();
         }
     }
@@ -318,8 +528,49 @@ where
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>>>>>>;
 
+/// The sending half of a client's connection.
+enum Writer {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<mooncake_tls::tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Writer {
+    /// Writes the whole frame and sends it.
+    async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Plain(w) => w.write_all(frame).await,
+            Writer::Tls(w) => {
+                w.write_all(frame).await?;
+                w.flush().await
+            }
+        }
+    }
+
+    /// Writes what the connection takes now without waiting; `WouldBlock` when it takes
+    /// nothing. Over TLS the bytes taken may still need a [`Writer::send`] of nothing (a flush)
+    /// to leave: `Ok((n, flushed))`.
+    fn try_write_now(&mut self, frame: &[u8]) -> std::io::Result<(usize, bool)> {
+        match self {
+            Writer::Plain(w) => w.try_write(frame).map(|n| (n, true)),
+            Writer::Tls(w) => {
+                use std::task::Poll;
+                let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+                let mut w = std::pin::Pin::new(w);
+                match w.as_mut().poll_write(&mut cx, frame) {
+                    Poll::Ready(Ok(n)) => {
+                        let flushed = matches!(w.poll_flush(&mut cx), Poll::Ready(Ok(())));
+                        Ok((n, flushed))
+                    }
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+}
+
 struct Connection {
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<tokio::sync::Mutex<Writer>>,
     waiters: Waiters,
     dead: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
@@ -353,6 +604,8 @@ impl Default for RpcClientConfig {
 pub struct RpcClient {
     address: String,
     config: RpcClientConfig,
+    /// Connects over mutual TLS when set.
+    tls: Option<TlsConnector>,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_id: AtomicU64,
     /// Id of the current connection (0 before the first): see [`RpcClient::connection_id`].
@@ -371,9 +624,20 @@ impl std::fmt::Debug for RpcClient {
 impl RpcClient {
     /// A client for `address` (`host:port`); connects lazily.
     pub fn new(address: impl Into<String>, config: RpcClientConfig) -> Self {
+        Self::with_tls(address, config, None)
+    }
+
+    /// A client for `address` that connects over mutual TLS with `tls` when given (the
+    /// server's certificate must name the host of `address`), like [`RpcClient::new`] without.
+    pub fn with_tls(
+        address: impl Into<String>,
+        config: RpcClientConfig,
+        tls: Option<TlsConnector>,
+    ) -> Self {
         RpcClient {
             address: address.into(),
             config,
+            tls,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
             conn_id: AtomicU64::new(0),
@@ -410,17 +674,38 @@ impl RpcClient {
         .map_err(|_| fail("connect timed out".into()))?
         .map_err(|e| fail(format!("connect: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
         let waiters: Waiters = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
-        let reader = tokio::spawn(read_responses(
-            r,
-            waiters.clone(),
-            dead.clone(),
-            self.address.clone(),
-        ));
+        let (writer, reader) = match &self.tls {
+            None => {
+                let (r, w) = stream.into_split();
+                let reader = tokio::spawn(read_responses(
+                    r,
+                    waiters.clone(),
+                    dead.clone(),
+                    self.address.clone(),
+                ));
+                (Writer::Plain(w), reader)
+            }
+            Some(tls) => {
+                let host = host_of(&self.address);
+                let (stream, _) =
+                    tokio::time::timeout(self.config.connect_timeout, tls.connect(stream, host))
+                        .await
+                        .map_err(|_| fail("TLS handshake timed out".into()))?
+                        .map_err(|e| fail(e.to_string()))?;
+                let (r, w) = tokio::io::split(stream);
+                let reader = tokio::spawn(read_responses(
+                    r,
+                    waiters.clone(),
+                    dead.clone(),
+                    self.address.clone(),
+                ));
+                (Writer::Tls(w), reader)
+            }
+        };
         let conn = Arc::new(Connection {
-            writer: Arc::new(tokio::sync::Mutex::new(w)),
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
             waiters,
             dead,
             reader,
@@ -446,7 +731,7 @@ impl RpcClient {
             },
             Err(_) => return false,
         };
-        let Ok(writer) = conn.writer.clone().try_lock_owned() else {
+        let Ok(mut writer) = conn.writer.clone().try_lock_owned() else {
             return false;
         };
         let mut frame = Vec::new();
@@ -454,15 +739,17 @@ impl RpcClient {
         if encode_frame(KIND_REQUEST, id, request, &mut frame).is_err() {
             return false;
         }
-        match writer.try_write(&frame) {
-            Ok(n) if n == frame.len() => true,
-            Ok(0) => false,
-            Ok(n) => match tokio::runtime::Handle::try_current() {
+        match writer.try_write_now(&frame) {
+            Ok((n, true)) if n == frame.len() => true,
+            Ok((0, _)) => false,
+            Ok((n, _)) => match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
+                    // The rest of the frame (or, over TLS, what is still buffered) is sent by a
+                    // task that holds the writer meanwhile, so later calls queue behind it.
                     let dead = conn.dead.clone();
                     rt.spawn(async move {
                         let mut writer = writer;
-                        if writer.write_all(&frame[n..]).await.is_err() {
+                        if writer.send(&frame[n..]).await.is_err() {
                             dead.store(true, Ordering::Release);
                         }
                     });
@@ -494,7 +781,7 @@ impl RpcClient {
             let conn = self.connection().await?;
             let (tx, rx) = oneshot::channel();
             conn.waiters.lock().expect("waiters").insert(id, tx);
-            let sent = conn.writer.lock().await.write_all(&frame).await;
+            let sent = conn.writer.lock().await.send(&frame).await;
             if let Err(e) = sent {
                 conn.dead.store(true, Ordering::Release);
                 conn.waiters.lock().expect("waiters").remove(&id);
@@ -536,8 +823,13 @@ impl RpcClient {
     }
 }
 
-async fn read_responses(
-    r: OwnedReadHalf,
+/// The host part of `host:port` (`[v6]:port` gives `[v6]`, which the TLS connector reads).
+fn host_of(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(h, _)| h)
+}
+
+async fn read_responses<R: AsyncRead + Unpin>(
+    r: R,
     waiters: Waiters,
     dead: Arc<AtomicBool>,
     address: String,
@@ -552,18 +844,36 @@ async fn read_responses(
                     let _ = tx.send(Ok(std::mem::take(&mut body)));
                 }
             }
+            Ok(h) if h.kind == KIND_REFUSED => {
+                let why: String = postcard::from_bytes(&body)
+                    .unwrap_or_else(|_| "the server refused this connection".into());
+                break Error::PermissionDenied(why);
+            }
             Ok(_) => break Error::Protocol("server sent a request".into()),
             Err(e) => break e,
         }
     };
     dead.store(true, Ordering::Release);
-    let err = Error::with_code(
-        ErrorCode::RPC_FAIL,
-        format!("{address}: connection lost: {reason}"),
-    );
+    let err = match reason {
+        Error::PermissionDenied(why) => Error::PermissionDenied(format!("{address}: {why}")),
+        reason => Error::with_code(
+            ErrorCode::RPC_FAIL,
+            format!("{address}: connection lost: {reason}"),
+        ),
+    };
     for (_, tx) in waiters.lock().expect("waiters").drain() {
         let _ = tx.send(Err(err.clone()));
     }
+}
+
+/// The acceptor of an RPC server of a node with `identity` (ALPN [`RPC_ALPN`]).
+pub fn tls_acceptor(identity: &TlsIdentity) -> Result<TlsAcceptor> {
+    TlsAcceptor::new(identity, RPC_ALPN)
+}
+
+/// The connector of an RPC client of a node with `identity` (ALPN [`RPC_ALPN`]).
+pub fn tls_connector(identity: &TlsIdentity) -> Result<TlsConnector> {
+    TlsConnector::new(identity, RPC_ALPN)
 }
 
 /// Binds a listener, with a clear error naming the address.
