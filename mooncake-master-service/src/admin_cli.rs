@@ -15,8 +15,9 @@
 use mooncake_core::{Error, Result};
 
 use mooncake_rpc::admin::AdminRequest;
+use mooncake_tls::TlsIdentity;
 
-use crate::cli::{parse_raft_peers, run_program};
+use crate::cli::{parse_raft_peers, run_program, tls_identity};
 
 /// Usage of `mooncake_master admin`.
 pub const USAGE: &str = "\
@@ -36,6 +37,11 @@ Commands:
 Flags:
   --master_server_addr=H:P,...      RPC addresses of the group's members (any of them will do;
                                     requests follow the leader)
+  --tls_ca=FILE --tls_cert=FILE --tls_key=FILE
+                                    connect over mutual TLS with this certificate (a group
+                                    started with TLS changes its membership only for a
+                                    certificate with the admin role); without these flags,
+                                    MC_TLS_CA, MC_TLS_CERT and MC_TLS_KEY are used when set
 
 Each change is applied through the group's log, one at a time; the command prints the
 membership that results. Exit status: 0 done, 1 refused or unreachable, 2 bad usage.
@@ -52,6 +58,8 @@ pub enum AdminCommand {
         masters: String,
         /// The request.
         request: AdminRequest,
+        /// This operator's certificate, when connecting over TLS.
+        tls: Option<TlsIdentity>,
     },
 }
 
@@ -69,6 +77,7 @@ fn parse_id(command: &str, value: &str) -> Result<u64> {
 /// Parses the arguments after `mooncake_master admin`.
 pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<AdminCommand> {
     let mut masters: Option<String> = None;
+    let (mut ca, mut cert, mut key) = (None, None, None);
     let mut words: Vec<String> = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -87,6 +96,9 @@ pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<Admin
             };
             match name.as_str() {
                 "master_server_addr" | "master_server_address" => masters = Some(value),
+                "tls_ca" => ca = Some(value),
+                "tls_cert" => cert = Some(value),
+                "tls_key" => key = Some(value),
                 other => {
                     return Err(Error::InvalidArgument(format!(
                         "unknown flag --{other} (see mooncake_master admin --help)"
@@ -158,25 +170,35 @@ pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<Admin
                 "--master_server_addr is required (the group's RPC addresses, h1:p1,h2:p2)".into(),
             )
         })?;
-    Ok(AdminCommand::Send { masters, request })
+    let tls = tls_identity(ca, cert, key)?;
+    Ok(AdminCommand::Send {
+        masters,
+        request,
+        tls,
+    })
 }
 
 /// `mooncake_master admin ...`: parses `args` (after `admin`), sends the request, prints the
 /// resulting membership; returns the exit code.
 pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
-    let (masters, request) = match parse_admin_args(args) {
+    let (masters, request, tls) = match parse_admin_args(args) {
         Ok(AdminCommand::Help) => {
             print!("{USAGE}");
             return 0;
         }
-        Ok(AdminCommand::Send { masters, request }) => (masters, request),
+        Ok(AdminCommand::Send {
+            masters,
+            request,
+            tls,
+        }) => (masters, request, tls),
         Err(e) => {
             eprintln!("mooncake_master admin: {e}");
             return 2;
         }
     };
     run_program("mooncake_master admin", async move {
-        let members = mooncake_rpc::call_admin(&masters, request).await?;
+        let tls = tls.as_ref().map(mooncake_rpc::tls_connector).transpose()?;
+        let members = mooncake_rpc::call_admin_with(&masters, request, tls).await?;
         print!("{}", members.render());
         Ok(())
     })
@@ -197,7 +219,8 @@ mod tests {
             parse(&["members", m]).unwrap(),
             AdminCommand::Send {
                 masters: "127.0.0.1:1,127.0.0.1:2".into(),
-                request: AdminRequest::Members
+                request: AdminRequest::Members,
+                tls: None,
             }
         );
         assert_eq!(
@@ -214,7 +237,8 @@ mod tests {
                     id: 4,
                     raft_addr: "127.0.0.1:7004".into(),
                     rpc_addr: "127.0.0.1:50054".into()
-                }
+                },
+                tls: None,
             }
         );
         assert!(matches!(
@@ -255,6 +279,20 @@ mod tests {
             (&["add-learner", "4=/b:2", m], "needs both"),
             (&["members", "--raft_id=1", m], "unknown flag --raft_id"),
             (&["members", "--master_server_addr"], "needs a value"),
+            (
+                &["members", m, "--tls_ca=ca.pem"],
+                "--tls_cert, --tls_key missing",
+            ),
+            (
+                &[
+                    "members",
+                    m,
+                    "--tls_ca=/nonexistent/ca.pem",
+                    "--tls_cert=c",
+                    "--tls_key=k",
+                ],
+                "/nonexistent/ca.pem",
+            ),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(why), "{args:?}: {e}");

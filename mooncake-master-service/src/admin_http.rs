@@ -65,6 +65,13 @@ pub fn admin_routes(service: Weak<MasterService>) -> ExtraRoutes {
     })
 }
 
+/// Whether `path` is one of the endpoints that list or look up keys and segments: a master
+/// started with TLS answers them only to a certificate with the `admin` role (see
+/// [`crate::https`]); `/metrics/summary` is served like `/metrics`.
+pub fn needs_admin_role(path: &str) -> bool {
+    is_admin_path(path) && path != "/metrics/summary"
+}
+
 fn is_admin_path(path: &str) -> bool {
     matches!(
         path,

@@ -1,9 +1,52 @@
 //! What the command-line programs share: running a program's future to an exit code, waiting
-//! for a shutdown signal, and the `--raft_peers` syntax.
+//! for a shutdown signal, the `--raft_peers` syntax and the TLS identity of `--tls_*` or
+//! `MC_TLS_*`.
 
 use std::future::Future;
 
 use mooncake_core::{Error, Result};
+use mooncake_tls::{TlsIdentity, TLS_ENV};
+
+/// The node's TLS identity from `--tls_ca`, `--tls_cert` and `--tls_key` (all three or none),
+/// or, when none of them is given, from the `MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY`
+/// environment variables (likewise all three or none). `None` runs without TLS. The files are
+/// read and checked here, so a bad certificate or key stops the start with its reason.
+pub fn tls_identity(
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<TlsIdentity>> {
+    let identity = match (ca, cert, key) {
+        (None, None, None) => TlsIdentity::from_env_opt()?,
+        (Some(ca), Some(cert), Some(key)) => Some(TlsIdentity::from_pem_files(ca, cert, key)?),
+        (ca, cert, key) => {
+            let missing: Vec<&str> = [
+                ("--tls_ca", &ca),
+                ("--tls_cert", &cert),
+                ("--tls_key", &key),
+            ]
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| n)
+            .collect();
+            return Err(Error::InvalidArgument(format!(
+                "TLS is half configured: --tls_ca, --tls_cert and --tls_key go together \
+                 ({} missing)",
+                missing.join(", ")
+            )));
+        }
+    };
+    if let Some(id) = &identity {
+        // Builds the configurations once: a PEM that does not parse is refused now.
+        id.configs(b"check").map_err(|e| {
+            Error::InvalidArgument(format!(
+                "TLS identity (--tls_* or {}): {e}",
+                TLS_ENV.join("/")
+            ))
+        })?;
+    }
+    Ok(identity)
+}
 
 /// Runs a program's future on a two-worker runtime and turns its outcome into an exit code (0,
 /// or 1 with the error on stderr, prefixed with `program`).

@@ -13,14 +13,16 @@ use std::sync::Arc;
 use mooncake_core::{Error, Result};
 use mooncake_master::MasterConfig;
 
-use crate::admin_http::{admin_routes, summary};
-use crate::cli::{parse_raft_peers, run_program, shutdown_signal};
+use crate::admin_http::{admin_routes, needs_admin_role, summary};
+use crate::cli::{parse_raft_peers, run_program, shutdown_signal, tls_identity};
+use crate::https::{serve_https, HttpsEndpoints, HttpsLimits, HTTPS_ALPN};
 use crate::master_flags::{
     check_kind, expand_flagfiles, init_logging, load_config_file, no_effect_kind, refusal, Kind,
     LogOptions,
 };
 use crate::service::{MasterService, ServiceConfig};
 use mooncake_meta_http::{serve_http, serve_http_routes, HttpEndpoints, HttpServerConfig};
+use mooncake_tls::{TlsAcceptor, TlsIdentity};
 
 /// Everything `mooncake_master` is told on its command line.
 #[derive(Clone, Debug)]
@@ -52,6 +54,11 @@ pub struct MasterOptions {
     /// Membership in a Raft master group (`--raft_id`, `--raft_peers`, `--raft_data_dir`);
     /// `None` runs a single master with its state in memory.
     pub raft: Option<RaftOptions>,
+    /// This master's certificate (`--tls_ca`, `--tls_cert`, `--tls_key`, or `MC_TLS_CA`,
+    /// `MC_TLS_CERT`, `MC_TLS_KEY` when the flags are absent): with it, the RPC and metrics
+    /// ports admit only peers with a certificate of the cluster CA, and requests need the roles
+    /// their certificates grant. `None` accepts any peer (logged at start).
+    pub tls: Option<TlsIdentity>,
 }
 
 /// This master's place in a Raft master group.
@@ -91,6 +98,7 @@ impl Default for MasterOptions {
             logging: LogOptions::default(),
             no_effect: Vec::new(),
             raft: None,
+            tls: None,
         }
     }
 }
@@ -151,6 +159,17 @@ Refused at start (features this master does not have): --enable_ha=true (etcd HA
 group), --enable_offload=true, --enable_cxl=true, --enable_gc=true, --enable_snapshot=true,
 --enable_snapshot_restore=true, a non-empty --root_fs_dir or --rpc_interface,
 --allocation_strategy=cxl.
+
+Mutual TLS (all three or none; without them MC_TLS_CA, MC_TLS_CERT and MC_TLS_KEY are used
+when set; create certificates with mooncake_certs):
+  --tls_ca=FILE                          the cluster CA's certificate (PEM)
+  --tls_cert=FILE                        this master's certificate (role master; its SANs name
+                                         the addresses clients dial)
+  --tls_key=FILE                         its private key
+With TLS every RPC connection needs a certificate of the cluster CA: data commands need the
+client or master role, membership changes the admin role; the metrics port serves HTTPS
+(any cluster certificate for /metrics and /health, the admin role for the key and segment
+listings). Without TLS the master accepts any peer.
 
 The metrics port also serves upstream's admin endpoints: /get_all_segments,
 /query_segment?segment=S, /get_all_keys (100000 keys a page; after=K, limit=N),
@@ -253,6 +272,9 @@ const VALUED: &[&str] = &[
     "raft_data_dir",
     "raft_tick_ms",
     "raft_election_ticks",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
 ];
 
 const BOOLS: &[&str] = &[
@@ -313,6 +335,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
     let (mut raft_tick_ms, mut raft_election_ticks) = (100u64, 10usize);
     let mut raft_join = false;
+    let (mut tls_ca, mut tls_cert, mut tls_key) = (None, None, None);
     let (mut rpc_port, mut port) = (None::<u16>, None::<u16>);
     let mut args = args.into_iter().peekable();
     while let Some(arg) = args.next() {
@@ -393,6 +416,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "raft_tick_ms" => raft_tick_ms = parse_num(&name, &value)?,
             "raft_election_ticks" => raft_election_ticks = parse_num(&name, &value)?,
             "raft_join" => raft_join = parse_bool(&name, &value)?,
+            "tls_ca" => tls_ca = Some(value),
+            "tls_cert" => tls_cert = Some(value),
+            "tls_key" => tls_key = Some(value),
             other if no_effect_kind(other).is_some() => {
                 let kind = no_effect_kind(other).unwrap_or(Kind::Text);
                 check_kind(other, kind, &value)?;
@@ -414,6 +440,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
         _ => 50051,
     };
     o.master.validate()?;
+    o.tls = tls_identity(tls_ca, tls_cert, tls_key)?;
     o.raft = match (raft_id, raft_peers) {
         (0, None) if raft_join => {
             return Err(Error::InvalidArgument(
@@ -481,12 +508,52 @@ pub struct Listening {
 
 /// Starts the master's servers on the current runtime; they run until the service shuts down.
 pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Listening)> {
+    // The identity the Raft group's network and the HTTP metadata server are to use: handed to
+    // them once mooncake-meta-raft and mooncake-meta-http take TLS. Until then those two
+    // listeners accept any peer, which is said below when TLS is on.
+    let raft_tls: Option<TlsIdentity> = options.tls.clone();
+    let http_metadata_tls: Option<TlsIdentity> = options.tls.clone();
+    let rpc_tls = options
+        .tls
+        .as_ref()
+        .map(mooncake_rpc::tls_acceptor)
+        .transpose()?;
+    match &options.tls {
+        None => tracing::warn!(
+            "mooncake_master accepts any peer: its RPC, metrics and admin ports authenticate \
+             nobody. To admit only the cluster's members, create certificates with \
+             `mooncake_certs init` and `mooncake_certs issue NAME --name ADDRESS --role master` \
+             and start with --tls_ca, --tls_cert and --tls_key (or MC_TLS_CA, MC_TLS_CERT and \
+             MC_TLS_KEY)"
+        ),
+        Some(id) => {
+            let own = id.own()?;
+            tracing::info!(
+                "mutual TLS on: the RPC and metrics ports admit only certificates of the \
+                 cluster CA (this master is {}, roles: {})",
+                own.name(),
+                own.roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+    }
     let service = match &options.raft {
         None => MasterService::new(options.master.clone(), ServiceConfig::default())?,
-        Some(raft) => start_member(options, raft).await?,
+        Some(raft) => {
+            if raft_tls.is_some() {
+                tracing::warn!(
+                    "the Raft port of this member does not use TLS yet in this build: it \
+                     accepts any peer that can reach it"
+                );
+            }
+            start_member(options, raft, raft_tls.as_ref()).await?
+        }
     };
     let rpc = service
-        .serve_rpc(socket(&options.rpc_address, options.rpc_port)?)
+        .serve_rpc_tls(socket(&options.rpc_address, options.rpc_port)?, rpc_tls)
         .await?;
     let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
         let weak = Arc::downgrade(&service);
@@ -507,6 +574,12 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
             &options.http_metadata_server_host,
             options.http_metadata_server_port,
         )?;
+        if http_metadata_tls.is_some() {
+            tracing::warn!(
+                "the HTTP metadata server does not use TLS yet in this build: it accepts any \
+                 peer that can reach {addr}"
+            );
+        }
         let listener = mooncake_rpc::rpc::bind(addr).await?;
         listening.http_metadata = Some(listener.local_addr()?);
         service.keep(serve_http(
@@ -522,16 +595,30 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
         let listener =
             mooncake_rpc::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
         listening.metrics = Some(listener.local_addr()?);
-        service.keep(serve_http_routes(
-            listener,
-            HttpEndpoints {
-                metadata: None,
-                metrics: metrics_fn,
-                health,
-            },
-            Some(admin_routes(Arc::downgrade(&service))),
-            HttpServerConfig::default(),
-        ));
+        let routes = admin_routes(Arc::downgrade(&service));
+        match &options.tls {
+            None => service.keep(serve_http_routes(
+                listener,
+                HttpEndpoints {
+                    metadata: None,
+                    metrics: metrics_fn,
+                    health,
+                },
+                Some(routes),
+                HttpServerConfig::default(),
+            )),
+            Some(id) => service.keep(serve_https(
+                listener,
+                TlsAcceptor::new(id, HTTPS_ALPN)?,
+                HttpsEndpoints {
+                    metrics: metrics_fn,
+                    health,
+                    routes,
+                    admin_only: needs_admin_role,
+                },
+                HttpsLimits::default(),
+            )),
+        }
         if options.enable_metrics {
             service.keep(report_metrics(Arc::downgrade(&service)));
         }
@@ -558,8 +645,15 @@ fn report_metrics(service: std::sync::Weak<MasterService>) -> tokio::task::JoinH
     })
 }
 
+/// Starts this member of a Raft group. `tls` is this master's identity: its check for a running
+/// group connects with it; the group's own network will take it once mooncake-meta-raft speaks
+/// TLS.
 #[cfg(feature = "raft")]
-async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc<MasterService>> {
+async fn start_member(
+    options: &MasterOptions,
+    raft: &RaftOptions,
+    tls: Option<&TlsIdentity>,
+) -> Result<Arc<MasterService>> {
     use crate::service::MasterState;
     use mooncake_meta_raft::{
         NodeConfig, PeerInfo, RaftMetadataStore, RoleEvent, RoleObserver, StoreConfig,
@@ -578,7 +672,7 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
         .find(|p| p.id == raft.id)
         .map(|p| p.raft_addr.clone())
         .ok_or_else(|| Error::InvalidArgument(format!("raft id {} not among peers", raft.id)))?;
-    refuse_a_second_group(raft).await?;
+    refuse_a_second_group(raft, tls).await?;
     let mut node = NodeConfig::new(raft.id, raft.data_dir.clone(), voters);
     node.election_ticks = raft.election_ticks;
     node.join = raft.join;
@@ -620,7 +714,7 @@ async fn start_member(options: &MasterOptions, raft: &RaftOptions) -> Result<Arc
 /// refused and the error says to join instead. Members that do not answer (not started yet, or
 /// no leader yet: the usual first start of a group) let the bootstrap go on.
 #[cfg(feature = "raft")]
-async fn refuse_a_second_group(raft: &RaftOptions) -> Result<()> {
+async fn refuse_a_second_group(raft: &RaftOptions, tls: Option<&TlsIdentity>) -> Result<()> {
     use mooncake_rpc::admin::AdminRequest;
     use mooncake_rpc::RpcClientConfig;
     use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
@@ -635,13 +729,16 @@ async fn refuse_a_second_group(raft: &RaftOptions) -> Result<()> {
         call_timeout: std::time::Duration::from_secs(1),
         connect_timeout: std::time::Duration::from_millis(500),
     };
+    let connector = tls.map(mooncake_rpc::tls_connector).transpose()?;
     let ask = |addr: String| {
         let config = config.clone();
+        let connector = connector.clone();
         async move {
             let mut target = addr;
             // A follower names the leader: ask it once.
             for _ in 0..2 {
-                let remote = RemoteMaster::new(target.as_str(), config.clone());
+                let remote =
+                    RemoteMaster::with_tls(target.as_str(), config.clone(), connector.clone());
                 match remote
                     .call(MasterRequest::Admin(AdminRequest::Members))
                     .await
@@ -681,7 +778,11 @@ async fn refuse_a_second_group(raft: &RaftOptions) -> Result<()> {
 pub const ROLE_LINE_PREFIX: &str = "mooncake_master raft: ";
 
 #[cfg(not(feature = "raft"))]
-async fn start_member(_: &MasterOptions, _: &RaftOptions) -> Result<Arc<MasterService>> {
+async fn start_member(
+    _: &MasterOptions,
+    _: &RaftOptions,
+    _: Option<&TlsIdentity>,
+) -> Result<Arc<MasterService>> {
     Err(Error::NotSupported(
         "this build has no Raft support (enable the `raft` feature)".into(),
     ))

@@ -8,7 +8,9 @@
 //!   `--put_start_release_timeout_sec`, `--max_total_pending_tasks` (the limit of unfinished
 //!   tasks), `--processing_task_timeout_sec` (0: no timeout), `--allow_evict_soft_pinned_objects`,
 //!   `--max_retry_attempts` (retries of a failed task), `--config_path`, `--flagfile`, and glog's `--log_dir`, `--minloglevel`, `--v`,
-//!   `--logtostderr`, `--alsologtostderr`.
+//!   `--logtostderr`, `--alsologtostderr`; and this master's own `--tls_ca`, `--tls_cert`,
+//!   `--tls_key` (mutual TLS on the RPC and metrics ports; all three or none, and without them
+//!   `MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY` when set), which upstream does not have.
 //! - **Accepted without effect** ([`NO_EFFECT`]): flags that tune upstream's internals (thread
 //!   counts, connection options, its allocator, glog's buffering), flags of features that are
 //!   off at upstream's default and stay off here (`--enable_ha=false`, `--enable_offload=false`,

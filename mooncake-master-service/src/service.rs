@@ -32,8 +32,9 @@ use mooncake_master::{
     Route, Ticket, Timestamp,
 };
 
-use mooncake_rpc::rpc::{self, Handler};
-use mooncake_rpc::{MasterApi, MasterReply, MasterRequest};
+use mooncake_rpc::admin::AdminRequest;
+use mooncake_rpc::rpc::{self, Caller, Handler, RefusalLog};
+use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, Role, TlsAcceptor};
 
 /// The master's clock: milliseconds since the Unix epoch, so every process of a cluster (and a
 /// master that takes over) reads the same time base.
@@ -340,9 +341,25 @@ impl MasterService {
 
     /// Serves the RPC protocol on `addr`; returns the bound address.
     pub async fn serve_rpc(self: &Arc<Self>, addr: SocketAddr) -> Result<SocketAddr> {
+        self.serve_rpc_tls(addr, None).await
+    }
+
+    /// [`serve_rpc`](Self::serve_rpc), over mutual TLS when `tls` is given: every connection
+    /// needs a certificate of the cluster CA, and each request a role its certificate grants
+    /// (see [`required_roles`]); a refused request is answered `Failed` with `ILLEGAL_CLIENT`
+    /// and the reason, and logged with the peer's name.
+    pub async fn serve_rpc_tls(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<SocketAddr> {
         let listener = rpc::bind(addr).await?;
         let bound = listener.local_addr()?;
-        let handle = rpc::serve(listener, Arc::new(RpcFront(self.clone())));
+        let front = Arc::new(RpcFront {
+            service: self.clone(),
+            refusals: RefusalLog::new(),
+        });
+        let handle = rpc::serve_tls(listener, front, rpc::ServeLimits::default(), tls);
         self.tasks.lock().expect("service tasks").push(handle);
         Ok(bound)
     }
@@ -477,14 +494,67 @@ impl MasterApi for MasterService {
     }
 }
 
+/// The roles a certificate needs for `request` on a master that requires TLS, and what the
+/// request does (for the refusal's message):
+///
+/// - data commands (puts, gets, mounts, heartbeats, tasks, segment listings, landing reports):
+///   `client` (storage nodes and clients) or `master` (members of the group);
+/// - metrics: any role;
+/// - listing the group's members: `admin`, or `master` (a member starting up asks the others
+///   whether a group is already running);
+/// - changing the group's membership: `admin` only.
+///
+/// Maintenance commands stay refused from every peer whatever its roles (see
+/// [`MasterService`]'s handling of them).
+pub fn required_roles(request: &MasterRequest) -> (&'static [Role], &'static str) {
+    const DATA: &[Role] = &[Role::Client, Role::Master];
+    match request {
+        MasterRequest::Apply(_)
+        | MasterRequest::QueryTask(_)
+        | MasterRequest::Segments
+        | MasterRequest::Landed { .. }
+        | MasterRequest::CommitWhenLanded { .. } => (DATA, "use the store's data commands"),
+        MasterRequest::Metrics => (
+            &[Role::Client, Role::Master, Role::Admin],
+            "read the master's metrics",
+        ),
+        MasterRequest::Admin(AdminRequest::Members) => (
+            &[Role::Admin, Role::Master],
+            "list the master group's members",
+        ),
+        MasterRequest::Admin(_) => (&[Role::Admin], "change the master group's membership"),
+    }
+}
+
 /// The RPC server's view of the service. Holds it strongly: serving keeps the service alive
 /// until [`MasterService::shutdown`] stops the server.
-struct RpcFront(Arc<MasterService>);
+struct RpcFront {
+    service: Arc<MasterService>,
+    /// Requests refused for their peer's roles.
+    refusals: RefusalLog,
+}
 
 #[async_trait]
 impl Handler<MasterRequest, MasterReply> for RpcFront {
     async fn handle(&self, request: MasterRequest) -> MasterReply {
-        self.0.handle(request).await
+        self.service.handle(request).await
+    }
+
+    async fn handle_from(&self, caller: &Caller, request: MasterRequest) -> MasterReply {
+        // A plain connection (a master without TLS) is served as before; over TLS the
+        // certificate must grant a role the request needs.
+        if let Some(identity) = &caller.identity {
+            let (roles, what) = required_roles(&request);
+            if let Err(e) = identity.require_any(roles, what) {
+                self.refusals
+                    .refused("master rpc", &caller.describe(), &e.to_string());
+                return MasterReply::Failed {
+                    code: e.code(),
+                    message: e.to_string(),
+                };
+            }
+        }
+        self.service.handle(request).await
     }
 }
 

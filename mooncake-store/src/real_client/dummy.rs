@@ -106,12 +106,18 @@ impl DummyClient {
         let total = mem_pool_size
             .checked_add(local_buffer_size)
             .ok_or_else(|| Error::with_code(ErrorCode::INVALID_PARAMS, "pool sizes overflow"))?;
-        let rpc = RpcClient::new(
+        // A real client of a node with a certificate requires one: present this node's.
+        let tls = mooncake_tls::TlsIdentity::from_env_opt()?
+            .as_ref()
+            .map(mooncake_rpc::tls_connector)
+            .transpose()?;
+        let rpc = RpcClient::with_tls(
             server_address,
             RpcClientConfig {
                 call_timeout: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(3),
             },
+            tls,
         );
         let fd = create_memfd("mooncake-dummy-pool", total)?;
         let map = Mapping::map(&fd, total)?;

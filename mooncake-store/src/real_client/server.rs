@@ -18,7 +18,8 @@ use super::wire::{
     to_wire, Blob, PoolItem, Reply, Request, WireError, MAX_INLINE, PROTOCOL_VERSION,
 };
 use crate::store::{Store, StoreConfig, WriteKind};
-use mooncake_rpc::rpc::Handler;
+use mooncake_rpc::rpc::{Caller, Handler, RefusalLog};
+use mooncake_tls::{Role, TlsIdentity};
 
 /// Magic of a pool registration on the Unix socket.
 pub(crate) const REGISTER_MAGIC: &[u8; 4] = b"MCDM";
@@ -117,6 +118,8 @@ struct State {
     sessions: Mutex<HashMap<u64, Arc<Pool>>>,
     next: AtomicU64,
     seed: std::collections::hash_map::RandomState,
+    /// Requests refused for their peer's roles (over TLS).
+    refusals: RefusalLog,
 }
 
 impl State {
@@ -281,6 +284,18 @@ fn strs(keys: &[String]) -> Vec<&str> {
 
 #[async_trait::async_trait]
 impl Handler<Request, Reply> for State {
+    async fn handle_from(&self, caller: &Caller, request: Request) -> Reply {
+        // Over TLS (a node with a certificate) a dummy client's certificate must be a client's.
+        if let Some(identity) = &caller.identity {
+            if let Err(e) = identity.require_any(&[Role::Client], "use this real client") {
+                self.refusals
+                    .refused("real client rpc", &caller.describe(), &e.to_string());
+                return Reply::Failed(WireError::from(&e));
+            }
+        }
+        self.handle(request).await
+    }
+
     async fn handle(&self, request: Request) -> Reply {
         let s = &self.store;
         match request {
@@ -424,8 +439,21 @@ impl RealClient {
         }
     }
 
-    /// Serves an existing store to dummy clients on `bind`.
+    /// Serves an existing store to dummy clients on `bind`; over mutual TLS when this node has
+    /// a certificate (`MC_TLS_CA`, `MC_TLS_CERT`, `MC_TLS_KEY`), as [`RealClient::serve_tls`].
     pub async fn serve(store: Arc<Store>, bind: SocketAddr) -> Result<Arc<RealClient>> {
+        let tls = TlsIdentity::from_env_opt()?;
+        Self::serve_tls(store, bind, tls.as_ref()).await
+    }
+
+    /// Serves an existing store to dummy clients on `bind`; with `tls`, every connection needs
+    /// a certificate of the cluster CA with the `client` role.
+    pub async fn serve_tls(
+        store: Arc<Store>,
+        bind: SocketAddr,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Arc<RealClient>> {
+        let acceptor = tls.map(mooncake_rpc::tls_acceptor).transpose()?;
         let listener = mooncake_rpc::rpc::bind(bind).await?;
         let rpc_address = listener.local_addr()?;
         let seed = std::collections::hash_map::RandomState::new();
@@ -448,8 +476,14 @@ impl RealClient {
             sessions: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             seed,
+            refusals: RefusalLog::new(),
         });
-        let rpc = mooncake_rpc::rpc::serve(listener, state.clone());
+        let rpc = mooncake_rpc::rpc::serve_tls(
+            listener,
+            state.clone(),
+            mooncake_rpc::ServeLimits::default(),
+            acceptor,
+        );
         let sessions = tokio::spawn(accept_sessions(ipc, Arc::downgrade(&state)));
         Ok(Arc::new(RealClient {
             state,

@@ -269,12 +269,26 @@ fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Resul
 }
 
 impl Store {
-    /// Sets up a client of the master at `config.master_server_addr`.
+    /// Sets up a client of the master at `config.master_server_addr`. When this node has a
+    /// certificate (`MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY` name its PEM files), the master
+    /// is reached over mutual TLS with it; a half-set environment is refused.
     pub async fn setup(config: StoreConfig) -> Result<Arc<Store>> {
+        let tls = mooncake_tls::TlsIdentity::from_env_opt()?;
+        Self::setup_with_tls(config, tls.as_ref()).await
+    }
+
+    /// [`Store::setup`] with this node's certificate given (`None`: plain connections),
+    /// whatever the environment says.
+    pub async fn setup_with_tls(
+        config: StoreConfig,
+        tls: Option<&mooncake_tls::TlsIdentity>,
+    ) -> Result<Arc<Store>> {
         config.validate()?;
-        let master = Arc::new(RemoteMaster::new(
+        let connector = tls.map(mooncake_rpc::tls_connector).transpose()?;
+        let master = Arc::new(RemoteMaster::with_tls(
             config.master_server_addr.as_str(),
             config.rpc.clone(),
+            connector,
         ));
         Self::setup_with_master(config, master).await
     }

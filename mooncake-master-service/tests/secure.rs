@@ -1,0 +1,559 @@
+//! A `mooncake_master` started with certificates, as a real process on loopback, against peers
+//! with certificates made by a real CA (`mooncake_tls::certs`): who is admitted on the RPC and
+//! metrics ports, what each role may do, and how everyone else is refused (and logged). Also:
+//! without TLS the master says at start that it accepts anyone.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::{eventually, free_port, store_config, wait_line, Proc};
+use mooncake_core::ErrorCode;
+use mooncake_rpc::admin::AdminRequest;
+use mooncake_rpc::{
+    tls_connector, MasterApi, MasterReply, MasterRequest, RemoteMaster, RpcClientConfig,
+};
+use mooncake_store::{ReplicateConfig, Store};
+use mooncake_tls::certs::{self, CertifiedPem};
+use mooncake_tls::{Role, TlsConnector, TlsIdentity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A cluster's certificates written as PEM files into a directory removed on drop.
+struct Pki {
+    dir: PathBuf,
+    ca: CertifiedPem,
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("mooncake-secure-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = certs::new_ca("secure test CA").unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+        Pki { dir, ca }
+    }
+
+    /// Issues `name` with `roles` for 127.0.0.1 and writes its files.
+    fn issue(&self, name: &str, roles: &[Role]) -> TlsIdentity {
+        let cert = certs::issue_role_cert(&self.ca, name, &["127.0.0.1"], roles).unwrap();
+        self.write(name, &cert.identity(&self.ca))
+    }
+
+    fn write(&self, name: &str, id: &TlsIdentity) -> TlsIdentity {
+        std::fs::write(self.dir.join(format!("{name}.pem")), &id.cert_pem).unwrap();
+        std::fs::write(self.dir.join(format!("{name}-key.pem")), &id.key_pem).unwrap();
+        id.clone()
+    }
+
+    /// `--tls_ca/--tls_cert/--tls_key` for `name`.
+    fn flags(&self, name: &str) -> Vec<String> {
+        vec![
+            format!("--tls_ca={}", self.dir.join("ca.pem").display()),
+            format!(
+                "--tls_cert={}",
+                self.dir.join(format!("{name}.pem")).display()
+            ),
+            format!(
+                "--tls_key={}",
+                self.dir.join(format!("{name}-key.pem")).display()
+            ),
+        ]
+    }
+
+    /// `MC_TLS_CA/_CERT/_KEY` for `name`.
+    fn env(&self, name: &str) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("MC_TLS_CA", self.dir.join("ca.pem")),
+            ("MC_TLS_CERT", self.dir.join(format!("{name}.pem"))),
+            ("MC_TLS_KEY", self.dir.join(format!("{name}-key.pem"))),
+        ]
+    }
+}
+
+/// A running master: its process, RPC and metrics addresses, and the file its log goes to.
+struct Master {
+    _proc: Proc,
+    rpc: String,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Master {
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+}
+
+fn spawn_master(args: &[String], env: &[(&str, PathBuf)], log: &Path) -> Master {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
+        .args(["--rpc_address=127.0.0.1", "--metrics_port=0"])
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .expect("start mooncake_master");
+    let rest = wait_line(&mut child, "mooncake_master listening: rpc=");
+    let rpc = rest.split_whitespace().next().unwrap().to_owned();
+    let metrics = rest
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .unwrap()
+        .to_owned();
+    Master {
+        _proc: Proc(child),
+        rpc,
+        metrics,
+        log: log.to_owned(),
+    }
+}
+
+fn quick() -> RpcClientConfig {
+    RpcClientConfig {
+        call_timeout: Duration::from_secs(3),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+fn remote(addr: &str, id: &TlsIdentity) -> RemoteMaster {
+    RemoteMaster::with_tls(addr, quick(), Some(tls_connector(id).unwrap()))
+}
+
+/// The reply's failure code and message, if it failed.
+fn failed(reply: &MasterReply) -> Option<(ErrorCode, &str)> {
+    match reply {
+        MasterReply::Failed { code, message } => Some((*code, message.as_str())),
+        _ => None,
+    }
+}
+
+/// A TLS client that presents no certificate (it trusts the cluster CA).
+#[allow(deprecated)] // ring's provider, the only one compiled in
+fn anonymous(ca: &CertifiedPem, alpn: &[u8]) -> mooncake_tls::tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    mooncake_tls::tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Whether a connection that sends `request` (after the TLS handshake when `tls`) gets any
+/// answer bytes back: false when the server refuses it (alert, close or reset).
+async fn answered<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    request: &[u8],
+) -> Vec<u8> {
+    let _ = s.write_all(request).await;
+    let _ = s.flush().await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rpc_admits_only_cluster_certificates_and_requests_their_roles_allow() {
+    let pki = Pki::new("rpc");
+    pki.issue("master-1", &[Role::Master]);
+    let node = pki.issue("node-1", &[Role::Client]);
+    let ops = pki.issue("ops", &[Role::Admin]);
+    let master = spawn_master(
+        &[&["--rpc_port=0".to_string()][..], &pki.flags("master-1")].concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+
+    // A storage node's certificate: data commands and metrics.
+    let client = remote(&master.rpc, &node);
+    assert!(matches!(
+        client.call(MasterRequest::Segments).await.unwrap(),
+        MasterReply::Segments(_)
+    ));
+    assert!(matches!(
+        client.call(MasterRequest::Metrics).await.unwrap(),
+        MasterReply::Metrics(_)
+    ));
+    // ... but neither the group's membership nor a change of it.
+    for request in [
+        AdminRequest::Members,
+        AdminRequest::Remove { id: 1 },
+        AdminRequest::AddLearner {
+            id: 9,
+            raft_addr: "127.0.0.1:1".into(),
+            rpc_addr: "127.0.0.1:2".into(),
+        },
+    ] {
+        let reply = client.call(MasterRequest::Admin(request)).await.unwrap();
+        let (code, message) = failed(&reply).expect("refused");
+        assert_eq!(code, ErrorCode::ILLEGAL_CLIENT, "{message}");
+        assert!(
+            message.contains("node-1 (roles: client) may not"),
+            "{message}"
+        );
+        assert!(message.contains("needs the admin"), "{message}");
+    }
+    // An operator's certificate passes the role check for admin requests (a single master has
+    // no group, which is a different answer), and is refused data commands.
+    let operator = remote(&master.rpc, &ops);
+    let reply = operator
+        .call(MasterRequest::Admin(AdminRequest::Members))
+        .await
+        .unwrap();
+    assert_ne!(failed(&reply).map(|f| f.0), Some(ErrorCode::ILLEGAL_CLIENT));
+    let reply = operator.call(MasterRequest::Segments).await.unwrap();
+    let (code, message) = failed(&reply).expect("refused");
+    assert_eq!(code, ErrorCode::ILLEGAL_CLIENT);
+    assert!(message.contains("data commands"), "{message}");
+
+    // A certificate of another CA, and an expired one of ours.
+    let foreign = certs::new_ca("intruder CA").unwrap();
+    let intruder = TlsIdentity {
+        ca_pem: pki.ca.cert_pem.clone(),
+        ..certs::issue_role_cert(&foreign, "intruder", &["127.0.0.1"], &[Role::Admin])
+            .unwrap()
+            .identity(&foreign)
+    };
+    let now = SystemTime::now();
+    let expired = certs::issue_cert(
+        &pki.ca,
+        "expired",
+        &["127.0.0.1"],
+        &[Role::Admin, Role::Client],
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(3600),
+    )
+    .unwrap()
+    .identity(&pki.ca);
+    for (who, id, alert) in [
+        ("foreign", &intruder, "UnknownCA"),
+        ("expired", &expired, "CertificateExpired"),
+    ] {
+        let e = remote(&master.rpc, id)
+            .call(MasterRequest::Metrics)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RPC_FAIL, "{who}: {e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(alert) || text.contains("connection"),
+            "{who}: {text}"
+        );
+    }
+    // No certificate at all: the handshake completes on the client's side, then the master's
+    // refusal arrives instead of an answer.
+    let tcp = TcpStream::connect(&master.rpc).await.unwrap();
+    if let Ok(tls) = anonymous(&pki.ca, mooncake_rpc::RPC_ALPN)
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+    {
+        assert!(answered(tls, b"\x0e\0\0\0\x01\x01\0\0\0\0\0\0\0\0")
+            .await
+            .is_empty());
+    }
+    // A plain client is told that the master requires TLS.
+    let plain = RemoteMaster::new(master.rpc.as_str(), quick());
+    let e = plain.call(MasterRequest::Metrics).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ILLEGAL_CLIENT, "{e}");
+    assert!(e.to_string().contains("requires mutual TLS"), "{e}");
+    assert!(e.to_string().contains("MC_TLS_CA"), "{e}");
+
+    // Members are still served; the refusals are in the master's log with peer and reason.
+    assert!(matches!(
+        client.call(MasterRequest::Metrics).await.unwrap(),
+        MasterReply::Metrics(_)
+    ));
+    let log = master.log();
+    assert!(log.contains("mutual TLS on"), "{log}");
+    assert!(!log.contains("accepts any peer"), "{log}");
+    assert!(
+        log.contains("master rpc: refused node-1 (127.0.0.1:"),
+        "no role refusal logged: {log}"
+    );
+    assert!(log.contains("rpc: refused 127.0.0.1:"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_client_with_its_certificate_puts_and_gets_through_a_tls_master() {
+    let pki = Pki::new("store");
+    pki.issue("master-1", &[Role::Master]);
+    let node = pki.issue("node-1", &[Role::Client]);
+    // The master's identity from the environment this time.
+    let master = spawn_master(
+        &["--rpc_port=0".to_string()],
+        &pki.env("master-1"),
+        &pki.dir.join("master.log"),
+    );
+    let store = Store::setup_with_tls(store_config(&master.rpc, 16 << 20), Some(&node))
+        .await
+        .unwrap();
+    let one = ReplicateConfig::with_replicas(1);
+    let value: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    store.put("secure/a", &value, &one).await.unwrap();
+    assert_eq!(store.get("secure/a").await.unwrap(), value);
+    assert!(store.is_exist("secure/a").await.unwrap());
+    store.close().await.unwrap();
+    // Without a certificate the same setup fails, saying why.
+    let Err(e) = Store::setup_with_tls(store_config(&master.rpc, 16 << 20), None).await else {
+        panic!("a plain store client must not get through");
+    };
+    assert!(e.to_string().contains("requires mutual TLS"), "{e}");
+}
+
+/// One HTTPS `GET` with `Connection: close` over `tls`; the status and body, or `None` when the
+/// server refused the connection.
+async fn https_get(addr: &str, tls: &TlsConnector, target: &str) -> Option<(u16, String)> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (stream, _) = tls.connect(tcp, "127.0.0.1").await.ok()?;
+    let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let out = String::from_utf8_lossy(&answered(stream, request.as_bytes()).await).into_owned();
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.get(9..12)?.parse().ok()?, body.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_admin_endpoints_serve_https_to_cluster_certificates_only() {
+    let pki = Pki::new("https");
+    pki.issue("master-1", &[Role::Master]);
+    let node = pki.issue("node-1", &[Role::Client]);
+    let ops = pki.issue("ops", &[Role::Admin]);
+    let master = spawn_master(
+        &[&["--rpc_port=0".to_string()][..], &pki.flags("master-1")].concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+    let https = |id: &TlsIdentity| TlsConnector::new(id, b"http/1.1").unwrap();
+
+    // Any cluster certificate reads the metrics and health.
+    let (status, body) = https_get(&master.metrics, &https(&node), "/metrics")
+        .await
+        .expect("served");
+    assert_eq!(status, 200);
+    assert!(body.contains("master_"), "{body}");
+    let (status, body) = https_get(&master.metrics, &https(&node), "/health")
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "OK"));
+    // The listings of keys and segments need the admin role.
+    let (status, body) = https_get(&master.metrics, &https(&node), "/get_all_keys")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("needs the admin role"), "{body}");
+    for path in ["/get_all_keys", "/get_all_segments", "/query_key?key=x"] {
+        let (status, body) = https_get(&master.metrics, &https(&ops), path)
+            .await
+            .unwrap();
+        assert!(status == 200 || status == 404, "{path}: {status} {body}");
+    }
+
+    // Plain HTTP gets no HTTP answer at all.
+    let tcp = TcpStream::connect(&master.metrics).await.unwrap();
+    let out = answered(
+        tcp,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        !out.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    // Neither does TLS without a certificate.
+    let tcp = TcpStream::connect(&master.metrics).await.unwrap();
+    if let Ok(tls) = anonymous(&pki.ca, b"http/1.1")
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+    {
+        let out = answered(
+            tls,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    }
+    // Nor a certificate of another CA.
+    let foreign = certs::new_ca("intruder CA").unwrap();
+    let intruder = TlsIdentity {
+        ca_pem: pki.ca.cert_pem.clone(),
+        ..certs::issue_role_cert(&foreign, "intruder", &["127.0.0.1"], &[Role::Admin])
+            .unwrap()
+            .identity(&foreign)
+    };
+    assert_eq!(
+        https_get(&master.metrics, &https(&intruder), "/metrics").await,
+        None
+    );
+    let log = master.log();
+    assert!(log.contains("metrics https: refused"), "{log}");
+    assert!(log.contains("node-1 (127.0.0.1:"), "{log}");
+}
+
+/// Runs `mooncake_master admin ARGS` with `env`; exit code, stdout and stderr.
+fn admin(args: &[String], env: &[(&str, PathBuf)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
+        .arg("admin")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_admin_certificate_changes_a_tls_groups_membership() {
+    let pki = Pki::new("group");
+    pki.issue("master-1", &[Role::Master]);
+    pki.issue("node-1", &[Role::Client]);
+    pki.issue("ops", &[Role::Admin]);
+    let (rpc_port, raft_port) = (free_port(), free_port());
+    let rpc = format!("127.0.0.1:{rpc_port}");
+    let master = spawn_master(
+        &[
+            &[
+                format!("--rpc_port={rpc_port}"),
+                "--raft_id=1".to_string(),
+                format!("--raft_peers=1=127.0.0.1:{raft_port}/{rpc}"),
+                format!("--raft_data_dir={}", pki.dir.join("raft-1").display()),
+                "--raft_tick_ms=20".to_string(),
+            ][..],
+            &pki.flags("master-1"),
+        ]
+        .concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+    let at = format!("--master_server_addr={rpc}");
+    // The operator lists the members once the single member leads.
+    let ops_flags = pki.flags("ops");
+    eventually("the member leads", Duration::from_secs(20), || {
+        let args = [&["members".to_string(), at.clone()][..], &ops_flags].concat();
+        async move { admin(&args, &[]).0 == 0 }
+    })
+    .await;
+    let learner = format!("2=127.0.0.1:{}/127.0.0.1:{}", free_port(), free_port());
+    // A storage node's certificate (from the environment) may not add a member.
+    let (code, _, err) = admin(
+        &["add-learner".to_string(), learner.clone(), at.clone()],
+        &pki.env("node-1"),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("node-1 (roles: client) may not change"),
+        "{err}"
+    );
+    // Nor may a plain client.
+    let (code, _, err) = admin(&["members".to_string(), at.clone()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("requires mutual TLS"), "{err}");
+    // The operator may.
+    let (code, out, err) = admin(
+        &[
+            &["add-learner".to_string(), learner, at.clone()][..],
+            &ops_flags,
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("learner"), "{out}");
+    let (code, out, err) = admin(
+        &[
+            &["remove".to_string(), "2".to_string(), at.clone()][..],
+            &ops_flags,
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("learner"), "{out}");
+    let log = master.log();
+    assert!(log.contains("master rpc: refused node-1"), "{log}");
+    assert!(
+        log.contains("Raft port of this member does not use TLS yet"),
+        "{log}"
+    );
+}
+
+#[test]
+fn without_tls_the_master_says_it_accepts_anyone_and_half_a_tls_setup_is_refused() {
+    let dir = std::env::temp_dir().join(format!("mooncake-secure-plain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let master = spawn_master(&["--rpc_port=0".to_string()], &[], &dir.join("master.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !master.log().contains("accepts any peer") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = master.log();
+    assert!(log.contains("accepts any peer"), "{log}");
+    assert!(log.contains("--tls_ca"), "{log}");
+    assert_eq!(log.matches("accepts any peer").count(), 1, "{log}");
+    drop(master);
+    for (args, env, why) in [
+        (
+            vec!["--tls_ca=/nonexistent/ca.pem".to_string()],
+            vec![],
+            "--tls_cert, --tls_key missing",
+        ),
+        (
+            vec![],
+            vec![("MC_TLS_CA", dir.join("ca.pem"))],
+            "MC_TLS_CERT, MC_TLS_KEY not",
+        ),
+        (
+            vec![
+                "--tls_ca=/nonexistent/ca.pem".to_string(),
+                "--tls_cert=/nonexistent/c.pem".to_string(),
+                "--tls_key=/nonexistent/k.pem".to_string(),
+            ],
+            vec![],
+            "/nonexistent/ca.pem",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
+            .args([
+                "--rpc_address=127.0.0.1",
+                "--rpc_port=0",
+                "--metrics_port=0",
+            ])
+            .args(&args)
+            .envs(
+                env.iter()
+                    .map(|(k, v): &(&str, PathBuf)| (*k, v.as_os_str())),
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: started anyway");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
