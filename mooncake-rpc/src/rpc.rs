@@ -693,7 +693,7 @@ impl RpcClient {
                     tokio::time::timeout(self.config.connect_timeout, tls.connect(stream, host))
                         .await
                         .map_err(|_| fail("TLS handshake timed out".into()))?
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(|e| fail(handshake_failure(&e)))?;
                 let (r, w) = tokio::io::split(stream);
                 let reader = tokio::spawn(read_responses(
                     r,
@@ -820,6 +820,20 @@ impl RpcClient {
     /// Drops the connection (the next call reconnects).
     pub async fn disconnect(&self) {
         self.conn.lock().await.take();
+    }
+}
+
+/// Why a client's handshake failed, with a hint when the server closed the connection during
+/// it (what a server without TLS does with a handshake).
+fn handshake_failure(e: &Error) -> String {
+    let e = e.to_string();
+    if e.contains("eof") {
+        format!(
+            "{e}: the server closed the connection during the TLS handshake (is it running \
+             without TLS?)"
+        )
+    } else {
+        e
     }
 }
 

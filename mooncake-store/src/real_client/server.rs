@@ -621,6 +621,66 @@ async fn session(stream: tokio::net::UnixStream, state: Arc<State>) {
 mod tests {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_tls_the_real_client_serves_client_certificates_only() {
+        use mooncake_master::MasterConfig;
+        use mooncake_master_service::{MasterService, ServiceConfig};
+        use mooncake_rpc::{tls_connector, RpcClient, RpcClientConfig};
+        use mooncake_tls::certs;
+        let master = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
+        let store = Store::setup_embedded(
+            StoreConfig {
+                local_hostname: "127.0.0.1".into(),
+                global_segment_size: 16 << 20,
+                local_buffer_size: 16 << 20,
+                ..StoreConfig::default()
+            },
+            master.clone(),
+        )
+        .await
+        .unwrap();
+        let ca = certs::new_ca("real client test CA").unwrap();
+        let issue = |name: &str, roles: &[Role]| {
+            certs::issue_role_cert(&ca, name, &["127.0.0.1"], roles)
+                .unwrap()
+                .identity(&ca)
+        };
+        let real = RealClient::serve_tls(
+            store,
+            "127.0.0.1:0".parse().unwrap(),
+            Some(&issue("real", &[Role::Client])),
+        )
+        .await
+        .unwrap();
+        let addr = real.rpc_address().to_string();
+        let config = RpcClientConfig::default();
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        // A dummy client with a client certificate is served.
+        let tls = tls_connector(&issue("dummy", &[Role::Client])).unwrap();
+        let dummy = RpcClient::with_tls(addr.clone(), config.clone(), Some(tls));
+        let reply: Reply = dummy.call(&hello).await.unwrap();
+        assert!(matches!(reply, Reply::Hello { .. }), "{reply:?}");
+        // One whose certificate grants another role is refused with the reason.
+        let tls = tls_connector(&issue("ops", &[Role::Admin])).unwrap();
+        let ops = RpcClient::with_tls(addr.clone(), config.clone(), Some(tls));
+        match ops.call::<_, Reply>(&hello).await.unwrap() {
+            Reply::Failed(e) => {
+                assert_eq!(e.code, ErrorCode::ILLEGAL_CLIENT.code());
+                assert!(e.message.contains("needs the client role"), "{}", e.message);
+            }
+            other => panic!("served a certificate without the client role: {other:?}"),
+        }
+        // A plain one is told that TLS is required.
+        let plain = RpcClient::new(addr, config);
+        let e = plain.call::<_, Reply>(&hello).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ILLEGAL_CLIENT, "{e}");
+        assert!(e.to_string().contains("requires mutual TLS"), "{e}");
+        real.shutdown().await.unwrap();
+        master.shutdown();
+    }
+
     #[test]
     fn dummy_ranges_translate_only_inside_the_pool() {
         let (base, map, len) = (0x7000_0000u64, 0x1000_0000u64, 0x10000u64);
