@@ -1,7 +1,9 @@
 //! How store clients, storage nodes and administrators talk to a Mooncake master.
 //!
 //! - [`rpc`]: length-prefixed, versioned postcard frames over TCP, a multiplexing client and a
-//!   per-connection server loop;
+//!   per-connection server loop; optionally over mutual TLS ([`serve_tls`],
+//!   [`RpcClient::with_tls`]), where handlers learn each request's [`Caller`] (its verified
+//!   certificate) to authorize it;
 //! - [`master`]: the master's requests and replies ([`MasterRequest`], [`MasterReply`]), the
 //!   [`MasterApi`] trait a master answers them through (the service in-process, or
 //!   [`RemoteMaster`] over RPC, which follows the leader of a master group);
