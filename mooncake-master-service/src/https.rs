@@ -358,3 +358,101 @@ fn reason(status: u16) -> &'static str {
         _ => "Status",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mooncake_meta_http::RouteResponse;
+    use mooncake_tls::{certs, TlsConnector};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
+
+    /// Sends `requests` on one TLS connection and reads until the server closes it.
+    async fn exchange(addr: SocketAddr, tls: &TlsConnector, requests: &str) -> String {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut s, _) = tls.connect(tcp, "127.0.0.1").await.unwrap();
+        s.write_all(requests.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keep_alive_head_bodies_and_roles() {
+        let ca = certs::new_ca("https test CA").unwrap();
+        let id = |name: &str, roles: &[Role]| {
+            certs::issue_role_cert(&ca, name, &["127.0.0.1"], roles)
+                .unwrap()
+                .identity(&ca)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes: ExtraRoutes = Arc::new(|r: &RouteRequest<'_>| {
+            (r.path == "/secret").then(|| RouteResponse::new(200, "text/plain", "listing"))
+        });
+        let server = serve_https(
+            listener,
+            TlsAcceptor::new(&id("master", &[Role::Master]), HTTPS_ALPN).unwrap(),
+            HttpsEndpoints {
+                metrics: Arc::new(|| "m 1\n".to_owned()),
+                health: Arc::new(|| true),
+                routes,
+                admin_only: |p| p == "/secret",
+            },
+            HttpsLimits {
+                request_timeout: Duration::from_secs(2),
+                ..HttpsLimits::default()
+            },
+        );
+        let client = TlsConnector::new(&id("node", &[Role::Client]), HTTPS_ALPN).unwrap();
+        // Three requests on one connection: keep-alive, HEAD without the body, then close.
+        let out = exchange(
+            addr,
+            &client,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n\
+             HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n\
+             GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 3, "{out}");
+        assert_eq!(out.matches("m 1\n").count(), 1, "{out}");
+        assert!(out.ends_with("\r\n\r\nOK"), "{out}");
+        // The admin path needs the admin role; a body, another method or a bad line is refused.
+        for (request, status) in [
+            (
+                "GET /secret HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "403 Forbidden",
+            ),
+            ("GET /nothing HTTP/1.0\r\n\r\n", "404 Not Found"),
+            ("POST /metrics HTTP/1.0\r\n\r\n", "405 Method Not Allowed"),
+            (
+                "PUT /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+                "413",
+            ),
+            ("GET /metrics HTTP/2\r\n\r\n", "505"),
+            ("garbage\r\n\r\n", "400 Bad Request"),
+        ] {
+            let out = exchange(addr, &client, request).await;
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {status}")),
+                "{request}: {out}"
+            );
+        }
+        let admin = TlsConnector::new(&id("ops", &[Role::Admin]), HTTPS_ALPN).unwrap();
+        let out = exchange(addr, &admin, "GET /secret HTTP/1.0\r\n\r\n").await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK") && out.ends_with("listing"),
+            "{out}"
+        );
+        // A head that never ends is cut off.
+        let out = exchange(
+            addr,
+            &client,
+            &format!("GET /{} HTTP/1.1\r\n", "a".repeat(40_000)),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+        server.abort();
+    }
+}

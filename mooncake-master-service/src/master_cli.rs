@@ -1102,6 +1102,45 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_come_as_three_and_are_read_at_parse_time() {
+        let dir = std::env::temp_dir().join(format!("mooncake-cli-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = mooncake_tls::certs::new_ca("cli test CA").unwrap();
+        let m = mooncake_tls::certs::issue_role_cert(
+            &ca,
+            "m1",
+            &["127.0.0.1"],
+            &[mooncake_tls::Role::Master],
+        )
+        .unwrap();
+        let files = [
+            ("ca.pem", &ca.cert_pem),
+            ("m1.pem", &m.cert_pem),
+            ("m1-key.pem", &m.key_pem),
+        ];
+        for (name, pem) in files {
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+        let flag = |name: &str, file: &str| format!("--{name}={}", dir.join(file).display());
+        let (ca_flag, cert_flag, key_flag) = (
+            flag("tls_ca", "ca.pem"),
+            flag("tls_cert", "m1.pem"),
+            flag("tls_key", "m1-key.pem"),
+        );
+        let o = parse(&[&ca_flag, &cert_flag, &key_flag]).unwrap();
+        let tls = o.tls.expect("an identity");
+        assert_eq!(tls.own().unwrap().name(), "m1");
+        let e = parse(&[&ca_flag, &cert_flag]).unwrap_err();
+        assert!(e.to_string().contains("--tls_key missing"), "{e}");
+        // A key that is not one is refused at parse time, not at the first connection.
+        let bad_key = flag("tls_key", "ca.pem");
+        let e = parse(&[&ca_flag, &cert_flag, &bad_key]).unwrap_err();
+        assert!(e.to_string().contains("private key"), "{e}");
+        assert!(parse(&[]).unwrap().tls.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_joining_member_lists_the_group_and_itself() {
         let o = parse(&[
             "--raft_id=4",
