@@ -16,6 +16,14 @@
 //! out). Keys and segment names are percent-decoded from the query. Inspection grants no read
 //! lease and counts no request in the metrics.
 //!
+//! # With TLS
+//!
+//! A master started with certificates (`--tls_*` or `MC_TLS_*`) serves this port over HTTPS
+//! with client certificates (`mooncake-meta-http`'s `HttpTls`): `/metrics` and `/health` answer
+//! any certificate of the cluster CA, the endpoints above only one with the `admin` role
+//! (`403` with the reason otherwise); a connection without a certificate, with another CA's or
+//! an expired one is refused during the handshake.
+//!
 //! # The listing bound
 //!
 //! A store may hold millions of keys, and the whole listing is built under the master's lock,
@@ -63,13 +71,6 @@ pub fn admin_routes(service: Weak<MasterService>) -> ExtraRoutes {
             None => unavailable("the master is shutting down"),
         })
     })
-}
-
-/// Whether `path` is one of the endpoints that list or look up keys and segments: a master
-/// started with TLS answers them only to a certificate with the `admin` role (see
-/// [`crate::https`]); `/metrics/summary` is served like `/metrics`.
-pub fn needs_admin_role(path: &str) -> bool {
-    is_admin_path(path) && path != "/metrics/summary"
 }
 
 fn is_admin_path(path: &str) -> bool {

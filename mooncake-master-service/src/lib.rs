@@ -9,8 +9,7 @@
 //! - [`admin_cli`]: `mooncake_master admin`, which changes the members of a Raft master group
 //!   (the leader serves those requests in the service);
 //! - [`cli`]: what the programs share (exit codes, shutdown signals, `--raft_peers`, the TLS
-//!   identity of `--tls_*` or `MC_TLS_*`);
-//! - [`https`]: the metrics port over mutual TLS, for a master started with certificates.
+//!   identity of `--tls_*` or `MC_TLS_*`).
 //!
 //! The master role can run inside any process: a [`MasterService`] is a value, and the store's
 //! embedded mode makes one next to its client.
@@ -30,7 +29,6 @@
 pub mod admin_cli;
 pub mod admin_http;
 pub mod cli;
-pub mod https;
 pub mod landing;
 pub mod master_cli;
 pub mod master_flags;

@@ -13,16 +13,17 @@ use std::sync::Arc;
 use mooncake_core::{Error, Result};
 use mooncake_master::MasterConfig;
 
-use crate::admin_http::{admin_routes, needs_admin_role, summary};
+use crate::admin_http::{admin_routes, summary};
 use crate::cli::{parse_raft_peers, run_program, shutdown_signal, tls_identity};
-use crate::https::{serve_https, HttpsEndpoints, HttpsLimits, HTTPS_ALPN};
 use crate::master_flags::{
     check_kind, expand_flagfiles, init_logging, load_config_file, no_effect_kind, refusal, Kind,
     LogOptions,
 };
 use crate::service::{MasterService, ServiceConfig};
-use mooncake_meta_http::{serve_http, serve_http_routes, HttpEndpoints, HttpServerConfig};
-use mooncake_tls::{TlsAcceptor, TlsIdentity};
+use mooncake_meta_http::{
+    serve_http_routes, serve_http_with, HttpEndpoints, HttpServerConfig, HttpTls,
+};
+use mooncake_tls::TlsIdentity;
 
 /// Everything `mooncake_master` is told on its command line.
 #[derive(Clone, Debug)]
@@ -167,9 +168,11 @@ when set; create certificates with mooncake_certs):
                                          the addresses clients dial)
   --tls_key=FILE                         its private key
 With TLS every RPC connection needs a certificate of the cluster CA: data commands need the
-client or master role, membership changes the admin role; the metrics port serves HTTPS
-(any cluster certificate for /metrics and /health, the admin role for the key and segment
-listings). Without TLS the master accepts any peer.
+client or master role, membership changes the admin role. The Raft port admits the group's
+members only (a member's certificate: role master, common name master-<raft_id>). The metrics
+port and the HTTP metadata server serve HTTPS: any cluster certificate for /metrics, /health
+and metadata reads, the client or master role for metadata writes, the admin role for the
+admin endpoints. Without TLS the master accepts any peer.
 
 The metrics port also serves upstream's admin endpoints: /get_all_segments,
 /query_segment?segment=S, /get_all_keys (100000 keys a page; after=K, limit=N),
@@ -508,9 +511,9 @@ pub struct Listening {
 
 /// Starts the master's servers on the current runtime; they run until the service shuts down.
 pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Listening)> {
-    // The identity the Raft group's network and the HTTP metadata server are to use: handed to
-    // them once mooncake-meta-raft and mooncake-meta-http take TLS. Until then those two
-    // listeners accept any peer, which is said below when TLS is on.
+    // One identity for every listener of this master: its RPC, the Raft group's network (the
+    // certificate's common name must then be `master-<raft_id>`), the HTTP metadata server and
+    // the metrics port.
     let raft_tls: Option<TlsIdentity> = options.tls.clone();
     let http_metadata_tls: Option<TlsIdentity> = options.tls.clone();
     let rpc_tls = options
@@ -529,8 +532,8 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
         Some(id) => {
             let own = id.own()?;
             tracing::info!(
-                "mutual TLS on: the RPC and metrics ports admit only certificates of the \
-                 cluster CA (this master is {}, roles: {})",
+                "mutual TLS on: the RPC, Raft, metadata and metrics ports admit only \
+                 certificates of the cluster CA (this master is {}, roles: {})",
                 own.name(),
                 own.roles
                     .iter()
@@ -542,15 +545,7 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
     }
     let service = match &options.raft {
         None => MasterService::new(options.master.clone(), ServiceConfig::default())?,
-        Some(raft) => {
-            if raft_tls.is_some() {
-                tracing::warn!(
-                    "the Raft port of this member does not use TLS yet in this build: it \
-                     accepts any peer that can reach it"
-                );
-            }
-            start_member(options, raft, raft_tls.as_ref()).await?
-        }
+        Some(raft) => start_member(options, raft, raft_tls.as_ref()).await?,
     };
     let rpc = service
         .serve_rpc_tls(socket(&options.rpc_address, options.rpc_port)?, rpc_tls)
@@ -574,20 +569,18 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
             &options.http_metadata_server_host,
             options.http_metadata_server_port,
         )?;
-        if http_metadata_tls.is_some() {
-            tracing::warn!(
-                "the HTTP metadata server does not use TLS yet in this build: it accepts any \
-                 peer that can reach {addr}"
-            );
-        }
         let listener = mooncake_rpc::rpc::bind(addr).await?;
         listening.http_metadata = Some(listener.local_addr()?);
-        service.keep(serve_http(
+        service.keep(serve_http_with(
             listener,
             HttpEndpoints {
                 metadata: Some(service.metadata()),
                 metrics: metrics_fn.clone(),
                 health: health.clone(),
+            },
+            HttpServerConfig {
+                tls: http_metadata_tls.as_ref().map(HttpTls::new).transpose()?,
+                ..HttpServerConfig::default()
             },
         ));
     }
@@ -595,30 +588,21 @@ pub async fn start(options: &MasterOptions) -> Result<(Arc<MasterService>, Liste
         let listener =
             mooncake_rpc::rpc::bind(socket(&options.rpc_address, options.metrics_port)?).await?;
         listening.metrics = Some(listener.local_addr()?);
-        let routes = admin_routes(Arc::downgrade(&service));
-        match &options.tls {
-            None => service.keep(serve_http_routes(
-                listener,
-                HttpEndpoints {
-                    metadata: None,
-                    metrics: metrics_fn,
-                    health,
-                },
-                Some(routes),
-                HttpServerConfig::default(),
-            )),
-            Some(id) => service.keep(serve_https(
-                listener,
-                TlsAcceptor::new(id, HTTPS_ALPN)?,
-                HttpsEndpoints {
-                    metrics: metrics_fn,
-                    health,
-                    routes,
-                    admin_only: needs_admin_role,
-                },
-                HttpsLimits::default(),
-            )),
-        }
+        // With TLS: HTTPS, any cluster certificate for /metrics and /health, the admin role for
+        // the admin endpoints (HttpTls's default for extra routes).
+        service.keep(serve_http_routes(
+            listener,
+            HttpEndpoints {
+                metadata: None,
+                metrics: metrics_fn,
+                health,
+            },
+            Some(admin_routes(Arc::downgrade(&service))),
+            HttpServerConfig {
+                tls: options.tls.as_ref().map(HttpTls::new).transpose()?,
+                ..HttpServerConfig::default()
+            },
+        ));
         if options.enable_metrics {
             service.keep(report_metrics(Arc::downgrade(&service)));
         }
@@ -645,9 +629,8 @@ fn report_metrics(service: std::sync::Weak<MasterService>) -> tokio::task::JoinH
     })
 }
 
-/// Starts this member of a Raft group. `tls` is this master's identity: its check for a running
-/// group connects with it; the group's own network will take it once mooncake-meta-raft speaks
-/// TLS.
+/// Starts this member of a Raft group. `tls` is this master's identity: the group's network
+/// runs over mutual TLS with it, and its check for a running group connects with it.
 #[cfg(feature = "raft")]
 async fn start_member(
     options: &MasterOptions,
@@ -676,6 +659,7 @@ async fn start_member(
     let mut node = NodeConfig::new(raft.id, raft.data_dir.clone(), voters);
     node.election_ticks = raft.election_ticks;
     node.join = raft.join;
+    node.tls = tls.cloned();
     let mut config = StoreConfig::new(node, me);
     config.tick_interval = std::time::Duration::from_millis(raft.tick_ms);
     // Role changes are printed by a task, so a slow reader of stdout never stalls the raft loop.

@@ -82,11 +82,13 @@ impl Pki {
     }
 }
 
-/// A running master: its process, RPC and metrics addresses, and the file its log goes to.
+/// A running master: its process, RPC, metrics and HTTP metadata addresses, and the file its
+/// log goes to.
 struct Master {
     _proc: Proc,
     rpc: String,
     metrics: String,
+    http_metadata: String,
     log: PathBuf,
 }
 
@@ -108,15 +110,17 @@ fn spawn_master(args: &[String], env: &[(&str, PathBuf)], log: &Path) -> Master 
         .expect("start mooncake_master");
     let rest = wait_line(&mut child, "mooncake_master listening: rpc=");
     let rpc = rest.split_whitespace().next().unwrap().to_owned();
-    let metrics = rest
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics="))
-        .unwrap()
-        .to_owned();
+    let field = |name: &str| {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap()
+            .to_owned()
+    };
     Master {
         _proc: Proc(child),
         rpc,
-        metrics,
+        metrics: field("metrics="),
+        http_metadata: field("http_metadata="),
         log: log.to_owned(),
     }
 }
@@ -332,13 +336,22 @@ async fn https_get(addr: &str, tls: &TlsConnector, target: &str) -> Option<(u16,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_and_admin_endpoints_serve_https_to_cluster_certificates_only() {
+async fn metrics_admin_and_metadata_endpoints_serve_https_to_cluster_certificates_only() {
     let pki = Pki::new("https");
     pki.issue("master-1", &[Role::Master]);
     let node = pki.issue("node-1", &[Role::Client]);
     let ops = pki.issue("ops", &[Role::Admin]);
     let master = spawn_master(
-        &[&["--rpc_port=0".to_string()][..], &pki.flags("master-1")].concat(),
+        &[
+            &[
+                "--rpc_port=0".to_string(),
+                "--enable_http_metadata_server".to_string(),
+                "--http_metadata_server_host=127.0.0.1".to_string(),
+                "--http_metadata_server_port=0".to_string(),
+            ][..],
+            &pki.flags("master-1"),
+        ]
+        .concat(),
         &[],
         &pki.dir.join("master.log"),
     );
@@ -404,9 +417,29 @@ async fn metrics_and_admin_endpoints_serve_https_to_cluster_certificates_only() 
         https_get(&master.metrics, &https(&intruder), "/metrics").await,
         None
     );
+    // The HTTP metadata server the master runs is HTTPS too: members read it, others get no
+    // HTTP answer.
+    let (status, body) = https_get(&master.http_metadata, &https(&node), "/metadata?key=k")
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    let tcp = TcpStream::connect(&master.http_metadata).await.unwrap();
+    let out = answered(tcp, b"GET /metadata?key=k HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        !out.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     let log = master.log();
-    assert!(log.contains("metrics https: refused"), "{log}");
-    assert!(log.contains("node-1 (127.0.0.1:"), "{log}");
+    assert!(
+        log.contains("refused GET /get_all_keys from 127.0.0.1:"),
+        "{log}"
+    );
+    assert!(log.contains("node-1 (roles: client) may not"), "{log}");
+    assert!(
+        log.contains("refused an HTTPS connection from 127.0.0.1:"),
+        "{log}"
+    );
 }
 
 /// Runs `mooncake_master admin ARGS` with `env`; exit code, stdout and stderr.
@@ -494,10 +527,6 @@ async fn only_an_admin_certificate_changes_a_tls_groups_membership() {
     assert!(!out.contains("learner"), "{out}");
     let log = master.log();
     assert!(log.contains("master rpc: refused node-1"), "{log}");
-    assert!(
-        log.contains("Raft port of this member does not use TLS yet"),
-        "{log}"
-    );
 }
 
 #[test]
@@ -556,4 +585,67 @@ fn without_tls_the_master_says_it_accepts_anyone_and_half_a_tls_setup_is_refused
         assert!(out.stdout.is_empty(), "{args:?}: started anyway");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_group_with_certificates_elects_a_leader_and_serves_a_store() {
+    let pki = Pki::new("group3");
+    let node = pki.issue("node-1", &[Role::Client]);
+    pki.issue("ops", &[Role::Admin]);
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (rpc, raft))| format!("{}=127.0.0.1:{raft}/127.0.0.1:{rpc}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    // Every member's certificate names it as the Raft network requires: master-<id>.
+    let members: Vec<Master> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (rpc, _))| {
+            let name = format!("master-{}", i + 1);
+            pki.issue(&name, &[Role::Master]);
+            let args = [
+                &[
+                    format!("--rpc_port={rpc}"),
+                    format!("--raft_id={}", i + 1),
+                    format!("--raft_peers={peers}"),
+                    format!("--raft_data_dir={}", pki.dir.join(&name).display()),
+                    "--raft_tick_ms=20".to_string(),
+                ][..],
+                &pki.flags(&name),
+            ]
+            .concat();
+            spawn_master(&args, &[], &pki.dir.join(format!("{name}.log")))
+        })
+        .collect();
+    let addresses = members
+        .iter()
+        .map(|m| m.rpc.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let at = format!("--master_server_addr={addresses}");
+    let ops_flags = pki.flags("ops");
+    let voters = |out: &str| out.matches(" voter ").count();
+    eventually("the group elects a leader", Duration::from_secs(30), || {
+        let args = [&["members".to_string(), at.clone()][..], &ops_flags].concat();
+        async move {
+            let (code, out, _) = admin(&args, &[]);
+            code == 0 && voters(&out) == 3 && !out.starts_with("leader unknown")
+        }
+    })
+    .await;
+    // A store client with its certificate puts and gets through the group's leader.
+    let store = Store::setup_with_tls(store_config(&addresses, 16 << 20), Some(&node))
+        .await
+        .unwrap();
+    let value = vec![7u8; 64 << 10];
+    store
+        .put("group/a", &value, &ReplicateConfig::with_replicas(1))
+        .await
+        .unwrap();
+    assert_eq!(store.get("group/a").await.unwrap(), value);
+    store.close().await.unwrap();
+    drop(members);
 }
