@@ -778,9 +778,29 @@ impl RpcClient {
         let mut frame = Vec::new();
         encode_frame(KIND_REQUEST, id, request, &mut frame)?;
         let work = async {
-            let conn = self.connection().await?;
+            // The waiter goes in under the waiters' lock only while the connection is alive:
+            // the reader marks it dead and fails the waiters under that lock, so a waiter added
+            // once it has died would wait for nothing until the call timed out. A connection
+            // found dead there was not used: take a new one (nothing was sent).
             let (tx, rx) = oneshot::channel();
-            conn.waiters.lock().expect("waiters").insert(id, tx);
+            let mut tx = Some(tx);
+            let mut conn = None;
+            for _ in 0..2 {
+                let c = self.connection().await?;
+                let mut waiters = c.waiters.lock().expect("waiters");
+                if !c.dead.load(Ordering::Acquire) {
+                    waiters.insert(id, tx.take().expect("one waiter"));
+                    drop(waiters);
+                    conn = Some(c);
+                    break;
+                }
+            }
+            let Some(conn) = conn else {
+                return Err(Error::with_code(
+                    ErrorCode::RPC_FAIL,
+                    format!("{}: connection lost", self.address),
+                ));
+            };
             let sent = conn.writer.lock().await.send(&frame).await;
             if let Err(e) = sent {
                 conn.dead.store(true, Ordering::Release);
@@ -867,7 +887,13 @@ async fn read_responses<R: AsyncRead + Unpin>(
             Err(e) => break e,
         }
     };
-    dead.store(true, Ordering::Release);
+    // Marked dead under the waiters' lock: a call adds its waiter under it only to a live
+    // connection, so every waiter added is failed here.
+    let drained: Vec<_> = {
+        let mut w = waiters.lock().expect("waiters");
+        dead.store(true, Ordering::Release);
+        w.drain().collect()
+    };
     let err = match reason {
         Error::PermissionDenied(why) => Error::PermissionDenied(format!("{address}: {why}")),
         reason => Error::with_code(
@@ -875,7 +901,7 @@ async fn read_responses<R: AsyncRead + Unpin>(
             format!("{address}: connection lost: {reason}"),
         ),
     };
-    for (_, tx) in waiters.lock().expect("waiters").drain() {
+    for (_, tx) in drained {
         let _ = tx.send(Err(err.clone()));
     }
 }
