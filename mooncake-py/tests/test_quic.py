@@ -1,5 +1,7 @@
 """protocol="quic": stores move bytes over QUIC with mutual TLS, with the certificates the
-MC_TLS_CA / MC_TLS_CERT / MC_TLS_KEY files hold (made here with the openssl command)."""
+MC_TLS_CA / MC_TLS_CERT / MC_TLS_KEY files hold (made here with the openssl command, so without
+roles: such certificates count as client certificates). A node with a certificate also speaks
+TLS to its master, so these stores use a master started with certificates of the same CA."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import MASTER
+from conftest import MASTER, master_exe, port_open, stop
 import numpy as np
 
 from mooncake.p2p import P2PStore
@@ -54,10 +56,47 @@ def use(monkeypatch, d, ca, name):
     monkeypatch.setenv("MC_TLS_KEY", str(d / f"{name}-key.pem"))
 
 
-def quic_store(segment):
+def quic_store(segment, master=MASTER):
     s = MooncakeDistributedStore()
-    rc = s.setup("localhost", "P2PHANDSHAKE", segment, 16 << 20, "quic", "", MASTER)
+    rc = s.setup("localhost", "P2PHANDSHAKE", segment, 16 << 20, "quic", "", master)
     return s, rc
+
+
+def tls_master(d, ca, name):
+    """A master serving TLS with `name`'s certificate; returns (process, its address)."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    rpc, metrics = ports
+    log = open(d / "master.log", "w+")
+    proc = subprocess.Popen(
+        [
+            master_exe(),
+            "--rpc_address=127.0.0.1",
+            f"--rpc_port={rpc}",
+            f"--metrics_port={metrics}",
+            f"--tls_ca={d / f'{ca}.pem'}",
+            f"--tls_cert={d / f'{name}.pem'}",
+            f"--tls_key={d / f'{name}-key.pem'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(300):
+        if port_open(rpc):
+            return proc, f"127.0.0.1:{rpc}", log
+        if proc.poll() is not None:
+            break
+        import time
+
+        time.sleep(0.1)
+    log.seek(0)
+    stop(proc)
+    pytest.fail(f"the TLS master did not start:\n{log.read()}")
 
 
 def test_quic_stores_within_one_ca(master, uniq, tmp_path, monkeypatch):
@@ -72,13 +111,14 @@ def test_quic_stores_within_one_ca(master, uniq, tmp_path, monkeypatch):
     s.close()
 
     make_ca(tmp_path, "ca")
-    for name in ("storage", "reader"):
+    for name in ("master", "storage", "reader"):
         make_node(tmp_path, "ca", name)
+    proc, master, log = tls_master(tmp_path, "ca", "master")
     use(monkeypatch, tmp_path, "ca", "storage")
-    storage, rc = quic_store(32 << 20)
+    storage, rc = quic_store(32 << 20, master)
     assert rc == 0
     use(monkeypatch, tmp_path, "ca", "reader")
-    reader, rc = quic_store(0)
+    reader, rc = quic_store(0, master)
     assert rc == 0
     try:
         config = ReplicateConfig()
@@ -88,21 +128,18 @@ def test_quic_stores_within_one_ca(master, uniq, tmp_path, monkeypatch):
         assert reader.get(uniq + "q") == value
         assert storage.get(uniq + "q") == value
 
-        # A node whose certificate comes from another CA moves no byte.
+        # A node whose certificate comes from another CA is refused by the master.
         make_ca(tmp_path, "other")
         make_node(tmp_path, "other", "intruder")
         use(monkeypatch, tmp_path, "other", "intruder")
-        intruder, rc = quic_store(0)
-        assert rc == 0  # the master's RPC is not authenticated yet
-        try:
-            assert intruder.get(uniq + "q") == b""
-            assert intruder.put(uniq + "x", b"z" * 4096, config) != 0
-        finally:
-            intruder.close()
+        intruder, rc = quic_store(0, master)
+        intruder.close()
+        assert rc != 0
     finally:
-        reader.remove(uniq + "q")
         reader.close()
         storage.close()
+        stop(proc)
+        log.close()
 
 
 def test_p2p_over_quic(tmp_path, monkeypatch):
