@@ -109,3 +109,85 @@ mod tests {
         let _x3 = a.admit(x).unwrap();
     }
 }
+
+/// Rate limit of one listener's refusal log lines: at most one a second, the next line saying
+/// how many were left out (a peer retrying in a loop must not flood the log).
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    /// A log that has logged nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `Some(left_out)` when a line may be logged now (with the number of refusals not logged
+    /// since the last line), `None` when this refusal is only counted.
+    pub fn admit(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if s.0
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            s.1 += 1;
+            return None;
+        }
+        s.0 = Some(now);
+        Some(std::mem::take(&mut s.1))
+    }
+
+    /// Logs (at warn) that `what` refused `peer` because of `reason`, unless a refusal was
+    /// logged less than a second ago (then it is only counted, and the next line says so).
+    pub fn refused(&self, what: &str, peer: &str, reason: &dyn std::fmt::Display) {
+        match self.admit() {
+            None => {}
+            Some(0) => tracing::warn!("{what}: refused {peer}: {reason}"),
+            Some(skipped) => tracing::warn!(
+                "{what}: refused {peer}: {reason} ({skipped} more refusals not logged)"
+            ),
+        }
+    }
+}
+
+/// Rate limit of refusal log lines per source address and reason (a handshake error, a
+/// certificate's name): one per pair every `every`, so a peer refused again and again does not
+/// flood the log while every distinct refusal is still seen. Remembers at most 1,024 pairs.
+/// Cheap to clone: clones share the memory.
+#[derive(Clone, Debug)]
+pub struct RefusalLogByPeer {
+    every: Duration,
+    last: Arc<Mutex<HashMap<(IpAddr, String), Instant>>>,
+}
+
+impl RefusalLogByPeer {
+    /// One line per address and reason every `every`.
+    pub fn new(every: Duration) -> Self {
+        RefusalLogByPeer {
+            every,
+            last: Arc::default(),
+        }
+    }
+
+    /// Whether a refusal of `ip` for `reason` (its first 80 characters) may be logged now.
+    pub fn allow(&self, ip: IpAddr, reason: &str) -> bool {
+        const MOST: usize = 1024;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.len() >= MOST {
+            last.retain(|_, t| now.saturating_duration_since(*t) < self.every);
+            if last.len() >= MOST {
+                return false;
+            }
+        }
+        let key = (ip, reason.chars().take(80).collect::<String>());
+        match last.get(&key) {
+            Some(t) if now.saturating_duration_since(*t) < self.every => false,
+            _ => {
+                last.insert(key, now);
+                true
+            }
+        }
+    }
+}

@@ -1,11 +1,10 @@
 //! The HTTP server: `/metadata`, `/metrics`, `/health`, and whatever further paths an
 //! [`ExtraRoutes`] handler serves.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
@@ -15,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use mooncake_core::admission::RefusalLogByPeer;
 use mooncake_core::{Error, MetadataStore};
 use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsIdentity};
 
@@ -219,7 +219,7 @@ pub fn serve_http_routes(
     let endpoints = Arc::new(Served {
         endpoints,
         extra,
-        log: LogLimiter::default(),
+        log: RefusalLogByPeer::new(Duration::from_secs(10)),
     });
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
@@ -271,36 +271,8 @@ pub fn serve_http_routes(
 struct Served {
     endpoints: HttpEndpoints,
     extra: Option<ExtraRoutes>,
-    log: LogLimiter,
-}
-
-/// Rate limits log lines about refused clients: one per address and reason (a handshake
-/// error, a certificate's name) every 10 s, so that a client refused again and again does not
-/// flood the log while every distinct refusal is still seen.
-#[derive(Default)]
-struct LogLimiter(Mutex<HashMap<(IpAddr, String), Instant>>);
-
-impl LogLimiter {
-    fn allow(&self, ip: IpAddr, reason: &str) -> bool {
-        const EVERY: Duration = Duration::from_secs(10);
-        const MOST: usize = 1024;
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if last.len() >= MOST {
-            last.retain(|_, t| now.saturating_duration_since(*t) < EVERY);
-            if last.len() >= MOST {
-                return false;
-            }
-        }
-        let key = (ip, reason.chars().take(80).collect::<String>());
-        match last.get(&key) {
-            Some(t) if now.saturating_duration_since(*t) < EVERY => false,
-            _ => {
-                last.insert(key, now);
-                true
-            }
-        }
-    }
+    /// Refusal lines: one per client address and reason every 10 s.
+    log: RefusalLogByPeer,
 }
 
 /// One parsed request.

@@ -13,11 +13,11 @@
 //! certificate of the peer dialled names the member it was dialled as.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsConnector, TlsIdentity};
 use protobuf::Message as _;
@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
 use crate::codec;
+use mooncake_core::admission::RefusalLogByPeer;
 
 /// Events the transport reports to the raft loop.
 #[derive(Debug)]
@@ -126,36 +127,8 @@ impl NetTls {
     }
 }
 
-/// Rate limits log lines about refused peers: one per source address and reason (a handshake
-/// error, a certificate) every [`LOG_EVERY`], so that a peer refused again and again does not
-/// flood the log while every distinct refusal is still seen.
-#[derive(Clone, Debug, Default)]
-struct LogLimiter(Arc<Mutex<HashMap<(IpAddr, String), Instant>>>);
-
 /// How often one refusal from one address is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl LogLimiter {
-    fn allow(&self, ip: IpAddr, reason: &str) -> bool {
-        const MOST: usize = 1024;
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if last.len() >= MOST {
-            last.retain(|_, t| now.saturating_duration_since(*t) < LOG_EVERY);
-            if last.len() >= MOST {
-                return false;
-            }
-        }
-        let key = (ip, reason.chars().take(80).collect::<String>());
-        match last.get(&key) {
-            Some(t) if now.saturating_duration_since(*t) < LOG_EVERY => false,
-            _ => {
-                last.insert(key, now);
-                true
-            }
-        }
-    }
-}
 
 /// The writing half of a connection to a peer (plain TCP or TLS).
 type PeerWriter = Box<dyn AsyncWrite + Unpin + Send>;
@@ -450,7 +423,7 @@ pub(crate) async fn listen<T: Send + 'static>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let admission = mooncake_core::admission::Admission::new("raft", MAX_INBOUND, MAX_INBOUND);
-    let log = LogLimiter::default();
+    let log = RefusalLogByPeer::new(LOG_EVERY);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -488,7 +461,7 @@ async fn secure(
     stream: TcpStream,
     peer: SocketAddr,
     cfg: &NetConfig,
-    log: &LogLimiter,
+    log: &RefusalLogByPeer,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(PeerReader, Option<CertMember>)> {
     let Some(tls) = &cfg.tls else {
@@ -574,7 +547,7 @@ async fn reader<T: Send>(
     cfg: NetConfig,
     inbox: Inbox<T>,
     mut shutdown: watch::Receiver<bool>,
-    log: LogLimiter,
+    log: RefusalLogByPeer,
 ) {
     let mut r = BufReader::with_capacity(64 << 10, stream);
     let mut dropped = 0u64;

@@ -194,37 +194,8 @@ pub trait Handler<Req: Send + 'static, Resp: Send + 'static>: Send + Sync + 'sta
     }
 }
 
-/// Logs refusals of one listener at most once a second, saying how many were not logged.
-#[derive(Debug, Default)]
-pub struct RefusalLog {
-    state: Mutex<(Option<std::time::Instant>, u64)>,
-}
-
-impl RefusalLog {
-    /// A log that has logged nothing yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Logs (at warn) that `what` refused `peer` because of `reason`, unless a refusal was
-    /// logged less than a second ago (then it is only counted, and the next line says so).
-    pub fn refused(&self, what: &str, peer: &str, reason: &dyn std::fmt::Display) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        if s.0.is_some_and(|t| now - t < Duration::from_secs(1)) {
-            s.1 += 1;
-            return;
-        }
-        let skipped = std::mem::take(&mut s.1);
-        s.0 = Some(now);
-        drop(s);
-        if skipped > 0 {
-            tracing::warn!("{what}: refused {peer}: {reason} ({skipped} more refusals not logged)");
-        } else {
-            tracing::warn!("{what}: refused {peer}: {reason}");
-        }
-    }
-}
+/// Refusal log lines of one listener, at most one a second (shared with the other listeners).
+pub use mooncake_core::admission::RefusalLog;
 
 /// What the clients of one listener may hold (see the module docs).
 #[derive(Clone, Debug)]

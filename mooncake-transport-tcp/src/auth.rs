@@ -21,9 +21,10 @@
 //! after the refusal is sent, so the refusal is not lost to a connection reset.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use mooncake_core::admission::RefusalLog;
 use mooncake_core::{Error, Result};
 use mooncake_tls::{
     PeerAuthorizer, PeerIdentity, Role, RoleAuthorizer, TlsAcceptor, TlsConnector, TlsIdentity,
@@ -220,7 +221,7 @@ impl Auth {
     /// Logs a refused connection: at most one line a second, with the count of those not
     /// logged since.
     pub(crate) fn log_refusal(&self, remote: SocketAddr, reason: &str) {
-        self.refusals.log(remote, reason);
+        log_refusal(&self.refusals, remote, reason);
     }
 }
 
@@ -270,30 +271,15 @@ fn describe(peer: &PeerIdentity) -> String {
     )
 }
 
-/// Refusal log lines, at most one a second (a peer retrying in a loop must not flood the log).
-#[derive(Default)]
-struct RefusalLog {
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl RefusalLog {
-    fn log(&self, remote: SocketAddr, reason: &str) {
-        let now = Instant::now();
-        let suppressed = {
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if s.0.is_some_and(|t| now - t < Duration::from_secs(1)) {
-                s.1 += 1;
-                return;
-            }
-            s.0 = Some(now);
-            std::mem::take(&mut s.1)
-        };
-        if suppressed > 0 {
-            tracing::warn!(%remote, suppressed,
-                "refusing a transfer connection from {remote}: {reason} ({suppressed} more \
-                 refusals not logged in the last second)");
-        } else {
-            tracing::warn!(%remote, "refusing a transfer connection from {remote}: {reason}");
+/// Logs a refused transfer connection, at most one line a second.
+fn log_refusal(log: &RefusalLog, remote: SocketAddr, reason: &str) {
+    match log.admit() {
+        None => {}
+        Some(0) => {
+            tracing::warn!(%remote, "refusing a transfer connection from {remote}: {reason}")
         }
+        Some(suppressed) => tracing::warn!(%remote, suppressed,
+            "refusing a transfer connection from {remote}: {reason} ({suppressed} more \
+             refusals not logged in the last second)"),
     }
 }
