@@ -216,22 +216,20 @@ fn discovery(conn: &str) -> Result<Discovery, String> {
     ))
 }
 
-/// Registers caller-owned memory after checking that it is mapped readable and writable.
+/// Registers caller-owned memory (the engine refuses a range that is not mapped readable and
+/// writable in this process: ERR_INVALID_ARGUMENT).
 fn register(engine: &TransferEngine, addr: u64, len: u64, location: &str) -> Result<(), i64> {
     if len == 0 || addr == 0 {
         tracing::error!("register_memory({addr:#x}, {len}): empty buffer or null address");
-        return Err(ERR_INVALID_ARGUMENT);
-    }
-    if let Err(msg) = check_mapped(addr, len) {
-        tracing::error!("register_memory: {msg}");
         return Err(ERR_INVALID_ARGUMENT);
     }
     let location = match location {
         "" | "*" => Location::default(),
         l => Location(l.to_owned()),
     };
-    // SAFETY: the range is mapped readable and writable in this process (checked above). The
-    // caller keeps it valid until `unregister_memory`, which the API requires, as upstream's.
+    // SAFETY: the registry checks that the range is mapped readable and writable in this
+    // process before registering it. The caller keeps it valid until `unregister_memory`,
+    // which the API requires, as upstream's.
     match unsafe { engine.register_memory(addr, len, location) } {
         Ok(()) => Ok(()),
         Err(e) => {
