@@ -72,6 +72,7 @@ impl Master {
         let entry = self.clients.remove(&client).expect("deadline came from it");
         tracing::info!(%client, segments = entry.segments.len(), "client expired");
         self.counters.clients_expired += 1;
+        self.requests.forget_client(client);
         // Tasks it was running go back to the queue (or fail after too many tries).
         self.tasks_on_client_lost(now, client);
         let _ = self.drop_reservations_where(|r| r.client == client);

@@ -11,6 +11,7 @@ use super::config::ReplicateConfig;
 use super::evict::EvictionReport;
 use super::get::ReplicaList;
 use super::put::{PutItem, PutStartResponse};
+use super::request::RequestId;
 use super::reserve::{ReservationGrant, ReservedPut};
 use super::segment::SegmentSpec;
 use super::task::{TaskAssignment, TaskOutcome};
@@ -259,11 +260,53 @@ pub enum Command {
         /// `(client, when last heard)`.
         heard: Vec<(ClientId, Timestamp)>,
     },
+    /// `command` applied at most once for `id`: a repeat of `id` (a retry whose first answer
+    /// was lost, say in a failover) is answered with the first response, applying nothing (see
+    /// [`RequestId`]). The response is `command`'s own. A `Once` inside a `Once` is refused
+    /// (`INVALID_PARAMS`; undecodable from bytes). Added last: earlier variants keep their wire
+    /// tags.
+    Once {
+        /// The request's id.
+        id: RequestId,
+        /// Every request of `id.client` with a lower sequence number has been answered: the
+        /// master forgets their outcomes (0: says nothing).
+        done_below: u64,
+        /// The command.
+        #[serde(deserialize_with = "super::request::deserialize_inner")]
+        command: Box<Command>,
+    },
 }
 
 impl Command {
+    /// Whether a client should name this command with a [`RequestId`] ([`Command::Once`]): it
+    /// changes state such that a repeat could answer differently or change more. False for
+    /// reads and heartbeats (answered again as they are), maintenance and a `Once`.
+    pub fn wants_request_id(&self) -> bool {
+        !self.is_maintenance()
+            && !matches!(
+                self,
+                Command::Heartbeat { .. }
+                    | Command::GetReplicaList { .. }
+                    | Command::BatchGetReplicaList { .. }
+                    | Command::ExistKey { .. }
+                    | Command::BatchExistKey { .. }
+                    | Command::Once { .. }
+            )
+    }
+
+    /// The command itself, looking through a [`Command::Once`].
+    pub fn inner(&self) -> &Command {
+        match self {
+            Command::Once { command, .. } => command,
+            other => other,
+        }
+    }
+
     /// Whether the timeout handler emits this command (as opposed to a client request).
     pub fn is_maintenance(&self) -> bool {
+        if let Command::Once { command, .. } = self {
+            return command.is_maintenance();
+        }
         matches!(
             self,
             Command::ExpireClient { .. }

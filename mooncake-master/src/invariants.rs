@@ -19,8 +19,10 @@ impl Master {
     ///   PROCESSING, distinct, and not on segments holding a committed replica; finished tasks
     ///   hold nothing;
     /// - segment names, segment owners and the client table agree;
-    /// - the index of writes in progress matches the objects.
+    /// - the index of writes in progress matches the objects;
+    /// - the remembered request outcomes are within their bounds and their index matches them.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.requests.check()?;
         if self.writes != self.writes_from_objects() {
             return Err(format!(
                 "the index of writes in progress {:?} disagrees with the objects {:?}",

@@ -358,6 +358,8 @@ fn touched(master: &Master, command: &Command) -> Touch {
             }
         }
         Command::RemoveAll { .. } | Command::RemoveByRegex { .. } | Command::Evict => Touch::All,
+        // A repeat is answered from memory, but the first arrival is applied: bar as for it.
+        Command::Once { command, .. } => touched(master, command),
         _ => Touch::None,
     }
 }

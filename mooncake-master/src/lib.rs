@@ -75,6 +75,7 @@ mod placement;
 mod put;
 mod remove;
 mod replica;
+mod request;
 mod reserve;
 mod segment;
 mod task;
@@ -99,6 +100,7 @@ pub use put::{PutItem, PutStartResponse};
 pub use replica::{
     DiskDescriptor, MemoryDescriptor, ReplicaDescriptor, ReplicaLocation, ReplicaStatus,
 };
+pub use request::{RequestId, REQUESTS_PER_CLIENT, REQUEST_MEMORY_MS, REQUEST_MEMORY_WEIGHT};
 pub use reserve::{
     ReservationGrant, ReservedPut, MAX_RESERVATIONS_PER_CLIENT, MAX_UNCLAIMED_GRANTS_PER_CLIENT,
     RESERVATION_SHARE_DIVISOR,
@@ -149,6 +151,9 @@ pub struct Master {
     eviction_requested: bool,
     last_eviction: Option<Timestamp>,
     counters: Counters,
+    /// Outcomes of requests named with an id, for their retries (see [`request`](self::request)).
+    #[serde(default)]
+    requests: request::Remembered,
 }
 
 impl Master {
@@ -175,6 +180,7 @@ impl Master {
             eviction_requested: false,
             last_eviction: None,
             counters: Counters::default(),
+            requests: request::Remembered::default(),
         })
     }
 
@@ -369,7 +375,40 @@ impl Master {
             } => Response::Unit(self.finish_task(now, client_id, task_id, outcome)),
             Command::TaskTimeout { task_id } => Response::Unit(self.task_timeout(now, task_id)),
             Command::PurgeTasks => Response::Count(Ok(self.purge_tasks(now))),
+            Command::Once {
+                id,
+                done_below,
+                command,
+            } => self.apply_once(now, id, done_below, *command),
         }
+    }
+
+    /// Applies `command` unless `id` was applied before, in which case the first response is
+    /// the answer.
+    fn apply_once(
+        &mut self,
+        now: Timestamp,
+        id: RequestId,
+        done_below: u64,
+        command: Command,
+    ) -> Response {
+        if matches!(command, Command::Once { .. }) {
+            return Response::Unit(Err(ErrorCode::INVALID_PARAMS));
+        }
+        self.requests.forget_done(now, id.client, done_below);
+        if let Some(first) = self.requests.get(id) {
+            self.counters.requests_answered_again += 1;
+            return first.clone();
+        }
+        let response = self.apply(now, command);
+        self.requests.remember(now, id, response.clone());
+        response
+    }
+
+    /// How many request outcomes are remembered for retries, and their weight (see
+    /// [`RequestId`]).
+    pub fn remembered_requests(&self) -> (usize, u64) {
+        self.requests.size()
     }
 
     /// The maintenance commands due at `now`, in the order they should be applied: client

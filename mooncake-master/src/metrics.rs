@@ -70,6 +70,10 @@ pub struct Counters {
     pub task_retries: u64,
     /// Re-replication copy tasks scheduled.
     pub rereplications_scheduled: u64,
+    /// Retried requests answered with their first outcome, not applied again (see
+    /// [`RequestId`](crate::RequestId)).
+    #[serde(default)]
+    pub requests_answered_again: u64,
 }
 
 /// A snapshot of the master's gauges and counters.
@@ -146,6 +150,7 @@ impl MasterMetrics {
             ("tasks_failed", c.tasks_failed),
             ("task_retries", c.task_retries),
             ("rereplications_scheduled", c.rereplications_scheduled),
+            ("requests_answered_again", c.requests_answered_again),
         ];
         let mut out = String::new();
         for (name, v) in gauges {

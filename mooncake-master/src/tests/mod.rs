@@ -5,6 +5,7 @@ mod evict;
 mod leader;
 mod lifecycle;
 mod prop;
+mod requests;
 mod reserve;
 mod tasks;
 mod timing;

@@ -111,6 +111,13 @@ pub(super) enum Op {
         pick: u8,
         items: Vec<(u8, u16, u64)>,
     },
+    /// `op` named with a request id from a small range, so that ids repeat (a retry, or a
+    /// client reusing an id for another command): its one command when it wants an id.
+    Once {
+        op: Box<Op>,
+        client: u8,
+        seq: u8,
+    },
 }
 
 fn seg_name(client: u8, idx: u8) -> String {
@@ -127,6 +134,14 @@ pub(super) fn key(k: u8) -> String {
 }
 
 pub(super) fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => plain_op(),
+        1 => (plain_op(), 0u8..2, 0u8..6)
+            .prop_map(|(op, client, seq)| Op::Once { op: Box::new(op), client, seq }),
+    ]
+}
+
+fn plain_op() -> impl Strategy<Value = Op> {
     let client = 0u8..4;
     let k = 0u8..KEYS as u8;
     let keys = proptest::collection::vec(0u8..KEYS as u8, 0..4);
@@ -322,6 +337,21 @@ pub(super) fn commands(op: &Op, m: &Master, now: Timestamp, tasks: &[TaskId]) ->
             _ => Command::Evict,
         }),
         Op::Advance { .. } => m.handle_timeout(now),
+        Op::Once { op, client, seq } => {
+            let mut inner = commands(&op, m, now, tasks);
+            if inner.len() == 1 && inner[0].wants_request_id() {
+                inner = vec![Command::Once {
+                    // Not the clients that mount: their expiry would forget the ids.
+                    id: RequestId {
+                        client: ClientId(100 + u128::from(client)),
+                        seq: u64::from(seq),
+                    },
+                    done_below: 0,
+                    command: Box::new(inner.remove(0)),
+                }];
+            }
+            inner
+        }
         Op::Remount { client, idx, size } => one(Command::RemountSegments {
             client_id: cid(client),
             segments: vec![SegmentSpec::new(
@@ -386,7 +416,7 @@ fn mounted(m: &Master, i: u8) -> Option<String> {
 
 /// Whether a command may legitimately remove a leased object.
 pub(super) fn may_drop_leased(cmd: &Command) -> bool {
-    match cmd {
+    match cmd.inner() {
         Command::UnmountSegment { .. } | Command::ExpireClient { .. } => true,
         Command::Remove { force, .. }
         | Command::BatchRemove { force, .. }
@@ -410,6 +440,8 @@ fn run(
     let mut now = 0u64;
     let mut tasks: Vec<TaskId> = Vec::new();
     let mut responses = Vec::new();
+    let mut firsts: std::collections::HashMap<RequestId, (Response, Timestamp)> =
+        std::collections::HashMap::new();
     for op in ops {
         if let Op::Advance { ms, keepalive } = op {
             now += ms;
@@ -434,6 +466,16 @@ fn run(
             let r = m.apply(t, cmd.clone());
             if let Err(e) = m.check_invariants() {
                 return Err(TestCaseError::fail(format!("after {cmd:?}: {e}")));
+            }
+            if let Command::Once { id, .. } = &cmd {
+                match firsts.get(id) {
+                    Some((first, at)) if at.plus(REQUEST_MEMORY_MS) > t => {
+                        prop_assert_eq!(&r, first, "a repeat of {:?} answered anew", id);
+                    }
+                    _ => {
+                        firsts.insert(*id, (r.clone(), t));
+                    }
+                }
             }
             if !may_drop_leased(&cmd) {
                 for k in &leased {
