@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use mooncake_core::{BufferDesc, Endpoint, Location, SegmentDesc};
-use mooncake_master::{ClientId, Command, ReplicateConfig, SegmentSpec};
+use mooncake_master::{ClientId, Command, ReplicateConfig, RequestId, SegmentSpec};
 use mooncake_rpc::rpc::RPC_VERSION;
 use mooncake_rpc::MasterRequest;
 
@@ -84,6 +84,21 @@ fn main() {
             name: "10.0.0.1:1".into(),
         },
     ];
+    // A remove named with a request id, then its retry (answered from memory).
+    let mut life = life;
+    let remove_once = Command::Once {
+        id: RequestId {
+            client: c(2),
+            seq: 1,
+        },
+        done_below: 1,
+        command: Box::new(Command::Remove {
+            key: "b".into(),
+            force: true,
+        }),
+    };
+    life.push(remove_once.clone());
+    life.push(remove_once);
     let mut seq = Vec::new();
     for (i, command) in life.iter().enumerate() {
         seq.extend(step((i * 37 % 200) as u8, command));

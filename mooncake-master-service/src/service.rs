@@ -433,7 +433,7 @@ impl MasterService {
                 ranges,
                 wait_ms,
             } => {
-                if !matches!(command, Command::CommitReserved { .. }) {
+                if !matches!(command.inner(), Command::CommitReserved { .. }) {
                     return MasterReply::Failed {
                         code: ErrorCode::INVALID_PARAMS,
                         message: "only a CommitReserved waits for landed writes".into(),

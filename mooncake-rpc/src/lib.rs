@@ -7,6 +7,8 @@
 //! - [`master`]: the master's requests and replies ([`MasterRequest`], [`MasterReply`]), the
 //!   [`MasterApi`] trait a master answers them through (the service in-process, or
 //!   [`RemoteMaster`] over RPC, which follows the leader of a master group);
+//! - [`RequestIds`]: naming a client's state-changing commands, so that a retry (after a
+//!   failover, say) is answered with the first attempt's outcome;
 //! - [`admin`]: membership requests of a Raft master group and a client that sends them.
 //!
 //! This crate does not run a master: the service is `mooncake-master-service`, the state machine
@@ -27,6 +29,7 @@
 mod addr;
 pub mod admin;
 pub mod master;
+mod request_ids;
 pub mod rpc;
 
 pub use addr::bind_address;
@@ -35,6 +38,7 @@ pub use master::{
 };
 /// Re-exported: what a TLS server or client of this crate is configured with.
 pub use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsConnector, TlsIdentity};
+pub use request_ids::{apply_named, InFlight, RequestIds};
 pub use rpc::{
     bind, serve, serve_tls, serve_with, tls_acceptor, tls_connector, Caller, Handler, RefusalLog,
     RpcClient, RpcClientConfig, ServeLimits, MAX_FRAME, RPC_ALPN,

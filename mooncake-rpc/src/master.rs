@@ -113,15 +113,34 @@ pub trait MasterApi: Send + Sync + std::fmt::Debug {
 /// A master reached over RPC: one address, or the members of a master group
 /// (`h1:p1,h2:p2,h3:p3`), in which case calls follow the leader: a `NotLeader` answer names it,
 /// and an unreachable master is skipped, within [`RemoteMaster::FAILOVER_WINDOW`].
+///
+/// In a group, one attempt at a member lasts at most [`RemoteMaster::ATTEMPT_TIMEOUT`] (about
+/// the group's election timeout), not the whole call timeout: a leader that stops answering
+/// without closing its connections (paused, swapped out, its disk hung) is left for the others
+/// as soon as a new leader could have been elected, and for a while hints that still name it
+/// are not followed, so a frozen leader costs about what a dead one does. The request is sent
+/// again as it was: a command named with a request id ([`Command::Once`]) is then answered
+/// with its first outcome if the first attempt was applied after all.
 #[derive(Debug)]
 pub struct RemoteMaster {
     masters: Vec<RpcClient>,
     current: std::sync::atomic::AtomicUsize,
+    /// How long one attempt at a member of a group may take.
+    attempt_timeout: Duration,
+    /// The member that last let an attempt time out, and until when calls avoid it.
+    suspect: std::sync::Mutex<Option<(usize, tokio::time::Instant)>>,
 }
 
 impl RemoteMaster {
     /// How long a call keeps looking for a leader among several masters before it fails.
     pub const FAILOVER_WINDOW: Duration = Duration::from_secs(10);
+
+    /// Default bound on one attempt at a member of a group: the group's election timeout
+    /// (10 ticks of 100 ms), within which a leader that stopped answering starts being
+    /// replaced. A command waiting for landed writes ([`MasterRequest::CommitWhenLanded`]) is
+    /// given its wait on top; membership changes ([`MasterRequest::Admin`]) the whole call
+    /// timeout. Never more than the call timeout.
+    pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
     /// A client for the master(s) at `addresses` (`host:port`, comma-separated for a group);
     /// connects lazily. An empty list gives a client whose calls fail with `RPC_FAIL`.
@@ -144,12 +163,21 @@ impl RemoteMaster {
             .map(|a| RpcClient::with_tls(a, config.clone(), tls.clone()))
             .collect();
         if masters.is_empty() {
-            masters.push(RpcClient::with_tls(addresses, config, tls));
+            masters.push(RpcClient::with_tls(addresses, config.clone(), tls));
         }
         RemoteMaster {
             masters,
             current: std::sync::atomic::AtomicUsize::new(0),
+            attempt_timeout: Self::ATTEMPT_TIMEOUT.min(config.call_timeout),
+            suspect: std::sync::Mutex::new(None),
         }
+    }
+
+    /// This client with `timeout` as the bound on one attempt at a member of a group (default
+    /// [`RemoteMaster::ATTEMPT_TIMEOUT`]; set it near the group's election timeout).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
     }
 
     /// The address calls go to first (the last known leader).
@@ -160,6 +188,60 @@ impl RemoteMaster {
 
     fn index_of(&self, address: &str) -> Option<usize> {
         self.masters.iter().position(|m| m.address() == address)
+    }
+
+    /// The bound on one attempt of `request` at a member of a group.
+    fn attempt_timeout(&self, request: &MasterRequest) -> Option<Duration> {
+        match request {
+            MasterRequest::Admin(_) => None,
+            MasterRequest::CommitWhenLanded { wait_ms, .. } => {
+                Some(self.attempt_timeout + Duration::from_millis(*wait_ms))
+            }
+            _ => Some(self.attempt_timeout),
+        }
+    }
+
+    /// The member avoided now, if any.
+    fn suspected(&self) -> Option<usize> {
+        let mut s = self.suspect.lock().expect("suspect lock");
+        match *s {
+            Some((i, until)) if tokio::time::Instant::now() < until => Some(i),
+            Some(_) => {
+                *s = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Member `i` let an attempt time out: avoid it, and its hints, for two attempt timeouts
+    /// (by then a new leader has been elected, or it answers again).
+    fn suspect(&self, i: usize) {
+        let until = tokio::time::Instant::now() + self.attempt_timeout * 2;
+        *self.suspect.lock().expect("suspect lock") = Some((i, until));
+        let n = self.masters.len();
+        let _ = self
+            .current
+            .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Member `i` answered: it is no longer avoided.
+    fn answered(&self, i: usize) {
+        self.current.store(i, Ordering::Relaxed);
+        let mut s = self.suspect.lock().expect("suspect lock");
+        if matches!(*s, Some((j, _)) if j == i) {
+            *s = None;
+        }
+    }
+
+    /// The member after `i`, skipping the suspected one.
+    fn after(&self, i: usize) -> usize {
+        let n = self.masters.len();
+        let next = (i + 1) % n;
+        match self.suspected() {
+            Some(s) if s == next && n > 2 => (next + 1) % n,
+            _ => next,
+        }
     }
 }
 
@@ -179,33 +261,84 @@ impl MasterApi for RemoteMaster {
     }
 
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let n = self.masters.len();
-        let mut i = self.current.load(Ordering::Relaxed) % n;
         if n == 1 {
             return self.masters[0].call(&request).await;
         }
+        let mut i = self.current.load(Ordering::Relaxed) % n;
+        if self.suspected() == Some(i) {
+            i = self.after(i);
+        }
         let deadline = tokio::time::Instant::now() + Self::FAILOVER_WINDOW;
+        let attempt = self.attempt_timeout(&request);
+        // Attempts still running, with their member: an attempt that outlived its bound is
+        // left running (within the call timeout) while the next goes elsewhere, so a leader
+        // that was only slow still gets its answer through.
+        let mut running = FuturesUnordered::new();
         let mut tried = 0;
         loop {
-            let outcome = self.masters[i].call(&request).await;
+            let request = &request;
+            let member = &self.masters[i];
+            running.push(Box::pin(async move {
+                (i, member.call::<_, MasterReply>(request).await)
+            }));
+            let bound = async {
+                match attempt {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(bound);
+            let outcome = loop {
+                tokio::select! {
+                    Some((j, outcome)) = running.next() => {
+                        if j == i {
+                            break Some(outcome);
+                        }
+                        // An earlier attempt answered late: take its answer if it is one.
+                        if let Ok(reply) = outcome {
+                            if !matches!(reply, MasterReply::NotLeader { .. }) {
+                                self.answered(j);
+                                return Ok(reply);
+                            }
+                        }
+                    }
+                    () = &mut bound => break None,
+                }
+            };
             let next = match outcome {
-                Ok(MasterReply::NotLeader { leader }) => leader
-                    .as_deref()
-                    .and_then(|l| self.index_of(l))
-                    .filter(|&l| l != i)
-                    .unwrap_or((i + 1) % n),
-                Ok(reply) => {
-                    self.current.store(i, Ordering::Relaxed);
+                None => {
+                    tracing::debug!(
+                        "master {} did not answer within {:?}",
+                        self.masters[i].address(),
+                        attempt
+                    );
+                    self.suspect(i);
+                    self.after(i)
+                }
+                Some(Ok(MasterReply::NotLeader { leader })) => {
+                    let suspected = self.suspected();
+                    leader
+                        .as_deref()
+                        .and_then(|l| self.index_of(l))
+                        // A hint naming the member that stopped answering is stale until the
+                        // others have elected a new leader.
+                        .filter(|&l| l != i && Some(l) != suspected)
+                        .unwrap_or_else(|| self.after(i))
+                }
+                Some(Ok(reply)) => {
+                    self.answered(i);
                     return Ok(reply);
                 }
-                Err(e)
+                Some(Err(e))
                     if matches!(e.code(), ErrorCode::RPC_FAIL | ErrorCode::RPC_TIMEOUT)
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!("master {} unavailable: {e}", self.masters[i].address());
-                    (i + 1) % n
+                    self.after(i)
                 }
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::with_code(

@@ -39,7 +39,9 @@ use mooncake_master::{
 
 use locations::LocationCache;
 use mooncake_master_service::service::MasterService;
-use mooncake_rpc::{apply_via, MasterApi, MasterRequest, RemoteMaster, RpcClientConfig};
+use mooncake_rpc::{
+    apply_named, MasterApi, MasterRequest, RemoteMaster, RequestIds, RpcClientConfig,
+};
 use staging::Staging;
 
 pub use api::StoreApi;
@@ -161,6 +163,9 @@ impl StoreConfig {
 pub struct Store {
     config: StoreConfig,
     client_id: ClientId,
+    /// Names the calls that change the master's state, so a retry after a failover is answered
+    /// with the first attempt's outcome.
+    ids: RequestIds,
     engine: Arc<TransferEngine>,
     master: Arc<dyn MasterApi>,
     segment: Option<SegmentSpec>,
@@ -369,8 +374,10 @@ impl Store {
             engine.shutdown().await;
             return Err(e);
         }
+        let client_id = new_client_id();
         let store = Arc::new(Store {
-            client_id: new_client_id(),
+            client_id,
+            ids: RequestIds::new(client_id),
             locations: LocationCache::new(config.location_cache_entries),
             reserved: reserve::Reserved::default(),
             config,
@@ -568,7 +575,7 @@ impl Store {
     /// Sends a command to the master.
     async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
         self.check_open()?;
-        apply_via(&*self.master, command).await
+        apply_named(&*self.master, &self.ids, command).await
     }
 
     /// `UNAVAILABLE_IN_CURRENT_STATUS` once the store is closed.

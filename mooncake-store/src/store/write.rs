@@ -624,8 +624,11 @@ impl Store {
             ranges.push((mem.buffer_address, mem.size));
         }
         let n = ready.len();
+        let (command, _in_flight) = self
+            .ids
+            .name(self.commit_reserved(wave, carved, ready, config));
         let request = MasterRequest::CommitWhenLanded {
-            command: self.commit_reserved(wave, carved, ready, config),
+            command,
             segment: segment.clone(),
             ranges: ranges.clone(),
             wait_ms: LANDING_WAIT.as_millis() as u64,
