@@ -65,9 +65,11 @@ async fn freeze_leader_and_write(group: &Group, client: &Store, round: u32) -> D
     let gap = frozen.elapsed();
     signal(pid, "CONT");
     // The resumed member hears of the new term and follows; a leader serves.
-    eventually("a leader after the resume", Duration::from_secs(15), || async {
-        group.leader().await.is_some()
-    })
+    eventually(
+        "a leader after the resume",
+        Duration::from_secs(15),
+        || async { group.leader().await.is_some() },
+    )
     .await;
     gap
 }
@@ -113,8 +115,14 @@ async fn measure_writes_unavailable_after_a_leader_freeze() {
     let runs = 5;
     let mut round = 0;
     for (label, attempt) in [
-        ("attempt bounded by the call timeout (before)", Duration::from_secs(5)),
-        ("attempt bounded by the election timeout", RemoteMaster::ATTEMPT_TIMEOUT),
+        (
+            "attempt bounded by the call timeout (before)",
+            Duration::from_secs(5),
+        ),
+        (
+            "attempt bounded by the election timeout",
+            RemoteMaster::ATTEMPT_TIMEOUT,
+        ),
     ] {
         let master = Arc::new(
             RemoteMaster::new(addrs.as_str(), RpcClientConfig::default())
@@ -129,10 +137,7 @@ async fn measure_writes_unavailable_after_a_leader_freeze() {
             round += 1;
         }
         gaps.sort();
-        println!(
-            "{label}: median {:?}, all {gaps:?}",
-            gaps[gaps.len() / 2]
-        );
+        println!("{label}: median {:?}, all {gaps:?}", gaps[gaps.len() / 2]);
         client.close().await.unwrap();
     }
     group.assert_one_leader_per_term();

@@ -67,7 +67,10 @@ impl MasterApi for DiesBeforeReplying {
 
 /// A group view whose member 0 (the first leader) dies before answering the first command
 /// `matches` accepts; member 1 takes over.
-fn group_dying_on(cluster: &Cluster, matches: fn(&Command) -> bool) -> (Arc<MasterGroup>, Arc<DiesBeforeReplying>) {
+fn group_dying_on(
+    cluster: &Cluster,
+    matches: fn(&Command) -> bool,
+) -> (Arc<MasterGroup>, Arc<DiesBeforeReplying>) {
     let first = Arc::new(DiesBeforeReplying {
         inner: cluster.masters[0].clone(),
         log: cluster.log.clone(),
@@ -76,7 +79,8 @@ fn group_dying_on(cluster: &Cluster, matches: fn(&Command) -> bool) -> (Arc<Mast
         lost: Mutex::new(None),
         armed: AtomicUsize::new(1),
     });
-    let mut members: Vec<(String, Arc<dyn MasterApi>)> = vec![(cluster.addrs[0].clone(), first.clone())];
+    let mut members: Vec<(String, Arc<dyn MasterApi>)> =
+        vec![(cluster.addrs[0].clone(), first.clone())];
     for i in 1..cluster.masters.len() {
         members.push((cluster.addrs[i].clone(), cluster.masters[i].clone()));
     }
@@ -86,8 +90,7 @@ fn group_dying_on(cluster: &Cluster, matches: fn(&Command) -> bool) -> (Arc<Mast
 #[tokio::test(start_paused = true)]
 async fn a_remove_applied_before_its_leader_died_reports_success_on_the_next_leader() {
     let cluster = Cluster::start(3, MasterConfig::default(), Duration::from_secs(1));
-    let (group, first) =
-        group_dying_on(&cluster, |c| matches!(c, Command::Remove { .. }));
+    let (group, first) = group_dying_on(&cluster, |c| matches!(c, Command::Remove { .. }));
     let a = cluster.client("node-a", group.clone(), SEGMENT).await;
     let rc = ReplicateConfig::default();
     a.put("k", &value(1, 4096), &rc).await.unwrap();
@@ -102,10 +105,17 @@ async fn a_remove_applied_before_its_leader_died_reports_success_on_the_next_lea
         ),
         other => panic!("{other:?}"),
     }
-    assert_eq!(group.current(), "master-1", "the retry went to the new leader");
+    assert_eq!(
+        group.current(),
+        "master-1",
+        "the retry went to the new leader"
+    );
     assert!(!a.is_exist("k").await.unwrap());
     assert_eq!(
-        cluster.masters[1].metrics().counters.requests_answered_again,
+        cluster.masters[1]
+            .metrics()
+            .counters
+            .requests_answered_again,
         1,
         "the new leader answered the retry from memory"
     );
@@ -142,7 +152,10 @@ async fn retried_batch_removes_upserts_and_copies_report_their_first_outcome() {
     a.put("x", &value(1, 4096), &rc).await.unwrap();
     a.put("y", &value(2, 4096), &rc).await.unwrap();
     let out = a.batch_remove(&["x", "y", "none"], true).await.unwrap();
-    let codes: Vec<_> = out.iter().map(|r| r.as_ref().err().map(Error::code)).collect();
+    let codes: Vec<_> = out
+        .iter()
+        .map(|r| r.as_ref().err().map(Error::code))
+        .collect();
     assert_eq!(codes, [None, None, Some(ErrorCode::OBJECT_NOT_FOUND)]);
     assert_eq!(group.current(), "master-1");
 
@@ -151,7 +164,10 @@ async fn retried_batch_removes_upserts_and_copies_report_their_first_outcome() {
     let (group, first) = group_dying_on(&cluster, |c| matches!(c, Command::PutEnd { .. }));
     let c = cluster.client("node-c", group.clone(), SEGMENT).await;
     c.upsert("u", &value(3, 4096), &rc).await.unwrap();
-    assert!(first.lost.lock().unwrap().is_some(), "the commit's answer was lost");
+    assert!(
+        first.lost.lock().unwrap().is_some(),
+        "the commit's answer was lost"
+    );
     assert_eq!(group.current(), "master-1");
     assert_eq!(b.get("u").await.unwrap(), value(3, 4096));
 
@@ -177,7 +193,11 @@ async fn retried_batch_removes_upserts_and_copies_report_their_first_outcome() {
         other => panic!("{other:?}"),
     };
     assert!(created.is_ok(), "{created:?}");
-    assert_eq!(task.map_err(|e| e.code()), created, "the retry reports the task created first");
+    assert_eq!(
+        task.map_err(|e| e.code()),
+        created,
+        "the retry reports the task created first"
+    );
     assert_eq!(cluster.masters[1].metrics().counters.tasks_created, 1);
     for s in [a, b, c, d] {
         s.close().await.unwrap();

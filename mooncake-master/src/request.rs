@@ -248,7 +248,9 @@ pub(crate) fn deserialize_inner<'de, D: Deserializer<'de>>(d: D) -> Result<Box<C
     });
     let _depth = Depth;
     if depth > 1 {
-        return Err(serde::de::Error::custom("a Once command inside a Once command"));
+        return Err(serde::de::Error::custom(
+            "a Once command inside a Once command",
+        ));
     }
     Command::deserialize(d).map(Box::new)
 }

@@ -32,11 +32,7 @@ pub struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some(seq) = self.seq {
-            self.ids
-                .in_flight
-                .lock()
-                .expect("request ids")
-                .remove(&seq);
+            self.ids.in_flight.lock().expect("request ids").remove(&seq);
         }
     }
 }
@@ -56,7 +52,13 @@ impl RequestIds {
     /// dropping the guard.
     pub fn name(&self, command: Command) -> (Command, InFlight<'_>) {
         if !command.wants_request_id() {
-            return (command, InFlight { ids: self, seq: None });
+            return (
+                command,
+                InFlight {
+                    ids: self,
+                    seq: None,
+                },
+            );
         }
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let done_below = {

@@ -123,7 +123,10 @@ fn retried_upserts_answer_their_first_outcome() {
     })
     .into_put_start()
     .unwrap();
-    assert_eq!(h.apply(end.clone()), Response::Unit(Err(ErrorCode::ILLEGAL_CLIENT)));
+    assert_eq!(
+        h.apply(end.clone()),
+        Response::Unit(Err(ErrorCode::ILLEGAL_CLIENT))
+    );
     assert_eq!(h.apply(once(1, 2, end)), Response::Unit(Ok(())));
     assert_eq!(h.apply(once(1, 1, upsert)), first);
     // Batch forms.
@@ -152,7 +155,10 @@ fn retried_upserts_answer_their_first_outcome() {
         client_id: c(1),
         keys: vec!["x".into()],
     };
-    assert_eq!(h.apply(once(1, 4, end.clone())), Response::UnitBatch(vec![Ok(())]));
+    assert_eq!(
+        h.apply(once(1, 4, end.clone())),
+        Response::UnitBatch(vec![Ok(())])
+    );
     h.remove("x", true).unwrap();
     assert_eq!(h.apply(once(1, 4, end)), Response::UnitBatch(vec![Ok(())]));
 }
