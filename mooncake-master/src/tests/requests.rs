@@ -335,3 +335,49 @@ fn put_start_and_put_end_stay_idempotent_with_and_without_ids() {
     assert_eq!(h.apply(end.clone()), Response::Unit(Ok(())));
     assert_eq!(h.apply(once(1, 2, end)), Response::Unit(Ok(())));
 }
+
+#[test]
+fn which_commands_want_ids_and_what_a_once_counts_as() {
+    assert!(remove("k").wants_request_id());
+    assert!(Command::FetchTasks {
+        client_id: c(1),
+        max: 1
+    }
+    .wants_request_id());
+    assert!(!Command::GetReplicaList { key: "k".into() }.wants_request_id());
+    assert!(!Command::Heartbeat { client_id: c(1) }.wants_request_id());
+    assert!(!Command::Evict.wants_request_id());
+    assert!(!once(1, 1, remove("k")).wants_request_id());
+    // A maintenance command stays one inside a Once (the service refuses it from clients).
+    assert!(once(1, 1, Command::ExpireClient { client_id: c(2) }).is_maintenance());
+    assert!(!once(1, 1, remove("k")).is_maintenance());
+    assert_eq!(once(1, 1, remove("k")).inner(), &remove("k"));
+}
+
+#[test]
+fn the_leader_view_bars_and_carries_reads_for_a_once_as_for_its_command() {
+    let mut h = setup();
+    let mut view = LeaderView::default();
+    // A read served outside the log leases k.
+    let Route::Local(r) = view.route(&h.m, h.t(), Command::GetReplicaList { key: "k".into() })
+    else {
+        panic!("a read is served locally")
+    };
+    assert!(matches!(r, Response::Replicas(Ok(_))));
+    let Route::Log(p) = view.route(&h.m, h.t(), once(9, 1, remove("k"))) else {
+        panic!("a remove goes through the log")
+    };
+    assert_eq!(p.entry.reads.len(), 1, "the read of k rides with the remove");
+    // While it is in flight, reads of k go through the log too.
+    assert!(matches!(
+        view.route(&h.m, h.t(), Command::GetReplicaList { key: "k".into() }),
+        Route::Log(_)
+    ));
+    let r = mooncake_core::metadata::StateMachine::apply(&mut h.m, &p.entry.encode());
+    view.finish(p.ticket);
+    assert_eq!(
+        decode_response(&r),
+        Ok(Response::Unit(Err(ErrorCode::OBJECT_HAS_LEASE))),
+        "the lease the leader granted is known to every replica"
+    );
+}
