@@ -373,7 +373,7 @@ fn the_leader_view_bars_and_carries_reads_for_a_once_as_for_its_command() {
         view.route(&h.m, h.t(), Command::GetReplicaList { key: "k".into() }),
         Route::Log(_)
     ));
-    let r = mooncake_core::metadata::StateMachine::apply(&mut h.m, &p.entry.encode());
+    let r = StateMachine::apply(&mut h.m, &p.entry.encode());
     view.finish(p.ticket);
     assert_eq!(
         decode_response(&r),
