@@ -553,6 +553,18 @@ impl Drop for Connection {
     }
 }
 
+/// Removes a call's waiter from its connection when the call ends.
+struct Unwait<'a> {
+    waiters: &'a Waiters,
+    id: u64,
+}
+
+impl Drop for Unwait<'_> {
+    fn drop(&mut self) {
+        self.waiters.lock().expect("waiters").remove(&self.id);
+    }
+}
+
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct RpcClientConfig {
@@ -772,10 +784,16 @@ impl RpcClient {
                     format!("{}: connection lost", self.address),
                 ));
             };
+            // However this call ends (an answer, a timeout, its caller giving up on it), its
+            // waiter leaves the connection: a call dropped while a server sits on it (one that
+            // is paused, say) leaves nothing behind.
+            let _unwait = Unwait {
+                waiters: &conn.waiters,
+                id,
+            };
             let sent = conn.writer.lock().await.send(&frame).await;
             if let Err(e) = sent {
                 conn.dead.store(true, Ordering::Release);
-                conn.waiters.lock().expect("waiters").remove(&id);
                 return Err(Error::with_code(
                     ErrorCode::RPC_FAIL,
                     format!("{}: send: {e}", self.address),
@@ -793,18 +811,14 @@ impl RpcClient {
         };
         match tokio::time::timeout(self.config.call_timeout, work).await {
             Ok(r) => r,
-            Err(_) => {
-                if let Some(c) = self.conn.lock().await.as_ref() {
-                    c.waiters.lock().expect("waiters").remove(&id);
-                }
-                Err(Error::with_code(
-                    ErrorCode::RPC_TIMEOUT,
-                    format!(
-                        "{}: no answer within {:?}",
-                        self.address, self.config.call_timeout
-                    ),
-                ))
-            }
+            // The waiter left with the dropped call (see `Unwait`).
+            Err(_) => Err(Error::with_code(
+                ErrorCode::RPC_TIMEOUT,
+                format!(
+                    "{}: no answer within {:?}",
+                    self.address, self.config.call_timeout
+                ),
+            )),
         }
     }
 
@@ -951,6 +965,44 @@ mod tests {
         let server = serve(listener, Arc::new(Echo));
         let back: Option<String> = client.call(&(2u32, "q".to_string())).await.unwrap();
         assert_eq!(back.as_deref(), Some("qq"));
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_dropped_or_timed_out_leaves_no_waiter_behind() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve(listener, Arc::new(Echo));
+        let client = RpcClient::new(
+            addr.to_string(),
+            RpcClientConfig {
+                call_timeout: Duration::from_millis(300),
+                ..Default::default()
+            },
+        );
+        let waiting = || async {
+            let slot = client.conn.lock().await;
+            let n = slot.as_ref().unwrap().waiters.lock().unwrap().len();
+            n
+        };
+        // Its caller gives up on it (the server sits on `7` for 3 s).
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(100),
+            client.call::<_, Option<String>>(&(7u32, "z".to_string())),
+        )
+        .await;
+        assert!(dropped.is_err());
+        assert_eq!(waiting().await, 0);
+        // It times out.
+        let slow = client
+            .call::<_, Option<String>>(&(7u32, "z".to_string()))
+            .await;
+        assert_eq!(slow.unwrap_err().code(), ErrorCode::RPC_TIMEOUT);
+        assert_eq!(waiting().await, 0);
+        // It is answered.
+        let r: Option<String> = client.call(&(2u32, "q".to_string())).await.unwrap();
+        assert_eq!(r.as_deref(), Some("qq"));
+        assert_eq!(waiting().await, 0);
         server.abort();
     }
 

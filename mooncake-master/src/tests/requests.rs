@@ -367,7 +367,11 @@ fn the_leader_view_bars_and_carries_reads_for_a_once_as_for_its_command() {
     let Route::Log(p) = view.route(&h.m, h.t(), once(9, 1, remove("k"))) else {
         panic!("a remove goes through the log")
     };
-    assert_eq!(p.entry.reads.len(), 1, "the read of k rides with the remove");
+    assert_eq!(
+        p.entry.reads.len(),
+        1,
+        "the read of k rides with the remove"
+    );
     // While it is in flight, reads of k go through the log too.
     assert!(matches!(
         view.route(&h.m, h.t(), Command::GetReplicaList { key: "k".into() }),
