@@ -102,6 +102,9 @@ pub struct MasterMetrics {
     pub under_replicated_keys: u64,
     /// Counters.
     pub counters: Counters,
+    /// Request outcomes remembered for retries (see [`RequestId`](crate::RequestId)).
+    #[serde(default)]
+    pub remembered_requests: u64,
 }
 
 impl MasterMetrics {
@@ -119,6 +122,7 @@ impl MasterMetrics {
             ("clients", self.client_count),
             ("active_tasks", self.active_tasks),
             ("under_replicated_keys", self.under_replicated_keys),
+            ("remembered_requests", self.remembered_requests),
         ];
         let counters = [
             ("put_starts", c.put_starts),
@@ -197,6 +201,7 @@ impl Master {
                 .count() as u64,
             under_replicated_keys: self.under_replicated.len() as u64,
             counters: self.counters.clone(),
+            remembered_requests: self.requests.size().0 as u64,
         }
     }
 }

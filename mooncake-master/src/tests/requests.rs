@@ -239,6 +239,10 @@ fn memory_is_bounded_per_client_by_age_and_by_what_the_client_has_seen() {
         h.apply(once(9, seq, remove("nope")));
     }
     assert_eq!(h.m.remembered_requests().0, REQUESTS_PER_CLIENT);
+    assert_eq!(
+        h.m.metrics().remembered_requests,
+        REQUESTS_PER_CLIENT as u64
+    );
     // Forgotten: applied as new.
     h.put(1, "nope", 4096, 1);
     assert_eq!(h.apply(once(9, 1, remove("nope"))), Response::Unit(Ok(())));
