@@ -262,9 +262,9 @@ pub enum Command {
     },
     /// `command` applied at most once for `id`: a repeat of `id` (a retry whose first answer
     /// was lost, say in a failover) is answered with the first response, applying nothing (see
-    /// [`RequestId`]). The response is `command`'s own. A `Once` inside a `Once` is refused
-    /// (`INVALID_PARAMS`; undecodable from bytes). Added last: earlier variants keep their wire
-    /// tags.
+    /// [`RequestId`]). The response is `command`'s own. A repeat of `id` with another command,
+    /// and a `Once` inside a `Once` (undecodable from bytes), are refused with
+    /// `Unit(Err(INVALID_PARAMS))`. Added last: earlier variants keep their wire tags.
     Once {
         /// The request's id.
         id: RequestId,

@@ -384,7 +384,8 @@ impl Master {
     }
 
     /// Applies `command` unless `id` was applied before, in which case the first response is
-    /// the answer.
+    /// the answer (as far as what it hands out is still held: see
+    /// [`request`](self::request)).
     fn apply_once(
         &mut self,
         now: Timestamp,
@@ -396,12 +397,20 @@ impl Master {
             return Response::Unit(Err(ErrorCode::INVALID_PARAMS));
         }
         self.requests.forget_done(now, id.client, done_below);
-        if let Some(first) = self.requests.get(id) {
-            self.counters.requests_answered_again += 1;
-            return first.clone();
+        let fingerprint = request::fingerprint(&command);
+        if let Some((first_command, first)) = self.requests.get(id) {
+            if first_command != fingerprint {
+                // The id was used for another command: a client's mistake, never applied.
+                return Response::Unit(Err(ErrorCode::INVALID_PARAMS));
+            }
+            if let Some(again) = self.replayable(now, &command, first) {
+                self.counters.requests_answered_again += 1;
+                return again;
+            }
         }
         let response = self.apply(now, command);
-        self.requests.remember(now, id, response.clone());
+        self.requests
+            .remember(now, id, fingerprint, response.clone());
         response
     }
 

@@ -21,6 +21,15 @@
 //! - all outcomes together weigh at most [`REQUEST_MEMORY_WEIGHT`] (one per response plus one
 //!   per item or replica it lists); past that the oldest go first.
 //!
+//! A response that hands out space (PutStart and UpsertStart with their batch forms, Reserve)
+//! or tasks to execute (FetchTasks) is only as good as what it names: between the first
+//! attempt and its retry the write may have been removed, the reservation dropped with its
+//! segment, the task timed out, and the space given to another object. So such a response is
+//! given again only while every range it hands out is still held for the requester; otherwise
+//! the request is applied again (PutStart then returns the write in progress if there still is
+//! one), and a FetchTasks gets the assignments of the first answer that are still its own.
+//! Nobody is ever handed space that is someone else's.
+//!
 //! A request whose id was forgotten is applied as new, as a request without an id always is;
 //! the bounds are set so that a client's retries end long before that. Clients that send no ids
 //! keep working: PutStart, PutEnd and RemountSegments are idempotent for their writer on their
@@ -32,7 +41,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::command::{Command, Response};
+use super::put::{PutItem, PutStartResponse};
+use super::task::TaskStatus;
 use super::types::{ClientId, Timestamp};
+use super::Master;
 
 /// How long an outcome is remembered after its first apply, in ms: well past how long a client
 /// keeps retrying one request (a few election timeouts).
@@ -61,7 +73,18 @@ pub struct RequestId {
 struct Outcome {
     /// When it was first applied.
     at: Timestamp,
+    /// [`fingerprint`] of the command.
+    command: u64,
     response: Response,
+}
+
+/// A stable 64-bit digest of `command` (FNV-1a over its encoding): a repeat of an id must
+/// repeat its command.
+pub(crate) fn fingerprint(command: &Command) -> u64 {
+    let bytes = postcard::to_allocvec(command).expect("commands always serialize");
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The remembered outcomes, part of the replicated state.
@@ -99,12 +122,12 @@ fn weight(r: &Response) -> u64 {
 }
 
 impl Remembered {
-    /// The response first given to `id`, if remembered.
-    pub(crate) fn get(&self, id: RequestId) -> Option<&Response> {
+    /// The fingerprint of the command first applied for `id` and its response, if remembered.
+    pub(crate) fn get(&self, id: RequestId) -> Option<(u64, &Response)> {
         self.by_client
             .get(&id.client)
             .and_then(|m| m.get(&id.seq))
-            .map(|o| &o.response)
+            .map(|o| (o.command, &o.response))
     }
 
     /// Forgets what has aged out at `now` and what `client` says it has been answered for
@@ -127,15 +150,25 @@ impl Remembered {
 
     /// Remembers `response` as the outcome of `id`, first applied at `now`, then forgets what
     /// the bounds ask.
-    pub(crate) fn remember(&mut self, now: Timestamp, id: RequestId, response: Response) {
+    pub(crate) fn remember(
+        &mut self,
+        now: Timestamp,
+        id: RequestId,
+        command: u64,
+        response: Response,
+    ) {
+        // A grant that no longer held was applied again: its new outcome replaces the first.
+        self.forget(id.client, id.seq);
         self.weight += weight(&response);
         self.order.insert((now, id.client, id.seq));
-        let m = self.by_client.entry(id.client).or_default();
-        if let Some(old) = m.insert(id.seq, Outcome { at: now, response }) {
-            // Not reached (a remembered id is answered, not applied), but keep the books right.
-            self.order.remove(&(old.at, id.client, id.seq));
-            self.weight -= weight(&old.response);
-        }
+        self.by_client.entry(id.client).or_default().insert(
+            id.seq,
+            Outcome {
+                at: now,
+                command,
+                response,
+            },
+        );
         while self
             .by_client
             .get(&id.client)
@@ -224,6 +257,74 @@ impl Remembered {
             return Err(format!("client {c} has {} remembered requests", m.len()));
         }
         Ok(())
+    }
+}
+
+impl Master {
+    /// What to answer a repeat of `command`, first answered `first`: `first` itself, or what is
+    /// left of it that still holds, or `None` when the command must be applied again (see the
+    /// [module docs](self)).
+    pub(crate) fn replayable(
+        &self,
+        now: Timestamp,
+        command: &Command,
+        first: &Response,
+    ) -> Option<Response> {
+        match (command, first) {
+            (
+                Command::PutStart { client_id, key, .. }
+                | Command::UpsertStart { client_id, key, .. },
+                Response::PutStart(Ok(granted)),
+            ) => self
+                .still_writing(*client_id, key, granted)
+                .then(|| first.clone()),
+            (
+                Command::BatchPutStart {
+                    client_id, items, ..
+                }
+                | Command::BatchUpsertStart {
+                    client_id, items, ..
+                },
+                Response::PutStartBatch(results),
+            ) => (items.len() == results.len()
+                && items.iter().zip(results).all(|(PutItem { key, .. }, r)| {
+                    r.as_ref()
+                        .map_or(true, |g| self.still_writing(*client_id, key, g))
+                }))
+            .then(|| first.clone()),
+            (Command::Reserve { client_id, .. }, Response::Reserved(Ok(grant))) => self
+                .reservations
+                .get(&grant.id)
+                .is_some_and(|r| r.client == *client_id && now < r.expires_at)
+                .then(|| first.clone()),
+            (Command::FetchTasks { client_id, .. }, Response::Tasks(assignments)) => {
+                Some(Response::Tasks(
+                    assignments
+                        .iter()
+                        .filter(|a| {
+                            self.tasks.get(&a.task_id).is_some_and(|t| {
+                                t.status == TaskStatus::Processing
+                                    && t.assigned.is_some_and(|(c, _)| c == *client_id)
+                                    && self.descriptors(&t.dests, a.size) == a.destinations
+                            })
+                        })
+                        .cloned()
+                        .collect(),
+                ))
+            }
+            _ => Some(first.clone()),
+        }
+    }
+
+    /// Whether `client`'s write of `key` that was handed `granted` is still in progress, on the
+    /// same ranges.
+    fn still_writing(&self, client: ClientId, key: &str, granted: &PutStartResponse) -> bool {
+        self.objects
+            .get(key)
+            .and_then(|o| o.pending.as_ref())
+            .is_some_and(|p| {
+                p.client == client && self.descriptors(&p.replicas, p.size) == granted.replicas
+            })
     }
 }
 

@@ -440,7 +440,7 @@ fn run(
     let mut now = 0u64;
     let mut tasks: Vec<TaskId> = Vec::new();
     let mut responses = Vec::new();
-    let mut firsts: std::collections::HashMap<RequestId, (Response, Timestamp)> =
+    let mut firsts: std::collections::HashMap<RequestId, (Command, Response, Timestamp)> =
         std::collections::HashMap::new();
     for op in ops {
         if let Op::Advance { ms, keepalive } = op {
@@ -467,13 +467,32 @@ fn run(
             if let Err(e) = m.check_invariants() {
                 return Err(TestCaseError::fail(format!("after {cmd:?}: {e}")));
             }
-            if let Command::Once { id, .. } = &cmd {
+            if let Command::Once { id, command, .. } = &cmd {
+                // What hands out space or tasks is given again only while it still holds (the
+                // lease checks above see that nothing else's space is handed out).
+                let grants = |r: &Response| {
+                    matches!(
+                        r,
+                        Response::PutStart(Ok(_))
+                            | Response::PutStartBatch(_)
+                            | Response::Reserved(Ok(_))
+                            | Response::Tasks(_)
+                    )
+                };
                 match firsts.get(id) {
-                    Some((first, at)) if at.plus(REQUEST_MEMORY_MS) > t => {
-                        prop_assert_eq!(&r, first, "a repeat of {:?} answered anew", id);
+                    Some((c, _, at)) if at.plus(REQUEST_MEMORY_MS) > t && **command != *c => {
+                        prop_assert_eq!(&r, &Response::Unit(Err(ErrorCode::INVALID_PARAMS)));
+                    }
+                    Some((_, first, at)) if at.plus(REQUEST_MEMORY_MS) > t => {
+                        if !grants(first) {
+                            prop_assert_eq!(&r, first, "a repeat of {:?} answered anew", id);
+                        } else if r != *first {
+                            // Applied again (what it handed out was gone), or what is left.
+                            firsts.insert(*id, ((**command).clone(), r.clone(), t));
+                        }
                     }
                     _ => {
-                        firsts.insert(*id, (r.clone(), t));
+                        firsts.insert(*id, ((**command).clone(), r.clone(), t));
                     }
                 }
             }

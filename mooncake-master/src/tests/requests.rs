@@ -108,6 +108,7 @@ fn retried_upserts_answer_their_first_outcome() {
     };
     let first = h.apply(once(1, 1, upsert.clone()));
     assert!(matches!(first, Response::PutStart(Ok(_))), "{first:?}");
+    assert_eq!(h.apply(once(1, 1, upsert.clone())), first);
     let end = Command::PutEnd {
         client_id: c(1),
         key: "k".into(),
@@ -128,7 +129,12 @@ fn retried_upserts_answer_their_first_outcome() {
         Response::Unit(Err(ErrorCode::ILLEGAL_CLIENT))
     );
     assert_eq!(h.apply(once(1, 2, end)), Response::Unit(Ok(())));
-    assert_eq!(h.apply(once(1, 1, upsert)), first);
+    // The first UpsertStart's ranges are no longer a write in progress: a (late) repeat is
+    // applied again rather than handed them.
+    assert_eq!(
+        h.apply(once(1, 1, upsert)),
+        Response::PutStart(Err(ErrorCode::OBJECT_REPLICA_BUSY))
+    );
     // Batch forms.
     let batch = Command::BatchUpsertStart {
         client_id: c(1),
@@ -388,4 +394,143 @@ fn the_leader_view_bars_and_carries_reads_for_a_once_as_for_its_command() {
         Ok(Response::Unit(Err(ErrorCode::OBJECT_HAS_LEASE))),
         "the lease the leader granted is known to every replica"
     );
+}
+
+#[test]
+fn a_retried_put_start_never_hands_out_space_that_is_no_longer_its_own() {
+    let mut h = setup();
+    let start = |key: &str| Command::PutStart {
+        client_id: c(1),
+        key: key.into(),
+        size: 4096,
+        config: ReplicateConfig::with_replicas(1),
+    };
+    let first = h.apply(once(1, 1, start("p")));
+    let granted = first.clone().into_put_start().unwrap();
+    // Still writing: the retry gets the same ranges.
+    assert_eq!(h.apply(once(1, 1, start("p"))), first);
+    // The write is removed (with k) before the retry arrives, and its space goes to another
+    // object.
+    assert_eq!(
+        h.apply(Command::RemoveAll { force: true }),
+        Response::Count(Ok(2))
+    );
+    h.put(2, "other", 4096, 1);
+    let again = h.apply(once(1, 1, start("p"))).into_put_start().unwrap();
+    let other = h.get("other").unwrap();
+    assert_ne!(
+        again.replicas, granted.replicas,
+        "not the ranges that were freed"
+    );
+    assert_ne!(again.replicas[0].memory(), other.replicas[0].memory());
+    assert_eq!(h.m.object("p").unwrap().state, ObjectState::Writing);
+    // The answer to the retry is what a later retry gets.
+    assert_eq!(
+        h.apply(once(1, 1, start("p"))).into_put_start().unwrap(),
+        again
+    );
+    // A batch whose grants all still hold is answered again; one whose grant died is applied
+    // again, the live items keeping their ranges.
+    let batch = Command::BatchPutStart {
+        client_id: c(1),
+        items: vec![
+            PutItem {
+                key: "b1".into(),
+                size: 4096,
+            },
+            PutItem {
+                key: "b2".into(),
+                size: 4096,
+            },
+        ],
+        config: ReplicateConfig::with_replicas(1),
+    };
+    let first = h.apply(once(1, 2, batch.clone()));
+    assert_eq!(h.apply(once(1, 2, batch.clone())), first);
+    h.apply(Command::PutRevoke {
+        client_id: c(1),
+        key: "b2".into(),
+    })
+    .into_unit()
+    .unwrap();
+    let Response::PutStartBatch(again) = h.apply(once(1, 2, batch)) else {
+        panic!()
+    };
+    let Response::PutStartBatch(first) = first else {
+        panic!()
+    };
+    assert_eq!(
+        again[0], first[0],
+        "b1 is still being written on its ranges"
+    );
+    assert!(again[1].is_ok());
+}
+
+#[test]
+fn a_retried_reserve_or_fetch_hands_out_only_what_is_still_held() {
+    let mut h = setup();
+    let reserve = Command::Reserve {
+        client_id: c(1),
+        size: MIB,
+        min_size: 4096,
+    };
+    let first = h.apply(once(1, 1, reserve.clone()));
+    let Response::Reserved(Ok(grant)) = &first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(h.apply(once(1, 1, reserve.clone())), first);
+    // Past its expiry the reservation is freed: a retry then reserves anew.
+    h.advance(2 * MasterConfig::default().reservation_ttl_ms + 1);
+    h.heartbeat(1);
+    h.heartbeat(2);
+    h.tick();
+    let Response::Reserved(Ok(again)) = h.apply(once(1, 1, reserve)) else {
+        panic!()
+    };
+    assert_ne!(again.id, grant.id);
+
+    // A fetch answered again lists only the tasks still assigned to the client.
+    h.put(1, "t1", 4096, 2);
+    h.put(1, "t2", 4096, 2);
+    h.mount(3, "h3:1", 64 * MIB);
+    for key in ["t1", "t2"] {
+        h.apply(Command::CreateCopyTask {
+            key: key.into(),
+            targets: vec!["h3:1".into()],
+        })
+        .into_task_id()
+        .unwrap();
+    }
+    let fetch = Command::FetchTasks {
+        client_id: c(1),
+        max: 8,
+    };
+    let Response::Tasks(first) = h.apply(once(1, 2, fetch.clone())) else {
+        panic!()
+    };
+    assert_eq!(first.len(), 2);
+    assert_eq!(
+        h.apply(once(1, 2, fetch.clone())),
+        Response::Tasks(first.clone())
+    );
+    // One task's object goes away (its task ends, its destination is freed).
+    h.remove(&first[0].key, true).unwrap();
+    assert_eq!(
+        h.apply(once(1, 2, fetch)),
+        Response::Tasks(vec![first[1].clone()])
+    );
+}
+
+#[test]
+fn an_id_repeated_with_another_command_is_refused() {
+    let mut h = setup();
+    assert_eq!(
+        h.apply(once(9, 1, remove("nope"))),
+        Response::Unit(Err(ErrorCode::OBJECT_NOT_FOUND))
+    );
+    assert_eq!(
+        h.apply(once(9, 1, remove("k"))),
+        Response::Unit(Err(ErrorCode::INVALID_PARAMS))
+    );
+    assert!(h.exists("k"), "nothing applied");
 }
