@@ -118,9 +118,11 @@ pub trait MasterApi: Send + Sync + std::fmt::Debug {
 /// the group's election timeout), not the whole call timeout: a leader that stops answering
 /// without closing its connections (paused, swapped out, its disk hung) is left for the others
 /// as soon as a new leader could have been elected, and for a while hints that still name it
-/// are not followed, so a frozen leader costs about what a dead one does. The request is sent
-/// again as it was: a command named with a request id ([`Command::Once`]) is then answered
-/// with its first outcome if the first attempt was applied after all.
+/// are not followed, so a frozen leader costs about what a dead one does. The attempt is left
+/// running meanwhile (within the call timeout), so a leader that was only slow still gets its
+/// answer through. The request is sent again as it was: a command named with a request id
+/// ([`Command::Once`], see [`RequestIds`](crate::RequestIds)) is then answered with its first
+/// outcome if the first attempt was applied after all.
 #[derive(Debug)]
 pub struct RemoteMaster {
     masters: Vec<RpcClient>,
