@@ -649,3 +649,64 @@ async fn a_three_member_group_with_certificates_elects_a_leader_and_serves_a_sto
     store.close().await.unwrap();
     drop(members);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_connection() {
+    let pki = Pki::new("crl");
+    pki.issue("master-1", &[Role::Master]);
+    let node = pki.issue("node-1", &[Role::Client]);
+    let other = pki.issue("node-2", &[Role::Client]);
+    let crl = pki.dir.join("crl.pem");
+    std::fs::write(&crl, certs::revocation_list(&pki.ca, &[], 1).unwrap()).unwrap();
+    let master = spawn_master(
+        &[
+            &["--rpc_port=0".to_string()][..],
+            &pki.flags("master-1"),
+            &[format!("--tls_crl={}", crl.display())],
+        ]
+        .concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+    assert!(matches!(
+        remote(&master.rpc, &node)
+            .call(MasterRequest::Segments)
+            .await
+            .unwrap(),
+        MasterReply::Segments(_)
+    ));
+    // The CA revokes node-1 (a new list, swapped in as `mooncake_certs revoke` does).
+    let revoked = certs::RevokedEntry {
+        serial: certs::serial_of(&node.cert_pem).unwrap(),
+        revoked_at: SystemTime::now(),
+    };
+    let tmp = pki.dir.join("crl.pem.tmp");
+    std::fs::write(
+        &tmp,
+        certs::revocation_list(&pki.ca, &[revoked], 2).unwrap(),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &crl).unwrap();
+    let e = remote(&master.rpc, &node)
+        .call(MasterRequest::Segments)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RPC_FAIL, "{e}");
+    // Everyone else is still served, and the refusal is in the master's log.
+    assert!(matches!(
+        remote(&master.rpc, &other)
+            .call(MasterRequest::Segments)
+            .await
+            .unwrap(),
+        MasterReply::Segments(_)
+    ));
+    let log = master.log();
+    assert!(
+        log.contains("certificate revocation list reloaded"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Revoked"),
+        "no revocation refusal logged: {log}"
+    );
+}
