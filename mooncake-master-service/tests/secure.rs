@@ -668,11 +668,10 @@ async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_conn
         &[],
         &pki.dir.join("master.log"),
     );
+    // node-1 keeps a connection open across the revocation.
+    let kept = remote(&master.rpc, &node);
     assert!(matches!(
-        remote(&master.rpc, &node)
-            .call(MasterRequest::Segments)
-            .await
-            .unwrap(),
+        kept.call(MasterRequest::Segments).await.unwrap(),
         MasterReply::Segments(_)
     ));
     // The CA revokes node-1 (a new list, swapped in as `mooncake_certs revoke` does).
@@ -692,6 +691,23 @@ async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_conn
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::RPC_FAIL, "{e}");
+    // Its open connection is cut at a request once the master has looked at the list again
+    // (at most every half second), and reconnecting is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match kept.call(MasterRequest::Segments).await {
+            Err(_) => break,
+            Ok(reply) => {
+                assert!(matches!(reply, MasterReply::Segments(_)));
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a revoked peer's open connection is still served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(kept.call(MasterRequest::Segments).await.is_err());
     // Everyone else is still served, and the refusal is in the master's log.
     assert!(matches!(
         remote(&master.rpc, &other)

@@ -215,7 +215,7 @@ pub struct RevokedEntry {
     pub revoked_at: SystemTime,
 }
 
-fn trim_serial(raw: &[u8]) -> Vec<u8> {
+pub(crate) fn trim_serial(raw: &[u8]) -> Vec<u8> {
     let start = raw
         .iter()
         .position(|b| *b != 0)

@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::revocation::{
-    CrlWatch, RevocationClientVerifier, RevocationServerVerifier, TLS_CRL_ENV,
+    CrlWatch, Revocation, RevocationClientVerifier, RevocationServerVerifier, TLS_CRL_ENV,
 };
 use crate::PeerIdentity;
 
@@ -184,11 +184,12 @@ impl TlsIdentity {
             WebPkiServerVerifier::builder_with_provider(p.roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| bad("server verifier", &e))?;
-        let (verifier, server_verifier): (
+        let (verifier, server_verifier, revocation): (
             Arc<dyn rustls::server::danger::ClientCertVerifier>,
             Arc<dyn rustls::client::danger::ServerCertVerifier>,
+            Option<Revocation>,
         ) = match &self.crl_file {
-            None => (client_verifier, server_verifier),
+            None => (client_verifier, server_verifier, None),
             Some(path) => {
                 let watch = Arc::new(CrlWatch::new(
                     path.clone(),
@@ -201,9 +202,10 @@ impl TlsIdentity {
                         base: client_verifier,
                     }),
                     Arc::new(RevocationServerVerifier {
-                        watch,
+                        watch: watch.clone(),
                         base: server_verifier,
                     }),
+                    Some(Revocation(watch)),
                 )
             }
         };
@@ -229,6 +231,7 @@ impl TlsIdentity {
         Ok(TlsConfigs {
             server: Arc::new(server),
             client: Arc::new(client),
+            revocation,
         })
     }
 }
@@ -254,4 +257,6 @@ pub struct TlsConfigs {
     pub server: Arc<rustls::ServerConfig>,
     /// For connecting: presents this node's certificate and checks the target's.
     pub client: Arc<rustls::ClientConfig>,
+    /// The revocation list both check, when the identity names one.
+    pub revocation: Option<Revocation>,
 }

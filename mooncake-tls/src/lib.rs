@@ -30,7 +30,7 @@ mod stream;
 
 pub use identity::{TlsConfigs, TlsIdentity, TLS_ENV};
 pub use peer::{PeerAuthorizer, PeerIdentity, Role, RoleAuthorizer};
-pub use revocation::TLS_CRL_ENV;
+pub use revocation::{Revocation, TLS_CRL_ENV};
 pub use stream::{TlsAcceptor, TlsConnector, DEFAULT_HANDSHAKE_TIMEOUT, PLAIN_HELLO, PLAIN_READY};
 
 /// Re-exported so users of [`TlsAcceptor`] and [`TlsConnector`] name the stream types without a

@@ -9,10 +9,12 @@
 //! never falls back to admitting revoked certificates. Each CA of the cluster's CA file needs its
 //! CRL in the file (a certificate whose issuer has no CRL there is refused as of unknown status).
 
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use mooncake_core::{Error, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -23,6 +25,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
+
+use crate::PeerIdentity;
 
 /// Environment variable naming a CRL file to check peers' certificates against (optional).
 pub const TLS_CRL_ENV: &str = "MC_TLS_CRL";
@@ -48,6 +52,9 @@ fn stamp(path: &Path) -> std::io::Result<Stamp> {
 struct Loaded {
     client: Arc<dyn ClientCertVerifier>,
     server: Arc<WebPkiServerVerifier>,
+    /// Serial numbers (big-endian, no leading zeros) the lists revoke: for peers admitted
+    /// before a change of the file.
+    serials: Arc<HashSet<Vec<u8>>>,
 }
 
 struct State {
@@ -62,7 +69,16 @@ pub(crate) struct CrlWatch {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     state: RwLock<State>,
+    /// Serials revoked by the last list that loaded (kept while a broken file replaces it).
+    revoked: RwLock<Arc<HashSet<Vec<u8>>>>,
+    /// Bumped whenever the file's content is loaded again.
+    generation: AtomicU64,
+    /// When an established connection's check may look at the file again.
+    next_look: Mutex<Instant>,
 }
+
+/// How often checks of established connections look at the file (handshakes always do).
+const LOOK_EVERY: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for CrlWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,11 +119,55 @@ impl CrlWatch {
             path,
             roots,
             provider,
+            revoked: RwLock::new(loaded.serials.clone()),
             state: RwLock::new(State {
                 stamp: Some(file_stamp),
                 verifiers: Ok(loaded),
             }),
+            generation: AtomicU64::new(1),
+            next_look: Mutex::new(Instant::now() + LOOK_EVERY),
         })
+    }
+
+    /// `Ok` while `peer`, admitted at its handshake, is not revoked by the current list; an
+    /// error naming it once it is. `seen` is the caller's memory of the list it last checked
+    /// (start at 0): the serial is looked up only when the list changed since, and the file at
+    /// most every [`LOOK_EVERY`], so calling this before every request costs a clock read.
+    pub(crate) fn check(&self, peer: &PeerIdentity, seen: &mut u64) -> Result<()> {
+        let now = Instant::now();
+        let look = {
+            let mut next = self.next_look.lock().unwrap_or_else(|p| p.into_inner());
+            if now >= *next {
+                *next = now + LOOK_EVERY;
+                true
+            } else {
+                false
+            }
+        };
+        if look {
+            // Reloads the list if the file changed; its verdict on handshakes is not needed.
+            let _ = self.current();
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation == *seen {
+            return Ok(());
+        }
+        let revoked = self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Ok(serial) = peer.serial() {
+            if revoked.contains(&serial) {
+                return Err(Error::PermissionDenied(format!(
+                    "the certificate of {} was revoked ({})",
+                    peer.name(),
+                    self.path.display()
+                )));
+            }
+        }
+        *seen = generation;
+        Ok(())
     }
 
     /// The verifiers of the file as it is now, rebuilt if it changed since the last look.
@@ -129,6 +189,10 @@ impl CrlWatch {
                 Some(_) => build(&self.path, &self.roots, &self.provider),
             };
             state.stamp = now;
+            if let Ok(loaded) = &state.verifiers {
+                *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = loaded.serials.clone();
+            }
+            self.generation.fetch_add(1, Ordering::AcqRel);
             match &state.verifiers {
                 Ok(_) => tracing::info!(
                     path = %self.path.display(),
@@ -149,6 +213,14 @@ fn build(
     provider: &Arc<CryptoProvider>,
 ) -> std::result::Result<Loaded, String> {
     let crls = read_crls(path).map_err(|e| e.to_string())?;
+    let mut serials = HashSet::new();
+    for der in &crls {
+        let (_, crl) = x509_parser::parse_x509_crl(der)
+            .map_err(|e| format!("{}: parsing a revocation list: {e}", path.display()))?;
+        for revoked in crl.iter_revoked_certificates() {
+            serials.insert(crate::certs::trim_serial(revoked.raw_serial()));
+        }
+    }
     let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.clone())
         .only_check_end_entity_revocation()
@@ -159,7 +231,23 @@ fn build(
         .only_check_end_entity_revocation()
         .build()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(Loaded { client, server })
+    Ok(Loaded {
+        client,
+        server,
+        serials: Arc::new(serials),
+    })
+}
+
+/// The revocation list a listener checks, for re-checking peers it admitted earlier (see
+/// [`crate::TlsAcceptor::recheck`]).
+#[derive(Clone, Debug)]
+pub struct Revocation(pub(crate) Arc<CrlWatch>);
+
+impl Revocation {
+    /// `Ok` while `peer` is not revoked by the current list (see [`crate::TlsAcceptor::recheck`]).
+    pub fn check(&self, peer: &PeerIdentity, seen: &mut u64) -> Result<()> {
+        self.0.check(peer, seen)
+    }
 }
 
 /// Verifies client certificates against the CA and the current CRL. Signatures and hints do
