@@ -726,3 +726,42 @@ async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_conn
         "no revocation refusal logged: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_acts_only_over_the_certificate_that_first_used_it() {
+    use mooncake_master::{ClientId, Command as MasterCommand};
+    let pki = Pki::new("bind");
+    pki.issue("master-1", &[Role::Master]);
+    let owner = pki.issue("node-1", &[Role::Client]);
+    let intruder = pki.issue("node-2", &[Role::Client]);
+    let master = spawn_master(
+        &[&["--rpc_port=0".to_string()][..], &pki.flags("master-1")].concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+    let id = ClientId(0x5eed_0000_0000_0000_0000_0000_0000_0001);
+    let heartbeat = || MasterRequest::Apply(MasterCommand::Heartbeat { client_id: id });
+    let owner = remote(&master.rpc, &owner);
+    assert!(failed(&owner.call(heartbeat()).await.unwrap()).is_none());
+    // Another member's certificate naming node-1's id: refused, nothing applied.
+    let intruder = remote(&master.rpc, &intruder);
+    for request in [
+        heartbeat(),
+        MasterRequest::Apply(MasterCommand::UnmountSegment {
+            client_id: id,
+            name: "node-1-segment".into(),
+        }),
+    ] {
+        let reply = intruder.call(request).await.unwrap();
+        let (code, message) = failed(&reply).expect("refused");
+        assert_eq!(code, ErrorCode::ILLEGAL_CLIENT, "{message}");
+        assert!(message.contains("it belongs to node-1"), "{message}");
+    }
+    // Its own ids work; the owner is still served.
+    let own = MasterRequest::Apply(MasterCommand::Heartbeat {
+        client_id: ClientId(2),
+    });
+    assert!(failed(&intruder.call(own).await.unwrap()).is_none());
+    assert!(failed(&owner.call(heartbeat()).await.unwrap()).is_none());
+    assert!(master.log().contains("may not act for client"));
+}
