@@ -75,6 +75,16 @@ async fn handshake(
     (accept.await.unwrap(), connected)
 }
 
+/// The identity of `name` as the `mooncake_certs` command wrote it into `dir`.
+fn identity_in(dir: &std::path::Path, name: &str) -> TlsIdentity {
+    TlsIdentity::from_pem_files(
+        dir.join("ca.pem"),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn members_of_one_ca_talk_and_learn_each_others_roles() {
     let ca = ca();
@@ -278,14 +288,7 @@ fn certificates_made_by_the_command_carry_names_and_roles() {
     let again = run(&["init"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
-    let identity = |name: &str| {
-        TlsIdentity::from_pem_files(
-            dir.join("ca.pem"),
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}-key.pem")),
-        )
-        .unwrap()
-    };
+    let identity = |name: &str| identity_in(&dir, name);
     let a = identity("node-a").own().unwrap();
     assert_eq!(a.common_name.as_deref(), Some("node-a"));
     assert_eq!(a.roles, vec![Role::Client]);
@@ -370,14 +373,7 @@ async fn a_revoked_certificate_is_refused_from_the_next_connection_without_a_res
     for name in ["server", "good", "bad", "worse"] {
         run(&["issue", name, "--name", "127.0.0.1"]);
     }
-    let identity = |name: &str| {
-        TlsIdentity::from_pem_files(
-            dir.join("ca.pem"),
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}-key.pem")),
-        )
-        .unwrap()
-    };
+    let identity = |name: &str| identity_in(&dir, name);
     // A revocation list must exist and parse when a node starts with one.
     let crl = dir.join("crl.pem");
     let err = identity("server").with_crl_file(&crl).unwrap_err();
