@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use mooncake_core::{Error, Result};
@@ -73,8 +73,10 @@ pub(crate) struct CrlWatch {
     revoked: RwLock<Arc<HashSet<Vec<u8>>>>,
     /// Bumped whenever the file's content is loaded again.
     generation: AtomicU64,
-    /// When an established connection's check may look at the file again.
-    next_look: Mutex<Instant>,
+    /// When the watch was made: the origin of `next_look`.
+    born: Instant,
+    /// When (ns after `born`) an established connection's check may look at the file again.
+    next_look: AtomicU64,
 }
 
 /// How often checks of established connections look at the file (handshakes always do).
@@ -125,7 +127,8 @@ impl CrlWatch {
                 verifiers: Ok(loaded),
             }),
             generation: AtomicU64::new(1),
-            next_look: Mutex::new(Instant::now() + LOOK_EVERY),
+            born: Instant::now(),
+            next_look: AtomicU64::new(LOOK_EVERY.as_nanos() as u64),
         })
     }
 
@@ -134,17 +137,20 @@ impl CrlWatch {
     /// (start at 0): the serial is looked up only when the list changed since, and the file at
     /// most every [`LOOK_EVERY`], so calling this before every request costs a clock read.
     pub(crate) fn check(&self, peer: &PeerIdentity, seen: &mut u64) -> Result<()> {
-        let now = Instant::now();
-        let look = {
-            let mut next = self.next_look.lock().unwrap_or_else(|p| p.into_inner());
-            if now >= *next {
-                *next = now + LOOK_EVERY;
-                true
-            } else {
-                false
-            }
-        };
-        if look {
+        let now = self.born.elapsed().as_nanos() as u64;
+        let next = self.next_look.load(Ordering::Relaxed);
+        // One caller per period wins the exchange and looks at the file.
+        if now >= next
+            && self
+                .next_look
+                .compare_exchange(
+                    next,
+                    now + LOOK_EVERY.as_nanos() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
             // Reloads the list if the file changed; its verdict on handshakes is not needed.
             let _ = self.current();
         }
