@@ -42,6 +42,8 @@ Flags:
                                     started with TLS changes its membership only for a
                                     certificate with the admin role); without these flags,
                                     MC_TLS_CA, MC_TLS_CERT and MC_TLS_KEY are used when set
+  --tls_crl=FILE                    refuse a master whose certificate the CA revoked (or
+                                    MC_TLS_CRL)
 
 Each change is applied through the group's log, one at a time; the command prints the
 membership that results. Exit status: 0 done, 1 refused or unreachable, 2 bad usage.
@@ -77,7 +79,7 @@ fn parse_id(command: &str, value: &str) -> Result<u64> {
 /// Parses the arguments after `mooncake_master admin`.
 pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<AdminCommand> {
     let mut masters: Option<String> = None;
-    let (mut ca, mut cert, mut key) = (None, None, None);
+    let (mut ca, mut cert, mut key, mut crl) = (None, None, None, None);
     let mut words: Vec<String> = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -99,6 +101,7 @@ pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<Admin
                 "tls_ca" => ca = Some(value),
                 "tls_cert" => cert = Some(value),
                 "tls_key" => key = Some(value),
+                "tls_crl" => crl = Some(value),
                 other => {
                     return Err(Error::InvalidArgument(format!(
                         "unknown flag --{other} (see mooncake_master admin --help)"
@@ -170,7 +173,7 @@ pub fn parse_admin_args<I: IntoIterator<Item = String>>(args: I) -> Result<Admin
                 "--master_server_addr is required (the group's RPC addresses, h1:p1,h2:p2)".into(),
             )
         })?;
-    let tls = tls_identity(ca, cert, key)?;
+    let tls = tls_identity(ca, cert, key, crl)?;
     Ok(AdminCommand::Send {
         masters,
         request,

@@ -9,12 +9,15 @@ use mooncake_tls::{TlsIdentity, TLS_ENV};
 
 /// The node's TLS identity from `--tls_ca`, `--tls_cert` and `--tls_key` (all three or none),
 /// or, when none of them is given, from the `MC_TLS_CA`, `MC_TLS_CERT` and `MC_TLS_KEY`
-/// environment variables (likewise all three or none). `None` runs without TLS. The files are
-/// read and checked here, so a bad certificate or key stops the start with its reason.
+/// environment variables (likewise all three or none). `None` runs without TLS. `crl`
+/// (`--tls_crl`, else `MC_TLS_CRL`) names the CA's revocation list to check peers against. The
+/// files are read and checked here, so a bad certificate, key or list stops the start with its
+/// reason.
 pub fn tls_identity(
     ca: Option<String>,
     cert: Option<String>,
     key: Option<String>,
+    crl: Option<String>,
 ) -> Result<Option<TlsIdentity>> {
     let identity = match (ca, cert, key) {
         (None, None, None) => TlsIdentity::from_env_opt()?,
@@ -35,6 +38,15 @@ pub fn tls_identity(
                 missing.join(", ")
             )));
         }
+    };
+    let identity = match (identity, crl) {
+        (Some(id), Some(crl)) => Some(id.with_crl_file(crl)?),
+        (None, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "--tls_crl needs a certificate (--tls_ca, --tls_cert, --tls_key)".into(),
+            ))
+        }
+        (id, None) => id,
     };
     if let Some(id) = &identity {
         // Builds the configurations once: a PEM that does not parse is refused now.

@@ -167,6 +167,9 @@ when set; create certificates with mooncake_certs):
   --tls_cert=FILE                        this master's certificate (role master; its SANs name
                                          the addresses clients dial)
   --tls_key=FILE                         its private key
+  --tls_crl=FILE                         the CA's revocation list (mooncake_certs revoke; or
+                                         MC_TLS_CRL): revoked certificates are refused, the
+                                         file is re-read when it changes
 With TLS every RPC connection needs a certificate of the cluster CA: data commands need the
 client or master role, membership changes the admin role. The Raft port admits the group's
 members only (a member's certificate: role master, common name master-<raft_id>). The metrics
@@ -278,6 +281,7 @@ const VALUED: &[&str] = &[
     "tls_ca",
     "tls_cert",
     "tls_key",
+    "tls_crl",
 ];
 
 const BOOLS: &[&str] = &[
@@ -338,7 +342,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     let (mut raft_id, mut raft_peers, mut raft_dir) = (0u64, None, None);
     let (mut raft_tick_ms, mut raft_election_ticks) = (100u64, 10usize);
     let mut raft_join = false;
-    let (mut tls_ca, mut tls_cert, mut tls_key) = (None, None, None);
+    let (mut tls_ca, mut tls_cert, mut tls_key, mut tls_crl) = (None, None, None, None);
     let (mut rpc_port, mut port) = (None::<u16>, None::<u16>);
     let mut args = args.into_iter().peekable();
     while let Some(arg) = args.next() {
@@ -422,6 +426,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "tls_ca" => tls_ca = Some(value),
             "tls_cert" => tls_cert = Some(value),
             "tls_key" => tls_key = Some(value),
+            "tls_crl" => tls_crl = Some(value),
             other if no_effect_kind(other).is_some() => {
                 let kind = no_effect_kind(other).unwrap_or(Kind::Text);
                 check_kind(other, kind, &value)?;
@@ -443,7 +448,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
         _ => 50051,
     };
     o.master.validate()?;
-    o.tls = tls_identity(tls_ca, tls_cert, tls_key)?;
+    o.tls = tls_identity(tls_ca, tls_cert, tls_key, tls_crl)?;
     o.raft = match (raft_id, raft_peers) {
         (0, None) if raft_join => {
             return Err(Error::InvalidArgument(
@@ -1121,6 +1126,16 @@ mod tests {
         let e = parse(&[&ca_flag, &cert_flag, &bad_key]).unwrap_err();
         assert!(e.to_string().contains("private key"), "{e}");
         assert!(parse(&[]).unwrap().tls.is_none());
+        // A revocation list goes with a certificate, must exist and must parse.
+        let crl_flag = flag("tls_crl", "crl.pem");
+        let e = parse(&[&ca_flag, &cert_flag, &key_flag, &crl_flag]).unwrap_err();
+        assert!(e.to_string().contains("crl.pem"), "{e}");
+        let crl = mooncake_tls::certs::revocation_list(&ca, &[], 1).unwrap();
+        std::fs::write(dir.join("crl.pem"), crl).unwrap();
+        let o = parse(&[&ca_flag, &cert_flag, &key_flag, &crl_flag]).unwrap();
+        assert_eq!(o.tls.unwrap().crl_file, Some(dir.join("crl.pem")));
+        let e = parse(&[&crl_flag]).unwrap_err();
+        assert!(e.to_string().contains("needs a certificate"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -15,6 +15,7 @@
 //! is put together by [`crate::master_cli`], and tests run groups over a simulated log.
 
 mod admin;
+mod bindings;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -358,6 +359,7 @@ impl MasterService {
         let front = Arc::new(RpcFront {
             service: self.clone(),
             refusals: RefusalLog::new(),
+            bindings: bindings::ClientBindings::default(),
         });
         let handle = rpc::serve_tls(listener, front, rpc::ServeLimits::default(), tls);
         self.tasks.lock().expect("service tasks").push(handle);
@@ -532,6 +534,8 @@ struct RpcFront {
     service: Arc<MasterService>,
     /// Requests refused for their peer's roles.
     refusals: RefusalLog,
+    /// Over TLS, the certificate that acts for each client id.
+    bindings: bindings::ClientBindings,
 }
 
 #[async_trait]
@@ -545,7 +549,16 @@ impl Handler<MasterRequest, MasterReply> for RpcFront {
         // certificate must grant a role the request needs.
         if let Some(identity) = &caller.identity {
             let (roles, what) = required_roles(&request);
-            if let Err(e) = identity.require_any(roles, what) {
+            let admitted = identity.require_any(roles, what).and_then(|()| {
+                match bindings::claimed_client(&request) {
+                    Some(client) => {
+                        self.bindings
+                            .admit(identity, client, std::time::Instant::now())
+                    }
+                    None => Ok(()),
+                }
+            });
+            if let Err(e) = admitted {
                 self.refusals
                     .refused("master rpc", &caller.describe(), &e.to_string());
                 return MasterReply::Failed {

@@ -649,3 +649,119 @@ async fn a_three_member_group_with_certificates_elects_a_leader_and_serves_a_sto
     store.close().await.unwrap();
     drop(members);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_connection() {
+    let pki = Pki::new("crl");
+    pki.issue("master-1", &[Role::Master]);
+    let node = pki.issue("node-1", &[Role::Client]);
+    let other = pki.issue("node-2", &[Role::Client]);
+    let crl = pki.dir.join("crl.pem");
+    std::fs::write(&crl, certs::revocation_list(&pki.ca, &[], 1).unwrap()).unwrap();
+    let master = spawn_master(
+        &[
+            &["--rpc_port=0".to_string()][..],
+            &pki.flags("master-1"),
+            &[format!("--tls_crl={}", crl.display())],
+        ]
+        .concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+    // node-1 keeps a connection open across the revocation.
+    let kept = remote(&master.rpc, &node);
+    assert!(matches!(
+        kept.call(MasterRequest::Segments).await.unwrap(),
+        MasterReply::Segments(_)
+    ));
+    // The CA revokes node-1 (a new list, swapped in as `mooncake_certs revoke` does).
+    let revoked = certs::RevokedEntry {
+        serial: certs::serial_of(&node.cert_pem).unwrap(),
+        revoked_at: SystemTime::now(),
+    };
+    let tmp = pki.dir.join("crl.pem.tmp");
+    std::fs::write(
+        &tmp,
+        certs::revocation_list(&pki.ca, &[revoked], 2).unwrap(),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &crl).unwrap();
+    let e = remote(&master.rpc, &node)
+        .call(MasterRequest::Segments)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RPC_FAIL, "{e}");
+    // Its open connection is cut at a request once the master has looked at the list again
+    // (at most every half second), and reconnecting is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match kept.call(MasterRequest::Segments).await {
+            Err(_) => break,
+            Ok(reply) => {
+                assert!(matches!(reply, MasterReply::Segments(_)));
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a revoked peer's open connection is still served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(kept.call(MasterRequest::Segments).await.is_err());
+    // Everyone else is still served, and the refusal is in the master's log.
+    assert!(matches!(
+        remote(&master.rpc, &other)
+            .call(MasterRequest::Segments)
+            .await
+            .unwrap(),
+        MasterReply::Segments(_)
+    ));
+    let log = master.log();
+    assert!(
+        log.contains("certificate revocation list reloaded"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Revoked"),
+        "no revocation refusal logged: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_acts_only_over_the_certificate_that_first_used_it() {
+    use mooncake_master::{ClientId, Command as MasterCommand};
+    let pki = Pki::new("bind");
+    pki.issue("master-1", &[Role::Master]);
+    let owner = pki.issue("node-1", &[Role::Client]);
+    let intruder = pki.issue("node-2", &[Role::Client]);
+    let master = spawn_master(
+        &[&["--rpc_port=0".to_string()][..], &pki.flags("master-1")].concat(),
+        &[],
+        &pki.dir.join("master.log"),
+    );
+    let id = ClientId(0x5eed_0000_0000_0000_0000_0000_0000_0001);
+    let heartbeat = || MasterRequest::Apply(MasterCommand::Heartbeat { client_id: id });
+    let owner = remote(&master.rpc, &owner);
+    assert!(failed(&owner.call(heartbeat()).await.unwrap()).is_none());
+    // Another member's certificate naming node-1's id: refused, nothing applied.
+    let intruder = remote(&master.rpc, &intruder);
+    for request in [
+        heartbeat(),
+        MasterRequest::Apply(MasterCommand::UnmountSegment {
+            client_id: id,
+            name: "node-1-segment".into(),
+        }),
+    ] {
+        let reply = intruder.call(request).await.unwrap();
+        let (code, message) = failed(&reply).expect("refused");
+        assert_eq!(code, ErrorCode::ILLEGAL_CLIENT, "{message}");
+        assert!(message.contains("it belongs to node-1"), "{message}");
+    }
+    // Its own ids work; the owner is still served.
+    let own = MasterRequest::Apply(MasterCommand::Heartbeat {
+        client_id: ClientId(2),
+    });
+    assert!(failed(&intruder.call(own).await.unwrap()).is_none());
+    assert!(failed(&owner.call(heartbeat()).await.unwrap()).is_none());
+    assert!(master.log().contains("may not act for client"));
+}

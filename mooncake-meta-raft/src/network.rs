@@ -141,6 +141,8 @@ struct CertMember {
     id: u64,
     /// The certificate's name, for logs.
     name: String,
+    /// The certificate, re-checked against the revocation list while the connection lasts.
+    cert: PeerIdentity,
 }
 
 /// Where the transport delivers inbound traffic: the raft loop's input channel, with a counter
@@ -500,6 +502,7 @@ async fn secure(
             Some(CertMember {
                 id,
                 name: cert.name(),
+                cert,
             }),
         )),
         Some(id) => refuse(format!(
@@ -551,11 +554,19 @@ async fn reader<T: Send>(
 ) {
     let mut r = BufReader::with_capacity(64 << 10, stream);
     let mut dropped = 0u64;
+    let mut list_seen = 0;
     loop {
         let m = tokio::select! {
             m = read_one(&mut r, cfg.max_frame) => m,
             _ = shutdown.changed() => return,
         };
+        if let (Some(tls), Some(member)) = (&cfg.tls, &member) {
+            // A member whose certificate was revoked while connected is cut off.
+            if let Err(e) = tls.acceptor.recheck(&member.cert, &mut list_seen) {
+                tracing::warn!(%peer, "closing a raft connection: {e}");
+                return;
+            }
+        }
         match m {
             Ok(Some(m)) => {
                 if let Some(member) = member.as_ref().filter(|c| c.id != m.from) {

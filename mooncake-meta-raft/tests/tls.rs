@@ -496,3 +496,58 @@ async fn an_impostor_at_a_members_address_is_sent_nothing() {
         s.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_certificate_revoked_while_connected_is_cut_off() {
+    let logs = logs();
+    let dir = TempDir::new("tls-crl");
+    let ca = certs::new_ca("raft test CA").unwrap();
+    let crl = dir.0.join("crl.pem");
+    std::fs::write(&crl, certs::revocation_list(&ca, &[], 1).unwrap()).unwrap();
+    // Member 1 of a group of three, alone: enough to see which messages it believes.
+    let voters = book(3);
+    let mut c = tls_config(&dir, &ca, 1, &voters);
+    c.node.tls = Some(member_cert(&ca, 1).with_crl_file(&crl).unwrap());
+    let store = RaftMetadataStore::start(c, Box::new(ListMachine::default()))
+        .await
+        .unwrap();
+    // A second certificate named master-2 (as a stolen or superseded one would be), connected
+    // and speaking as member 2: believed (member 1 moves to its term).
+    let stolen = member_cert(&ca, 2);
+    let mut conn = tls_to(&voters[0].raft_addr, &stolen).await;
+    let term = store.status().term + 5;
+    send(&mut conn, &heartbeat(2, 1, term)).await;
+    assert!(
+        term_reaches(&store, term).await,
+        "member 2's message was not believed"
+    );
+    // The CA revokes it: the open connection is closed at its next message, once the member
+    // has looked at the list again (at most every half second).
+    let revoked = certs::RevokedEntry {
+        serial: certs::serial_of(&stolen.cert_pem).unwrap(),
+        revoked_at: std::time::SystemTime::now(),
+    };
+    let tmp = dir.0.join("crl.pem.tmp");
+    std::fs::write(&tmp, certs::revocation_list(&ca, &[revoked], 2).unwrap()).unwrap();
+    std::fs::rename(&tmp, &crl).unwrap();
+    let mut closed = false;
+    for _ in 0..100 {
+        send(&mut conn, &heartbeat(2, 1, term)).await;
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a revoked certificate's raft connection stayed open"
+    );
+    assert!(
+        logs.has_line(&["closing a raft connection", "master-2 was revoked"]),
+        "no log line names the revoked certificate"
+    );
+    store.shutdown().await;
+}

@@ -293,6 +293,7 @@ where
                                         handler,
                                         &limits,
                                         limits.first_frame_timeout,
+                                        None,
                                     )
                                     .await
                                 }
@@ -374,7 +375,8 @@ where
         identity: Some(Arc::new(identity)),
     };
     let left = limits.first_frame_timeout.saturating_sub(started.elapsed());
-    serve_connection::<Req, Resp, H, _, _>(r, w, caller, handler, limits, left).await
+    serve_connection::<Req, Resp, H, _, _>(r, w, caller, handler, limits, left, Some(acceptor))
+        .await
 }
 
 /// Sends a plain peer the refusal frame, then reads (a bounded amount of) what it still sends
@@ -412,6 +414,9 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// answered in line, replies batched while more requests are buffered; one that has to wait (a
 /// Raft commit) runs as its own task, so the requests behind it on the same connection are not
 /// held up, and its reply goes out when ready: replies carry their request's id, in any order.
+/// Over TLS, `acceptor` re-checks the peer's certificate against the revocation list before
+/// each request, so a certificate revoked while its connection is open is cut off at its next
+/// request.
 async fn serve_connection<Req, Resp, H, R, W>(
     r: R,
     w: W,
@@ -419,6 +424,7 @@ async fn serve_connection<Req, Resp, H, R, W>(
     handler: Arc<H>,
     limits: &ServeLimits,
     first_frame_within: Duration,
+    acceptor: Option<&TlsAcceptor>,
 ) -> Result<()>
 where
     Req: DeserializeOwned + Send + 'static,
@@ -444,6 +450,7 @@ where
             ))
         })??;
     let mut pending = Some(first);
+    let mut list_seen = 0;
     loop {
         while waiting.try_join_next().is_some() {}
         if waiting.len() >= MAX_IN_FLIGHT {
@@ -455,6 +462,9 @@ where
         };
         if header.kind != KIND_REQUEST {
             return Err(Error::Protocol("a response sent to the server".into()));
+        }
+        if let (Some(acceptor), Some(identity)) = (acceptor, &caller.identity) {
+            acceptor.recheck(identity, &mut list_seen)?;
         }
         let request: Req = postcard::from_bytes(&body)
             .map_err(|e| Error::Protocol(format!("undecodable request: {e}")))?;

@@ -23,9 +23,12 @@ use std::time::{Duration, SystemTime};
 
 use mooncake_core::{Error, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
 use crate::{Role, TlsIdentity};
 
@@ -54,6 +57,7 @@ impl CertifiedPem {
             ca_pem: ca.cert_pem.clone(),
             cert_pem: self.cert_pem.clone(),
             key_pem: self.key_pem.clone(),
+            crl_file: None,
         }
     }
 }
@@ -200,4 +204,93 @@ pub fn issue_cert(
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// One certificate a revocation list revokes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedEntry {
+    /// The certificate's serial number, big-endian, without leading zero bytes.
+    pub serial: Vec<u8>,
+    /// When the CA revoked it.
+    pub revoked_at: SystemTime,
+}
+
+pub(crate) fn trim_serial(raw: &[u8]) -> Vec<u8> {
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].to_vec()
+}
+
+/// The serial number of the (first) certificate in `cert_pem`, big-endian without leading zero
+/// bytes: what a revocation list names it by.
+pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| Error::InvalidArgument(format!("reading a certificate: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| Error::InvalidArgument(format!("parsing a certificate: {e}")))?;
+    Ok(trim_serial(cert.raw_serial()))
+}
+
+/// The entries and the CRL number of a revocation list in PEM (the first list in the text).
+pub fn read_revocation_list(crl_pem: &str) -> Result<(Vec<RevokedEntry>, u64)> {
+    let der = CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes())
+        .map_err(|e| Error::InvalidArgument(format!("reading a revocation list: {e}")))?;
+    let (_, crl) = x509_parser::parse_x509_crl(&der)
+        .map_err(|e| Error::InvalidArgument(format!("parsing a revocation list: {e}")))?;
+    let entries = crl
+        .iter_revoked_certificates()
+        .map(|r| RevokedEntry {
+            serial: trim_serial(r.raw_serial()),
+            revoked_at: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(r.revocation_date.timestamp().max(0) as u64),
+        })
+        .collect();
+    let number = match crl.crl_number() {
+        None => 0,
+        Some(n) => match n.to_u64_digits().as_slice() {
+            [] => 0,
+            [one] => *one,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "the revocation list's number does not fit 64 bits".into(),
+                ))
+            }
+        },
+    };
+    Ok((entries, number))
+}
+
+/// A revocation list signed by `ca` revoking `entries`, numbered `crl_number` (each new list of
+/// a CA takes a higher number), valid from now for [`DEFAULT_VALIDITY`]; PEM-encoded.
+pub fn revocation_list(
+    ca: &CertifiedPem,
+    entries: &[RevokedEntry],
+    crl_number: u64,
+) -> Result<String> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|e| cert_error("reading the CA key", e))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
+        .map_err(|e| cert_error("reading the CA certificate", e))?;
+    let now = SystemTime::now();
+    let params = CertificateRevocationListParams {
+        this_update: (now - Duration::from_secs(60)).into(),
+        next_update: (now + DEFAULT_VALIDITY).into(),
+        crl_number: SerialNumber::from(crl_number),
+        issuing_distribution_point: None,
+        revoked_certs: entries
+            .iter()
+            .map(|e| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&e.serial),
+                revocation_time: e.revoked_at.into(),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    params
+        .signed_by(&issuer)
+        .and_then(|crl| crl.pem())
+        .map_err(|e| cert_error("signing the revocation list", e))
 }

@@ -8,6 +8,8 @@
 //!                                                       # certs/node-a.pem, certs/node-a-key.pem
 //! mooncake_certs issue master-1 --dir certs --name 10.0.0.1 --role master
 //! mooncake_certs issue ops --dir certs --name 127.0.0.1 --role admin
+//! mooncake_certs revoke node-a --dir certs              # certs/crl.pem, checked by nodes
+//!                                                       # given MC_TLS_CRL / --tls_crl
 //! ```
 //!
 //! Members of the master group: member N's certificate is named `master-N` and has the `master`
@@ -16,7 +18,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::certs::{issue_role_cert, new_ca, CertifiedPem};
+use crate::certs::{
+    issue_role_cert, new_ca, read_revocation_list, revocation_list, serial_of, CertifiedPem,
+    RevokedEntry,
+};
 use crate::Role;
 use clap::{Parser, Subcommand};
 
@@ -64,6 +69,26 @@ enum Command {
         #[arg(long = "role", default_value = "client", value_delimiter = ',')]
         roles: Vec<String>,
     },
+    /// Revoke nodes' certificates: adds them to DIR/crl.pem, the CA's revocation list (made if
+    /// missing, replaced atomically). Nodes that check it (MC_TLS_CRL or --tls_crl naming a copy
+    /// of the file) refuse those certificates from their next connection on, without a restart.
+    Revoke {
+        /// The nodes whose certificates (DIR/NODE.pem) are revoked.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// Where the CA, the nodes' certificates and the revocation list are.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+/// Writes `pem` to `path` through a temporary file renamed over it, so a node re-reading the
+/// file never sees half of it.
+fn replace(path: &Path, pem: &str) -> Result<(), String> {
+    let tmp = path.with_extension("pem.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write(&tmp, pem, false)?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn write(path: &Path, pem: &str, private: bool) -> Result<(), String> {
@@ -140,6 +165,41 @@ fn run(cli: Cli) -> Result<(), String> {
                 dir.join("ca.pem").display(),
                 cert_path.display(),
                 key_path.display()
+            );
+        }
+        Command::Revoke { nodes, dir } => {
+            let ca = CertifiedPem {
+                cert_pem: read(&dir.join("ca.pem"))?,
+                key_pem: read(&dir.join("ca-key.pem"))?,
+            };
+            let crl_path = dir.join("crl.pem");
+            let (mut entries, number) = match std::fs::read_to_string(&crl_path) {
+                Ok(text) => read_revocation_list(&text)
+                    .map_err(|e| format!("{}: {e}", crl_path.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
+                Err(e) => return Err(format!("{}: {e}", crl_path.display())),
+            };
+            for node in &nodes {
+                let cert_path = dir.join(format!("{node}.pem"));
+                let serial = serial_of(&read(&cert_path)?)
+                    .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+                if entries.iter().any(|e| e.serial == serial) {
+                    println!("{} was already revoked", cert_path.display());
+                    continue;
+                }
+                entries.push(RevokedEntry {
+                    serial,
+                    revoked_at: std::time::SystemTime::now(),
+                });
+            }
+            let pem = revocation_list(&ca, &entries, number + 1).map_err(|e| e.to_string())?;
+            replace(&crl_path, &pem)?;
+            println!(
+                "wrote {} ({} certificate(s) revoked); copy it to every node that checks it \
+                 (MC_TLS_CRL or --tls_crl): they refuse those certificates from their next \
+                 connection",
+                crl_path.display(),
+                entries.len()
             );
         }
     }

@@ -6,16 +6,20 @@
 //! address). Session tickets and resumption are off: every connection presents and verifies a
 //! certificate, so an expired or replaced certificate takes effect on the next connection.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mooncake_core::{Error, Result};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::revocation::{
+    CrlWatch, Revocation, RevocationClientVerifier, RevocationServerVerifier, TLS_CRL_ENV,
+};
 use crate::PeerIdentity;
 
 /// A node's TLS identity: the cluster CA it trusts, its certificate (chain) and private key, all
@@ -28,6 +32,9 @@ pub struct TlsIdentity {
     pub cert_pem: String,
     /// This node's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_pem: String,
+    /// A file of the CA's certificate revocation lists (PEM) to check peers against, re-read
+    /// when it changes (see [`crate::revocation`]); `None` checks no revocation.
+    pub crl_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -36,6 +43,7 @@ impl std::fmt::Debug for TlsIdentity {
             .field("ca_pem", &self.ca_pem)
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
+            .field("crl_file", &self.crl_file)
             .finish()
     }
 }
@@ -59,10 +67,18 @@ impl TlsIdentity {
 
     /// `None` when none of the [`TLS_ENV`] variables is set, the identity when all three are,
     /// and an error naming the missing ones when only some are (a half-configured node must not
-    /// silently run without TLS).
+    /// silently run without TLS). [`TLS_CRL_ENV`], when set, names the revocation list to check
+    /// peers against; set without the others it is an error too.
     pub fn from_env_opt() -> Result<Option<Self>> {
         let vars: Vec<_> = TLS_ENV.iter().map(std::env::var_os).collect();
+        let crl = std::env::var_os(TLS_CRL_ENV).filter(|v| !v.is_empty());
         if vars.iter().all(Option::is_none) {
+            if crl.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{TLS_CRL_ENV} is set but none of {}: a revocation list needs a certificate",
+                    TLS_ENV.join(", ")
+                )));
+            }
             return Ok(None);
         }
         let missing: Vec<&str> = TLS_ENV
@@ -84,7 +100,20 @@ impl TlsIdentity {
             )));
         }
         let [ca, cert, key] = [&vars[0], &vars[1], &vars[2]].map(|v| v.clone().expect("set"));
-        Self::from_pem_files(ca, cert, key).map(Some)
+        let identity = Self::from_pem_files(ca, cert, key)?;
+        Ok(Some(match crl {
+            Some(crl) => identity.with_crl_file(crl)?,
+            None => identity,
+        }))
+    }
+
+    /// This identity checking peers against the revocation lists in `path` (PEM), which must
+    /// exist and parse now; later changes to the file take effect at the next handshake.
+    pub fn with_crl_file(mut self, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        crate::revocation::read_crls(&path)?;
+        self.crl_file = Some(path);
+        Ok(self)
     }
 
     /// Reads the three PEM files.
@@ -101,6 +130,7 @@ impl TlsIdentity {
             ca_pem: read(ca.as_ref())?,
             cert_pem: read(cert.as_ref())?,
             key_pem: read(key.as_ref())?,
+            crl_file: None,
         })
     }
 
@@ -146,10 +176,39 @@ impl TlsIdentity {
         };
         let p = self.parsed()?;
         let provider = provider();
-        let verifier =
+        let client_verifier =
             WebPkiClientVerifier::builder_with_provider(p.roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| bad("client verifier", &e))?;
+        let server_verifier =
+            WebPkiServerVerifier::builder_with_provider(p.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| bad("server verifier", &e))?;
+        let (verifier, server_verifier, revocation): (
+            Arc<dyn rustls::server::danger::ClientCertVerifier>,
+            Arc<dyn rustls::client::danger::ServerCertVerifier>,
+            Option<Revocation>,
+        ) = match &self.crl_file {
+            None => (client_verifier, server_verifier, None),
+            Some(path) => {
+                let watch = Arc::new(CrlWatch::new(
+                    path.clone(),
+                    p.roots.clone(),
+                    provider.clone(),
+                )?);
+                (
+                    Arc::new(RevocationClientVerifier {
+                        watch: watch.clone(),
+                        base: client_verifier,
+                    }),
+                    Arc::new(RevocationServerVerifier {
+                        watch: watch.clone(),
+                        base: server_verifier,
+                    }),
+                    Some(Revocation(watch)),
+                )
+            }
+        };
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("server protocol versions", &e))?
@@ -163,7 +222,8 @@ impl TlsIdentity {
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad("client protocol versions", &e))?
-            .with_root_certificates(p.roots)
+            .dangerous()
+            .with_custom_certificate_verifier(server_verifier)
             .with_client_auth_cert(p.chain, p.key)
             .map_err(|e| bad("client certificate", &e))?;
         client.alpn_protocols = vec![alpn.to_vec()];
@@ -171,6 +231,7 @@ impl TlsIdentity {
         Ok(TlsConfigs {
             server: Arc::new(server),
             client: Arc::new(client),
+            revocation,
         })
     }
 }
@@ -196,4 +257,6 @@ pub struct TlsConfigs {
     pub server: Arc<rustls::ServerConfig>,
     /// For connecting: presents this node's certificate and checks the target's.
     pub client: Arc<rustls::ClientConfig>,
+    /// The revocation list both check, when the identity names one.
+    pub revocation: Option<Revocation>,
 }

@@ -14,8 +14,9 @@
 //!   hand back the bare socket, which carries the rest of the connection unencrypted;
 //! - QUIC builds its endpoints from [`TlsIdentity::configs`].
 //!
-//! A peer without a certificate, with one of another CA, an expired one or one lacking the role
-//! a listener requires is refused before any request is read.
+//! A peer without a certificate, with one of another CA, an expired one, a revoked one (see
+//! [`revocation`]) or one lacking the role a listener requires is refused before any request is
+//! read.
 
 #![deny(unsafe_code)]
 
@@ -24,10 +25,12 @@ pub mod certs;
 pub mod cli;
 mod identity;
 mod peer;
+pub mod revocation;
 mod stream;
 
 pub use identity::{TlsConfigs, TlsIdentity, TLS_ENV};
 pub use peer::{PeerAuthorizer, PeerIdentity, Role, RoleAuthorizer};
+pub use revocation::{Revocation, TLS_CRL_ENV};
 pub use stream::{TlsAcceptor, TlsConnector, DEFAULT_HANDSHAKE_TIMEOUT, PLAIN_HELLO, PLAIN_READY};
 
 /// Re-exported so users of [`TlsAcceptor`] and [`TlsConnector`] name the stream types without a

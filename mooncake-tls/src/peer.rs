@@ -135,6 +135,14 @@ impl PeerIdentity {
         Self::from_der(leaf)
     }
 
+    /// The certificate's serial number, big-endian without leading zero bytes (as revocation
+    /// lists name it).
+    pub fn serial(&self) -> Result<Vec<u8>> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.certificate_der)
+            .map_err(|e| Error::Protocol(format!("unparsable peer certificate: {e}")))?;
+        Ok(crate::certs::trim_serial(cert.raw_serial()))
+    }
+
     /// A short description for logs: the common name, else the first SAN.
     pub fn name(&self) -> String {
         self.common_name

@@ -33,6 +33,7 @@ pub const PLAIN_READY: &[u8; 16] = b"mooncake-ready/1";
 pub struct TlsAcceptor {
     inner: tokio_rustls::TlsAcceptor,
     timeout: Duration,
+    revocation: Option<crate::revocation::Revocation>,
 }
 
 impl std::fmt::Debug for TlsAcceptor {
@@ -54,6 +55,18 @@ impl TlsAcceptor {
         TlsAcceptor {
             inner: tokio_rustls::TlsAcceptor::from(configs.server.clone()),
             timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            revocation: configs.revocation.clone(),
+        }
+    }
+
+    /// Whether `peer`, admitted by this acceptor earlier, is still admitted: an error once the
+    /// revocation list (if the identity has one) revokes its certificate. A server calls it
+    /// before each request of a long-lived connection, with `seen` (0 at first) kept per
+    /// connection; it costs a clock read unless the list changed.
+    pub fn recheck(&self, peer: &PeerIdentity, seen: &mut u64) -> Result<()> {
+        match &self.revocation {
+            Some(r) => r.check(peer, seen),
+            None => Ok(()),
         }
     }
 

@@ -75,6 +75,16 @@ async fn handshake(
     (accept.await.unwrap(), connected)
 }
 
+/// The identity of `name` as the `mooncake_certs` command wrote it into `dir`.
+fn identity_in(dir: &std::path::Path, name: &str) -> TlsIdentity {
+    TlsIdentity::from_pem_files(
+        dir.join("ca.pem"),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn members_of_one_ca_talk_and_learn_each_others_roles() {
     let ca = ca();
@@ -278,14 +288,7 @@ fn certificates_made_by_the_command_carry_names_and_roles() {
     let again = run(&["init"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
-    let identity = |name: &str| {
-        TlsIdentity::from_pem_files(
-            dir.join("ca.pem"),
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}-key.pem")),
-        )
-        .unwrap()
-    };
+    let identity = |name: &str| identity_in(&dir, name);
     let a = identity("node-a").own().unwrap();
     assert_eq!(a.common_name.as_deref(), Some("node-a"));
     assert_eq!(a.roles, vec![Role::Client]);
@@ -299,5 +302,129 @@ fn certificates_made_by_the_command_carry_names_and_roles() {
     let (s, c) = rt.block_on(handshake(&identity("m1"), &identity("node-a"), true));
     assert_eq!(s.unwrap(), "node-a:hello");
     assert_eq!(c.unwrap(), "m1:hello");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Accepts connections with one acceptor (built once, like a running listener) and reports, per
+/// connection, the peer's name or the refusal.
+async fn serve_many(
+    server: &TlsIdentity,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<String, Error>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::new(server, ALPN)
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let outcome = match acceptor.accept(tcp).await {
+                Ok((mut tls, peer)) => {
+                    let mut buf = [0u8; 5];
+                    let _ = tls.read_exact(&mut buf).await;
+                    let _ = tls.write_all(&buf).await;
+                    let _ = tls.flush().await;
+                    Ok(peer.name())
+                }
+                Err(e) => Err(e),
+            };
+            if tx.send(outcome).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+async fn dial(addr: std::net::SocketAddr, client: &TlsIdentity) -> Result<String, Error> {
+    let connector = TlsConnector::new(client, ALPN)
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut tls, peer) = connector.connect(tcp, "127.0.0.1").await?;
+    tls.write_all(b"hello").await?;
+    tls.flush().await?;
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await?;
+    Ok(peer.name())
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_from_the_next_connection_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("mooncake-crl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mooncake_certs"))
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .expect("run mooncake_certs");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["init"]);
+    for name in ["server", "good", "bad", "worse"] {
+        run(&["issue", name, "--name", "127.0.0.1"]);
+    }
+    let identity = |name: &str| identity_in(&dir, name);
+    // A revocation list must exist and parse when a node starts with one.
+    let crl = dir.join("crl.pem");
+    let err = identity("server").with_crl_file(&crl).unwrap_err();
+    assert!(err.to_string().contains("crl.pem"), "{err}");
+    run(&["revoke", "worse"]);
+    let server = identity("server").with_crl_file(&crl).unwrap();
+    let (addr, mut outcomes) = serve_many(&server).await;
+
+    // Before `bad` is revoked: admitted; `worse` (in the list at start): refused.
+    assert_eq!(dial(addr, &identity("good")).await.unwrap(), "server");
+    assert_eq!(outcomes.recv().await.unwrap().unwrap(), "good");
+    assert_eq!(dial(addr, &identity("bad")).await.unwrap(), "server");
+    assert_eq!(outcomes.recv().await.unwrap().unwrap(), "bad");
+    assert!(dial(addr, &identity("worse")).await.is_err());
+    let refused = outcomes.recv().await.unwrap().unwrap_err().to_string();
+    assert!(refused.contains("peer refused at TLS"), "{refused}");
+    assert!(refused.to_lowercase().contains("revoked"), "{refused}");
+
+    // Revoked while the listener runs: refused from the next connection on; the list keeps the
+    // earlier entry.
+    let said = run(&["revoke", "bad"]);
+    assert!(said.contains("2 certificate(s) revoked"), "{said}");
+    let (entries, number) =
+        certs::read_revocation_list(&std::fs::read_to_string(&crl).unwrap()).unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(number, 2);
+    assert!(dial(addr, &identity("bad")).await.is_err());
+    assert!(outcomes.recv().await.unwrap().is_err());
+    assert_eq!(dial(addr, &identity("good")).await.unwrap(), "server");
+    assert_eq!(outcomes.recv().await.unwrap().unwrap(), "good");
+    // Revoking twice changes nothing.
+    assert!(run(&["revoke", "bad"]).contains("already revoked"));
+
+    // The connecting side checks the list too: a node with a revoked certificate cannot serve
+    // a client that checks it.
+    let (bad_addr, _bad_outcomes) = serve_many(&identity("bad")).await;
+    let checking = identity("good").with_crl_file(&crl).unwrap();
+    let err = dial(bad_addr, &checking).await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("revoked"), "{err}");
+
+    // A list that turns unreadable refuses everyone (fails closed) until a good one is back.
+    let good_list = std::fs::read(&crl).unwrap();
+    std::fs::write(
+        &crl,
+        b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    assert!(dial(addr, &identity("good")).await.is_err());
+    assert!(outcomes.recv().await.unwrap().is_err());
+    std::fs::write(&crl, &good_list).unwrap();
+    assert_eq!(dial(addr, &identity("good")).await.unwrap(), "server");
+    assert_eq!(outcomes.recv().await.unwrap().unwrap(), "good");
     let _ = std::fs::remove_dir_all(&dir);
 }
