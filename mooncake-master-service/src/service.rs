@@ -550,13 +550,10 @@ impl Handler<MasterRequest, MasterReply> for RpcFront {
         if let Some(identity) = &caller.identity {
             let (roles, what) = required_roles(&request);
             let admitted = identity.require_any(roles, what).and_then(|()| {
-                match bindings::claimed_client(&request) {
-                    Some(client) => {
-                        self.bindings
-                            .admit(identity, client, std::time::Instant::now())
-                    }
-                    None => Ok(()),
-                }
+                let now = std::time::Instant::now();
+                bindings::claimed_clients(&request)
+                    .into_iter()
+                    .try_for_each(|client| self.bindings.admit(identity, client, now))
             });
             if let Err(e) = admitted {
                 self.refusals

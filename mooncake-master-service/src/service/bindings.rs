@@ -27,12 +27,28 @@ pub(crate) const PER_CERTIFICATE: usize = 256;
 /// Most ids in the table.
 pub(crate) const MAX_IDS: usize = 100_000;
 
-/// The client id a request acts for, if it names one.
-pub(crate) fn claimed_client(request: &MasterRequest) -> Option<ClientId> {
+/// The client ids a request acts for: the one its command names, if any, and, for a command
+/// named with a request id ([`Command::Once`]), the id's client, whose remembered outcomes it
+/// reads and tells the master to forget.
+pub(crate) fn claimed_clients(request: &MasterRequest) -> Vec<ClientId> {
     let command = match request {
         MasterRequest::Apply(command) | MasterRequest::CommitWhenLanded { command, .. } => command,
-        _ => return None,
+        _ => return Vec::new(),
     };
+    let mut ids = Vec::new();
+    if let Command::Once { id, .. } = command {
+        ids.push(id.client);
+    }
+    if let Some(c) = named_client(command.inner()) {
+        if !ids.contains(&c) {
+            ids.push(c);
+        }
+    }
+    ids
+}
+
+/// The client id `command` names, if any.
+fn named_client(command: &Command) -> Option<ClientId> {
     match command {
         Command::MountSegment { client_id, .. }
         | Command::RemountSegments { client_id, .. }
@@ -145,6 +161,7 @@ impl ClientBindings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mooncake_master::RequestId;
     use mooncake_tls::certs;
 
     fn peer(ca: &certs::CertifiedPem, name: &str, roles: &[Role]) -> PeerIdentity {
@@ -203,8 +220,27 @@ mod tests {
     fn requests_name_the_client_they_act_for() {
         let id = ClientId(3);
         let heartbeat = MasterRequest::Apply(Command::Heartbeat { client_id: id });
-        assert_eq!(claimed_client(&heartbeat), Some(id));
-        assert_eq!(claimed_client(&MasterRequest::Segments), None);
-        assert_eq!(claimed_client(&MasterRequest::Metrics), None);
+        assert_eq!(claimed_clients(&heartbeat), [id]);
+        assert!(claimed_clients(&MasterRequest::Segments).is_empty());
+        assert!(claimed_clients(&MasterRequest::Metrics).is_empty());
+        // A command named with a request id acts for the id's client too.
+        let once = |client, command| {
+            MasterRequest::Apply(Command::Once {
+                id: RequestId { client, seq: 1 },
+                done_below: 0,
+                command: Box::new(command),
+            })
+        };
+        let remove = Command::Remove {
+            key: "k".into(),
+            force: false,
+        };
+        assert_eq!(claimed_clients(&once(ClientId(4), remove)), [ClientId(4)]);
+        let end = Command::PutEnd {
+            client_id: id,
+            key: "k".into(),
+        };
+        assert_eq!(claimed_clients(&once(id, end.clone())), [id]);
+        assert_eq!(claimed_clients(&once(ClientId(4), end)), [ClientId(4), id]);
     }
 }
