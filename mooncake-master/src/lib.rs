@@ -152,7 +152,9 @@ pub struct Master {
     last_eviction: Option<Timestamp>,
     counters: Counters,
     /// Outcomes of requests named with an id, for their retries (see [`request`](self::request)).
-    #[serde(default)]
+    /// Snapshots carry it after the rest of the master (see `Master::snapshot`), so snapshots
+    /// made before it existed still restore.
+    #[serde(skip)]
     requests: request::Remembered,
 }
 

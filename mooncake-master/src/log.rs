@@ -61,15 +61,21 @@ impl StateMachine for Master {
     }
 
     /// The whole master (configuration, RNG state, segments with their allocators, objects,
-    /// clients, tasks, counters), postcard-encoded.
+    /// clients, tasks, counters), postcard-encoded, followed by the remembered request outcomes.
     fn snapshot(&self) -> mooncake_core::Result<Vec<u8>> {
-        Ok(postcard::to_allocvec(self)?)
+        let mut bytes = postcard::to_allocvec(self)?;
+        bytes.extend_from_slice(&postcard::to_allocvec(&self.requests)?);
+        Ok(bytes)
     }
 
     /// Replaces the master with a snapshot, after checking it decodes and its configuration is
-    /// valid.
+    /// valid. A snapshot without remembered request outcomes (made before they existed)
+    /// restores with none.
     fn restore(&mut self, snapshot: &[u8]) -> mooncake_core::Result<()> {
-        let mut restored: Master = postcard::from_bytes(snapshot)?;
+        let (mut restored, rest): (Master, &[u8]) = postcard::take_from_bytes(snapshot)?;
+        if !rest.is_empty() {
+            restored.requests = postcard::from_bytes(rest)?;
+        }
         restored.config().validate()?;
         restored.rebuild_indexes();
         *self = restored;
@@ -147,5 +153,40 @@ mod tests {
         let before = copy.metrics();
         assert!(StateMachine::restore(&mut copy, &snap[..snap.len() / 2]).is_err());
         assert_eq!(copy.metrics(), before, "a failed restore changes nothing");
+    }
+
+    #[test]
+    fn a_snapshot_made_before_request_ids_restores_with_none_remembered() {
+        use crate::{RequestId, Timestamp};
+        let mut m = Master::new(MasterConfig::default()).unwrap();
+        let mount = Command::MountSegment {
+            client_id: ClientId(1),
+            segment: SegmentSpec::new("h:1", 1 << 32, 1 << 24),
+        };
+        m.apply(Timestamp(1), mount);
+        let named = |key: &str| Command::Once {
+            id: RequestId {
+                client: ClientId(1),
+                seq: 1,
+            },
+            done_below: 0,
+            command: Box::new(Command::Remove {
+                key: key.into(),
+                force: false,
+            }),
+        };
+        m.apply(Timestamp(2), named("k"));
+        // The earlier format: the master alone, nothing after it.
+        let old = postcard::to_allocvec(&m).unwrap();
+        let mut copy = Master::new(MasterConfig::default()).unwrap();
+        StateMachine::restore(&mut copy, &old).unwrap();
+        assert_eq!(copy.metrics().capacity_bytes, m.metrics().capacity_bytes);
+        // The current format carries the remembered outcome: the retry is answered from it.
+        let mut full = Master::new(MasterConfig::default()).unwrap();
+        StateMachine::restore(&mut full, &StateMachine::snapshot(&m).unwrap()).unwrap();
+        assert_eq!(
+            full.apply(Timestamp(3), named("k")),
+            m.apply(Timestamp(3), named("k"))
+        );
     }
 }
