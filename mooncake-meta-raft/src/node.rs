@@ -4,6 +4,7 @@
 //! through [`RaftNode::tick`].
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use mooncake_core::StateMachine;
 use protobuf::Message as _;
@@ -17,6 +18,7 @@ use serde::Serialize;
 use crate::config::NodeConfig;
 pub use crate::config::RoleEvent;
 use crate::error::{Error, Result};
+use crate::lease::{lease_duration, LeaseTracker};
 use crate::state::{self, KvOp, KvState, PeerInfo, SnapshotData, TAG_COMMAND, TAG_KV};
 use crate::storage::{DiskStorage, RecoveryReport};
 use crate::LeaderInfo;
@@ -143,6 +145,12 @@ pub struct RaftNode {
     events: Vec<RoleEvent>,
     config: NodeConfig,
     recovery: RecoveryReport,
+    /// The leader's read lease (see [`crate::lease`]).
+    lease: LeaseTracker,
+    /// Ticks left during which vote requests are ignored: a member that restarts with state on
+    /// disk may have acknowledged a leader's lease heartbeat just before it stopped, and must
+    /// not help elect another leader before that lease has run out.
+    vote_quiet_ticks: usize,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -176,6 +184,7 @@ impl RaftNode {
     pub fn open(config: NodeConfig, mut machine: Box<dyn StateMachine>) -> Result<Self> {
         config.validate()?;
         let (mut storage, recovery) = DiskStorage::open(&config.data_dir, config.max_record_bytes)?;
+        let restarted = storage.is_initialized();
         let mut peers: BTreeMap<u64, PeerInfo> = config
             .initial_voters
             .iter()
@@ -223,8 +232,10 @@ impl RaftNode {
             announced_term: None,
             known_leader: 0,
             events: Vec::new(),
+            vote_quiet_ticks: if restarted { config.election_ticks } else { 0 },
             config,
             recovery,
+            lease: LeaseTracker::default(),
         })
     }
 
@@ -362,8 +373,50 @@ impl RaftNode {
 
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
+        self.vote_quiet_ticks = self.vote_quiet_ticks.saturating_sub(1);
         self.raw.tick();
         self.observe_role();
+    }
+
+    /// Renews the leader's read lease when due: every heartbeat interval while it leads, or at
+    /// once with `urgent` (a read found the lease over) unless a renewal was asked less than a
+    /// tick ago. `now` is a monotonic reading and `tick` the real duration of one
+    /// [`tick`](Self::tick). Nothing happens on a follower, before the leader has committed an
+    /// entry of its term (raft answers no read index before that), or during a leadership
+    /// transfer. See [`crate::lease`].
+    pub fn maintain_lease(&mut self, now: Instant, tick: Duration, urgent: bool) {
+        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        let quiet = tick * (2 * self.config.election_ticks) as u32;
+        if self.raw.raft.lead_transferee.is_some() || self.lease.transferring(now, quiet) {
+            return;
+        }
+        let gap = if urgent {
+            tick
+        } else {
+            tick * self.config.heartbeat_ticks as u32
+        };
+        if self
+            .lease
+            .last_sent()
+            .is_some_and(|t| now.saturating_duration_since(t) < gap)
+        {
+            return;
+        }
+        let ctx = self.lease.request(now);
+        self.raw.read_index(ctx);
+    }
+
+    /// Until when this node may answer reads from its applied state as the group's leader:
+    /// `None` when it does not lead or holds no lease. Compare with a monotonic reading taken
+    /// after the state was read. See [`crate::lease`].
+    pub fn read_lease_until(&self, tick: Duration) -> Option<Instant> {
+        if !self.is_leader() {
+            return None;
+        }
+        let anchor = self.lease.anchor()?;
+        Some(anchor + lease_duration(self.config.election_ticks, tick))
     }
 
     /// Starts an election now (tests and leadership hand-over).
@@ -375,11 +428,25 @@ impl RaftNode {
 
     /// Asks the leader to hand leadership to `to`.
     pub fn transfer_leader(&mut self, to: u64) {
+        if self.is_leader() {
+            self.lease.transfer_started();
+        }
         self.raw.transfer_leader(to);
     }
 
     /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored.
     pub fn step(&mut self, msg: Message) -> Result<()> {
+        if self.vote_quiet_ticks > 0
+            && matches!(
+                msg.get_msg_type(),
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+            )
+            && msg.term > self.term()
+            && msg.context.as_ref() != raft::CAMPAIGN_TRANSFER
+        {
+            // Just restarted: see `vote_quiet_ticks`.
+            return Ok(());
+        }
         let result = self.raw.step(msg);
         self.observe_role();
         match result {
@@ -653,6 +720,9 @@ impl RaftNode {
         self.flush_queue(&mut out);
         if self.raw.has_ready() {
             let mut rd = self.raw.ready();
+            for rs in rd.take_read_states() {
+                self.lease.acknowledged(&rs.request_ctx);
+            }
             if !rd.messages().is_empty() {
                 send_now(rd.take_messages());
             }
@@ -692,6 +762,7 @@ impl RaftNode {
                 self.events.push(RoleEvent::BecameLeader { term });
             }
             self.announced_term = now;
+            self.lease.reset();
         }
         let leader = self.raw.raft.leader_id;
         if leader != self.known_leader {
@@ -859,6 +930,7 @@ impl RaftNode {
             .max_by_key(|&&v| self.raw.raft.prs().get(v).map_or(0, |p| p.matched))
             .copied();
         if let Some(to) = best {
+            self.lease.transfer_started();
             self.raw.transfer_leader(to);
         }
     }
