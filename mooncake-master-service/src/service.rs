@@ -217,15 +217,51 @@ impl MasterService {
 
     /// Executes `command` at the current master time: a read or heartbeat is answered from the
     /// applied state when it can be, anything else goes through the command log.
+    ///
+    /// A read or heartbeat is answered from the state only under the log's read lease
+    /// ([`CommandLog::holds_read_lease`]), checked after the state was read: a leader that was
+    /// frozen, cut off or whose log stopped answers `NotLeader` instead (its clients move on).
     pub async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
         self.take_over_if_new_leader().await?;
+        let mut lapsed = 0;
+        loop {
+            self.read_lease().await?;
+            let now = self.now();
+            let local = {
+                let mut s = lock(&self.shared);
+                let Shared { master, view } = &mut *s;
+                view.serve_local(master, now, &command)
+            };
+            match local {
+                None => break,
+                Some(response) if self.log.holds_read_lease() => return Ok((now, response)),
+                // The lease ran out while the state was read (this process was paused, or
+                // the quorum stopped answering): that answer may be stale. Ask again once
+                // the lease is renewed; `read_lease` fails when this member no longer leads.
+                Some(_) if lapsed < 3 => lapsed += 1,
+                Some(_) => {
+                    return Err(Error::with_code(
+                        ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                        "this master's read lease keeps running out; retry",
+                    ))
+                }
+            }
+        }
         let now = self.now();
-        let proposal = {
+        let routed = {
             let mut s = lock(&self.shared);
             let Shared { master, view } = &mut *s;
-            match view.route(master, now, command) {
-                Route::Local(response) => return Ok((now, response)),
-                Route::Log(p) => p,
+            view.route(master, now, command)
+        };
+        let proposal = match routed {
+            Route::Log(p) => p,
+            // A bar was lifted since `serve_local` looked.
+            Route::Local(response) if self.log.holds_read_lease() => return Ok((now, response)),
+            Route::Local(_) => {
+                return Err(Error::with_code(
+                    ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                    "this master's read lease ran out; retry",
+                ))
             }
         };
         let _barred = Barred {
@@ -241,6 +277,16 @@ impl MasterService {
             grant.commit_on_landing = self.landings.is_local(&grant.segment_name);
         }
         Ok((now, response))
+    }
+
+    /// Returns once this member may answer reads from its state (at once, under a running
+    /// lease); fails with the log's not-leader error when it may not (see
+    /// [`CommandLog::acquire_read_lease`]).
+    async fn read_lease(&self) -> Result<()> {
+        if self.log.holds_read_lease() {
+            return Ok(());
+        }
+        self.log.acquire_read_lease().await
     }
 
     async fn append(&self, entry: &LogEntry) -> Result<Response> {
@@ -417,11 +463,15 @@ impl MasterService {
                 Ok((now, response)) => MasterReply::Applied { now, response },
                 Err(e) => self.failure_reply(&e),
             },
-            MasterRequest::QueryTask(id) => {
-                MasterReply::Task(lock(&self.shared).master.query_task(id))
-            }
+            MasterRequest::QueryTask(id) => match self.read_lease().await {
+                Ok(()) => MasterReply::Task(lock(&self.shared).master.query_task(id)),
+                Err(e) => self.failure_reply(&e),
+            },
             MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
-            MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
+            MasterRequest::Segments => match self.read_lease().await {
+                Ok(()) => MasterReply::Segments(lock(&self.shared).master.segments()),
+                Err(e) => self.failure_reply(&e),
+            },
             MasterRequest::Admin(request) => admin::serve(self, request).await,
             MasterRequest::Landed { segment, ranges } => {
                 self.landings.record(&segment, &ranges);
