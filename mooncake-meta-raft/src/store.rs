@@ -806,9 +806,12 @@ impl Driver {
     /// Handles one input; returns `true` to stop.
     fn handle(&mut self, input: Input) -> bool {
         let proposed = match input {
-            Input::Net(NetEvent::Message(m, source)) => {
+            Input::Net(NetEvent::Message(mut m, source)) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                if let Err(why) = self.admissible(&m, source) {
+                let admitted = self
+                    .admissible(&m, source)
+                    .and_then(|()| self.node.check_incarnation(&mut m));
+                if let Err(why) = admitted {
                     self.refused(source, &why);
                     return false;
                 }

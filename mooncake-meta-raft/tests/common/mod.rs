@@ -113,6 +113,10 @@ pub struct Cluster {
     /// `held` until [`thaw`](Self::thaw).
     pub frozen: BTreeSet<u64>,
     pub held: VecDeque<Message>,
+    /// Each node's data-directory incarnation, as its messages carry it.
+    pub incarnations: BTreeMap<u64, u64>,
+    /// Messages refused for their sender's incarnation, with the reason.
+    pub refused: Vec<(u64, u64, String)>,
 }
 
 /// The real duration of one tick of the simulated cluster.
@@ -140,6 +144,8 @@ impl Cluster {
             now: Instant::now(),
             frozen: BTreeSet::new(),
             held: VecDeque::new(),
+            incarnations: BTreeMap::new(),
+            refused: Vec::new(),
         };
         for id in 1..=n {
             c.start(id, false);
@@ -162,6 +168,7 @@ impl Cluster {
     pub fn start(&mut self, id: u64, join: bool) {
         let m = ListMachine::default();
         let node = RaftNode::open(self.config(id, join), Box::new(m.clone())).unwrap();
+        self.incarnations.insert(id, node.incarnation());
         self.machines.insert(id, m);
         self.nodes.insert(id, Some(node));
     }
@@ -169,6 +176,7 @@ impl Cluster {
     pub fn try_start(&mut self, id: u64) -> mooncake_meta_raft::Result<()> {
         let m = ListMachine::default();
         let node = RaftNode::open(self.config(id, false), Box::new(m.clone()))?;
+        self.incarnations.insert(id, node.incarnation());
         self.machines.insert(id, m);
         self.nodes.insert(id, Some(node));
         Ok(())
@@ -308,7 +316,11 @@ impl Cluster {
                 }
                 let blocked = self.blocked(&m);
                 if !blocked {
-                    self.node_mut(to).step(m).unwrap();
+                    let mut m = m;
+                    match self.node_mut(to).check_incarnation(&mut m) {
+                        Ok(()) => self.node_mut(to).step(m).unwrap(),
+                        Err(why) => self.refused.push((from, to, why)),
+                    }
                 }
                 if is_snap {
                     if let Some(Some(n)) = self.nodes.get_mut(&from) {
