@@ -246,3 +246,86 @@ async fn a_leader_whose_raft_loop_dies_exits_with_the_reason_and_the_group_goes_
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_with_a_wiped_data_directory_is_refused_and_elects_no_one() {
+    let mut group = Group::with_logs("wiped-member", 3);
+    let all: Vec<usize> = (0..3).collect();
+    eventually("a first leader", Duration::from_secs(15), || async {
+        leader_among(&group, &all).await.is_some()
+    })
+    .await;
+    let l = leader_among(&group, &all).await.unwrap();
+    let at_leader = client(&group.members[l].rpc);
+    let owner = ClientId::from_parts(9, 1);
+    let mount = Command::MountSegment {
+        client_id: owner,
+        segment: SegmentSpec::new("wiped-test-host:17000", 1 << 40, 1 << 30),
+    };
+    assert_eq!(
+        applied(apply(&at_leader, mount).await),
+        Response::Unit(Ok(()))
+    );
+    let put = Command::PutStart {
+        client_id: owner,
+        key: "kept".into(),
+        size: 4096,
+        config: ReplicateConfig::default(),
+    };
+    applied(apply(&at_leader, put).await)
+        .into_put_start()
+        .unwrap();
+    let end = Command::PutEnd {
+        client_id: owner,
+        key: "kept".into(),
+    };
+    assert_eq!(
+        applied(apply(&at_leader, end).await),
+        Response::Unit(Ok(()))
+    );
+
+    // A follower loses its data directory and is started again under the same id.
+    let (w, m) = {
+        let others: Vec<usize> = all.iter().copied().filter(|&i| i != l).collect();
+        (others[0], others[1])
+    };
+    group.kill(w);
+    let wid = group.members[w].id;
+    std::fs::remove_dir_all(group.dir.join(wid.to_string())).unwrap();
+    group.start(w);
+    eventually(
+        "the wiped member is refused",
+        Duration::from_secs(15),
+        || async {
+            group.log_of(w).contains("wiped or replaced")
+                && group.log_of(l).contains("wiped or replaced")
+        },
+    )
+    .await;
+    // With the leader gone, the wiped member's vote does not count: the remaining member and
+    // it elect no one.
+    group.kill(l);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        assert_eq!(
+            leader_among(&group, &[w, m]).await,
+            None,
+            "a leader was elected with the wiped member's vote"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The old leader returns: the group goes on, with what it acknowledged.
+    group.start(l);
+    eventually(
+        "a leader among the intact members",
+        Duration::from_secs(20),
+        || async { leader_among(&group, &[l, m]).await.is_some() },
+    )
+    .await;
+    let at = client(&group.members[leader_among(&group, &[l, m]).await.unwrap()].rpc);
+    assert_eq!(
+        applied(apply(&at, Command::ExistKey { key: "kept".into() }).await),
+        Response::Exists(true)
+    );
+    group.assert_one_leader_per_term();
+}
