@@ -198,6 +198,14 @@ pub trait LogGroup: Send + Sync {
     async fn failed(&self) -> String {
         std::future::pending().await
     }
+
+    /// Stops this member's part in the group on an error found outside the log that it cannot
+    /// recover from (the state machine's state was left half-changed by a panic): it leads
+    /// nothing from then on, so the others elect a leader, and [`failed`](Self::failed)
+    /// resolves with `reason`. A no-op by default.
+    fn abandon(&self, reason: String) {
+        let _ = reason;
+    }
 }
 
 /// The key under which a segment's descriptor is published.

@@ -467,9 +467,16 @@ impl MasterService {
         }
         if self.shared.is_poisoned() {
             // A panic left the master's state half-changed: answering from it could hand out
-            // wrong locations. Every request fails until the process is restarted (a group
-            // member's log is stopped by the same panic, and the others serve).
+            // wrong locations. Every request fails until the process is restarted. A group
+            // member also leaves its group (its process then exits with the reason), and
+            // answers NotLeader meanwhile, so its clients move to the leader the others elect.
             tracing::error!("the master's state was left inconsistent by an internal error");
+            if let Some(group) = self.log.group() {
+                group.abandon(
+                    "the master's state was left inconsistent by a panic while serving".into(),
+                );
+                return MasterReply::NotLeader { leader: None };
+            }
             return MasterReply::Failed {
                 code: ErrorCode::INTERNAL_ERROR,
                 message: "the master's state was left inconsistent by an internal error; \
@@ -660,6 +667,61 @@ mod tests {
 
     async fn ok(svc: &MasterService, command: Command) -> Response {
         svc.apply(command).await.unwrap().1
+    }
+
+    #[cfg(feature = "raft")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_member_left_inconsistent_by_a_panic_leaves_its_group() {
+        use mooncake_core::LogGroup;
+        use mooncake_meta_raft::{NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
+        let dir = std::env::temp_dir().join(format!("mooncake-poisoned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let voters = vec![PeerInfo {
+            id: 1,
+            raft_addr: "127.0.0.1:0".into(),
+            service_addr: "127.0.0.1:1".into(),
+        }];
+        let state = MasterState::new(MasterConfig::default()).unwrap();
+        let config = StoreConfig::new(NodeConfig::new(1, &dir, voters), "127.0.0.1:0");
+        let store = Arc::new(
+            RaftMetadataStore::start(config, state.state_machine())
+                .await
+                .unwrap(),
+        );
+        store
+            .wait_for_leader(Duration::from_secs(10))
+            .await
+            .unwrap();
+        let svc = MasterService::start(
+            state,
+            store.clone(),
+            store.clone(),
+            ServiceConfig::default(),
+            Arc::new(SystemClock),
+        );
+        let exists = || MasterRequest::Apply(Command::ExistKey { key: "k".into() });
+        assert!(matches!(
+            svc.call(exists()).await.unwrap(),
+            MasterReply::Applied { .. }
+        ));
+        let shared = svc.shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = shared.lock();
+            panic!("a bug while changing the master's state");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(matches!(
+            svc.call(exists()).await.unwrap(),
+            MasterReply::NotLeader { leader: None }
+        ));
+        let reason = tokio::time::timeout(Duration::from_secs(10), LogGroup::failed(&*store))
+            .await
+            .expect("the member leaves its group");
+        assert!(reason.contains("inconsistent"), "{reason}");
+        assert!(!store.is_leader());
+        svc.shutdown_raft().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(start_paused = true)]

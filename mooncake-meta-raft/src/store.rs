@@ -66,6 +66,8 @@ enum Input {
     /// A read found the lease over: renew it now, and answer once it holds (or this node
     /// does not lead).
     RenewLease(oneshot::Sender<Result<()>>),
+    /// Stop on a fatal error found outside the loop, with the reason.
+    Abandon(String),
     Shutdown,
 }
 
@@ -203,6 +205,7 @@ impl RaftMetadataStore {
             published_peers: None,
             lease: lease.clone(),
             lease_waiters: Vec::new(),
+            abandoned: None,
         };
         let panic_lease = lease.clone();
         driver.publish_members();
@@ -607,6 +610,10 @@ impl LogGroup for RaftMetadataStore {
         }
     }
 
+    fn abandon(&self, reason: String) {
+        let _ = self.inputs.send(Input::Abandon(reason));
+    }
+
     async fn failed(&self) -> String {
         let mut status = self.subscribe();
         let reason = match status.wait_for(|s| s.fatal.is_some()).await {
@@ -649,6 +656,8 @@ struct Driver {
     lease: Arc<LeaseCell>,
     /// Callers waiting for a read lease.
     lease_waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// Why the loop must stop, when it was told to abandon the group.
+    abandoned: Option<String>,
 }
 
 impl Driver {
@@ -771,7 +780,10 @@ impl Driver {
                 };
             }
             if stop {
-                break Ok(());
+                break match self.abandoned.take() {
+                    Some(reason) => Err(Error::StateMachine(mooncake_core::Error::Io(reason))),
+                    None => Ok(()),
+                };
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -855,6 +867,10 @@ impl Driver {
                 return false;
             }
             Input::Shutdown => return true,
+            Input::Abandon(reason) => {
+                self.abandoned = Some(reason);
+                return true;
+            }
             Input::Command(c, reply) => (self.node.propose(&c), reply),
             Input::Kv(op, reply) => (self.node.propose_kv(&op), reply),
             Input::Membership(change, reply) => (self.node.propose_membership(&change), reply),
