@@ -36,9 +36,10 @@ use super::Master;
 ///   last batch. [`LeaderView::take_over`] gives every client until the later of its replicated
 ///   deadline and half a TTL from the takeover (time to find the new leader), and returns a
 ///   [`Command::LeaseAll`] to append before anything else, leasing every object until
-///   `now + extra + lease TTL`, where `extra` covers how long a deposed leader may go on serving
-///   reads before it notices (its election timeout, with check-quorum). A client that died is
-///   expired on schedule however often the leader changes.
+///   `now + extra + lease TTL`. A deposed leader serves reads only until its read lease ends,
+///   which is before its successor is elected; `extra` is a margin on top (for the successor's
+///   time, which follows the log's and may lag its predecessor's by the replication delay). A
+///   client that died is expired on schedule however often the leader changes.
 ///
 /// Whoever drives the view answers from it only while no other leader can exist: behind a
 /// replicated log, only under the log's read lease (`CommandLog::holds_read_lease` of

@@ -4,7 +4,9 @@
 //!
 //! Reads: [`MetadataStore::get`] is served from this node's applied state without a log round
 //! trip, so on a follower (or a deposed leader that has not noticed yet) it may miss the latest
-//! writes; it never shows uncommitted data. `list`, `put`, `delete`, `compare_and_swap` and
+//! writes; it never shows uncommitted data. For reads that must not be stale, the leader holds a
+//! read lease ([`RaftMetadataStore::holds_read_lease`], [`crate::lease`]): while it holds one,
+//! no other member leads, so its applied state has every acknowledged write. `list`, `put`, `delete`, `compare_and_swap` and
 //! [`CommandLog::apply_command`] go through the log and are linearizable. The store is also the
 //! group's [`CommandLog`] (leadership from the node's status) and [`LogGroup`] (membership
 //! changes).
@@ -538,9 +540,9 @@ impl CommandLog for RaftMetadataStore {
         }
     }
 
-    /// A deposed leader notices within one election timeout (check-quorum); its successor is
-    /// elected at the earliest one election timeout after the last contact. Twice the longest
-    /// randomized timeout (two election timeouts) covers both.
+    /// A deposed leader stops serving reads when its read lease ends, before its successor is
+    /// elected (see [`crate::lease`]); the grace is a generous margin on top (four election
+    /// timeouts).
     fn takeover_grace(&self) -> Duration {
         self.election_timeout * 4
     }
