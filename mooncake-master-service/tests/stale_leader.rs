@@ -166,9 +166,11 @@ async fn a_frozen_leader_resumed_answers_not_leader_instead_of_its_frozen_state(
         },
     )
     .await;
+    let named_after = resumed.elapsed();
     eprintln!(
         "stale_leader: new leader elected {elected_after:?} after the freeze; the resumed old \
-         leader refused its first read after {:?}",
+         leader refused its first read after {:?} and named the new leader within \
+         {named_after:?}",
         first_refusal.unwrap()
     );
     group.assert_one_leader_per_term();
