@@ -12,6 +12,11 @@ use common::masters::Group;
 use mooncake_master::{ClientId, Command, ReplicateConfig, Response, SegmentSpec};
 use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster, RpcClientConfig};
 
+/// The tests here run one at a time: each starts a group on ports it picked free, which a group
+/// started meanwhile by another test could pick too, and a member that finds another group at
+/// a peer's address refuses to start.
+static ONE_GROUP_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn client(addr: &str) -> RemoteMaster {
     RemoteMaster::new(
         addr,
@@ -55,6 +60,7 @@ async fn leader_among(group: &Group, among: &[usize]) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_resumed_answers_not_leader_instead_of_its_frozen_state() {
+    let _one = ONE_GROUP_AT_A_TIME.lock().await;
     let group = Group::new("stale-leader", 3);
     let all: Vec<usize> = (0..3).collect();
     eventually("a first leader", Duration::from_secs(15), || async {
@@ -203,6 +209,7 @@ async fn send_bad_snapshot(to_raft: &str, to: u64, from: u64, term: u64, voters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_raft_loop_dies_exits_with_the_reason_and_the_group_goes_on() {
+    let _one = ONE_GROUP_AT_A_TIME.lock().await;
     let mut group = Group::with_logs("dead-loop", 3);
     let all: Vec<usize> = (0..3).collect();
     eventually("a first leader", Duration::from_secs(15), || async {
@@ -222,8 +229,14 @@ async fn a_leader_whose_raft_loop_dies_exits_with_the_reason_and_the_group_goes_
         ids,
     )
     .await;
-    // Until it is gone, it answers nothing from its state: a read gets NotLeader (or the
-    // connection fails as the process exits).
+    // Once its loop has stopped, and until the process is gone, it answers nothing from its
+    // state: a read gets NotLeader (or the connection fails as the process exits).
+    eventually("the loop stops", Duration::from_secs(15), || async {
+        group
+            .log_of(l)
+            .contains("raft loop stopped on a fatal error")
+    })
+    .await;
     let answer = at_leader
         .call(MasterRequest::Apply(Command::ExistKey { key: "x".into() }))
         .await;
@@ -251,6 +264,7 @@ async fn a_leader_whose_raft_loop_dies_exits_with_the_reason_and_the_group_goes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restarted_with_a_wiped_data_directory_is_refused_and_elects_no_one() {
+    let _one = ONE_GROUP_AT_A_TIME.lock().await;
     let mut group = Group::with_logs("wiped-member", 3);
     let all: Vec<usize> = (0..3).collect();
     eventually("a first leader", Duration::from_secs(15), || async {
