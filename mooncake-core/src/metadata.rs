@@ -106,6 +106,26 @@ pub trait CommandLog: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Whether this member may answer a read from its applied state right now, without a log
+    /// round trip. Cheap (callers ask on every read). Check it *after* reading the state: a
+    /// `true` then means no other member could have committed anything meanwhile.
+    ///
+    /// A log that is not replicated always may (the default). A replicated log says `true` only
+    /// while this member leads under a lease that no successor can be elected within, measured
+    /// on a monotonic clock from a quorum's acknowledgement, so a leader that was paused
+    /// (`SIGSTOP`, a stall) or whose log stopped answers no read from its frozen state.
+    fn holds_read_lease(&self) -> bool {
+        true
+    }
+
+    /// Waits until [`holds_read_lease`](Self::holds_read_lease) is `true`, asking the group to
+    /// acknowledge this member's leadership, or fails with an error that
+    /// [`not_leader_hint`](Self::not_leader_hint) recognises when this member does not lead or
+    /// got no acknowledgement within an election timeout (its clients should look elsewhere).
+    async fn acquire_read_lease(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// How long past its election a new leader must assume its predecessor may still be
     /// serving (it has not noticed it was deposed yet). Zero for a log that is not replicated.
     fn takeover_grace(&self) -> Duration {
@@ -177,6 +197,14 @@ pub trait LogGroup: Send + Sync {
     /// should then exit so that its supervisor restarts it. Never for a healthy member.
     async fn failed(&self) -> String {
         std::future::pending().await
+    }
+
+    /// Stops this member's part in the group on an error found outside the log that it cannot
+    /// recover from (the state machine's state was left half-changed by a panic): it leads
+    /// nothing from then on, so the others elect a leader, and [`failed`](Self::failed)
+    /// resolves with `reason`. A no-op by default.
+    fn abandon(&self, reason: String) {
+        let _ = reason;
     }
 }
 

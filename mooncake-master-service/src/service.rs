@@ -16,6 +16,7 @@
 
 mod admin;
 mod bindings;
+mod time;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +38,9 @@ use mooncake_rpc::admin::AdminRequest;
 use mooncake_rpc::rpc::{self, Caller, Handler, RefusalLog};
 use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, Role, TlsAcceptor};
 
-/// The master's clock: milliseconds since the Unix epoch, so every process of a cluster (and a
-/// master that takes over) reads the same time base.
+/// The wall clock in the master's unit (milliseconds since the Unix epoch). A service reads it
+/// only once, when it starts; from then on its time runs on the monotonic clock and follows the
+/// log's (see the `time` module of the service), so no wall-clock step moves a deadline.
 pub fn master_clock() -> Timestamp {
     Timestamp::from_millis(SystemClock.unix_millis())
 }
@@ -48,6 +50,8 @@ pub fn master_clock() -> Timestamp {
 struct Shared {
     master: Master,
     view: LeaderView,
+    /// The time this master stamps on commands (see [`time::MasterTime`]).
+    time: time::MasterTime,
 }
 
 type SharedState = Arc<Mutex<Shared>>;
@@ -62,13 +66,21 @@ struct SharedMaster(SharedState);
 
 impl StateMachine for SharedMaster {
     fn apply(&mut self, entry: &[u8]) -> Vec<u8> {
-        StateMachine::apply(&mut lock(&self.0).master, entry)
+        let mut s = lock(&self.0);
+        let out = StateMachine::apply(&mut s.master, entry);
+        let now = s.master.now();
+        s.time.applied(now);
+        out
     }
     fn snapshot(&self) -> Result<Vec<u8>> {
         StateMachine::snapshot(&lock(&self.0).master)
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<()> {
-        StateMachine::restore(&mut lock(&self.0).master, snapshot)
+        let mut s = lock(&self.0);
+        StateMachine::restore(&mut s.master, snapshot)?;
+        let now = s.master.now();
+        s.time.applied(now);
+        Ok(())
     }
 }
 
@@ -113,6 +125,7 @@ impl MasterState {
         Ok(MasterState(Arc::new(Mutex::new(Shared {
             master: Master::new(config)?,
             view: LeaderView::default(),
+            time: time::MasterTime::default(),
         }))))
     }
 
@@ -129,7 +142,6 @@ pub struct MasterService {
     log: Arc<dyn CommandLog>,
     /// Keys and values beside the log (segment descriptors of the HTTP metadata server).
     kv: Arc<dyn MetadataStore>,
-    clock: Arc<dyn Clock>,
     config: ServiceConfig,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The term this master has taken over as leader in (`u64::MAX`: none yet).
@@ -176,12 +188,16 @@ impl MasterService {
         service: ServiceConfig,
         clock: Arc<dyn Clock>,
     ) -> Arc<Self> {
+        {
+            let mut s = lock(&state.0);
+            let state_now = s.master.now();
+            s.time.start(clock.clone(), state_now);
+        }
         let svc = Arc::new(MasterService {
             shared: state.0,
             log,
             kv,
-            landings: crate::landing::Landings::with_clock(clock.clone()),
-            clock,
+            landings: crate::landing::Landings::with_clock(clock),
             config: service,
             tasks: Mutex::new(Vec::new()),
             led_term: AtomicU64::new(u64::MAX),
@@ -196,9 +212,21 @@ impl MasterService {
         &self.log
     }
 
-    /// Master time now, from the service's clock.
+    /// Master time now (see [`time::MasterTime`]): this master's own while it runs alone or
+    /// leads a term it has taken over, else its estimate of the group's from the log.
     fn now(&self) -> Timestamp {
-        Timestamp::from_millis(self.clock.unix_millis())
+        let stamping = self.stamping();
+        lock(&self.shared).time.now(stamping)
+    }
+
+    /// Whether this master stamps the commands it appends: it runs alone, or leads a term it
+    /// has taken over.
+    fn stamping(&self) -> bool {
+        match self.log.leadership() {
+            Leadership::Standalone => true,
+            Leadership::Leader { term } => self.led_term.load(Ordering::Acquire) == term,
+            Leadership::Follower { .. } => false,
+        }
     }
 
     /// `None` when this master may serve requests (it is the leader, or not replicated);
@@ -218,15 +246,52 @@ impl MasterService {
 
     /// Executes `command` at the current master time: a read or heartbeat is answered from the
     /// applied state when it can be, anything else goes through the command log.
+    ///
+    /// A read or heartbeat is answered from the state only under the log's read lease
+    /// ([`CommandLog::holds_read_lease`]), checked after the state was read: a leader that was
+    /// frozen, cut off or whose log stopped answers `NotLeader` instead (its clients move on).
     pub async fn apply(&self, command: Command) -> Result<(Timestamp, Response)> {
         self.take_over_if_new_leader().await?;
-        let now = self.now();
-        let proposal = {
+        let stamping = self.stamping();
+        let mut lapsed = 0;
+        loop {
+            self.read_lease().await?;
+            let (now, local) = {
+                let mut s = lock(&self.shared);
+                let Shared { master, view, time } = &mut *s;
+                let now = time.now(stamping);
+                (now, view.serve_local(master, now, &command))
+            };
+            match local {
+                None => break,
+                Some(response) if self.log.holds_read_lease() => return Ok((now, response)),
+                // The lease ran out while the state was read (this process was paused, or
+                // the quorum stopped answering): that answer may be stale. Ask again once
+                // the lease is renewed; `read_lease` fails when this member no longer leads.
+                Some(_) if lapsed < 3 => lapsed += 1,
+                Some(_) => {
+                    return Err(Error::with_code(
+                        ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                        "this master's read lease keeps running out; retry",
+                    ))
+                }
+            }
+        }
+        let (now, routed) = {
             let mut s = lock(&self.shared);
-            let Shared { master, view } = &mut *s;
-            match view.route(master, now, command) {
-                Route::Local(response) => return Ok((now, response)),
-                Route::Log(p) => p,
+            let Shared { master, view, time } = &mut *s;
+            let now = time.now(stamping);
+            (now, view.route(master, now, command))
+        };
+        let proposal = match routed {
+            Route::Log(p) => p,
+            // A bar was lifted since `serve_local` looked.
+            Route::Local(response) if self.log.holds_read_lease() => return Ok((now, response)),
+            Route::Local(_) => {
+                return Err(Error::with_code(
+                    ErrorCode::UNAVAILABLE_IN_CURRENT_STATUS,
+                    "this master's read lease ran out; retry",
+                ))
             }
         };
         let _barred = Barred {
@@ -242,6 +307,16 @@ impl MasterService {
             grant.commit_on_landing = self.landings.is_local(&grant.segment_name);
         }
         Ok((now, response))
+    }
+
+    /// Returns once this member may answer reads from its state (at once, under a running
+    /// lease); fails with the log's not-leader error when it may not (see
+    /// [`CommandLog::acquire_read_lease`]).
+    async fn read_lease(&self) -> Result<()> {
+        if self.log.holds_read_lease() {
+            return Ok(());
+        }
+        self.log.acquire_read_lease().await
     }
 
     async fn append(&self, entry: &LogEntry) -> Result<Response> {
@@ -264,12 +339,14 @@ impl MasterService {
         if self.led_term.load(Ordering::Acquire) == term {
             return Ok(());
         }
-        let now = self.now();
         let grace = self.log.takeover_grace().as_millis() as u64;
-        let first = {
+        let (now, first) = {
             let mut s = lock(&self.shared);
-            let Shared { master, view } = &mut *s;
-            view.take_over(master, now, grace)
+            let Shared { master, view, time } = &mut *s;
+            // From here on this member stamps, continuing the log's time.
+            time.take_over();
+            let now = time.now(true);
+            (now, view.take_over(master, now, grace))
         };
         // Reports that reached another leader meanwhile are missing here; older ones may be of
         // space granted anew since.
@@ -326,7 +403,7 @@ impl MasterService {
                 let due = {
                     let now = svc.now();
                     let mut s = lock(&svc.shared);
-                    let Shared { master, view } = &mut *s;
+                    let Shared { master, view, .. } = &mut *s;
                     view.prune(master, now);
                     view.timeouts(master, now)
                 };
@@ -392,9 +469,16 @@ impl MasterService {
         }
         if self.shared.is_poisoned() {
             // A panic left the master's state half-changed: answering from it could hand out
-            // wrong locations. Every request fails until the process is restarted (a group
-            // member's log is stopped by the same panic, and the others serve).
+            // wrong locations. Every request fails until the process is restarted. A group
+            // member also leaves its group (its process then exits with the reason), and
+            // answers NotLeader meanwhile, so its clients move to the leader the others elect.
             tracing::error!("the master's state was left inconsistent by an internal error");
+            if let Some(group) = self.log.group() {
+                group.abandon(
+                    "the master's state was left inconsistent by a panic while serving".into(),
+                );
+                return MasterReply::NotLeader { leader: None };
+            }
             return MasterReply::Failed {
                 code: ErrorCode::INTERNAL_ERROR,
                 message: "the master's state was left inconsistent by an internal error; \
@@ -419,11 +503,15 @@ impl MasterService {
                 Ok((now, response)) => MasterReply::Applied { now, response },
                 Err(e) => self.failure_reply(&e),
             },
-            MasterRequest::QueryTask(id) => {
-                MasterReply::Task(lock(&self.shared).master.query_task(id))
-            }
+            MasterRequest::QueryTask(id) => match self.read_lease().await {
+                Ok(()) => MasterReply::Task(lock(&self.shared).master.query_task(id)),
+                Err(e) => self.failure_reply(&e),
+            },
             MasterRequest::Metrics => MasterReply::Metrics(self.metrics()),
-            MasterRequest::Segments => MasterReply::Segments(lock(&self.shared).master.segments()),
+            MasterRequest::Segments => match self.read_lease().await {
+                Ok(()) => MasterReply::Segments(lock(&self.shared).master.segments()),
+                Err(e) => self.failure_reply(&e),
+            },
             MasterRequest::Admin(request) => admin::serve(self, request).await,
             MasterRequest::Landed { segment, ranges } => {
                 self.landings.record(&segment, &ranges);
@@ -571,6 +659,144 @@ impl Handler<MasterRequest, MasterReply> for RpcFront {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mooncake_master::{ClientId, HeartbeatStatus, ReplicateConfig, SegmentSpec};
+    use std::sync::atomic::AtomicU64;
+
+    /// A clock whose wall reading the test steps; monotonic time is tokio's (paused).
+    #[derive(Debug)]
+    struct SteppedClock(AtomicU64);
+
+    impl Clock for SteppedClock {
+        fn unix_millis(&self) -> u64 {
+            self.0.load(Ordering::Relaxed)
+        }
+        fn monotonic(&self) -> tokio::time::Instant {
+            tokio::time::Instant::now()
+        }
+    }
+
+    async fn ok(svc: &MasterService, command: Command) -> Response {
+        svc.apply(command).await.unwrap().1
+    }
+
+    #[cfg(feature = "raft")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_member_left_inconsistent_by_a_panic_leaves_its_group() {
+        use mooncake_core::LogGroup;
+        use mooncake_meta_raft::{NodeConfig, PeerInfo, RaftMetadataStore, StoreConfig};
+        let dir = std::env::temp_dir().join(format!("mooncake-poisoned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let voters = vec![PeerInfo {
+            id: 1,
+            raft_addr: "127.0.0.1:0".into(),
+            service_addr: "127.0.0.1:1".into(),
+        }];
+        let state = MasterState::new(MasterConfig::default()).unwrap();
+        let config = StoreConfig::new(NodeConfig::new(1, &dir, voters), "127.0.0.1:0");
+        let store = Arc::new(
+            RaftMetadataStore::start(config, state.state_machine())
+                .await
+                .unwrap(),
+        );
+        store
+            .wait_for_leader(Duration::from_secs(10))
+            .await
+            .unwrap();
+        let svc = MasterService::start(
+            state,
+            store.clone(),
+            store.clone(),
+            ServiceConfig::default(),
+            Arc::new(SystemClock),
+        );
+        let exists = || MasterRequest::Apply(Command::ExistKey { key: "k".into() });
+        assert!(matches!(
+            svc.call(exists()).await.unwrap(),
+            MasterReply::Applied { .. }
+        ));
+        let shared = svc.shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = shared.lock();
+            panic!("a bug while changing the master's state");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(matches!(
+            svc.call(exists()).await.unwrap(),
+            MasterReply::NotLeader { leader: None }
+        ));
+        let reason = tokio::time::timeout(Duration::from_secs(10), LogGroup::failed(&*store))
+            .await
+            .expect("the member leaves its group");
+        assert!(reason.contains("inconsistent"), "{reason}");
+        assert!(!store.is_leader());
+        svc.shutdown_raft().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_step_ends_no_read_lease_and_expires_no_client() {
+        let clock = Arc::new(SteppedClock(AtomicU64::new(1_700_000_000_000)));
+        let state = MasterState::new(MasterConfig::default()).unwrap();
+        let store = Arc::new(MemoryMetadataStore::with_state_machine(
+            state.state_machine(),
+        ));
+        let svc = MasterService::start(
+            state,
+            store.clone(),
+            store,
+            ServiceConfig::default(),
+            clock.clone(),
+        );
+        let c = ClientId::from_parts(1, 1);
+        let segment = SegmentSpec::new("h:1", 1 << 30, 1 << 24);
+        let mount = Command::MountSegment {
+            client_id: c,
+            segment,
+        };
+        assert_eq!(ok(&svc, mount).await, Response::Unit(Ok(())));
+        let put = Command::PutStart {
+            client_id: c,
+            key: "k".into(),
+            size: 4096,
+            config: ReplicateConfig::default(),
+        };
+        ok(&svc, put).await.into_put_start().unwrap();
+        let end = Command::PutEnd {
+            client_id: c,
+            key: "k".into(),
+        };
+        assert_eq!(ok(&svc, end).await, Response::Unit(Ok(())));
+        // A read leases "k" for the lease TTL (10 s).
+        let get = Command::GetReplicaList { key: "k".into() };
+        ok(&svc, get).await.into_replicas().unwrap();
+        // The wall clock jumps an hour ahead; two seconds pass.
+        clock.0.fetch_add(3_600_000, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let remove = Command::Remove {
+            key: "k".into(),
+            force: false,
+        };
+        assert_eq!(
+            ok(&svc, remove).await,
+            Response::Unit(Err(ErrorCode::OBJECT_HAS_LEASE)),
+            "the step ended the read lease early"
+        );
+        // The client's TTL (10 s) has not run out either, timers having run meanwhile.
+        assert_eq!(
+            ok(&svc, Command::Heartbeat { client_id: c }).await,
+            Response::Heartbeat(HeartbeatStatus::Ok)
+        );
+        // A step back changes nothing either: the lease ends on time.
+        clock.0.fetch_sub(7_200_000, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        let remove = Command::Remove {
+            key: "k".into(),
+            force: false,
+        };
+        assert_eq!(ok(&svc, remove).await, Response::Unit(Ok(())));
+        svc.shutdown();
+    }
 
     #[tokio::test]
     async fn a_state_left_inconsistent_by_a_panic_fails_requests_instead_of_panicking() {

@@ -36,12 +36,15 @@ use super::Master;
 ///   last batch. [`LeaderView::take_over`] gives every client until the later of its replicated
 ///   deadline and half a TTL from the takeover (time to find the new leader), and returns a
 ///   [`Command::LeaseAll`] to append before anything else, leasing every object until
-///   `now + extra + lease TTL`, where `extra` covers how long a deposed leader may go on serving
-///   reads before it notices (its election timeout, with check-quorum). A client that died is
-///   expired on schedule however often the leader changes.
+///   `now + extra + lease TTL`. A deposed leader serves reads only until its read lease ends,
+///   which is before its successor is elected; `extra` is a margin on top (for the successor's
+///   time, which follows the log's and may lag its predecessor's by the replication delay). A
+///   client that died is expired on schedule however often the leader changes.
 ///
-/// A read served by a deposed leader that has not noticed yet may miss writes committed by its
-/// successor; that window is bounded by check-quorum.
+/// Whoever drives the view answers from it only while no other leader can exist: behind a
+/// replicated log, only under the log's read lease (`CommandLog::holds_read_lease` of
+/// `mooncake-core`), checked after [`LeaderView::serve_local`] read the state. A deposed or
+/// frozen leader whose lease has run out answers nothing from here.
 ///
 /// ```
 /// use mooncake_master::*;
@@ -163,6 +166,19 @@ impl LeaderView {
             },
             ticket,
         })
+    }
+
+    /// Answers `command` from `master` at `now` when it is a read or heartbeat whose keys no
+    /// command in flight bars, as [`route`](Self::route) would; `None` when it must go through
+    /// the log. Unlike `route` it leaves `command` to the caller, who can still send it to the
+    /// log or ask again (a read answered while the caller's lease lapsed is thrown away).
+    pub fn serve_local(
+        &mut self,
+        master: &Master,
+        now: Timestamp,
+        command: &Command,
+    ) -> Option<Response> {
+        self.serve(master, now, command)
     }
 
     /// Lifts the bars of a proposal whose entry was applied (or will never be).

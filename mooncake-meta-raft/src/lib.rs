@@ -50,6 +50,8 @@
 mod codec;
 pub mod config;
 pub mod error;
+pub mod incarnation;
+pub mod lease;
 pub mod network;
 pub mod node;
 pub mod state;

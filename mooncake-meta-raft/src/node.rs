@@ -3,7 +3,8 @@
 //! the driver which messages to send. It opens no socket and reads no clock: time advances only
 //! through [`RaftNode::tick`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use mooncake_core::StateMachine;
 use protobuf::Message as _;
@@ -17,6 +18,8 @@ use serde::Serialize;
 use crate::config::NodeConfig;
 pub use crate::config::RoleEvent;
 use crate::error::{Error, Result};
+use crate::incarnation;
+use crate::lease::{lease_duration, LeaseTracker};
 use crate::state::{self, KvOp, KvState, PeerInfo, SnapshotData, TAG_COMMAND, TAG_KV};
 use crate::storage::{DiskStorage, RecoveryReport};
 use crate::LeaderInfo;
@@ -143,6 +146,21 @@ pub struct RaftNode {
     events: Vec<RoleEvent>,
     config: NodeConfig,
     recovery: RecoveryReport,
+    /// The leader's read lease (see [`crate::lease`]).
+    lease: LeaseTracker,
+    /// Ticks left during which vote requests are ignored: a member that restarts with state on
+    /// disk may have acknowledged a leader's lease heartbeat just before it stopped, and must
+    /// not help elect another leader before that lease has run out.
+    vote_quiet_ticks: usize,
+    /// This data directory's incarnation (see [`crate::incarnation`]).
+    incarnation: u64,
+    /// Members whose incarnation record this leader has proposed in its term.
+    recording: BTreeSet<u64>,
+    /// Members whose last message was refused for its incarnation: nothing is sent to them (a
+    /// wiped member would take the leader's commit index for its own, lost, log and fail).
+    refused: BTreeSet<u64>,
+    /// Proposals this node makes for its own records: their outcome is nobody's to hear.
+    internal: BTreeSet<ProposalId>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -176,6 +194,9 @@ impl RaftNode {
     pub fn open(config: NodeConfig, mut machine: Box<dyn StateMachine>) -> Result<Self> {
         config.validate()?;
         let (mut storage, recovery) = DiskStorage::open(&config.data_dir, config.max_record_bytes)?;
+        let restarted = storage.is_initialized();
+        let incarnation = incarnation::load_or_create(&config.data_dir)
+            .map_err(|e| Error::io(&config.data_dir, e))?;
         let mut peers: BTreeMap<u64, PeerInfo> = config
             .initial_voters
             .iter()
@@ -223,9 +244,107 @@ impl RaftNode {
             announced_term: None,
             known_leader: 0,
             events: Vec::new(),
+            vote_quiet_ticks: if restarted { config.election_ticks } else { 0 },
             config,
             recovery,
+            lease: LeaseTracker::default(),
+            incarnation,
+            recording: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            internal: BTreeSet::new(),
         })
+    }
+
+    /// This data directory's incarnation, sent with every message (see [`crate::incarnation`]).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The incarnation the group has recorded for member `id`, as applied here.
+    pub fn known_incarnation(&self, id: u64) -> Option<u64> {
+        let v = self.kv.get(&incarnation::record_key(id))?;
+        Some(u64::from_le_bytes(v.value.as_slice().try_into().ok()?))
+    }
+
+    /// Whether message `m` may be stepped, judged by the incarnations it carries (which it
+    /// takes out): refused (with the reason) when the group recorded another incarnation of its
+    /// sender, whose data directory was therefore wiped or replaced, or when the sender knows
+    /// this member by another incarnation than its own (this directory is the wiped one). A
+    /// leader records the incarnation of a member it has none for. A message that says nothing
+    /// (from a peer of an earlier version) is let through.
+    pub fn check_incarnation(&mut self, m: &mut Message) -> std::result::Result<(), String> {
+        let (claimed, mine) = incarnation::take(m);
+        let from = m.from;
+        if let Some(mine) = mine.filter(|&i| i != self.incarnation) {
+            return Err(format!(
+                "node {from} knows this member (node {}) as incarnation {mine:#018x} of its data \
+                 directory, but this directory is incarnation {:#018x}: it was wiped or \
+                 replaced, and the group refuses it. Remove this member (`mooncake_master admin \
+                 remove {}`), then add it again as a learner and start it with --raft_join",
+                self.config.id, self.incarnation, self.config.id
+            ));
+        }
+        let Some(claimed) = claimed else {
+            self.refused.remove(&from);
+            return Ok(());
+        };
+        let verdict = self.judge_incarnation(from, claimed);
+        if verdict.is_err() {
+            self.refused.insert(from);
+        } else {
+            self.refused.remove(&from);
+        }
+        verdict
+    }
+
+    fn judge_incarnation(&mut self, from: u64, claimed: u64) -> std::result::Result<(), String> {
+        match self.known_incarnation(from) {
+            Some(known) if known != claimed => Err(format!(
+                "node {from} runs incarnation {claimed:#018x} of its data directory, but the \
+                 group knows it as {known:#018x}: its directory was wiped or replaced and it \
+                 lost what it acknowledged, so it may not vote or count in a quorum. Remove it \
+                 (`mooncake_master admin remove {from}`), then add it again as a learner and \
+                 start it with --raft_join"
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.record_incarnation(from, claimed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stamps outgoing messages with the incarnations (see [`crate::incarnation`]) and drops
+    /// those to members refused for theirs; a snapshot for one is reported as not delivered.
+    fn sendable(&mut self, mut messages: Vec<Message>) -> Vec<Message> {
+        if !self.refused.is_empty() {
+            messages.retain(|m| {
+                let refused = self.refused.contains(&m.to);
+                if refused && m.get_msg_type() == MessageType::MsgSnapshot {
+                    self.raw.report_snapshot(m.to, SnapshotStatus::Failure);
+                }
+                !refused
+            });
+        }
+        for m in &mut messages {
+            let receiver = self.known_incarnation(m.to);
+            incarnation::stamp(m, self.incarnation, receiver);
+        }
+        messages
+    }
+
+    /// On the leader: proposes the record of member `id`'s incarnation, once per term.
+    fn record_incarnation(&mut self, id: u64, value: u64) {
+        if !self.is_leader() || !self.recording.insert(id) {
+            return;
+        }
+        let op = KvOp::Put {
+            key: incarnation::record_key(id),
+            value: value.to_le_bytes().to_vec(),
+        };
+        if let Ok(id) = self.propose_kv(&op) {
+            self.internal.insert(id);
+        }
     }
 
     /// This node's id.
@@ -362,8 +481,50 @@ impl RaftNode {
 
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self) {
+        self.vote_quiet_ticks = self.vote_quiet_ticks.saturating_sub(1);
         self.raw.tick();
         self.observe_role();
+    }
+
+    /// Renews the leader's read lease when due: every heartbeat interval while it leads, or at
+    /// once with `urgent` (a read found the lease over) unless a renewal was asked less than a
+    /// tick ago. `now` is a monotonic reading and `tick` the real duration of one
+    /// [`tick`](Self::tick). Nothing happens on a follower, before the leader has committed an
+    /// entry of its term (raft answers no read index before that), or during a leadership
+    /// transfer. See [`crate::lease`].
+    pub fn maintain_lease(&mut self, now: Instant, tick: Duration, urgent: bool) {
+        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        let quiet = tick * (2 * self.config.election_ticks) as u32;
+        if self.raw.raft.lead_transferee.is_some() || self.lease.transferring(now, quiet) {
+            return;
+        }
+        let gap = if urgent {
+            tick
+        } else {
+            tick * self.config.heartbeat_ticks as u32
+        };
+        if self
+            .lease
+            .last_sent()
+            .is_some_and(|t| now.saturating_duration_since(t) < gap)
+        {
+            return;
+        }
+        let ctx = self.lease.request(now);
+        self.raw.read_index(ctx);
+    }
+
+    /// Until when this node may answer reads from its applied state as the group's leader:
+    /// `None` when it does not lead or holds no lease. Compare with a monotonic reading taken
+    /// after the state was read. See [`crate::lease`].
+    pub fn read_lease_until(&self, tick: Duration) -> Option<Instant> {
+        if !self.is_leader() {
+            return None;
+        }
+        let anchor = self.lease.anchor()?;
+        Some(anchor + lease_duration(self.config.election_ticks, tick))
     }
 
     /// Starts an election now (tests and leadership hand-over).
@@ -375,11 +536,25 @@ impl RaftNode {
 
     /// Asks the leader to hand leadership to `to`.
     pub fn transfer_leader(&mut self, to: u64) {
+        if self.is_leader() {
+            self.lease.transfer_started();
+        }
         self.raw.transfer_leader(to);
     }
 
     /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored.
     pub fn step(&mut self, msg: Message) -> Result<()> {
+        if self.vote_quiet_ticks > 0
+            && matches!(
+                msg.get_msg_type(),
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+            )
+            && msg.term > self.term()
+            && msg.context.as_ref() != raft::CAMPAIGN_TRANSFER
+        {
+            // Just restarted: see `vote_quiet_ticks`.
+            return Ok(());
+        }
         let result = self.raw.step(msg);
         self.observe_role();
         match result {
@@ -653,8 +828,12 @@ impl RaftNode {
         self.flush_queue(&mut out);
         if self.raw.has_ready() {
             let mut rd = self.raw.ready();
+            for rs in rd.take_read_states() {
+                self.lease.acknowledged(&rs.request_ctx);
+            }
             if !rd.messages().is_empty() {
-                send_now(rd.take_messages());
+                let messages = self.sendable(rd.take_messages());
+                send_now(messages);
             }
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
@@ -676,6 +855,11 @@ impl RaftNode {
         }
         self.maybe_snapshot()?;
         self.check_role(&mut out);
+        out.messages = self.sendable(std::mem::take(&mut out.messages));
+        if !self.internal.is_empty() {
+            let internal = &mut self.internal;
+            out.failed.retain(|(id, _)| !internal.remove(id));
+        }
         Ok(out)
     }
 
@@ -692,6 +876,8 @@ impl RaftNode {
                 self.events.push(RoleEvent::BecameLeader { term });
             }
             self.announced_term = now;
+            self.lease.reset();
+            self.recording.clear();
         }
         let leader = self.raw.raft.leader_id;
         if leader != self.known_leader {
@@ -706,6 +892,9 @@ impl RaftNode {
     /// longer the leader of the term they were made in.
     fn check_role(&mut self, out: &mut Output) {
         self.observe_role();
+        if self.is_leader() && self.known_incarnation(self.config.id).is_none() {
+            self.record_incarnation(self.config.id, self.incarnation);
+        }
         out.events.append(&mut self.events);
         let now = self.is_leader().then(|| self.term());
         if self.led_term != now {
@@ -794,8 +983,11 @@ impl RaftNode {
                 }
             };
             self.applied = e.index;
+            let id = mine
+                .map(|(id, _)| id)
+                .filter(|id| !self.internal.remove(id));
             out.applied.push(Applied {
-                id: mine.map(|(id, _)| id),
+                id,
                 index: e.index,
                 response,
             });
@@ -838,6 +1030,11 @@ impl RaftNode {
                 for change in cc.get_changes() {
                     if change.get_change_type() == ConfChangeType::RemoveNode {
                         self.peers.remove(&change.node_id);
+                        // Added again, it starts a new incarnation.
+                        let key = incarnation::record_key(change.node_id);
+                        self.kv.apply(KvOp::Delete { key }, false);
+                        self.recording.remove(&change.node_id);
+                        self.refused.remove(&change.node_id);
                     }
                 }
                 if let Ok(p) = postcard::from_bytes::<PeerInfo>(&cc.context) {
@@ -859,6 +1056,7 @@ impl RaftNode {
             .max_by_key(|&&v| self.raw.raft.prs().get(v).map_or(0, |p| p.matched))
             .copied();
         if let Some(to) = best {
+            self.lease.transfer_started();
             self.raw.transfer_leader(to);
         }
     }

@@ -142,10 +142,15 @@ impl KvState {
                 if !want_result {
                     return KvResult::List(Vec::new());
                 }
+                // The group's own records are listed only when asked for by their prefix.
+                let hide = !prefix.starts_with(crate::incarnation::RESERVED_PREFIX);
                 KvResult::List(
                     self.map
                         .range(prefix.clone()..)
                         .take_while(|(k, _)| k.starts_with(&prefix))
+                        .filter(|(k, _)| {
+                            !(hide && k.starts_with(crate::incarnation::RESERVED_PREFIX))
+                        })
                         .map(|(k, (v, r))| (k.clone(), v.clone(), *r))
                         .collect(),
                 )

@@ -4,14 +4,16 @@
 //!
 //! Reads: [`MetadataStore::get`] is served from this node's applied state without a log round
 //! trip, so on a follower (or a deposed leader that has not noticed yet) it may miss the latest
-//! writes; it never shows uncommitted data. `list`, `put`, `delete`, `compare_and_swap` and
+//! writes; it never shows uncommitted data. For reads that must not be stale, the leader holds a
+//! read lease ([`RaftMetadataStore::holds_read_lease`], [`crate::lease`]): while it holds one,
+//! no other member leads, so its applied state has every acknowledged write. `list`, `put`, `delete`, `compare_and_swap` and
 //! [`CommandLog::apply_command`] go through the log and are linearizable. The store is also the
 //! group's [`CommandLog`] (leadership from the node's status) and [`LogGroup`] (membership
 //! changes).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -63,7 +65,44 @@ enum Input {
     Get(String, oneshot::Sender<Option<Versioned>>),
     Members(oneshot::Sender<Membership>),
     TransferLeader(u64),
+    /// A read found the lease over: renew it now, and answer once it holds (or this node
+    /// does not lead).
+    RenewLease(oneshot::Sender<Result<()>>),
+    /// Stop on a fatal error found outside the loop, with the reason.
+    Abandon(String),
     Shutdown,
+}
+
+/// The leader's read lease as the loop last published it, read by callers without a channel
+/// round trip: the lease's end in nanoseconds after `base` (0: no lease). The loop updates it
+/// after every input it steps, before it sends any message that input caused, so a leader
+/// that steps down (grants a vote, hears of a higher term) has ended its lease before anyone
+/// hears from it again.
+#[derive(Debug)]
+struct LeaseCell {
+    base: Instant,
+    until: AtomicU64,
+}
+
+impl LeaseCell {
+    fn new() -> Self {
+        LeaseCell {
+            base: Instant::now(),
+            until: AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        let nanos = until.map_or(0, |u| {
+            (u.saturating_duration_since(self.base).as_nanos() as u64).max(1)
+        });
+        self.until.store(nanos, Ordering::SeqCst);
+    }
+
+    fn holds(&self, now: Instant) -> bool {
+        let until = self.until.load(Ordering::SeqCst);
+        until != 0 && (now.saturating_duration_since(self.base).as_nanos() as u64) < until
+    }
 }
 
 /// A [`MetadataStore`] replicated by a raft group. See the module documentation.
@@ -75,6 +114,7 @@ pub struct RaftMetadataStore {
     shutdown: watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     local_addr: SocketAddr,
+    lease: Arc<LeaseCell>,
 }
 
 impl std::fmt::Debug for RaftMetadataStore {
@@ -106,6 +146,7 @@ impl RaftMetadataStore {
             .await
             .map_err(|e| Error::Config(format!("open task failed: {e}")))??;
         let id = node.id();
+        let lease = Arc::new(LeaseCell::new());
         let (inputs, rx) = mpsc::channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (status_tx, status) = watch::channel(RaftStatus {
@@ -164,7 +205,11 @@ impl RaftMetadataStore {
             warned: HashMap::new(),
             members: net_members,
             published_peers: None,
+            lease: lease.clone(),
+            lease_waiters: Vec::new(),
+            abandoned: None,
         };
+        let panic_lease = lease.clone();
         driver.publish_members();
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
@@ -179,6 +224,7 @@ impl RaftMetadataStore {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
                     tracing::error!(node = id, "raft loop panicked: {what}");
+                    panic_lease.set(None);
                     status_tx.send_modify(|s| {
                         s.running = false;
                         s.role = StateRole::Follower;
@@ -196,6 +242,7 @@ impl RaftMetadataStore {
             shutdown,
             thread: Mutex::new(Some(thread)),
             local_addr,
+            lease,
         })
     }
 
@@ -223,6 +270,34 @@ impl RaftMetadataStore {
     pub fn leading_term(&self) -> Option<u64> {
         let s = self.status.borrow();
         (s.role == StateRole::Leader).then_some(s.term)
+    }
+
+    /// Whether this node leads under a read lease now (see [`crate::lease`]): it may answer
+    /// reads from its applied state without a log round trip.
+    pub fn holds_read_lease(&self) -> bool {
+        self.lease.holds(Instant::now())
+    }
+
+    /// Waits until this node holds a read lease, asking its group for an acknowledgement when
+    /// it does not; fails with [`Error::NotLeader`] when it does not lead or has not been
+    /// acknowledged within an election timeout (a leader cut off from its quorum, or one whose
+    /// loop is stuck), and with [`Error::Shutdown`] once the loop stopped.
+    pub async fn read_lease(&self) -> Result<()> {
+        if self.holds_read_lease() {
+            return Ok(());
+        }
+        if !self.status.borrow().running {
+            return Err(Error::Shutdown);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::RenewLease(tx))
+            .map_err(|_| Error::Shutdown)?;
+        match tokio::time::timeout(self.election_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::NotLeader { leader: None }),
+        }
     }
 
     /// The current status.
@@ -453,9 +528,21 @@ impl CommandLog for RaftMetadataStore {
         crate::leader_hint(error)
     }
 
-    /// A deposed leader notices within one election timeout (check-quorum); its successor is
-    /// elected at the earliest one election timeout after the last contact. Twice the longest
-    /// randomized timeout (two election timeouts) covers both.
+    fn holds_read_lease(&self) -> bool {
+        RaftMetadataStore::holds_read_lease(self)
+    }
+
+    /// A stopped loop is answered as not leading, so clients move to the leader.
+    async fn acquire_read_lease(&self) -> mooncake_core::Result<()> {
+        match self.read_lease().await {
+            Err(Error::Shutdown) => Err(Error::NotLeader { leader: None }.into()),
+            other => Ok(other?),
+        }
+    }
+
+    /// A deposed leader stops serving reads when its read lease ends, before its successor is
+    /// elected (see [`crate::lease`]); the grace is a generous margin on top (four election
+    /// timeouts).
     fn takeover_grace(&self) -> Duration {
         self.election_timeout * 4
     }
@@ -525,6 +612,10 @@ impl LogGroup for RaftMetadataStore {
         }
     }
 
+    fn abandon(&self, reason: String) {
+        let _ = self.inputs.send(Input::Abandon(reason));
+    }
+
     async fn failed(&self) -> String {
         let mut status = self.subscribe();
         let reason = match status.wait_for(|s| s.fatal.is_some()).await {
@@ -563,6 +654,12 @@ struct Driver {
     members: Option<Arc<RwLock<BTreeSet<u64>>>>,
     /// The peer directory's ids when `members` was last written.
     published_peers: Option<Vec<u64>>,
+    /// The read lease, as callers see it.
+    lease: Arc<LeaseCell>,
+    /// Callers waiting for a read lease.
+    lease_waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// Why the loop must stop, when it was told to abandon the group.
+    abandoned: Option<String>,
 }
 
 impl Driver {
@@ -588,6 +685,27 @@ impl Driver {
             .collect();
         *members.write().unwrap_or_else(|p| p.into_inner()) = all;
         self.published_peers = Some(ids);
+    }
+
+    /// Publishes the read lease to callers, and answers those waiting for one once it holds or
+    /// this node no longer leads.
+    fn publish_lease(&mut self) {
+        let until = self.node.read_lease_until(self.tick);
+        self.lease.set(until);
+        if self.lease_waiters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let answer = if until.is_some_and(|u| now < u) {
+            Ok(())
+        } else if !self.node.is_leader() {
+            Err(self.node.leader_info())
+        } else {
+            return;
+        };
+        for reply in self.lease_waiters.drain(..) {
+            let _ = reply.send(answer.clone().map_err(|leader| Error::NotLeader { leader }));
+        }
     }
 
     /// Whether a message that came over a connection from `source` may be stepped: it must be
@@ -664,21 +782,29 @@ impl Driver {
                 };
             }
             if stop {
-                break Ok(());
+                break match self.abandoned.take() {
+                    Some(reason) => Err(Error::StateMachine(mooncake_core::Error::Io(reason))),
+                    None => Ok(()),
+                };
             }
             let now = Instant::now();
             if now >= next_tick {
                 self.node.tick();
                 next_tick = (next_tick + self.tick).max(now);
             }
+            self.node.maintain_lease(now, self.tick, false);
             if let Err(e) = self.ready() {
                 break Err(e);
             }
         };
+        self.lease.set(None);
         if let Err(e) = &result {
             tracing::error!(node = self.node.id(), error = %e, "raft loop stopped on a fatal error");
         }
         for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(Error::Shutdown));
+        }
+        for reply in self.lease_waiters.drain(..) {
             let _ = reply.send(Err(Error::Shutdown));
         }
         // A stopped member leads nothing: whoever asks (the master service deciding whether it
@@ -694,15 +820,20 @@ impl Driver {
     /// Handles one input; returns `true` to stop.
     fn handle(&mut self, input: Input) -> bool {
         let proposed = match input {
-            Input::Net(NetEvent::Message(m, source)) => {
+            Input::Net(NetEvent::Message(mut m, source)) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                if let Err(why) = self.admissible(&m, source) {
+                let admitted = self
+                    .admissible(&m, source)
+                    .and_then(|()| self.node.check_incarnation(&mut m));
+                if let Err(why) = admitted {
                     self.refused(source, &why);
                     return false;
                 }
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft step failed");
                 }
+                // Before anything this step caused is sent (see `LeaseCell`).
+                self.publish_lease();
                 return false;
             }
             Input::Net(NetEvent::SnapshotStatus { to, delivered }) => {
@@ -723,9 +854,25 @@ impl Driver {
             }
             Input::TransferLeader(to) => {
                 self.node.transfer_leader(to);
+                self.publish_lease();
+                return false;
+            }
+            Input::RenewLease(reply) => {
+                if self.node.is_leader() {
+                    self.node.maintain_lease(Instant::now(), self.tick, true);
+                    self.lease_waiters.push(reply);
+                } else {
+                    let _ = reply.send(Err(Error::NotLeader {
+                        leader: self.node.leader_info(),
+                    }));
+                }
                 return false;
             }
             Input::Shutdown => return true,
+            Input::Abandon(reason) => {
+                self.abandoned = Some(reason);
+                return true;
+            }
             Input::Command(c, reply) => (self.node.propose(&c), reply),
             Input::Kv(op, reply) => (self.node.propose_kv(&op), reply),
             Input::Membership(change, reply) => (self.node.propose_membership(&change), reply),
@@ -765,6 +912,7 @@ impl Driver {
             out
         };
         self.publish_members();
+        self.publish_lease();
         reply_applied(&mut self.pending, out.applied.into_iter());
         for (id, e) in out.failed {
             if let Some(reply) = self.pending.remove(&id) {

@@ -218,3 +218,80 @@ async fn a_panic_in_the_raft_loop_is_a_fatal_error_not_a_frozen_leader() {
     assert!(store.apply_command(b"after".to_vec()).await.is_err());
     store.shutdown().await;
 }
+
+/// A list machine whose apply of `hang` blocks until released (a Raft loop stuck in a write
+/// that never returns, say).
+struct Stuck {
+    list: ListMachine,
+    gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl mooncake_core::StateMachine for Stuck {
+    fn apply(&mut self, command: &[u8]) -> Vec<u8> {
+        if command == b"hang" {
+            let (open, cv) = &*self.gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+        }
+        self.list.apply(command)
+    }
+    fn snapshot(&self) -> mooncake_core::Result<Vec<u8>> {
+        self.list.snapshot()
+    }
+    fn restore(&mut self, snapshot: &[u8]) -> mooncake_core::Result<()> {
+        self.list.restore(snapshot)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_loop_is_stuck_loses_its_read_lease_and_answers_not_leader() {
+    use mooncake_core::{CommandLog, Leadership};
+    let dir = TempDir::new("stuck");
+    let voters = vec![PeerInfo {
+        id: 1,
+        raft_addr: format!("127.0.0.1:{}", free_port()),
+        service_addr: "127.0.0.1:50001".into(),
+    }];
+    let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let machine = Stuck {
+        list: ListMachine::default(),
+        gate: gate.clone(),
+    };
+    let store = RaftMetadataStore::start(config(&dir, 1, &voters), Box::new(machine))
+        .await
+        .unwrap();
+    let stores = vec![Some(store)];
+    leader_of(&stores).await;
+    let store = stores.into_iter().next().flatten().unwrap();
+    store.apply_command(b"fine".to_vec()).await.unwrap();
+    store.read_lease().await.unwrap();
+    assert!(store.holds_read_lease());
+    // The loop blocks inside an apply: it still claims to lead, but renews nothing.
+    let store = std::sync::Arc::new(store);
+    let hung = {
+        let store = store.clone();
+        tokio::spawn(async move { store.apply_command(b"hang".to_vec()).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.holds_read_lease() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(store.leadership(), Leadership::Leader { .. }));
+    let e = store.acquire_read_lease().await.unwrap_err();
+    assert_eq!(store.not_leader_hint(&e), Some(None), "{e}");
+    // Released, it serves again.
+    {
+        let (open, cv) = &*gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    hung.await.unwrap().unwrap();
+    store.read_lease().await.unwrap();
+    store.shutdown().await;
+}

@@ -15,11 +15,16 @@ use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster};
 
 use super::{free_port, Proc};
 
-/// Where a member's log goes: `$MOONCAKE_TEST_MASTER_LOGS/master-<pid>-<id>.log` when that
-/// variable names a directory (to look into a failure), else nowhere.
-fn stderr_for(id: u64) -> Stdio {
-    let Some(dir) = std::env::var_os("MOONCAKE_TEST_MASTER_LOGS") else {
-        return Stdio::null();
+/// Where a member's log goes: into `logs` when given (a test that reads it), else
+/// `$MOONCAKE_TEST_MASTER_LOGS/master-<pid>-<id>.log` when that variable names a directory (to
+/// look into a failure), else nowhere.
+fn stderr_for(id: u64, logs: Option<&PathBuf>) -> Stdio {
+    let dir = match logs {
+        Some(d) => d.clone().into_os_string(),
+        None => match std::env::var_os("MOONCAKE_TEST_MASTER_LOGS") {
+            Some(d) => d,
+            None => return Stdio::null(),
+        },
     };
     let path = PathBuf::from(dir).join(format!("master-{}-{id}.log", std::process::id()));
     match std::fs::OpenOptions::new()
@@ -55,17 +60,34 @@ pub struct Group {
     pub dir: PathBuf,
     /// Every stdout line of every member process, with the member's id, in arrival order.
     pub lines: Arc<Mutex<Vec<(u64, String)>>>,
+    /// Where members' logs go when a test reads them (see [`Group::with_logs`]).
+    pub logs: Option<PathBuf>,
 }
 
 impl Group {
     /// `n` initial voters (ids 1..=n), started.
     pub fn new(tag: &str, n: u64) -> Group {
+        Self::build(tag, n, false)
+    }
+
+    /// [`new`](Self::new), with each member's log kept in a file [`log_of`](Self::log_of)
+    /// reads.
+    pub fn with_logs(tag: &str, n: u64) -> Group {
+        Self::build(tag, n, true)
+    }
+
+    fn build(tag: &str, n: u64, logs: bool) -> Group {
         let dir = std::env::temp_dir().join(format!("mooncake-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let logs = logs.then(|| dir.join("logs"));
+        if let Some(l) = &logs {
+            std::fs::create_dir_all(l).unwrap();
+        }
         let mut g = Group {
             members: Vec::new(),
             dir,
             lines: Arc::new(Mutex::new(Vec::new())),
+            logs,
         };
         for _ in 0..n {
             g.add_member(true);
@@ -126,7 +148,7 @@ impl Group {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake_master"))
             .args(&args)
             .stdout(Stdio::piped())
-            .stderr(stderr_for(m.id))
+            .stderr(stderr_for(m.id, self.logs.as_ref()))
             .spawn()
             .expect("start mooncake_master");
         // Keep every line (leader lines may come before or after the listening line) and keep
@@ -149,6 +171,24 @@ impl Group {
             Err(e) => panic!("member {id} did not start listening: {e}"),
         }
         self.members[i].proc = Some(proc);
+    }
+
+    /// What member `i` has logged so far (with [`with_logs`](Self::with_logs); empty otherwise).
+    pub fn log_of(&self, i: usize) -> String {
+        let Some(dir) = &self.logs else {
+            return String::new();
+        };
+        let path = dir.join(format!(
+            "master-{}-{}.log",
+            std::process::id(),
+            self.members[i].id
+        ));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// The process id of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].proc.as_ref().map(|p| p.0.id())
     }
 
     /// Waits up to `timeout` for member `i` to exit on its own; its exit status.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mooncake_core::StateMachine;
 use mooncake_meta_raft::raft::prelude::MessageType;
@@ -107,7 +107,20 @@ pub struct Cluster {
     pub applied: BTreeMap<u64, Vec<Applied>>,
     pub failed: BTreeMap<u64, Vec<(ProposalId, ProposalError)>>,
     pub tweak: fn(&mut NodeConfig),
+    /// Virtual monotonic time: each [`tick`](Self::tick) is [`TICK`] of it.
+    pub now: Instant,
+    /// Nodes paused (as by `SIGSTOP`): they neither tick nor run, and messages to them wait in
+    /// `held` until [`thaw`](Self::thaw).
+    pub frozen: BTreeSet<u64>,
+    pub held: VecDeque<Message>,
+    /// Each node's data-directory incarnation, as its messages carry it.
+    pub incarnations: BTreeMap<u64, u64>,
+    /// Messages refused for their sender's incarnation, with the reason.
+    pub refused: Vec<(u64, u64, String)>,
 }
+
+/// The real duration of one tick of the simulated cluster.
+pub const TICK: Duration = Duration::from_millis(100);
 
 impl Cluster {
     pub fn new(n: u64) -> Self {
@@ -128,6 +141,11 @@ impl Cluster {
             applied: BTreeMap::new(),
             failed: BTreeMap::new(),
             tweak,
+            now: Instant::now(),
+            frozen: BTreeSet::new(),
+            held: VecDeque::new(),
+            incarnations: BTreeMap::new(),
+            refused: Vec::new(),
         };
         for id in 1..=n {
             c.start(id, false);
@@ -150,6 +168,7 @@ impl Cluster {
     pub fn start(&mut self, id: u64, join: bool) {
         let m = ListMachine::default();
         let node = RaftNode::open(self.config(id, join), Box::new(m.clone())).unwrap();
+        self.incarnations.insert(id, node.incarnation());
         self.machines.insert(id, m);
         self.nodes.insert(id, Some(node));
     }
@@ -157,6 +176,7 @@ impl Cluster {
     pub fn try_start(&mut self, id: u64) -> mooncake_meta_raft::Result<()> {
         let m = ListMachine::default();
         let node = RaftNode::open(self.config(id, false), Box::new(m.clone()))?;
+        self.incarnations.insert(id, node.incarnation());
         self.machines.insert(id, m);
         self.nodes.insert(id, Some(node));
         Ok(())
@@ -164,7 +184,32 @@ impl Cluster {
 
     pub fn crash(&mut self, id: u64) {
         self.nodes.insert(id, None);
+        self.frozen.remove(&id);
         self.queue.retain(|m| m.to != id && m.from != id);
+        self.held.retain(|m| m.to != id);
+    }
+
+    /// Pauses node `id` (as `SIGSTOP` does): it keeps its state, runs nothing, and what is sent
+    /// to it waits.
+    pub fn freeze(&mut self, id: u64) {
+        self.frozen.insert(id);
+    }
+
+    /// Resumes a frozen node; what was sent to it meanwhile is delivered next.
+    pub fn thaw(&mut self, id: u64) {
+        self.frozen.remove(&id);
+        let (mine, others): (VecDeque<Message>, VecDeque<Message>) =
+            self.held.drain(..).partition(|m| m.to == id);
+        self.held = others;
+        self.queue.extend(mine);
+    }
+
+    /// Live nodes that are not frozen.
+    pub fn running(&self) -> Vec<u64> {
+        self.live()
+            .into_iter()
+            .filter(|id| !self.frozen.contains(id))
+            .collect()
     }
 
     pub fn node(&self, id: u64) -> &RaftNode {
@@ -217,7 +262,7 @@ impl Cluster {
 
     /// Advances every live node once and queues its messages.
     pub fn advance_all(&mut self) {
-        for id in self.live() {
+        for id in self.running() {
             let out = self.node_mut(id).advance().unwrap();
             // Every leadership is reported, even one that began and ended between advances.
             for e in &out.events {
@@ -265,9 +310,17 @@ impl Cluster {
             while let Some(m) = self.queue.pop_front() {
                 let is_snap = m.get_msg_type() == MessageType::MsgSnapshot;
                 let (from, to) = (m.from, m.to);
+                if self.frozen.contains(&to) {
+                    self.held.push_back(m);
+                    continue;
+                }
                 let blocked = self.blocked(&m);
                 if !blocked {
-                    self.node_mut(to).step(m).unwrap();
+                    let mut m = m;
+                    match self.node_mut(to).check_incarnation(&mut m) {
+                        Ok(()) => self.node_mut(to).step(m).unwrap(),
+                        Err(why) => self.refused.push((from, to, why)),
+                    }
                 }
                 if is_snap {
                     if let Some(Some(n)) = self.nodes.get_mut(&from) {
@@ -279,11 +332,27 @@ impl Cluster {
         panic!("the network did not settle");
     }
 
+    /// One tick of virtual time: every running node ticks and renews its read lease when due,
+    /// then the network settles.
     pub fn tick(&mut self) {
-        for id in self.live() {
-            self.node_mut(id).tick();
+        self.now += TICK;
+        let now = self.now;
+        for id in self.running() {
+            let node = self.node_mut(id);
+            node.tick();
+            node.maintain_lease(now, TICK, false);
         }
         self.settle();
+    }
+
+    /// Until when node `id` may answer reads as leader (`None`: no lease).
+    pub fn lease_until(&self, id: u64) -> Option<Instant> {
+        self.node(id).read_lease_until(TICK)
+    }
+
+    /// Whether node `id` holds a read lease at the current virtual time.
+    pub fn holds_lease(&self, id: u64) -> bool {
+        self.lease_until(id).is_some_and(|u| self.now < u)
     }
 
     pub fn ticks(&mut self, n: usize) {
