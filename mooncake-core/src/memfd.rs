@@ -175,8 +175,9 @@ pub fn check_memfd(fd: &OwnedFd, len: u64) -> Result<()> {
 }
 
 /// Refuses a Unix-socket peer running as another user than this process: same-host sockets
-/// hand out mappings of this process's memory, which only the same user may have.
-pub fn check_same_user(sock: &impl AsRawFd) -> Result<()> {
+/// hand out mappings of this process's memory, which only the same user may have. Returns the
+/// peer's process id (as this process's pid namespace sees it; 0 when it cannot see it).
+pub fn check_same_user(sock: &impl AsRawFd) -> Result<i32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -208,7 +209,7 @@ pub fn check_same_user(sock: &impl AsRawFd) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok(cred.pid)
 }
 
 /// Most descriptors one message carries.
