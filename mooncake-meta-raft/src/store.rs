@@ -25,6 +25,7 @@ use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+use crate::admit::SenderCheck;
 use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
 use crate::network::{self, Inbox, NetConfig, NetEvent, NetTls, Transport};
@@ -143,12 +144,7 @@ impl RaftMetadataStore {
             inbox.clone(),
             shutdown_rx,
         );
-        let address_book: HashMap<u64, String> = config
-            .node
-            .initial_voters
-            .iter()
-            .map(|p| (p.id, p.raft_addr.clone()))
-            .collect();
+        let senders = SenderCheck::new(&config.node.initial_voters);
         let mut driver = Driver {
             node,
             transport,
@@ -157,10 +153,9 @@ impl RaftMetadataStore {
             status: status_tx.clone(),
             pending: HashMap::new(),
             gets: Vec::new(),
-            address_book,
+            senders,
             tick: config.tick_interval,
             on_role: config.on_role.clone(),
-            resolved: HashMap::new(),
             warned: HashMap::new(),
             members: net_members,
             published_peers: None,
@@ -551,11 +546,10 @@ struct Driver {
     status: watch::Sender<RaftStatus>,
     pending: HashMap<ProposalId, Reply>,
     gets: Vec<(String, oneshot::Sender<Option<Versioned>>)>,
-    address_book: HashMap<u64, String>,
+    /// Which inbound messages may be stepped.
+    senders: SenderCheck,
     tick: Duration,
     on_role: Option<RoleObserver>,
-    /// The IP addresses each raft address resolved to (resolved once).
-    resolved: HashMap<String, Vec<IpAddr>>,
     /// When a refusal from a source address was last logged.
     warned: HashMap<IpAddr, Instant>,
     /// With TLS: the member ids the transport admits certificates of (the peer directory and
@@ -583,47 +577,11 @@ impl Driver {
         let ids: Vec<u64> = peers.keys().copied().collect();
         let all: BTreeSet<u64> = ids
             .iter()
-            .chain(self.address_book.keys())
             .copied()
+            .chain(self.senders.address_book_ids())
             .collect();
         *members.write().unwrap_or_else(|p| p.into_inner()) = all;
         self.published_peers = Some(ids);
-    }
-
-    /// Whether a message that came over a connection from `source` may be stepped: it must be
-    /// for this node, from a member (or, while joining, a node of the address book), over a
-    /// connection from an IP address that member's configured raft address resolves to.
-    fn admissible(
-        &mut self,
-        m: &raft::prelude::Message,
-        source: SocketAddr,
-    ) -> std::result::Result<(), String> {
-        let me = self.node.id();
-        if m.to != me {
-            return Err(format!("addressed to node {}, this is node {me}", m.to));
-        }
-        let addr = self
-            .node
-            .peers()
-            .get(&m.from)
-            .map(|p| p.raft_addr.clone())
-            .or_else(|| self.address_book.get(&m.from).cloned())
-            .ok_or_else(|| format!("from node {}, which is not a member", m.from))?;
-        let ips = self.resolved.entry(addr.clone()).or_insert_with(|| {
-            use std::net::ToSocketAddrs;
-            addr.to_socket_addrs()
-                .map(|a| a.map(|s| s.ip()).collect())
-                .unwrap_or_default()
-        });
-        if ips.contains(&source.ip()) {
-            Ok(())
-        } else {
-            Err(format!(
-                "from node {}, whose raft address is {addr}, over a connection from {}",
-                m.from,
-                source.ip()
-            ))
-        }
     }
 
     /// Logs a refused message (once per source address every 10 s).
@@ -696,7 +654,7 @@ impl Driver {
         let proposed = match input {
             Input::Net(NetEvent::Message(m, source)) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                if let Err(why) = self.admissible(&m, source) {
+                if let Err(why) = self.senders.admit(&self.node, &m, source.ip()) {
                     self.refused(source, &why);
                     return false;
                 }
@@ -745,7 +703,7 @@ impl Driver {
         let Driver {
             node,
             transport,
-            address_book,
+            senders,
             pending,
             ..
         } = self;
@@ -755,7 +713,7 @@ impl Driver {
                 peers
                     .get(&id)
                     .map(|p| p.raft_addr.clone())
-                    .or_else(|| address_book.get(&id).cloned())
+                    .or_else(|| senders.booked(id))
             };
             let mut out = node
                 .advance_replying(&mut |msgs| transport.send(msgs, &addr_of), &mut |applied| {
