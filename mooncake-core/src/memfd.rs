@@ -253,8 +253,7 @@ pub fn send_with_fds(sock: &UnixStream, payload: &[u8], fds: &[RawFd]) -> Result
         // Interrupted by a signal before anything was sent: send again.
         loop {
             let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
-            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-            {
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 break n;
             }
         }
@@ -300,8 +299,7 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<Ow
         // A signal delivered while waiting is no reason to give up (nothing was received).
         let n = loop {
             let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-            {
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 break n;
             }
         };
@@ -412,7 +410,7 @@ mod tests {
         // SAFETY: a handler that does nothing, installed without SA_RESTART for SIGUSR2.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = nothing as usize;
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
             assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
         }
         let (a, b) = UnixStream::pair().unwrap();

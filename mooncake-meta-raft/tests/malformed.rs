@@ -1,6 +1,8 @@
 //! Messages no honest member sends, which raft would take at their word (a candidate stepping
 //! down to term 0, a follower committing past its log, an election started from outside), are
 //! refused by `RaftNode::step` and change nothing.
+// raft-rs's protobuf types are built with `Default` and then filled in field by field.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 
