@@ -175,8 +175,9 @@ pub fn check_memfd(fd: &OwnedFd, len: u64) -> Result<()> {
 }
 
 /// Refuses a Unix-socket peer running as another user than this process: same-host sockets
-/// hand out mappings of this process's memory, which only the same user may have.
-pub fn check_same_user(sock: &impl AsRawFd) -> Result<()> {
+/// hand out mappings of this process's memory, which only the same user may have. Returns the
+/// peer's process id (as this process's pid namespace sees it; 0 when it cannot see it).
+pub fn check_same_user(sock: &impl AsRawFd) -> Result<i32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -208,7 +209,7 @@ pub fn check_same_user(sock: &impl AsRawFd) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok(cred.pid)
 }
 
 /// Most descriptors one message carries.
@@ -249,7 +250,13 @@ pub fn send_with_fds(sock: &UnixStream, payload: &[u8], fds: &[RawFd]) -> Result
                 std::ptr::write_unaligned(data.add(i), *fd);
             }
         }
-        libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+        // Interrupted by a signal before anything was sent: send again.
+        loop {
+            let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
+        }
     };
     if n < 0 {
         return Err(os_error("sendmsg"));
@@ -289,7 +296,13 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<Ow
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        // A signal delivered while waiting is no reason to give up (nothing was received).
+        let n = loop {
+            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
         if n < 0 {
             return Err(os_error("recvmsg"));
         }
@@ -386,5 +399,33 @@ mod tests {
         // SAFETY: sizing our own descriptor.
         assert_eq!(unsafe { libc::ftruncate(plain.as_raw_fd(), 4096) }, 0);
         assert!(check_memfd(&plain, 4096).is_err(), "not sealed");
+    }
+
+    /// A signal that interrupts a wait for a message (a handler installed without
+    /// `SA_RESTART`, as Python's are) does not fail the receive.
+    #[test]
+    fn a_signal_while_waiting_does_not_fail_a_receive() {
+        use std::os::unix::thread::JoinHandleExt;
+        extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: a handler that does nothing, installed without SA_RESTART for SIGUSR2.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+        }
+        let (a, b) = UnixStream::pair().unwrap();
+        let waiter = std::thread::spawn(move || {
+            let mut buf = [0u8; 4];
+            recv_with_fds(&b, &mut buf).map(|(n, _)| buf[..n].to_vec())
+        });
+        // Signal the waiting thread a few times (whether it is in recvmsg yet or not), then
+        // send; it must receive the message, not an error.
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            // SAFETY: the thread is alive until it has received the message sent below.
+            unsafe { libc::pthread_kill(waiter.as_pthread_t(), libc::SIGUSR2) };
+        }
+        send_with_fds(&a, b"ping", &[]).unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap(), b"ping");
     }
 }

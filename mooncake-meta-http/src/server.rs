@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use mooncake_core::admission::RefusalLogByPeer;
+use mooncake_core::admission::{Admission, RefusalLogByPeer};
 use mooncake_core::{Error, MetadataStore};
 use mooncake_tls::{PeerIdentity, Role, TlsAcceptor, TlsIdentity};
 
@@ -102,6 +102,9 @@ pub struct HttpServerConfig {
     pub request_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog. Default 1024.
     pub max_connections: usize,
+    /// Connections served at once from one IP address; more are closed as they are accepted,
+    /// so one client cannot take every place. Default 256.
+    pub max_per_address: usize,
     /// Bytes of entries in one page of a prefix listing (`GET /metadata?prefix=P`); a page
     /// holds at least one entry whatever its size, and the client asks for the next page with
     /// `after=`. Default 16 MiB.
@@ -183,6 +186,7 @@ impl Default for HttpServerConfig {
             max_body: 64 << 20,
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_per_address: 256,
             max_list_page: 16 << 20,
             tls: None,
         }
@@ -223,6 +227,11 @@ pub fn serve_http_routes(
     });
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let admission = Admission::new(
+        "http",
+        config.max_connections.max(1),
+        config.max_per_address.max(1),
+    );
     tokio::spawn(async move {
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -237,8 +246,13 @@ pub fn serve_http_routes(
                     continue;
                 }
             };
+            // Refused (and logged, once a second at most) by closing it.
+            let Ok(admitted) = admission.admit(remote.ip()) else {
+                continue;
+            };
             let (endpoints, config) = (endpoints.clone(), config.clone());
             tokio::spawn(async move {
+                let _admitted = admitted;
                 let _ = stream.set_nodelay(true);
                 match &config.tls {
                     None => serve_connection(stream, remote, None, &endpoints, &config).await,

@@ -725,3 +725,56 @@ async fn extra_routes_serve_further_paths() {
     let nothing = raw(addr, &get("/nothing")).await;
     assert!(nothing.starts_with("HTTP/1.1 404 "), "{nothing}");
 }
+
+/// Connects from `ip` (a loopback address) to `addr`.
+async fn connect_from(ip: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(ip.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A health check over `s`: the whole answer, once the server closes.
+async fn health_over(mut s: TcpStream) -> String {
+    // A refused connection may be reset before or while this is written.
+    let _ = s
+        .write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let read = timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    read.expect("server did not close")
+        .map(|_| String::from_utf8_lossy(&out).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn one_address_gets_at_most_its_share_of_connections() {
+    let cfg = HttpServerConfig {
+        max_per_address: 2,
+        ..Default::default()
+    };
+    let (addr, _, _) = start(cfg).await;
+    // Two idle connections from 127.0.0.1 take its places...
+    let held = [
+        connect_from("127.0.0.1", addr).await,
+        connect_from("127.0.0.1", addr).await,
+    ];
+    // ...so a third from there is closed unanswered,
+    let third = health_over(connect_from("127.0.0.1", addr).await).await;
+    assert_eq!(third, "", "a connection past the cap was served");
+    // while another address is served.
+    let other = health_over(connect_from("127.0.0.2", addr).await).await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    // A place given back is taken again.
+    drop(held);
+    let mut again = String::new();
+    for _ in 0..500 {
+        again = health_over(connect_from("127.0.0.1", addr).await).await;
+        if !again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+}

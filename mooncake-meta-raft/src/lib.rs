@@ -47,6 +47,7 @@
 // reason.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod admit;
 mod codec;
 pub mod config;
 pub mod error;
@@ -59,6 +60,7 @@ pub mod storage;
 pub mod store;
 pub mod wal;
 
+pub use admit::SenderCheck;
 pub use config::{NodeConfig, RoleObserver, StoreConfig};
 pub use error::{leader_hint, Error, Result};
 pub use node::{

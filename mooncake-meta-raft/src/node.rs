@@ -542,8 +542,18 @@ impl RaftNode {
         self.raw.transfer_leader(to);
     }
 
-    /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored.
+    /// Feeds a message from a peer. Messages from unknown peers or stale responses are ignored;
+    /// a message no honest member sends, and that raft would take at its word (a local-only
+    /// type, no term, a commit index past this log, entries out of sequence or rewriting
+    /// committed ones), is refused with [`Error::InvalidArgument`] and changes nothing.
     pub fn step(&mut self, msg: Message) -> Result<()> {
+        if let Some(why) = self.malformed(&msg) {
+            return Err(Error::InvalidArgument(format!(
+                "refused a {:?} from node {}: {why}",
+                msg.get_msg_type(),
+                msg.from
+            )));
+        }
         if self.vote_quiet_ticks > 0
             && matches!(
                 msg.get_msg_type(),
@@ -560,6 +570,51 @@ impl RaftNode {
         match result {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Why a message from a peer cannot be stepped, if it cannot.
+    fn malformed(&self, m: &Message) -> Option<String> {
+        use MessageType::*;
+        let log = &self.raw.raft.raft_log;
+        match m.get_msg_type() {
+            // Raised inside a node, never sent.
+            MsgHup | MsgBeat | MsgUnreachable | MsgSnapStatus | MsgCheckQuorum => {
+                return Some("a node's own message".into())
+            }
+            // Forwarded with no term; this node neither forwards nor takes them.
+            MsgPropose | MsgReadIndex => return Some("proposals go to the leader only".into()),
+            _ => {}
+        }
+        if m.term == 0 {
+            return Some("no term".into());
+        }
+        match m.get_msg_type() {
+            MsgHeartbeat if m.commit > log.last_index() => Some(format!(
+                "commit index {} past this log's last index {}",
+                m.commit,
+                log.last_index()
+            )),
+            MsgAppendResponse if !m.reject && m.index > log.last_index() => Some(format!(
+                "acknowledges index {} past this log's last index {}",
+                m.index,
+                log.last_index()
+            )),
+            MsgAppend => {
+                let mut prev = (m.index, m.log_term);
+                for e in m.entries.iter() {
+                    if prev.0.checked_add(1) != Some(e.index) || e.term < prev.1 || e.term > m.term
+                    {
+                        return Some(format!(
+                            "entry {} of term {} after {} of term {} (message term {})",
+                            e.index, e.term, prev.0, prev.1, m.term
+                        ));
+                    }
+                    prev = (e.index, e.term);
+                }
+                None
+            }
+            _ => None,
         }
     }
 

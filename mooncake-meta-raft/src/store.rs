@@ -27,6 +27,7 @@ use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+use crate::admit::SenderCheck;
 use crate::config::{RoleObserver, StoreConfig};
 use crate::error::{Error, Result};
 use crate::network::{self, Inbox, NetConfig, NetEvent, NetTls, Transport};
@@ -184,12 +185,7 @@ impl RaftMetadataStore {
             inbox.clone(),
             shutdown_rx,
         );
-        let address_book: HashMap<u64, String> = config
-            .node
-            .initial_voters
-            .iter()
-            .map(|p| (p.id, p.raft_addr.clone()))
-            .collect();
+        let senders = SenderCheck::new(&config.node.initial_voters);
         let mut driver = Driver {
             node,
             transport,
@@ -198,10 +194,9 @@ impl RaftMetadataStore {
             status: status_tx.clone(),
             pending: HashMap::new(),
             gets: Vec::new(),
-            address_book,
+            senders,
             tick: config.tick_interval,
             on_role: config.on_role.clone(),
-            resolved: HashMap::new(),
             warned: HashMap::new(),
             members: net_members,
             published_peers: None,
@@ -642,11 +637,10 @@ struct Driver {
     status: watch::Sender<RaftStatus>,
     pending: HashMap<ProposalId, Reply>,
     gets: Vec<(String, oneshot::Sender<Option<Versioned>>)>,
-    address_book: HashMap<u64, String>,
+    /// Which inbound messages may be stepped.
+    senders: SenderCheck,
     tick: Duration,
     on_role: Option<RoleObserver>,
-    /// The IP addresses each raft address resolved to (resolved once).
-    resolved: HashMap<String, Vec<IpAddr>>,
     /// When a refusal from a source address was last logged.
     warned: HashMap<IpAddr, Instant>,
     /// With TLS: the member ids the transport admits certificates of (the peer directory and
@@ -680,8 +674,8 @@ impl Driver {
         let ids: Vec<u64> = peers.keys().copied().collect();
         let all: BTreeSet<u64> = ids
             .iter()
-            .chain(self.address_book.keys())
             .copied()
+            .chain(self.senders.address_book_ids())
             .collect();
         *members.write().unwrap_or_else(|p| p.into_inner()) = all;
         self.published_peers = Some(ids);
@@ -705,42 +699,6 @@ impl Driver {
         };
         for reply in self.lease_waiters.drain(..) {
             let _ = reply.send(answer.clone().map_err(|leader| Error::NotLeader { leader }));
-        }
-    }
-
-    /// Whether a message that came over a connection from `source` may be stepped: it must be
-    /// for this node, from a member (or, while joining, a node of the address book), over a
-    /// connection from an IP address that member's configured raft address resolves to.
-    fn admissible(
-        &mut self,
-        m: &raft::prelude::Message,
-        source: SocketAddr,
-    ) -> std::result::Result<(), String> {
-        let me = self.node.id();
-        if m.to != me {
-            return Err(format!("addressed to node {}, this is node {me}", m.to));
-        }
-        let addr = self
-            .node
-            .peers()
-            .get(&m.from)
-            .map(|p| p.raft_addr.clone())
-            .or_else(|| self.address_book.get(&m.from).cloned())
-            .ok_or_else(|| format!("from node {}, which is not a member", m.from))?;
-        let ips = self.resolved.entry(addr.clone()).or_insert_with(|| {
-            use std::net::ToSocketAddrs;
-            addr.to_socket_addrs()
-                .map(|a| a.map(|s| s.ip()).collect())
-                .unwrap_or_default()
-        });
-        if ips.contains(&source.ip()) {
-            Ok(())
-        } else {
-            Err(format!(
-                "from node {}, whose raft address is {addr}, over a connection from {}",
-                m.from,
-                source.ip()
-            ))
         }
     }
 
@@ -823,7 +781,8 @@ impl Driver {
             Input::Net(NetEvent::Message(mut m, source)) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
                 let admitted = self
-                    .admissible(&m, source)
+                    .senders
+                    .admit(&self.node, &m, source.ip())
                     .and_then(|()| self.node.check_incarnation(&mut m));
                 if let Err(why) = admitted {
                     self.refused(source, &why);
@@ -892,7 +851,7 @@ impl Driver {
         let Driver {
             node,
             transport,
-            address_book,
+            senders,
             pending,
             ..
         } = self;
@@ -902,7 +861,7 @@ impl Driver {
                 peers
                     .get(&id)
                     .map(|p| p.raft_addr.clone())
-                    .or_else(|| address_book.get(&id).cloned())
+                    .or_else(|| senders.booked(id))
             };
             let mut out = node
                 .advance_replying(&mut |msgs| transport.send(msgs, &addr_of), &mut |applied| {

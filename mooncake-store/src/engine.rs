@@ -56,8 +56,7 @@ pub fn available_protocols() -> Vec<&'static str> {
 
 /// Environment variables naming the PEM files of this node's TLS identity: the cluster CA's
 /// certificate, this node's certificate and its private key.
-#[cfg(feature = "quic")]
-pub use quic::TLS_ENV;
+pub use mooncake_tls::TLS_ENV;
 
 /// [`start_engine_with`] for `protocol`: `tcp` (TCP, behind same-host shared memory) or `quic`
 /// (QUIC with mutual TLS, behind same-host shared memory: every transfer between hosts is

@@ -107,6 +107,11 @@ pub struct RdmaConfig {
     pub request_timeout: Duration,
     /// Bound on connecting the side channel. Default 5 s.
     pub connect_timeout: Duration,
+    /// Side-channel connections served at once (one per peer process that transfers with this
+    /// one); more are closed as they are accepted. Default 1024.
+    pub max_connections: usize,
+    /// Side-channel connections served at once from one IP address. Default 256.
+    pub max_per_address: usize,
     /// After a peer's slices failed on every NIC pair they tried, this transport declines the
     /// peer for this long ([`Transport::reaches`] says no when the peer offers another
     /// protocol), so the engine's next transport that reaches it (TCP) carries its requests;
@@ -132,6 +137,8 @@ impl Default for RdmaConfig {
             max_retries: 4,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            max_per_address: 256,
             failover_cooldown: Duration::from_secs(10),
         }
     }
@@ -158,6 +165,9 @@ impl RdmaConfig {
         }
         if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
             return bad("timeouts must be non-zero");
+        }
+        if self.max_connections == 0 || self.max_per_address == 0 {
+            return bad("max_connections and max_per_address must be at least 1");
         }
         Ok(())
     }
@@ -770,6 +780,11 @@ impl Transport for RdmaTransport {
             segment,
             self.core.clone(),
             self.config.request_timeout,
+            mooncake_core::admission::Admission::new(
+                "rdma side channel",
+                self.config.max_connections,
+                self.config.max_per_address,
+            ),
         ));
         if let Some(old) = self.server.lock().expect("server").replace(task) {
             old.abort();

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mooncake_core::admission::Admission;
 use mooncake_core::{Error, LocalSegment, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,19 +74,47 @@ async fn write_frame<T: Serialize>(stream: &mut TcpStream, msg: &T) -> std::io::
     stream.write_all(&buf).await
 }
 
-async fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut TcpStream) -> std::io::Result<T> {
+/// Reads one frame. Waits for its first byte as long as it takes (an idle connection); from
+/// then on, with `within`, the whole frame must arrive within it. The body grows as its bytes
+/// arrive, never to the announced length ahead of them.
+async fn read_frame<T: for<'de> Deserialize<'de>>(
+    stream: &mut TcpStream,
+    within: Option<Duration>,
+) -> std::io::Result<T> {
+    use std::io::{Error as IoError, ErrorKind};
     let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
-        ));
+    stream.read_exact(&mut len[..1]).await?;
+    let rest = async {
+        stream.read_exact(&mut len[1..]).await?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(IoError::new(
+                ErrorKind::InvalidData,
+                format!("frame of {len} bytes exceeds {MAX_FRAME}"),
+            ));
+        }
+        let mut body = Vec::new();
+        (&mut *stream)
+            .take(len as u64)
+            .read_to_end(&mut body)
+            .await?;
+        if body.len() != len {
+            return Err(IoError::new(
+                ErrorKind::UnexpectedEof,
+                format!("closed {} bytes into a {len}-byte frame", body.len()),
+            ));
+        }
+        postcard::from_bytes(&body).map_err(|e| IoError::new(ErrorKind::InvalidData, e))
+    };
+    match within {
+        None => rest.await,
+        Some(t) => tokio::time::timeout(t, rest).await.map_err(|_| {
+            IoError::new(
+                ErrorKind::TimedOut,
+                format!("a frame did not arrive whole within {t:?}"),
+            )
+        })?,
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    postcard::from_bytes(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// The client end of one peer's side channel (one request at a time).
@@ -129,7 +158,7 @@ impl Client {
         let stream = self.stream.as_mut().expect("connected above");
         let exchange = async {
             write_frame(stream, req).await?;
-            read_frame::<Response>(stream).await
+            read_frame::<Response>(stream, None).await
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(r)) => Ok(r),
@@ -151,22 +180,30 @@ impl Client {
 }
 
 /// Accepts side-channel connections until the task is aborted, which ends every connection
-/// and destroys the queue pairs they kept.
+/// and destroys the queue pairs they kept. Connections past `admission`'s caps are closed as
+/// they are accepted; a connection may stay idle (its queue pairs live as long as it does), but
+/// a frame, once begun, must arrive whole within `request_timeout`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     segment: Arc<LocalSegment>,
     core: Arc<Core>,
     request_timeout: Duration,
+    admission: Admission,
 ) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Refused (and logged, once a second at most) by closing it.
+                    let Ok(admitted) = admission.admit(peer.ip()) else {
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let segment = segment.clone();
                     let core = core.clone();
                     connections.spawn(async move {
+                        let _admitted = admitted;
                         match serve(stream, &segment, &core, request_timeout).await {
                             Ok(()) => tracing::debug!(%peer, "rdma side channel closed by peer"),
                             Err(reason) => {
@@ -202,7 +239,7 @@ async fn serve(
     }
     let qps = core.serve_connection();
     loop {
-        let req: Request = match read_frame(&mut stream).await {
+        let req: Request = match read_frame(&mut stream, Some(request_timeout)).await {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(format!("malformed request: {e}")),

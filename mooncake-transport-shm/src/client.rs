@@ -19,6 +19,11 @@ use crate::table::{SharedInfo, SharedRange, SlotView};
 /// A connected target process.
 #[derive(Debug)]
 pub(crate) struct Peer {
+    /// The target's abstract socket name.
+    name: String,
+    /// The target's process id, from its hello.
+    pid: u64,
+    timeout: Duration,
     sock: Mutex<UnixStream>,
     table: Arc<SlotView>,
     /// Mapped target buffers by start address.
@@ -29,17 +34,14 @@ pub(crate) struct Peer {
 impl Peer {
     /// Connects to the target listening on abstract socket `name` and maps its table.
     pub(crate) fn connect(name: &str, timeout: Duration) -> Result<Peer> {
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let sock = UnixStream::connect_addr(&addr)?;
-        sock.set_read_timeout(Some(timeout))?;
-        sock.set_write_timeout(Some(timeout))?;
-        let mut hello = [0u8; proto::HELLO_LEN];
-        let fds = recv_exact_with_fds(&sock, &mut hello)?;
-        proto::check_hello(&hello)?;
+        let (sock, pid, fds) = open(name, timeout)?;
         let table = fds
             .first()
             .ok_or_else(|| Error::Protocol("hello without the revocation table".into()))?;
         Ok(Peer {
+            name: name.to_owned(),
+            pid,
+            timeout,
             table: Arc::new(SlotView::map(table)?),
             sock: Mutex::new(sock),
             ranges: RwLock::new(BTreeMap::new()),
@@ -62,25 +64,37 @@ impl Peer {
             .shutdown(std::net::Shutdown::Both);
     }
 
-    /// Checks, without blocking, that the target process still holds its end of the socket and
-    /// has not closed its segment.
+    /// Checks that the target process is still there and has not closed its segment: it still
+    /// holds its end of the socket (checked without blocking), or, when it hung up (as a target
+    /// does on a connection idle for long), it answers a new connection, which replaces this
+    /// one (an abstract socket's name goes with the process that listens on it).
     pub(crate) fn alive(&self) -> bool {
         if self.is_dead() || self.table.closed() {
             return false;
         }
-        let sock = self.sock.lock().expect("shm socket");
-        let mut p = libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: poll(2) on one valid pollfd, with no timeout.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        let gone = n < 0 || (n > 0 && p.revents != 0);
-        if gone {
+        let mut sock = self.sock.lock().expect("shm socket");
+        let alive = self.usable(&mut sock).is_ok();
+        if !alive {
             self.dead.store(true, Ordering::Release);
         }
-        !gone
+        alive
+    }
+
+    /// Makes `sock` usable for an exchange: as it is while the target holds its end, else a
+    /// new connection to the same target.
+    fn usable(&self, sock: &mut UnixStream) -> Result<()> {
+        if !hung_up(sock) {
+            return Ok(());
+        }
+        let (fresh, pid, _table) = open(&self.name, self.timeout)?;
+        if pid != self.pid {
+            return Err(Error::Protocol(format!(
+                "the target's socket is now served by process {pid}, not {}",
+                self.pid
+            )));
+        }
+        *sock = fresh;
+        Ok(())
     }
 
     /// Runs one op by memcpy through a mapping of the target buffer holding its range (mapped
@@ -127,7 +141,8 @@ impl Peer {
     /// Asks the target for the buffer holding `[addr, addr + len)` and maps it.
     fn map(&self, addr: u64, len: u64) -> Result<Arc<SharedRange>> {
         let exchange = || -> Result<(Reply, Vec<std::os::fd::OwnedFd>)> {
-            let sock = self.sock.lock().expect("shm socket");
+            let mut sock = self.sock.lock().expect("shm socket");
+            self.usable(&mut sock)?;
             let req = Request {
                 op: proto::OP_MAP,
                 count: 0,
@@ -182,7 +197,8 @@ impl Peer {
     }
 
     fn exchange_landed(&self, landed: &[(u64, u64)]) -> Result<()> {
-        let sock = self.sock.lock().expect("shm socket");
+        let mut sock = self.sock.lock().expect("shm socket");
+        self.usable(&mut sock)?;
         for chunk in landed.chunks(proto::MAX_LANDED as usize) {
             let req = Request {
                 op: proto::OP_LANDED,
@@ -209,4 +225,29 @@ impl Peer {
         }
         Ok(())
     }
+}
+
+/// Connects to the target listening on abstract socket `name`: the socket, the target's
+/// process id and the descriptors of its hello (the revocation table).
+fn open(name: &str, timeout: Duration) -> Result<(UnixStream, u64, Vec<std::os::fd::OwnedFd>)> {
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let sock = UnixStream::connect_addr(&addr)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    let mut hello = [0u8; proto::HELLO_LEN];
+    let fds = recv_exact_with_fds(&sock, &mut hello)?;
+    let pid = proto::check_hello(&hello)?;
+    Ok((sock, pid, fds))
+}
+
+/// Whether the other end of `sock` hung up (checked without blocking).
+fn hung_up(sock: &UnixStream) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd, with no timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n < 0 || (n > 0 && p.revents != 0)
 }

@@ -71,6 +71,15 @@ pub struct ShmConfig {
     /// After a target's socket could not be reached, requests to it go to the other transports
     /// for this long before it is tried again.
     pub retry_after: Duration,
+    /// As a target: connections served at once (one per initiator process, and its threads
+    /// share it); more are closed as they are accepted. Default 256.
+    pub max_connections: usize,
+    /// As a target: connections served at once from one process (an initiator keeps one per
+    /// transport). Default 16.
+    pub max_per_process: usize,
+    /// As a target: a connection that sends nothing for this long is closed; its initiator
+    /// connects again when it next needs to. Default 10 minutes.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ShmConfig {
@@ -78,6 +87,9 @@ impl Default for ShmConfig {
         ShmConfig {
             timeout: Duration::from_secs(5),
             retry_after: Duration::from_secs(5),
+            max_connections: 256,
+            max_per_process: 16,
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -114,6 +126,11 @@ impl ShmTransport {
     /// A transport for this host, or [`Error::NotSupported`] when the host cannot be
     /// identified (no `/proc`) or has no memfd support.
     pub fn new(config: ShmConfig) -> Result<Arc<ShmTransport>> {
+        if config.max_connections == 0 || config.max_per_process == 0 {
+            return Err(Error::InvalidArgument(
+                "shm: max_connections and max_per_process must be at least 1".into(),
+            ));
+        }
         let host = host_identity()?;
         // Shared buffers need memfds, as the table does: find out now rather than at the first
         // allocation.
@@ -270,7 +287,13 @@ impl Transport for ShmTransport {
                 "the shm transport serves one segment".into(),
             ));
         }
-        let s = Server::start(segment, self.table.clone(), self.config.timeout)?;
+        let limits = server::Limits {
+            max_connections: self.config.max_connections,
+            max_per_process: self.config.max_per_process,
+            request_timeout: self.config.timeout,
+            idle_timeout: self.config.idle_timeout,
+        };
+        let s = Server::start(segment, self.table.clone(), limits)?;
         let endpoint = Endpoint {
             protocol: PROTOCOL.into(),
             address: format!("{}/{}", self.host, s.socket_name()),
