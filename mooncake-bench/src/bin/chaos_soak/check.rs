@@ -395,6 +395,55 @@ impl Checker {
     }
 }
 
+/// Parses one line of a history file (as [`history_line`] writes it).
+pub(crate) fn parse_line(line: &str) -> Option<Op> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let [client, seq, key, kind, start, end, res, last] = f[..] else {
+        return None;
+    };
+    let code = |s: &str, prefix: &str| -> Option<i32> {
+        s.strip_prefix(prefix)?.strip_suffix(')')?.parse().ok()
+    };
+    let res = match res {
+        "Ok" => Res::Ok,
+        "NotFound" => Res::NotFound,
+        "Corrupt" => Res::Corrupt,
+        r if r.starts_with("Got((") => {
+            let inner = r.strip_prefix("Got((")?.strip_suffix("))")?;
+            let (c, q) = inner.split_once(", ")?;
+            Res::Got((c.parse().ok()?, q.parse().ok()?))
+        }
+        r => code(r, "Refused(")
+            .map(Res::Refused)
+            .or_else(|| code(r, "Unknown(").map(Res::Unknown))
+            .or_else(|| code(r, "ReadErr(").map(Res::ReadErr))?,
+    };
+    Some(Op {
+        client: client.parse().ok()?,
+        seq: seq.parse().ok()?,
+        key: key.parse().ok()?,
+        kind: match kind {
+            "Put" => Kind::Put,
+            "Upsert" => Kind::Upsert,
+            "Remove" => Kind::Remove,
+            "Get" => Kind::Get,
+            _ => return None,
+        },
+        start: start.parse().ok()?,
+        end: end.parse().ok()?,
+        res,
+        last: last.parse().ok()?,
+    })
+}
+
+/// One line of a history file: the operation's fields, tab-separated.
+pub(crate) fn history_line(op: &Op) -> String {
+    format!(
+        "{}\t{}\t{}\t{:?}\t{:.6}\t{:.6}\t{:?}\t{}\n",
+        op.client, op.seq, op.key, op.kind, op.start, op.end, op.res, op.last
+    )
+}
+
 /// One operation in a line: `client.seq kind [start, end] result`.
 pub(crate) fn describe(op: &Op) -> String {
     let mut s = format!(
@@ -529,6 +578,26 @@ mod tests {
         let r = checker().check(&h);
         assert_eq!(r.definite_puts, 0);
         assert_eq!(r.violations(), 0, "{r:?}");
+    }
+
+    #[test]
+    fn history_lines_parse_back() {
+        let mut fin = op(0, 12, Kind::Get, 1.5, 2.25, Res::Got((3, 44)));
+        fin.last = true;
+        for o in [
+            fin,
+            op(1, 2, Kind::Put, 0.0, 1.0, Res::Ok),
+            op(1, 3, Kind::Upsert, 0.0, 1.0, Res::Unknown(-800)),
+            op(2, 3, Kind::Remove, 0.0, 1.0, Res::Refused(-706)),
+            op(2, 4, Kind::Get, 0.0, 1.0, Res::ReadErr(-707)),
+            op(2, 5, Kind::Get, 0.0, 1.0, Res::NotFound),
+            op(2, 6, Kind::Get, 0.0, 1.0, Res::Corrupt),
+        ] {
+            let line = history_line(&o);
+            let back = parse_line(line.trim_end()).expect("parses");
+            assert_eq!(history_line(&back), line);
+        }
+        assert!(parse_line("1\t2\tthree").is_none());
     }
 
     #[test]

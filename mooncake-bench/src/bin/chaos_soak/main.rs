@@ -69,6 +69,9 @@ struct Args {
     /// Writes the history (one operation a line, tab-separated) to this file.
     #[arg(long)]
     history: Option<PathBuf>,
+    /// Checks the history in this file (as `--history` writes it) and exits: no processes.
+    #[arg(long)]
+    check: Option<PathBuf>,
     /// Also fail on wrong outcomes reported to callers (a remove answered OBJECT_NOT_FOUND on a
     /// key holding a value, a write reported failed that was applied).
     #[arg(long)]
@@ -120,6 +123,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(path) = &args.check {
+        std::process::exit(check_file(path, &args));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -130,6 +136,66 @@ fn main() {
     let code = rt.block_on(run(args));
     rt.shutdown_timeout(Duration::from_secs(5));
     std::process::exit(code);
+}
+
+/// `--check FILE`: the checks of a recorded history.
+fn check_file(path: &Path, args: &Args) -> i32 {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("chaos_soak: reading {}: {e}", path.display());
+            return 2;
+        }
+    };
+    let mut history = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        match check::parse_line(line) {
+            Some(op) => history.push(op),
+            None => {
+                println!("chaos_soak: {}:{}: unparsable line", path.display(), n + 1);
+                return 2;
+            }
+        }
+    }
+    let report = Checker {
+        grace: args.grace,
+        takeover: 30.0,
+    }
+    .check(&history);
+    print_violations(&report);
+    let wrong_outcomes = report.remove_not_found_on_present.len() + report.failed_but_applied.len();
+    if report.violations() == 0 && (!args.strict || wrong_outcomes == 0) {
+        println!("chaos_soak: history of {} operations PASSES", history.len());
+        0
+    } else {
+        println!("chaos_soak: history of {} operations FAILS", history.len());
+        1
+    }
+}
+
+/// Prints the violations and wrong outcomes of `report` (up to 20 of each kind).
+fn print_violations(report: &check::Report) {
+    let show = |title: &str, v: &[check::Violation]| {
+        println!("{title}: {}", v.len());
+        for x in v.iter().take(20) {
+            println!("  {}: {}", x.what, x.detail);
+        }
+    };
+    show("LOST acknowledged writes", &report.lost_writes);
+    show("WRONG reads (stale)", &report.stale_reads);
+    show("WRONG reads (bad values)", &report.bad_values);
+    show(
+        "wrong outcomes: remove answered -704 on a key holding a value",
+        &report.remove_not_found_on_present,
+    );
+    println!(
+        "  (removes answered -704 in all: {}, treated as unknown outcome)",
+        report.remove_not_found
+    );
+    show(
+        "wrong outcomes: writes reported failed (not a timeout) but applied",
+        &report.failed_but_applied,
+    );
 }
 
 async fn run(args: Args) -> i32 {
@@ -373,13 +439,7 @@ async fn soak(args: &Args, seed: u64, dir: &Path) -> Result<bool, String> {
     }
 
     if let Some(path) = &args.history {
-        let mut out = String::new();
-        for op in &history {
-            out.push_str(&format!(
-                "{}\t{}\t{}\t{:?}\t{:.6}\t{:.6}\t{:?}\t{}\n",
-                op.client, op.seq, op.key, op.kind, op.start, op.end, op.res, op.last
-            ));
-        }
+        let out: String = history.iter().map(check::history_line).collect();
         std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
 
@@ -508,27 +568,7 @@ async fn soak(args: &Args, seed: u64, dir: &Path) -> Result<bool, String> {
         by_term.len(),
         two_leaders.len()
     );
-    let show = |title: &str, v: &[check::Violation]| {
-        println!("{title}: {}", v.len());
-        for x in v.iter().take(20) {
-            println!("  {}: {}", x.what, x.detail);
-        }
-    };
-    show("LOST acknowledged writes", &report.lost_writes);
-    show("WRONG reads (stale)", &report.stale_reads);
-    show("WRONG reads (bad values)", &report.bad_values);
-    show(
-        "wrong outcomes: remove answered -704 on a key holding a value",
-        &report.remove_not_found_on_present,
-    );
-    println!(
-        "  (removes answered -704 in all: {}, treated as unknown outcome)",
-        report.remove_not_found
-    );
-    show(
-        "wrong outcomes: writes reported failed (not a timeout) but applied",
-        &report.failed_but_applied,
-    );
+    print_violations(&report);
     for t in &two_leaders {
         println!("  TWO LEADERS {t}");
     }
