@@ -7,8 +7,9 @@
 //! of a fixed set, then closes, or every other one is dropped without closing) and storage
 //! nodes come and go (each mounts a segment, serves for a few seconds, then stops with SIGTERM or
 //! dies with SIGKILL, in turn). Every 2 s the soak samples `/proc/PID/fd` (count) and
-//! `/proc/PID/status` (`RssAnon`: heap and other private memory, not the shared-memory segment,
-//! whose pages are touched as space is first used) of the master and the two long-lived nodes.
+//! `/proc/PID/status` (`RssAnon` + `RssFile`: resident memory without the shared-memory segment,
+//! whose pages are touched as space is first used) of the master, the two long-lived nodes and
+//! the soak's own process, where the clients live.
 //! After the warm-up (a quarter of the run, at least 20 s), the floor (minimum) of the last fifth
 //! of the samples is compared with the floor of the first fifth: growth of more than
 //! `--max-growth` percent (5 by default; for descriptors, and at least 2 of them) fails the run.
@@ -44,6 +45,10 @@ struct Args {
     /// `mooncake_client` (default: beside this binary).
     #[arg(long)]
     client_bin: Option<PathBuf>,
+    /// How a client's life ends: `close` (Store::close), `drop` (dropped without closing) or
+    /// `both` (in turn).
+    #[arg(long, default_value = "both")]
+    end: String,
     /// Directory for the processes' logs (default: a temporary one, removed after a pass).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -56,18 +61,21 @@ fn beside_me(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// Open descriptors and `RssAnon` (KiB) of `pid`.
+/// Open descriptors and resident memory without shared memory (`RssAnon` + `RssFile`, KiB) of
+/// `pid`.
 fn sample(pid: u32) -> Option<(u64, u64)> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((fds, rss))
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((fds, field("RssAnon:")? + field("RssFile:")?))
 }
 
 fn store_config(master: &str, segment: u64) -> StoreConfig {
@@ -82,7 +90,7 @@ fn store_config(master: &str, segment: u64) -> StoreConfig {
 
 /// One client's life: set up, write, read, remove, close (or be dropped). Errors are counted,
 /// not fatal: storage nodes vanish under it by design.
-async fn client_life(master: &str, n: u64, errors: &AtomicU64) {
+async fn client_life(master: &str, n: u64, errors: &AtomicU64, end: &str) {
     let Ok(store) = Store::setup(store_config(master, 0)).await else {
         errors.fetch_add(1, Ordering::Relaxed);
         return;
@@ -105,7 +113,12 @@ async fn client_life(master: &str, n: u64, errors: &AtomicU64) {
             let _ = store.remove(&key, true).await;
         }
     }
-    if n % 2 == 0 {
+    let close = match end {
+        "close" => true,
+        "drop" => false,
+        _ => n % 2 == 0,
+    };
+    if close {
         let _ = store.close().await;
     }
 }
@@ -179,7 +192,10 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
         StorageNode::start(&client_bin, dir, "storage-a", &addr, "128MB")?,
         StorageNode::start(&client_bin, dir, "storage-b", &addr, "128MB")?,
     ];
-    let mut watched: Vec<(String, u32)> = vec![("master".into(), master.id())];
+    let mut watched: Vec<(String, u32)> = vec![
+        ("master".into(), master.id()),
+        ("clients".into(), std::process::id()),
+    ];
     for (name, node) in ["storage-a", "storage-b"].iter().zip(&long_lived) {
         watched.push(((*name).into(), node.pid().ok_or("storage node gone")?));
     }
@@ -194,10 +210,11 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
         .map(|w| {
             let (addr, stop, errors, lives) =
                 (addr.clone(), stop.clone(), errors.clone(), lives.clone());
+            let end = args.end.clone();
             tokio::spawn(async move {
                 let mut n = w;
                 while !stop.load(Ordering::Relaxed) {
-                    client_life(&addr, n, &errors).await;
+                    client_life(&addr, n, &errors, &end).await;
                     lives.fetch_add(1, Ordering::Relaxed);
                     n += 2;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -274,7 +291,7 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
     };
     let mut passed = true;
     for (i, (name, _)) in watched.iter().enumerate() {
-        for (what, fd) in [("fds", true), ("RssAnon KiB", false)] {
+        for (what, fd) in [("fds", true), ("RSS KiB", false)] {
             let (a, b) = (floor(first, i, fd), floor(last, i, fd));
             let growth = if a == 0 {
                 0.0
