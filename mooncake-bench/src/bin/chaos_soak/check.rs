@@ -14,8 +14,12 @@
 //!   such answers on a key known to hold a value are counted as wrong outcomes.
 //! - A write refused at its start (`OBJECT_ALREADY_EXISTS`, `OBJECT_REPLICA_BUSY`,
 //!   `NO_AVAILABLE_HANDLE`, `INVALID_PARAMS`) did nothing; any other error leaves the outcome
-//!   unknown: applied or not, and possibly applied up to [`Checker::grace`] after the caller
-//!   heard of the failure (a log entry of a dead leader committed by its successor).
+//!   unknown: applied or not. An error a master answered (or one the client saw after its last
+//!   answer from a master, such as a failed transfer) means any effect happened before the
+//!   answer: a leader answers only after committing in its own term, after which no entry of an
+//!   older term can still commit. Without an answer (`RPC_FAIL`, `RPC_TIMEOUT`,
+//!   `UNAVAILABLE_IN_CURRENT_STATUS`) the request may still sit in a log that a new leader
+//!   commits, so it may take effect up to [`Checker::grace`] after the caller heard of it.
 //! - A **read** returns a value whose write started before the read ended and that no definite
 //!   write or remove replaced in between (that started after the value's write could have taken
 //!   effect and ended before the read started); `OBJECT_NOT_FOUND` is a read of "absent", which
@@ -141,6 +145,7 @@ pub(crate) struct Checker {
 
 const RPC_FAIL: i32 = -900;
 const RPC_TIMEOUT: i32 = -901;
+const UNAVAILABLE: i32 = -1010;
 
 impl Checker {
     fn applied(&self, op: &Op) -> Applied {
@@ -152,11 +157,13 @@ impl Checker {
         }
     }
 
-    /// Until when the mutation may take effect.
+    /// Until when the mutation may take effect: the end of the call, unless the caller was
+    /// left without an answer from a master (an RPC failure or timeout, or a master unable to
+    /// serve), when the request may still sit in a log that a new leader commits.
     fn effect_end(&self, op: &Op) -> f64 {
         match op.res {
-            Res::Ok => op.end,
-            _ => op.end + self.grace,
+            Res::Unknown(RPC_FAIL | RPC_TIMEOUT | UNAVAILABLE) => op.end + self.grace,
+            _ => op.end,
         }
     }
 
@@ -548,6 +555,22 @@ mod tests {
         ];
         let r = checker().check(&h);
         assert_eq!(r.stale_reads.len(), 1, "{r:?}");
+    }
+
+    #[test]
+    fn an_answered_failure_takes_effect_before_its_answer_or_never() {
+        // A remove answered "not found" (perhaps applied by an earlier attempt) and a write
+        // whose transfer failed cannot take effect after their answers.
+        let h = vec![
+            op(1, 1, Kind::Remove, 0.0, 1.0, Res::NotFound),
+            op(1, 2, Kind::Upsert, 1.5, 2.0, Res::Unknown(-800)),
+            op(2, 1, Kind::Upsert, 3.0, 4.0, Res::Ok),
+            op(3, 1, Kind::Get, 5.0, 5.5, Res::NotFound),
+            op(3, 2, Kind::Get, 6.0, 6.5, Res::Got((1, 2))),
+        ];
+        let r = checker().check(&h);
+        assert_eq!(r.stale_reads.len(), 2, "{r:?}");
+        assert_eq!(r.failed_but_applied.len(), 1, "{r:?}");
     }
 
     #[test]

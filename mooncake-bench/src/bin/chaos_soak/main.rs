@@ -265,7 +265,7 @@ async fn soak(args: &Args, seed: u64, dir: &Path) -> Result<bool, String> {
         .await_leader(0, Duration::from_secs(30))
         .await
         .ok_or("no first leader within 30 s")?;
-    let mut storage = vec![
+    let mut storage = [
         StorageNode::start(&client_bin, dir, "storage-1", &masters, "64MB")?,
         StorageNode::start(&client_bin, dir, "storage-2", &masters, "64MB")?,
     ];
