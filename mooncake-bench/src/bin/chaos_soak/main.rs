@@ -457,8 +457,8 @@ async fn soak(args: &Args, seed: u64, dir: &Path) -> Result<bool, String> {
         .collect();
 
     // Write unavailability per failover: the longest gap between consecutive acknowledged
-    // writes (puts, upserts, removes) from the last one before the kill or freeze until the
-    // window after it ends (the next event).
+    // writes (puts, upserts, removes) from the last one before the kill or freeze to the last
+    // one before the next event.
     let mut acks: Vec<f64> = history
         .iter()
         .filter(|o| o.kind != Kind::Get && o.res == Res::Ok && !o.last)
@@ -469,11 +469,13 @@ async fn soak(args: &Args, seed: u64, dir: &Path) -> Result<bool, String> {
         let i = acks.partition_point(|&a| a <= t);
         let mut prev = if i > 0 { acks[i - 1] } else { 0.0 };
         let mut worst = None;
-        for &a in &acks[i..] {
-            worst = Some(worst.unwrap_or(0.0f64).max(a - prev));
-            if a >= t + window {
+        for (n, &a) in acks[i..].iter().enumerate() {
+            // Gaps ending after the window belong to the next event, unless nothing was
+            // acknowledged inside it.
+            if a > t + window && n > 0 {
                 break;
             }
+            worst = Some(worst.unwrap_or(0.0f64).max(a - prev));
             prev = a;
         }
         worst
