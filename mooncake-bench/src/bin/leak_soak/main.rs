@@ -9,7 +9,7 @@
 //! dies with SIGKILL, in turn). Every 2 s the soak samples `/proc/PID/fd` (count) and
 //! `/proc/PID/status` (`RssAnon` + `RssFile`: resident memory without the shared-memory segment,
 //! whose pages are touched as space is first used) of the master, the two long-lived nodes and
-//! the soak's own process, where the clients live.
+//! the soak's own process, where the clients live (sampled between lives, with no store alive).
 //! After the warm-up (a quarter of the run, at least 20 s), the floor (minimum) of the last fifth
 //! of the samples is compared with the floor of the first fifth: growth of more than
 //! `--max-growth` percent (5 by default; for descriptors, and at least 2 of them) fails the run.
@@ -205,16 +205,21 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let lives = Arc::new(AtomicU64::new(0));
+    // Samples are taken between clients' lives (no store alive in this process), so the
+    // clients' process is measured at rest rather than with whatever its live stores hold.
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
     // Two clients' lives at a time, one after another.
     let churners: Vec<_> = (0..2u64)
         .map(|w| {
             let (addr, stop, errors, lives) =
                 (addr.clone(), stop.clone(), errors.clone(), lives.clone());
-            let end = args.end.clone();
+            let (end, gate) = (args.end.clone(), gate.clone());
             tokio::spawn(async move {
                 let mut n = w;
                 while !stop.load(Ordering::Relaxed) {
+                    let life = gate.read().await;
                     client_life(&addr, n, &errors, &end).await;
+                    drop(life);
                     lives.fetch_add(1, Ordering::Relaxed);
                     n += 2;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -231,10 +236,14 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
     while t0.elapsed().as_secs_f64() < secs {
         let now = t0.elapsed().as_secs_f64();
         if now >= next_sample {
+            let rest = gate.write().await;
+            // Dropped stores finish shutting down on the runtime.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             let mut row = Vec::new();
             for (name, pid) in &watched {
                 row.push(sample(*pid).ok_or(format!("{name} (pid {pid}) is gone"))?);
             }
+            drop(rest);
             samples.push((now, row));
             next_sample += args.sample_every;
         }
