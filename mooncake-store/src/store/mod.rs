@@ -667,5 +667,28 @@ impl Drop for Store {
         if let Some(h) = self.background.lock().expect("background slot").take() {
             h.abort();
         }
+        // A store dropped without `close` still stops its transfer engine: otherwise its
+        // listeners, pooled connections and their tasks outlive it for as long as the process
+        // runs. (A segment it offered is unmounted by the master when the client expires.)
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let engine = self.engine.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { engine.shutdown().await });
+                }
+                Err(_) => {
+                    let _ = std::thread::Builder::new()
+                        .name("mooncake-store-drop".into())
+                        .spawn(move || {
+                            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                            {
+                                rt.block_on(engine.shutdown());
+                            }
+                        });
+                }
+            }
+        }
     }
 }
