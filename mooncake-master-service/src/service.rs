@@ -659,6 +659,18 @@ impl Handler<MasterRequest, MasterReply> for RpcFront {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Panics in another thread while holding the master's state (what a bug in the state
+    /// machine would do), leaving the lock poisoned.
+    fn poison(svc: &MasterService) {
+        let shared = svc.shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = shared.lock();
+            panic!("a bug while changing the master's state");
+        })
+        .join();
+        assert!(panicked.is_err());
+    }
     use mooncake_master::{ClientId, HeartbeatStatus, ReplicateConfig, SegmentSpec};
     use std::sync::atomic::AtomicU64;
 
@@ -714,13 +726,7 @@ mod tests {
             svc.call(exists()).await.unwrap(),
             MasterReply::Applied { .. }
         ));
-        let shared = svc.shared.clone();
-        let panicked = std::thread::spawn(move || {
-            let _held = shared.lock();
-            panic!("a bug while changing the master's state");
-        })
-        .join();
-        assert!(panicked.is_err());
+        poison(&svc);
         assert!(matches!(
             svc.call(exists()).await.unwrap(),
             MasterReply::NotLeader { leader: None }
@@ -805,14 +811,7 @@ mod tests {
             svc.call(MasterRequest::Metrics).await.unwrap(),
             MasterReply::Metrics(_)
         ));
-        // A panic while the state is locked (what a bug in the state machine would do).
-        let shared = svc.shared.clone();
-        let panicked = std::thread::spawn(move || {
-            let _held = shared.lock();
-            panic!("a bug while changing the master's state");
-        })
-        .join();
-        assert!(panicked.is_err());
+        poison(&svc);
         for request in [MasterRequest::Metrics, MasterRequest::Segments] {
             match svc.call(request).await.unwrap() {
                 MasterReply::Failed { code, message } => {
