@@ -283,6 +283,16 @@ pub fn recv_exact_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<Vec<Owne
 /// Receives up to `buf.len()` bytes and the descriptors sent with them (at most
 /// [`MAX_FDS`]); returns the byte count (0 at end of stream) and the descriptors.
 pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
+    try_recv_with_fds(sock.as_raw_fd(), buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => Error::Protocol(e.to_string()),
+        _ => Error::Io(format!("recvmsg: {e}")),
+    })
+}
+
+/// [`recv_with_fds`] on any Unix stream socket, with the OS error as it is: on a non-blocking
+/// socket, `WouldBlock` when nothing is ready (what an async reactor's `try_io` expects).
+/// Truncated descriptor data is `InvalidData`.
+pub fn try_recv_with_fds(sock: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = [IoSliceMut::new(buf)];
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(size_of::<[RawFd; MAX_FDS]>() as u32) };
@@ -298,13 +308,13 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<Ow
         msg.msg_controllen = space as _;
         // A signal delivered while waiting is no reason to give up (nothing was received).
         let n = loop {
-            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
             if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 break n;
             }
         };
         if n < 0 {
-            return Err(os_error("recvmsg"));
+            return Err(std::io::Error::last_os_error());
         }
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
@@ -321,7 +331,10 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<Ow
         (n as usize, msg.msg_flags & libc::MSG_CTRUNC != 0)
     };
     if truncated {
-        return Err(Error::Protocol("descriptor control data truncated".into()));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "descriptor control data truncated",
+        ));
     }
     Ok((n, fds))
 }

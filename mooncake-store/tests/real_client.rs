@@ -437,3 +437,47 @@ async fn store_and_dummy_answer_alike_through_store_api() {
     clients[1].0.close().await.unwrap();
     rc.shutdown().await.unwrap();
 }
+
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dummies_that_never_register_hold_no_thread_and_others_are_served() {
+    use std::os::linux::net::SocketAddrExt;
+    let (_svc, addr) = master().await;
+    let rc = real_client(&addr).await;
+    let name = rc.dummy_socket_name().to_owned();
+    let before = threads();
+    // 600 connections to the pool socket that never send a registration (more than tokio's
+    // pool of blocking threads).
+    let socket = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let silent: Vec<_> = (0..600)
+        .map(|_| std::os::unix::net::UnixStream::connect_addr(&socket).unwrap())
+        .collect();
+    // A dummy connecting after them is accepted after them, and registers and works at once.
+    let server = rc.rpc_address().to_string();
+    let d = DummyClient::connect(&server, 2 << 20, 1 << 20)
+        .await
+        .unwrap();
+    let p = d.alloc_from_mem_pool(4096).unwrap();
+    write_at(&d, p, &pattern(3, 4096));
+    d.put_from("while-silent", p, 4096, &ReplicateConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(d.get("while-silent").await.unwrap(), pattern(3, 4096));
+    let during = threads();
+    assert!(
+        during < before + 64,
+        "{before} threads before the silent dummies, {during} with them"
+    );
+    drop(silent);
+    d.close().await.unwrap();
+    rc.shutdown().await.unwrap();
+}

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::linux::net::SocketAddrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mooncake_core::{AlignedBuffer, Error, ErrorCode, Location, ProvidedMemory, Result};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::shm::{check_memfd, recv_with_fds, Mapping};
+use super::shm::{check_memfd, try_recv_with_fds, Mapping};
 use super::wire::{
     to_wire, Blob, PoolItem, Reply, Request, WireError, MAX_INLINE, PROTOCOL_VERSION,
 };
@@ -502,6 +501,11 @@ impl RealClient {
         &self.state.store
     }
 
+    /// The abstract Unix socket dummy clients of this host register their pools on.
+    pub fn dummy_socket_name(&self) -> &str {
+        &self.state.ipc_name
+    }
+
     /// How many dummy clients have a registered pool.
     pub fn session_count(&self) -> usize {
         self.state.sessions.lock().expect("sessions").len()
@@ -560,32 +564,37 @@ async fn accept_sessions(ipc: tokio::net::UnixListener, state: std::sync::Weak<S
     }
 }
 
+/// How long a dummy has, from connecting, to send its pool registration.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One dummy's session: receives and registers its pool, then waits for the dummy to hang up and
-/// drops the pool.
-async fn session(stream: tokio::net::UnixStream, state: Arc<State>) {
-    let std_stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!("dummy session: {e}"),
-    };
-    let received = tokio::task::spawn_blocking(move || {
-        let setup = std_stream
-            .set_nonblocking(false)
-            .and_then(|()| std_stream.set_read_timeout(Some(Duration::from_secs(10))));
-        if let Err(e) = setup {
-            return (std_stream, Err(Error::from(e)));
+/// drops the pool. Entirely on the runtime (no thread is held while a dummy dawdles).
+async fn session(mut stream: tokio::net::UnixStream, state: Arc<State>) {
+    let mut buf = [0u8; 64];
+    // The first descriptor is the pool; any others are closed as they drop.
+    let received = tokio::time::timeout(REGISTRATION_TIMEOUT, async {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        loop {
+            stream.readable().await?;
+            match stream.try_io(tokio::io::Interest::READABLE, || {
+                try_recv_with_fds(fd, &mut buf)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
         }
-        let mut buf = [0u8; 64];
-        // The first descriptor is the pool; any others are closed as they drop.
-        let r = recv_with_fds(&std_stream, &mut buf)
-            .map(|(n, fds)| (buf[..n].to_vec(), fds.into_iter().next()));
-        (std_stream, r)
     })
     .await;
-    let (mut std_stream, received) = match received {
-        Ok(r) => r,
-        Err(e) => return tracing::warn!("dummy session: {e}"),
+    let registered = match received {
+        Err(_) => Err(Error::Protocol(format!(
+            "no pool registration within {REGISTRATION_TIMEOUT:?}"
+        ))),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(Error::Protocol(e.to_string()))
+        }
+        Ok(Err(e)) => Err(Error::Io(format!("recvmsg: {e}"))),
+        Ok(Ok((n, fds))) => state.register(&buf[..n], fds.into_iter().next()),
     };
-    let registered = received.and_then(|(msg, fd)| state.register(&msg, fd));
     let mut reply = [0u8; REGISTER_REPLY_LEN];
     match &registered {
         Ok(id) => reply[4..].copy_from_slice(&id.to_le_bytes()),
@@ -594,17 +603,13 @@ async fn session(stream: tokio::net::UnixStream, state: Arc<State>) {
             reply[..4].copy_from_slice(&e.code().code().to_le_bytes());
         }
     }
-    let sent = std_stream.write_all(&reply);
+    let sent = tokio::time::timeout(REGISTRATION_TIMEOUT, stream.write_all(&reply)).await;
     let Ok(id) = registered else { return };
     tracing::info!(
         "dummy session {id:#x} registered ({} sessions)",
         state.sessions.lock().expect("sessions").len()
     );
-    let watched = sent
-        .and_then(|()| std_stream.set_read_timeout(None))
-        .and_then(|()| std_stream.set_nonblocking(true))
-        .and_then(|()| tokio::net::UnixStream::from_std(std_stream));
-    if let Ok(mut stream) = watched {
+    if matches!(sent, Ok(Ok(()))) {
         let mut buf = [0u8; 64];
         // The dummy sends nothing more: end of stream (or an error) means it is gone.
         while let Ok(n) = stream.read(&mut buf).await {

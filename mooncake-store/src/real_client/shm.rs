@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 pub(crate) use mooncake_core::memfd::{
-    check_memfd, create_memfd, recv_with_fds, send_with_fds, Mapping,
+    check_memfd, create_memfd, send_with_fds, try_recv_with_fds, Mapping,
 };
 
 /// A first-fit allocator of offsets in `[0, len)`, with coalescing frees.
