@@ -95,7 +95,7 @@ pub struct FrameHeader {
     pub body_len: usize,
 }
 
-/// Decodes a frame header (the first [`HEADER`] bytes), checking version and bounds.
+/// Decodes a frame header (its first 14 bytes), checking version and bounds.
 pub fn decode_header(h: &[u8; 14]) -> Result<FrameHeader> {
     let len = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
     if !(HEADER - 4..=MAX_FRAME).contains(&len) {
