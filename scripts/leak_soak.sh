@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The leak soak: clients (set up, write, read, remove, then closed or dropped) and storage nodes
 # (mounted, then stopped or killed) come and go against one mooncake_master and two long-lived
-# storage nodes; the open descriptors and resident memory of the master, the storage nodes and
-# the clients' process are sampled, and growth after the warm-up above 5% fails the run.
+# storage nodes; the open descriptors of all of them, the resident memory of the master and the
+# storage nodes and the live heap of the clients' process are sampled, and growth after the
+# warm-up above 5% fails the run.
 #
 #   bash scripts/leak_soak.sh                 # 2 minutes (what CI runs)
 #   bash scripts/leak_soak.sh --minutes 30

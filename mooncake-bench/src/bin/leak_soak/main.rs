@@ -8,9 +8,14 @@
 //! nodes come and go (each mounts a segment, serves for a few seconds, then stops with SIGTERM or
 //! dies with SIGKILL, in turn). Every 2 s the soak samples `/proc/PID/fd` (count) and
 //! `/proc/PID/status` (`RssAnon` + `RssFile`: resident memory without the shared-memory segment,
-//! whose pages are touched as space is first used) of the master, the two long-lived nodes and
-//! the soak's own process, where the clients live (sampled between lives, with no store alive).
-//! After the warm-up (a quarter of the run, at least 20 s), the floor (minimum) of the last fifth
+//! whose pages are touched as space is first used) of the master and the two long-lived nodes,
+//! and the descriptors and live heap bytes (counted by this binary's allocator) of the soak's own
+//! process, where the clients live (sampled between lives, with no store alive). The clients'
+//! resident memory is printed but not judged: thousands of lives of 4-64 KiB values on several
+//! threads leave the allocator's arenas fragmented, which moves resident memory by several
+//! percent in a short run without a byte leaking; the live heap has no such noise.
+//! After the warm-up (a quarter of the run, and at least 70 s: the master remembers request
+//! outcomes for 60 s, so its state fills for that long), the floor (minimum) of the last fifth
 //! of the samples is compared with the floor of the first fifth: growth of more than
 //! `--max-growth` percent (5 by default; for descriptors, and at least 2 of them) fails the run.
 
@@ -18,6 +23,7 @@
 #[path = "../chaos_soak/procs.rs"]
 mod procs;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +36,7 @@ use procs::{free_port, log_file, spawn_until, StorageNode};
 #[derive(Parser, Debug)]
 #[command(about = "Leak soak of mooncake_master and storage nodes under connection churn")]
 struct Args {
-    /// Length of the run in minutes.
+    /// Length of the run in minutes (at least 100 s: the warm-up alone takes 70 s).
     #[arg(long, default_value_t = 2.0)]
     minutes: f64,
     /// Allowed growth after the warm-up, in percent.
@@ -53,6 +59,60 @@ struct Args {
     #[arg(long)]
     dir: Option<PathBuf>,
 }
+
+/// The system allocator, counting the bytes this process holds.
+struct CountingAlloc;
+
+/// Bytes allocated and not yet freed in this process.
+static HEAP_LIVE: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter is only
+// arithmetic on the sizes of the layouts the caller passes, which `GlobalAlloc` requires to be
+// the ones the memory was allocated with.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP_LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_add(new_size as u64, Ordering::Relaxed);
+            HEAP_LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// The processes watched: the master, the clients' process and the two long-lived nodes.
+const WATCHED: usize = 4;
+
+/// One sample of every watched process: open descriptors and memory in KiB.
+type Row = [(u64, u64); WATCHED];
 
 fn beside_me(name: &str) -> PathBuf {
     std::env::current_exe()
@@ -199,8 +259,14 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
     for (name, node) in ["storage-a", "storage-b"].iter().zip(&long_lived) {
         watched.push(((*name).into(), node.pid().ok_or("storage node gone")?));
     }
+    if watched.len() != WATCHED {
+        return Err(format!(
+            "{} processes watched, rows hold {WATCHED}",
+            watched.len()
+        ));
+    }
 
-    let secs = (args.minutes * 60.0).max(20.0);
+    let secs = (args.minutes * 60.0).max(100.0);
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -229,7 +295,12 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
         .collect();
 
     // Storage nodes coming and going (from this thread), and the samples.
-    let mut samples: Vec<(f64, Vec<(u64, u64)>)> = Vec::new();
+    // Room for every sample from the start: the soak's own bookkeeping must not count as the
+    // clients' heap growing.
+    let room = (secs / args.sample_every.max(0.1)) as usize + 2;
+    let mut samples: Vec<(f64, Row)> = Vec::with_capacity(room);
+    // The clients' resident memory, printed only (see the module's documentation).
+    let mut own_rss: Vec<u64> = Vec::with_capacity(room);
     let mut next_sample = 0.0;
     let mut nodes = 0u64;
     let mut transient: Option<(StorageNode, f64)> = None;
@@ -239,12 +310,23 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
             let rest = gate.write().await;
             // Dropped stores finish shutting down on the runtime.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let mut row = Vec::new();
-            for (name, pid) in &watched {
-                row.push(sample(*pid).ok_or(format!("{name} (pid {pid}) is gone"))?);
+            let mut row: Row = [(0, 0); WATCHED];
+            for ((name, pid), slot) in watched.iter().zip(&mut row) {
+                let (fds, rss) =
+                    sample(*pid).ok_or_else(|| format!("{name} (pid {pid}) is gone"))?;
+                *slot = if *pid == std::process::id() {
+                    if own_rss.len() < own_rss.capacity() {
+                        own_rss.push(rss);
+                    }
+                    (fds, HEAP_LIVE.load(Ordering::Relaxed) / 1024)
+                } else {
+                    (fds, rss)
+                };
             }
             drop(rest);
-            samples.push((now, row));
+            if samples.len() < samples.capacity() {
+                samples.push((now, row));
+            }
             next_sample += args.sample_every;
         }
         match transient.take() {
@@ -285,22 +367,28 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
         nodes,
         errors.load(Ordering::Relaxed)
     );
-    let warmup = (secs / 4.0).max(20.0);
-    let after: Vec<&(f64, Vec<(u64, u64)>)> = samples.iter().filter(|s| s.0 >= warmup).collect();
+    // The master's remembered request outcomes fill for `REQUEST_MEMORY_MS` (60 s).
+    let warmup = (secs / 4.0).max(70.0);
+    let after: Vec<&(f64, Row)> = samples.iter().filter(|s| s.0 >= warmup).collect();
     let fifth = (after.len() / 5).max(1);
     if after.len() < 2 * fifth {
         return Err(format!("only {} samples after the warm-up", after.len()));
     }
     let (first, last) = (&after[..fifth], &after[after.len() - fifth..]);
-    let floor = |rows: &[&(f64, Vec<(u64, u64)>)], i: usize, fd: bool| -> u64 {
+    let floor = |rows: &[&(f64, Row)], i: usize, fd: bool| -> u64 {
         rows.iter()
             .map(|r| if fd { r.1[i].0 } else { r.1[i].1 })
             .min()
             .unwrap_or(0)
     };
     let mut passed = true;
-    for (i, (name, _)) in watched.iter().enumerate() {
-        for (what, fd) in [("fds", true), ("RSS KiB", false)] {
+    for (i, (name, pid)) in watched.iter().enumerate() {
+        let memory = if *pid == std::process::id() {
+            "heap KiB"
+        } else {
+            "RSS KiB"
+        };
+        for (what, fd) in [("fds", true), (memory, false)] {
             let (a, b) = (floor(first, i, fd), floor(last, i, fd));
             let growth = if a == 0 {
                 0.0
@@ -320,6 +408,9 @@ async fn soak(args: &Args, dir: &Path) -> Result<bool, String> {
             );
             passed &= !over;
         }
+    }
+    if let (Some(a), Some(b)) = (own_rss.first(), own_rss.last()) {
+        println!("clients    RSS KiB      at start {a:8}, at the end {b:8} (not judged)");
     }
     drop(long_lived);
     Ok(passed)
