@@ -167,6 +167,7 @@ fn main() {
         MasterRequest::Segments,
         MasterRequest::Metrics,
         MasterRequest::Landed {
+            client_id: c(1),
             segment: "10.0.0.1:1".into(),
             ranges: vec![(0x10_0000, 4096)],
         },

@@ -13,7 +13,10 @@
 //! two when the master runs inside the storage node).
 //!
 //! Soundness: a range counts as landed only through a report made after its bytes were in
-//! memory. Reports are consumed by the commit that uses them, forgotten when the master grants
+//! memory, by who may know that: the service records a report only from the segment's owner (its
+//! storage node) or from the writer whose reservation holds every range it names (see
+//! `MasterService`'s handling of `Landed`); an in-process storage node's reports are function
+//! calls. Reports are consumed by the commit that uses them, forgotten when the master grants
 //! their space as a new reservation (a report of an earlier, uncommitted write never vouches for
 //! a later one) and when a member becomes leader (reports it missed while following went
 //! elsewhere), and dropped after [`KEEP`].
@@ -31,8 +34,7 @@ pub const KEEP: Duration = Duration::from_secs(5);
 /// Most reported pieces kept per segment; past this, the stale ones go, then all of them.
 const MAX_PIECES: usize = 16_384;
 
-/// Most segments with reports kept at once (reports name their segment, and any client may
-/// send one); past this, segments with nothing fresh go, and then new segments' reports are
+/// Most segments with reports kept at once (reports name their segment); past this, segments with nothing fresh go, and then new segments' reports are
 /// dropped (their commits wait, then commit the ordinary way).
 const MAX_SEGMENTS: usize = 4_096;
 

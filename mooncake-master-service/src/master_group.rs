@@ -115,9 +115,14 @@ impl MasterApi for MasterGroup {
         self.session.load(Ordering::Relaxed)
     }
 
-    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+    fn note_landed(
+        &self,
+        reporter: mooncake_master::ClientId,
+        segment: &str,
+        ranges: &[(u64, u64)],
+    ) -> bool {
         self.members[self.current.load(Ordering::Relaxed)]
             .1
-            .note_landed(segment, ranges)
+            .note_landed(reporter, segment, ranges)
     }
 }

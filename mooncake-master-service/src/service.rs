@@ -150,6 +150,8 @@ pub struct MasterService {
     takeover: tokio::sync::Mutex<()>,
     /// Landing reports of storage nodes, for commits that wait on them.
     landings: crate::landing::Landings,
+    /// Landing reports refused for their reporter (rate-limits their log lines).
+    landing_refusals: RefusalLog,
 }
 
 impl std::fmt::Debug for MasterService {
@@ -198,6 +200,7 @@ impl MasterService {
             log,
             kv,
             landings: crate::landing::Landings::with_clock(clock),
+            landing_refusals: RefusalLog::new(),
             config: service,
             tasks: Mutex::new(Vec::new()),
             led_term: AtomicU64::new(u64::MAX),
@@ -463,7 +466,8 @@ impl MasterService {
         self.log.shutdown().await;
     }
 
-    async fn handle(&self, request: MasterRequest) -> MasterReply {
+    /// Answers `request` of `caller` (`None`: a caller in this process).
+    async fn handle(&self, request: MasterRequest, caller: Option<&Caller>) -> MasterReply {
         if let Some(leader) = self.not_leader() {
             return MasterReply::NotLeader { leader };
         }
@@ -513,10 +517,11 @@ impl MasterService {
                 Err(e) => self.failure_reply(&e),
             },
             MasterRequest::Admin(request) => admin::serve(self, request).await,
-            MasterRequest::Landed { segment, ranges } => {
-                self.landings.record(&segment, &ranges);
-                MasterReply::Noted
-            }
+            MasterRequest::Landed {
+                client_id,
+                segment,
+                ranges,
+            } => self.landed(client_id, &segment, &ranges, caller),
             MasterRequest::CommitWhenLanded {
                 command,
                 segment,
@@ -548,6 +553,53 @@ impl MasterService {
         }
     }
 
+    /// A landing report by `reporter`: recorded when it may make it (it owns the segment, or
+    /// every range lies in its own reservations: see [`Master::landing_reporter`]), else
+    /// refused with `ILLEGAL_CLIENT` and nothing recorded. One lock of the master's state and
+    /// a lookup per range; no log round trip.
+    fn landed(
+        &self,
+        reporter: mooncake_master::ClientId,
+        segment: &str,
+        ranges: &[(u64, u64)],
+        caller: Option<&Caller>,
+    ) -> MasterReply {
+        let allowed = lock(&self.shared)
+            .master
+            .landing_reporter(reporter, segment, ranges);
+        let refusal = match allowed {
+            Ok(_) => {
+                self.landings.record(segment, ranges);
+                return MasterReply::Noted;
+            }
+            Err(refusal) => refusal,
+        };
+        let message = format!(
+            "landing report of {} ranges on {segment} by client {reporter} refused: {refusal}",
+            ranges.len()
+        );
+        let peer =
+            || caller.map_or_else(|| "a caller in this process".to_owned(), Caller::describe);
+        match refusal {
+            // Someone reporting what is not theirs (or a client the master does not know).
+            mooncake_master::LandingRefusal::UnknownClient
+            | mooncake_master::LandingRefusal::OthersReservation(_) => {
+                self.landing_refusals
+                    .refused("landing report", &peer(), &message);
+            }
+            // A late report: the segment went, or a writer's report came after its commit had
+            // applied on the storage node's (its space is committed, no longer reserved).
+            mooncake_master::LandingRefusal::UnknownSegment
+            | mooncake_master::LandingRefusal::NotReserved => {
+                tracing::debug!("{}: {message}", peer());
+            }
+        }
+        MasterReply::Failed {
+            code: ErrorCode::ILLEGAL_CLIENT,
+            message,
+        }
+    }
+
     /// The reply for a request that failed: `NotLeader` when leadership moved while it was in
     /// flight (nothing was applied, so the client may retry at the leader), else `Failed` with
     /// its code.
@@ -571,10 +623,16 @@ impl Drop for MasterService {
 #[async_trait]
 impl MasterApi for MasterService {
     async fn call(&self, request: MasterRequest) -> Result<MasterReply> {
-        Ok(self.handle(request).await)
+        Ok(self.handle(request, None).await)
     }
 
-    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+    /// Trusts its caller (a storage node in this process): `reporter` is not checked.
+    fn note_landed(
+        &self,
+        _reporter: mooncake_master::ClientId,
+        segment: &str,
+        ranges: &[(u64, u64)],
+    ) -> bool {
         if self.not_leader().is_some() {
             // The leader commits; the report must reach it (over RPC).
             return false;
@@ -629,7 +687,7 @@ struct RpcFront {
 #[async_trait]
 impl Handler<MasterRequest, MasterReply> for RpcFront {
     async fn handle(&self, request: MasterRequest) -> MasterReply {
-        self.service.handle(request).await
+        self.service.handle(request, None).await
     }
 
     async fn handle_from(&self, caller: &Caller, request: MasterRequest) -> MasterReply {
@@ -652,7 +710,7 @@ impl Handler<MasterRequest, MasterReply> for RpcFront {
                 };
             }
         }
-        self.service.handle(request).await
+        self.service.handle(request, Some(caller)).await
     }
 }
 

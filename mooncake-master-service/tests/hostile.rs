@@ -141,6 +141,89 @@ async fn commands_only_the_master_issues_are_refused_from_clients() {
     store.close().await.unwrap();
 }
 
+/// A client reporting another writer's reserved range as landed is refused, and the commit
+/// waiting on that range does not apply: it fails after its wait. The segment's owner reports
+/// the same range and the next commit applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_party_cannot_report_anothers_writes_landed() {
+    use mooncake_core::ErrorCode;
+    use mooncake_master::{Command, ReservedPut, Response};
+    use mooncake_rpc::{MasterApi, MasterReply, MasterRequest, RemoteMaster, RpcClientConfig};
+
+    let (_master, addr) = spawn_master(0, 10);
+    let storage = Store::setup(store_config(&addr, 64 << 20)).await.unwrap();
+    let writer = Store::setup(store_config(&addr, 0)).await.unwrap();
+    let third = Store::setup(store_config(&addr, 0)).await.unwrap();
+    let rpc = RemoteMaster::new(addr.clone(), RpcClientConfig::default());
+    let grant = match rpc
+        .call(MasterRequest::Apply(Command::Reserve {
+            client_id: writer.client_id(),
+            size: 1 << 20,
+            min_size: 0,
+        }))
+        .await
+        .unwrap()
+    {
+        MasterReply::Applied {
+            response: Response::Reserved(Ok(grant)),
+            ..
+        } => grant,
+        other => panic!("no reservation: {other:?}"),
+    };
+    let range = (grant.buffer_address, 4096);
+    let commit = |wait_ms| MasterRequest::CommitWhenLanded {
+        command: Command::CommitReserved {
+            client_id: writer.client_id(),
+            reservation: grant.id,
+            items: vec![ReservedPut {
+                key: "waited".into(),
+                offset: 0,
+                size: 4096,
+            }],
+            config: ReplicateConfig::default(),
+        },
+        segment: grant.segment_name.clone(),
+        ranges: vec![range],
+        wait_ms,
+    };
+    let landed = |client_id| MasterRequest::Landed {
+        client_id,
+        segment: grant.segment_name.clone(),
+        ranges: vec![range],
+    };
+    let started = Instant::now();
+    let (committed, reported) = tokio::join!(rpc.call(commit(300)), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rpc.call(landed(third.client_id())).await.unwrap()
+    });
+    match reported {
+        MasterReply::Failed { code, message } => {
+            assert_eq!(code, ErrorCode::ILLEGAL_CLIENT, "{message}");
+            assert!(message.contains("reserved by another client"), "{message}");
+        }
+        other => panic!("a third party's landing report was taken: {other:?}"),
+    }
+    match committed.unwrap() {
+        MasterReply::Failed { code, .. } => assert_eq!(code, ErrorCode::TRANSFER_FAIL),
+        other => panic!("committed on a forged report: {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(!third.is_exist("waited").await.unwrap());
+    // The segment's owner may report it.
+    assert!(matches!(
+        rpc.call(landed(storage.client_id())).await.unwrap(),
+        MasterReply::Noted
+    ));
+    assert!(matches!(
+        rpc.call(commit(1000)).await.unwrap(),
+        MasterReply::Applied { .. }
+    ));
+    assert!(third.is_exist("waited").await.unwrap());
+    for s in [third, writer, storage] {
+        s.close().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_cannot_install_a_snapshot_exits_and_the_group_carries_on() {
     use common::masters::Group;

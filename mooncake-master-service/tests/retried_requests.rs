@@ -60,8 +60,13 @@ impl MasterApi for DiesBeforeReplying {
     fn session(&self) -> u64 {
         self.inner.session()
     }
-    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
-        self.inner.note_landed(segment, ranges)
+    fn note_landed(
+        &self,
+        reporter: mooncake_master::ClientId,
+        segment: &str,
+        ranges: &[(u64, u64)],
+    ) -> bool {
+        self.inner.note_landed(reporter, segment, ranges)
     }
 }
 

@@ -751,6 +751,12 @@ async fn a_client_id_acts_only_over_the_certificate_that_first_used_it() {
             client_id: id,
             name: "node-1-segment".into(),
         }),
+        // Nor may it report landings in node-1's name (as the segment's owner, say).
+        MasterRequest::Landed {
+            client_id: id,
+            segment: "node-1-segment".into(),
+            ranges: vec![(0x1000, 4096)],
+        },
     ] {
         let reply = intruder.call(request).await.unwrap();
         let (code, message) = failed(&reply).expect("refused");

@@ -19,7 +19,8 @@ impl Master {
     ///   PROCESSING, distinct, and not on segments holding a committed replica; finished tasks
     ///   hold nothing;
     /// - segment names, segment owners and the client table agree;
-    /// - the index of writes in progress matches the objects;
+    /// - the index of writes in progress matches the objects, and the index of reserved pieces
+    ///   the reservations;
     /// - the remembered request outcomes are within their bounds and their index matches them.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.requests.check()?;
@@ -28,6 +29,12 @@ impl Master {
                 "the index of writes in progress {:?} disagrees with the objects {:?}",
                 self.writes,
                 self.writes_from_objects()
+            ));
+        }
+        if self.reserved_pieces != self.reserved_pieces_from_reservations() {
+            return Err(format!(
+                "the index of reserved pieces {:?} disagrees with the reservations {:?}",
+                self.reserved_pieces, self.reservations
             ));
         }
         let mut ranges: BTreeMap<SegmentId, Vec<(u64, u64, String)>> = BTreeMap::new();

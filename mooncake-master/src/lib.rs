@@ -102,8 +102,8 @@ pub use replica::{
 };
 pub use request::{RequestId, REQUESTS_PER_CLIENT, REQUEST_MEMORY_MS, REQUEST_MEMORY_WEIGHT};
 pub use reserve::{
-    ReservationGrant, ReservedPut, MAX_RESERVATIONS_PER_CLIENT, MAX_UNCLAIMED_GRANTS_PER_CLIENT,
-    RESERVATION_SHARE_DIVISOR,
+    LandingRefusal, LandingReporter, ReservationGrant, ReservedPut, MAX_RESERVATIONS_PER_CLIENT,
+    MAX_UNCLAIMED_GRANTS_PER_CLIENT, RESERVATION_SHARE_DIVISOR,
 };
 pub use segment::{SegmentDetail, SegmentInfo, SegmentSpec};
 pub use task::{TaskAssignment, TaskInfo, TaskOrigin, TaskOutcome, TaskStatus, TaskType};
@@ -142,6 +142,11 @@ pub struct Master {
     /// Client-held reservations by id (see [`reserve`](self::reserve)).
     #[serde(default)]
     reservations: BTreeMap<u64, reserve::Reservation>,
+    /// The unclaimed pieces of `reservations` by `(segment, offset)`, each with its
+    /// reservation's id, so the reservation an address lies in is found without scanning them
+    /// (see [`Master::landing_reporter`]). Derived from `reservations` (rebuilt on restore).
+    #[serde(skip)]
+    reserved_pieces: BTreeMap<(SegmentId, u64), u64>,
     #[serde(default)]
     next_reservation_id: u64,
     next_segment_id: u64,
@@ -175,6 +180,7 @@ impl Master {
             under_replicated: BTreeSet::new(),
             writes: BTreeSet::new(),
             reservations: BTreeMap::new(),
+            reserved_pieces: BTreeMap::new(),
             next_reservation_id: 1,
             next_segment_id: 1,
             next_replica_id: 1,

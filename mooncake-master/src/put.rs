@@ -304,6 +304,7 @@ impl Master {
     /// Rebuilds what is derived from `objects` (after a restore).
     pub(crate) fn rebuild_indexes(&mut self) {
         self.writes = self.writes_from_objects();
+        self.reserved_pieces = self.reserved_pieces_from_reservations();
         self.requests.rebuild();
     }
 

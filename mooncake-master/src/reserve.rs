@@ -84,6 +84,49 @@ pub struct ReservedPut {
     pub size: u64,
 }
 
+/// Why a client may report writes on a segment as landed (see [`Master::landing_reporter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LandingReporter {
+    /// It owns the segment: its storage node saw the WRITEs land.
+    SegmentOwner,
+    /// Every range lies in unclaimed space of its own reservations: it vouches for its own
+    /// acknowledged WRITEs.
+    Writer,
+}
+
+/// Why a client may not report writes on a segment as landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LandingRefusal {
+    /// The master does not know the client.
+    UnknownClient,
+    /// No segment of that name is mounted.
+    UnknownSegment,
+    /// A range lies in another client's reservation (the one named).
+    OthersReservation(ClientId),
+    /// A range lies outside every reservation (space already committed, say, when a writer's
+    /// report comes after its commit applied on the storage node's).
+    NotReserved,
+}
+
+impl std::fmt::Display for LandingRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LandingRefusal::UnknownClient => write!(f, "the reporter is not a known client"),
+            LandingRefusal::UnknownSegment => write!(f, "no such segment is mounted"),
+            LandingRefusal::OthersReservation(owner) => write!(
+                f,
+                "a range lies in space reserved by another client ({owner}), and the reporter \
+                 does not own the segment"
+            ),
+            LandingRefusal::NotReserved => write!(
+                f,
+                "a range lies outside the reporter's reservations, and the reporter does not \
+                 own the segment"
+            ),
+        }
+    }
+}
+
 /// A granted reservation, as the master tracks it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Reservation {
@@ -169,6 +212,7 @@ impl Master {
         };
         let id = self.next_reservation_id;
         self.next_reservation_id += 1;
+        self.reserved_pieces.insert((segment, alloc.offset), id);
         self.reservations.insert(
             id,
             Reservation {
@@ -308,6 +352,7 @@ impl Master {
             tracing::error!("splitting a reservation piece: {e}");
             ErrorCode::INTERNAL_ERROR
         };
+        let segment = r.segment;
         if at > p_off {
             let (head, tail) = seg.allocator.split(piece, at).map_err(split)?;
             r.pieces.insert(head.offset, head.len);
@@ -316,10 +361,11 @@ impl Master {
         if end < piece.offset + piece.len {
             let (head, tail) = seg.allocator.split(piece, end).map_err(split)?;
             r.pieces.insert(tail.offset, tail.len);
+            self.reserved_pieces.insert((segment, tail.offset), id);
             piece = head;
         }
         r.pieces.remove(&piece.offset);
-        let segment = r.segment;
+        self.reserved_pieces.remove(&(segment, piece.offset));
         if r.pieces.is_empty() {
             // Used up: nothing is left to free.
             self.reservations.remove(&id);
@@ -337,6 +383,9 @@ impl Master {
         let Some(r) = self.reservations.remove(&id) else {
             return;
         };
+        for offset in r.pieces.keys() {
+            self.reserved_pieces.remove(&(r.segment, *offset));
+        }
         if let Some(seg) = self.segments.get_mut(&r.segment) {
             for (offset, len) in r.pieces {
                 let freed = seg.allocator.free(Allocation { offset, len });
@@ -357,6 +406,72 @@ impl Master {
             self.drop_reservation(id);
         }
         ids.len() as u64
+    }
+
+    /// The index of unclaimed pieces, read off the reservations.
+    pub(crate) fn reserved_pieces_from_reservations(&self) -> BTreeMap<(SegmentId, u64), u64> {
+        self.reservations
+            .iter()
+            .flat_map(|(&id, r)| r.pieces.keys().map(move |&off| ((r.segment, off), id)))
+            .collect()
+    }
+
+    /// Whether `client` may report `(address, length)` ranges of the segment named `segment`
+    /// as landed: it owns the segment (its storage node saw the WRITEs land), or every range
+    /// lies in unclaimed space of its own reservations (a writer vouching for its own
+    /// acknowledged WRITEs). Costs O(log n) per range (per reserved piece a range spans), no
+    /// scan. Empty ranges need nothing; a range past the end of the address space is refused.
+    pub fn landing_reporter(
+        &self,
+        client: ClientId,
+        segment: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<LandingReporter, LandingRefusal> {
+        if !self.clients.contains_key(&client) {
+            return Err(LandingRefusal::UnknownClient);
+        }
+        let Some(seg) = self
+            .segment_names
+            .get(segment)
+            .and_then(|id| self.segments.get(id))
+        else {
+            return Err(LandingRefusal::UnknownSegment);
+        };
+        if seg.client == client {
+            return Ok(LandingReporter::SegmentOwner);
+        }
+        for &(addr, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let span = addr
+                .checked_sub(seg.base)
+                .and_then(|start| Some((start, start.checked_add(len)?)));
+            let Some((start, end)) = span else {
+                return Err(LandingRefusal::NotReserved);
+            };
+            let mut at = start;
+            while at < end {
+                let piece = self
+                    .reserved_pieces
+                    .range((seg.id, 0)..=(seg.id, at))
+                    .next_back()
+                    .and_then(|(&(_, off), id)| {
+                        let r = self.reservations.get(id)?;
+                        Some((r.client, off + r.pieces.get(&off)?))
+                    });
+                match piece {
+                    Some((owner, piece_end)) if piece_end > at => {
+                        if owner != client {
+                            return Err(LandingRefusal::OthersReservation(owner));
+                        }
+                        at = piece_end;
+                    }
+                    _ => return Err(LandingRefusal::NotReserved),
+                }
+            }
+        }
+        Ok(LandingReporter::Writer)
     }
 
     /// When the earliest reservation expires.

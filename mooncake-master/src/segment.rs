@@ -318,6 +318,7 @@ impl Master {
         }
         // Its allocator is gone with it: nothing to free.
         self.reservations.retain(|_, r| r.segment != id);
+        self.reserved_pieces.retain(|&(s, _), _| s != id);
         self.counters.segments_unmounted += 1;
         tracing::debug!(segment = %seg.name, client = %seg.client, "segment dropped");
 

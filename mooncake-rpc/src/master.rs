@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use mooncake_core::{Error, ErrorCode, Result};
-use mooncake_master::{Command, MasterMetrics, Response, SegmentInfo, TaskId, TaskInfo, Timestamp};
+use mooncake_master::{
+    ClientId, Command, MasterMetrics, Response, SegmentInfo, TaskId, TaskInfo, Timestamp,
+};
 
 use crate::admin::{AdminRequest, Members};
 use crate::rpc::{RpcClient, RpcClientConfig};
@@ -29,7 +31,15 @@ pub enum MasterRequest {
     Admin(AdminRequest),
     /// A storage node reports WRITEs that landed in its segment (the service commits waiting puts on them).
     /// Added after `Admin`: earlier variants keep their wire tags.
+    ///
+    /// Only the segment's owner (the storage node that mounted it) or a writer vouching for its
+    /// own WRITEs into its own reservation may report: the service accepts the report when
+    /// `client_id` owns the segment, or when every range lies in unclaimed space reserved by
+    /// `client_id`, and otherwise answers `Failed` (`ILLEGAL_CLIENT`) and records nothing. Over
+    /// TLS, `client_id` must also be one the peer's certificate acts for.
     Landed {
+        /// Who reports: the storage node's client id, or the writer's.
+        client_id: ClientId,
         /// The segment written.
         segment: String,
         /// `(address, length)` of each landed WRITE or piece of one.
@@ -105,7 +115,9 @@ pub trait MasterApi: Send + Sync + std::fmt::Debug {
     /// when that is not possible now; the caller then sends a [`MasterRequest::Landed`]. A
     /// storage node sends an empty report when it starts: a master in its process then knows
     /// the segment's reports cost no network hop, and advises committing on landing there.
-    fn note_landed(&self, _segment: &str, _ranges: &[(u64, u64)]) -> bool {
+    /// `reporter` is the storage node's client id, which a remote master checks (see
+    /// [`MasterRequest::Landed`]); a master in this process trusts its caller.
+    fn note_landed(&self, _reporter: ClientId, _segment: &str, _ranges: &[(u64, u64)]) -> bool {
         false
     }
 }
@@ -254,9 +266,10 @@ impl MasterApi for RemoteMaster {
         self.masters[i].connection_id()
     }
 
-    fn note_landed(&self, segment: &str, ranges: &[(u64, u64)]) -> bool {
+    fn note_landed(&self, reporter: ClientId, segment: &str, ranges: &[(u64, u64)]) -> bool {
         let i = self.current.load(Ordering::Relaxed) % self.masters.len();
         self.masters[i].try_send_now(&MasterRequest::Landed {
+            client_id: reporter,
             segment: segment.to_owned(),
             ranges: ranges.to_vec(),
         })

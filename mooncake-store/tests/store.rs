@@ -789,6 +789,169 @@ async fn commits_wait_for_landing_reports_and_never_apply_without_them() {
     }
 }
 
+/// Landing reports over the RPC are taken only from who may make them: the segment's owner
+/// (its storage node), or a writer about its own reservation. Anyone else's report is refused
+/// and records nothing, so a commit waiting on it does not apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn landing_reports_count_only_from_the_segment_owner_or_the_reserving_writer() {
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
+    let rc = ReplicateConfig::default();
+    // A storage node whose own reports are lost, so the only reports are the test's.
+    let lossy = Arc::new(LosesLandingReports(RemoteMaster::new(
+        addr.as_str(),
+        config(&addr, 0).rpc,
+    )));
+    let storage = Store::setup_with_master(config(&addr, 64 << 20), lossy)
+        .await
+        .unwrap();
+    let writer = Store::setup(config(&addr, 0)).await.unwrap();
+    let third = Store::setup(config(&addr, 0)).await.unwrap();
+    let rpc = Arc::new(RemoteMaster::new(addr.as_str(), config(&addr, 0).rpc));
+    let reserved = match rpc
+        .call(MasterRequest::Apply(Command::Reserve {
+            client_id: writer.client_id(),
+            size: 1 << 20,
+            min_size: 0,
+        }))
+        .await
+        .unwrap()
+    {
+        MasterReply::Applied {
+            response: mooncake_master::Response::Reserved(Ok(grant)),
+            ..
+        } => grant,
+        other => panic!("no reservation: {other:?}"),
+    };
+    let segment = reserved.segment_name.clone();
+    let base = reserved.buffer_address;
+    let range = move |i: u64| (base + i * 4096, 4096u64);
+    // Commits the value at piece `i` of the reservation once it is reported landed.
+    let commit = |i: u64, wait_ms: u64| {
+        let (rpc, writer, segment, rc) =
+            (rpc.clone(), writer.client_id(), segment.clone(), rc.clone());
+        let id = reserved.id;
+        tokio::spawn(async move {
+            rpc.call(MasterRequest::CommitWhenLanded {
+                command: Command::CommitReserved {
+                    client_id: writer,
+                    reservation: id,
+                    items: vec![ReservedPut {
+                        key: format!("v{i}"),
+                        offset: i * 4096,
+                        size: 4096,
+                    }],
+                    config: rc,
+                },
+                segment,
+                ranges: vec![range(i)],
+                wait_ms,
+            })
+            .await
+            .unwrap()
+        })
+    };
+    let report = |client_id, ranges: Vec<(u64, u64)>| {
+        let (rpc, segment) = (rpc.clone(), segment.clone());
+        async move {
+            rpc.call(MasterRequest::Landed {
+                client_id,
+                segment,
+                ranges,
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let applied = |reply: &MasterReply| {
+        matches!(reply, MasterReply::Applied {
+            response: mooncake_master::Response::UnitBatch(rs),
+            ..
+        } if rs == &[Ok(())])
+    };
+
+    // A third client reporting the writer's reserved range, and a client id the master does
+    // not know: both refused, and the waiting commit gives up, applying nothing.
+    let started = std::time::Instant::now();
+    let waiting = commit(0, 300);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for reporter in [third.client_id(), mooncake_master::ClientId(0xbad)] {
+        let reply = report(reporter, vec![range(0)]).await;
+        assert!(failed_with(&reply, ErrorCode::ILLEGAL_CLIENT), "{reply:?}");
+        let MasterReply::Failed { message, .. } = &reply else {
+            unreachable!()
+        };
+        assert!(message.contains("refused"), "{message}");
+    }
+    let reply = waiting.await.unwrap();
+    assert!(failed_with(&reply, ErrorCode::TRANSFER_FAIL), "{reply:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(!third.is_exist("v0").await.unwrap());
+
+    // The writer vouching for its own reserved range: recorded, and the commit applies.
+    let waiting = commit(1, 1000);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = report(writer.client_id(), vec![range(1)]).await;
+    assert!(matches!(reply, MasterReply::Noted), "{reply:?}");
+    let reply = waiting.await.unwrap();
+    assert!(applied(&reply), "{reply:?}");
+    assert!(third.is_exist("v1").await.unwrap());
+    // Once committed, that space is no longer the writer's reservation.
+    let reply = report(writer.client_id(), vec![range(1)]).await;
+    assert!(failed_with(&reply, ErrorCode::ILLEGAL_CLIENT), "{reply:?}");
+
+    // The storage node owning the segment: recorded, and the commit applies.
+    let waiting = commit(2, 1000);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = report(storage.client_id(), vec![range(2)]).await;
+    assert!(matches!(reply, MasterReply::Noted), "{reply:?}");
+    let reply = waiting.await.unwrap();
+    assert!(applied(&reply), "{reply:?}");
+    assert!(third.is_exist("v2").await.unwrap());
+    for s in [third, writer, storage] {
+        s.close().await.unwrap();
+    }
+}
+
+/// In the normal case a storage node's own reports (over the RPC, in its client id) are what
+/// commits reserved puts on landing: with the writer's vouching lost, every put still commits on
+/// landing, none after its WRITE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_storage_nodes_landing_reports_commit_reserved_puts() {
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
+    let rc = ReplicateConfig::default();
+    let storage = Store::setup(config(&addr, 64 << 20)).await.unwrap();
+    let mute = Arc::new(LosesLandingReports(RemoteMaster::new(
+        addr.as_str(),
+        config(&addr, 0).rpc,
+    )));
+    let writer = Store::setup_with_master(
+        StoreConfig {
+            commit_on_landing: Some(true),
+            ..config(&addr, 0)
+        },
+        mute,
+    )
+    .await
+    .unwrap();
+    let values: Vec<Vec<u8>> = (0..8u8).map(|i| pattern(i + 9, 10_000)).collect();
+    for (i, v) in values.iter().enumerate() {
+        writer.put(&format!("n{i}"), v, &rc).await.unwrap();
+    }
+    let stats = writer.commit_stats();
+    assert_eq!(
+        (stats.on_landing, stats.after_write),
+        (8, 0),
+        "committed on the storage node's reports ({} vouched for by the writer, and lost)",
+        stats.confirmed_by_client
+    );
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(&storage.get(&format!("n{i}")).await.unwrap(), v);
+    }
+    for s in [writer, storage] {
+        s.close().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_that_waits_past_its_reservation_goes_through_put_start() {
     let (svc, addr) = serve_master(MasterConfig::default()).await;

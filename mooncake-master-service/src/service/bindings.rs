@@ -1,7 +1,7 @@
 //! Over TLS, which certificate acts for each client id.
 //!
 //! A storage node's client id names it in every command that changes what it owns (its
-//! segments, its puts, its tasks). With certificates, the first certificate that uses an id owns
+//! segments, its puts, its tasks) and in its landing reports. With certificates, the first certificate that uses an id owns
 //! it, and a request naming that id over another certificate is refused (`ILLEGAL_CLIENT`), so a
 //! member that learns another node's id cannot unmount its segment, revoke its puts or take its
 //! tasks. Members of the group (role `master`) act for anyone: they forward clients' requests.
@@ -33,6 +33,9 @@ pub(crate) const MAX_IDS: usize = 100_000;
 pub(crate) fn claimed_clients(request: &MasterRequest) -> Vec<ClientId> {
     let command = match request {
         MasterRequest::Apply(command) | MasterRequest::CommitWhenLanded { command, .. } => command,
+        // A landing report acts for its reporter (the segment's owner, or a writer vouching
+        // for its own reservation): another certificate may not report in its name.
+        MasterRequest::Landed { client_id, .. } => return vec![*client_id],
         _ => return Vec::new(),
     };
     let mut ids = Vec::new();
@@ -223,6 +226,12 @@ mod tests {
         assert_eq!(claimed_clients(&heartbeat), [id]);
         assert!(claimed_clients(&MasterRequest::Segments).is_empty());
         assert!(claimed_clients(&MasterRequest::Metrics).is_empty());
+        let landed = MasterRequest::Landed {
+            client_id: id,
+            segment: "s".into(),
+            ranges: vec![(0, 8)],
+        };
+        assert_eq!(claimed_clients(&landed), [id]);
         // A command named with a request id acts for the id's client too.
         let once = |client, command| {
             MasterRequest::Apply(Command::Once {

@@ -349,3 +349,63 @@ fn a_remounted_segment_waits_out_reservations_of_a_previous_master() {
         vec!["b:1".to_owned()]
     );
 }
+
+#[test]
+fn only_the_segment_owner_or_the_reserving_writer_may_report_landings() {
+    let mut h = H::new();
+    h.mount(1, "a:1", 64 * MIB);
+    h.register(2);
+    h.register(3);
+    let g = h.reserve(2, MIB, 0).unwrap();
+    let at = g.buffer_address;
+    let who =
+        |h: &H, client: u128, ranges: &[(u64, u64)]| h.m.landing_reporter(c(client), "a:1", ranges);
+    // The storage node reports anything on its own segment.
+    assert_eq!(
+        who(&h, 1, &[(at, 64), (0, 1)]),
+        Ok(LandingReporter::SegmentOwner)
+    );
+    // The writer vouches for its own reserved space, pieces of a range included.
+    assert_eq!(
+        who(&h, 2, &[(at, 4096), (at + MIB - 64, 64), (at, 0)]),
+        Ok(LandingReporter::Writer)
+    );
+    // Anyone else is refused, and so is an unknown client or segment.
+    assert_eq!(
+        who(&h, 3, &[(at, 64)]),
+        Err(LandingRefusal::OthersReservation(c(2)))
+    );
+    assert_eq!(who(&h, 9, &[(at, 64)]), Err(LandingRefusal::UnknownClient));
+    assert_eq!(
+        h.m.landing_reporter(c(1), "b:1", &[]),
+        Err(LandingRefusal::UnknownSegment)
+    );
+    // Not past the reservation, nor before the segment, nor overflowing.
+    for bad in [(at + MIB - 64, 65), (at - 64, 64), (at, u64::MAX)] {
+        assert!(who(&h, 2, &[bad]).is_err(), "{bad:?}");
+    }
+    // Committed space is no longer reserved: the writer's later reports on it are refused,
+    // while the rest of its reservation (split around the commit) is still its own.
+    assert_eq!(h.commit(2, g.id, &[("k", 4096, 4096)]), vec![Ok(())]);
+    assert_eq!(
+        who(&h, 2, &[(at + 4096, 64)]),
+        Err(LandingRefusal::NotReserved)
+    );
+    assert_eq!(
+        who(&h, 2, &[(at, 4096), (at + 8192, 64)]),
+        Ok(LandingReporter::Writer)
+    );
+    assert_eq!(
+        who(&h, 2, &[(at, 8192 + 64)]),
+        Err(LandingRefusal::NotReserved),
+        "a range across the committed value"
+    );
+    // An expired reservation vouches for nothing.
+    h.advance(2 * MasterConfig::default().reservation_ttl_ms);
+    h.heartbeat(1);
+    h.heartbeat(2);
+    h.heartbeat(3);
+    h.tick();
+    assert_eq!(who(&h, 2, &[(at, 64)]), Err(LandingRefusal::NotReserved));
+    assert_eq!(who(&h, 1, &[(at, 64)]), Ok(LandingReporter::SegmentOwner));
+}

@@ -208,9 +208,12 @@ const LANDING_REPORTS_IN_FLIGHT: usize = 8;
 
 /// The segment's landing notices, gathered per burst of acknowledgements and delivered to the
 /// master: at once when it can be (an in-process master, or a free connection to a remote one),
-/// else as `Landed` requests sent by a task that ends with the segment.
+/// else as `Landed` requests sent by a task that ends with the segment. Reports name this
+/// store's client id, which owns the segment: a remote master accepts landing reports only from
+/// a segment's owner (or from a writer about its own reservation).
 struct LandingReporter {
     master: Arc<dyn MasterApi>,
+    client_id: ClientId,
     segment: String,
     gathered: Mutex<Vec<(u64, u64)>>,
     queue: tokio::sync::mpsc::UnboundedSender<Vec<(u64, u64)>>,
@@ -230,7 +233,10 @@ impl mooncake_core::LandingObserver for LandingReporter {
         if gathered.is_empty() {
             return;
         }
-        if self.master.note_landed(&self.segment, &gathered) {
+        if self
+            .master
+            .note_landed(self.client_id, &self.segment, &gathered)
+        {
             gathered.clear();
         } else {
             let _ = self.queue.send(std::mem::take(&mut *gathered));
@@ -238,13 +244,18 @@ impl mooncake_core::LandingObserver for LandingReporter {
     }
 }
 
-fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Result<()> {
+fn report_landings(
+    engine: &TransferEngine,
+    master: Arc<dyn MasterApi>,
+    client_id: ClientId,
+) -> Result<()> {
     let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(u64, u64)>>();
     let segment = engine.segment_name().to_owned();
     // An empty report tells a master in this process that this segment's reports are local.
-    master.note_landed(&segment, &[]);
+    master.note_landed(client_id, &segment, &[]);
     engine.set_landing_observer(Arc::new(LandingReporter {
         master: master.clone(),
+        client_id,
         segment: segment.clone(),
         gathered: Mutex::new(Vec::new()),
         queue,
@@ -254,6 +265,7 @@ fn report_landings(engine: &TransferEngine, master: Arc<dyn MasterApi>) -> Resul
         let mut batches = Vec::new();
         while rx.recv_many(&mut batches, 1024).await > 0 {
             let request = MasterRequest::Landed {
+                client_id,
                 segment: segment.clone(),
                 ranges: batches.drain(..).flatten().collect(),
             };
@@ -367,14 +379,15 @@ impl Store {
         } else {
             None
         };
+        // The id the segment is mounted under, which its landing reports name.
+        let client_id = new_client_id();
         if segment.is_some() {
-            report_landings(&engine, master.clone())?;
+            report_landings(&engine, master.clone(), client_id)?;
         }
         if let Err(e) = engine.publish().await {
             engine.shutdown().await;
             return Err(e);
         }
-        let client_id = new_client_id();
         let store = Arc::new(Store {
             client_id,
             ids: RequestIds::new(client_id),

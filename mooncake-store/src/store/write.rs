@@ -654,11 +654,16 @@ impl Store {
                     Either::Left((answer, _)) => answer,
                     Either::Right(((), commit)) => {
                         // The storage node's report is late or lost; the acknowledged WRITEs
-                        // have landed, so this client vouches for them itself.
+                        // have landed, so this client vouches for them itself (the master
+                        // takes that from the client holding the reservation only).
                         self.reserved
                             .confirmed_by_client
                             .fetch_add(1, Ordering::Relaxed);
-                        let note = self.master.call(MasterRequest::Landed { segment, ranges });
+                        let note = self.master.call(MasterRequest::Landed {
+                            client_id: self.client_id,
+                            segment,
+                            ranges,
+                        });
                         futures::future::join(commit, note).await.0
                     }
                 };
