@@ -2,7 +2,7 @@
 //! at run time, by sending [`AdminRequest`]s (answered with the resulting [`Members`](mooncake_rpc::admin::Members)).
 //!
 //! A request goes to any member: followers answer `NotLeader` like for every other request, and
-//! [`RemoteMaster`] follows the hint to the leader. Changes are applied one at a time through the
+//! [`RemoteMaster`](mooncake_rpc::RemoteMaster) follows the hint to the leader. Changes are applied one at a time through the
 //! group's log and answered once the leader has applied them.
 //!
 //! Growing the group: start the new member with `--raft_join` (it bootstraps nothing and waits),

@@ -1,6 +1,6 @@
 //! The master service: runs the master state machine behind a [`CommandLog`], drives its timers
 //! and answers store clients, in-process ([`MasterService`] implements [`MasterApi`]) or over RPC
-//! ([`RemoteMaster`]).
+//! ([`RemoteMaster`](mooncake_rpc::RemoteMaster)).
 //!
 //! Every state change is a [`Command`] stamped with the service's [`Clock`] and applied through
 //! the command log, so a replicated log replicates the master unchanged. Reads and heartbeats,
