@@ -6,10 +6,21 @@
 //! replica → PutEnd, or PutRevoke when a transfer failed. A put of a key that already exists
 //! succeeds without writing, as in upstream Mooncake; an upsert replaces the value.
 //!
+//! A WRITE that fails on one segment (its storage node died and the master, which expires it
+//! only after `client_ttl`, still places replicas there) does not fail the write: the client
+//! asks the master to place that replica again elsewhere (ReplaceReplicas, which frees the
+//! failed range) and writes it there, up to twice. With no other segment to go to, the value
+//! commits with the replicas that were written, as upstream's PutStart places fewer replicas
+//! than asked when fewer segments have room; with none written it fails (TRANSFER_FAIL) and
+//! nothing of it stays. For a few seconds after, a write that also has replicas elsewhere
+//! leaves that segment out without trying it.
+//!
 //! A put with one replica and no placement wishes, small enough, instead goes into space the
 //! client holds ([`reserve`](super::reserve)): the client writes, then one CommitReserved makes
 //! the values objects. A key that exists is then found at commit (the bytes were written for
-//! nothing, and the put still succeeds without changing the value).
+//! nothing, and the put still succeeds without changing the value). A value whose WRITE into
+//! the reservation failed goes through PutStart instead; nothing of it is committed, and the
+//! reservation's unused space returns to its segment when the reservation expires.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
