@@ -1039,9 +1039,18 @@ async fn heartbeats_and_other_tasks_go_on_while_a_copy_task_stalls() {
 /// when fewer segments have room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_whose_storage_node_died_are_placed_again() {
+    writes_whose_storage_node_died_are_placed_again_over(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_shared_memory_storage_node_died_are_placed_again() {
+    writes_whose_storage_node_died_are_placed_again_over(true).await;
+}
+
+async fn writes_whose_storage_node_died_are_placed_again_over(same_host_shm: bool) {
     let (_svc, addr) = serve_master(MasterConfig::default()).await;
     let tcp = |segment| StoreConfig {
-        same_host_shm: false,
+        same_host_shm,
         ..config(&addr, segment)
     };
     let a = Store::setup(tcp(32 << 20)).await.unwrap();

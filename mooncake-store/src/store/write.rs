@@ -757,7 +757,7 @@ impl Store {
         let mut gone = vec![false; n];
         // Per item: segments whose replicas are to be placed again, and the last WRITE error.
         let mut replace: Vec<Vec<String>> = vec![Vec::new(); n];
-        let mut last_error: Vec<Option<Error>> = vec![None; n];
+        let mut last_error: Vec<Option<String>> = vec![None; n];
         // A replica on a segment that failed a moment ago is placed again without a try, when
         // the item has replicas elsewhere to commit with anyway.
         for (pos, t) in targets.iter_mut().enumerate() {
@@ -771,9 +771,9 @@ impl Store {
                 replace[pos] = (avoided.iter())
                     .filter_map(|r| r.memory().map(|m| m.segment_name.clone()))
                     .collect();
-                last_error[pos] = Some(Error::with_code(
-                    ErrorCode::TRANSFER_FAIL,
-                    format!("{:?} failed a WRITE within {AVOID_FOR:?}", replace[pos]),
+                last_error[pos] = Some(format!(
+                    "{:?} failed a WRITE within {AVOID_FOR:?}",
+                    replace[pos]
                 ));
                 *replicas = usable;
             }
@@ -807,7 +807,7 @@ impl Store {
                                             replace[pos].push(m.segment_name.clone());
                                         }
                                     }
-                                    last_error[pos] = Some(error);
+                                    last_error[pos] = Some(error.to_string());
                                 }
                                 Some(Written::Not(e)) => {
                                     failed[pos] = Some(Error::with_code(
@@ -830,9 +830,7 @@ impl Store {
             }
             if round == REPLACE_ROUNDS {
                 for pos in again {
-                    let e = last_error[pos]
-                        .take()
-                        .map_or_else(String::new, |e| e.to_string());
+                    let e = last_error[pos].take().unwrap_or_default();
                     failed[pos] = Some(Error::with_code(
                         ErrorCode::TRANSFER_FAIL,
                         format!("writing a replica failed: {e}"),
@@ -859,9 +857,7 @@ impl Store {
                                 // The master dropped the write (or it was not this client's
                                 // any more): nothing to commit or revoke.
                                 gone[pos] = true;
-                                let e = last_error[pos]
-                                    .take()
-                                    .map_or_else(String::new, |e| e.to_string());
+                                let e = last_error[pos].take().unwrap_or_default();
                                 failed[pos] = Some(Error::with_code(
                                     ErrorCode::TRANSFER_FAIL,
                                     format!("writing a replica failed ({e}), and placing it again did too ({code:?})"),
