@@ -310,3 +310,56 @@ async fn admin_requests_need_a_log_with_a_group() {
         other => panic!("follower answered {other:?}"),
     }
 }
+
+/// Leaders change every 3 s, more often than half the 10 s client TTL. A storage node that
+/// stops heartbeating is still expired within a quarter TTL (and a timer tick) of its TTL,
+/// decided from what the leaders heard and carried across the changes; a node that keeps
+/// heartbeating, whoever leads, is never expired. (Each new leader used to give every client
+/// half a TTL from its takeover, so with leaders this frequent the dead node stayed forever.)
+#[tokio::test(start_paused = true)]
+async fn a_dead_node_is_expired_on_time_however_often_leaders_change() {
+    let config = MasterConfig {
+        client_ttl_ms: 10_000,
+        ..MasterConfig::default()
+    };
+    let cluster = Cluster::start(3, config, Duration::ZERO);
+    let link = Link::new(cluster.group());
+    let a = cluster.client("node-a", link.clone(), SEGMENT).await;
+    let b = cluster.client("node-b", cluster.group(), SEGMENT).await;
+    let on_b = ReplicateConfig {
+        preferred_segment: b.hostname().to_owned(),
+        ..ReplicateConfig::default()
+    };
+    b.put("k", &value(1, 4096), &on_b).await.unwrap();
+    sleep(2_000).await;
+    link.cut();
+    let cut_at = tokio::time::Instant::now();
+    let mut expired_after = None;
+    for i in 1..=20usize {
+        sleep(1_000).await;
+        if i % 3 == 0 {
+            // Masters 1, 2, 0, 1, ... lead in turn, a new term every 3 s.
+            cluster.log.elect((i / 3) % 3);
+        }
+        let expired: u64 = (cluster.masters.iter())
+            .map(|m| m.metrics().counters.clients_expired)
+            .max()
+            .unwrap();
+        if expired > 0 && expired_after.is_none() {
+            expired_after = Some(cut_at.elapsed());
+        }
+    }
+    let after = expired_after.expect("the dead node was never expired while leaders changed");
+    assert!(
+        after <= Duration::from_millis(10_000 + 2_500 + 1_500),
+        "expired {after:?} after its last heartbeat"
+    );
+    for m in &cluster.masters {
+        let metrics = m.metrics();
+        assert_eq!(metrics.counters.clients_expired, 1, "only the dead node");
+        assert_eq!(metrics.segment_count, 1);
+    }
+    assert_eq!(b.get("k").await.unwrap(), value(1, 4096));
+    b.close().await.unwrap();
+    drop(a);
+}

@@ -275,6 +275,22 @@ pub enum Command {
         #[serde(deserialize_with = "super::request::deserialize_inner")]
         command: Box<Command>,
     },
+    /// Place again the replicas of `client_id`'s writes in progress on `keys` that lie on the
+    /// segments named in `failed` (a WRITE to them failed): their ranges are freed and as many
+    /// new ranges are placed on other segments (none of `failed`, none holding a replica of the
+    /// write). Per key ([`Response::PutStartBatch`]): the new replicas to write, PROCESSING
+    /// (none when no other segment has room: the write then commits with fewer replicas, as a
+    /// PutStart that found fewer segments does); `NO_AVAILABLE_HANDLE` when the write has no
+    /// replica left (it is revoked); the PutEnd errors for a key with no write of this client
+    /// in progress. Added last: earlier variants keep their wire tags.
+    ReplaceReplicas {
+        /// The writer.
+        client_id: ClientId,
+        /// Keys of its writes in progress.
+        keys: Vec<String>,
+        /// Names of the segments whose WRITEs failed.
+        failed: Vec<String>,
+    },
 }
 
 impl Command {

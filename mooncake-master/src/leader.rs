@@ -30,16 +30,19 @@ use super::Master;
 /// - **heartbeats** of known clients are answered at once; the view keeps each client's last
 ///   time, and [`LeaderView::timeouts`] proposes `ExpireClient` only when both the replicated
 ///   and the recorded time are past the TTL. Each client's heard time reaches the log in a
-///   [`Command::ClientsHeard`] batch once the replicated one is half a TTL old, so the
-///   replicated state knows who is alive to within about half a TTL;
+///   [`Command::ClientsHeard`] batch once the replicated one is a quarter TTL old, so the
+///   replicated state knows who is alive to within about a quarter TTL;
 /// - a **new leader** knows nothing of its predecessor's reads and of its heartbeats since the
 ///   last batch. [`LeaderView::take_over`] gives every client until the later of its replicated
-///   deadline and half a TTL from the takeover (time to find the new leader), and returns a
+///   deadline and half a TTL from the takeover (time to find the new leader), but never more
+///   than a quarter TTL past its replicated deadline (what the old leader may have heard and
+///   not reported), so the grace does not start again at each change of leader; and returns a
 ///   [`Command::LeaseAll`] to append before anything else, leasing every object until
 ///   `now + extra + lease TTL`. A deposed leader serves reads only until its read lease ends,
 ///   which is before its successor is elected; `extra` is a margin on top (for the successor's
 ///   time, which follows the log's and may lag its predecessor's by the replication delay). A
-///   client that died is expired on schedule however often the leader changes.
+///   client that died is expired at most a quarter TTL (plus a timer tick) after its TTL ran
+///   out, however often the leader changes.
 ///
 /// Whoever drives the view answers from it only while no other leader can exist: behind a
 /// replicated log, only under the log's read lease (`CommandLog::holds_read_lease` of
@@ -204,18 +207,26 @@ impl LeaderView {
         let mut due = master.handle_timeout(now);
         due.retain(|c| match c {
             Command::ExpireClient { client_id } => {
-                grace_over && self.heard.get(client_id).is_none_or(|t| t.plus(ttl) <= now)
+                // The takeover's grace ends, for each client, no later than a quarter TTL past
+                // its replicated deadline: the grace is for heartbeats the old leader heard
+                // and had not reported yet (at most a quarter TTL of them), not a fresh TTL
+                // for every client at every change of leader.
+                let past_grace = grace_over
+                    || master
+                        .client_deadline(*client_id)
+                        .is_none_or(|d| d.plus(ttl / 4) <= now);
+                past_grace && self.heard.get(client_id).is_none_or(|t| t.plus(ttl) <= now)
             }
             _ => true,
         });
         // Heartbeats the replicated state should learn of: a client heard here since it last
-        // did, whose replicated time is half a TTL old.
+        // did, whose replicated time is a quarter TTL old.
         let mut heard: Vec<(ClientId, Timestamp)> = (self.heard.iter())
             .filter(|(c, t)| {
                 let replicated = master
                     .client_deadline(**c)
                     .map(|d| Timestamp(d.0.saturating_sub(ttl)));
-                replicated.is_some_and(|r| **t > r && r.plus(ttl / 2) <= now)
+                replicated.is_some_and(|r| **t > r && r.plus(ttl / 4) <= now)
                     && self.reported.get(*c).is_none_or(|r| **t > *r)
             })
             .map(|(c, t)| (*c, *t))

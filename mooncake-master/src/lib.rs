@@ -343,6 +343,20 @@ impl Master {
                     .collect(),
             ),
             Command::ReclaimPut { key } => Response::Unit(self.reclaim_put(now, &key)),
+            Command::ReplaceReplicas {
+                client_id,
+                keys,
+                failed,
+            } => {
+                let failed = (failed.iter())
+                    .filter_map(|name| self.segment_names.get(name).copied())
+                    .collect();
+                Response::PutStartBatch(
+                    keys.iter()
+                        .map(|k| self.replace_replicas(now, client_id, k, &failed))
+                        .collect(),
+                )
+            }
             Command::GetReplicaList { key } => Response::Replicas(self.get_replica_list(now, &key)),
             Command::BatchGetReplicaList { keys } => Response::ReplicasBatch(
                 keys.iter().map(|k| self.get_replica_list(now, k)).collect(),

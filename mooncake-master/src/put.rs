@@ -29,7 +29,7 @@ use super::placement::Placement;
 use super::replica::{Replica, ReplicaDescriptor, ReplicaStatus};
 use super::segment::release;
 use super::task::TaskStatus;
-use super::types::{ClientId, LeaseDeadline, ReplicaId, Timestamp};
+use super::types::{ClientId, LeaseDeadline, ReplicaId, SegmentId, Timestamp};
 use super::Master;
 use mooncake_core::error::ErrorCode;
 
@@ -280,6 +280,67 @@ impl Master {
         self.abort_write(now, key);
         self.counters.put_revokes += 1;
         Ok(())
+    }
+
+    /// ReplaceReplicas for one key: frees the replicas of `client`'s write in progress on
+    /// `key` that lie on `failed` segments (or on segments no longer mounted) and places as
+    /// many new ones elsewhere. Returns the new replicas only (possibly none: the write then
+    /// commits with fewer replicas, as a PutStart that found fewer segments would);
+    /// `NO_AVAILABLE_HANDLE` when the write has no replica left, in which case it is revoked.
+    pub(crate) fn replace_replicas(
+        &mut self,
+        now: Timestamp,
+        client: ClientId,
+        key: &str,
+        failed: &BTreeSet<SegmentId>,
+    ) -> Result<PutStartResponse, ErrorCode> {
+        self.owned_pending(client, key)?;
+        let segments = &self.segments;
+        let p = (self.objects.get_mut(key).and_then(|o| o.pending.as_mut())).expect("checked");
+        let (mut dropped, kept): (Vec<Replica>, Vec<Replica>) = std::mem::take(&mut p.replicas)
+            .into_iter()
+            .partition(|r| failed.contains(&r.segment) || !segments.contains_key(&r.segment));
+        p.replicas = kept;
+        let (size, config) = (p.size, p.config.clone());
+        let mut exclude: BTreeSet<SegmentId> = p.replicas.iter().map(|r| r.segment).collect();
+        let avoid_hosts = exclude
+            .iter()
+            .filter_map(|s| segments.get(s).map(|s| s.host.clone()))
+            .collect();
+        exclude.extend(failed.iter().copied());
+        for r in &mut dropped {
+            r.set(ReplicaStatus::Failed);
+            release(&mut self.segments, r, LeaseDeadline::default(), now);
+        }
+        let placed = self.place(Placement {
+            size,
+            count: dropped.len(),
+            requester: Some(client),
+            config: Some(&config),
+            exclude: &exclude,
+            avoid_hosts,
+        });
+        let fresh: Vec<Replica> = placed
+            .into_iter()
+            .map(|(seg, alloc)| {
+                let id = ReplicaId(self.next_replica_id);
+                self.next_replica_id += 1;
+                Replica::processing(id, seg, alloc)
+            })
+            .collect();
+        let response = PutStartResponse {
+            replicas: self.descriptors(&fresh, size),
+        };
+        let p = (self.objects.get_mut(key).and_then(|o| o.pending.as_mut()))
+            .expect("the write is still in progress");
+        p.replicas.extend(fresh);
+        if p.replicas.is_empty() {
+            self.abort_write(now, key);
+            self.counters.put_no_space += 1;
+            self.eviction_requested = true;
+            return Err(ErrorCode::NO_AVAILABLE_HANDLE);
+        }
+        Ok(response)
     }
 
     pub(crate) fn reclaim_put(&mut self, now: Timestamp, key: &str) -> Result<(), ErrorCode> {

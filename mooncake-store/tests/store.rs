@@ -1113,7 +1113,7 @@ async fn a_failed_write_commits_nothing(same_host_shm: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeats_go_on_while_a_copy_task_stalls() {
+async fn heartbeats_and_other_tasks_go_on_while_a_copy_task_stalls() {
     use mooncake_master::{ClientId, SegmentSpec};
     // Clients expire after 1.5 s of silence.
     let (svc, addr) = serve_master(MasterConfig {
@@ -1144,6 +1144,27 @@ async fn heartbeats_go_on_while_a_copy_task_stalls() {
     a.create_copy_task("obj", std::slice::from_ref(&hole_name))
         .await
         .unwrap();
+    // Another copy, to a node that answers, assigned to the same storage node while the first
+    // hangs: it does not wait behind it (tasks used to run one after another).
+    let b = Store::setup(config(&addr, 16 << 20)).await.unwrap();
+    a.put("obj2", &pattern(4, 4096), &rc).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = a
+        .create_copy_task("obj2", &[b.hostname().to_owned()])
+        .await
+        .unwrap();
+    let asked = std::time::Instant::now();
+    loop {
+        let status = a.query_task(second).await.unwrap().status;
+        if status == TaskStatus::Success {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "a copy waited behind a hung one ({status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // For 4 s (well past the TTL, while the copy hangs) the storage node stays alive.
     let mounted = |name: String| {
         let svc = svc.clone();
@@ -1164,6 +1185,90 @@ async fn heartbeats_go_on_while_a_copy_task_stalls() {
         );
     }
     assert_eq!(a.get("obj").await.unwrap(), pattern(3, 4096));
+    let on: Vec<String> = (a.get_replica_desc("obj2").await.unwrap().iter())
+        .map(|d| d.memory().unwrap().segment_name.clone())
+        .collect();
+    assert!(on.contains(&b.hostname().to_owned()), "{on:?}");
     drop(hole);
+    b.close().await.unwrap();
+    a.close().await.unwrap();
+}
+
+/// One of two storage nodes stops answering transfers (its transfer engine is shut down, as
+/// when its process died) while the master still has its segment mounted. Writes that the
+/// master places on it fail their WRITE there and are placed again on the other node: puts,
+/// upserts and batches succeed at once and read back right; with two replicas wanted and one
+/// node left, a value commits with the one replica it could get, as upstream's PutStart does
+/// when fewer segments have room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_storage_node_died_are_placed_again() {
+    writes_whose_storage_node_died_are_placed_again_over(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_shared_memory_storage_node_died_are_placed_again() {
+    writes_whose_storage_node_died_are_placed_again_over(true).await;
+}
+
+async fn writes_whose_storage_node_died_are_placed_again_over(same_host_shm: bool) {
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
+    let tcp = |segment| StoreConfig {
+        same_host_shm,
+        ..config(&addr, segment)
+    };
+    let a = Store::setup(tcp(32 << 20)).await.unwrap();
+    let b = Store::setup(tcp(32 << 20)).await.unwrap();
+    let writer = Store::setup(tcp(0)).await.unwrap();
+    let one = ReplicateConfig::default();
+    let two = ReplicateConfig::with_replicas(2);
+    // Connections to both nodes are pooled.
+    for i in 0..8 {
+        writer
+            .put(&format!("warm{i}"), &pattern(9, 4096), &two)
+            .await
+            .unwrap();
+    }
+    b.engine().shutdown().await;
+    let started = std::time::Instant::now();
+    let mut written = Vec::new();
+    for i in 0..24u8 {
+        let key = format!("k{i}");
+        let value = pattern(i + 1, 1000 + 517 * usize::from(i));
+        let r = match i % 4 {
+            0 => writer.put(&key, &value, &one).await,
+            1 => writer.put(&key, &value, &two).await,
+            2 => writer.upsert(&format!("warm{}", i / 4), &value, &two).await,
+            _ => writer
+                .put_batch(
+                    &[(key.as_str(), value.as_slice()), ("b-other", &value[..10])],
+                    &one,
+                )
+                .await
+                .into_iter()
+                .collect(),
+        };
+        r.unwrap_or_else(|e| panic!("write {i} failed after {:?}: {e}", started.elapsed()));
+        written.push((
+            if i % 4 == 2 {
+                format!("warm{}", i / 4)
+            } else {
+                key
+            },
+            value,
+        ));
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "24 writes took {took:?}");
+    for (key, value) in &written {
+        assert!(
+            &writer.get(key).await.unwrap() == value,
+            "{key} read back wrong"
+        );
+        for d in writer.get_replica_desc(key).await.unwrap() {
+            assert_eq!(d.memory().unwrap().segment_name, a.hostname(), "{key}");
+        }
+    }
+    b.close().await.ok();
+    writer.close().await.unwrap();
     a.close().await.unwrap();
 }

@@ -66,6 +66,7 @@ fn named_client(command: &Command) -> Option<ClientId> {
         | Command::BatchPutEnd { client_id, .. }
         | Command::PutRevoke { client_id, .. }
         | Command::BatchPutRevoke { client_id, .. }
+        | Command::ReplaceReplicas { client_id, .. }
         | Command::FetchTasks { client_id, .. }
         | Command::FinishTask { client_id, .. }
         | Command::Reserve { client_id, .. }

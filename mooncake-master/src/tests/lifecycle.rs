@@ -671,3 +671,95 @@ fn retried_put_start_and_put_end_are_idempotent_for_their_writer() {
     assert_eq!(h.m.object("k").unwrap().state, ObjectState::Complete);
     assert_eq!(h.m.metrics().complete_key_count, 1);
 }
+
+fn replace(
+    h: &mut H,
+    client: u128,
+    keys: &[&str],
+    failed: &[&str],
+) -> Vec<Result<PutStartResponse, ErrorCode>> {
+    match h.apply(Command::ReplaceReplicas {
+        client_id: c(client),
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        failed: failed.iter().map(|k| (*k).to_owned()).collect(),
+    }) {
+        Response::PutStartBatch(rs) => rs,
+        other => panic!("ReplaceReplicas answered {other:?}"),
+    }
+}
+
+/// A WRITE to one replica's segment failed: that replica is freed and placed again on a segment
+/// the write does not use yet; the write then commits with the replica it still has plus the new one.
+#[test]
+fn a_replica_whose_write_failed_is_placed_again_elsewhere() {
+    let mut h = H::new();
+    h.mount(1, "a:1", MIB);
+    h.mount(2, "b:1", MIB);
+    h.mount(3, "c:1", MIB);
+    let used = |h: &H| h.m.metrics().used_bytes;
+    let first = h.put_start(9, "k", 4096, 2).unwrap();
+    let names = H::segment_names(&first.replicas);
+    let (dead, kept) = (names[0].clone(), names[1].clone());
+    let before = used(&h);
+    let rs = replace(&mut h, 9, &["k"], &[&dead]);
+    let fresh = rs[0].clone().unwrap();
+    let fresh_names = H::segment_names(&fresh.replicas);
+    assert_eq!(fresh_names.len(), 1);
+    assert!(
+        fresh_names[0] != dead && fresh_names[0] != kept,
+        "{fresh_names:?}"
+    );
+    assert_eq!(used(&h), before, "the failed range was given back");
+    // Another writer may not touch the write; a key with no write in progress is refused.
+    assert_eq!(
+        replace(&mut h, 8, &["k"], &[&kept])[0],
+        Err(ErrorCode::ILLEGAL_CLIENT)
+    );
+    assert!(replace(&mut h, 9, &["nothing"], &[&kept])[0].is_err());
+    // Not readable before PutEnd; then it has the kept replica and the new one.
+    assert!(h.get("k").is_err());
+    h.put_end(9, "k").unwrap();
+    let mut got = H::segment_names(&h.get("k").unwrap().replicas);
+    got.sort();
+    let mut want = vec![kept, fresh_names[0].clone()];
+    want.sort();
+    assert_eq!(got, want);
+}
+
+/// With no other segment to go to, the write keeps the replicas it has (and commits with fewer,
+/// as a PutStart finding fewer segments does); with none left it is revoked and its space freed.
+#[test]
+fn a_replica_with_nowhere_else_to_go_leaves_fewer_or_none() {
+    let mut h = H::new();
+    h.mount(1, "a:1", MIB);
+    h.mount(2, "b:1", MIB);
+    let empty = h.m.metrics().used_bytes;
+    h.put_start(9, "two", 4096, 2).unwrap();
+    let rs = replace(&mut h, 9, &["two"], &["a:1"]);
+    assert_eq!(rs[0].as_ref().unwrap().replicas, Vec::new());
+    h.put_end(9, "two").unwrap();
+    assert_eq!(
+        H::segment_names(&h.get("two").unwrap().replicas),
+        vec!["b:1".to_owned()]
+    );
+    h.remove("two", true).unwrap();
+    // The read's lease keeps the range until it ends.
+    h.advance(MasterConfig::default().default_kv_lease_ttl_ms + 1);
+    h.heartbeat(1);
+    h.heartbeat(2);
+    h.tick();
+    assert_eq!(h.m.metrics().used_bytes, empty);
+
+    h.put_start(9, "one", 4096, 1).unwrap();
+    h.put_start(9, "other", 4096, 1).unwrap();
+    // Both segments fail: nothing is left of either write.
+    let rs = replace(&mut h, 9, &["one", "other"], &["a:1", "b:1"]);
+    assert_eq!(rs, vec![Err(ErrorCode::NO_AVAILABLE_HANDLE); 2]);
+    assert!(!h.exists("one") && !h.exists("other"));
+    assert_eq!(
+        h.m.metrics().used_bytes,
+        empty,
+        "no half-written write keeps space"
+    );
+    assert!(h.put_end(9, "one").is_err(), "nothing to commit");
+}

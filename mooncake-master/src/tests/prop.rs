@@ -111,6 +111,12 @@ pub(super) enum Op {
         pick: u8,
         items: Vec<(u8, u16, u64)>,
     },
+    /// A client's WRITEs to some segments failed: place those replicas of its writes again.
+    Replace {
+        client: u8,
+        keys: Vec<u8>,
+        failed: Vec<(u8, u8)>,
+    },
     /// `op` named with a request id from a small range, so that ids repeat (a retry, or a
     /// client reusing an id for another command): its one command when it wants an id.
     Once {
@@ -156,6 +162,8 @@ fn plain_op() -> impl Strategy<Value = Op> {
             .prop_map(|(client, keys, size)| Op::BatchPut { client, keys, size }),
         6 => (client.clone(), k.clone()).prop_map(|(client, key)| Op::End { client, key }),
         2 => (client.clone(), k.clone()).prop_map(|(client, key)| Op::Revoke { client, key }),
+        2 => (client.clone(), keys.clone(), proptest::collection::vec((0u8..4, 0u8..2), 0..3))
+            .prop_map(|(client, keys, failed)| Op::Replace { client, keys, failed }),
         1 => (client.clone(), keys.clone()).prop_map(|(client, keys)| Op::BatchEnd { client, keys }),
         4 => k.clone().prop_map(|key| Op::Get { key }),
         2 => keys.clone().prop_map(|keys| Op::Exist { keys }),
@@ -267,6 +275,15 @@ pub(super) fn commands(op: &Op, m: &Master, now: Timestamp, tasks: &[TaskId]) ->
         Op::Revoke { client, key: k } => one(Command::PutRevoke {
             client_id: cid(client),
             key: key(k),
+        }),
+        Op::Replace {
+            client,
+            keys,
+            failed,
+        } => one(Command::ReplaceReplicas {
+            client_id: cid(client),
+            keys: keys.into_iter().map(key).collect(),
+            failed: (failed.into_iter()).map(|(c, i)| seg_name(c, i)).collect(),
         }),
         Op::BatchEnd { client, keys } => one(Command::BatchPutEnd {
             client_id: cid(client),

@@ -15,8 +15,13 @@
 //! implement it.
 //!
 //! A background task sends heartbeats (remounting the segment when the master no longer knows
-//! the client, say after a master restart) and executes the copy and move tasks the master
-//! assigns to this client, including the re-replication of objects that lost a replica.
+//! the client, say after a master restart); nothing else runs on it, so no other work delays
+//! them. Another executes the copy and move tasks the master assigns to this client, including
+//! the re-replication of objects that lost a replica: several at once, each within a deadline.
+//!
+//! A write whose WRITE to a segment fails (the storage node died, say, and the master has not
+//! expired it yet) asks the master to place the replicas that were there again elsewhere, and
+//! this client avoids that segment for a few seconds (see the `write` module).
 
 mod admin;
 mod api;
@@ -49,6 +54,30 @@ pub use locations::ReadAheadStats;
 pub use mooncake_master::{ReplicateConfig, WriteKind};
 pub use reserve::CommitStats;
 pub use value::StagedValue;
+
+/// Copy/move tasks a storage node executes at once.
+const TASKS_AT_ONCE: usize = 8;
+
+/// How long one copy/move task may take before this client reports it failed: longer than a
+/// transfer may take (the TCP transport's request timeout is 30 s), shorter than the master's
+/// own task timeout (60 s by default), so the master hears the failure rather than waits.
+const TASK_DEADLINE: Duration = Duration::from_secs(45);
+
+/// Runs `f` every `interval` (the first time after one interval) while the store lives.
+async fn every(
+    weak: std::sync::Weak<Store>,
+    interval: Duration,
+    f: fn(Arc<Store>) -> futures::future::BoxFuture<'static, ()>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(store) = weak.upgrade() else { return };
+        f(store).await;
+    }
+}
 
 /// Store client settings, with the names and defaults of the Python `setup` call.
 #[derive(Clone, Debug)]
@@ -172,7 +201,10 @@ pub struct Store {
     staging: Arc<Staging>,
     locations: LocationCache,
     reserved: reserve::Reserved,
-    background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Segments a WRITE failed to reach lately, until when they are avoided.
+    avoided: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The heartbeat and task loops.
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     closed: AtomicBool,
 }
 
@@ -398,7 +430,8 @@ impl Store {
             master,
             segment,
             staging,
-            background: Mutex::new(None),
+            avoided: Mutex::default(),
+            background: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         });
         if let Err(e) = store.mount().await {
@@ -407,29 +440,18 @@ impl Store {
         }
         let weak = Arc::downgrade(&store);
         let interval = store.config.heartbeat_interval;
-        // Heartbeats and copy/move tasks run side by side: a task may take as long as a
-        // transfer may (tens of seconds), and heartbeats waiting behind it would let the master
-        // expire a healthy node.
-        let handle = tokio::spawn(async move {
-            let each = |f: fn(Arc<Store>) -> futures::future::BoxFuture<'static, ()>| {
-                let weak = weak.clone();
-                async move {
-                    let mut tick = tokio::time::interval(interval);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    tick.tick().await;
-                    loop {
-                        tick.tick().await;
-                        let Some(store) = weak.upgrade() else { return };
-                        f(store).await;
-                    }
-                }
-            };
-            tokio::join!(
-                each(|s| Box::pin(async move { s.heartbeat_round().await })),
-                each(|s| Box::pin(async move { s.task_round().await })),
-            );
-        });
-        *store.background.lock().expect("background slot") = Some(handle);
+        // Heartbeats run on a task of their own: whatever else this client does (a copy task
+        // may take as long as a transfer may, tens of seconds), nothing delays them, so the
+        // master never expires a node that is alive.
+        let heartbeats = tokio::spawn(every(weak.clone(), interval, |s| {
+            Box::pin(async move { s.heartbeat_round().await })
+        }));
+        let tasks = tokio::spawn(Store::task_loop(weak, interval));
+        store
+            .background
+            .lock()
+            .expect("background slot")
+            .extend([heartbeats, tasks]);
         Ok(store)
     }
 
@@ -505,45 +527,86 @@ impl Store {
         }
     }
 
-    /// One round of copy/move tasks, for a client with a segment.
-    async fn task_round(&self) {
-        if self.segment.is_some() {
-            if let Err(e) = self.run_tasks().await {
-                tracing::debug!("task round failed: {e}");
+    /// Fetches the copy/move tasks assigned to this client every `interval` and executes them
+    /// concurrently (at most [`TASKS_AT_ONCE`] at a time), each within [`TASK_DEADLINE`]: the
+    /// source replica is in this client's segment, so each destination is one WRITE from it. A
+    /// client with no segment is never assigned any.
+    async fn task_loop(weak: std::sync::Weak<Store>, interval: Duration) {
+        let has_segment = weak.upgrade().is_some_and(|s| s.segment.is_some());
+        if !has_segment {
+            return;
+        }
+        let mut running = tokio::task::JoinSet::new();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(_) = running.join_next() => continue,
+            }
+            let Some(store) = weak.upgrade() else { return };
+            let room = TASKS_AT_ONCE - running.len().min(TASKS_AT_ONCE);
+            if room == 0 {
+                continue;
+            }
+            let tasks = match store.fetch_tasks(room).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!("fetching tasks failed: {e}");
+                    continue;
+                }
+            };
+            for task in tasks {
+                let store = store.clone();
+                running.spawn(async move { store.run_task(task).await });
             }
         }
     }
 
-    /// Fetches the copy/move tasks assigned to this client and executes them: the source replica
-    /// is in this client's segment, so each destination is one WRITE from it.
-    async fn run_tasks(&self) -> Result<()> {
-        let tasks = match self
+    /// The copy/move tasks the master assigns to this client, at most `max`.
+    async fn fetch_tasks(&self, max: usize) -> Result<Vec<TaskAssignment>> {
+        match self
             .apply(Command::FetchTasks {
                 client_id: self.client_id,
-                max: 8,
+                max: max as u32,
             })
             .await?
             .1
         {
-            Response::Tasks(t) => t,
-            other => return Err(Error::Protocol(format!("FetchTasks answered {other:?}"))),
+            Response::Tasks(t) => Ok(t),
+            other => Err(Error::Protocol(format!("FetchTasks answered {other:?}"))),
+        }
+    }
+
+    /// Executes one task within [`TASK_DEADLINE`] and reports how it went.
+    async fn run_task(&self, task: TaskAssignment) {
+        let copied = tokio::time::timeout(TASK_DEADLINE, self.copy_replica(&task))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::with_code(
+                    ErrorCode::TRANSFER_FAIL,
+                    format!("the copy took longer than {TASK_DEADLINE:?}"),
+                ))
+            });
+        let outcome = match copied {
+            Ok(()) => TaskOutcome::Success,
+            Err(e) => {
+                tracing::warn!("task {} for {} failed: {e}", task.task_id, task.key);
+                TaskOutcome::Failed(e.code())
+            }
         };
-        for task in tasks {
-            let outcome = match self.copy_replica(&task).await {
-                Ok(()) => TaskOutcome::Success,
-                Err(e) => {
-                    tracing::warn!("task {} for {} failed: {e}", task.task_id, task.key);
-                    TaskOutcome::Failed(e.code())
-                }
-            };
-            self.apply(Command::FinishTask {
+        let finished = self
+            .apply(Command::FinishTask {
                 client_id: self.client_id,
                 task_id: task.task_id,
                 outcome,
             })
-            .await?;
+            .await;
+        if let Err(e) = finished {
+            // The master times the task out and assigns it again.
+            tracing::debug!("reporting task {} failed: {e}", task.task_id);
         }
-        Ok(())
     }
 
     async fn copy_replica(&self, task: &TaskAssignment) -> Result<()> {
@@ -655,7 +718,7 @@ impl Store {
         if self.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(h) = self.background.lock().expect("background slot").take() {
+        for h in self.background.lock().expect("background slot").drain(..) {
             h.abort();
         }
         if let Some(spec) = &self.segment {
@@ -677,7 +740,7 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if let Some(h) = self.background.lock().expect("background slot").take() {
+        for h in self.background.lock().expect("background slot").drain(..) {
             h.abort();
         }
         // A store dropped without `close` still stops its transfer engine: otherwise its

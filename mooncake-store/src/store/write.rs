@@ -6,10 +6,21 @@
 //! replica → PutEnd, or PutRevoke when a transfer failed. A put of a key that already exists
 //! succeeds without writing, as in upstream Mooncake; an upsert replaces the value.
 //!
+//! A WRITE that fails on one segment (its storage node died and the master, which expires it
+//! only after `client_ttl`, still places replicas there) does not fail the write: the client
+//! asks the master to place that replica again elsewhere (ReplaceReplicas, which frees the
+//! failed range) and writes it there, up to twice. With no other segment to go to, the value
+//! commits with the replicas that were written, as upstream's PutStart places fewer replicas
+//! than asked when fewer segments have room; with none written it fails (TRANSFER_FAIL) and
+//! nothing of it stays. For a few seconds after, a write that also has replicas elsewhere
+//! leaves that segment out without trying it.
+//!
 //! A put with one replica and no placement wishes, small enough, instead goes into space the
 //! client holds ([`reserve`](super::reserve)): the client writes, then one CommitReserved makes
 //! the values objects. A key that exists is then found at commit (the bytes were written for
-//! nothing, and the put still succeeds without changing the value).
+//! nothing, and the put still succeeds without changing the value). A value whose WRITE into
+//! the reservation failed goes through PutStart instead; nothing of it is committed, and the
+//! reservation's unused space returns to its segment when the reservation expires.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -97,11 +108,36 @@ struct Prepared {
     /// Staging space of the wave's byte values, held until the WRITEs are done.
     slot: Option<super::staging::Slot>,
     requests: Vec<TransferRequest>,
+    /// For each request, which of its item's replicas it writes.
+    replica_of: Vec<usize>,
     /// Per item with targets: its position, its requests, or why it has none.
     spans: Vec<(usize, std::ops::Range<usize>, Option<Error>)>,
+    /// `(position, replica)` of replicas whose segment could not be opened.
+    unreachable: Vec<(usize, usize, Error)>,
     /// Items in the wave.
     items: usize,
 }
+
+/// How an item's WRITEs went.
+#[derive(Clone, Debug)]
+enum Written {
+    /// Every replica was written.
+    All,
+    /// The WRITEs to these replicas (indexes into the item's targets) failed; `error` is the
+    /// first failure.
+    Failed { replicas: Vec<usize>, error: Error },
+    /// Nothing was sent, for a reason that is no replica's fault.
+    Not(Error),
+}
+
+/// How many times a write asks the master to place the replicas whose WRITE failed again.
+const REPLACE_ROUNDS: usize = 2;
+
+/// How long a segment a WRITE failed to reach is avoided when a write also has replicas
+/// elsewhere: those are written and committed, and the avoided replica is placed again (or left
+/// out) without trying it. The master expires a dead node after its `client_ttl` (10 s); this
+/// spares the writes meanwhile a WRITE to it that may take a transfer timeout to fail.
+const AVOID_FOR: Duration = Duration::from_secs(3);
 
 impl Store {
     /// Stores the concatenation of `parts` under `key`: a put leaves a key that exists as it is
@@ -527,6 +563,17 @@ impl Store {
             for (pos, t) in transferred.into_iter().enumerate() {
                 match t {
                     Some(Ok(())) => commit.push(pos),
+                    Some(Err(e)) if ready.contains(&pos) => {
+                        // The reservation's node failed the WRITE: the value goes through
+                        // PutStart, placed where the master says (and placed again if that
+                        // fails too). Nothing is committed here; the reservation's unused
+                        // space returns to its segment when the reservation expires.
+                        tracing::debug!("reserved write of {:?}: {e}", wave[pos].1.key);
+                        if let Some(m) = carved.replicas[pos].memory() {
+                            self.avoid(&m.segment_name);
+                        }
+                        again.push(pos);
+                    }
                     Some(Err(e)) => {
                         self.reserved.drop_grant(carved.id);
                         results[pos] = Some(Err(e));
@@ -683,7 +730,12 @@ impl Store {
         (transferred, per_item)
     }
 
-    /// Starts, transfers and ends the writes of one wave through PutStart and PutEnd.
+    /// Starts, transfers and ends the writes of one wave through PutStart and PutEnd. A replica
+    /// whose WRITE failed (its node died, say, and the master has not expired it yet) is placed
+    /// again elsewhere ([`Command::ReplaceReplicas`]) and written there, up to
+    /// [`REPLACE_ROUNDS`] times; when no other segment has room, the write commits with the
+    /// replicas it has (as a PutStart that found fewer segments does), and a write with none
+    /// left fails, its space given back.
     async fn write_started(
         &self,
         kind: WriteKind,
@@ -695,62 +747,205 @@ impl Store {
             Ok(s) => s,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
         };
-        let targets: Vec<Option<&[ReplicaDescriptor]>> = started
+        let n = wave.len();
+        // Per item: the replicas to write in this round.
+        let mut targets: Vec<Option<Vec<ReplicaDescriptor>>> = started
             .iter()
             .map(|s| match s {
-                Ok(Some(r)) => Some(&r.replicas[..]),
+                Ok(Some(r)) => Some(r.replicas.clone()),
                 _ => None,
             })
             .collect();
-        let transferred = match self.prepare(wave, staged_bytes, &targets, false).await {
-            Ok(prepared) => self.send(prepared).await,
-            Err(e) => {
-                let keys: Vec<String> = wave
-                    .iter()
-                    .zip(&targets)
-                    .filter(|(_, t)| t.is_some())
-                    .map(|((_, item), _)| item.key.to_owned())
+        let in_progress: Vec<bool> = targets.iter().map(Option::is_some).collect();
+        // Per item: why it failed, and whether the master already dropped its write.
+        let mut failed: Vec<Option<Error>> = vec![None; n];
+        let mut gone = vec![false; n];
+        // Per item: segments whose replicas are to be placed again, and the last WRITE error.
+        let mut replace: Vec<Vec<String>> = vec![Vec::new(); n];
+        let mut last_error: Vec<Option<String>> = vec![None; n];
+        // A replica on a segment that failed a moment ago is placed again without a try, when
+        // the item has replicas elsewhere to commit with anyway.
+        for (pos, t) in targets.iter_mut().enumerate() {
+            let Some(replicas) = t else { continue };
+            let (avoided, usable): (Vec<_>, Vec<_>) = std::mem::take(replicas)
+                .into_iter()
+                .partition(|r| r.memory().is_some_and(|m| self.is_avoided(&m.segment_name)));
+            if usable.is_empty() {
+                *replicas = avoided;
+            } else {
+                replace[pos] = (avoided.iter())
+                    .filter_map(|r| r.memory().map(|m| m.segment_name.clone()))
                     .collect();
-                if !keys.is_empty() {
-                    self.end(false, keys).await;
-                }
-                return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect();
-            }
-        };
-        let mut commit = Vec::new();
-        let mut revoke = Vec::new();
-        let mut item_results: Vec<Option<Result<()>>> = vec![None; wave.len()];
-        for (pos, t) in transferred.into_iter().enumerate() {
-            let key = wave[pos].1.key.to_owned();
-            match t {
-                Some(Ok(())) => commit.push((pos, key)),
-                Some(Err(e)) => {
-                    revoke.push(key);
-                    item_results[pos] = Some(Err(e));
-                }
-                None => {}
+                last_error[pos] = Some(format!(
+                    "{:?} failed a WRITE within {AVOID_FOR:?}",
+                    replace[pos]
+                ));
+                *replicas = usable;
             }
         }
+        for round in 0..=REPLACE_ROUNDS {
+            let sub: Vec<usize> = (0..n)
+                .filter(|&pos| {
+                    failed[pos].is_none() && targets[pos].as_ref().is_some_and(|t| !t.is_empty())
+                })
+                .collect();
+            if !sub.is_empty() {
+                let sub_wave: Vec<(usize, &Item<'_>)> = sub.iter().map(|&pos| wave[pos]).collect();
+                let sub_targets: Vec<Option<&[ReplicaDescriptor]>> =
+                    sub.iter().map(|&pos| targets[pos].as_deref()).collect();
+                let staged = if round == 0 {
+                    staged_bytes
+                } else {
+                    sub_wave.iter().map(|(_, item)| item.source.staged()).sum()
+                };
+                match self.prepare(&sub_wave, staged, &sub_targets, false).await {
+                    Ok(prepared) => {
+                        let written = self.send_detailed(prepared).await;
+                        for (&pos, w) in sub.iter().zip(written) {
+                            match w {
+                                None | Some(Written::All) => {}
+                                Some(Written::Failed { replicas, error }) => {
+                                    let mine = targets[pos].as_deref().unwrap_or_default();
+                                    for r in replicas {
+                                        if let Some(m) = mine.get(r).and_then(|r| r.memory()) {
+                                            self.avoid(&m.segment_name);
+                                            replace[pos].push(m.segment_name.clone());
+                                        }
+                                    }
+                                    last_error[pos] = Some(error.to_string());
+                                }
+                                Some(Written::Not(e)) => {
+                                    failed[pos] = Some(Error::with_code(
+                                        ErrorCode::TRANSFER_FAIL,
+                                        format!("writing a replica failed: {e}"),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => sub.iter().for_each(|&pos| failed[pos] = Some(e.clone())),
+                }
+            }
+            targets.iter_mut().for_each(|t| *t = None);
+            let again: Vec<usize> = (0..n)
+                .filter(|&pos| failed[pos].is_none() && !replace[pos].is_empty())
+                .collect();
+            if again.is_empty() {
+                break;
+            }
+            if round == REPLACE_ROUNDS {
+                for pos in again {
+                    let e = last_error[pos].take().unwrap_or_default();
+                    failed[pos] = Some(Error::with_code(
+                        ErrorCode::TRANSFER_FAIL,
+                        format!("writing a replica failed: {e}"),
+                    ));
+                }
+                break;
+            }
+            let mut names: Vec<String> =
+                again.iter().flat_map(|&pos| replace[pos].clone()).collect();
+            names.sort();
+            names.dedup();
+            let keys = again
+                .iter()
+                .map(|&pos| wave[pos].1.key.to_owned())
+                .collect();
+            match self.replace_replicas(keys, names).await {
+                Ok(per_key) => {
+                    for (&pos, r) in again.iter().zip(per_key) {
+                        replace[pos].clear();
+                        match r {
+                            // Possibly none: the write commits with the replicas it has.
+                            Ok(placed) => targets[pos] = Some(placed.replicas),
+                            Err(code) => {
+                                // The master dropped the write (or it was not this client's
+                                // any more): nothing to commit or revoke.
+                                gone[pos] = true;
+                                let e = last_error[pos].take().unwrap_or_default();
+                                failed[pos] = Some(Error::with_code(
+                                    ErrorCode::TRANSFER_FAIL,
+                                    format!("writing a replica failed ({e}), and placing it again did too ({code:?})"),
+                                ));
+                            }
+                        }
+                    }
+                }
+                Err(e) => again.iter().for_each(|&pos| failed[pos] = Some(e.clone())),
+            }
+        }
+        let revoke: Vec<String> = (0..n)
+            .filter(|&pos| in_progress[pos] && failed[pos].is_some() && !gone[pos])
+            .map(|pos| wave[pos].1.key.to_owned())
+            .collect();
         if !revoke.is_empty() {
             self.end(false, revoke).await;
         }
+        let commit: Vec<usize> = (0..n)
+            .filter(|&pos| in_progress[pos] && failed[pos].is_none())
+            .collect();
         if !commit.is_empty() {
-            let keys = commit.iter().map(|(_, k)| k.clone()).collect();
+            let keys = commit
+                .iter()
+                .map(|&pos| wave[pos].1.key.to_owned())
+                .collect();
             let ended = self.end(true, keys).await;
-            for ((pos, _), r) in commit.into_iter().zip(ended) {
-                item_results[pos] = Some(r);
+            for (&pos, r) in commit.iter().zip(ended) {
+                if let Err(e) = r {
+                    failed[pos] = Some(e);
+                }
             }
         }
-        let mut out = Vec::with_capacity(wave.len());
+        let mut out = Vec::with_capacity(n);
         for (pos, ((i, _), start)) in wave.iter().zip(started).enumerate() {
             let r = match start {
                 Err(e) => Err(e),
                 Ok(None) => Ok(()),
-                Ok(Some(_)) => item_results[pos].take().unwrap_or(Ok(())),
+                Ok(Some(_)) => failed[pos].take().map_or(Ok(()), Err),
             };
             out.push((*i, r));
         }
         out
+    }
+
+    /// ReplaceReplicas: places again, elsewhere, the replicas on `failed` segments of this
+    /// client's writes in progress on `keys`; per key the new replicas to write.
+    async fn replace_replicas(
+        &self,
+        keys: Vec<String>,
+        failed: Vec<String>,
+    ) -> Result<Vec<std::result::Result<PutStartResponse, ErrorCode>>> {
+        let n = keys.len();
+        match self
+            .apply(Command::ReplaceReplicas {
+                client_id: self.client_id,
+                keys,
+                failed,
+            })
+            .await?
+            .1
+        {
+            Response::PutStartBatch(rs) if rs.len() == n => Ok(rs),
+            other => Err(Error::Protocol(format!(
+                "ReplaceReplicas answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Remembers that a WRITE to `segment` failed (see [`AVOID_FOR`]).
+    fn avoid(&self, segment: &str) {
+        let mut avoided = self.avoided.lock().expect("avoided segments");
+        let now = Instant::now();
+        avoided.retain(|_, until| *until > now);
+        avoided.insert(segment.to_owned(), now + AVOID_FOR);
+    }
+
+    /// Whether a WRITE to `segment` failed within [`AVOID_FOR`].
+    fn is_avoided(&self, segment: &str) -> bool {
+        let avoided = self.avoided.lock().expect("avoided segments");
+        avoided
+            .get(segment)
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Stages a wave's byte values and builds its WRITE requests (asking for landing notices
@@ -773,7 +968,9 @@ impl Store {
             None
         };
         let mut requests = Vec::new();
+        let mut replica_of = Vec::new();
         let mut spans = Vec::new();
+        let mut unreachable = Vec::new();
         let mut staged_at = slot.as_ref().map_or(0, |s| s.addr);
         for (pos, ((_, item), replicas)) in wave.iter().zip(targets).enumerate() {
             let Some(replicas) = replicas else {
@@ -799,9 +996,17 @@ impl Store {
                         staged
                     }
                 };
-                for replica in *replicas {
+                for (r, replica) in replicas.iter().enumerate() {
                     // A replica in this client's own segment is written by memcpy in the engine.
-                    let (seg, mut addr) = self.locate(replica).await?;
+                    let (seg, mut addr) = match self.locate(replica).await {
+                        Ok(located) => located,
+                        // Its node is unreachable: the replica fails, not the item.
+                        Err(e) if replica.memory().is_some() => {
+                            unreachable.push((pos, r, e));
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     for &(src, len) in &parts {
                         let write = TransferRequest::write(&seg, addr, src, len);
                         requests.push(if notify {
@@ -809,6 +1014,7 @@ impl Store {
                         } else {
                             write
                         });
+                        replica_of.push(r);
                         addr += len;
                     }
                 }
@@ -819,6 +1025,8 @@ impl Store {
                 Ok(()) => spans.push((pos, first..requests.len(), None)),
                 Err(e) => {
                     requests.truncate(first);
+                    replica_of.truncate(first);
+                    unreachable.retain(|u| u.0 != pos);
                     spans.push((pos, first..first, Some(e)));
                 }
             }
@@ -826,7 +1034,9 @@ impl Store {
         Ok(Prepared {
             slot,
             requests,
+            replica_of,
             spans,
+            unreachable,
             items: wave.len(),
         })
     }
@@ -834,24 +1044,58 @@ impl Store {
     /// Sends prepared WRITEs: per item `None` (no targets), `Ok` (written everywhere) or the
     /// failure (`TRANSFER_FAIL`).
     async fn send(&self, prepared: Prepared) -> Vec<Option<Result<()>>> {
+        self.send_detailed(prepared)
+            .await
+            .into_iter()
+            .map(|w| {
+                w.map(|w| match w {
+                    Written::All => Ok(()),
+                    Written::Failed { error: e, .. } | Written::Not(e) => Err(Error::with_code(
+                        ErrorCode::TRANSFER_FAIL,
+                        format!("writing a replica failed: {e}"),
+                    )),
+                })
+            })
+            .collect()
+    }
+
+    /// Sends prepared WRITEs: per item `None` (no targets), or how its WRITEs went.
+    async fn send_detailed(&self, prepared: Prepared) -> Vec<Option<Written>> {
         let Prepared {
             slot,
             requests,
+            replica_of,
             spans,
+            unreachable,
             items,
         } = prepared;
         let transfer_results = self.engine.transfer(requests).await;
         drop(slot);
-        let mut out: Vec<Option<Result<()>>> = vec![None; items];
+        let mut out: Vec<Option<Written>> = vec![None; items];
         for (pos, range, early) in spans {
-            let failed =
-                early.or_else(|| transfer_results[range].iter().find_map(|r| r.clone().err()));
-            out[pos] = Some(match failed {
-                None => Ok(()),
-                Some(e) => Err(Error::with_code(
-                    ErrorCode::TRANSFER_FAIL,
-                    format!("writing a replica failed: {e}"),
-                )),
+            if let Some(e) = early {
+                out[pos] = Some(Written::Not(e));
+                continue;
+            }
+            let mut replicas = Vec::new();
+            let mut error = None;
+            for i in range {
+                if let Err(e) = &transfer_results[i] {
+                    if !replicas.contains(&replica_of[i]) {
+                        replicas.push(replica_of[i]);
+                    }
+                    error.get_or_insert_with(|| e.clone());
+                }
+            }
+            for (_, r, e) in unreachable.iter().filter(|u| u.0 == pos) {
+                if !replicas.contains(r) {
+                    replicas.push(*r);
+                }
+                error.get_or_insert_with(|| e.clone());
+            }
+            out[pos] = Some(match error {
+                None => Written::All,
+                Some(error) => Written::Failed { replicas, error },
             });
         }
         out
