@@ -335,6 +335,42 @@ async fn https_get(addr: &str, tls: &TlsConnector, target: &str) -> Option<(u16,
     Some((head.get(9..12)?.parse().ok()?, body.to_owned()))
 }
 
+/// One HTTPS `GET` on an open keep-alive connection: the status and body, or `None` when the
+/// server closed the connection instead of answering.
+async fn keep_alive_get<S>(conn: &mut S, target: &str) -> Option<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    conn.flush().await.ok()?;
+    let answer = async {
+        let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+        while !head.ends_with(b"\r\n\r\n") {
+            match conn.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return None,
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body).await.ok()?;
+        Some((
+            head.get(9..12)?.parse().ok()?,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("the server neither answered nor closed")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_admin_and_metadata_endpoints_serve_https_to_cluster_certificates_only() {
     let pki = Pki::new("https");
@@ -651,7 +687,7 @@ async fn a_three_member_group_with_certificates_elects_a_leader_and_serves_a_sto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_connection() {
+async fn a_certificate_revoked_while_the_master_runs_loses_its_open_rpc_and_https_connections() {
     let pki = Pki::new("crl");
     pki.issue("master-1", &[Role::Master]);
     let node = pki.issue("node-1", &[Role::Client]);
@@ -668,12 +704,19 @@ async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_conn
         &[],
         &pki.dir.join("master.log"),
     );
-    // node-1 keeps a connection open across the revocation.
+    // node-1 keeps a connection open across the revocation, to RPC and to the metrics port.
     let kept = remote(&master.rpc, &node);
     assert!(matches!(
         kept.call(MasterRequest::Segments).await.unwrap(),
         MasterReply::Segments(_)
     ));
+    let https = TlsConnector::new(&node, b"http/1.1").unwrap();
+    let tcp = TcpStream::connect(&master.metrics).await.unwrap();
+    let (mut kept_https, _) = https.connect(tcp, "127.0.0.1").await.unwrap();
+    assert_eq!(
+        keep_alive_get(&mut kept_https, "/metrics").await.unwrap().0,
+        200
+    );
     // The CA revokes node-1 (a new list, swapped in as `mooncake_certs revoke` does).
     let revoked = certs::RevokedEntry {
         serial: certs::serial_of(&node.cert_pem).unwrap(),
@@ -708,6 +751,24 @@ async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_conn
         }
     }
     assert!(kept.call(MasterRequest::Segments).await.is_err());
+    // So is its open connection to the metrics port, with a 403 saying why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = keep_alive_get(&mut kept_https, "/metrics")
+            .await
+            .expect("the metrics port closed the connection without an answer");
+        if status != 200 {
+            break (status, body);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a revoked peer's open metrics connection is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("node-1 was revoked"), "{body}");
+    assert!(keep_alive_get(&mut kept_https, "/metrics").await.is_none());
     // Everyone else is still served, and the refusal is in the master's log.
     assert!(matches!(
         remote(&master.rpc, &other)
@@ -724,6 +785,13 @@ async fn a_certificate_revoked_while_the_master_runs_is_refused_at_its_next_conn
     assert!(
         log.contains("Revoked"),
         "no revocation refusal logged: {log}"
+    );
+    assert!(
+        log.lines().any(
+            |l| l.contains("closing an HTTPS connection from 127.0.0.1:")
+                && l.contains("node-1 was revoked")
+        ),
+        "the metrics port did not log the revoked certificate: {log}"
     );
 }
 

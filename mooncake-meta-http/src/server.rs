@@ -134,6 +134,12 @@ pub const HTTP_ALPN: &[u8] = b"http/1.1";
 /// address, its certificate's name and the reason (at most once per address and certificate
 /// every 10 s; a refused handshake, once per address and error).
 ///
+/// With a revocation list ([`TlsIdentity::crl_file`]), a revoked certificate fails the
+/// handshake, and the certificate of an open (keep-alive) connection is re-checked before each
+/// request (a clock read and an atomic load unless the list changed): once it is revoked, the
+/// request gets `403` saying so, the connection is closed and the server logs the certificate's
+/// name.
+///
 /// ```no_run
 /// # async fn demo(listener: tokio::net::TcpListener, endpoints: mooncake_meta_http::HttpEndpoints)
 /// # -> mooncake_core::Result<()> {
@@ -343,6 +349,8 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let client = Client { remote, peer };
     let mut conn = BufReader::new(stream);
+    // The revocation list's generation the client's certificate was last checked against.
+    let mut list_seen = 0;
     loop {
         let mut started = false;
         let read = timeout(
@@ -357,6 +365,18 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Err(_) if !started => return, // idle keep-alive connection
             Err(_) => return close_with(&mut conn, text(408, "request timed out"), cfg).await,
         };
+        if let (Some(tls), Some(peer)) = (&cfg.tls, peer) {
+            // A certificate revoked while its connection is open is cut off at its next request.
+            if let Err(e) = tls.acceptor.recheck(peer, &mut list_seen) {
+                let why = match e {
+                    Error::PermissionDenied(why) => why,
+                    e => e.to_string(),
+                };
+                tracing::warn!(peer = %remote, certificate = %peer.name(),
+                    "closing an HTTPS connection from {remote}: {why}");
+                return close_with(&mut conn, text(403, why), cfg).await;
+            }
+        }
         let head_only = request.method == "HEAD";
         let close = request.close;
         let response = route(request, client, endpoints, cfg).await;

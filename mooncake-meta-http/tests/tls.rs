@@ -64,6 +64,11 @@ fn cert(ca: &CertifiedPem, name: &str, roles: &[Role]) -> TlsIdentity {
 /// An HTTPS metadata server (a master's certificate) over a fresh store, with one extra route
 /// (`/inspect`) standing for the embedding program's admin endpoints.
 async fn https_server(ca: &CertifiedPem) -> (SocketAddr, Arc<MemoryMetadataStore>) {
+    https_server_as(cert(ca, "master-1", &[Role::Master])).await
+}
+
+/// [`https_server`] with the server's identity `identity`.
+async fn https_server_as(identity: TlsIdentity) -> (SocketAddr, Arc<MemoryMetadataStore>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let store = Arc::new(MemoryMetadataStore::new());
@@ -73,7 +78,7 @@ async fn https_server(ca: &CertifiedPem) -> (SocketAddr, Arc<MemoryMetadataStore
         health: Arc::new(|| true),
     };
     let config = HttpServerConfig {
-        tls: Some(HttpTls::new(&cert(ca, "master-1", &[Role::Master])).unwrap()),
+        tls: Some(HttpTls::new(&identity).unwrap()),
         request_timeout: Duration::from_secs(3),
         ..Default::default()
     };
@@ -269,4 +274,132 @@ fn https_urls_need_a_certificate_and_http_urls_refuse_one() {
         let err = HttpMetadataStore::new("https://127.0.0.1:1/metadata").unwrap_err();
         assert!(err.to_string().contains("MC_TLS_CA"), "{err}");
     }
+}
+
+/// Writes `ca`'s revocation list number `number` revoking `revoked` to `path`, swapped in as
+/// `mooncake_certs revoke` does (a new file renamed over the old one).
+fn write_crl(ca: &CertifiedPem, path: &std::path::Path, revoked: &[&TlsIdentity], number: u64) {
+    let entries: Vec<_> = revoked
+        .iter()
+        .map(|id| certs::RevokedEntry {
+            serial: certs::serial_of(&id.cert_pem).unwrap(),
+            revoked_at: std::time::SystemTime::now(),
+        })
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, certs::revocation_list(ca, &entries, number).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Sends `request` on an open keep-alive connection and reads one response: the status line
+/// and the body, or `None` when the server closed the connection instead.
+async fn exchange<S>(conn: &mut S, request: &str) -> Option<(String, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    conn.write_all(request.as_bytes()).await.ok()?;
+    conn.flush().await.ok()?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    let read_head = async {
+        while !got.ends_with(b"\r\n\r\n") {
+            match conn.read(&mut byte).await {
+                Ok(1) => got.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    };
+    let whole = tokio::time::timeout(Duration::from_secs(5), read_head)
+        .await
+        .expect("the server neither answered nor closed");
+    if !whole {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&got).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.ok()?;
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test]
+async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() {
+    let logs = logs();
+    let ca = certs::new_ca("http test CA").unwrap();
+    let dir = std::env::temp_dir().join(format!("mc-http-crl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let crl = dir.join("crl.pem");
+    write_crl(&ca, &crl, &[], 1);
+    let server = cert(&ca, "master-1", &[Role::Master])
+        .with_crl_file(&crl)
+        .unwrap();
+    let (addr, store) = https_server_as(server).await;
+    store.put("seg/a", b"descriptor".to_vec()).await.unwrap();
+    let node = cert(&ca, "node-revoked", &[Role::Client]);
+    let connector = TlsConnector::new(&node, HTTP_ALPN).unwrap();
+    let connect = || async {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        connector
+            .connect(tcp, "127.0.0.1")
+            .await
+            .map(|(tls, _)| tls)
+    };
+    let metrics = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let metadata = "GET /metadata?key=seg/a HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // A keep-alive connection established (and served) before the revocation.
+    let mut kept = connect().await.unwrap();
+    for request in [metrics, metadata] {
+        let (status, _) = exchange(&mut kept, request).await.expect("served");
+        assert!(status.contains("200"), "{status}");
+    }
+
+    // The CA revokes the certificate: the same connection's next request gets 403 (once the
+    // server looked at the list again, at most every half second) and the connection closes.
+    write_crl(&ca, &crl, &[&node], 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = exchange(&mut kept, metadata)
+            .await
+            .expect("the server closed the connection without an answer");
+        if !status.contains("200") {
+            break (status, body);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a revoked certificate's open connection is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.contains("403"), "{status}");
+    assert!(body.contains("node-revoked was revoked"), "{body}");
+    assert!(
+        exchange(&mut kept, metrics).await.is_none(),
+        "the connection stays open after the refusal"
+    );
+    assert!(
+        logs.has_line(&["closing an HTTPS connection", "node-revoked was revoked"]),
+        "no log line names the revoked certificate"
+    );
+
+    // A fresh connection is refused at the handshake (in TLS 1.3 the client's side completes
+    // first: the refusal shows as no answer).
+    if let Ok(mut fresh) = connect().await {
+        assert!(
+            exchange(&mut fresh, metrics).await.is_none(),
+            "a revoked certificate was served on a new connection"
+        );
+    }
+    let e = https_client(addr, node).get("seg/a").await.unwrap_err();
+    assert!(!e.to_string().is_empty());
+    // Other certificates are still served.
+    let other = https_client(addr, cert(&ca, "node-b", &[Role::Client]));
+    assert!(other.get("seg/a").await.unwrap().is_some());
+    let _ = std::fs::remove_dir_all(&dir);
 }

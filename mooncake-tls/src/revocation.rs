@@ -3,7 +3,9 @@
 //!
 //! `mooncake_certs revoke NODE` writes the CA's CRL (`DIR/crl.pem`); a node given that file
 //! (`MC_TLS_CRL`, `--tls_crl`) refuses the revoked certificates from the next handshake on, without
-//! a restart. The file is looked at (one `stat`) at each handshake and read again when its size,
+//! a restart, and its listeners (master RPC, Raft, HTTP, TCP and QUIC transfers) re-check the
+//! certificate of each open connection before each request ([`crate::TlsAcceptor::recheck`],
+//! [`Revocation::check`]), closing the connections of one revoked meanwhile. The file is looked at (one `stat`) at each handshake and read again when its size,
 //! modification time or inode changed. A CRL that cannot be read or parsed refuses every peer
 //! (failing closed, with one log line per change of the file) until a good one replaces it: a node
 //! never falls back to admitting revoked certificates. Each CA of the cluster's CA file needs its

@@ -52,6 +52,12 @@ fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
     }
 }
 
+/// True for the close of a target that found this node's certificate revoked.
+fn is_revocation(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c)
+        if c.error_code == VarInt::from_u32(code::REVOKED))
+}
+
 /// Who refused a TLS handshake that failed with `e`: this side, or the peer.
 pub(crate) fn refused_by(e: &quinn::ConnectionError) -> &'static str {
     match e {
@@ -170,6 +176,9 @@ impl PeerPool {
                         sent = stats.path.sent_packets, "QUIC connection statistics");
                     if is_tls_refusal(&e) {
                         tracing::warn!(%peer, "QUIC peer refused our TLS handshake: {e}");
+                    } else if is_revocation(&e) {
+                        tracing::warn!(%peer,
+                            "QUIC peer closed the connection: this node's certificate was revoked");
                     } else {
                         tracing::debug!(%peer, "QUIC connection closed: {e}");
                     }

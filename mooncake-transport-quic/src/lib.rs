@@ -5,7 +5,11 @@
 //!   serves only peers presenting a client certificate chained to the CA, an initiator talks
 //!   only to targets whose certificate chains to the CA and names the address it dialled (an IP
 //!   SAN for an IP endpoint); the verified identity of each peer ([`PeerIdentity`]) is given to
-//!   an optional [`PeerAuthorizer`], and refused handshakes are logged on both sides;
+//!   an optional [`PeerAuthorizer`], and refused handshakes are logged on both sides; with a
+//!   revocation list ([`TlsIdentity::crl_file`]) a revoked certificate fails the handshake, and
+//!   a target re-checks the certificate of each open connection before every request (a clock
+//!   read and an atomic load unless the list changed), closing the connection of one revoked
+//!   meanwhile (application code [`REVOKED`], its certificate named in the target's log);
 //! - encrypts everything (TLS 1.3 inside QUIC, ring provider);
 //! - keeps [`QuicConfig::connections_per_peer`] connections to each peer, reused across
 //!   transfers, each with its own UDP socket; one connection is one serial state machine, so
@@ -57,6 +61,11 @@ use tokio::task::JoinHandle;
 use client::PeerPool;
 use frame::Op;
 pub use mooncake_tls::{certs, PeerAuthorizer, PeerIdentity, Role, TlsIdentity, TLS_ENV};
+
+/// The application error code with which a target closes the connection of a peer whose
+/// certificate was revoked while the connection was open (the reason reads
+/// `certificate revoked`).
+pub const REVOKED: u32 = server::code::REVOKED;
 
 /// The ALPN protocol name, which is also the wire protocol's version.
 pub const ALPN: &[u8] = b"mooncake-quic/1";
@@ -233,6 +242,8 @@ pub struct QuicTransport {
     config: Arc<QuicConfig>,
     client: quinn::ClientConfig,
     server_config: quinn::ServerConfig,
+    /// The revocation list the server's open connections are re-checked against, if any.
+    revocation: Option<mooncake_tls::Revocation>,
     pools: Mutex<HashMap<String, Arc<PeerPool>>>,
     server: Mutex<Option<(JoinHandle<()>, quinn::Endpoint)>>,
     closed: AtomicBool,
@@ -290,6 +301,7 @@ impl QuicTransport {
     pub fn new(config: QuicConfig) -> Result<Arc<Self>> {
         config.validate()?;
         let tls = tls::build(&config.identity)?;
+        let revocation = tls.revocation.clone();
         let transport = config.transport()?;
         let crypto_error =
             |e: &dyn std::fmt::Display| Error::InvalidArgument(format!("quic tls config: {e}"));
@@ -307,6 +319,7 @@ impl QuicTransport {
             config: Arc::new(config),
             client,
             server_config,
+            revocation,
             pools: Mutex::new(HashMap::new()),
             server: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -365,6 +378,7 @@ impl Transport for QuicTransport {
             endpoint.clone(),
             segment,
             self.config.clone(),
+            self.revocation.clone(),
         ));
         if let Some((old, old_endpoint)) = self
             .server

@@ -11,11 +11,13 @@
 //! timeout is reset.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use mooncake_core::{ErrorCode, LocalSegment, MemRegion};
+use mooncake_tls::{PeerIdentity, Revocation};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -45,6 +47,8 @@ pub(crate) mod code {
     pub(crate) const UNAUTHORIZED: u32 = 4;
     /// The node is shutting down.
     pub(crate) const SHUTDOWN: u32 = 5;
+    /// The peer's certificate was revoked while the connection was open.
+    pub(crate) const REVOKED: u32 = 6;
 }
 
 /// Why a stream ended badly.
@@ -62,6 +66,37 @@ enum StreamError {
     Closed(#[from] quinn::ClosedStream),
     #[error("request not finished within {0:?}")]
     Timeout(std::time::Duration),
+    /// The peer's certificate was revoked: the whole connection closes.
+    #[error("{0}")]
+    Revoked(String),
+}
+
+/// The peer of one connection, re-checked against the revocation list before each request of
+/// any of its streams.
+struct Admitted {
+    peer: PeerIdentity,
+    revocation: Option<Revocation>,
+    /// The list's generation the certificate was last checked against (0: never), shared by
+    /// the connection's streams so that only a change of the list costs a lookup.
+    seen: AtomicU64,
+}
+
+impl Admitted {
+    /// `Ok` while the certificate is not revoked.
+    fn check(&self) -> Result<(), StreamError> {
+        let Some(revocation) = &self.revocation else {
+            return Ok(());
+        };
+        let mut seen = self.seen.load(Ordering::Relaxed);
+        let checked = revocation.check(&self.peer, &mut seen);
+        self.seen.store(seen, Ordering::Relaxed);
+        checked.map_err(|e| {
+            StreamError::Revoked(match e {
+                mooncake_core::Error::PermissionDenied(why) => why,
+                e => e.to_string(),
+            })
+        })
+    }
 }
 
 /// Accepts connections until the endpoint closes or the task is aborted; aborting it also ends
@@ -70,6 +105,7 @@ pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     segment: Arc<LocalSegment>,
     config: Arc<QuicConfig>,
+    revocation: Option<Revocation>,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut connections = JoinSet::new();
@@ -86,9 +122,10 @@ pub(crate) async fn accept_loop(
                 };
                 let segment = segment.clone();
                 let config = config.clone();
+                let revocation = revocation.clone();
                 connections.spawn(async move {
                     let _slot = slot;
-                    serve_incoming(incoming, remote, segment, config).await;
+                    serve_incoming(incoming, remote, segment, config, revocation).await;
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -101,6 +138,7 @@ async fn serve_incoming(
     remote: SocketAddr,
     segment: Arc<LocalSegment>,
     config: Arc<QuicConfig>,
+    revocation: Option<Revocation>,
 ) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
@@ -137,6 +175,12 @@ async fn serve_incoming(
         }
     }
     tracing::debug!(%remote, peer = %peer.name(), "QUIC peer connected");
+    let admitted = Admitted {
+        peer,
+        revocation,
+        seen: AtomicU64::new(0),
+    };
+    let peer = &admitted.peer;
     // The connection's requests are served by this task: they share one connection state
     // anyway, and a task per request costs more in wake-ups than it gains.
     let mut streams = FuturesUnordered::new();
@@ -144,16 +188,22 @@ async fn serve_incoming(
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    let segment = &segment;
-                    let config = &config;
-                    streams.push(async move { serve_stream(send, recv, segment, config).await });
+                    let (segment, config, admitted) = (&segment, &config, &admitted);
+                    streams.push(async move {
+                        serve_stream(send, recv, segment, config, admitted).await
+                    });
                 }
-                Err(e) => break e,
+                Err(e) => break e.to_string(),
             },
-            Some(done) = streams.next(), if !streams.is_empty() => {
-                if let Err(e) = done {
-                    tracing::debug!(%remote, peer = %peer.name(), "stream failed: {e}");
+            Some(done) = streams.next(), if !streams.is_empty() => match done {
+                Err(StreamError::Revoked(why)) => {
+                    tracing::warn!(%remote, certificate = %peer.name(),
+                        "closing a QUIC transfer connection from {remote}: {why}");
+                    conn.close(VarInt::from_u32(code::REVOKED), b"certificate revoked");
+                    break why;
                 }
+                Err(e) => tracing::debug!(%remote, peer = %peer.name(), "stream failed: {e}"),
+                Ok(()) => {}
             }
         }
     };
@@ -173,6 +223,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     segment: &LocalSegment,
     config: &QuicConfig,
+    admitted: &Admitted,
 ) -> Result<(), StreamError> {
     let mut header = [0u8; frame::REQUEST_LEN];
     let mut first = true;
@@ -185,6 +236,7 @@ async fn serve_stream(
                 Err(e) => return Err(e.into()),
             }
             let req = frame::decode_request(&header)?;
+            admitted.check()?;
             handle(&req, &mut send, &mut recv, segment).await
         };
         match tokio::time::timeout(config.request_timeout, work).await {
@@ -202,6 +254,7 @@ async fn serve_stream(
             let code = match e {
                 StreamError::Frame(_) => code::MALFORMED,
                 StreamError::Timeout(_) => code::TIMEOUT,
+                StreamError::Revoked(_) => code::REVOKED,
                 _ => code::DONE,
             };
             let _ = send.reset(VarInt::from_u32(code));

@@ -346,3 +346,149 @@ fn identities_are_checked_when_the_transport_is_made() {
     }
     assert!(QuicTransport::new(QuicConfig::new(good)).is_ok());
 }
+
+/// Writes the test CA's revocation list number `number` revoking `revoked` to `path`, swapped
+/// in as `mooncake_certs revoke` does (a new file renamed over the old one).
+fn write_crl(path: &std::path::Path, revoked: &[&TlsIdentity], number: u64) {
+    let entries: Vec<_> = revoked
+        .iter()
+        .map(|id| certs::RevokedEntry {
+            serial: certs::serial_of(&id.cert_pem).unwrap(),
+            revoked_at: SystemTime::now(),
+        })
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        certs::revocation_list(common::ca(), &entries, number).unwrap(),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One READ of 64 bytes at `addr` on a new stream of `conn`: the payload, or why it failed.
+async fn read_64(conn: &quinn::Connection, addr: u64) -> Result<Vec<u8>, String> {
+    let request = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let header = frame::encode_request(&frame::Request {
+            op: frame::Op::Read,
+            addr,
+            len: 64,
+            notify: false,
+        });
+        send.write_all(&header).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let mut h = [0u8; frame::RESPONSE_LEN];
+        recv.read_exact(&mut h).await.map_err(|e| e.to_string())?;
+        let resp = frame::decode_response(&h).map_err(|e| e.to_string())?;
+        if resp.status != 0 {
+            return Err(format!("status {}", resp.status));
+        }
+        let mut body = vec![0u8; resp.len as usize];
+        recv.read_exact(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(body)
+    };
+    tokio::time::timeout(Duration::from_secs(5), request)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() {
+    let dir = std::env::temp_dir().join(format!("mc-quic-crl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let crl = dir.join("crl.pem");
+    write_crl(&crl, &[], 1);
+    let target = common::config(common::identity("target").with_crl_file(&crl).unwrap());
+    let s = setup(target, common::config(common::identity("initiator"))).await;
+    let address: std::net::SocketAddr = s
+        .target
+        .local_descriptor()
+        .endpoint("quic")
+        .unwrap()
+        .address
+        .parse()
+        .unwrap();
+    let node = common::identity("node-a");
+    let endpoint = common::raw_client(common::ca(), Some(&node));
+    let connect = || async {
+        let conn = endpoint
+            .connect(address, "127.0.0.1")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        // In TLS 1.3 the client's handshake completes before the target checked the client's
+        // certificate: only an answer shows that it was admitted.
+        read_64(&conn, s.remote).await?;
+        Ok::<_, String>(conn)
+    };
+
+    // A connection established (and served) before the revocation.
+    let kept = connect().await.expect("served before the revocation");
+    assert_eq!(
+        read_64(&kept, s.remote).await.unwrap(),
+        pattern(1, LEN)[..64]
+    );
+
+    // The CA revokes node-a: the same connection's next request fails (once the target looked
+    // at the list again, at most every half second) and the target closes the connection.
+    write_crl(&crl, &[&node], 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(body) = read_64(&kept, s.remote).await {
+        assert_eq!(body, pattern(1, LEN)[..64]);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a revoked certificate's open connection is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), kept.closed())
+        .await
+        .expect("the target closes the connection");
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(mooncake_transport_quic::REVOKED)
+            );
+            assert_eq!(&c.reason[..], b"certificate revoked");
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+
+    // A fresh connection of the revoked certificate is refused at the handshake.
+    let fresh = connect().await;
+    assert!(fresh.is_err(), "a revoked certificate was served again");
+    endpoint.close(0u32.into(), b"");
+
+    // An engine holding it is refused too; everyone else is still served.
+    let revoked = TransferEngine::start(
+        EngineConfig::new("127.0.0.1"),
+        vec![QuicTransport::new(common::config(node)).unwrap()],
+    )
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        revoked.open_segment(s.target.segment_name()),
+    )
+    .await
+    .expect("bounded");
+    assert!(r.is_err(), "a revoked certificate opened the segment");
+    revoked.shutdown().await;
+    let seg = s
+        .initiator
+        .open_segment(s.target.segment_name())
+        .await
+        .unwrap();
+    let r = s
+        .initiator
+        .transfer(vec![TransferRequest::read(&seg, s.remote, s.local, 64)])
+        .await;
+    r[0].as_ref().expect("other peers are still served");
+    s.initiator.shutdown().await;
+    s.target.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,7 +15,13 @@
 //! - an authenticated initiator at a plain target sends a TLS ClientHello where the preamble
 //!   should be: the plain target answers with a TLS `no_application_protocol` alert
 //!   (`TLS_ALERT_NO_APPLICATION_PROTOCOL`), which the initiator reports as "the target does not
-//!   authenticate".
+//!   authenticate";
+//! - with a revocation list ([`TlsIdentity::crl_file`]), a peer revoked while its connection is
+//!   open is refused at its next request: the target checks the certificate the connection
+//!   authenticated with before every request ([`Auth::recheck`]: a clock read and an atomic
+//!   load unless the list changed), answers the requests it had served, then sends the refusal,
+//!   logs the certificate's name and closes. A revoked certificate's new connections fail the
+//!   handshake.
 //!
 //! A refused connection's unread bytes are discarded, not interpreted, for a short bounded time
 //! after the refusal is sent, so the refusal is not lost to a connection reset.
@@ -216,6 +222,13 @@ impl Auth {
             });
         }
         Ok((stream, peer))
+    }
+
+    /// `Ok` while `peer`, admitted by [`Auth::accept`] earlier, is not revoked by the
+    /// revocation list (if the identity has one); an error naming its certificate once it is.
+    /// `seen` (0 at first) is kept per connection: see [`TlsAcceptor::recheck`].
+    pub(crate) fn recheck(&self, peer: &PeerIdentity, seen: &mut u64) -> Result<()> {
+        self.acceptor.recheck(peer, seen)
     }
 
     /// Logs a refused connection: at most one line a second, with the count of those not

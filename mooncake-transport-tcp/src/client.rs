@@ -275,7 +275,7 @@ impl Lane {
             ),
             Some(own) => format!(
                 "transfer target {} refused this node's certificate ({own}): its roles are not \
-                 admitted there",
+                 admitted there, or it was revoked",
                 self.peer
             ),
         })

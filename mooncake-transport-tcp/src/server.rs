@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use mooncake_core::admission::Admission;
 use mooncake_core::{ErrorCode, LocalSegment};
+use mooncake_tls::PeerIdentity;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -49,6 +50,9 @@ enum Close {
          authentication (it has no certificate: set TcpConfig::auth to authenticate peers)"
     )]
     TlsAtPlainTarget,
+    /// The peer's certificate was revoked while the connection was open; the reason names it.
+    #[error("{0}")]
+    CertificateRevoked(String),
 }
 
 impl From<std::io::Error> for Close {
@@ -89,17 +93,22 @@ pub(crate) async fn accept_loop(
                     connections.spawn(async move {
                         let _admitted = admitted;
                         let opened = tokio::time::Instant::now() + config.connect_timeout;
-                        let stream = match &auth {
-                            None => stream,
+                        let (stream, identity) = match &auth {
+                            None => (stream, None),
                             Some(auth) => match authenticate(stream, peer, auth, opened).await {
-                                Some(stream) => stream,
+                                Some((stream, identity)) => (stream, Some(identity)),
                                 None => return,
                             },
                         };
-                        match serve_connection(stream, &segment, &config, opened).await {
+                        let checked = auth.as_deref().zip(identity.as_ref());
+                        let served =
+                            serve_connection(stream, peer, checked, &segment, &config, opened);
+                        match served.await {
                             Ok(()) | Err(Close::Eof) => {
                                 tracing::debug!(%peer, "connection closed by peer")
                             }
+                            // Logged when it was found, before lingering on the connection.
+                            Err(Close::CertificateRevoked(_)) => {}
                             Err(reason) => {
                                 tracing::warn!(%peer, %reason, "closing connection")
                             }
@@ -123,11 +132,11 @@ async fn authenticate(
     peer: SocketAddr,
     auth: &Auth,
     deadline: tokio::time::Instant,
-) -> Option<TcpStream> {
+) -> Option<(TcpStream, PeerIdentity)> {
     match tokio::time::timeout_at(deadline, auth.accept(stream, peer)).await {
         Ok(Ok((stream, identity))) => {
             tracing::debug!(%peer, name = %identity.name(), "transfer peer authenticated");
-            Some(stream)
+            Some((stream, identity))
         }
         Ok(Err(auth::Refused { reason, answered })) => {
             auth.log_refusal(peer, &reason);
@@ -172,10 +181,13 @@ async fn bounded<T>(
     }
 }
 
-/// Serves one connection (authenticated already, when the transport authenticates), whose
-/// preamble must arrive before `deadline`.
+/// Serves one connection (authenticated already, when the transport authenticates: `checked`
+/// holds the authentication and the peer's certificate, re-checked against the revocation list
+/// before each request), whose preamble must arrive before `deadline`.
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
+    checked: Option<(&Auth, &PeerIdentity)>,
     segment: &LocalSegment,
     config: &TcpConfig,
     deadline: tokio::time::Instant,
@@ -204,18 +216,30 @@ async fn serve_connection(
         return Err(e.into());
     }
     input.consume(frame::PREAMBLE_LEN);
-    serve_requests(&stream, input, segment, config).await
+    let served = serve_requests(&stream, input, checked, segment, config).await;
+    if let (Err(Close::CertificateRevoked(why)), Some((_, identity))) = (&served, checked) {
+        tracing::warn!(%peer, certificate = %identity.name(),
+            "closing a transfer connection from {peer}: {why}");
+        // The refusal went out after the answers due: let it reach the peer before closing.
+        auth::linger(stream).await;
+    }
+    served
 }
 
-/// Answers requests in order until the connection fails or closes.
+/// Answers requests in order until the connection fails or closes. With `checked`, a request
+/// that arrives once the peer's certificate is revoked is not served: the answers due go out,
+/// then the refusal ([`frame::encode_refusal`]), and the connection ends.
 async fn serve_requests(
     stream: &TcpStream,
     mut input: ReadBuf,
+    checked: Option<(&Auth, &PeerIdentity)>,
     segment: &LocalSegment,
     config: &TcpConfig,
 ) -> Result<(), Close> {
     let mut out: Vec<u8> = Vec::with_capacity(256 * 1024);
     let memory = segment.memory();
+    // The revocation list's generation this connection's certificate was last checked against.
+    let mut list_seen = 0;
     loop {
         let req = loop {
             if let Some(req) = frame::decode_request(input.data())? {
@@ -231,6 +255,17 @@ async fn serve_requests(
             // Waiting for the next request: an idle connection may wait as long as it likes.
             input.fill(stream).await?;
         };
+        if let Some((auth, identity)) = checked {
+            if let Err(e) = auth.recheck(identity, &mut list_seen) {
+                out.extend_from_slice(&frame::encode_refusal());
+                segment.flush_landings();
+                let _ = bounded("sending answers", config, None, sys::send_all(stream, &out)).await;
+                return Err(Close::CertificateRevoked(match e {
+                    mooncake_core::Error::PermissionDenied(why) => why,
+                    e => e.to_string(),
+                }));
+            }
+        }
         match req.op {
             Op::Read => match memory.resolve(req.addr, req.len) {
                 Ok(region) => {

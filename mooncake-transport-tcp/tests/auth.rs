@@ -398,3 +398,186 @@ fn an_authorizer_without_an_identity_or_an_unreadable_identity_is_rejected_at_co
     let e = TcpTransport::new(config(Some(broken))).unwrap_err();
     assert!(e.to_string().contains("private key"), "{e}");
 }
+
+/// A fresh directory for one test's files, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mc-tcp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `ca`'s revocation list number `number` revoking `revoked` to `path`, swapped in as
+/// `mooncake_certs revoke` does (a new file renamed over the old one).
+fn write_crl(ca: &CertifiedPem, path: &std::path::Path, revoked: &[&TlsIdentity], number: u64) {
+    let entries: Vec<_> = revoked
+        .iter()
+        .map(|id| certs::RevokedEntry {
+            serial: certs::serial_of(&id.cert_pem).unwrap(),
+            revoked_at: SystemTime::now(),
+        })
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, certs::revocation_list(ca, &entries, number).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One READ of 4096 bytes at `addr` on an authenticated raw connection: its response (with the
+/// payload checked when it is served), or `None` when the target closed the connection.
+async fn read_once(s: &mut TcpStream, id: u32, addr: u64) -> Option<frame::Response> {
+    s.write_all(&request(Op::Read, id, addr, 4096)).await.ok()?;
+    let mut h = [0u8; frame::RESPONSE_LEN];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return None,
+        Err(_) => panic!("the target neither answered nor closed"),
+    }
+    let resp = frame::decode_response(&h).unwrap().unwrap();
+    if resp.status == ErrorCode::OK.code() {
+        assert_eq!(resp.id, id);
+        let mut payload = vec![0u8; resp.len as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        assert_eq!(payload, vec![FILL; 4096]);
+    }
+    Some(resp)
+}
+
+#[tokio::test]
+async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() {
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    let ca = ca("cluster CA");
+    let dir = TempDir::new("crl");
+    let crl = dir.0.join("crl.pem");
+    write_crl(&ca, &crl, &[], 1);
+    let target_identity = identity(&ca, "target", &[Role::Client])
+        .with_crl_file(&crl)
+        .unwrap();
+    let (target, buf, addr) = target(config(Some(target_identity))).await;
+    let node = identity(&ca, "node-a", &[Role::Client]);
+    let connector = mooncake_tls::TlsConnector::new(&node, mooncake_transport_tcp::ALPN).unwrap();
+    let connect = || async {
+        let tcp = TcpStream::connect(&addr).await.unwrap();
+        let (mut s, _) = connector.connect_plain(tcp, "127.0.0.1").await?;
+        s.write_all(&frame::encode_preamble()).await.unwrap();
+        Ok::<_, Error>(s)
+    };
+
+    // A connection established before the revocation is served.
+    let mut kept = connect().await.unwrap();
+    let served = read_once(&mut kept, 0, buf).await.expect("served");
+    assert_eq!(served.status, ErrorCode::OK.code());
+
+    // The CA revokes node-a: the same connection's next request is refused (once the target
+    // looked at the list again, at most every half second) and the connection closed.
+    write_crl(&ca, &crl, &[&node], 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = 1;
+    let refusal = loop {
+        let resp = read_once(&mut kept, id, buf)
+            .await
+            .expect("the target closed the connection without its refusal");
+        if resp.status != ErrorCode::OK.code() {
+            break resp;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a revoked certificate's open connection is still served"
+        );
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(frame::is_refusal(&refusal), "{refusal:?}");
+    assert!(
+        read_until_closed(&mut kept).await.is_empty(),
+        "nothing follows the refusal"
+    );
+    let text = logs.text();
+    assert!(
+        text.lines().any(
+            |l| l.contains("closing a transfer connection from 127.0.0.1:")
+                && l.contains("node-a was revoked")
+        ),
+        "no log line names the revoked certificate: {text}"
+    );
+
+    // A fresh connection of the revoked certificate is refused at authentication.
+    let e = connect()
+        .await
+        .expect_err("a revoked certificate authenticated");
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
+    // And an engine holding it cannot open the target's segment.
+    let revoked = engine(config(Some(node))).await;
+    let e = revoked
+        .open_segment(target.segment_name())
+        .await
+        .expect_err("the segment must not open");
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
+    revoked.shutdown().await;
+
+    // Other members are still served.
+    let member = engine(config(Some(identity(&ca, "node-b", &[Role::Client])))).await;
+    let local = member.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let seg = member.open_segment(target.segment_name()).await.unwrap();
+    let r = member
+        .transfer(vec![TransferRequest::read(&seg, buf, local, 4096)])
+        .await;
+    r[0].as_ref().unwrap();
+    member.shutdown().await;
+    target.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_whose_certificate_is_revoked_fails_its_transfers_on_pooled_connections() {
+    let ca = ca("cluster CA");
+    let dir = TempDir::new("crl-engine");
+    let crl = dir.0.join("crl.pem");
+    write_crl(&ca, &crl, &[], 1);
+    let target_identity = identity(&ca, "target", &[Role::Client])
+        .with_crl_file(&crl)
+        .unwrap();
+    let (target, buf, _) = target(config(Some(target_identity))).await;
+    let node = identity(&ca, "node-a", &[Role::Client]);
+    let initiator = engine(config(Some(node.clone()))).await;
+    let local = initiator.allocate_buffer(4096, Location::cpu(0)).unwrap();
+    let seg = initiator.open_segment(target.segment_name()).await.unwrap();
+    let read = || initiator.transfer(vec![TransferRequest::read(&seg, buf, local, 4096)]);
+    read().await[0]
+        .as_ref()
+        .expect("served before the revocation");
+    write_crl(&ca, &crl, &[&node], 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match read().await.remove(0) {
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "a revoked certificate's pooled connections are still served"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    let Error::PermissionDenied(m) = &e else {
+        panic!("expected PermissionDenied, got {e:?}");
+    };
+    assert!(m.contains("node-a"), "{m}");
+    // Reconnecting does not help: every further transfer is refused.
+    for _ in 0..3 {
+        let r = read().await.remove(0);
+        assert!(matches!(r, Err(Error::PermissionDenied(_))), "{r:?}");
+    }
+    initiator.shutdown().await;
+    target.shutdown().await;
+}

@@ -686,6 +686,105 @@ mod tests {
         master.shutdown();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_tls_a_dummy_certificate_revoked_while_connected_is_cut_off() {
+        use mooncake_master::MasterConfig;
+        use mooncake_master_service::{MasterService, ServiceConfig};
+        use mooncake_rpc::{tls_connector, RpcClient, RpcClientConfig};
+        use mooncake_tls::certs;
+        let master = MasterService::new(MasterConfig::default(), ServiceConfig::default()).unwrap();
+        let store = Store::setup_embedded(
+            StoreConfig {
+                local_hostname: "127.0.0.1".into(),
+                global_segment_size: 16 << 20,
+                local_buffer_size: 16 << 20,
+                ..StoreConfig::default()
+            },
+            master.clone(),
+        )
+        .await
+        .unwrap();
+        let ca = certs::new_ca("real client CRL test CA").unwrap();
+        let issue = |name: &str| {
+            certs::issue_role_cert(&ca, name, &["127.0.0.1"], &[Role::Client])
+                .unwrap()
+                .identity(&ca)
+        };
+        let dir = std::env::temp_dir().join(format!("mc-real-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let crl = dir.join("crl.pem");
+        // Swapped in as `mooncake_certs revoke` does (a new file renamed over the old one).
+        let write_crl = |revoked: &[&TlsIdentity], number: u64| {
+            let entries: Vec<_> = revoked
+                .iter()
+                .map(|id| certs::RevokedEntry {
+                    serial: certs::serial_of(&id.cert_pem).unwrap(),
+                    revoked_at: std::time::SystemTime::now(),
+                })
+                .collect();
+            let tmp = crl.with_extension("tmp");
+            std::fs::write(&tmp, certs::revocation_list(&ca, &entries, number).unwrap()).unwrap();
+            std::fs::rename(&tmp, &crl).unwrap();
+        };
+        write_crl(&[], 1);
+        let real = RealClient::serve_tls(
+            store,
+            "127.0.0.1:0".parse().unwrap(),
+            Some(&issue("real").with_crl_file(&crl).unwrap()),
+        )
+        .await
+        .unwrap();
+        let addr = real.rpc_address().to_string();
+        let config = RpcClientConfig::default();
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        let dummy_id = issue("dummy-a");
+        let dummy = RpcClient::with_tls(
+            addr.clone(),
+            config.clone(),
+            Some(tls_connector(&dummy_id).unwrap()),
+        );
+        // Served before the revocation.
+        let reply: Reply = dummy.call(&hello).await.unwrap();
+        assert!(matches!(reply, Reply::Hello { .. }), "{reply:?}");
+        let connection = dummy.connection_id();
+        // Revoked: the same connection's next call fails once the real client looked at the
+        // list again (at most every half second).
+        write_crl(&[&dummy_id], 2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match dummy.call::<_, Reply>(&hello).await {
+                Ok(Reply::Hello { .. }) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "a revoked certificate's open connection is still served"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(other) => panic!("unexpected reply {other:?}"),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(
+            dummy.connection_id(),
+            connection,
+            "the call that failed went out on the connection served before"
+        );
+        // Reconnecting is refused at the handshake; other certificates are still served.
+        assert!(dummy.call::<_, Reply>(&hello).await.is_err());
+        let other = RpcClient::with_tls(
+            addr,
+            config,
+            Some(tls_connector(&issue("dummy-b")).unwrap()),
+        );
+        let reply: Reply = other.call(&hello).await.unwrap();
+        assert!(matches!(reply, Reply::Hello { .. }), "{reply:?}");
+        real.shutdown().await.unwrap();
+        master.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn dummy_ranges_translate_only_inside_the_pool() {
         let (base, map, len) = (0x7000_0000u64, 0x1000_0000u64, 0x10000u64);
