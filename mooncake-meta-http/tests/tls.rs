@@ -276,21 +276,6 @@ fn https_urls_need_a_certificate_and_http_urls_refuse_one() {
     }
 }
 
-/// Writes `ca`'s revocation list number `number` revoking `revoked` to `path`, swapped in as
-/// `mooncake_certs revoke` does (a new file renamed over the old one).
-fn write_crl(ca: &CertifiedPem, path: &std::path::Path, revoked: &[&TlsIdentity], number: u64) {
-    let entries: Vec<_> = revoked
-        .iter()
-        .map(|id| certs::RevokedEntry {
-            serial: certs::serial_of(&id.cert_pem).unwrap(),
-            revoked_at: std::time::SystemTime::now(),
-        })
-        .collect();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, certs::revocation_list(ca, &entries, number).unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// Sends `request` on an open keep-alive connection and reads one response: the status line
 /// and the body, or `None` when the server closed the connection instead.
 async fn exchange<S>(conn: &mut S, request: &str) -> Option<(String, String)>
@@ -335,7 +320,7 @@ async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() 
     let dir = std::env::temp_dir().join(format!("mc-http-crl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let crl = dir.join("crl.pem");
-    write_crl(&ca, &crl, &[], 1);
+    certs::write_revocation_list(&ca, &crl, &[], 1).unwrap();
     let server = cert(&ca, "master-1", &[Role::Master])
         .with_crl_file(&crl)
         .unwrap();
@@ -362,7 +347,7 @@ async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() 
 
     // The CA revokes the certificate: the same connection's next request gets 403 (once the
     // server looked at the list again, at most every half second) and the connection closes.
-    write_crl(&ca, &crl, &[&node], 2);
+    certs::write_revocation_list(&ca, &crl, &[&node.cert_pem], 2).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let (status, body) = loop {
         let (status, body) = exchange(&mut kept, metadata)

@@ -262,6 +262,32 @@ pub fn read_revocation_list(crl_pem: &str) -> Result<(Vec<RevokedEntry>, u64)> {
     Ok((entries, number))
 }
 
+/// Writes `ca`'s revocation list number `crl_number`, revoking now each certificate of
+/// `revoked` (PEM), to `path`: written beside it and renamed over it, so a node watching the file
+/// never reads half a list. For tests and scripts that build a list from scratch
+/// (`mooncake_certs revoke` adds to the list already there).
+pub fn write_revocation_list(
+    ca: &CertifiedPem,
+    path: &std::path::Path,
+    revoked: &[&str],
+    crl_number: u64,
+) -> Result<()> {
+    let entries = revoked
+        .iter()
+        .map(|pem| {
+            Ok(RevokedEntry {
+                serial: serial_of(pem)?,
+                revoked_at: SystemTime::now(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let pem = revocation_list(ca, &entries, crl_number)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pem)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// A revocation list signed by `ca` revoking `entries`, numbered `crl_number` (each new list of
 /// a CA takes a higher number), valid from now for [`DEFAULT_VALIDITY`]; PEM-encoded.
 pub fn revocation_list(

@@ -347,25 +347,6 @@ fn identities_are_checked_when_the_transport_is_made() {
     assert!(QuicTransport::new(QuicConfig::new(good)).is_ok());
 }
 
-/// Writes the test CA's revocation list number `number` revoking `revoked` to `path`, swapped
-/// in as `mooncake_certs revoke` does (a new file renamed over the old one).
-fn write_crl(path: &std::path::Path, revoked: &[&TlsIdentity], number: u64) {
-    let entries: Vec<_> = revoked
-        .iter()
-        .map(|id| certs::RevokedEntry {
-            serial: certs::serial_of(&id.cert_pem).unwrap(),
-            revoked_at: SystemTime::now(),
-        })
-        .collect();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        certs::revocation_list(common::ca(), &entries, number).unwrap(),
-    )
-    .unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// One READ of 64 bytes at `addr` on a new stream of `conn`: the payload, or why it failed.
 async fn read_64(conn: &quinn::Connection, addr: u64) -> Result<Vec<u8>, String> {
     let request = async {
@@ -400,7 +381,7 @@ async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() 
     let dir = std::env::temp_dir().join(format!("mc-quic-crl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let crl = dir.join("crl.pem");
-    write_crl(&crl, &[], 1);
+    certs::write_revocation_list(common::ca(), &crl, &[], 1).unwrap();
     let target = common::config(common::identity("target").with_crl_file(&crl).unwrap());
     let s = setup(target, common::config(common::identity("initiator"))).await;
     let address: std::net::SocketAddr = s
@@ -434,7 +415,7 @@ async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() 
 
     // The CA revokes node-a: the same connection's next request fails (once the target looked
     // at the list again, at most every half second) and the target closes the connection.
-    write_crl(&crl, &[&node], 2);
+    certs::write_revocation_list(common::ca(), &crl, &[&node.cert_pem], 2).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while let Ok(body) = read_64(&kept, s.remote).await {
         assert_eq!(body, pattern(1, LEN)[..64]);

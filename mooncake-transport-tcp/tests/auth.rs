@@ -417,21 +417,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Writes `ca`'s revocation list number `number` revoking `revoked` to `path`, swapped in as
-/// `mooncake_certs revoke` does (a new file renamed over the old one).
-fn write_crl(ca: &CertifiedPem, path: &std::path::Path, revoked: &[&TlsIdentity], number: u64) {
-    let entries: Vec<_> = revoked
-        .iter()
-        .map(|id| certs::RevokedEntry {
-            serial: certs::serial_of(&id.cert_pem).unwrap(),
-            revoked_at: SystemTime::now(),
-        })
-        .collect();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, certs::revocation_list(ca, &entries, number).unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// One READ of 4096 bytes at `addr` on an authenticated raw connection: its response (with the
 /// payload checked when it is served), or `None` when the target closed the connection.
 async fn read_once(s: &mut TcpStream, id: u32, addr: u64) -> Option<frame::Response> {
@@ -459,7 +444,7 @@ async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() 
     let ca = ca("cluster CA");
     let dir = TempDir::new("crl");
     let crl = dir.0.join("crl.pem");
-    write_crl(&ca, &crl, &[], 1);
+    certs::write_revocation_list(&ca, &crl, &[], 1).unwrap();
     let target_identity = identity(&ca, "target", &[Role::Client])
         .with_crl_file(&crl)
         .unwrap();
@@ -480,7 +465,7 @@ async fn a_certificate_revoked_while_connected_is_cut_off_at_its_next_request() 
 
     // The CA revokes node-a: the same connection's next request is refused (once the target
     // looked at the list again, at most every half second) and the connection closed.
-    write_crl(&ca, &crl, &[&node], 2);
+    certs::write_revocation_list(&ca, &crl, &[&node.cert_pem], 2).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut id = 1;
     let refusal = loop {
@@ -542,7 +527,7 @@ async fn an_engine_whose_certificate_is_revoked_fails_its_transfers_on_pooled_co
     let ca = ca("cluster CA");
     let dir = TempDir::new("crl-engine");
     let crl = dir.0.join("crl.pem");
-    write_crl(&ca, &crl, &[], 1);
+    certs::write_revocation_list(&ca, &crl, &[], 1).unwrap();
     let target_identity = identity(&ca, "target", &[Role::Client])
         .with_crl_file(&crl)
         .unwrap();
@@ -555,7 +540,7 @@ async fn an_engine_whose_certificate_is_revoked_fails_its_transfers_on_pooled_co
     read().await[0]
         .as_ref()
         .expect("served before the revocation");
-    write_crl(&ca, &crl, &[&node], 2);
+    certs::write_revocation_list(&ca, &crl, &[&node.cert_pem], 2).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let e = loop {
         match read().await.remove(0) {

@@ -713,20 +713,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mc-real-crl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let crl = dir.join("crl.pem");
-        // Swapped in as `mooncake_certs revoke` does (a new file renamed over the old one).
-        let write_crl = |revoked: &[&TlsIdentity], number: u64| {
-            let entries: Vec<_> = revoked
-                .iter()
-                .map(|id| certs::RevokedEntry {
-                    serial: certs::serial_of(&id.cert_pem).unwrap(),
-                    revoked_at: std::time::SystemTime::now(),
-                })
-                .collect();
-            let tmp = crl.with_extension("tmp");
-            std::fs::write(&tmp, certs::revocation_list(&ca, &entries, number).unwrap()).unwrap();
-            std::fs::rename(&tmp, &crl).unwrap();
-        };
-        write_crl(&[], 1);
+        certs::write_revocation_list(&ca, &crl, &[], 1).unwrap();
         let real = RealClient::serve_tls(
             store,
             "127.0.0.1:0".parse().unwrap(),
@@ -751,7 +738,7 @@ mod tests {
         let connection = dummy.connection_id();
         // Revoked: the same connection's next call fails once the real client looked at the
         // list again (at most every half second).
-        write_crl(&[&dummy_id], 2);
+        certs::write_revocation_list(&ca, &crl, &[&dummy_id.cert_pem], 2).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             match dummy.call::<_, Reply>(&hello).await {
