@@ -11,7 +11,8 @@
 use std::collections::BTreeSet;
 
 use super::config::{AllocationStrategy, ReplicateConfig};
-use super::types::{ClientId, SegmentId};
+use super::replica::Replica;
+use super::types::{ClientId, ReplicaId, SegmentId};
 use super::Master;
 use mooncake_core::allocator::{Allocation, Allocator};
 
@@ -33,6 +34,22 @@ pub(crate) struct Placement<'a> {
 }
 
 impl Master {
+    /// New replicas, still being written, in the ranges `placed` gave (each takes the next
+    /// replica id).
+    pub(crate) fn processing_replicas(
+        &mut self,
+        placed: Vec<(SegmentId, Allocation)>,
+    ) -> Vec<Replica> {
+        placed
+            .into_iter()
+            .map(|(seg, alloc)| {
+                let id = ReplicaId(self.next_replica_id);
+                self.next_replica_id += 1;
+                Replica::processing(id, seg, alloc)
+            })
+            .collect()
+    }
+
     /// Allocates up to `req.count` ranges on distinct segments; fewer (possibly none) when space
     /// is short. Consumes randomness from the master's RNG.
     pub(crate) fn place(&mut self, req: Placement<'_>) -> Vec<(SegmentId, Allocation)> {

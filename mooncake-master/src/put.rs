@@ -29,7 +29,7 @@ use super::placement::Placement;
 use super::replica::{Replica, ReplicaDescriptor, ReplicaStatus};
 use super::segment::release;
 use super::task::TaskStatus;
-use super::types::{ClientId, LeaseDeadline, ReplicaId, SegmentId, Timestamp};
+use super::types::{ClientId, LeaseDeadline, SegmentId, Timestamp};
 use super::Master;
 use mooncake_core::error::ErrorCode;
 
@@ -139,14 +139,7 @@ impl Master {
             }
             return Err(ErrorCode::NO_AVAILABLE_HANDLE);
         }
-        let replicas: Vec<Replica> = placed
-            .into_iter()
-            .map(|(seg, alloc)| {
-                let id = ReplicaId(self.next_replica_id);
-                self.next_replica_id += 1;
-                Replica::processing(id, seg, alloc)
-            })
-            .collect();
+        let replicas = self.processing_replicas(placed);
         let response = PutStartResponse {
             replicas: self.descriptors(&replicas, size),
         };
@@ -320,14 +313,7 @@ impl Master {
             exclude: &exclude,
             avoid_hosts,
         });
-        let fresh: Vec<Replica> = placed
-            .into_iter()
-            .map(|(seg, alloc)| {
-                let id = ReplicaId(self.next_replica_id);
-                self.next_replica_id += 1;
-                Replica::processing(id, seg, alloc)
-            })
-            .collect();
+        let fresh = self.processing_replicas(placed);
         let response = PutStartResponse {
             replicas: self.descriptors(&fresh, size),
         };
