@@ -20,6 +20,7 @@
 
 mod admin;
 mod api;
+mod checksum;
 mod locations;
 mod read;
 mod reserve;
@@ -104,6 +105,12 @@ pub struct StoreConfig {
     /// this client's own segment is shared the same way). Default: on, unless the environment
     /// says `MC_SAME_HOST_SHM=0`.
     pub same_host_shm: bool,
+    /// Check every zero-copy read (`get_into` and its batch forms) against the value's checksum
+    /// too, not only reads returned as bytes (see the `checksum` module): a mismatch tries the
+    /// next replica, and gives `CHECKSUM_MISMATCH` when none matches. Costs one pass over the
+    /// bytes read. Default: whether the environment says `MOONCAKE_STORE_CHECKSUM=1`
+    /// (upstream's switch).
+    pub verify_zero_copy: bool,
 }
 
 impl Default for StoreConfig {
@@ -124,6 +131,7 @@ impl Default for StoreConfig {
             prefault_segment: false,
             commit_on_landing: None,
             same_host_shm: crate::engine::same_host_shm_allowed(),
+            verify_zero_copy: std::env::var("MOONCAKE_STORE_CHECKSUM").is_ok_and(|v| v == "1"),
         }
     }
 }

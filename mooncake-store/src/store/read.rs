@@ -7,6 +7,11 @@
 //! fails, and reports `LEASE_EXPIRED` when the transfer ended after the lease did: the bytes may
 //! then have been overwritten while they were read.
 //!
+//! The bytes are checked against the value's checksum (see [`checksum`](super::checksum)):
+//! always when they are returned as bytes, on zero-copy reads when
+//! [`StoreConfig::verify_zero_copy`](super::StoreConfig::verify_zero_copy) says so. A replica
+//! that does not match is passed over for the next; none matching is `CHECKSUM_MISMATCH`.
+//!
 //! A key read before is read again from where it was, at the same time as the master call
 //! (see [`LocationCache`](super::locations::LocationCache)); the bytes count only if the answer
 //! confirms that place, else the object is read from the answer's replicas.
@@ -15,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
-use mooncake_master::{Command, ReplicaDescriptor, ReplicaList, Response};
+use mooncake_master::{Command, ReplicaDescriptor, ReplicaId, ReplicaList, Response};
 
+use super::checksum;
 use super::locations::Located;
 use super::staging::Slot;
 use super::value::StagedValue;
@@ -29,6 +35,10 @@ enum Dest {
     /// Registered caller memory, filled in order; must hold the whole object.
     Registered(Vec<(u64, u64)>),
 }
+
+/// A read of one object for `read_batch`: its replicas, where its bytes go, and whether to check
+/// them against its checksum.
+type Job<'a> = (&'a ReplicaList, &'a [(u64, u64)], bool);
 
 /// A zero-copy read waiting to run: item index, key, replicas, destination buffers and the local
 /// lease deadline.
@@ -272,6 +282,19 @@ impl Store {
                     continue;
                 }
             };
+            // Bytes that do not match the checksum are read again from the answer's replicas.
+            let verified = match (read.staged, &items[read.item].1) {
+                (Some(addr), _) => self.verified(list, &[(addr, list.size)], true),
+                (None, Dest::Registered(parts)) => {
+                    self.verified(list, parts, self.config.verify_zero_copy)
+                }
+                (None, Dest::Bytes) => false,
+            };
+            if !verified {
+                self.locations.forget(keys[read.item]);
+                self.locations.count(false);
+                continue;
+            }
             self.locations.count(true);
             let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
             let key = keys[read.item];
@@ -439,9 +462,10 @@ impl Store {
             }
         }
         // Zero-copy reads go out as one transfer batch.
-        let jobs: Vec<(&ReplicaList, &[(u64, u64)])> = direct
+        let verify = self.config.verify_zero_copy;
+        let jobs: Vec<Job<'_>> = direct
             .iter()
-            .map(|(_, _, list, parts, _)| (list, parts.as_slice()))
+            .map(|(_, _, list, parts, _)| (list, parts.as_slice(), verify))
             .collect();
         let results = if jobs.is_empty() {
             Vec::new()
@@ -515,10 +539,10 @@ impl Store {
             .zip(&placed)
             .map(|((_, list, _), &addr)| [(addr, list.size)])
             .collect();
-        let jobs: Vec<(&ReplicaList, &[(u64, u64)])> = wave
+        let jobs: Vec<Job<'_>> = wave
             .iter()
             .zip(&parts)
-            .map(|((_, list, _), p)| (list, p.as_slice()))
+            .map(|((_, list, _), p)| (list, p.as_slice(), true))
             .collect();
         let results = self.read_batch(&jobs).await;
         wave.iter()
@@ -540,7 +564,8 @@ impl Store {
             .collect()
     }
 
-    /// The value copied straight out of this client's own segment, when a replica is there.
+    /// The value copied straight out of this client's own segment, when a replica is there
+    /// and matches the value's checksum (`None` otherwise: the value is read from the replicas).
     fn local_copy(&self, list: &ReplicaList) -> Option<Result<Vec<u8>>> {
         let own = self.engine.segment_name();
         let mem = list
@@ -548,21 +573,42 @@ impl Store {
             .iter()
             .filter_map(|r| r.memory())
             .find(|m| m.segment_name == own)?;
-        Some(
-            self.engine
-                .memory()
-                .resolve(mem.buffer_address, list.size)
-                .map(|r| r.to_vec()),
-        )
+        let copied = self
+            .engine
+            .memory()
+            .resolve(mem.buffer_address, list.size)
+            .map(|r| r.to_vec());
+        match copied {
+            Ok(v)
+                if list
+                    .checksum
+                    .is_some_and(|c| c != checksum::of_bytes(&[&v])) =>
+            {
+                tracing::warn!("{}", checksum::mismatch(own));
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Whether the bytes read into `parts` match `list`'s checksum (true when not asked to
+    /// `verify`, or when the value has none).
+    fn verified(&self, list: &ReplicaList, parts: &[(u64, u64)], verify: bool) -> bool {
+        !verify
+            || checksum::matches(list, || {
+                checksum::of_registered(self.engine.memory(), parts, list.size)
+            })
+            .unwrap_or(false)
     }
 
     /// Reads several objects with one transfer batch, each from its preferred replica (this
     /// client's own first); an object whose read fails is retried alone over all its replicas.
-    async fn read_batch(&self, jobs: &[(&ReplicaList, &[(u64, u64)])]) -> Vec<Result<()>> {
+    async fn read_batch(&self, jobs: &[Job<'_>]) -> Vec<Result<()>> {
         let own = self.engine.segment_name();
         let mut requests = Vec::new();
-        let mut spans: Vec<Option<std::ops::Range<usize>>> = Vec::with_capacity(jobs.len());
-        for (list, parts) in jobs {
+        let mut spans: Vec<Option<(std::ops::Range<usize>, ReplicaId)>> =
+            Vec::with_capacity(jobs.len());
+        for (list, parts, _) in jobs {
             let Some(replica) = preferred_replica(list, own) else {
                 spans.push(None);
                 continue;
@@ -573,38 +619,54 @@ impl Store {
             };
             let first = requests.len();
             requests.extend(read_requests(&seg, addr, list.size, parts));
-            spans.push(Some(first..requests.len()));
+            spans.push(Some((first..requests.len(), replica.id)));
         }
         let results = self.engine.transfer(requests).await;
         let mut out = Vec::with_capacity(jobs.len());
-        for ((list, parts), span) in jobs.iter().zip(spans) {
-            let failed = match span {
-                Some(range) => results[range].iter().find_map(|r| r.clone().err()),
-                None => Some(Error::Shutdown),
+        for ((list, parts, verify), span) in jobs.iter().zip(spans) {
+            let (failed, used) = match span {
+                Some((range, id)) => (results[range].iter().find_map(|r| r.clone().err()), id),
+                None => (Some(Error::Shutdown), ReplicaId(0)),
             };
             out.push(match failed {
-                None => Ok(()),
+                None if self.verified(list, parts, *verify) => Ok(()),
+                None => {
+                    tracing::warn!("a replica of a value does not match its checksum");
+                    self.read_replicas(list, parts, *verify, Some(used)).await
+                }
                 Some(e @ Error::LocalRangeNotRegistered { .. }) => {
                     Err(Error::with_code(ErrorCode::INVALID_PARAMS, e.to_string()))
                 }
                 // Try again over every replica, one object at a time.
-                Some(_) => self.read_replicas(list, parts).await,
+                Some(_) => self.read_replicas(list, parts, *verify, None).await,
             });
         }
         out
     }
 
     /// Reads the object into `parts` (registered, together at least `list.size` bytes) from one
-    /// replica, this client's own first, trying the next replica when a transfer fails.
-    async fn read_replicas(&self, list: &ReplicaList, parts: &[(u64, u64)]) -> Result<()> {
+    /// replica, this client's own first, trying the next replica when a transfer fails or (when
+    /// asked to `verify`) the bytes do not match the checksum. `mismatched` is a replica already
+    /// found not to match: it is skipped, and without a matching replica the answer is
+    /// `CHECKSUM_MISMATCH`.
+    async fn read_replicas(
+        &self,
+        list: &ReplicaList,
+        parts: &[(u64, u64)],
+        verify: bool,
+        mismatched: Option<ReplicaId>,
+    ) -> Result<()> {
         let own = self.engine.segment_name();
         let mut order: Vec<_> = list
             .replicas
             .iter()
-            .filter(|r| r.memory().is_some())
+            .filter(|r| r.memory().is_some() && Some(r.id) != mismatched)
             .collect();
         order.sort_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own));
-        let mut last = Error::with_code(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica");
+        let mut last = match mismatched {
+            Some(_) => checksum::mismatch("every replica"),
+            None => Error::with_code(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica"),
+        };
         for replica in order {
             let (seg, addr) = match self.locate(replica).await {
                 Ok(x) => x,
@@ -621,12 +683,20 @@ impl Store {
                 .into_iter()
                 .find_map(Result::err)
             {
-                None => return Ok(()),
+                None if self.verified(list, parts, verify) => return Ok(()),
+                None => {
+                    tracing::warn!("{}", checksum::mismatch(&seg.name));
+                    last = checksum::mismatch(&seg.name);
+                }
                 Some(e @ Error::LocalRangeNotRegistered { .. }) => {
                     return Err(Error::with_code(ErrorCode::INVALID_PARAMS, e.to_string()))
                 }
                 Some(e) => {
                     tracing::debug!("reading a replica from {} failed: {e}", seg.name);
+                    if last.code() == ErrorCode::CHECKSUM_MISMATCH {
+                        // A replica that did not match says more than one that could not be read.
+                        continue;
+                    }
                     last = Error::with_code(
                         ErrorCode::TRANSFER_FAIL,
                         format!("reading from {}: {e}", seg.name),

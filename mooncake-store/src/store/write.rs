@@ -22,6 +22,7 @@ use mooncake_master::{
     WriteKind,
 };
 
+use super::checksum;
 use super::reserve::Carved;
 use super::Store;
 use mooncake_rpc::{MasterReply, MasterRequest};
@@ -70,6 +71,8 @@ impl Source<'_> {
 struct Item<'a> {
     key: &'a str,
     source: Source<'a>,
+    /// The value's checksum, sent with its commit (computed in `write_many`, once).
+    checksum: u32,
 }
 
 fn bytes_items<'a>(items: &[(&'a str, &'a [u8])]) -> Vec<Item<'a>> {
@@ -78,6 +81,7 @@ fn bytes_items<'a>(items: &[(&'a str, &'a [u8])]) -> Vec<Item<'a>> {
         .map(|&(key, v)| Item {
             key,
             source: Source::Bytes(vec![v]),
+            checksum: 0,
         })
         .collect()
 }
@@ -88,6 +92,7 @@ fn registered_items<'a>(items: &[(&'a str, u64, u64)]) -> Vec<Item<'a>> {
         .map(|&(key, addr, size)| Item {
             key,
             source: Source::Registered(vec![(addr, size)]),
+            checksum: 0,
         })
         .collect()
 }
@@ -262,6 +267,7 @@ impl Store {
             .map(|(k, parts)| Item {
                 key: k,
                 source: Source::Registered(parts.clone()),
+                checksum: 0,
             })
             .collect();
         self.write_many(WriteKind::Put, items, config).await
@@ -274,7 +280,12 @@ impl Store {
         source: Source<'_>,
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_many(kind, vec![Item { key, source }], config)
+        let item = Item {
+            key,
+            source,
+            checksum: 0,
+        };
+        self.write_many(kind, vec![item], config)
             .await
             .pop()
             .expect("one result per item")
@@ -315,16 +326,33 @@ impl Store {
     async fn write_many(
         &self,
         kind: WriteKind,
-        items: Vec<Item<'_>>,
+        mut items: Vec<Item<'_>>,
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = (0..items.len()).map(|_| None).collect();
+        for (i, item) in items.iter_mut().enumerate() {
+            if let Err(e) = self.check(item, config) {
+                results[i] = Some(Err(e));
+                continue;
+            }
+            item.checksum = match &item.source {
+                Source::Bytes(parts) => checksum::of_bytes(parts),
+                Source::Registered(parts) => {
+                    match checksum::of_registered(self.engine.memory(), parts, item.source.size()) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            results[i] = Some(Err(e));
+                            continue;
+                        }
+                    }
+                }
+            };
+        }
         // Waves whose staged bytes fit the staging buffer together.
         let mut wave: Vec<(usize, &Item<'_>)> = Vec::new();
         let mut wave_bytes = 0u64;
         for (i, item) in items.iter().enumerate() {
-            if let Err(e) = self.check(item, config) {
-                results[i] = Some(Err(e));
+            if results[i].is_some() {
                 continue;
             }
             let staged = item.source.staged();
@@ -589,11 +617,12 @@ impl Store {
                 size: wave[pos].1.source.size(),
             })
             .collect();
-        Command::CommitReserved {
+        Command::CommitReservedChecked {
             client_id: self.client_id,
             reservation: carved.id,
             items,
             config: config.clone(),
+            checksums: positions.iter().map(|&pos| wave[pos].1.checksum).collect(),
         }
     }
 
@@ -707,7 +736,7 @@ impl Store {
                     .map(|((_, item), _)| item.key.to_owned())
                     .collect();
                 if !keys.is_empty() {
-                    self.end(false, keys).await;
+                    self.end(false, keys, Vec::new()).await;
                 }
                 return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect();
             }
@@ -727,11 +756,15 @@ impl Store {
             }
         }
         if !revoke.is_empty() {
-            self.end(false, revoke).await;
+            self.end(false, revoke, Vec::new()).await;
         }
         if !commit.is_empty() {
             let keys = commit.iter().map(|(_, k)| k.clone()).collect();
-            let ended = self.end(true, keys).await;
+            let checksums = commit
+                .iter()
+                .map(|(pos, _)| wave[*pos].1.checksum)
+                .collect();
+            let ended = self.end(true, keys, checksums).await;
             for ((pos, _), r) in commit.into_iter().zip(ended) {
                 item_results[pos] = Some(r);
             }
@@ -917,20 +950,27 @@ impl Store {
             .collect())
     }
 
-    /// PutEnd (`commit`) or PutRevoke for `keys`; one result per key.
-    async fn end(&self, commit: bool, keys: Vec<String>) -> Vec<Result<()>> {
+    /// PutEnd (`commit`, with the values' `checksums`, one per key) or PutRevoke for `keys`;
+    /// one result per key.
+    async fn end(&self, commit: bool, keys: Vec<String>, checksums: Vec<u32>) -> Vec<Result<()>> {
         let client_id = self.client_id;
         let n = keys.len();
+        debug_assert!(!commit || checksums.len() == n);
         let command = match (commit, n) {
-            (true, 1) => Command::PutEnd {
+            (true, 1) => Command::PutEndChecked {
                 client_id,
                 key: keys.into_iter().next().expect("one"),
+                checksum: checksums[0],
             },
             (false, 1) => Command::PutRevoke {
                 client_id,
                 key: keys.into_iter().next().expect("one"),
             },
-            (true, _) => Command::BatchPutEnd { client_id, keys },
+            (true, _) => Command::BatchPutEndChecked {
+                client_id,
+                keys,
+                checksums,
+            },
             (false, _) => Command::BatchPutRevoke { client_id, keys },
         };
         let what = if commit { "committing" } else { "revoking" };
