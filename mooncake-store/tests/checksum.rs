@@ -240,3 +240,40 @@ async fn a_write_that_lands_late_in_reused_space_is_never_read() {
     }
     drop(src);
 }
+
+/// A put's WRITEs carry a deadline from when it asked for space: a WRITE that would land after
+/// it is refused (by the engine before it starts, by a TCP target once it has), the put fails,
+/// and nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_whose_writes_would_land_past_their_deadline_fails_and_commits_nothing() {
+    let (svc, addr) = serve_master(MasterConfig::default()).await;
+    let storage = Store::setup(StoreConfig {
+        same_host_shm: false,
+        ..store_config(&addr, 8 << 20)
+    })
+    .await
+    .unwrap();
+    let hurried = Store::setup(StoreConfig {
+        same_host_shm: false,
+        reservation_bytes: 0,
+        // Gone before the WRITE can start: PutStart alone takes longer.
+        put_write_deadline: Duration::from_nanos(1),
+        ..store_config(&addr, 0)
+    })
+    .await
+    .unwrap();
+    let e = hurried
+        .put("k", &pattern(5, 64 << 10), &ReplicateConfig::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::TRANSFER_FAIL, "{e}");
+    assert!(e.to_string().contains("deadline"), "{e}");
+    assert_eq!(
+        hurried.get("k").await.unwrap_err().code(),
+        ErrorCode::OBJECT_NOT_FOUND
+    );
+    assert_eq!(svc.metrics().used_bytes, 0, "the write was revoked");
+    for s in [hurried, storage] {
+        s.close().await.unwrap();
+    }
+}

@@ -111,6 +111,12 @@ pub struct StoreConfig {
     /// bytes read. Default: whether the environment says `MOONCAKE_STORE_CHECKSUM=1`
     /// (upstream's switch).
     pub verify_zero_copy: bool,
+    /// How long after asking for space (PutStart) a put's WRITEs may land: their deadline,
+    /// which the target enforces (TCP) and the engine checks before starting a copy. Keep it
+    /// below the master's `put_takeover_ms` (30 s by default), after which the master may hand
+    /// the space to another writer. Default 20 s. (Writes into a reservation have their own,
+    /// shorter deadline, from the reservation's TTL.)
+    pub put_write_deadline: Duration,
 }
 
 impl Default for StoreConfig {
@@ -132,6 +138,7 @@ impl Default for StoreConfig {
             commit_on_landing: None,
             same_host_shm: crate::engine::same_host_shm_allowed(),
             verify_zero_copy: std::env::var("MOONCAKE_STORE_CHECKSUM").is_ok_and(|v| v == "1"),
+            put_write_deadline: Duration::from_secs(20),
         }
     }
 }
@@ -162,6 +169,9 @@ impl StoreConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return bad("heartbeat_interval must be non-zero".into());
+        }
+        if self.put_write_deadline.is_zero() {
+            return bad("put_write_deadline must be non-zero".into());
         }
         Ok(())
     }

@@ -500,7 +500,10 @@ impl Store {
             Some(forced) => forced,
             None => carved.commit_on_landing && !self.one_sided(&carved.replicas).await,
         };
-        let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
+        let prepared = match self
+            .prepare(wave, staged_bytes, &targets, overlap, carved.land_by)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
         };
@@ -715,6 +718,9 @@ impl Store {
         staged_bytes: u64,
         config: &ReplicateConfig,
     ) -> Vec<(usize, Result<()>)> {
+        // The WRITEs' deadline counts from before PutStart is sent, so it is earlier than the
+        // master's takeover of the write, counted from when it applied PutStart.
+        let land_by = Instant::now() + self.config.put_write_deadline;
         let started = match self.start(kind, wave, config).await {
             Ok(s) => s,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
@@ -726,7 +732,10 @@ impl Store {
                 _ => None,
             })
             .collect();
-        let transferred = match self.prepare(wave, staged_bytes, &targets, false).await {
+        let transferred = match self
+            .prepare(wave, staged_bytes, &targets, false, land_by)
+            .await
+        {
             Ok(prepared) => self.send(prepared).await,
             Err(e) => {
                 let keys: Vec<String> = wave
@@ -782,7 +791,8 @@ impl Store {
     }
 
     /// Stages a wave's byte values and builds its WRITE requests (asking for landing notices
-    /// when `notify`) for each item that has targets. Byte values go through one staging slot
+    /// when `notify`) for each item that has targets, fenced by `land_by` (no byte lands after
+    /// it: the space may be another object's then). Byte values go through one staging slot
     /// of `staged_bytes`; waiting for it fails the whole wave.
     async fn prepare(
         &self,
@@ -790,6 +800,7 @@ impl Store {
         staged_bytes: u64,
         targets: &[Option<&[ReplicaDescriptor]>],
         notify: bool,
+        land_by: Instant,
     ) -> Result<Prepared> {
         let slot = if staged_bytes > 0 {
             Some(
@@ -831,7 +842,8 @@ impl Store {
                     // A replica in this client's own segment is written by memcpy in the engine.
                     let (seg, mut addr) = self.locate(replica).await?;
                     for &(src, len) in &parts {
-                        let write = TransferRequest::write(&seg, addr, src, len);
+                        let write =
+                            TransferRequest::write(&seg, addr, src, len).with_deadline(land_by);
                         requests.push(if notify {
                             write.with_landing_notice()
                         } else {
