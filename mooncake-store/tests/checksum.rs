@@ -277,3 +277,39 @@ async fn a_put_whose_writes_would_land_past_their_deadline_fails_and_commits_not
         s.close().await.unwrap();
     }
 }
+
+/// A dummy client's `get` returns bytes, so the real client checks them whatever its
+/// configuration says; its zero-copy `get_into` is checked only when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dummys_get_never_returns_a_corrupted_value() {
+    use mooncake_store::real_client::{DummyClient, RealClient};
+    let (_svc, addr) = serve_master(MasterConfig::default()).await;
+    let storage = Store::setup(store_config(&addr, 16 << 20)).await.unwrap();
+    let served = Store::setup(StoreConfig {
+        verify_zero_copy: false,
+        ..store_config(&addr, 0)
+    })
+    .await
+    .unwrap();
+    let rc = RealClient::serve(served, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let d = DummyClient::connect(&rc.rpc_address().to_string(), 4 << 20, 1 << 20)
+        .await
+        .unwrap();
+    let value = pattern(11, 64 << 10);
+    d.put("k", &value, &ReplicateConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(d.get("k").await.unwrap(), value);
+    let replicas = rc.store().get_replica_desc("k").await.unwrap();
+    corrupt(&[&storage], &replicas[0], &pattern(12, 64 << 10));
+    let e = d.get("k").await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::CHECKSUM_MISMATCH, "{e}");
+    let e = d.get_batch(&["k"]).await.pop().unwrap().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::CHECKSUM_MISMATCH, "{e}");
+    drop(d);
+    for s in [rc.store().clone(), storage] {
+        s.close().await.unwrap();
+    }
+}

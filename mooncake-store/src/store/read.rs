@@ -32,8 +32,9 @@ use super::Store;
 enum Dest {
     /// A new vector (through the staging buffer, or straight from this client's own segment).
     Bytes,
-    /// Registered caller memory, filled in order; must hold the whole object.
-    Registered(Vec<(u64, u64)>),
+    /// Registered caller memory, filled in order; must hold the whole object. The flag: check
+    /// the bytes against the value's checksum.
+    Registered(Vec<(u64, u64)>, bool),
 }
 
 /// A read of one object for `read_batch`: its replicas, where its bytes go, and whether to check
@@ -42,7 +43,7 @@ type Job<'a> = (&'a ReplicaList, &'a [(u64, u64)], bool);
 
 /// A zero-copy read waiting to run: item index, key, replicas, destination buffers and the local
 /// lease deadline.
-type DirectRead<'a> = (usize, &'a str, ReplicaList, Vec<(u64, u64)>, Instant);
+type DirectRead<'a> = (usize, &'a str, ReplicaList, Vec<(u64, u64)>, Instant, bool);
 
 /// Reads sent ahead of the master's answer (see [`LocationCache`](super::locations::LocationCache)).
 #[derive(Default)]
@@ -112,7 +113,10 @@ impl Store {
     /// buffer's contents are unspecified (a read sent ahead may have landed there).
     pub async fn get_into(&self, key: &str, addr: u64, size: u64) -> Result<u64> {
         match self
-            .read_one(key, Dest::Registered(vec![(addr, size)]))
+            .read_one(
+                key,
+                Dest::Registered(vec![(addr, size)], self.config.verify_zero_copy),
+            )
             .await?
         {
             Got::Into(n) => Ok(n),
@@ -124,7 +128,10 @@ impl Store {
     pub async fn batch_get_into(&self, items: &[(&str, u64, u64)]) -> Vec<Result<u64>> {
         let items = items
             .iter()
-            .map(|(k, a, s)| (*k, Dest::Registered(vec![(*a, *s)])))
+            .map(|(k, a, s)| {
+                let dest = Dest::Registered(vec![(*a, *s)], self.config.verify_zero_copy);
+                (*k, dest)
+            })
             .collect();
         Self::sizes(self.read_many(items).await)
     }
@@ -135,9 +142,24 @@ impl Store {
         &self,
         items: &[(&str, Vec<(u64, u64)>)],
     ) -> Vec<Result<u64>> {
+        let verify = self.config.verify_zero_copy;
         let items = items
             .iter()
-            .map(|(k, parts)| (*k, Dest::Registered(parts.clone())))
+            .map(|(k, parts)| (*k, Dest::Registered(parts.clone(), verify)))
+            .collect();
+        Self::sizes(self.read_many(items).await)
+    }
+
+    /// [`Store::batch_get_into_multi_buffers`], checking every value against its checksum
+    /// whatever [`StoreConfig::verify_zero_copy`](super::StoreConfig::verify_zero_copy) says:
+    /// for callers that hand the bytes on as a value (the real client serving a dummy's `get`).
+    pub async fn batch_get_into_checked(
+        &self,
+        items: &[(&str, Vec<(u64, u64)>)],
+    ) -> Vec<Result<u64>> {
+        let items = items
+            .iter()
+            .map(|(k, parts)| (*k, Dest::Registered(parts.clone(), true)))
             .collect();
         Self::sizes(self.read_many(items).await)
     }
@@ -285,9 +307,7 @@ impl Store {
             // Bytes that do not match the checksum are read again from the answer's replicas.
             let verified = match (read.staged, &items[read.item].1) {
                 (Some(addr), _) => self.verified(list, &[(addr, list.size)], true),
-                (None, Dest::Registered(parts)) => {
-                    self.verified(list, parts, self.config.verify_zero_copy)
-                }
+                (None, Dest::Registered(parts, verify)) => self.verified(list, parts, *verify),
                 (None, Dest::Bytes) => false,
             };
             if !verified {
@@ -361,10 +381,12 @@ impl Store {
                 continue;
             };
             match dest {
-                Dest::Registered(parts) if parts.iter().map(|p| p.1).sum::<u64>() < guess.size => {
+                Dest::Registered(parts, _)
+                    if parts.iter().map(|p| p.1).sum::<u64>() < guess.size =>
+                {
                     continue
                 }
-                Dest::Registered(_) => {}
+                Dest::Registered(..) => {}
                 Dest::Bytes => staged_bytes += guess.size.next_multiple_of(64),
             }
             guessed.push((i, guess));
@@ -379,7 +401,7 @@ impl Store {
         }
         for (i, guess) in guessed {
             let (staged, parts) = match &items[i].1 {
-                Dest::Registered(parts) => (None, parts.clone()),
+                Dest::Registered(parts, _) => (None, parts.clone()),
                 Dest::Bytes => {
                     let Some(at) = staged_at.as_mut() else {
                         continue;
@@ -431,7 +453,7 @@ impl Store {
             };
             let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
             match dest {
-                Dest::Registered(parts) => {
+                Dest::Registered(parts, verify) => {
                     let capacity: u64 = parts.iter().map(|p| p.1).sum();
                     let r = if capacity < list.size {
                         Err(Error::with_code(
@@ -444,7 +466,7 @@ impl Store {
                     } else {
                         // Read below, all at once.
                         out.push(None);
-                        direct.push((i, key, list, parts, deadline));
+                        direct.push((i, key, list, parts, deadline, verify));
                         continue;
                     };
                     out.push(Some(r));
@@ -462,17 +484,16 @@ impl Store {
             }
         }
         // Zero-copy reads go out as one transfer batch.
-        let verify = self.config.verify_zero_copy;
         let jobs: Vec<Job<'_>> = direct
             .iter()
-            .map(|(_, _, list, parts, _)| (list, parts.as_slice(), verify))
+            .map(|(_, _, list, parts, _, verify)| (list, parts.as_slice(), *verify))
             .collect();
         let results = if jobs.is_empty() {
             Vec::new()
         } else {
             self.read_batch(&jobs).await
         };
-        for ((i, key, list, _, deadline), r) in direct.iter().zip(results) {
+        for ((i, key, list, _, deadline, _), r) in direct.iter().zip(results) {
             out[*i] = Some(
                 r.and_then(|()| lease_check(*deadline, key))
                     .map(|()| Got::Into(list.size)),
