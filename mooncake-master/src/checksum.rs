@@ -1,22 +1,23 @@
-//! Per-object checksums: what a writer computes over a value and sends with its commit.
-//!
-//! The master never reads object bytes: it records the checksum a commit carries
-//! ([`Command::PutEndChecked`](super::Command::PutEndChecked),
-//! [`Command::BatchPutEndChecked`](super::Command::BatchPutEndChecked),
-//! [`Command::CommitReservedChecked`](super::Command::CommitReservedChecked)) with the object and
-//! hands it out with every [`ReplicaList`](super::ReplicaList). A reader recomputes it over the
-//! bytes it received, and a replica whose bytes differ (a late WRITE that landed in space since
-//! handed to this object, a corrupted range) is never returned: the reader tries another replica,
-//! and answers `CHECKSUM_MISMATCH` (-801) when none matches. A copy or move task copies the bytes
-//! unchanged, so the object's checksum stays as committed; an upsert's commit replaces it.
-//!
-//! The function is CRC-32 (IEEE polynomial) as `crc32fast` computes it: with PCLMULQDQ (x86-64)
-//! or the ARMv8 CRC instructions it runs at several GB/s per core, and a CRC detects every
-//! burst of up to 32 flipped bits and any other corruption with probability 1 - 2^-32, which is
-//! what a guard against misplaced or torn writes needs (it is not a defence against an
-//! adversary, who could forge it; peers are authenticated for that).
+//! Per-object checksums (see [`ValueChecksum`]).
 
-/// An incremental checksum of one value (see the [module docs](self)).
+/// An incremental checksum of one value: what a writer computes over a value and sends with
+/// its commit.
+///
+/// The master never reads object bytes: it records the checksum a commit carries
+/// ([`Command::PutEndChecked`](super::Command::PutEndChecked),
+/// [`Command::BatchPutEndChecked`](super::Command::BatchPutEndChecked),
+/// [`Command::CommitReservedChecked`](super::Command::CommitReservedChecked)) with the object and
+/// hands it out with every [`ReplicaList`](super::ReplicaList). A reader recomputes it over the
+/// bytes it received, and a replica whose bytes differ (a late WRITE that landed in space since
+/// handed to this object, a corrupted range) is never returned: the reader tries another replica,
+/// and answers `CHECKSUM_MISMATCH` (-801) when none matches. A copy or move task copies the bytes
+/// unchanged, so the object's checksum stays as committed; an upsert's commit replaces it.
+///
+/// The function is CRC-32 (IEEE polynomial) as `crc32fast` computes it: with PCLMULQDQ (x86-64)
+/// or the ARMv8 CRC instructions it runs at several GB/s per core, and a CRC detects every
+/// burst of up to 32 flipped bits and any other corruption with probability 1 - 2^-32, which is
+/// what a guard against misplaced or torn writes needs (it is not a defence against an
+/// adversary, who could forge it; peers are authenticated for that).
 #[derive(Clone, Debug, Default)]
 pub struct ValueChecksum(crc32fast::Hasher);
 
