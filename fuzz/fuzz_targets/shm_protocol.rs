@@ -346,6 +346,7 @@ fn fuzz_initiator_side(t: &Target, data: &[u8]) {
             target_addr: target_addr.wrapping_add(i * 64),
             index: i as usize,
             notify: i == 1,
+            deadline: None,
         })
         .collect();
     let results = std::thread::scope(|scope| {

@@ -59,11 +59,12 @@ fn request_is_valid(h: &[u8]) -> bool {
     let op = h[0];
     let addr = u64::from_le_bytes(h[8..16].try_into().unwrap());
     let len = u64::from_le_bytes(h[16..24].try_into().unwrap());
-    // Flags: only the landing notice (bit 0), and only on WRITE.
+    // Flags: only the landing notice (bit 0) and the deadline (bit 1), and only on WRITE; the
+    // budget field is non-zero exactly when the deadline flag is set.
+    let budget = u16::from_le_bytes([h[2], h[3]]);
     (1..=3).contains(&op)
-        && (h[1] == 0 || (op == 2 && h[1] == 1))
-        && h[2] == 0
-        && h[3] == 0
+        && (h[1] == 0 || (op == 2 && h[1] & !3 == 0))
+        && (budget != 0) == (h[1] & 2 != 0)
         && len <= MAX_REQUEST_LEN
         && (op != 3 || (addr == 0 && len == 0))
 }

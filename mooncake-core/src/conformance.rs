@@ -437,6 +437,7 @@ pub async fn submit_reports_status(h: &dyn Harness) {
             target: seg.clone(),
             target_addr: remote,
             notify: false,
+            deadline: None,
         },
     ]);
     let results = tokio::time::timeout(h.failure_bound(), batch.wait())

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::memory::{
@@ -80,6 +81,9 @@ pub struct TransferRequest {
     /// For a WRITE: ask the target to report the landing to its segment's observer
     /// ([`LocalSegment::landed`](crate::LocalSegment::landed)).
     pub notify: bool,
+    /// For a WRITE: no byte of it may land after this instant (see
+    /// [`TransferRequest::with_deadline`]).
+    pub deadline: Option<Instant>,
 }
 
 impl TransferRequest {
@@ -92,6 +96,7 @@ impl TransferRequest {
             target: target.clone(),
             target_addr,
             notify: false,
+            deadline: None,
         }
     }
     /// This request, asking the target to report when its bytes have landed (WRITEs only; a
@@ -109,8 +114,29 @@ impl TransferRequest {
             target: target.clone(),
             target_addr,
             notify: false,
+            deadline: None,
         }
     }
+    /// This WRITE, fenced by `deadline` (a READ ignores it): the space it writes may be handed
+    /// to other data after that instant, so none of its bytes may land later. The engine does
+    /// not start it past the deadline (`LEASE_EXPIRED`); a transport whose target takes part
+    /// (TCP) carries the deadline in the request, and the target refuses to start, or to go
+    /// on, writing after it. A one-sided transport (same-host shared memory) cannot be fenced
+    /// once its copy has begun: there, the reader's per-object checksum is the guard.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        if self.opcode == OpCode::Write {
+            self.deadline = Some(deadline);
+        }
+        self
+    }
+}
+
+/// The error of a WRITE that would start, or go on, past its deadline.
+pub fn past_deadline(len: u64) -> Error {
+    Error::with_code(
+        crate::ErrorCode::LEASE_EXPIRED,
+        format!("a WRITE of {len} bytes is past its deadline: its space may belong to others now"),
+    )
 }
 
 /// A submitted batch. Dropping it does not cancel the transfers.
@@ -413,6 +439,10 @@ impl TransferEngine {
                 batch.complete(index, Ok(()));
                 continue;
             }
+            if req.deadline.is_some_and(|d| Instant::now() >= d) {
+                batch.complete(index, Err(past_deadline(req.len)));
+                continue;
+            }
             if req.target.name == local_name {
                 let copied = local_copy(memory, req.opcode, &local, req.target_addr);
                 if copied.is_ok() && req.notify {
@@ -435,6 +465,7 @@ impl TransferEngine {
                 target_addr: req.target_addr,
                 index,
                 notify: req.notify,
+                deadline: req.deadline,
             };
             match groups
                 .iter_mut()

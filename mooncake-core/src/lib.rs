@@ -62,7 +62,9 @@ pub use allocator::{Allocation, Allocator, RangeAllocator};
 #[cfg(feature = "engine")]
 pub use clock::{Clock, SystemClock, VirtualClock};
 #[cfg(feature = "engine")]
-pub use engine::{Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest};
+pub use engine::{
+    past_deadline, Batch, Discovery, EngineConfig, SegmentHandle, TransferEngine, TransferRequest,
+};
 pub use error::{Error, ErrorCode, Result};
 pub use memory::{
     AlignedBuffer, BufferDesc, BufferKey, Location, MemRegion, MemoryProvider, MemoryRegistry,

@@ -462,6 +462,22 @@ impl MemRegion {
         Ok(())
     }
 
+    /// This region's bytes, lent out without a copy: for reading bytes at memory speed (a
+    /// checksum over a value), where [`MemRegion::read_into`] would copy them first.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the range while the slice lives: no transfer into it (in this process
+    /// or, through shared memory, another), no caller pointer. The destination of a transfer
+    /// that has completed, and a put's source (which the caller must leave alone during the
+    /// call), qualify.
+    pub unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: `self` is a validated range of a registered buffer kept alive by
+        // `self.buffer` for as long as `self`, which the slice borrows; the caller guarantees
+        // that nothing writes it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len as usize) }
+    }
+
     /// Copies this region's bytes into a new vector.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = vec![0u8; self.len as usize];

@@ -311,6 +311,12 @@ pub struct TransferOp {
     /// ([`LocalSegment::landed`]). Lets a target-side party act on the bytes (the store's
     /// master commits a put once they landed) without waiting for the initiator.
     pub notify: bool,
+    /// For a WRITE: no byte may land after this instant
+    /// ([`TransferRequest::with_deadline`](crate::TransferRequest::with_deadline)). A transport
+    /// whose target takes part carries it to the target, which refuses to start or go on
+    /// writing past it; one that cannot (the initiator copies the bytes itself) at least does
+    /// not start past it.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// What a transport can do ([`Transport::capabilities`]). Whether it carries a given request is

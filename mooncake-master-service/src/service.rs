@@ -528,7 +528,10 @@ impl MasterService {
                 ranges,
                 wait_ms,
             } => {
-                if !matches!(command.inner(), Command::CommitReserved { .. }) {
+                if !matches!(
+                    command.inner(),
+                    Command::CommitReserved { .. } | Command::CommitReservedChecked { .. }
+                ) {
                     return MasterReply::Failed {
                         code: ErrorCode::INVALID_PARAMS,
                         message: "only a CommitReserved waits for landed writes".into(),

@@ -166,7 +166,9 @@ async fn retried_batch_removes_upserts_and_copies_report_their_first_outcome() {
 
     // An upsert whose commit (PutEnd) answer is lost: the retry reports the commit.
     cluster.log.elect(0);
-    let (group, first) = group_dying_on(&cluster, |c| matches!(c, Command::PutEnd { .. }));
+    let (group, first) = group_dying_on(&cluster, |c| {
+        matches!(c, Command::PutEnd { .. } | Command::PutEndChecked { .. })
+    });
     let c = cluster.client("node-c", group.clone(), SEGMENT).await;
     c.upsert("u", &value(3, 4096), &rc).await.unwrap();
     assert!(

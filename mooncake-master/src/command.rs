@@ -291,6 +291,42 @@ pub enum Command {
         /// Names of the segments whose WRITEs failed.
         failed: Vec<String>,
     },
+    /// [`Command::PutEnd`] recording the value's checksum ([`ValueChecksum`](super::ValueChecksum))
+    /// with the object; readers get it with the replica list and verify the bytes. Added after
+    /// the others: earlier variants keep their wire tags, and logs written before it decode as
+    /// they were.
+    PutEndChecked {
+        /// Writer.
+        client_id: ClientId,
+        /// Key.
+        key: String,
+        /// Checksum of the value.
+        checksum: u32,
+    },
+    /// [`Command::BatchPutEnd`] with one checksum per key (see [`Command::PutEndChecked`]); a
+    /// batch whose counts differ is refused item by item with `INVALID_PARAMS`.
+    BatchPutEndChecked {
+        /// Writer.
+        client_id: ClientId,
+        /// Keys.
+        keys: Vec<String>,
+        /// Checksum of each key's value, in order.
+        checksums: Vec<u32>,
+    },
+    /// [`Command::CommitReserved`] with one checksum per item (see [`Command::PutEndChecked`]);
+    /// a commit whose counts differ is refused item by item with `INVALID_PARAMS`.
+    CommitReservedChecked {
+        /// The client holding the reservation.
+        client_id: ClientId,
+        /// The reservation.
+        reservation: u64,
+        /// Where each value was written.
+        items: Vec<ReservedPut>,
+        /// Replication options (`replica_num` must be 1; pins apply).
+        config: ReplicateConfig,
+        /// Checksum of each item's value, in order.
+        checksums: Vec<u32>,
+    },
 }
 
 impl Command {

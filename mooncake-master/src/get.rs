@@ -16,6 +16,9 @@ pub struct ReplicaList {
     pub replicas: Vec<ReplicaDescriptor>,
     /// The lease deadline: a transfer that ends at or after it gives `LEASE_EXPIRED`.
     pub lease: LeaseDeadline,
+    /// The writer's checksum of the value ([`ValueChecksum`](crate::ValueChecksum)), recorded
+    /// at commit; `None` for a value committed without one (read unverified).
+    pub checksum: Option<u32>,
 }
 
 impl Master {
@@ -51,6 +54,7 @@ impl Master {
             lease: obj
                 .lease
                 .max(LeaseDeadline(now.plus(self.config.default_kv_lease_ttl_ms))),
+            checksum: obj.checksum,
         })
     }
 

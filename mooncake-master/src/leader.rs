@@ -375,8 +375,10 @@ fn touched(master: &Master, command: &Command) -> Touch {
         // is applied. Whether there is cannot be told from the applied state: entries still in
         // the log ahead of it (the first value's PutEnd) may commit one, which reads served
         // meanwhile would lease without the PutEnd carrying them. So its keys are always barred.
-        Command::PutEnd { key: k, .. } => key(k),
-        Command::BatchPutEnd { keys, .. } => Touch::Keys(keys.clone()),
+        Command::PutEnd { key: k, .. } | Command::PutEndChecked { key: k, .. } => key(k),
+        Command::BatchPutEnd { keys, .. } | Command::BatchPutEndChecked { keys, .. } => {
+            Touch::Keys(keys.clone())
+        }
         // A finished move frees its source replica.
         Command::FinishTask { task_id, .. } | Command::TaskTimeout { task_id } => {
             match master.tasks.get(task_id) {

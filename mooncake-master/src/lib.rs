@@ -60,6 +60,7 @@
 
 #![deny(unsafe_code)]
 
+mod checksum;
 mod client;
 mod command;
 mod config;
@@ -86,6 +87,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use checksum::ValueChecksum;
 pub use client::HeartbeatStatus;
 pub use command::{Command, Response};
 pub use config::{AllocationStrategy, MasterConfig, ReplicateConfig, SoftPinAction};
@@ -259,6 +261,21 @@ impl Master {
                 reservation,
                 &items,
                 &config,
+                None,
+            )),
+            Command::CommitReservedChecked {
+                client_id,
+                reservation,
+                items,
+                config,
+                checksums,
+            } => Response::UnitBatch(self.commit_reserved(
+                now,
+                client_id,
+                reservation,
+                &items,
+                &config,
+                Some(&checksums),
             )),
             Command::ExpireReservations => Response::Count(Ok(self.expire_reservations(now))),
             Command::ClientsHeard { heard } => {
@@ -327,13 +344,30 @@ impl Master {
                 WriteKind::Upsert,
             )),
             Command::PutEnd { client_id, key } => {
-                Response::Unit(self.put_end(now, client_id, &key))
+                Response::Unit(self.put_end(now, client_id, &key, None))
             }
+            Command::PutEndChecked {
+                client_id,
+                key,
+                checksum,
+            } => Response::Unit(self.put_end(now, client_id, &key, Some(checksum))),
             Command::BatchPutEnd { client_id, keys } => Response::UnitBatch(
                 keys.iter()
-                    .map(|k| self.put_end(now, client_id, k))
+                    .map(|k| self.put_end(now, client_id, k, None))
                     .collect(),
             ),
+            Command::BatchPutEndChecked {
+                client_id,
+                keys,
+                checksums,
+            } => Response::UnitBatch(if keys.len() == checksums.len() {
+                keys.iter()
+                    .zip(checksums)
+                    .map(|(k, c)| self.put_end(now, client_id, k, Some(c)))
+                    .collect()
+            } else {
+                vec![Err(ErrorCode::INVALID_PARAMS); keys.len()]
+            }),
             Command::PutRevoke { client_id, key } => {
                 Response::Unit(self.put_revoke(now, client_id, &key))
             }

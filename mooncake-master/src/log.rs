@@ -61,20 +61,37 @@ impl StateMachine for Master {
     }
 
     /// The whole master (configuration, RNG state, segments with their allocators, objects,
-    /// clients, tasks, counters), postcard-encoded, followed by the remembered request outcomes.
+    /// clients, tasks, counters), postcard-encoded, followed by the remembered request outcomes,
+    /// then the objects' checksums (`(key, checksum)` for each object that has one).
     fn snapshot(&self) -> mooncake_core::Result<Vec<u8>> {
         let mut bytes = postcard::to_allocvec(self)?;
         bytes.extend_from_slice(&postcard::to_allocvec(&self.requests)?);
+        let checksums: Vec<(&str, u32)> = self
+            .objects
+            .iter()
+            .filter_map(|(k, o)| o.checksum.map(|c| (k.as_str(), c)))
+            .collect();
+        bytes.extend_from_slice(&postcard::to_allocvec(&checksums)?);
         Ok(bytes)
     }
 
     /// Replaces the master with a snapshot, after checking it decodes and its configuration is
     /// valid. A snapshot without remembered request outcomes (made before they existed)
-    /// restores with none.
+    /// restores with none, and one without checksums (made before them) restores its objects
+    /// without any: they are served unverified.
     fn restore(&mut self, snapshot: &[u8]) -> mooncake_core::Result<()> {
         let (mut restored, rest): (Master, &[u8]) = postcard::take_from_bytes(snapshot)?;
         if !rest.is_empty() {
-            restored.requests = postcard::from_bytes(rest)?;
+            let (requests, rest) = postcard::take_from_bytes(rest)?;
+            restored.requests = requests;
+            if !rest.is_empty() {
+                let checksums: Vec<(String, u32)> = postcard::from_bytes(rest)?;
+                for (key, checksum) in checksums {
+                    if let Some(o) = restored.objects.get_mut(&key) {
+                        o.checksum = Some(checksum);
+                    }
+                }
+            }
         }
         restored.config().validate()?;
         restored.rebuild_indexes();

@@ -70,6 +70,12 @@ pub(crate) struct Object {
     /// lost, say in a master failover) succeeds instead of failing.
     #[serde(default)]
     pub(crate) committed_by: Option<ClientId>,
+    /// The writer's checksum of the committed value (see [`ValueChecksum`](crate::ValueChecksum)),
+    /// if its commit carried one. Snapshots carry it after the rest of the master (see
+    /// `Master::snapshot`), so snapshots made before checksums existed still restore, their
+    /// objects without one (served unverified).
+    #[serde(skip)]
+    pub(crate) checksum: Option<u32>,
 }
 
 impl Object {

@@ -166,6 +166,7 @@ impl Master {
                         pin: Pin::None,
                         task: None,
                         committed_by: None,
+                        checksum: None,
                     },
                 );
             }
@@ -200,11 +201,13 @@ impl Master {
         Ok(obj)
     }
 
+    /// PutEnd, recording the value's `checksum` (if the commit carries one) with the object.
     pub(crate) fn put_end(
         &mut self,
         now: Timestamp,
         client: ClientId,
         key: &str,
+        checksum: Option<u32>,
     ) -> Result<(), ErrorCode> {
         let default_soft_ttl = self.config.default_kv_soft_pin_ttl_ms;
         if let Some(obj) = self.objects.get(key) {
@@ -215,6 +218,7 @@ impl Master {
         }
         let obj = self.owned_pending(client, key)?;
         obj.committed_by = Some(client);
+        obj.checksum = checksum;
         let mut p = obj.pending.take().expect("checked");
         let started = p.started_at;
         for r in &mut p.replicas {

@@ -237,7 +237,8 @@ impl Master {
         })
     }
 
-    /// Commits values written into reservation `id`; one result per item.
+    /// Commits values written into reservation `id`; one result per item. `checksums`, when
+    /// given, has one checksum per item (else every item is refused with `INVALID_PARAMS`).
     pub(crate) fn commit_reserved(
         &mut self,
         now: Timestamp,
@@ -245,10 +246,18 @@ impl Master {
         id: u64,
         items: &[ReservedPut],
         config: &ReplicateConfig,
+        checksums: Option<&[u32]>,
     ) -> Vec<Result<(), ErrorCode>> {
+        if checksums.is_some_and(|c| c.len() != items.len()) {
+            return vec![Err(ErrorCode::INVALID_PARAMS); items.len()];
+        }
         items
             .iter()
-            .map(|item| self.commit_one(now, client, id, item, config))
+            .enumerate()
+            .map(|(i, item)| {
+                let checksum = checksums.map(|c| c[i]);
+                self.commit_one(now, client, id, item, config, checksum)
+            })
             .collect()
     }
 
@@ -259,6 +268,7 @@ impl Master {
         id: u64,
         item: &ReservedPut,
         config: &ReplicateConfig,
+        checksum: Option<u32>,
     ) -> Result<(), ErrorCode> {
         self.counters.put_starts += 1;
         if item.key.is_empty() || item.size == 0 || config.replica_num != 1 {
@@ -306,6 +316,7 @@ impl Master {
                 pin,
                 task: None,
                 committed_by: Some(client),
+                checksum,
             },
         );
         self.counters.put_ends += 1;

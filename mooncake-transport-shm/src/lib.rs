@@ -21,6 +21,16 @@
 //!   ask for a landing notice are reported to the target over the socket, and acknowledged,
 //!   before they complete.
 //!
+//! **Deadlines.** A WRITE may carry a deadline
+//! ([`TransferRequest::with_deadline`](mooncake_core::TransferRequest::with_deadline)): after
+//! it the target's space may belong to other data. This transport does not start a copy past
+//! its deadline, but it cannot fence one that has begun: the initiator itself copies into its
+//! mapping, and a copy paused midway (the process stopped, swapped out, descheduled) goes on
+//! writing when it resumes, with no party in between to refuse it. The target cannot revoke the
+//! mapping for one range either. Where that matters the guard is the reader's: the store
+//! records a checksum of every value at commit and a reader never returns bytes that do not
+//! match it (`CHECKSUM_MISMATCH`, or another replica's bytes).
+//!
 //! Memory is never at risk: the initiator touches only its mappings, whose pages live as long
 //! as the mappings do, and its own registered memory through validated regions. What this crate
 //! does not do: share caller-owned memory (only buffers the engine allocates are memfds), or
@@ -325,7 +335,12 @@ impl Transport for ShmTransport {
         let mut landed = Vec::new();
         let (mut copies, mut bytes) = (0u64, 0u64);
         for op in &ops {
-            let r = peer.copy(op, &self.mappings);
+            // The copies of a batch run one after the other: a WRITE whose deadline passed
+            // while earlier ones ran is not started (see "Deadlines" above).
+            let r = match op.deadline {
+                Some(d) if Instant::now() >= d => Err(mooncake_core::past_deadline(op.local.len())),
+                _ => peer.copy(op, &self.mappings),
+            };
             if r.is_ok() {
                 copies += 1;
                 bytes += op.local.len();

@@ -388,6 +388,7 @@ async fn a_silent_target_fails_within_the_timeout_and_holds_up_no_one_else() {
         target_addr,
         index: 0,
         notify: false,
+        deadline: None,
     };
     let started = Instant::now();
     let stuck = {

@@ -165,6 +165,8 @@ pub(crate) struct Outgoing {
     pub(crate) completion: Completion,
     /// WRITE only: ask for a landing notice.
     pub(crate) notify: bool,
+    /// WRITE only: no byte may land after this (sent as the time left; see the frame docs).
+    pub(crate) deadline: Option<std::time::Instant>,
 }
 
 struct Pending {
@@ -293,6 +295,24 @@ impl Lane {
         let mut s = self.send.lock().await;
         let mut items = items.into_iter();
         while let Some(item) = items.next() {
+            // The time left, read as late as possible: just before the header goes out.
+            let deadline_ms = match item.deadline.filter(|_| item.op == Op::Write) {
+                None => None,
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    // Whole ms, rounded down (a fraction of one counts as none left); a longer
+                    // budget than the field holds is cut to the most it holds, which is safe.
+                    match u16::try_from(left.as_millis()).unwrap_or(u16::MAX) {
+                        0 => {
+                            let len = item.local.as_ref().map_or(0, MemRegion::len);
+                            item.completion
+                                .finish(Err(mooncake_core::past_deadline(len)));
+                            continue;
+                        }
+                        ms => Some(ms),
+                    }
+                }
+            };
             let id = s.next_id;
             s.next_id = s.next_id.wrapping_add(1);
             let len = item.local.as_ref().map_or(0, MemRegion::len);
@@ -326,6 +346,7 @@ impl Lane {
                     addr: item.addr,
                     len,
                     notify: item.notify,
+                    deadline_ms,
                 },
                 &mut s.buf,
             );

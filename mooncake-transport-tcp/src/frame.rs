@@ -6,14 +6,28 @@
 //! the initiator sends requests and the target answers each, in order:
 //!
 //! ```text
-//! request  (24 bytes): opcode u8 | flags u8 | reserved u16 | request id u32 | addr u64 | len u64
+//! request  (24 bytes): opcode u8 | flags u8 | budget u16 | request id u32 | addr u64 | len u64
 //!                      followed by `len` payload bytes for WRITE
 //!                      flags: bit 0 (WRITE only) = report the landing to the segment's observer
+//!                             bit 1 (WRITE only) = `budget` is a deadline: the target stores
+//!                             no byte of the payload later than `budget` ms (1..=65535) after
+//!                             it read the header; without the flag `budget` is 0
 //! response (16 bytes): status i32 | request id u32 | len u64
 //!                      followed by `len` payload bytes (READ data, DESCRIBE descriptor)
 //! ```
 //!
 //! All integers are little-endian. `status` is 0 or a value of the `ErrorCode` table.
+//!
+//! A WRITE's deadline fences it: the space it writes may be handed to other data after the
+//! writer's deadline (the master frees an abandoned write's or a reservation's range on a
+//! timer), so its bytes must not land later, however long the writer was held (paused,
+//! swapped, throttled) or the payload took. The initiator sends the time left, measured just
+//! before the header goes out (a request already late is not sent); the target counts it from
+//! when it reads the header and closes the connection rather than store a payload byte after
+//! it (the initiator's op fails). The budget is relative, so the peers' clocks need not agree;
+//! what it cannot see is time the header spent between the initiator's clock reading and the
+//! target's reading of it (in flight, or queued behind a busy connection): writers keep a
+//! margin for that, and the store's per-object checksums catch what lands regardless.
 //!
 //! A target that authenticates its peers (see `TcpConfig::auth`) and refuses a connection (a
 //! peer without a certificate, or whose certificate's roles it does not admit) answers it with
@@ -38,6 +52,9 @@ pub const MAX_REQUEST_LEN: u64 = 1 << 40;
 /// Request flag (WRITE only): the target reports the landed bytes to its segment's observer
 /// before answering.
 pub const FLAG_NOTIFY: u8 = 1;
+/// Request flag (WRITE only): the header's budget field is the WRITE's deadline, in ms from
+/// the target's reading of the header.
+pub const FLAG_DEADLINE: u8 = 2;
 /// Largest descriptor a DESCRIBE response may carry.
 pub const MAX_DESCRIPTOR_LEN: u64 = 16 << 20;
 
@@ -66,6 +83,9 @@ pub struct Request {
     pub len: u64,
     /// WRITE only: report the landing ([`FLAG_NOTIFY`]).
     pub notify: bool,
+    /// WRITE only: store no payload byte later than this many ms after reading the header
+    /// ([`FLAG_DEADLINE`]; 1 or more).
+    pub deadline_ms: Option<u16>,
 }
 
 /// A decoded response header.
@@ -164,8 +184,12 @@ pub fn is_refusal(resp: &Response) -> bool {
 /// Appends an encoded request header to `out`.
 pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
     out.push(req.op as u8);
-    out.push(if req.notify { FLAG_NOTIFY } else { 0 });
-    out.extend_from_slice(&0u16.to_le_bytes());
+    let deadline = req.deadline_ms.filter(|_| req.op == Op::Write);
+    out.push(
+        if req.notify { FLAG_NOTIFY } else { 0 }
+            | if deadline.is_some() { FLAG_DEADLINE } else { 0 },
+    );
+    out.extend_from_slice(&deadline.unwrap_or(0).to_le_bytes());
     out.extend_from_slice(&req.id.to_le_bytes());
     out.extend_from_slice(&req.addr.to_le_bytes());
     out.extend_from_slice(&req.len.to_le_bytes());
@@ -184,10 +208,18 @@ pub fn decode_request(b: &[u8]) -> Result<Option<Request>, FrameError> {
         other => return Err(FrameError::UnknownOpcode(other)),
     };
     let flags = h[1];
-    let reserved = u16::from_le_bytes([h[2], h[3]]);
-    let allowed = if op == Op::Write { FLAG_NOTIFY } else { 0 };
-    if flags & !allowed != 0 || reserved != 0 {
-        return Err(FrameError::ReservedBits { flags, reserved });
+    let budget = u16::from_le_bytes([h[2], h[3]]);
+    let allowed = if op == Op::Write {
+        FLAG_NOTIFY | FLAG_DEADLINE
+    } else {
+        0
+    };
+    let has_deadline = flags & FLAG_DEADLINE != 0;
+    if flags & !allowed != 0 || (budget != 0) != has_deadline {
+        return Err(FrameError::ReservedBits {
+            flags,
+            reserved: budget,
+        });
     }
     let id = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
     let addr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
@@ -204,6 +236,7 @@ pub fn decode_request(b: &[u8]) -> Result<Option<Request>, FrameError> {
         addr,
         len,
         notify: flags & FLAG_NOTIFY != 0,
+        deadline_ms: has_deadline.then_some(budget),
     }))
 }
 
@@ -246,10 +279,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn request_round_trips(op in op(), id: u32, addr: u64, len in 0..=MAX_REQUEST_LEN, notify: bool) {
+        fn request_round_trips(op in op(), id: u32, addr: u64, len in 0..=MAX_REQUEST_LEN, notify: bool, deadline in proptest::option::of(1..=u16::MAX)) {
             let (addr, len) = if op == Op::Describe { (0, 0) } else { (addr, len) };
             let notify = notify && op == Op::Write;
-            let req = Request { op, id, addr, len, notify };
+            let deadline_ms = deadline.filter(|_| op == Op::Write);
+            let req = Request { op, id, addr, len, notify, deadline_ms };
             let mut buf = Vec::new();
             encode_request(&req, &mut buf);
             prop_assert_eq!(buf.len(), REQUEST_LEN);
@@ -292,6 +326,7 @@ mod tests {
                 addr: 0,
                 len: 0,
                 notify: false,
+                deadline_ms: None,
             },
             &mut b,
         );
@@ -312,11 +347,33 @@ mod tests {
         );
         bad[0] = Op::Write as u8;
         assert!(decode_request(&bad).unwrap().unwrap().notify);
-        bad[1] = 2;
+        bad[1] = 4;
         assert!(matches!(
             decode_request(&bad),
             Err(FrameError::ReservedBits { .. })
         ));
+        // A deadline flag needs a budget of 1 ms or more, and a budget needs the flag.
+        bad[1] = FLAG_DEADLINE;
+        assert!(matches!(
+            decode_request(&bad),
+            Err(FrameError::ReservedBits { .. })
+        ));
+        bad[2..4].copy_from_slice(&250u16.to_le_bytes());
+        assert_eq!(
+            decode_request(&bad).unwrap().unwrap().deadline_ms,
+            Some(250)
+        );
+        bad[1] = 0;
+        assert!(matches!(
+            decode_request(&bad),
+            Err(FrameError::ReservedBits { .. })
+        ));
+        bad[1] = FLAG_DEADLINE;
+        bad[0] = Op::Read as u8;
+        assert!(
+            matches!(decode_request(&bad), Err(FrameError::ReservedBits { .. })),
+            "deadlines are for WRITEs only"
+        );
         let mut bad = b;
         bad[0] = Op::Describe as u8;
         bad[8] = 1;

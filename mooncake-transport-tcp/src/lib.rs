@@ -312,12 +312,13 @@ impl Transport for TcpTransport {
             .map(|k| ((start + k) % lanes, Vec::new()))
             .collect();
         let mut load = vec![0u64; lanes];
-        let outgoing = |op: Op, addr, local, completion, notify| Outgoing {
+        let outgoing = |op: Op, addr, local, completion, notify, deadline| Outgoing {
             op,
             addr,
             local: Some(local),
             completion,
             notify,
+            deadline,
         };
         for op in ops {
             let code = match op.opcode {
@@ -344,6 +345,7 @@ impl Transport for TcpTransport {
                         local,
                         c,
                         op.notify,
+                        op.deadline,
                     ));
                     load[k] += this;
                     offset += this;
@@ -359,9 +361,14 @@ impl Transport for TcpTransport {
                     },
                     &call,
                 );
-                per_lane[k]
-                    .1
-                    .push(outgoing(code, op.target_addr, op.local, c, op.notify));
+                per_lane[k].1.push(outgoing(
+                    code,
+                    op.target_addr,
+                    op.local,
+                    c,
+                    op.notify,
+                    op.deadline,
+                ));
             }
         }
         per_lane.retain(|(_, items)| !items.is_empty());
@@ -389,6 +396,7 @@ impl Transport for TcpTransport {
             local: None,
             completion: Completion::new(Kind::Describe(tx), &call),
             notify: false,
+            deadline: None,
         };
         let lane = pool.rotate();
         self.run(&pool, vec![(lane, vec![item])], &call).await;

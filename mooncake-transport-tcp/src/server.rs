@@ -293,9 +293,16 @@ async fn serve_requests(
             },
             Op::Write => match memory.resolve(req.addr, req.len) {
                 Ok(region) => {
+                    // Counted from now, when the header is read (see the frame docs).
+                    let deadline = req.deadline_ms.map(|ms| {
+                        tokio::time::Instant::now()
+                            + std::time::Duration::from_millis(u64::from(ms))
+                    });
                     // SAFETY: as above; the range is writable registered memory. If the buffer
                     // is unregistered meanwhile, the receive stops (and the connection closes)
-                    // before the region is dropped, so nothing lands after that.
+                    // before the region is dropped, so nothing lands after that. The same holds
+                    // when the WRITE's deadline passes: the receive is dropped, and the
+                    // connection closed, before another byte lands.
                     let recv = unsafe {
                         input.read_payload_into(
                             stream,
@@ -303,7 +310,25 @@ async fn serve_requests(
                             region.len() as usize,
                         )
                     };
-                    bounded("a WRITE payload", config, Some(&region), recv).await?;
+                    let fenced = async {
+                        match deadline {
+                            None => recv.await,
+                            Some(at) => match tokio::time::timeout_at(at, recv).await {
+                                Ok(r) => r,
+                                Err(_) => Err(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!(
+                                        "a WRITE of {} bytes at {:#x} went past its deadline \
+                                         ({} ms); its space may belong to others now",
+                                        req.len,
+                                        req.addr,
+                                        req.deadline_ms.unwrap_or(0)
+                                    ),
+                                )),
+                            },
+                        }
+                    };
+                    bounded("a WRITE payload", config, Some(&region), fenced).await?;
                     if req.notify {
                         segment.landed(req.addr, req.len);
                     }

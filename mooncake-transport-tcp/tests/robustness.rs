@@ -56,6 +56,7 @@ fn request(op: Op, id: u32, addr: u64, len: u64) -> Vec<u8> {
             addr,
             len,
             notify,
+            deadline_ms: None,
         },
         &mut b,
     );

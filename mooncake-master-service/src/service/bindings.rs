@@ -63,14 +63,17 @@ fn named_client(command: &Command) -> Option<ClientId> {
         | Command::UpsertStart { client_id, .. }
         | Command::BatchUpsertStart { client_id, .. }
         | Command::PutEnd { client_id, .. }
+        | Command::PutEndChecked { client_id, .. }
         | Command::BatchPutEnd { client_id, .. }
+        | Command::BatchPutEndChecked { client_id, .. }
         | Command::PutRevoke { client_id, .. }
         | Command::BatchPutRevoke { client_id, .. }
         | Command::ReplaceReplicas { client_id, .. }
         | Command::FetchTasks { client_id, .. }
         | Command::FinishTask { client_id, .. }
         | Command::Reserve { client_id, .. }
-        | Command::CommitReserved { client_id, .. } => Some(*client_id),
+        | Command::CommitReserved { client_id, .. }
+        | Command::CommitReservedChecked { client_id, .. } => Some(*client_id),
         _ => None,
     }
 }

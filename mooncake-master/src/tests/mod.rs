@@ -1,5 +1,6 @@
 //! Tests of the master state machine, driven through `apply` with a virtual clock.
 
+mod checksum;
 mod clients;
 mod evict;
 mod leader;

@@ -669,18 +669,19 @@ impl DummyClient {
         }
     }
 
-    async fn read_to_pool(&self, items: Vec<PoolItem>) -> Vec<Result<u64>> {
+    /// Reads into the pool; `checked`: against the values' checksums whatever the real
+    /// client's configuration says (for bytes returned as a value).
+    async fn read_to_pool(&self, items: Vec<PoolItem>, checked: bool) -> Vec<Result<u64>> {
         let n = items.len();
         if n == 0 {
             return Vec::new();
         }
-        match self
-            .call(Request::GetInto {
-                session: self.session.load(Ordering::Acquire),
-                items,
-            })
-            .await
-        {
+        let session = self.session.load(Ordering::Acquire);
+        let request = match checked {
+            true => Request::GetIntoChecked { session, items },
+            false => Request::GetInto { session, items },
+        };
+        match self.call(request).await {
             Ok(Reply::Counts(v)) if v.len() == n => v.into_iter().map(from_wire).collect(),
             Ok(other) => vec![Err(unexpected(other)); n],
             Err(e) => vec![Err(e); n],
@@ -690,7 +691,7 @@ impl DummyClient {
     /// [`read_to_pool`](Self::read_to_pool) for user buffers, which must lie inside the pool.
     async fn user_read_to_pool(&self, items: Vec<PoolItem>) -> Vec<Result<u64>> {
         let (mut out, idx, items) = self.checked(items);
-        for (i, r) in idx.into_iter().zip(self.read_to_pool(items).await) {
+        for (i, r) in idx.into_iter().zip(self.read_to_pool(items, false).await) {
             out[i] = Some(r);
         }
         out.into_iter()
@@ -727,7 +728,7 @@ impl DummyClient {
             .iter()
             .map(|(i, c)| (keys[*i].to_owned(), vec![(c.addr(), c.size)]))
             .collect();
-        let results = self.read_to_pool(items).await;
+        let results = self.read_to_pool(items, true).await;
         let mut leak = false;
         for ((i, chunk), r) in staged.into_iter().zip(results) {
             match r {

@@ -234,7 +234,14 @@ impl State {
             .collect()
     }
 
-    async fn get_into(&self, session: u64, items: Vec<PoolItem>) -> Vec<Result<u64>> {
+    /// Reads into the session's pool; `checked`: always against the values' checksums (the
+    /// dummy returns the bytes as a value), else as the store's configuration says.
+    async fn get_into(
+        &self,
+        session: u64,
+        items: Vec<PoolItem>,
+        checked: bool,
+    ) -> Vec<Result<u64>> {
         let pool = match self.pool(session) {
             Ok(p) => p,
             Err(e) => return vec![Err(e); items.len()],
@@ -261,7 +268,11 @@ impl State {
         if !go.is_empty() {
             let items: Vec<(&str, Vec<(u64, u64)>)> =
                 go.iter().map(|(_, k, p)| (k.as_str(), p.clone())).collect();
-            let results = self.store.batch_get_into_multi_buffers(&items).await;
+            let results = if checked {
+                self.store.batch_get_into_checked(&items).await
+            } else {
+                self.store.batch_get_into_multi_buffers(&items).await
+            };
             for ((i, _, _), r) in go.iter().zip(results) {
                 out[*i] = Some(r);
             }
@@ -354,7 +365,14 @@ impl Handler<Request, Reply> for State {
                 }
             }))),
             Request::GetInto { session, items } => Reply::Counts(
-                self.get_into(session, items)
+                self.get_into(session, items, false)
+                    .await
+                    .into_iter()
+                    .map(to_wire)
+                    .collect(),
+            ),
+            Request::GetIntoChecked { session, items } => Reply::Counts(
+                self.get_into(session, items, true)
                     .await
                     .into_iter()
                     .map(to_wire)

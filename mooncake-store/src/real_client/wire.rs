@@ -6,8 +6,8 @@ use mooncake_master::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol, checked by `Hello`.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol, checked by `Hello`. 2: `GetIntoChecked`.
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest inline value either side puts in one message (the RPC frame limit, less headroom).
 pub(crate) const MAX_INLINE: usize = mooncake_rpc::rpc::MAX_FRAME - (1 << 20);
@@ -120,13 +120,19 @@ pub(crate) enum Request {
     QueryTask { id: TaskId },
     /// The master's metrics.
     MasterMetrics,
+    /// [`Request::GetInto`] for a dummy's `get` (bytes returned as a value): the bytes are
+    /// checked against the value's checksum whatever `MOONCAKE_STORE_CHECKSUM` says. Added
+    /// last: earlier variants keep their wire tags.
+    GetIntoChecked { session: u64, items: Vec<PoolItem> },
 }
 
 impl Request {
     /// The session field of a call that touches the shared pool.
     pub(crate) fn session_mut(&mut self) -> Option<&mut u64> {
         match self {
-            Request::PutFrom { session, .. } | Request::GetInto { session, .. } => Some(session),
+            Request::PutFrom { session, .. }
+            | Request::GetInto { session, .. }
+            | Request::GetIntoChecked { session, .. } => Some(session),
             _ => None,
         }
     }

@@ -236,6 +236,7 @@ mod tests {
             size: 4096,
             replicas,
             lease: LeaseDeadline(Timestamp::from_millis(10)),
+            checksum: None,
         }
     }
 

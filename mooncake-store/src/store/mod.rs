@@ -25,6 +25,7 @@
 
 mod admin;
 mod api;
+mod checksum;
 mod locations;
 mod read;
 mod reserve;
@@ -133,6 +134,18 @@ pub struct StoreConfig {
     /// this client's own segment is shared the same way). Default: on, unless the environment
     /// says `MC_SAME_HOST_SHM=0`.
     pub same_host_shm: bool,
+    /// Check every zero-copy read (`get_into` and its batch forms) against the value's checksum
+    /// too, not only reads returned as bytes (see the `checksum` module): a mismatch tries the
+    /// next replica, and gives `CHECKSUM_MISMATCH` when none matches. Costs one pass over the
+    /// bytes read. Default: whether the environment says `MOONCAKE_STORE_CHECKSUM=1`
+    /// (upstream's switch).
+    pub verify_zero_copy: bool,
+    /// How long after asking for space (PutStart) a put's WRITEs may land: their deadline,
+    /// which the target enforces (TCP) and the engine checks before starting a copy. Keep it
+    /// below the master's `put_takeover_ms` (30 s by default), after which the master may hand
+    /// the space to another writer. Default 20 s. (Writes into a reservation have their own,
+    /// shorter deadline, from the reservation's TTL.)
+    pub put_write_deadline: Duration,
 }
 
 impl Default for StoreConfig {
@@ -153,6 +166,8 @@ impl Default for StoreConfig {
             prefault_segment: false,
             commit_on_landing: None,
             same_host_shm: crate::engine::same_host_shm_allowed(),
+            verify_zero_copy: std::env::var("MOONCAKE_STORE_CHECKSUM").is_ok_and(|v| v == "1"),
+            put_write_deadline: Duration::from_secs(20),
         }
     }
 }
@@ -183,6 +198,9 @@ impl StoreConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return bad("heartbeat_interval must be non-zero".into());
+        }
+        if self.put_write_deadline.is_zero() {
+            return bad("put_write_deadline must be non-zero".into());
         }
         Ok(())
     }

@@ -7,6 +7,11 @@
 //! fails, and reports `LEASE_EXPIRED` when the transfer ended after the lease did: the bytes may
 //! then have been overwritten while they were read.
 //!
+//! The bytes are checked against the value's checksum (see [`checksum`](super::checksum)):
+//! always when they are returned as bytes, on zero-copy reads when
+//! [`StoreConfig::verify_zero_copy`](super::StoreConfig::verify_zero_copy) says so. A replica
+//! that does not match is passed over for the next; none matching is `CHECKSUM_MISMATCH`.
+//!
 //! A key read before is read again from where it was, at the same time as the master call
 //! (see [`LocationCache`](super::locations::LocationCache)); the bytes count only if the answer
 //! confirms that place, else the object is read from the answer's replicas.
@@ -15,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_core::{Error, ErrorCode, Result, TransferRequest};
-use mooncake_master::{Command, ReplicaDescriptor, ReplicaList, Response};
+use mooncake_master::{Command, ReplicaDescriptor, ReplicaId, ReplicaList, Response};
 
+use super::checksum;
 use super::locations::Located;
 use super::staging::Slot;
 use super::value::StagedValue;
@@ -26,13 +32,18 @@ use super::Store;
 enum Dest {
     /// A new vector (through the staging buffer, or straight from this client's own segment).
     Bytes,
-    /// Registered caller memory, filled in order; must hold the whole object.
-    Registered(Vec<(u64, u64)>),
+    /// Registered caller memory, filled in order; must hold the whole object. The flag: check
+    /// the bytes against the value's checksum.
+    Registered(Vec<(u64, u64)>, bool),
 }
+
+/// A read of one object for `read_batch`: its replicas, where its bytes go, and whether to check
+/// them against its checksum.
+type Job<'a> = (&'a ReplicaList, &'a [(u64, u64)], bool);
 
 /// A zero-copy read waiting to run: item index, key, replicas, destination buffers and the local
 /// lease deadline.
-type DirectRead<'a> = (usize, &'a str, ReplicaList, Vec<(u64, u64)>, Instant);
+type DirectRead<'a> = (usize, &'a str, ReplicaList, Vec<(u64, u64)>, Instant, bool);
 
 /// Reads sent ahead of the master's answer (see [`LocationCache`](super::locations::LocationCache)).
 #[derive(Default)]
@@ -102,7 +113,10 @@ impl Store {
     /// buffer's contents are unspecified (a read sent ahead may have landed there).
     pub async fn get_into(&self, key: &str, addr: u64, size: u64) -> Result<u64> {
         match self
-            .read_one(key, Dest::Registered(vec![(addr, size)]))
+            .read_one(
+                key,
+                Dest::Registered(vec![(addr, size)], self.config.verify_zero_copy),
+            )
             .await?
         {
             Got::Into(n) => Ok(n),
@@ -114,7 +128,10 @@ impl Store {
     pub async fn batch_get_into(&self, items: &[(&str, u64, u64)]) -> Vec<Result<u64>> {
         let items = items
             .iter()
-            .map(|(k, a, s)| (*k, Dest::Registered(vec![(*a, *s)])))
+            .map(|(k, a, s)| {
+                let dest = Dest::Registered(vec![(*a, *s)], self.config.verify_zero_copy);
+                (*k, dest)
+            })
             .collect();
         Self::sizes(self.read_many(items).await)
     }
@@ -125,9 +142,24 @@ impl Store {
         &self,
         items: &[(&str, Vec<(u64, u64)>)],
     ) -> Vec<Result<u64>> {
+        let verify = self.config.verify_zero_copy;
         let items = items
             .iter()
-            .map(|(k, parts)| (*k, Dest::Registered(parts.clone())))
+            .map(|(k, parts)| (*k, Dest::Registered(parts.clone(), verify)))
+            .collect();
+        Self::sizes(self.read_many(items).await)
+    }
+
+    /// [`Store::batch_get_into_multi_buffers`], checking every value against its checksum
+    /// whatever [`StoreConfig::verify_zero_copy`](super::StoreConfig::verify_zero_copy) says:
+    /// for callers that hand the bytes on as a value (the real client serving a dummy's `get`).
+    pub async fn batch_get_into_checked(
+        &self,
+        items: &[(&str, Vec<(u64, u64)>)],
+    ) -> Vec<Result<u64>> {
+        let items = items
+            .iter()
+            .map(|(k, parts)| (*k, Dest::Registered(parts.clone(), true)))
             .collect();
         Self::sizes(self.read_many(items).await)
     }
@@ -272,6 +304,17 @@ impl Store {
                     continue;
                 }
             };
+            // Bytes that do not match the checksum are read again from the answer's replicas.
+            let verified = match (read.staged, &items[read.item].1) {
+                (Some(addr), _) => self.verified(list, &[(addr, list.size)], true),
+                (None, Dest::Registered(parts, verify)) => self.verified(list, parts, *verify),
+                (None, Dest::Bytes) => false,
+            };
+            if !verified {
+                self.locations.forget(keys[read.item]);
+                self.locations.count(false);
+                continue;
+            }
             self.locations.count(true);
             let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
             let key = keys[read.item];
@@ -338,10 +381,12 @@ impl Store {
                 continue;
             };
             match dest {
-                Dest::Registered(parts) if parts.iter().map(|p| p.1).sum::<u64>() < guess.size => {
+                Dest::Registered(parts, _)
+                    if parts.iter().map(|p| p.1).sum::<u64>() < guess.size =>
+                {
                     continue
                 }
-                Dest::Registered(_) => {}
+                Dest::Registered(..) => {}
                 Dest::Bytes => staged_bytes += guess.size.next_multiple_of(64),
             }
             guessed.push((i, guess));
@@ -356,7 +401,7 @@ impl Store {
         }
         for (i, guess) in guessed {
             let (staged, parts) = match &items[i].1 {
-                Dest::Registered(parts) => (None, parts.clone()),
+                Dest::Registered(parts, _) => (None, parts.clone()),
                 Dest::Bytes => {
                     let Some(at) = staged_at.as_mut() else {
                         continue;
@@ -408,7 +453,7 @@ impl Store {
             };
             let deadline = started + Duration::from_millis(list.lease.0.since(master_now));
             match dest {
-                Dest::Registered(parts) => {
+                Dest::Registered(parts, verify) => {
                     let capacity: u64 = parts.iter().map(|p| p.1).sum();
                     let r = if capacity < list.size {
                         Err(Error::with_code(
@@ -421,7 +466,7 @@ impl Store {
                     } else {
                         // Read below, all at once.
                         out.push(None);
-                        direct.push((i, key, list, parts, deadline));
+                        direct.push((i, key, list, parts, deadline, verify));
                         continue;
                     };
                     out.push(Some(r));
@@ -439,16 +484,16 @@ impl Store {
             }
         }
         // Zero-copy reads go out as one transfer batch.
-        let jobs: Vec<(&ReplicaList, &[(u64, u64)])> = direct
+        let jobs: Vec<Job<'_>> = direct
             .iter()
-            .map(|(_, _, list, parts, _)| (list, parts.as_slice()))
+            .map(|(_, _, list, parts, _, verify)| (list, parts.as_slice(), *verify))
             .collect();
         let results = if jobs.is_empty() {
             Vec::new()
         } else {
             self.read_batch(&jobs).await
         };
-        for ((i, key, list, _, deadline), r) in direct.iter().zip(results) {
+        for ((i, key, list, _, deadline, _), r) in direct.iter().zip(results) {
             out[*i] = Some(
                 r.and_then(|()| lease_check(*deadline, key))
                     .map(|()| Got::Into(list.size)),
@@ -515,10 +560,10 @@ impl Store {
             .zip(&placed)
             .map(|((_, list, _), &addr)| [(addr, list.size)])
             .collect();
-        let jobs: Vec<(&ReplicaList, &[(u64, u64)])> = wave
+        let jobs: Vec<Job<'_>> = wave
             .iter()
             .zip(&parts)
-            .map(|((_, list, _), p)| (list, p.as_slice()))
+            .map(|((_, list, _), p)| (list, p.as_slice(), true))
             .collect();
         let results = self.read_batch(&jobs).await;
         wave.iter()
@@ -540,7 +585,8 @@ impl Store {
             .collect()
     }
 
-    /// The value copied straight out of this client's own segment, when a replica is there.
+    /// The value copied straight out of this client's own segment, when a replica is there
+    /// and matches the value's checksum (`None` otherwise: the value is read from the replicas).
     fn local_copy(&self, list: &ReplicaList) -> Option<Result<Vec<u8>>> {
         let own = self.engine.segment_name();
         let mem = list
@@ -548,21 +594,42 @@ impl Store {
             .iter()
             .filter_map(|r| r.memory())
             .find(|m| m.segment_name == own)?;
-        Some(
-            self.engine
-                .memory()
-                .resolve(mem.buffer_address, list.size)
-                .map(|r| r.to_vec()),
-        )
+        let copied = self
+            .engine
+            .memory()
+            .resolve(mem.buffer_address, list.size)
+            .map(|r| r.to_vec());
+        match copied {
+            Ok(v)
+                if list
+                    .checksum
+                    .is_some_and(|c| c != checksum::of_bytes(&[&v])) =>
+            {
+                tracing::warn!("{}", checksum::mismatch(own));
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Whether the bytes read into `parts` match `list`'s checksum (true when not asked to
+    /// `verify`, or when the value has none).
+    fn verified(&self, list: &ReplicaList, parts: &[(u64, u64)], verify: bool) -> bool {
+        !verify
+            || checksum::matches(list, || {
+                checksum::of_registered(self.engine.memory(), parts, list.size)
+            })
+            .unwrap_or(false)
     }
 
     /// Reads several objects with one transfer batch, each from its preferred replica (this
     /// client's own first); an object whose read fails is retried alone over all its replicas.
-    async fn read_batch(&self, jobs: &[(&ReplicaList, &[(u64, u64)])]) -> Vec<Result<()>> {
+    async fn read_batch(&self, jobs: &[Job<'_>]) -> Vec<Result<()>> {
         let own = self.engine.segment_name();
         let mut requests = Vec::new();
-        let mut spans: Vec<Option<std::ops::Range<usize>>> = Vec::with_capacity(jobs.len());
-        for (list, parts) in jobs {
+        let mut spans: Vec<Option<(std::ops::Range<usize>, ReplicaId)>> =
+            Vec::with_capacity(jobs.len());
+        for (list, parts, _) in jobs {
             let Some(replica) = preferred_replica(list, own) else {
                 spans.push(None);
                 continue;
@@ -573,38 +640,54 @@ impl Store {
             };
             let first = requests.len();
             requests.extend(read_requests(&seg, addr, list.size, parts));
-            spans.push(Some(first..requests.len()));
+            spans.push(Some((first..requests.len(), replica.id)));
         }
         let results = self.engine.transfer(requests).await;
         let mut out = Vec::with_capacity(jobs.len());
-        for ((list, parts), span) in jobs.iter().zip(spans) {
-            let failed = match span {
-                Some(range) => results[range].iter().find_map(|r| r.clone().err()),
-                None => Some(Error::Shutdown),
+        for ((list, parts, verify), span) in jobs.iter().zip(spans) {
+            let (failed, used) = match span {
+                Some((range, id)) => (results[range].iter().find_map(|r| r.clone().err()), id),
+                None => (Some(Error::Shutdown), ReplicaId(0)),
             };
             out.push(match failed {
-                None => Ok(()),
+                None if self.verified(list, parts, *verify) => Ok(()),
+                None => {
+                    tracing::warn!("a replica of a value does not match its checksum");
+                    self.read_replicas(list, parts, *verify, Some(used)).await
+                }
                 Some(e @ Error::LocalRangeNotRegistered { .. }) => {
                     Err(Error::with_code(ErrorCode::INVALID_PARAMS, e.to_string()))
                 }
                 // Try again over every replica, one object at a time.
-                Some(_) => self.read_replicas(list, parts).await,
+                Some(_) => self.read_replicas(list, parts, *verify, None).await,
             });
         }
         out
     }
 
     /// Reads the object into `parts` (registered, together at least `list.size` bytes) from one
-    /// replica, this client's own first, trying the next replica when a transfer fails.
-    async fn read_replicas(&self, list: &ReplicaList, parts: &[(u64, u64)]) -> Result<()> {
+    /// replica, this client's own first, trying the next replica when a transfer fails or (when
+    /// asked to `verify`) the bytes do not match the checksum. `mismatched` is a replica already
+    /// found not to match: it is skipped, and without a matching replica the answer is
+    /// `CHECKSUM_MISMATCH`.
+    async fn read_replicas(
+        &self,
+        list: &ReplicaList,
+        parts: &[(u64, u64)],
+        verify: bool,
+        mismatched: Option<ReplicaId>,
+    ) -> Result<()> {
         let own = self.engine.segment_name();
         let mut order: Vec<_> = list
             .replicas
             .iter()
-            .filter(|r| r.memory().is_some())
+            .filter(|r| r.memory().is_some() && Some(r.id) != mismatched)
             .collect();
         order.sort_by_key(|r| r.memory().is_some_and(|m| m.segment_name != own));
-        let mut last = Error::with_code(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica");
+        let mut last = match mismatched {
+            Some(_) => checksum::mismatch("every replica"),
+            None => Error::with_code(ErrorCode::REPLICA_IS_NOT_READY, "no readable replica"),
+        };
         for replica in order {
             let (seg, addr) = match self.locate(replica).await {
                 Ok(x) => x,
@@ -621,12 +704,20 @@ impl Store {
                 .into_iter()
                 .find_map(Result::err)
             {
-                None => return Ok(()),
+                None if self.verified(list, parts, verify) => return Ok(()),
+                None => {
+                    tracing::warn!("{}", checksum::mismatch(&seg.name));
+                    last = checksum::mismatch(&seg.name);
+                }
                 Some(e @ Error::LocalRangeNotRegistered { .. }) => {
                     return Err(Error::with_code(ErrorCode::INVALID_PARAMS, e.to_string()))
                 }
                 Some(e) => {
                     tracing::debug!("reading a replica from {} failed: {e}", seg.name);
+                    if last.code() == ErrorCode::CHECKSUM_MISMATCH {
+                        // A replica that did not match says more than one that could not be read.
+                        continue;
+                    }
                     last = Error::with_code(
                         ErrorCode::TRANSFER_FAIL,
                         format!("reading from {}: {e}", seg.name),

@@ -27,6 +27,8 @@ struct Active {
     session: u64,
     /// No write starts at or after this.
     usable_until: Instant,
+    /// No byte of a write may land at or after this (see [`Carved::land_by`]).
+    land_by: Instant,
     /// Offset of the first unused byte.
     next: u64,
 }
@@ -42,6 +44,12 @@ pub(crate) struct Carved {
     pub(crate) replicas: Vec<ReplicaDescriptor>,
     /// No write into these places may start at or after this.
     pub(crate) usable_until: Instant,
+    /// No byte written into these places may land at or after this: the WRITEs' deadline,
+    /// which the target enforces (see `TransferRequest::with_deadline`). The master frees what
+    /// is unclaimed 2 TTL after granting, later than 2 TTL after the client asked; the deadline
+    /// is 1.5 TTL after asking, which leaves half a TTL for the WRITE's header to reach the
+    /// target (the TCP target counts the deadline from its reading of the header).
+    pub(crate) land_by: Instant,
     /// The master advises committing these values as they land.
     pub(crate) commit_on_landing: bool,
 }
@@ -116,6 +124,7 @@ impl Reserved {
             offsets,
             replicas,
             usable_until: a.usable_until,
+            land_by: a.land_by,
             commit_on_landing: a.grant.commit_on_landing,
         })
     }
@@ -123,10 +132,12 @@ impl Reserved {
     /// Puts a new grant in use; `asked_at` is when the Reserve request was sent.
     pub(crate) fn install(&self, grant: ReservationGrant, session: u64, asked_at: Instant) {
         let usable_until = asked_at + Duration::from_millis(grant.ttl_ms);
+        let land_by = asked_at + Duration::from_millis(grant.ttl_ms.saturating_mul(3) / 2);
         *self.active() = Some(Active {
             grant,
             session,
             usable_until,
+            land_by,
             next: 0,
         });
     }

@@ -33,6 +33,7 @@ use mooncake_master::{
     WriteKind,
 };
 
+use super::checksum;
 use super::reserve::Carved;
 use super::Store;
 use mooncake_rpc::{MasterReply, MasterRequest};
@@ -81,6 +82,8 @@ impl Source<'_> {
 struct Item<'a> {
     key: &'a str,
     source: Source<'a>,
+    /// The value's checksum, sent with its commit (computed in `write_many`, once).
+    checksum: u32,
 }
 
 fn bytes_items<'a>(items: &[(&'a str, &'a [u8])]) -> Vec<Item<'a>> {
@@ -89,6 +92,7 @@ fn bytes_items<'a>(items: &[(&'a str, &'a [u8])]) -> Vec<Item<'a>> {
         .map(|&(key, v)| Item {
             key,
             source: Source::Bytes(vec![v]),
+            checksum: 0,
         })
         .collect()
 }
@@ -99,6 +103,7 @@ fn registered_items<'a>(items: &[(&'a str, u64, u64)]) -> Vec<Item<'a>> {
         .map(|&(key, addr, size)| Item {
             key,
             source: Source::Registered(vec![(addr, size)]),
+            checksum: 0,
         })
         .collect()
 }
@@ -298,6 +303,7 @@ impl Store {
             .map(|(k, parts)| Item {
                 key: k,
                 source: Source::Registered(parts.clone()),
+                checksum: 0,
             })
             .collect();
         self.write_many(WriteKind::Put, items, config).await
@@ -310,7 +316,12 @@ impl Store {
         source: Source<'_>,
         config: &ReplicateConfig,
     ) -> Result<()> {
-        self.write_many(kind, vec![Item { key, source }], config)
+        let item = Item {
+            key,
+            source,
+            checksum: 0,
+        };
+        self.write_many(kind, vec![item], config)
             .await
             .pop()
             .expect("one result per item")
@@ -351,16 +362,33 @@ impl Store {
     async fn write_many(
         &self,
         kind: WriteKind,
-        items: Vec<Item<'_>>,
+        mut items: Vec<Item<'_>>,
         config: &ReplicateConfig,
     ) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = (0..items.len()).map(|_| None).collect();
+        for (i, item) in items.iter_mut().enumerate() {
+            if let Err(e) = self.check(item, config) {
+                results[i] = Some(Err(e));
+                continue;
+            }
+            item.checksum = match &item.source {
+                Source::Bytes(parts) => checksum::of_bytes(parts),
+                Source::Registered(parts) => {
+                    match checksum::of_registered(self.engine.memory(), parts, item.source.size()) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            results[i] = Some(Err(e));
+                            continue;
+                        }
+                    }
+                }
+            };
+        }
         // Waves whose staged bytes fit the staging buffer together.
         let mut wave: Vec<(usize, &Item<'_>)> = Vec::new();
         let mut wave_bytes = 0u64;
         for (i, item) in items.iter().enumerate() {
-            if let Err(e) = self.check(item, config) {
-                results[i] = Some(Err(e));
+            if results[i].is_some() {
                 continue;
             }
             let staged = item.source.staged();
@@ -508,7 +536,10 @@ impl Store {
             Some(forced) => forced,
             None => carved.commit_on_landing && !self.one_sided(&carved.replicas).await,
         };
-        let prepared = match self.prepare(wave, staged_bytes, &targets, overlap).await {
+        let prepared = match self
+            .prepare(wave, staged_bytes, &targets, overlap, carved.land_by)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
         };
@@ -636,11 +667,12 @@ impl Store {
                 size: wave[pos].1.source.size(),
             })
             .collect();
-        Command::CommitReserved {
+        Command::CommitReservedChecked {
             client_id: self.client_id,
             reservation: carved.id,
             items,
             config: config.clone(),
+            checksums: positions.iter().map(|&pos| wave[pos].1.checksum).collect(),
         }
     }
 
@@ -743,6 +775,9 @@ impl Store {
         staged_bytes: u64,
         config: &ReplicateConfig,
     ) -> Vec<(usize, Result<()>)> {
+        // The WRITEs' deadline counts from before PutStart is sent, so it is earlier than the
+        // master's takeover of the write, counted from when it applied PutStart.
+        let land_by = Instant::now() + self.config.put_write_deadline;
         let started = match self.start(kind, wave, config).await {
             Ok(s) => s,
             Err(e) => return wave.iter().map(|(i, _)| (*i, Err(e.clone()))).collect(),
@@ -798,7 +833,10 @@ impl Store {
                 } else {
                     sub_wave.iter().map(|(_, item)| item.source.staged()).sum()
                 };
-                match self.prepare(&sub_wave, staged, &sub_targets, false).await {
+                match self
+                    .prepare(&sub_wave, staged, &sub_targets, false, land_by)
+                    .await
+                {
                     Ok(prepared) => {
                         let written = self.send_detailed(prepared).await;
                         for (&pos, w) in sub.iter().zip(written) {
@@ -879,7 +917,7 @@ impl Store {
             .map(|pos| wave[pos].1.key.to_owned())
             .collect();
         if !revoke.is_empty() {
-            self.end(false, revoke).await;
+            self.end(false, revoke, Vec::new()).await;
         }
         let commit: Vec<usize> = (0..n)
             .filter(|&pos| in_progress[pos] && failed[pos].is_none())
@@ -889,7 +927,8 @@ impl Store {
                 .iter()
                 .map(|&pos| wave[pos].1.key.to_owned())
                 .collect();
-            let ended = self.end(true, keys).await;
+            let checksums = commit.iter().map(|&pos| wave[pos].1.checksum).collect();
+            let ended = self.end(true, keys, checksums).await;
             for (&pos, r) in commit.iter().zip(ended) {
                 if let Err(e) = r {
                     failed[pos] = Some(e);
@@ -949,7 +988,8 @@ impl Store {
     }
 
     /// Stages a wave's byte values and builds its WRITE requests (asking for landing notices
-    /// when `notify`) for each item that has targets. Byte values go through one staging slot
+    /// when `notify`) for each item that has targets, fenced by `land_by` (no byte lands after
+    /// it: the space may be another object's then). Byte values go through one staging slot
     /// of `staged_bytes`; waiting for it fails the whole wave.
     async fn prepare(
         &self,
@@ -957,6 +997,7 @@ impl Store {
         staged_bytes: u64,
         targets: &[Option<&[ReplicaDescriptor]>],
         notify: bool,
+        land_by: Instant,
     ) -> Result<Prepared> {
         let slot = if staged_bytes > 0 {
             Some(
@@ -1008,7 +1049,8 @@ impl Store {
                         Err(e) => return Err(e),
                     };
                     for &(src, len) in &parts {
-                        let write = TransferRequest::write(&seg, addr, src, len);
+                        let write =
+                            TransferRequest::write(&seg, addr, src, len).with_deadline(land_by);
                         requests.push(if notify {
                             write.with_landing_notice()
                         } else {
@@ -1166,20 +1208,27 @@ impl Store {
             .collect())
     }
 
-    /// PutEnd (`commit`) or PutRevoke for `keys`; one result per key.
-    async fn end(&self, commit: bool, keys: Vec<String>) -> Vec<Result<()>> {
+    /// PutEnd (`commit`, with the values' `checksums`, one per key) or PutRevoke for `keys`;
+    /// one result per key.
+    async fn end(&self, commit: bool, keys: Vec<String>, checksums: Vec<u32>) -> Vec<Result<()>> {
         let client_id = self.client_id;
         let n = keys.len();
+        debug_assert!(!commit || checksums.len() == n);
         let command = match (commit, n) {
-            (true, 1) => Command::PutEnd {
+            (true, 1) => Command::PutEndChecked {
                 client_id,
                 key: keys.into_iter().next().expect("one"),
+                checksum: checksums[0],
             },
             (false, 1) => Command::PutRevoke {
                 client_id,
                 key: keys.into_iter().next().expect("one"),
             },
-            (true, _) => Command::BatchPutEnd { client_id, keys },
+            (true, _) => Command::BatchPutEndChecked {
+                client_id,
+                keys,
+                checksums,
+            },
             (false, _) => Command::BatchPutRevoke { client_id, keys },
         };
         let what = if commit { "committing" } else { "revoking" };
