@@ -11,6 +11,7 @@ use mooncake_rpc::rpc::RPC_VERSION;
 use mooncake_meta_raft::raft::prelude::MessageType;
 use mooncake_meta_raft::Message;
 use mooncake_rpc::MasterRequest;
+use mooncake_store::real_client::PROTOCOL_VERSION;
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
@@ -342,14 +343,14 @@ fn real_client_seeds() {
     s.extend(rc_register(2, 0x47, &base.to_le_bytes()));
     s.extend(rc_register(3, 0x01, b"MCDM"));
     let mut long = b"MCDM".to_vec();
-    long.extend_from_slice(&1u32.to_le_bytes());
+    long.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     long.extend_from_slice(&(1u64 << 20).to_le_bytes());
     long.extend_from_slice(&base.to_le_bytes());
     s.extend(rc_register(0, 0x01, &long));
-    let mut v2 = long.clone();
-    v2[4] = 2;
-    v2[8..16].copy_from_slice(&4096u64.to_le_bytes());
-    s.extend(rc_register(1, 0x01, &v2));
+    let mut other = long.clone();
+    other[4..8].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+    other[8..16].copy_from_slice(&4096u64.to_le_bytes());
+    s.extend(rc_register(1, 0x01, &other));
     write("real_client", "registrations", &s);
     // Inline requests of every other kind.
     let mut s = rc_request(0, &(1u32,));

@@ -26,14 +26,13 @@ use libfuzzer_sys::fuzz_target;
 use mooncake_core::memfd::{create_memfd, send_with_fds};
 use mooncake_master::MasterConfig;
 use mooncake_master_service::service::{MasterService, ServiceConfig};
-use mooncake_store::real_client::RealClient;
+use mooncake_store::real_client::{RealClient, PROTOCOL_VERSION};
 use mooncake_store::{Store, StoreConfig};
 use tokio::runtime::Runtime;
 
 const RPC_VERSION: u8 = 1;
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
-const PROTOCOL_VERSION: u64 = 1;
 
 struct Server {
     _rt: Runtime,
@@ -117,7 +116,7 @@ fn parse_hello(body: &[u8]) -> Option<String> {
     let rest = &rest[n..];
     let (len, n) = read_varint(rest)?;
     let name = rest.get(n..n + len as usize)?;
-    (version == PROTOCOL_VERSION).then(|| String::from_utf8(name.to_vec()).ok())?
+    (version == u64::from(PROTOCOL_VERSION)).then(|| String::from_utf8(name.to_vec()).ok())?
 }
 
 /// One RPC connection, reopened when the server closes it.
@@ -210,7 +209,7 @@ fn register(s: &Server, flags: u8, bytes: &[u8]) -> Option<Session> {
         let n = bytes.len().min(8);
         base[..n].copy_from_slice(&bytes[..n]);
         let mut m = MAGIC.to_vec();
-        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         m.extend_from_slice(&size.to_le_bytes());
         m.extend_from_slice(&base);
         m
@@ -243,7 +242,7 @@ fn register(s: &Server, flags: u8, bytes: &[u8]) -> Option<Session> {
     assert!(
         msg.len() == 24
             && &msg[..4] == MAGIC
-            && msg[4..8] == 1u32.to_le_bytes()
+            && msg[4..8] == PROTOCOL_VERSION.to_le_bytes()
             && flags & 3 == 1
             && announced.is_some_and(|n| n > 0 && n <= size),
         "accepted a registration it should refuse: {msg:02x?} with fd kind {}, memfd size {size}",

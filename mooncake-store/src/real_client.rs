@@ -34,3 +34,4 @@ mod wire;
 pub use cli::{main_with_args, parse_args, parse_size, run, ClientOptions, Parsed, USAGE};
 pub use dummy::DummyClient;
 pub use server::{RealClient, RealClientConfig};
+pub use wire::PROTOCOL_VERSION;

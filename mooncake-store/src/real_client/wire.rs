@@ -6,8 +6,9 @@ use mooncake_master::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol, checked by `Hello`. 2: `GetIntoChecked`.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+/// Version of the protocol between dummy and real clients, checked by `Hello`. 2:
+/// `GetIntoChecked`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest inline value either side puts in one message (the RPC frame limit, less headroom).
 pub(crate) const MAX_INLINE: usize = mooncake_rpc::rpc::MAX_FRAME - (1 << 20);
