@@ -118,6 +118,9 @@ pub(crate) struct Report {
     pub(crate) failed_but_applied: Vec<Violation>,
     /// Operations whose outcome was unknown, per error code.
     pub(crate) unknown_by_code: BTreeMap<i32, usize>,
+    /// Reads that failed, per error code (`CHECKSUM_MISMATCH` here is a late or corrupt write
+    /// caught by the reader, not a wrong read).
+    pub(crate) read_errors_by_code: BTreeMap<i32, usize>,
     /// Operations per kind and result class (for the summary).
     pub(crate) counts: BTreeMap<String, usize>,
     /// Puts counted as definite writes.
@@ -189,6 +192,7 @@ impl Checker {
             match (op.kind, op.res) {
                 (Kind::Remove, Res::NotFound) => report.remove_not_found += 1,
                 (_, Res::Unknown(c)) => *report.unknown_by_code.entry(c).or_default() += 1,
+                (_, Res::ReadErr(c)) => *report.read_errors_by_code.entry(c).or_default() += 1,
                 _ => {}
             }
         }

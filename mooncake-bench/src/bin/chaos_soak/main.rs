@@ -562,8 +562,12 @@ async fn soak(args: &Args, seed: u64, dir: &Path) -> Result<bool, String> {
         .collect();
     println!("{}", counts.join(", "));
     println!(
-        "outcome unknown by code: {:?}; puts counted as definite writes: {}; reads checked: {}",
-        report.unknown_by_code, report.definite_puts, report.reads_checked
+        "outcome unknown by code: {:?}; read errors by code: {:?}; puts counted as definite \
+         writes: {}; reads checked: {}",
+        report.unknown_by_code,
+        report.read_errors_by_code,
+        report.definite_puts,
+        report.reads_checked
     );
     if let Some(m) = &metrics {
         println!(
