@@ -7,14 +7,16 @@ use std::path::Path;
 
 use mooncake_core::{BufferDesc, Endpoint, Location, SegmentDesc};
 use mooncake_master::{ClientId, Command, ReplicateConfig, RequestId, SegmentSpec};
-use mooncake_rpc::rpc::RPC_VERSION;
 use mooncake_meta_raft::raft::prelude::MessageType;
 use mooncake_meta_raft::Message;
+use mooncake_rpc::rpc::RPC_VERSION;
 use mooncake_rpc::MasterRequest;
 use mooncake_store::real_client::PROTOCOL_VERSION;
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).expect("corpus dir");
     std::fs::write(dir.join(name), bytes).expect("seed");
 }
@@ -200,11 +202,19 @@ fn main() {
             keys: Vec::new(),
         }],
     };
-    write("segment_desc", "two-endpoints", &desc.encode().expect("encodes"));
+    write(
+        "segment_desc",
+        "two-endpoints",
+        &desc.encode().expect("encodes"),
+    );
 
     write("raft_wal", "empty", b"");
     // A record header announcing 8 bytes with a wrong CRC, and a torn one.
-    write("raft_wal", "bad-crc", &[8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9]);
+    write(
+        "raft_wal",
+        "bad-crc",
+        &[8, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9],
+    );
     write("raft_wal", "torn", &[200, 0, 0, 0, 0, 0, 0, 0, 1]);
     // Logs in the current format: a base and three entries split over records, and the same
     // with its last record cut short.
@@ -321,7 +331,10 @@ fn real_client_seeds() {
     // A pool registered in slot 0 (64 KiB sealed memfd), a zero-copy put and get through it, a
     // read inline, the dummy hanging up, and the key removed.
     let mut s = rc_register(0, 0x45, &base.to_le_bytes());
-    s.extend(rc_request(3, &(0u64, WriteKind::Put, part(0, 4096), &config)));
+    s.extend(rc_request(
+        3,
+        &(0u64, WriteKind::Put, part(0, 4096), &config),
+    ));
     s.extend(rc_request(5, &(0u64, part(4096, 4096))));
     s.extend(rc_request(4, &("k",)));
     s.extend([2, 0]);
@@ -329,7 +342,10 @@ fn real_client_seeds() {
     write("real_client", "session-io", &s);
     // Ranges outside the pool, a multi-buffer upsert, a session that never was.
     let mut s = rc_register(1, 0x45, &base.to_le_bytes());
-    s.extend(rc_request(3, &(1u64, WriteKind::Put, part(65536 - 8, 16), &config)));
+    s.extend(rc_request(
+        3,
+        &(1u64, WriteKind::Put, part(65536 - 8, 16), &config),
+    ));
     let two = vec![("u".to_string(), vec![(base, 8u64), (base + 8, 8)])];
     s.extend(rc_request(3, &(1u64, WriteKind::Upsert, two, &config)));
     s.extend(rc_request(5, &(3u64, part(0, 16))));
@@ -355,8 +371,14 @@ fn real_client_seeds() {
     // Inline requests of every other kind.
     let mut s = rc_request(0, &(1u32,));
     let blob: &[u8] = b"value";
-    s.extend(rc_request(1, &(WriteKind::Put, "a", vec![blob, blob], &config)));
-    s.extend(rc_request(2, &(WriteKind::Upsert, vec![("b", blob)], &config)));
+    s.extend(rc_request(
+        1,
+        &(WriteKind::Put, "a", vec![blob, blob], &config),
+    ));
+    s.extend(rc_request(
+        2,
+        &(WriteKind::Upsert, vec![("b", blob)], &config),
+    ));
     s.extend(rc_request(4, &("a",)));
     s.extend(rc_request(6, &(vec!["a", "b", "c"],)));
     s.extend(rc_request(7, &("a",)));
@@ -402,7 +424,9 @@ fn raft_seeds() {
     for i in 0..6u8 {
         life.extend([3, 0, 3, b'c', b'm', b'0' + i, 2]);
     }
-    life.extend([7, 1, 2, 2, 2, 3, 1, 2, b'x', b'y', 2, 6, 2, 3, 1, 1, b'z', 2, 2]);
+    life.extend([
+        7, 1, 2, 2, 2, 3, 1, 2, b'x', b'y', 2, 6, 2, 3, 1, 1, b'z', 2, 2,
+    ]);
     write("raft_messages", "group-life", &life);
 
     // A heartbeat at a far higher term from a non-member (node 4), from member 2's id over

@@ -157,7 +157,11 @@ impl Group {
                 m.from,
                 m.to
             );
-            assert_eq!(source, ip_of(m.from), "admitted a message from the wrong address");
+            assert_eq!(
+                source,
+                ip_of(m.from),
+                "admitted a message from the wrong address"
+            );
             if injected {
                 self.byzantine = true;
             }

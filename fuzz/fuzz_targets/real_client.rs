@@ -218,7 +218,8 @@ fn register(s: &Server, flags: u8, bytes: &[u8]) -> Option<Session> {
     };
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(s.ipc_name.as_bytes()).unwrap();
     let mut conn = UnixStream::connect_addr(&addr).expect("connect to the dummy socket");
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let fds: Vec<i32> = fd.iter().map(AsRawFd::as_raw_fd).collect();
     if msg.is_empty() {
         let _ = conn.shutdown(std::net::Shutdown::Write);
@@ -238,7 +239,9 @@ fn register(s: &Server, flags: u8, bytes: &[u8]) -> Option<Session> {
     assert_ne!(id, 0, "an accepted registration without a session");
     // Accepted: it must be well formed, with a sealed memfd at least as long as announced
     // (messages longer than the real client reads are cut, and then cannot match).
-    let announced = msg.get(8..16).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let announced = msg
+        .get(8..16)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()));
     assert!(
         msg.len() == 24
             && &msg[..4] == MAGIC
@@ -268,8 +271,12 @@ fn run(data: &[u8]) {
         match op % 3 {
             // Register: [slot/flags][flags][len][bytes].
             0 => {
-                let Some(&[slot, flags, len]) = take(3) else { break };
-                let Some(bytes) = take(usize::from(len)) else { break };
+                let Some(&[slot, flags, len]) = take(3) else {
+                    break;
+                };
+                let Some(bytes) = take(usize::from(len)) else {
+                    break;
+                };
                 let slot = usize::from(slot) % sessions.len();
                 sessions[slot] = None;
                 sessions[slot] = register(s, flags, bytes);
@@ -318,8 +325,13 @@ fn run(data: &[u8]) {
         std::thread::sleep(Duration::from_millis(1));
     }
     // And the real client still answers.
-    let reply = Rpc::default().call(s.rpc, &hello()).expect("Hello answered");
-    assert!(parse_hello(&reply).is_some(), "not a Hello reply: {reply:02x?}");
+    let reply = Rpc::default()
+        .call(s.rpc, &hello())
+        .expect("Hello answered");
+    assert!(
+        parse_hello(&reply).is_some(),
+        "not a Hello reply: {reply:02x?}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| run(data));

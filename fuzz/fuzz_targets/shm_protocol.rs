@@ -26,7 +26,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use mooncake_core::memfd::{create_memfd, recv_with_fds, send_with_fds, Mapping};
 use mooncake_core::{
-    AlignedBuffer, BatchState, BufferDesc, BufferKey, EngineConfig, Endpoint, Location,
+    AlignedBuffer, BatchState, BufferDesc, BufferKey, Endpoint, EngineConfig, Location,
     MemoryRegistry, OpCode, SegmentDesc, TransferEngine, TransferOp, Transport,
 };
 use mooncake_transport_shm::{ShmConfig, ShmTransport};
@@ -77,7 +77,9 @@ fn target() -> &'static Target {
         let shared: Vec<(u64, u64)> = [4096usize, 65536, 8192]
             .iter()
             .map(|&len| {
-                let a = engine.allocate_buffer(len, Location::cpu(0)).expect("buffer");
+                let a = engine
+                    .allocate_buffer(len, Location::cpu(0))
+                    .expect("buffer");
                 (a, len as u64)
             })
             .collect();
@@ -146,7 +148,12 @@ fn model(t: &Target, input: &[u8]) -> Vec<(u32, u64, u64)> {
     let mut out = Vec::new();
     let mut rest = input;
     while rest.len() >= 24 {
-        let (op, count, a, b) = (u32_at(rest, 0), u32_at(rest, 4), u64_at(rest, 8), u64_at(rest, 16));
+        let (op, count, a, b) = (
+            u32_at(rest, 0),
+            u32_at(rest, 4),
+            u64_at(rest, 8),
+            u64_at(rest, 16),
+        );
         match op {
             MAP => {
                 rest = &rest[24..];
@@ -189,12 +196,22 @@ fn fuzz_target_side(t: &Target, input: &[u8]) {
     let _ = s.shutdown(std::net::Shutdown::Write);
     let (replies, fds) = read_to_end(&s);
     let want = model(t, input);
-    assert_eq!(replies.len(), want.len() * 32, "{} reply bytes, {} requests", replies.len(), want.len());
+    assert_eq!(
+        replies.len(),
+        want.len() * 32,
+        "{} reply bytes, {} requests",
+        replies.len(),
+        want.len()
+    );
     let mut maps = 0;
     for (i, (r, &(status, addr, len))) in replies.chunks_exact(32).zip(&want).enumerate() {
         assert_eq!(u32_at(r, 0), status, "reply {i}: {r:02x?}");
         if status == OK && (addr, len) != (0, 0) {
-            assert_eq!((u64_at(r, 8), u64_at(r, 16)), (addr, len), "reply {i} maps another buffer");
+            assert_eq!(
+                (u64_at(r, 8), u64_at(r, 16)),
+                (addr, len),
+                "reply {i} maps another buffer"
+            );
             maps += 1;
         }
     }
@@ -250,7 +267,9 @@ fn fake_target(listener: UnixListener, flags: u8, hello: &[u8], replies: &[u8]) 
     if unsafe { libc::poll(&mut p, 1, 10_000) } != 1 {
         return;
     }
-    let Ok((s, _)) = listener.accept() else { return };
+    let Ok((s, _)) = listener.accept() else {
+        return;
+    };
     // One connection: a reconnection (after this one hangs up) is refused at once, as by a
     // target that is gone, instead of waiting out the initiator's timeout for a hello.
     drop(listener);
@@ -281,11 +300,22 @@ fn fake_target(listener: UnixListener, flags: u8, hello: &[u8], replies: &[u8]) 
             }
         }
         let Some(reply) = replies.next() else { return };
-        let len = if reply.len() >= 24 { u64_at(reply, 16) } else { 0 };
+        let len = if reply.len() >= 24 {
+            u64_at(reply, 16)
+        } else {
+            0
+        };
         let fd = match (flags >> 2) & 3 {
             0 => None,
             // The announced size (when it is a sane one), or a page.
-            1 => patterned_memfd(if (1..=1 << 20).contains(&len) { len } else { 4096 }, true),
+            1 => patterned_memfd(
+                if (1..=1 << 20).contains(&len) {
+                    len
+                } else {
+                    4096
+                },
+                true,
+            ),
             2 => patterned_memfd(4096, true),
             _ => patterned_memfd(4096, false),
         };
@@ -313,7 +343,11 @@ fn fuzz_initiator_side(t: &Target, data: &[u8]) {
         UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
             .expect("bind");
     // The initiator reads 64 bytes at a target address the replies may or may not map.
-    let target_addr = if replies.len() >= 16 { u64_at(replies, 8) } else { 0x10_0000 };
+    let target_addr = if replies.len() >= 16 {
+        u64_at(replies, 8)
+    } else {
+        0x10_0000
+    };
     let desc = SegmentDesc {
         name: "fake:1".into(),
         endpoints: vec![Endpoint {
