@@ -26,14 +26,9 @@ use mooncake_master::{ReplicaList, ValueChecksum};
 
 /// The checksum of the concatenation of `parts`.
 pub(super) fn of_bytes(parts: &[&[u8]]) -> u32 {
-    match parts {
-        [one] => ValueChecksum::of(one),
-        _ => {
-            let mut sum = ValueChecksum::new();
-            parts.iter().for_each(|p| sum.update(p));
-            sum.finish()
-        }
-    }
+    let mut sum = ValueChecksum::new();
+    parts.iter().for_each(|p| sum.update(p));
+    sum.finish()
 }
 
 /// The checksum of the first `size` bytes of the registered ranges `parts`, in order, read in
@@ -59,7 +54,7 @@ pub(super) fn of_registered(
     Ok(sum.finish())
 }
 
-/// `CHECKSUM_MISMATCH` for `key`'s replica on `segment`.
+/// `CHECKSUM_MISMATCH` for the replica read from `segment`.
 pub(super) fn mismatch(segment: &str) -> Error {
     Error::with_code(
         ErrorCode::CHECKSUM_MISMATCH,

@@ -601,9 +601,7 @@ impl Store {
             .map(|r| r.to_vec());
         match copied {
             Ok(v)
-                if list
-                    .checksum
-                    .is_some_and(|c| c != checksum::of_bytes(&[&v])) =>
+                if !checksum::matches(list, || Ok(checksum::of_bytes(&[&v]))).unwrap_or(false) =>
             {
                 tracing::warn!("{}", checksum::mismatch(own));
                 None
