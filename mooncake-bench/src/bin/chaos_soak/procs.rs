@@ -88,20 +88,29 @@ impl StorageNode {
         masters: &str,
         segment_size: &str,
     ) -> Result<StorageNode, String> {
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            format!("--master_server_address={masters}"),
-            "--host=127.0.0.1".to_owned(),
-            format!("--port={}", free_port()),
-            format!("--global_segment_size={segment_size}"),
-            "--local_buffer_size=16MB".to_owned(),
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stderr(log_file(dir, &format!("{name}.log")));
-        let (child, rest) = spawn_until(cmd, "mooncake_client listening:", |_| {})?;
+        // A free port can be taken by another process before the node binds it: the node then
+        // exits at once, and is started again on another port.
+        let mut attempt = 0;
+        let (child, rest) = loop {
+            let mut cmd = Command::new(bin);
+            cmd.args([
+                format!("--master_server_address={masters}"),
+                "--host=127.0.0.1".to_owned(),
+                format!("--port={}", free_port()),
+                format!("--global_segment_size={segment_size}"),
+                "--local_buffer_size=16MB".to_owned(),
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stderr(log_file(dir, &format!("{name}.log")));
+            attempt += 1;
+            match spawn_until(cmd, "mooncake_client listening:", |_| {}) {
+                Err(_) if attempt < 3 => continue,
+                started => break started?,
+            }
+        };
         let segment = rest
             .split_whitespace()
             .find_map(|f| f.strip_prefix("segment="))
